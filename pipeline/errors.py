@@ -1,0 +1,34 @@
+"""One error hierarchy, with messages a user can act on.
+
+Every message says what was checked, what was expected, what was found and what to do.
+"""
+
+from __future__ import annotations
+
+
+class NightscoreError(Exception):
+    """Base class of every error the pipeline raises on purpose."""
+
+
+class ConfigError(NightscoreError):
+    """A setting is missing or malformed."""
+
+
+class SourceError(NightscoreError):
+    """The warehouse is unreachable, or a source table or column is missing or malformed."""
+
+
+class DataError(NightscoreError):
+    """The data itself violates a contract (empty population, immature labels, ...)."""
+
+
+class ModelError(NightscoreError):
+    """No usable model: missing champion, unknown version, tampered or missing artifact."""
+
+
+class GateFailed(NightscoreError):
+    """A gate stopped the run on purpose; nothing was published. Retrying does not help."""
+
+
+class PublishError(NightscoreError):
+    """Staged predictions failed validation or could not be swapped in."""

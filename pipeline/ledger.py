@@ -1,0 +1,146 @@
+"""The run ledger (``ml.runs``): what each run did, with which model, data and code.
+
+One row per (use case, score date, run id). Each stage merges its status, seconds and
+counts into the ``stages`` JSON, so a summary or a post-mortem reads one row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date
+from functools import lru_cache
+from typing import Any
+
+from pipeline import db
+from pipeline.config import REPO_ROOT, Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Identity of one run: what it scores and under which id it is recorded."""
+
+    use_case: str
+    score_date: date
+    run_id: str
+
+    def as_xcom(self) -> dict[str, str]:
+        return {"use_case": self.use_case, "score_date": self.score_date.isoformat(), "run_id": self.run_id}
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """Content hash of the code that computes predictions (``pipeline/``, ``sql/``, ``dags/``)."""
+    digest = hashlib.sha256()
+    for folder in ("pipeline", "sql", "dags"):
+        for path in sorted((REPO_ROOT / folder).rglob("*")):
+            if path.is_file() and path.suffix in (".py", ".sql"):
+                digest.update(str(path.relative_to(REPO_ROOT)).encode())
+                digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def start(settings: Settings, run: RunContext) -> None:
+    """Create (or reset, on a re-run with the same run id) the ledger row."""
+    db_exec(
+        settings,
+        """
+        INSERT INTO ml.runs (use_case, score_date, run_id, code_version)
+        VALUES (%s, %s, %s, %s)
+        ON CONFLICT (use_case, score_date, run_id) DO UPDATE
+        SET status = 'running', error = NULL, finished_at = NULL, code_version = EXCLUDED.code_version
+        """,
+        (run.use_case, run.score_date, run.run_id, code_version()),
+    )
+
+
+def update(settings: Settings, run: RunContext, **fields: Any) -> None:
+    """Set plain columns of the run's ledger row (model_version, snapshot_sha256, ...)."""
+    allowed = {"model_version", "snapshot_sha256", "source_counts", "status", "error", "rows_published"}
+    unknown = set(fields) - allowed
+    if unknown:
+        raise ValueError(f"unknown ledger fields {sorted(unknown)}")
+    sets = ", ".join(f"{k} = %s" for k in fields)
+    values = [json.dumps(v) if isinstance(v, dict) else v for v in fields.values()]
+    if fields.get("status") in ("published", "failed", "stopped", "dry_run"):
+        sets += ", finished_at = now()"
+    db_exec(
+        settings,
+        f"UPDATE ml.runs SET {sets} WHERE use_case = %s AND score_date = %s AND run_id = %s",
+        (*values, run.use_case, run.score_date, run.run_id),
+    )
+
+
+def record_stage(settings: Settings, run: RunContext, stage: str, info: dict[str, Any]) -> None:
+    db_exec(
+        settings,
+        """
+        UPDATE ml.runs SET stages = stages || jsonb_build_object(%s::text, %s::jsonb)
+        WHERE use_case = %s AND score_date = %s AND run_id = %s
+        """,
+        (stage, json.dumps(info, default=str), run.use_case, run.score_date, run.run_id),
+    )
+
+
+@contextmanager
+def stage(settings: Settings, run: RunContext, name: str) -> Iterator[dict[str, Any]]:
+    """Time a stage and record it; the body may add counts to the yielded dict.
+
+    A failing stage is recorded as failed with its error, then the error propagates.
+    """
+    info: dict[str, Any] = {}
+    began = time.monotonic()
+    try:
+        yield info
+    except BaseException as exc:
+        info |= {"status": "failed", "seconds": round(time.monotonic() - began, 3), "error": str(exc)[:2000]}
+        try:
+            record_stage(settings, run, name, info)
+            update(settings, run, status="failed", error=f"{name}: {exc}"[:2000])
+        except Exception:  # the ledger must never hide the original error
+            log.exception("could not record failure of %s in the ledger", name)
+        raise
+    info |= {"status": "ok", "seconds": round(time.monotonic() - began, 3)}
+    record_stage(settings, run, name, info)
+    log.info("%s %s %s: %s", run.use_case, run.score_date, name, info)
+
+
+def db_exec(settings: Settings, query: str, params: tuple[Any, ...]) -> None:
+    conn = db.connect(settings.database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(query, params)
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def runs(settings: Settings, use_case: str, since: date | None = None) -> list[dict[str, Any]]:
+    """Ledger rows, oldest first, as dicts (for summaries and reports)."""
+    conn = db.connect(settings.database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                """
+                SELECT r.score_date, r.run_id, r.status, r.model_version, r.rows_published,
+                       r.stages, r.snapshot_sha256, r.code_version, r.error,
+                       (m.metrics ->> 'roc_auc')::float8 AS model_auc
+                FROM ml.runs r
+                LEFT JOIN ml.model_versions m
+                       ON m.use_case = r.use_case AND m.version = r.model_version
+                WHERE r.use_case = %s AND (%s::date IS NULL OR r.score_date >= %s::date)
+                ORDER BY r.score_date, r.started_at
+                """,
+                (use_case, since, since),
+            )
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+    finally:
+        conn.close()

@@ -1,0 +1,297 @@
+"""Publish scored rows: binary COPY into a staging table, validate, swap in atomically.
+
+The served table is partitioned by score date. A publish
+
+1. drops leftovers of earlier attempts for the date (tables nobody holds a lock on),
+2. COPYs (binary, via ADBC) into a staging table unique to this attempt, then adds the
+   primary key and a CHECK matching the partition bound (so ATTACH skips its scan),
+3. validates the staged rows (count equals the population, one row per key,
+   probabilities in [0, 1], deciles 1..10, model version is the run's),
+4. in one short transaction with a lock timeout and an advisory lock per use case:
+   detaches and drops the date's old partition if any, attaches the staged table in its
+   place and marks the run published in the ledger. On lock timeout the transaction is
+   retried, so readers never queue behind a publish for long.
+
+Readers therefore see the old rows or the new rows for a date, never a mix, a partial
+set or two copies.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import date, timedelta
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from psycopg2 import errors as pg_errors
+from psycopg2 import sql
+
+from pipeline import db
+from pipeline.config import Settings, UseCase
+from pipeline.errors import PublishError
+from pipeline.ledger import RunContext
+from pipeline.score import ScoredPart
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "predictions"
+LOCK_TIMEOUT = "2s"
+SWAP_ATTEMPTS = 20
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    score_date: date
+    rows: int
+    seconds: float
+    copy_seconds: float
+    swap_attempts: int
+    partition: str
+
+    def as_xcom(self) -> dict[str, Any]:
+        return {
+            "score_date": self.score_date.isoformat(),
+            "rows": self.rows,
+            "seconds": round(self.seconds, 3),
+            "copy_seconds": round(self.copy_seconds, 3),
+            "rows_per_second": round(self.rows / self.seconds) if self.seconds else None,
+            "swap_attempts": self.swap_attempts,
+            "partition": self.partition,
+        }
+
+
+def risk_deciles(probabilities: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Decile 1 = the 10% highest probabilities; ties broken by key so it is reproducible."""
+    n = len(probabilities)
+    order = np.lexsort((keys, -probabilities))
+    deciles = np.empty(n, dtype=np.int16)
+    deciles[order] = (np.arange(n) * 10 // max(n, 1) + 1).astype(np.int16)
+    return deciles
+
+
+def partition_name(uc: UseCase, score_date: date) -> str:
+    return f"{uc.score_table}_p{score_date:%Y%m%d}"
+
+
+def _batches(
+    uc: UseCase, parts: list[ScoredPart], score_date: date, model_version: str, schema: pa.Schema
+) -> Iterator[pa.RecordBatch]:
+    keys = np.concatenate([pq.read_table(p.path, columns=[uc.entity_key]).column(0).to_numpy() for p in parts])
+    probs = np.concatenate([pq.read_table(p.path, columns=[uc.probability_column]).column(0).to_numpy() for p in parts])
+    deciles = risk_deciles(probs, keys)
+    step = uc.batch_rows * 4
+    for start in range(0, len(keys), step):
+        n = min(step, len(keys) - start)
+        yield pa.RecordBatch.from_arrays(
+            [
+                pa.array(np.full(n, (score_date - date(1970, 1, 1)).days, dtype=np.int32)).cast(pa.date32()),
+                pa.array(keys[start : start + n]),
+                pa.DictionaryArray.from_arrays(
+                    pa.array(np.zeros(n, dtype=np.int32)), pa.array([model_version])
+                ).cast(pa.string()),
+                pa.array(probs[start : start + n]),
+                pa.array(deciles[start : start + n]),
+            ],
+            schema=schema,
+        )
+
+
+def publish_scores(
+    settings: Settings,
+    uc: UseCase,
+    run: RunContext,
+    model_version: str,
+    parts: list[ScoredPart],
+    expected_rows: int,
+) -> PublishResult:
+    """Publish the scored parts for ``run.score_date``; re-running replaces, never appends.
+
+    Raises:
+        PublishError: staged rows failed validation or the swap kept timing out. Nothing
+            is published in that case and the previous rows stay served.
+    """
+    began = time.monotonic()
+    parent = uc.score_table
+    stage = f"{parent}_stage_{run.score_date:%Y%m%d}_{secrets.token_hex(4)}"
+    target = partition_name(uc, run.score_date)
+    drop_leftovers(settings, uc, run.score_date)
+    conn = db.connect(settings.database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                sql.SQL("CREATE TABLE {s}.{stage} (LIKE {s}.{parent} INCLUDING DEFAULTS)").format(
+                    s=sql.Identifier(SCHEMA), stage=sql.Identifier(stage), parent=sql.Identifier(parent)
+                )
+            )
+        conn.commit()
+
+        schema = pa.schema(
+            [
+                ("score_date", pa.date32()),
+                (uc.entity_key, pa.int64()),
+                ("model_version", pa.string()),
+                (uc.probability_column, pa.float64()),
+                ("risk_decile", pa.int16()),
+            ]
+        )
+        copy_began = time.monotonic()
+        reader = pa.RecordBatchReader.from_batches(schema, _batches(uc, parts, run.score_date, model_version, schema))
+        db.ingest(settings.database_url, stage, reader, SCHEMA)
+        copy_seconds = time.monotonic() - copy_began
+
+        _constrain_and_validate(conn, uc, stage, run.score_date, model_version, expected_rows)
+        attempts = _swap(conn, settings, uc, run, stage, target, expected_rows)
+    except BaseException:
+        conn.rollback()
+        _drop_quietly(conn, stage)
+        raise
+    finally:
+        conn.close()
+    result = PublishResult(run.score_date, expected_rows, time.monotonic() - began, copy_seconds, attempts, target)
+    log.info("published %s %s: %s", uc.name, run.score_date, result.as_xcom())
+    return result
+
+
+def _constrain_and_validate(
+    conn: Any, uc: UseCase, stage: str, score_date: date, model_version: str, expected_rows: int
+) -> None:
+    ident = sql.Identifier(SCHEMA, stage)
+    with conn.cursor() as cur:
+        try:
+            cur.execute(
+                sql.SQL(
+                    "ALTER TABLE {t} ADD PRIMARY KEY (score_date, {key}), "
+                    "ADD CONSTRAINT {chk} CHECK (score_date >= {lo} AND score_date < {hi}), "
+                    "ADD CONSTRAINT {prob} CHECK ({p} >= 0 AND {p} <= 1), "
+                    "ADD CONSTRAINT {dec} CHECK (risk_decile BETWEEN 1 AND 10)"
+                ).format(
+                    t=ident,
+                    key=sql.Identifier(uc.entity_key),
+                    chk=sql.Identifier(f"{stage}_bound"),
+                    prob=sql.Identifier(f"{stage}_prob"),
+                    dec=sql.Identifier(f"{stage}_decile"),
+                    p=sql.Identifier(uc.probability_column),
+                    lo=sql.Literal(score_date),
+                    hi=sql.Literal(score_date + timedelta(days=1)),
+                )
+            )
+        except (pg_errors.UniqueViolation, pg_errors.CheckViolation, pg_errors.NotNullViolation) as exc:
+            raise PublishError(
+                f"staged {SCHEMA}.{uc.score_table} rows for {score_date} violate the contract "
+                f"(one row per {uc.entity_key}, {uc.probability_column} in [0, 1], decile 1..10, "
+                f"score_date = {score_date}): {exc.pgerror.strip() if exc.pgerror else exc}; nothing was published"
+            ) from exc
+        cur.execute(
+            sql.SQL("SELECT count(*), count(*) FILTER (WHERE model_version <> %s) FROM {t}").format(t=ident),
+            (model_version,),
+        )
+        rows, foreign = cur.fetchone()
+    conn.commit()
+    if rows != expected_rows:
+        raise PublishError(
+            f"staged {SCHEMA}.{uc.score_table} for {score_date} has {rows} rows, expected "
+            f"{expected_rows} (the population as of that date); nothing was published"
+        )
+    if foreign:
+        raise PublishError(
+            f"{foreign} staged rows for {score_date} carry a model_version other than the run's "
+            f"{model_version}; nothing was published"
+        )
+
+
+def _swap(conn: Any, settings: Settings, uc: UseCase, run: RunContext, stage: str, target: str, rows: int) -> int:
+    schema = sql.Identifier(SCHEMA)
+    parent = sql.Identifier(SCHEMA, uc.score_table)
+    for attempt in range(1, SWAP_ATTEMPTS + 1):
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)))
+                cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"nightscore.publish.{uc.name}",))
+                cur.execute("SELECT to_regclass(%s)", (f"{SCHEMA}.{target}",))
+                if cur.fetchone()[0] is not None:
+                    cur.execute(
+                        sql.SQL("ALTER TABLE {p} DETACH PARTITION {s}.{t}").format(
+                            p=parent, s=schema, t=sql.Identifier(target)
+                        )
+                    )
+                    cur.execute(sql.SQL("DROP TABLE {s}.{t}").format(s=schema, t=sql.Identifier(target)))
+                cur.execute(
+                    sql.SQL("ALTER TABLE {s}.{stage} RENAME TO {t}").format(
+                        s=schema, stage=sql.Identifier(stage), t=sql.Identifier(target)
+                    )
+                )
+                cur.execute(
+                    sql.SQL("ALTER TABLE {p} ATTACH PARTITION {s}.{t} FOR VALUES FROM ({lo}) TO ({hi})").format(
+                        p=parent,
+                        s=schema,
+                        t=sql.Identifier(target),
+                        lo=sql.Literal(run.score_date),
+                        hi=sql.Literal(run.score_date + timedelta(days=1)),
+                    )
+                )
+                cur.execute(
+                    """
+                    UPDATE ml.runs SET status = 'published', rows_published = %s, finished_at = now(),
+                        error = NULL
+                    WHERE use_case = %s AND score_date = %s AND run_id = %s
+                    """,
+                    (rows, run.use_case, run.score_date, run.run_id),
+                )
+            conn.commit()
+            return attempt
+        except pg_errors.LockNotAvailable:
+            conn.rollback()
+            log.warning("publish of %s %s: lock timeout (attempt %d), retrying", uc.name, run.score_date, attempt)
+            time.sleep(min(0.2 * attempt, 2.0))
+    raise PublishError(
+        f"could not swap in {SCHEMA}.{target}: lock timeout {SWAP_ATTEMPTS} times in a row "
+        f"(a long transaction holds a lock on {SCHEMA}.{uc.score_table}); the staged rows were "
+        "dropped and the previous rows stay served; find the blocker in pg_stat_activity"
+    )
+
+
+def drop_leftovers(settings: Settings, uc: UseCase, score_date: date) -> list[str]:
+    """Drop staging tables left by killed attempts for ``score_date``.
+
+    A table still being written by a live attempt is locked; it is skipped (lock timeout).
+    """
+    conn = db.connect(settings.database_url)
+    dropped = []
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = %s AND tablename LIKE %s",
+                (SCHEMA, f"{uc.score_table}_stage_{score_date:%Y%m%d}_%"),
+            )
+            names = [r[0] for r in cur.fetchall()]
+        conn.commit()
+        for name in names:
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("SET LOCAL lock_timeout = '200ms'")
+                    cur.execute(sql.SQL("DROP TABLE IF EXISTS {}.{}").format(sql.Identifier(SCHEMA), sql.Identifier(name)))
+                conn.commit()
+                dropped.append(name)
+            except pg_errors.LockNotAvailable:
+                conn.rollback()
+    finally:
+        conn.close()
+    if dropped:
+        log.info("dropped leftover staging tables: %s", dropped)
+    return dropped
+
+
+def _drop_quietly(conn: Any, table: str) -> None:
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("DROP TABLE IF EXISTS {}.{}").format(sql.Identifier(SCHEMA), sql.Identifier(table)))
+        conn.commit()
+    except Exception:
+        conn.rollback()
+        log.warning("could not drop staging table %s.%s; the next publish will", SCHEMA, table)

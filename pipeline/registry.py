@@ -1,0 +1,213 @@
+"""Model registry in PostgreSQL (``ml`` schema) and the artifact store on disk.
+
+A model version is a pickled scikit-learn Pipeline plus a JSON card. The registry keeps
+the artifact's sha256; ``load_model`` checks it before unpickling, so a tampered or
+missing artifact is refused and nothing unverified is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import pickle
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from pipeline import db
+from pipeline.config import Settings
+from pipeline.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    use_case: str
+    version: str
+    trained_as_of: date
+    artifact_uri: str
+    sha256: str
+    status: str
+    metrics: dict[str, Any]
+    feature_schema: list[dict[str, str]]
+    training_window: dict[str, Any]
+    library_versions: dict[str, str]
+
+
+_COLUMNS = (
+    "use_case, version, trained_as_of, artifact_uri, sha256, status, metrics, "
+    "feature_schema, training_window, library_versions"
+)
+
+
+def _row_to_version(row: tuple[Any, ...]) -> ModelVersion:
+    return ModelVersion(*row)
+
+
+def register(settings: Settings, card: dict[str, Any]) -> ModelVersion:
+    """Record a trained model as a ``candidate``. Re-registering the same version is a no-op."""
+    conn = db.connect(settings.database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                """
+                INSERT INTO ml.model_versions (use_case, version, trained_as_of, training_window,
+                    feature_schema, artifact_uri, sha256, library_versions, metrics)
+                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+                ON CONFLICT (use_case, version) DO NOTHING
+                """,
+                (
+                    card["use_case"],
+                    card["version"],
+                    card["trained_as_of"],
+                    json.dumps(card["training_window"]),
+                    json.dumps(card["features"]),
+                    card["artifact_uri"],
+                    card["sha256"],
+                    json.dumps(card["library_versions"]),
+                    json.dumps(card["metrics"]),
+                ),
+            )
+        conn.commit()
+    finally:
+        conn.close()
+    return get(settings, card["use_case"], card["version"])
+
+
+def get(settings: Settings, use_case: str, version: str) -> ModelVersion:
+    conn = db.connect(settings.database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                f"SELECT {_COLUMNS} FROM ml.model_versions WHERE use_case = %s AND version = %s",
+                (use_case, version),
+            )
+            row = cur.fetchone()
+    finally:
+        conn.close()
+    if row is None:
+        raise ModelError(
+            f"model version {version!r} of use case {use_case!r} is not in ml.model_versions; "
+            "list versions with `nightscore models list`"
+        )
+    return _row_to_version(row)
+
+
+def list_versions(settings: Settings, use_case: str) -> list[ModelVersion]:
+    conn = db.connect(settings.database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                f"SELECT {_COLUMNS} FROM ml.model_versions WHERE use_case = %s ORDER BY created_at, version",
+                (use_case,),
+            )
+            rows = cur.fetchall()
+    finally:
+        conn.close()
+    return [_row_to_version(r) for r in rows]
+
+
+def champion(settings: Settings, use_case: str) -> ModelVersion | None:
+    """The current champion, or None before the first promotion."""
+    conn = db.connect(settings.database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                f"SELECT {_COLUMNS} FROM ml.model_versions WHERE use_case = %s AND status = 'champion'",
+                (use_case,),
+            )
+            row = cur.fetchone()
+    finally:
+        conn.close()
+    return None if row is None else _row_to_version(row)
+
+
+def promote(
+    settings: Settings,
+    use_case: str,
+    version: str,
+    *,
+    actor: str,
+    reason: str,
+    effective_date: date,
+    action: str = "promote",
+) -> str | None:
+    """Make ``version`` the champion; the previous champion is retired. Logged, atomic.
+
+    Returns:
+        the previous champion's version, if any.
+    """
+    conn = db.connect(settings.database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(hashtext('nightscore.registry.' || %s))", (use_case,))
+            cur.execute(
+                "SELECT version FROM ml.model_versions WHERE use_case = %s AND status = 'champion' FOR UPDATE",
+                (use_case,),
+            )
+            row = cur.fetchone()
+            previous = row[0] if row else None
+            if previous == version:
+                conn.rollback()
+                return previous
+            cur.execute(
+                "UPDATE ml.model_versions SET status = 'retired' WHERE use_case = %s AND status = 'champion'",
+                (use_case,),
+            )
+            cur.execute(
+                "UPDATE ml.model_versions SET status = 'champion' WHERE use_case = %s AND version = %s",
+                (use_case, version),
+            )
+            if cur.rowcount != 1:
+                raise ModelError(f"cannot promote unknown version {version!r} of {use_case!r}")
+            cur.execute(
+                """
+                INSERT INTO ml.promotions (use_case, action, version, previous_version,
+                    effective_date, actor, reason)
+                VALUES (%s, %s, %s, %s, %s, %s, %s)
+                """,
+                (use_case, action, version, previous, effective_date, actor, reason),
+            )
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
+    finally:
+        conn.close()
+    log.info("%s: %s %s (was %s): %s", use_case, action, version, previous, reason)
+    return previous
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_model(settings: Settings, use_case: str, version: str) -> tuple[Any, ModelVersion]:
+    """Load a registered model after checking its artifact's sha256 against the registry.
+
+    Raises:
+        ModelError: unknown version, missing artifact, or a hash mismatch (tampering).
+    """
+    mv = get(settings, use_case, version)
+    path = Path(mv.artifact_uri)
+    if not path.is_file():
+        raise ModelError(
+            f"artifact for {use_case} model {version} is missing at {path}; restore the "
+            "artifact store or promote/roll back to another version"
+        )
+    raw = path.read_bytes()
+    found = hashlib.sha256(raw).hexdigest()
+    if found != mv.sha256:
+        raise ModelError(
+            f"artifact {path} for {use_case} model {version} has sha256 {found}, but the "
+            f"registry expects {mv.sha256}; the file was modified or replaced; refusing to load "
+            "it (restore the original artifact or retrain)"
+        )
+    return pickle.loads(raw), mv

@@ -1,0 +1,100 @@
+-- Churn features for every customer active as of :as_of, from facts dated strictly
+-- before :as_of (the as-of day itself is not yet complete when the run starts).
+-- Active as of D: signed up before D and not cancelled before D.
+-- Every output column is cast to a fixed type: the result is the feature contract.
+WITH population AS (
+    SELECT c.customer_id, c.signup_date, c.country, c.channel, c.contract_type,
+           c.marketing_opt_in
+    FROM customers c
+    WHERE c.signup_date < :as_of
+      AND NOT EXISTS (
+          SELECT 1 FROM cancellations x
+          WHERE x.customer_id = c.customer_id AND x.cancel_date < :as_of
+      )
+),
+fee_now AS (
+    SELECT DISTINCT ON (s.customer_id) s.customer_id, s.plan_id, s.monthly_fee
+    FROM subscriptions s
+    WHERE s.valid_from < :as_of
+    ORDER BY s.customer_id, s.valid_from DESC, s.subscription_id DESC
+),
+fee_90d_ago AS (
+    SELECT DISTINCT ON (s.customer_id) s.customer_id, s.monthly_fee
+    FROM subscriptions s
+    WHERE s.valid_from < CAST(:as_of AS date) - 90
+    ORDER BY s.customer_id, s.valid_from DESC, s.subscription_id DESC
+),
+price_rises AS (
+    SELECT s.customer_id, count(*) AS price_rises_180d
+    FROM subscriptions s
+    WHERE s.change_reason = 'price_rise'
+      AND s.valid_from >= CAST(:as_of AS date) - 180 AND s.valid_from < :as_of
+    GROUP BY s.customer_id
+),
+usage AS (
+    SELECT u.customer_id,
+           sum(u.minutes) FILTER (WHERE u.usage_date >= CAST(:as_of AS date) - 7) / 7.0 AS minutes_7d,
+           sum(u.minutes) FILTER (WHERE u.usage_date >= CAST(:as_of AS date) - 30) / 30.0 AS minutes_30d,
+           sum(u.minutes) FILTER (WHERE u.usage_date < CAST(:as_of AS date) - 30) / 30.0 AS minutes_prev_30d,
+           sum(u.data_mb) FILTER (WHERE u.usage_date >= CAST(:as_of AS date) - 30) / 30.0 AS data_mb_30d,
+           count(*) FILTER (WHERE u.usage_date >= CAST(:as_of AS date) - 30) AS active_days_30d,
+           max(u.usage_date) AS last_usage_date
+    FROM usage_daily u
+    WHERE u.usage_date >= CAST(:as_of AS date) - 60 AND u.usage_date < :as_of
+    GROUP BY u.customer_id
+),
+billing AS (
+    SELECT i.customer_id,
+           count(*) FILTER (WHERE p.payment_date > i.due_date
+                            OR (p.payment_date IS NULL AND i.due_date < :as_of)) AS late_payments_180d,
+           count(*) FILTER (WHERE p.payment_date IS NULL AND i.due_date < :as_of) AS overdue_invoices
+    FROM invoices i
+    LEFT JOIN payments p
+           ON p.invoice_id = i.invoice_id AND p.payment_date < :as_of
+    WHERE i.issue_date >= CAST(:as_of AS date) - 180 AND i.issue_date < :as_of
+    GROUP BY i.customer_id
+),
+support AS (
+    SELECT t.customer_id,
+           count(*) FILTER (WHERE t.opened_date >= CAST(:as_of AS date) - 30) AS tickets_30d,
+           count(*) AS tickets_90d,
+           count(*) FILTER (WHERE t.category IN ('billing', 'cancellation_request')) AS complaints_90d
+    FROM tickets t
+    WHERE t.opened_date >= CAST(:as_of AS date) - 90 AND t.opened_date < :as_of
+    GROUP BY t.customer_id
+)
+SELECT
+    CAST(p.customer_id AS bigint)                                        AS customer_id,
+    CAST(p.country AS text)                                              AS country,
+    CAST(p.channel AS text)                                              AS channel,
+    CAST(p.contract_type AS text)                                        AS contract_type,
+    CAST(p.marketing_opt_in AS integer)                                  AS marketing_opt_in,
+    CAST(CAST(:as_of AS date) - p.signup_date AS integer)                AS tenure_days,
+    CAST(f.plan_id AS integer)                                           AS plan_id,
+    CAST(f.monthly_fee AS double precision)                              AS monthly_fee,
+    CAST(CASE WHEN f90.monthly_fee > 0
+              THEN (f.monthly_fee - f90.monthly_fee) / f90.monthly_fee
+              ELSE 0 END AS double precision)                            AS fee_change_90d,
+    CAST(coalesce(r.price_rises_180d, 0) AS integer)                     AS price_rises_180d,
+    CAST(coalesce(u.minutes_7d, 0) AS double precision)                  AS minutes_7d,
+    CAST(coalesce(u.minutes_30d, 0) AS double precision)                 AS minutes_30d,
+    CAST(coalesce(u.minutes_prev_30d, 0) AS double precision)            AS minutes_prev_30d,
+    CAST(CASE WHEN u.minutes_prev_30d > 0
+              THEN u.minutes_30d / u.minutes_prev_30d END AS double precision) AS usage_trend,
+    CAST(coalesce(u.data_mb_30d, 0) AS double precision)                 AS data_mb_30d,
+    CAST(coalesce(u.active_days_30d, 0) AS integer)                      AS active_days_30d,
+    CAST(CAST(:as_of AS date) - coalesce(u.last_usage_date,
+         greatest(p.signup_date, CAST(:as_of AS date) - 61)) AS integer) AS days_since_last_usage,
+    CAST(coalesce(b.late_payments_180d, 0) AS integer)                   AS late_payments_180d,
+    CAST(coalesce(b.overdue_invoices, 0) AS integer)                     AS overdue_invoices,
+    CAST(coalesce(s.tickets_30d, 0) AS integer)                          AS tickets_30d,
+    CAST(coalesce(s.tickets_90d, 0) AS integer)                          AS tickets_90d,
+    CAST(coalesce(s.complaints_90d, 0) AS integer)                       AS complaints_90d
+FROM population p
+LEFT JOIN fee_now f      ON f.customer_id = p.customer_id
+LEFT JOIN fee_90d_ago f90 ON f90.customer_id = p.customer_id
+LEFT JOIN price_rises r  ON r.customer_id = p.customer_id
+LEFT JOIN usage u        ON u.customer_id = p.customer_id
+LEFT JOIN billing b      ON b.customer_id = p.customer_id
+LEFT JOIN support s      ON s.customer_id = p.customer_id
+ORDER BY p.customer_id

@@ -1,0 +1,56 @@
+-- Model registry: versions, evaluations and the append-only promotions log.
+CREATE TABLE IF NOT EXISTS ml.model_versions (
+    use_case          text        NOT NULL,
+    version           text        NOT NULL,
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    trained_as_of     date        NOT NULL,
+    training_window   jsonb       NOT NULL,
+    feature_schema    jsonb       NOT NULL,
+    artifact_uri      text        NOT NULL,
+    sha256            text        NOT NULL CHECK (sha256 ~ '^[0-9a-f]{64}$'),
+    library_versions  jsonb       NOT NULL,
+    metrics           jsonb       NOT NULL,
+    status            text        NOT NULL DEFAULT 'candidate'
+                      CHECK (status IN ('candidate', 'shadow', 'champion', 'retired')),
+    PRIMARY KEY (use_case, version)
+);
+-- At most one champion per use case.
+CREATE UNIQUE INDEX IF NOT EXISTS model_versions_one_champion
+    ON ml.model_versions (use_case) WHERE status = 'champion';
+
+CREATE TABLE IF NOT EXISTS ml.evaluations (
+    evaluation_id     bigserial   PRIMARY KEY,
+    use_case          text        NOT NULL,
+    challenger        text        NOT NULL,
+    champion          text,
+    holdout_as_of     date        NOT NULL,
+    holdout_sha256    text        NOT NULL,
+    metrics           jsonb       NOT NULL,
+    decision          text        NOT NULL,
+    reasons           jsonb       NOT NULL,
+    run_id            text,
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    FOREIGN KEY (use_case, challenger) REFERENCES ml.model_versions (use_case, version)
+);
+
+CREATE TABLE IF NOT EXISTS ml.promotions (
+    promotion_id      bigserial   PRIMARY KEY,
+    use_case          text        NOT NULL,
+    action            text        NOT NULL CHECK (action IN ('promote', 'rollback')),
+    version           text        NOT NULL,
+    previous_version  text,
+    effective_date    date        NOT NULL,
+    actor             text        NOT NULL,
+    reason            text        NOT NULL,
+    at                timestamptz NOT NULL DEFAULT now(),
+    FOREIGN KEY (use_case, version) REFERENCES ml.model_versions (use_case, version)
+);
+
+-- The log is append-only: no updates, no deletes.
+CREATE OR REPLACE FUNCTION ml.forbid_change() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'ml.promotions is append-only: % is not allowed', TG_OP;
+END $$;
+DROP TRIGGER IF EXISTS promotions_append_only ON ml.promotions;
+CREATE TRIGGER promotions_append_only BEFORE UPDATE OR DELETE ON ml.promotions
+    FOR EACH ROW EXECUTE FUNCTION ml.forbid_change();

@@ -1,0 +1,20 @@
+-- The run ledger: one row per (use case, score date, run), with per-stage status and timings.
+CREATE TABLE IF NOT EXISTS ml.runs (
+    use_case          text        NOT NULL,
+    score_date        date        NOT NULL,
+    run_id            text        NOT NULL,
+    status            text        NOT NULL DEFAULT 'running'
+                      CHECK (status IN ('running', 'published', 'failed', 'stopped', 'dry_run')),
+    model_version     text,
+    snapshot_sha256   text,
+    code_version      text,
+    source_counts     jsonb       NOT NULL DEFAULT '{}',
+    stages            jsonb       NOT NULL DEFAULT '{}',
+    rows_published    bigint,
+    error             text,
+    started_at        timestamptz NOT NULL DEFAULT now(),
+    finished_at       timestamptz,
+    PRIMARY KEY (use_case, score_date, run_id)
+);
+CREATE INDEX IF NOT EXISTS runs_published ON ml.runs (use_case, score_date)
+    WHERE status = 'published';
