@@ -204,3 +204,20 @@ def redact(url: str) -> str:
         netloc = parts.netloc.replace(":" + parts.password + "@", ":***@")
         return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
     return url
+
+
+def url_parts(url: str) -> dict[str, str | int | None]:
+    """Split a libpq URL into connection fields (socket directory as ``host``)."""
+    from urllib.parse import parse_qs, unquote
+
+    parts = urlsplit(normalize_url(url))
+    query = parse_qs(parts.query)
+    host = query.get("host", [parts.hostname or ""])[0] or None
+    port = parts.port or (int(query["port"][0]) if "port" in query else None)
+    return {
+        "host": host,
+        "port": port,
+        "login": unquote(parts.username) if parts.username else None,
+        "password": unquote(parts.password) if parts.password else None,
+        "database": unquote(parts.path.lstrip("/")) or None,
+    }

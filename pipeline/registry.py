@@ -211,3 +211,49 @@ def load_model(settings: Settings, use_case: str, version: str) -> tuple[Any, Mo
             "it (restore the original artifact or retrain)"
         )
     return pickle.loads(raw), mv
+
+
+def rollback(settings: Settings, use_case: str, *, actor: str, reason: str, effective_date: date) -> str:
+    """Make the previous champion the champion again (no retraining). Logged.
+
+    Returns:
+        the restored version.
+
+    Raises:
+        ModelError: there is no earlier champion to return to.
+    """
+    conn = db.connect(settings.database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                """
+                SELECT version, previous_version FROM ml.promotions
+                WHERE use_case = %s ORDER BY promotion_id DESC LIMIT 1
+                """,
+                (use_case,),
+            )
+            row = cur.fetchone()
+        conn.commit()
+    finally:
+        conn.close()
+    if row is None or row[1] is None:
+        raise ModelError(
+            f"cannot roll back {use_case}: the promotions log has no earlier champion to restore "
+            "(promote a version explicitly with `nightscore models promote VERSION --reason ...`)"
+        )
+    promote(settings, use_case, row[1], actor=actor, reason=reason, effective_date=effective_date, action="rollback")
+    return str(row[1])
+
+
+def champion_on(settings: Settings, use_case: str, day: date) -> str | None:
+    """The champion in force for score date ``day``, answered from the promotions log."""
+    value = db.scalar(
+        settings.database_url,
+        """
+        SELECT version FROM ml.promotions
+        WHERE use_case = %s AND effective_date <= %s
+        ORDER BY effective_date DESC, promotion_id DESC LIMIT 1
+        """,
+        (use_case, day),
+    )
+    return None if value is None else str(value)

@@ -1,0 +1,48 @@
+"""Airflow glue shared by the nightscore DAGs: connections to settings, run context.
+
+Imported only inside task bodies, so parsing a DAG opens no connection and reads no
+Variable. Kept out of DAG parsing by ``.airflowignore``.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Any
+
+CONN_DB = "nightscore_db"
+CONN_WAREHOUSE = "nightscore_warehouse"
+
+
+def _conn_url(conn_id: str) -> str | None:
+    from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    from pipeline.config import url_from_parts
+
+    try:
+        conn = BaseHook.get_connection(conn_id)
+    except AirflowNotFoundException:
+        return None
+    return url_from_parts(conn.host, conn.port, conn.login, conn.password, conn.schema)
+
+
+def settings() -> Any:
+    """Settings from the Airflow connections, falling back to env vars / embedded server."""
+    from pipeline.config import load_settings
+
+    return load_settings(database_url=_conn_url(CONN_DB), warehouse_url=_conn_url(CONN_WAREHOUSE))
+
+
+def score_date(context: dict[str, Any]) -> date:
+    """The as-of date of this run: the end of its data interval (facts strictly before it)."""
+    for key in ("data_interval_end", "logical_date"):
+        value = context.get(key)
+        if value is not None:
+            return value.date()
+    return context["dag_run"].run_after.date()
+
+
+def run_context(context: dict[str, Any], use_case: str) -> Any:
+    from pipeline.ledger import RunContext
+
+    return RunContext(use_case, score_date(context), context["dag_run"].run_id)

