@@ -30,13 +30,17 @@ IO_RETRIES = {"retries": 2, "retry_delay": timedelta(seconds=30), "retry_exponen
 @dag(
     dag_id="churn_nightly",
     schedule=CronTriggerTimetable("0 0 * * *", timezone="UTC"),
-    start_date=datetime(2025, 1, 1),
+    start_date=datetime(2020, 1, 1),  # early, so backfills and `dags test` can reach any past date
     catchup=False,
     max_active_runs=1,
     tags=["nightscore", "churn"],
     doc_md=__doc__,
     params={
-        "retrain": Param(True, type="boolean", description="Train a challenger tonight and evaluate it against the champion."),
+        "retrain": Param(
+            True,
+            type="boolean",
+            description="Train a challenger tonight and evaluate it against the champion.",
+        ),
         "promotion_mode": Param(
             "auto",
             enum=["auto", "never"],
@@ -47,7 +51,9 @@ IO_RETRIES = {"retries": 2, "retry_delay": timedelta(seconds=30), "retry_exponen
             type="string",
             description="Score with this registered model version instead of the champion (empty: the champion).",
         ),
-        "dry_run": Param(False, type="boolean", description="Score and validate, but publish nothing."),
+        "dry_run": Param(
+            False, type="boolean", description="Score and validate, but publish nothing."
+        ),
     },
 )
 def churn_nightly():
@@ -68,7 +74,9 @@ def churn_nightly():
         from pipeline import nightly
         from pipeline.config import use_case
 
-        return nightly.build_features(settings(), use_case(USE_CASE), run_context(get_current_context(), USE_CASE))
+        return nightly.build_features(
+            settings(), use_case(USE_CASE), run_context(get_current_context(), USE_CASE)
+        )
 
     @task.branch
     def decide_retrain(params: dict | None = None) -> str:
@@ -81,7 +89,9 @@ def churn_nightly():
         from pipeline import nightly
         from pipeline.config import use_case
 
-        return nightly.train_challenger(settings(), use_case(USE_CASE), run_context(get_current_context(), USE_CASE))
+        return nightly.train_challenger(
+            settings(), use_case(USE_CASE), run_context(get_current_context(), USE_CASE)
+        )
 
     @task(retries=0)
     def evaluate_challenger(trained: dict, params: dict | None = None) -> dict:
@@ -92,7 +102,9 @@ def churn_nightly():
 
         ctx = get_current_context()
         mode = (params or {}).get("promotion_mode", "auto")
-        return nightly.evaluate_challenger(settings(), use_case(USE_CASE), run_context(ctx, USE_CASE), trained, mode)
+        return nightly.evaluate_challenger(
+            settings(), use_case(USE_CASE), run_context(ctx, USE_CASE), trained, mode
+        )
 
     @task(retries=0, trigger_rule="none_failed_min_one_success")
     def select_model(params: dict | None = None) -> dict:
@@ -103,7 +115,9 @@ def churn_nightly():
 
         ctx = get_current_context()
         rescore = (params or {}).get("rescore_model") or None
-        return nightly.select_model(settings(), use_case(USE_CASE), run_context(ctx, USE_CASE), rescore)
+        return nightly.select_model(
+            settings(), use_case(USE_CASE), run_context(ctx, USE_CASE), rescore
+        )
 
     @task(**IO_RETRIES)
     def score_partition(partition: int, snapshot: dict, model: dict) -> dict:
@@ -114,11 +128,18 @@ def churn_nightly():
 
         ctx = get_current_context()
         return nightly.score_partition(
-            settings(), use_case(USE_CASE), run_context(ctx, USE_CASE), snapshot, model["model_version"], partition
+            settings(),
+            use_case(USE_CASE),
+            run_context(ctx, USE_CASE),
+            snapshot,
+            model["model_version"],
+            partition,
         )
 
     @task(outlets=[CHURN_SCORES], **IO_RETRIES)
-    def publish_scores(snapshot: dict, model: dict, parts: list[dict], params: dict | None = None) -> dict:
+    def publish_scores(
+        snapshot: dict, model: dict, parts: list[dict], params: dict | None = None
+    ) -> dict:
         from _nightscore import run_context, settings
 
         from pipeline import nightly
@@ -126,8 +147,13 @@ def churn_nightly():
 
         ctx = get_current_context()
         return nightly.publish_scores(
-            settings(), use_case(USE_CASE), run_context(ctx, USE_CASE), snapshot, model["model_version"],
-            list(parts), dry_run=bool((params or {}).get("dry_run")),
+            settings(),
+            use_case(USE_CASE),
+            run_context(ctx, USE_CASE),
+            snapshot,
+            model["model_version"],
+            list(parts),
+            dry_run=bool((params or {}).get("dry_run")),
         )
 
     run = start_run()
@@ -140,7 +166,9 @@ def churn_nightly():
     branch >> Label("retrain") >> trained
     branch >> Label("champion only") >> model
     evaluated >> model
-    parts = score_partition.partial(snapshot=snapshot, model=model).expand(partition=list(range(SCORE_PARTITIONS)))
+    parts = score_partition.partial(snapshot=snapshot, model=model).expand(
+        partition=list(range(SCORE_PARTITIONS))
+    )
     publish_scores(snapshot, model, parts)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 
-
 from pipeline import embedded
 from pipeline.config import REPO_ROOT, Settings, sqlalchemy_url, url_parts, with_database
 
@@ -74,6 +73,3 @@ def shell_exports(env: dict[str, str]) -> str:
 
 def _shell_quote(value: str) -> str:
     return "'" + value.replace("'", "'\"'\"'") + "'"
-
-
-

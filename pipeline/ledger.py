@@ -32,7 +32,11 @@ class RunContext:
     run_id: str
 
     def as_xcom(self) -> dict[str, str]:
-        return {"use_case": self.use_case, "score_date": self.score_date.isoformat(), "run_id": self.run_id}
+        return {
+            "use_case": self.use_case,
+            "score_date": self.score_date.isoformat(),
+            "run_id": self.run_id,
+        }
 
 
 @lru_cache(maxsize=1)
@@ -63,7 +67,14 @@ def start(settings: Settings, run: RunContext) -> None:
 
 def update(settings: Settings, run: RunContext, **fields: Any) -> None:
     """Set plain columns of the run's ledger row (model_version, snapshot_sha256, ...)."""
-    allowed = {"model_version", "snapshot_sha256", "source_counts", "status", "error", "rows_published"}
+    allowed = {
+        "model_version",
+        "snapshot_sha256",
+        "source_counts",
+        "status",
+        "error",
+        "rows_published",
+    }
     unknown = set(fields) - allowed
     if unknown:
         raise ValueError(f"unknown ledger fields {sorted(unknown)}")
@@ -100,7 +111,11 @@ def stage(settings: Settings, run: RunContext, name: str) -> Iterator[dict[str, 
     try:
         yield info
     except BaseException as exc:
-        info |= {"status": "failed", "seconds": round(time.monotonic() - began, 3), "error": str(exc)[:2000]}
+        info |= {
+            "status": "failed",
+            "seconds": round(time.monotonic() - began, 3),
+            "error": str(exc)[:2000],
+        }
         try:
             record_stage(settings, run, name, info)
             update(settings, run, status="failed", error=f"{name}: {exc}"[:2000])

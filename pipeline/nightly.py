@@ -8,7 +8,7 @@ The DAG wires them; ``run_night`` chains them in-process for the CLI and the tes
 from __future__ import annotations
 
 import logging
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from typing import Any
 
 from pipeline import db, evaluate, features, ledger, publish, registry, score, train
@@ -24,7 +24,13 @@ PROMOTION_MODES = ("auto", "never")
 def start_run(settings: Settings, uc: UseCase, run: RunContext) -> dict[str, Any]:
     """Open the run's ledger row."""
     ledger.start(settings, run)
-    log.info("run %s started for %s as of %s (code %s)", run.run_id, uc.name, run.score_date, ledger.code_version())
+    log.info(
+        "run %s started for %s as of %s (code %s)",
+        run.run_id,
+        uc.name,
+        run.score_date,
+        ledger.code_version(),
+    )
     return run.as_xcom()
 
 
@@ -43,7 +49,10 @@ def build_features(settings: Settings, uc: UseCase, run: RunContext) -> dict[str
             settings,
             run,
             snapshot_sha256=snap.sha256,
-            source_counts={c["source"]: {"rows": c["rows_before"], "last_day": c["rows_last_day"]} for c in counts},
+            source_counts={
+                c["source"]: {"rows": c["rows_before"], "last_day": c["rows_last_day"]}
+                for c in counts
+            },
         )
     return snap.as_xcom()
 
@@ -57,7 +66,11 @@ def train_challenger(settings: Settings, uc: UseCase, run: RunContext) -> dict[s
 
 
 def evaluate_challenger(
-    settings: Settings, uc: UseCase, run: RunContext, trained: dict[str, Any], promotion_mode: str = "auto"
+    settings: Settings,
+    uc: UseCase,
+    run: RunContext,
+    trained: dict[str, Any],
+    promotion_mode: str = "auto",
 ) -> dict[str, Any]:
     """Compare the challenger with the champion on the same holdout; promote on pass.
 
@@ -65,7 +78,9 @@ def evaluate_challenger(
     the champion's on the same holdout by more than the non-inferiority margin.
     """
     if promotion_mode not in PROMOTION_MODES:
-        raise GateFailed(f"promotion_mode must be one of {PROMOTION_MODES}, found {promotion_mode!r}")
+        raise GateFailed(
+            f"promotion_mode must be one of {PROMOTION_MODES}, found {promotion_mode!r}"
+        )
     with ledger.stage(settings, run, "evaluate_challenger") as info:
         holdout = features.Snapshot.from_xcom(trained["holdout"])
         table = features.read_snapshot(holdout)
@@ -81,7 +96,9 @@ def evaluate_challenger(
         if champ is not None:
             champ_model, champ_mv = registry.load_model(settings, uc.name, champ.version)
             champ_cols = [f["name"] for f in champ_mv.feature_schema]
-            champ_metrics = evaluate.classification_metrics(y, train.predict(champ_model, table, champ_cols))
+            champ_metrics = evaluate.classification_metrics(
+                y, train.predict(champ_model, table, champ_cols)
+            )
             delta = ch_metrics["roc_auc"] - champ_metrics["roc_auc"]
             if delta < -uc.noninferiority_margin:
                 reasons.append(
@@ -89,24 +106,55 @@ def evaluate_challenger(
                     f"({champ_metrics['roc_auc']:.4f}) by {-delta:.4f} > margin {uc.noninferiority_margin}"
                 )
         passed = not reasons
-        decision = "promote" if passed and promotion_mode == "auto" else ("shadow" if passed else "reject")
+        decision = (
+            "promote" if passed and promotion_mode == "auto" else ("shadow" if passed else "reject")
+        )
         if passed:
-            reasons.append("passed: AUC floor" + (" and non-inferiority vs champion" if champ else ""))
-        _record_evaluation(settings, uc, run, trained, champ.version if champ else None, holdout, ch_metrics, champ_metrics, decision, reasons)
+            reasons.append(
+                "passed: AUC floor" + (" and non-inferiority vs champion" if champ else "")
+            )
+        _record_evaluation(
+            settings,
+            uc,
+            run,
+            trained,
+            champ.version if champ else None,
+            holdout,
+            ch_metrics,
+            champ_metrics,
+            decision,
+            reasons,
+        )
         if decision == "promote":
             registry.promote(
-                settings, uc.name, trained["version"], actor=f"nightly:{run.run_id}",
-                reason="; ".join(reasons), effective_date=run.score_date,
+                settings,
+                uc.name,
+                trained["version"],
+                actor=f"nightly:{run.run_id}",
+                reason="; ".join(reasons),
+                effective_date=run.score_date,
             )
-        info |= {"decision": decision, "reasons": reasons, "challenger_auc": ch_metrics["roc_auc"],
-                 "champion_auc": champ_metrics["roc_auc"] if champ_metrics else None}
+        info |= {
+            "decision": decision,
+            "reasons": reasons,
+            "challenger_auc": ch_metrics["roc_auc"],
+            "champion_auc": champ_metrics["roc_auc"] if champ_metrics else None,
+        }
         log.info("evaluation of %s: %s (%s)", trained["version"], decision, "; ".join(reasons))
     return {"version": trained["version"], "decision": decision, "reasons": reasons}
 
 
 def _record_evaluation(
-    settings: Settings, uc: UseCase, run: RunContext, trained: dict[str, Any], champion: str | None,
-    holdout: features.Snapshot, ch: dict[str, float], champ: dict[str, float] | None, decision: str, reasons: list[str],
+    settings: Settings,
+    uc: UseCase,
+    run: RunContext,
+    trained: dict[str, Any],
+    champion: str | None,
+    holdout: features.Snapshot,
+    ch: dict[str, float],
+    champ: dict[str, float] | None,
+    decision: str,
+    reasons: list[str],
 ) -> None:
     import json
 
@@ -118,13 +166,22 @@ def _record_evaluation(
         VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
         """,
         (
-            uc.name, trained["version"], champion, holdout.as_of, holdout.sha256,
-            json.dumps({"challenger": ch, "champion": champ}), decision, json.dumps(reasons), run.run_id,
+            uc.name,
+            trained["version"],
+            champion,
+            holdout.as_of,
+            holdout.sha256,
+            json.dumps({"challenger": ch, "champion": champ}),
+            decision,
+            json.dumps(reasons),
+            run.run_id,
         ),
     )
 
 
-def select_model(settings: Settings, uc: UseCase, run: RunContext, rescore_model: str | None = None) -> dict[str, Any]:
+def select_model(
+    settings: Settings, uc: UseCase, run: RunContext, rescore_model: str | None = None
+) -> dict[str, Any]:
     """Pin the one model this run scores with (the champion now, or an explicit version).
 
     Every partition uses exactly this version; a promotion during the run changes nothing.
@@ -146,21 +203,36 @@ def select_model(settings: Settings, uc: UseCase, run: RunContext, rescore_model
 
 
 def score_partition(
-    settings: Settings, uc: UseCase, run: RunContext, snapshot: dict[str, Any], model_version: str, partition: int
+    settings: Settings,
+    uc: UseCase,
+    run: RunContext,
+    snapshot: dict[str, Any],
+    model_version: str,
+    partition: int,
 ) -> dict[str, Any]:
     """Score one hash partition of the population."""
     with ledger.stage(settings, run, f"score_partition_{partition}") as info:
         part = score.score_partition(
-            settings, uc, features.Snapshot.from_xcom(snapshot), model_version, partition,
-            uc.score_partitions, run.run_id,
+            settings,
+            uc,
+            features.Snapshot.from_xcom(snapshot),
+            model_version,
+            partition,
+            uc.score_partitions,
+            run.run_id,
         )
         info |= {"rows": part.rows}
     return part.as_xcom()
 
 
 def publish_scores(
-    settings: Settings, uc: UseCase, run: RunContext, snapshot: dict[str, Any], model_version: str,
-    parts: list[dict[str, Any]], dry_run: bool = False,
+    settings: Settings,
+    uc: UseCase,
+    run: RunContext,
+    snapshot: dict[str, Any],
+    model_version: str,
+    parts: list[dict[str, Any]],
+    dry_run: bool = False,
 ) -> dict[str, Any]:
     """Publish the scored partitions atomically (or only validate counts on a dry run)."""
     scored = sorted((score.ScoredPart.from_xcom(p) for p in parts), key=lambda p: p.partition)
@@ -191,7 +263,7 @@ def run_night(
     promotion_mode: str = "auto",
 ) -> dict[str, Any]:
     """The whole night in-process, same stages as the DAG (CLI and tests)."""
-    run = RunContext(uc.name, score_date, run_id or f"cli__{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}")
+    run = RunContext(uc.name, score_date, run_id or f"cli__{datetime.now(UTC):%Y%m%dT%H%M%S%f}")
     start_run(settings, uc, run)
     snap = build_features(settings, uc, run)
     evaluation = None
@@ -200,7 +272,13 @@ def run_night(
         evaluation = evaluate_challenger(settings, uc, run, trained, promotion_mode)
     chosen = select_model(settings, uc, run)
     parts = [
-        score_partition(settings, uc, run, snap, chosen["model_version"], p) for p in range(uc.score_partitions)
+        score_partition(settings, uc, run, snap, chosen["model_version"], p)
+        for p in range(uc.score_partitions)
     ]
     published = publish_scores(settings, uc, run, snap, chosen["model_version"], parts)
-    return {"run": run.as_xcom(), "evaluation": evaluation, "model_version": chosen["model_version"], "published": published}
+    return {
+        "run": run.as_xcom(),
+        "evaluation": evaluation,
+        "model_version": chosen["model_version"],
+        "published": published,
+    }

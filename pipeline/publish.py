@@ -82,15 +82,21 @@ def partition_name(uc: UseCase, score_date: date) -> str:
 def _batches(
     uc: UseCase, parts: list[ScoredPart], score_date: date, model_version: str, schema: pa.Schema
 ) -> Iterator[pa.RecordBatch]:
-    keys = np.concatenate([pq.read_table(p.path, columns=[uc.entity_key]).column(0).to_numpy() for p in parts])
-    probs = np.concatenate([pq.read_table(p.path, columns=[uc.probability_column]).column(0).to_numpy() for p in parts])
+    keys = np.concatenate(
+        [pq.read_table(p.path, columns=[uc.entity_key]).column(0).to_numpy() for p in parts]
+    )
+    probs = np.concatenate(
+        [pq.read_table(p.path, columns=[uc.probability_column]).column(0).to_numpy() for p in parts]
+    )
     deciles = risk_deciles(probs, keys)
     step = uc.batch_rows * 4
     for start in range(0, len(keys), step):
         n = min(step, len(keys) - start)
         yield pa.RecordBatch.from_arrays(
             [
-                pa.array(np.full(n, (score_date - date(1970, 1, 1)).days, dtype=np.int32)).cast(pa.date32()),
+                pa.array(np.full(n, (score_date - date(1970, 1, 1)).days, dtype=np.int32)).cast(
+                    pa.date32()
+                ),
                 pa.array(keys[start : start + n]),
                 pa.DictionaryArray.from_arrays(
                     pa.array(np.zeros(n, dtype=np.int32)), pa.array([model_version])
@@ -126,7 +132,9 @@ def publish_scores(
         with conn.cursor() as cur:
             cur.execute(
                 sql.SQL("CREATE TABLE {s}.{stage} (LIKE {s}.{parent} INCLUDING DEFAULTS)").format(
-                    s=sql.Identifier(SCHEMA), stage=sql.Identifier(stage), parent=sql.Identifier(parent)
+                    s=sql.Identifier(SCHEMA),
+                    stage=sql.Identifier(stage),
+                    parent=sql.Identifier(parent),
                 )
             )
         conn.commit()
@@ -141,7 +149,9 @@ def publish_scores(
             ]
         )
         copy_began = time.monotonic()
-        reader = pa.RecordBatchReader.from_batches(schema, _batches(uc, parts, run.score_date, model_version, schema))
+        reader = pa.RecordBatchReader.from_batches(
+            schema, _batches(uc, parts, run.score_date, model_version, schema)
+        )
         db.ingest(settings.database_url, stage, reader, SCHEMA)
         copy_seconds = time.monotonic() - copy_began
 
@@ -153,7 +163,9 @@ def publish_scores(
         raise
     finally:
         conn.close()
-    result = PublishResult(run.score_date, expected_rows, time.monotonic() - began, copy_seconds, attempts, target)
+    result = PublishResult(
+        run.score_date, expected_rows, time.monotonic() - began, copy_seconds, attempts, target
+    )
     log.info("published %s %s: %s", uc.name, run.score_date, result.as_xcom())
     return result
 
@@ -181,14 +193,20 @@ def _constrain_and_validate(
                     hi=sql.Literal(score_date + timedelta(days=1)),
                 )
             )
-        except (pg_errors.UniqueViolation, pg_errors.CheckViolation, pg_errors.NotNullViolation) as exc:
+        except (
+            pg_errors.UniqueViolation,
+            pg_errors.CheckViolation,
+            pg_errors.NotNullViolation,
+        ) as exc:
             raise PublishError(
                 f"staged {SCHEMA}.{uc.score_table} rows for {score_date} violate the contract "
                 f"(one row per {uc.entity_key}, {uc.probability_column} in [0, 1], decile 1..10, "
                 f"score_date = {score_date}): {exc.pgerror.strip() if exc.pgerror else exc}; nothing was published"
             ) from exc
         cur.execute(
-            sql.SQL("SELECT count(*), count(*) FILTER (WHERE model_version <> %s) FROM {t}").format(t=ident),
+            sql.SQL("SELECT count(*), count(*) FILTER (WHERE model_version <> %s) FROM {t}").format(
+                t=ident
+            ),
             (model_version,),
         )
         rows, foreign = cur.fetchone()
@@ -205,14 +223,20 @@ def _constrain_and_validate(
         )
 
 
-def _swap(conn: Any, settings: Settings, uc: UseCase, run: RunContext, stage: str, target: str, rows: int) -> int:
+def _swap(
+    conn: Any, settings: Settings, uc: UseCase, run: RunContext, stage: str, target: str, rows: int
+) -> int:
     schema = sql.Identifier(SCHEMA)
     parent = sql.Identifier(SCHEMA, uc.score_table)
     for attempt in range(1, SWAP_ATTEMPTS + 1):
         try:
             with conn.cursor() as cur:
-                cur.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)))
-                cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"nightscore.publish.{uc.name}",))
+                cur.execute(
+                    sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT))
+                )
+                cur.execute(
+                    "SELECT pg_advisory_xact_lock(hashtext(%s))", (f"nightscore.publish.{uc.name}",)
+                )
                 cur.execute("SELECT to_regclass(%s)", (f"{SCHEMA}.{target}",))
                 if cur.fetchone()[0] is not None:
                     cur.execute(
@@ -220,14 +244,18 @@ def _swap(conn: Any, settings: Settings, uc: UseCase, run: RunContext, stage: st
                             p=parent, s=schema, t=sql.Identifier(target)
                         )
                     )
-                    cur.execute(sql.SQL("DROP TABLE {s}.{t}").format(s=schema, t=sql.Identifier(target)))
+                    cur.execute(
+                        sql.SQL("DROP TABLE {s}.{t}").format(s=schema, t=sql.Identifier(target))
+                    )
                 cur.execute(
                     sql.SQL("ALTER TABLE {s}.{stage} RENAME TO {t}").format(
                         s=schema, stage=sql.Identifier(stage), t=sql.Identifier(target)
                     )
                 )
                 cur.execute(
-                    sql.SQL("ALTER TABLE {p} ATTACH PARTITION {s}.{t} FOR VALUES FROM ({lo}) TO ({hi})").format(
+                    sql.SQL(
+                        "ALTER TABLE {p} ATTACH PARTITION {s}.{t} FOR VALUES FROM ({lo}) TO ({hi})"
+                    ).format(
                         p=parent,
                         s=schema,
                         t=sql.Identifier(target),
@@ -247,7 +275,12 @@ def _swap(conn: Any, settings: Settings, uc: UseCase, run: RunContext, stage: st
             return attempt
         except pg_errors.LockNotAvailable:
             conn.rollback()
-            log.warning("publish of %s %s: lock timeout (attempt %d), retrying", uc.name, run.score_date, attempt)
+            log.warning(
+                "publish of %s %s: lock timeout (attempt %d), retrying",
+                uc.name,
+                run.score_date,
+                attempt,
+            )
             time.sleep(min(0.2 * attempt, 2.0))
     raise PublishError(
         f"could not swap in {SCHEMA}.{target}: lock timeout {SWAP_ATTEMPTS} times in a row "
@@ -275,7 +308,11 @@ def drop_leftovers(settings: Settings, uc: UseCase, score_date: date) -> list[st
             try:
                 with conn.cursor() as cur:
                     cur.execute("SET LOCAL lock_timeout = '200ms'")
-                    cur.execute(sql.SQL("DROP TABLE IF EXISTS {}.{}").format(sql.Identifier(SCHEMA), sql.Identifier(name)))
+                    cur.execute(
+                        sql.SQL("DROP TABLE IF EXISTS {}.{}").format(
+                            sql.Identifier(SCHEMA), sql.Identifier(name)
+                        )
+                    )
                 conn.commit()
                 dropped.append(name)
             except pg_errors.LockNotAvailable:
@@ -290,7 +327,11 @@ def drop_leftovers(settings: Settings, uc: UseCase, score_date: date) -> list[st
 def _drop_quietly(conn: Any, table: str) -> None:
     try:
         with conn.cursor() as cur:
-            cur.execute(sql.SQL("DROP TABLE IF EXISTS {}.{}").format(sql.Identifier(SCHEMA), sql.Identifier(table)))
+            cur.execute(
+                sql.SQL("DROP TABLE IF EXISTS {}.{}").format(
+                    sql.Identifier(SCHEMA), sql.Identifier(table)
+                )
+            )
         conn.commit()
     except Exception:
         conn.rollback()

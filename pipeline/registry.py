@@ -143,7 +143,9 @@ def promote(
     conn = db.connect(settings.database_url)
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT pg_advisory_xact_lock(hashtext('nightscore.registry.' || %s))", (use_case,))
+            cur.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('nightscore.registry.' || %s))", (use_case,)
+            )
             cur.execute(
                 "SELECT version FROM ml.model_versions WHERE use_case = %s AND status = 'champion' FOR UPDATE",
                 (use_case,),
@@ -213,7 +215,9 @@ def load_model(settings: Settings, use_case: str, version: str) -> tuple[Any, Mo
     return pickle.loads(raw), mv
 
 
-def rollback(settings: Settings, use_case: str, *, actor: str, reason: str, effective_date: date) -> str:
+def rollback(
+    settings: Settings, use_case: str, *, actor: str, reason: str, effective_date: date
+) -> str:
     """Make the previous champion the champion again (no retraining). Logged.
 
     Returns:
@@ -241,7 +245,15 @@ def rollback(settings: Settings, use_case: str, *, actor: str, reason: str, effe
             f"cannot roll back {use_case}: the promotions log has no earlier champion to restore "
             "(promote a version explicitly with `nightscore models promote VERSION --reason ...`)"
         )
-    promote(settings, use_case, row[1], actor=actor, reason=reason, effective_date=effective_date, action="rollback")
+    promote(
+        settings,
+        use_case,
+        row[1],
+        actor=actor,
+        reason=reason,
+        effective_date=effective_date,
+        action="rollback",
+    )
     return str(row[1])
 
 

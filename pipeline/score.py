@@ -45,14 +45,18 @@ def partition_of(keys: np.ndarray, partitions: int) -> np.ndarray:
     return (mixed % np.uint64(partitions)).astype(np.int64)
 
 
-def check_schema(schema: pa.Schema, feature_schema: list[dict[str, str]], version: str, snapshot: Path) -> None:
+def check_schema(
+    schema: pa.Schema, feature_schema: list[dict[str, str]], version: str, snapshot: Path
+) -> None:
     """The snapshot must provide every feature the model was trained on, with the same type."""
     problems = []
     for f in feature_schema:
         if f["name"] not in schema.names:
             problems.append(f"{f['name']} missing")
         elif str(schema.field(f["name"]).type) != f["dtype"]:
-            problems.append(f"{f['name']} is {schema.field(f['name']).type}, model expects {f['dtype']}")
+            problems.append(
+                f"{f['name']} is {schema.field(f['name']).type}, model expects {f['dtype']}"
+            )
     if problems:
         raise DataError(
             f"feature snapshot {snapshot} does not match model {version}: {'; '.join(problems)}; "
@@ -82,7 +86,9 @@ def score_partition(
     schema = pa.schema([(uc.entity_key, pa.int64()), (uc.probability_column, pa.float64())])
     rows = 0
     with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-        for batch in source.iter_batches(batch_size=uc.batch_rows, columns=[uc.entity_key, *columns]):
+        for batch in source.iter_batches(
+            batch_size=uc.batch_rows, columns=[uc.entity_key, *columns]
+        ):
             table = pa.Table.from_batches([batch])
             keys = table.column(uc.entity_key).to_numpy()
             mine = partition_of(keys, partitions) == partition
@@ -90,10 +96,23 @@ def score_partition(
                 continue
             table = table.filter(pa.array(mine))
             p = train.predict(model, table, columns)
-            writer.write_table(pa.table({uc.entity_key: table.column(uc.entity_key), uc.probability_column: p}, schema=schema))
+            writer.write_table(
+                pa.table(
+                    {uc.entity_key: table.column(uc.entity_key), uc.probability_column: p},
+                    schema=schema,
+                )
+            )
             rows += table.num_rows
     os.replace(tmp, final)
-    log.info("%s %s partition %d/%d: %d rows scored with %s", uc.name, snapshot.as_of, partition, partitions, rows, model_version)
+    log.info(
+        "%s %s partition %d/%d: %d rows scored with %s",
+        uc.name,
+        snapshot.as_of,
+        partition,
+        partitions,
+        rows,
+        model_version,
+    )
     return ScoredPart(partition, final, rows)
 
 

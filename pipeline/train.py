@@ -70,7 +70,7 @@ def build_model(uc: UseCase, categorical: list[str], numeric: list[str]) -> Any:
         max_iter=int(params.pop("max_iter")),
         early_stopping=False,
         random_state=uc.seed,
-        **params,  # type: ignore[arg-type]
+        **params,
     )
     return Pipeline([("preprocess", pre), ("model", clf)])
 
@@ -104,7 +104,9 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def train_challenger(settings: Settings, uc: UseCase, run_date: date, code_version: str = "") -> TrainedModel:
+def train_challenger(
+    settings: Settings, uc: UseCase, run_date: date, code_version: str = ""
+) -> TrainedModel:
     """Train on matured snapshots before ``run_date`` and measure on the out-of-time holdout.
 
     Raises:
@@ -115,7 +117,9 @@ def train_challenger(settings: Settings, uc: UseCase, run_date: date, code_versi
         features.build_snapshot(settings, uc, d, labelled=True, known_through=run_date)
         for d in train_dates
     ]
-    holdout = features.build_snapshot(settings, uc, holdout_date, labelled=True, known_through=run_date)
+    holdout = features.build_snapshot(
+        settings, uc, holdout_date, labelled=True, known_through=run_date
+    )
     table = pa.concat_tables([features.read_snapshot(s) for s in snaps])
     categorical, numeric = split_columns(table.schema, uc)
     columns = categorical + numeric
@@ -145,8 +149,14 @@ def train_challenger(settings: Settings, uc: UseCase, run_date: date, code_versi
         "trained_as_of": run_date.isoformat(),
         "features": [{"name": c, "dtype": str(table.schema.field(c).type)} for c in columns],
         "training_window": {
-            "snapshots": [{"as_of": s.as_of.isoformat(), "sha256": s.sha256, "rows": s.rows} for s in snaps],
-            "holdout": {"as_of": holdout.as_of.isoformat(), "sha256": holdout.sha256, "rows": holdout.rows},
+            "snapshots": [
+                {"as_of": s.as_of.isoformat(), "sha256": s.sha256, "rows": s.rows} for s in snaps
+            ],
+            "holdout": {
+                "as_of": holdout.as_of.isoformat(),
+                "sha256": holdout.sha256,
+                "rows": holdout.rows,
+            },
             "label_horizon_days": uc.label_horizon_days,
             "training_rows": table.num_rows,
             "positive_rate": float(y.mean()),
@@ -163,7 +173,10 @@ def train_challenger(settings: Settings, uc: UseCase, run_date: date, code_versi
     registry.register(settings, card)
     log.info(
         "trained %s on %d rows: out-of-time AUC %.4f, top-decile lift %.2f",
-        version, table.num_rows, metrics["roc_auc"], metrics["lift_top_decile"],
+        version,
+        table.num_rows,
+        metrics["roc_auc"],
+        metrics["lift_top_decile"],
     )
     return TrainedModel(version, sha, str(artifact), metrics, holdout, card)
 

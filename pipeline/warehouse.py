@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, timedelta
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -74,7 +74,7 @@ class SeedResult:
 class _Sim:
     """The simulator state: one numpy array per customer attribute, grown as people sign up."""
 
-    ARRAYS: dict[str, Any] = {
+    ARRAYS: ClassVar[dict[str, Any]] = {
         "customer_id": np.int32,
         "signup_day": np.int32,
         "country": np.int8,
@@ -94,7 +94,7 @@ class _Sim:
         "ticket_level": np.float32,
         "bill_dom": np.int8,
     }
-    PENDING: dict[str, Any] = {
+    PENDING: ClassVar[dict[str, Any]] = {
         "invoice_id": np.int64,
         "cust": np.int32,
         "due_day": np.int32,
@@ -102,7 +102,9 @@ class _Sim:
         "amount": np.float64,
     }
 
-    def __init__(self, seed: int, start: date, customers: int, price_rise_day: int, launch_day: int):
+    def __init__(
+        self, seed: int, start: date, customers: int, price_rise_day: int, launch_day: int
+    ):
         self.seed = seed
         self.start = start
         self.n_initial = customers
@@ -122,9 +124,10 @@ class _Sim:
             + [self.next_ids[k] for k in ("customer", "invoice", "ticket", "subscription")],
             dtype=np.int64,
         )
-        arrays = {f"a_{k}": v[: self.n] for k, v in self.a.items()}
+        arrays: dict[str, Any] = {f"a_{k}": v[: self.n] for k, v in self.a.items()}
         arrays |= {f"p_{k}": v for k, v in self.p.items()}
-        np.savez(buf, meta=meta, start=np.array([(self.start - EPOCH).days]), **arrays)
+        arrays |= {"meta": meta, "start": np.array([(self.start - EPOCH).days])}
+        np.savez(buf, **arrays)
         return buf.getvalue()
 
     @classmethod
@@ -133,20 +136,32 @@ class _Sim:
         m = [int(x) for x in z["meta"]]
         sim = cls(m[0], EPOCH + timedelta(days=int(z["start"][0])), m[1], m[2], m[3])
         sim.day, sim.n = m[4], m[5]
-        sim.next_ids = dict(zip(("customer", "invoice", "ticket", "subscription"), m[6:], strict=True))
+        sim.next_ids = dict(
+            zip(("customer", "invoice", "ticket", "subscription"), m[6:], strict=True)
+        )
         sim.a = {k: z[f"a_{k}"].astype(t) for k, t in cls.ARRAYS.items()}
         sim.p = {k: z[f"p_{k}"].astype(t) for k, t in cls.PENDING.items()}
         return sim
 
     # -- population ------------------------------------------------------------------
-    def add_customers(self, rng: np.random.Generator, count: int, signup_days: np.ndarray, country: np.ndarray | None = None) -> np.ndarray:
+    def add_customers(
+        self,
+        rng: np.random.Generator,
+        count: int,
+        signup_days: np.ndarray,
+        country: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Append ``count`` customers; returns their indices."""
         if count == 0:
             return np.zeros(0, dtype=np.int64)
         new = {
-            "customer_id": np.arange(self.next_ids["customer"], self.next_ids["customer"] + count, dtype=np.int32),
+            "customer_id": np.arange(
+                self.next_ids["customer"], self.next_ids["customer"] + count, dtype=np.int32
+            ),
             "signup_day": signup_days.astype(np.int32),
-            "country": country if country is not None else rng.choice(len(COUNTRIES), count, p=COUNTRY_WEIGHTS),
+            "country": country
+            if country is not None
+            else rng.choice(len(COUNTRIES), count, p=COUNTRY_WEIGHTS),
             "channel": rng.choice(len(CHANNELS), count, p=CHANNEL_WEIGHTS),
             "contract": rng.choice(len(CONTRACTS), count, p=CONTRACT_WEIGHTS),
             "opt_in": rng.random(count) < 0.68,
@@ -216,7 +231,9 @@ def _money(v: np.ndarray) -> pa.Array:
 
 def _labels(values: np.ndarray) -> Callable[[np.ndarray], pa.Array]:
     dictionary = pa.array(values)
-    return lambda codes: pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32)), dictionary).cast(pa.string())
+    return lambda codes: pa.DictionaryArray.from_arrays(
+        pa.array(codes.astype(np.int32)), dictionary
+    ).cast(pa.string())
 
 
 def _int(t: Any) -> Callable[[np.ndarray], pa.Array]:
@@ -232,7 +249,9 @@ _SCHEMAS.update(
         "contract_type": _labels(CONTRACTS),
         "marketing_opt_in": lambda v: pa.array(v.astype(bool)),
         "first_name": _labels(FIRST_NAMES),
-        "email": lambda ids: pa.array(np.char.add(np.char.add("customer", ids.astype(str)), "@example.com")),
+        "email": lambda ids: pa.array(
+            np.char.add(np.char.add("customer", ids.astype(str)), "@example.com")
+        ),
     },
     subscriptions={
         "subscription_id": _int(np.int64),
@@ -275,7 +294,15 @@ _SCHEMAS.update(
     },
 )
 
-TABLE_ORDER = ("customers", "subscriptions", "usage_daily", "invoices", "payments", "tickets", "cancellations")
+TABLE_ORDER = (
+    "customers",
+    "subscriptions",
+    "usage_daily",
+    "invoices",
+    "payments",
+    "tickets",
+    "cancellations",
+)
 
 
 def _to_arrow(table: str, cols: dict[str, np.ndarray]) -> pa.Table:
@@ -300,7 +327,9 @@ def _simulate_day(sim: _Sim, out: _Buffers) -> None:
     idx_new = sim.add_customers(rng, n_new, np.full(n_new, t))
     if t >= sim.launch_day:
         n_pl = rng.poisson(sim.n_initial * (0.004 if t < sim.launch_day + 30 else 0.0008))
-        idx_new = np.concatenate([idx_new, sim.add_customers(rng, n_pl, np.full(n_pl, t), np.full(n_pl, PL))])
+        idx_new = np.concatenate(
+            [idx_new, sim.add_customers(rng, n_pl, np.full(n_pl, t), np.full(n_pl, PL))]
+        )
     a = sim.a
     if len(idx_new):
         out.add(
@@ -345,8 +374,17 @@ def _simulate_day(sim: _Sim, out: _Buffers) -> None:
     gone = act[leaves]
     if len(gone):
         a["active"][gone] = False
-        reason = np.where(rise[leaves] > 0.2, 0, np.where(disengaged[leaves] > 0.3, 2, rng.integers(1, 5, len(gone))))
-        out.add("cancellations", customer_id=a["customer_id"][gone], cancel_date=np.full(len(gone), epoch_day), reason=reason)
+        reason = np.where(
+            rise[leaves] > 0.2,
+            0,
+            np.where(disengaged[leaves] > 0.3, 2, rng.integers(1, 5, len(gone))),
+        )
+        out.add(
+            "cancellations",
+            customer_id=a["customer_id"][gone],
+            cancel_date=np.full(len(gone), epoch_day),
+            reason=reason,
+        )
     keep = ~leaves
     act, overdue, disengaged, rise = act[keep], overdue[keep], disengaged[keep], rise[keep]
 
@@ -359,7 +397,9 @@ def _simulate_day(sim: _Sim, out: _Buffers) -> None:
     movers = act[rng.random(len(act)) < 0.0007]
     if len(movers):
         a["plan"][movers] = np.clip(a["plan"][movers] + rng.choice([-1, 1], len(movers)), 0, 3)
-        a["fee"][movers] = PLAN_FEES[a["plan"][movers]] * np.where(a["last_rise_day"][movers] > -NEVER, 1 + PRICE_RISE, 1.0)
+        a["fee"][movers] = PLAN_FEES[a["plan"][movers]] * np.where(
+            a["last_rise_day"][movers] > -NEVER, 1 + PRICE_RISE, 1.0
+        )
         _subscription_rows(sim, out, movers, epoch_day, reason=1)
 
     # Payments that happen today, then today's invoices.
@@ -378,7 +418,9 @@ def _simulate_day(sim: _Sim, out: _Buffers) -> None:
         stress = a["stress"][billed]
         late = rng.random(len(billed)) < 0.03 + 0.9 * stress**2
         never = rng.random(len(billed)) < 0.004 + 0.05 * stress
-        pay_day = np.where(late, t + 14 + rng.geometric(1 / 12, len(billed)), t + rng.integers(1, 14, len(billed)))
+        pay_day = np.where(
+            late, t + 14 + rng.geometric(1 / 12, len(billed)), t + rng.integers(1, 14, len(billed))
+        )
         pay_day = np.where(never, NEVER, pay_day).astype(np.int32)
         ids = sim.take_ids("invoice", len(billed))
         amount = a["fee"][billed]
@@ -390,8 +432,17 @@ def _simulate_day(sim: _Sim, out: _Buffers) -> None:
             due_date=np.full(len(billed), epoch_day + 14),
             amount=amount,
         )
-        new_pending = {"invoice_id": ids, "cust": billed, "due_day": np.full(len(billed), t + 14), "pay_day": pay_day, "amount": amount}
-        sim.p = p = {k: np.concatenate([p[k], np.asarray(new_pending[k]).astype(t_)]) for k, t_ in _Sim.PENDING.items()}
+        new_pending = {
+            "invoice_id": ids,
+            "cust": billed,
+            "due_day": np.full(len(billed), t + 14),
+            "pay_day": pay_day,
+            "amount": amount,
+        }
+        sim.p = p = {
+            k: np.concatenate([p[k], np.asarray(new_pending[k]).astype(t_)])
+            for k, t_ in _Sim.PENDING.items()
+        }
 
     # Daily usage: falls as a customer disengages; weekends and summer are busier.
     season = 1 + 0.08 * np.sin(2 * np.pi * (doy - 200) / 365) + 0.1 * (today.weekday() >= 5)
@@ -431,7 +482,9 @@ def _simulate_day(sim: _Sim, out: _Buffers) -> None:
     sim.day += 1
 
 
-def _subscription_rows(sim: _Sim, out: _Buffers, idx: np.ndarray, epoch_day: int, reason: int) -> None:
+def _subscription_rows(
+    sim: _Sim, out: _Buffers, idx: np.ndarray, epoch_day: int, reason: int
+) -> None:
     if len(idx):
         out.add(
             "subscriptions",
@@ -493,7 +546,9 @@ class _Writer:
                 if self.error is None:
                     for name in TABLE_ORDER:
                         if name in batch:
-                            cur.adbc_ingest(name, batch[name], mode="append", db_schema_name=self.schema)
+                            cur.adbc_ingest(
+                                name, batch[name], mode="append", db_schema_name=self.schema
+                            )
                             self.rows[name] += batch[name].num_rows
                     conn.commit()
         except BaseException as exc:  # handed to the main thread in close()
@@ -529,7 +584,9 @@ def _run(settings: Settings, sim: _Sim, through_day: int, initial: bool) -> dict
                 writer.put(out.drain())
                 log.info(
                     "warehouse simulated through %s (%d customers so far, %.0fs)",
-                    sim.start + timedelta(days=sim.day - 1), sim.n, time.monotonic() - started,
+                    sim.start + timedelta(days=sim.day - 1),
+                    sim.n,
+                    time.monotonic() - started,
                 )
     finally:
         rows = writer.close()
@@ -576,13 +633,18 @@ def seed(
     Facts are dated ``start`` .. ``start + days - 1``. Existing warehouse tables are dropped.
     """
     if customers < 100 or days < 1:
-        raise ConfigError(f"seed needs --customers >= 100 and --days >= 1 (found {customers}, {days})")
+        raise ConfigError(
+            f"seed needs --customers >= 100 and --days >= 1 (found {customers}, {days})"
+        )
     began = time.monotonic()
     conn = _schema_conn(settings)
     try:
         with conn.cursor() as cur:
             cur.execute(db.sql_text("warehouse", "schema.sql"))
-            plans = [(i + 1, str(PLAN_NAMES[i]), float(PLAN_FEES[i]), int(PLAN_DATA_GB[i])) for i in range(len(PLAN_NAMES))]
+            plans = [
+                (i + 1, str(PLAN_NAMES[i]), float(PLAN_FEES[i]), int(PLAN_DATA_GB[i]))
+                for i in range(len(PLAN_NAMES))
+            ]
             cur.executemany("INSERT INTO plans VALUES (%s, %s, %s, %s)", plans)
         conn.commit()
     finally:
@@ -590,7 +652,9 @@ def seed(
     sim = _Sim(seed, start, customers, price_rise_day, launch_day)
     rows = _run(settings, sim, days - 1, initial=True)
     _save_state(settings, sim)
-    result = SeedResult(sim.n, start, start + timedelta(days=days - 1), rows, time.monotonic() - began)
+    result = SeedResult(
+        sim.n, start, start + timedelta(days=days - 1), rows, time.monotonic() - began
+    )
     log.info("seeded warehouse: %s", result)
     return result
 
@@ -606,12 +670,16 @@ def advance(settings: Settings, to: date) -> SeedResult:
     finally:
         conn.close()
     if row is None:
-        raise DataError("the warehouse has no generator state: run `nightscore warehouse seed` first")
+        raise DataError(
+            "the warehouse has no generator state: run `nightscore warehouse seed` first"
+        )
     sim = _Sim.loads(bytes(row[0]))
     through_day = (to - sim.start).days
     current = sim.start + timedelta(days=sim.day - 1)
     if through_day < sim.day:
-        raise ConfigError(f"warehouse already holds facts through {current}; --to must be after it (found {to})")
+        raise ConfigError(
+            f"warehouse already holds facts through {current}; --to must be after it (found {to})"
+        )
     rows = _run(settings, sim, through_day, initial=False)
     _save_state(settings, sim)
     return SeedResult(sim.n, sim.start, to, rows, time.monotonic() - began)

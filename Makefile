@@ -1,0 +1,56 @@
+# nightscore: `make demo` and `make test` work on a fresh machine with Python 3.11 and make.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+UV_VERSION := 0.13.9
+export NIGHTSCORE_HOME ?= $(CURDIR)/.nightscore
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint format airflow bench lock clean
+
+install: $(VENV)/.installed
+
+# The lock file pins every package with hashes; the venv is rebuilt when it changes.
+$(VENV)/.installed: requirements.lock pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 (or run make PYTHON=/path/to/python3.11)"; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "error: Python 3.11 is required, found " + sys.version.split()[0])'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	$(BIN)/uv pip sync --quiet --python $(BIN)/python --require-hashes requirements.lock
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
+	@touch $@
+
+demo: install
+	$(BIN)/nightscore demo
+
+test: install
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+# The Airflow UI on 127.0.0.1:8080 with these DAGs (login admin / see below).
+airflow: install
+	@eval "$$($(BIN)/nightscore db airflow-env)" && \
+	 $(BIN)/nightscore db init >/dev/null && \
+	 echo "Airflow UI: http://127.0.0.1:8080  login: admin  password: in $$AIRFLOW_HOME/passwords.json (printed below once ready)" && \
+	 ( sleep 25; echo; echo "login: admin / password: $$(cat $$AIRFLOW_HOME/passwords.json 2>/dev/null)"; echo ) & \
+	 eval "$$($(BIN)/nightscore db airflow-env)" && exec $(BIN)/airflow standalone
+
+bench: install
+	$(BIN)/python benchmarks/publish.py
+
+# Re-resolve the lock file after changing dependencies in pyproject.toml.
+lock:
+	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 --generate-hashes \
+	  --no-header --no-annotate -o requirements.lock
+
+clean:
+	rm -rf $(VENV) .nightscore .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,101 @@
+"""The DAG folder parses cleanly, fast, without touching connections, with the expected shape."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+DAGS = Path(__file__).resolve().parents[2] / "dags"
+
+
+@pytest.fixture(scope="module")
+def dagbag(monkeypatch_module: pytest.MonkeyPatch):
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.sdk import BaseHook, Variable
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a connection or Variable was fetched while parsing the DAGs")
+
+    monkeypatch_module.setattr(BaseHook, "get_connection", classmethod(forbidden))
+    monkeypatch_module.setattr(Variable, "get", staticmethod(forbidden))
+    began = time.monotonic()
+    bag = DagBag(dag_folder=str(DAGS))
+    bag.parse_seconds = time.monotonic() - began  # type: ignore[attr-defined]
+    return bag
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def test_no_import_errors(dagbag) -> None:
+    assert dagbag.import_errors == {}
+    assert "churn_nightly" in dagbag.dag_ids
+
+
+def test_parsing_is_fast(dagbag) -> None:
+    assert dagbag.parse_seconds < 10
+
+
+def test_churn_nightly_tasks_and_edges(dagbag) -> None:
+    dag = dagbag.dags["churn_nightly"]
+    assert set(dag.task_ids) == {
+        "start_run",
+        "build_features",
+        "decide_retrain",
+        "train_challenger",
+        "evaluate_challenger",
+        "select_model",
+        "score_partition",
+        "publish_scores",
+    }
+    down = {t.task_id: set(t.downstream_task_ids) for t in dag.tasks}
+    assert down["start_run"] == {"build_features"}
+    assert down["decide_retrain"] == {"train_challenger", "select_model"}
+    assert down["train_challenger"] == {"evaluate_challenger"}
+    assert down["evaluate_challenger"] == {"select_model"}
+    assert "score_partition" in down["select_model"] and "score_partition" in down["build_features"]
+    assert down["score_partition"] == {"publish_scores"}
+    assert dag.get_task("select_model").trigger_rule == "none_failed_min_one_success"
+
+
+def test_schedule_and_run_policy(dagbag) -> None:
+    dag = dagbag.dags["churn_nightly"]
+    assert dag.catchup is False and dag.max_active_runs == 1
+    assert dag.params["retrain"] is True
+    assert dag.params["promotion_mode"] == "auto"
+    assert dag.params["dry_run"] is False
+
+
+@pytest.mark.parametrize(
+    "task_id", ["build_features", "train_challenger", "score_partition", "publish_scores"]
+)
+def test_io_tasks_retry_with_backoff(dagbag, task_id: str) -> None:
+    task = dagbag.dags["churn_nightly"].get_task(task_id)
+    assert task.retries >= 2 and task.retry_exponential_backoff
+
+
+@pytest.mark.parametrize("task_id", ["evaluate_challenger", "select_model"])
+def test_gates_do_not_retry(dagbag, task_id: str) -> None:
+    assert dagbag.dags["churn_nightly"].get_task(task_id).retries == 0
+
+
+def test_publish_emits_the_predictions_asset(dagbag) -> None:
+    outlets = dagbag.dags["churn_nightly"].get_task("publish_scores").outlets
+    assert [o.name for o in outlets] == ["churn_scores"]
+
+
+def test_dag_files_import_no_heavy_libraries_at_top_level() -> None:
+    for path in DAGS.glob("*.py"):
+        head = [
+            line for line in path.read_text().splitlines() if line.startswith(("import ", "from "))
+        ]
+        for lib in ("pandas", "sklearn", "numpy", "pyarrow", "psycopg2"):
+            assert not any(lib in line for line in head), (
+                f"{path.name} imports {lib} at module level"
+            )

@@ -1,0 +1,75 @@
+"""End to end through Airflow itself: ``airflow dags test churn_nightly <date>`` on a small warehouse."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline import db
+from pipeline.config import Settings
+from tests.conftest import SCORE_DATE
+
+AIRFLOW = str(Path(sys.executable).with_name("airflow"))
+
+
+def dags_test(env: dict[str, str], dag_id: str, day, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [AIRFLOW, "dags", "test", dag_id, day.isoformat(), *extra],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+@pytest.mark.slow
+def test_churn_nightly_runs_end_to_end_and_publishes(
+    seeded: Settings, airflow_env: dict[str, str]
+) -> None:
+    day = SCORE_DATE + __import__("datetime").timedelta(days=1)
+    result = dags_test(airflow_env, "churn_nightly", day)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    conn = db.connect(seeded.database_url)
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT status, rows_published, model_version, stages FROM ml.runs "
+            "WHERE score_date = %s AND run_id LIKE 'manual__%%' ORDER BY started_at DESC LIMIT 1",
+            (day,),
+        )
+        status, rows, version, stages = cur.fetchone()
+        cur.execute(
+            "SELECT count(*), min(model_version) FROM predictions.churn_scores WHERE score_date = %s",
+            (day,),
+        )
+        served, served_version = cur.fetchone()
+    conn.close()
+    assert status == "published"
+    assert served == rows > 3000
+    assert served_version == version
+    assert {
+        "build_features",
+        "train_challenger",
+        "evaluate_challenger",
+        "select_model",
+        "score_partition_0",
+        "score_partition_1",
+        "publish_scores",
+    } <= set(stages)
+
+
+@pytest.mark.slow
+def test_retrain_false_skips_training_and_scores_with_the_champion(
+    seeded: Settings, airflow_env: dict[str, str]
+) -> None:
+    day = SCORE_DATE + __import__("datetime").timedelta(days=2)
+    result = dags_test(airflow_env, "churn_nightly", day, "--conf", '{"retrain": false}')
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    stages = db.scalar(
+        seeded.database_url,
+        "SELECT stages FROM ml.runs WHERE score_date = %s ORDER BY started_at DESC LIMIT 1",
+        (day,),
+    )
+    assert "train_challenger" not in stages and stages["publish_scores"]["status"] == "ok"

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import pytest
+
+from pipeline import config
+from pipeline.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("postgres://u:p@h:5432/d", "postgresql://u:p@h:5432/d"),
+        ("postgresql+psycopg2://u@h/d", "postgresql://u@h/d"),
+        ("postgresql://u@h/d?sslmode=require", "postgresql://u@h/d?sslmode=require"),
+        ("mysql+pymysql://u@h/d", "mysql+pymysql://u@h/d"),
+    ],
+)
+def test_normalize_url(given: str, expected: str) -> None:
+    assert config.normalize_url(given) == expected
+
+
+def test_url_without_scheme_is_refused_and_password_hidden() -> None:
+    with pytest.raises(ConfigError, match="no scheme") as err:
+        config.normalize_url("//alice:secret@h/d")
+    assert "secret" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://alice:s3cr%40t@db.example:6543/serving",
+        "postgresql://postgres:@/nightscore?host=/tmp/sock",
+        "postgresql://bob@localhost/wh",
+    ],
+)
+def test_url_parts_round_trip(url: str) -> None:
+    p = config.url_parts(url)
+    rebuilt = config.url_from_parts(p["host"], p["port"], p["login"], p["password"], p["database"])  # type: ignore[arg-type]
+    assert config.url_parts(rebuilt) == p
+
+
+def test_redact_hides_the_password() -> None:
+    shown = config.redact("postgresql://alice:hunter2@h/d")
+    assert "hunter2" not in shown and "***" in shown
+
+
+def test_with_database_keeps_the_socket() -> None:
+    url = config.with_database("postgresql://postgres:@/postgres?host=/tmp/x", "airflow")
+    assert url == "postgresql://postgres:@/airflow?host=/tmp/x"
+
+
+def test_unknown_use_case_names_the_known_ones() -> None:
+    with pytest.raises(ConfigError, match="churn"):
+        config.use_case("upsell")

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+from datetime import date
+
+import pytest
+
+from pipeline import db
+from pipeline.errors import ConfigError
+
+
+def test_named_parameters_become_positional_and_casts_survive() -> None:
+    text, values = db.positional(
+        "SELECT CAST(:as_of AS date) - 1, x::int FROM t WHERE d < :as_of AND e < :label_end",
+        {"as_of": date(2025, 1, 1), "label_end": date(2025, 1, 31)},
+    )
+    assert text == "SELECT CAST($1 AS date) - 1, x::int FROM t WHERE d < $1 AND e < $2"
+    assert values == (date(2025, 1, 1), date(2025, 1, 31))
+
+
+def test_missing_parameter_is_named() -> None:
+    with pytest.raises(ConfigError, match=":label_end"):
+        db.positional("SELECT :as_of, :label_end", {"as_of": 1})
+
+
+def test_feature_sql_files_only_use_known_parameters() -> None:
+    for name in ("churn_features.sql", "churn_labels.sql", "churn_source_counts.sql"):
+        db.positional(
+            db.sql_text("features", name),
+            {"as_of": date(2025, 1, 1), "label_end": date(2025, 1, 31)},
+        )
