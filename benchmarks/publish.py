@@ -1,0 +1,180 @@
+"""Publish throughput: nightscore's publish vs a raw binary COPY (ceiling) vs pandas to_sql.
+
+    .venv/bin/python benchmarks/publish.py [--rows 1000000 5000000] [--to-sql-rows 50000]
+
+Each variant runs in its own process (so its peak RSS is its own) against a fresh
+database on NIGHTSCORE_DATABASE_URL's server, or the embedded server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCORE_DATE = date(2025, 6, 1)
+
+
+def make_parts(rows: int, folder: Path, partitions: int = 2) -> list[Path]:
+    rng = np.random.default_rng(0)
+    keys = np.arange(1, rows + 1, dtype=np.int64)
+    probs = rng.beta(1.2, 20.0, rows)
+    paths = []
+    for p in range(partitions):
+        sl = slice(p * rows // partitions, (p + 1) * rows // partitions)
+        path = folder / f"part-{p}.parquet"
+        pq.write_table(pa.table({"customer_id": keys[sl], "churn_probability": probs[sl]}), path)
+        paths.append(path)
+    return paths
+
+
+def variant(name: str, url: str, parts: list[Path], rows: int) -> dict:
+    from pipeline import db, ledger, publish
+    from pipeline.config import Settings, use_case
+    from pipeline.score import ScoredPart
+
+    uc = use_case("churn")
+    began = time.monotonic()
+    if name == "nightscore":
+        settings = Settings(database_url=url, warehouse_url=url, home=Path(tempfile.mkdtemp()))
+        run = ledger.RunContext("churn", SCORE_DATE, f"bench-{secrets.token_hex(3)}")
+        ledger.start(settings, run)
+        scored = [
+            ScoredPart(i, p, pq.ParquetFile(p).metadata.num_rows) for i, p in enumerate(parts)
+        ]
+        began = time.monotonic()
+        publish.publish_scores(settings, uc, run, "bench-model", scored, rows)
+    elif name == "raw_copy":
+        conn = db.connect(url)
+        with conn.cursor() as cur:
+            cur.execute(
+                "CREATE TABLE bench_raw (score_date date, customer_id bigint, model_version text, "
+                "churn_probability double precision, risk_decile smallint)"
+            )
+        conn.commit()
+        conn.close()
+        table = pa.concat_tables([pq.read_table(p) for p in parts])
+        n = table.num_rows
+        full = pa.table(
+            {
+                "score_date": pa.array(
+                    np.full(n, (SCORE_DATE - date(1970, 1, 1)).days, dtype=np.int32)
+                ).cast(pa.date32()),
+                "customer_id": table.column("customer_id"),
+                "model_version": pa.array(
+                    np.full(n, "bench-model", dtype=object), type=pa.string()
+                ),
+                "churn_probability": table.column("churn_probability"),
+                "risk_decile": pa.array(np.ones(n, dtype=np.int16)),
+            }
+        )
+        began = time.monotonic()
+        db.ingest(url, "bench_raw", full, "public")
+    elif name == "to_sql":
+        import pandas as pd
+        import sqlalchemy as sa
+
+        from pipeline.config import sqlalchemy_url
+
+        frame = pq.read_table(parts[0]).slice(0, rows).to_pandas()
+        frame.insert(0, "score_date", SCORE_DATE)
+        frame["model_version"] = "bench-model"
+        frame["risk_decile"] = 1
+        engine = sa.create_engine(sqlalchemy_url(url))
+        began = time.monotonic()
+        frame.to_sql("bench_to_sql", engine, if_exists="replace", index=False, chunksize=10_000)
+        engine.dispose()
+        pd.DataFrame()  # keep the import used for the reader
+    seconds = time.monotonic() - began
+    return {
+        "variant": name,
+        "rows": rows,
+        "seconds": round(seconds, 3),
+        "rows_per_second": round(rows / seconds),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 5_000_000])
+    ap.add_argument("--to-sql-rows", type=int, default=50_000)
+    ap.add_argument(
+        "--child", nargs=4, metavar=("VARIANT", "URL", "FOLDER", "ROWS"), help=argparse.SUPPRESS
+    )
+    args = ap.parse_args()
+    if args.child:
+        name, url, folder, rows = args.child
+        parts = sorted(Path(folder).glob("part-*.parquet"))
+        print(json.dumps(variant(name, url, parts, int(rows))))
+        return 0
+
+    from pipeline import db
+    from pipeline.config import load_settings, with_database
+
+    server = load_settings().database_url
+    results = []
+    for rows in args.rows:
+        name = f"nightscore_bench_{secrets.token_hex(3)}"
+        conn = db.connect(with_database(server, "postgres"), autocommit=True)
+        with conn.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+        conn.close()
+        url = with_database(server, name)
+        db.apply_schema(url)
+        try:
+            with tempfile.TemporaryDirectory() as folder:
+                make_parts(rows, Path(folder))
+                for v, n in (
+                    ("raw_copy", rows),
+                    ("nightscore", rows),
+                    ("to_sql", min(rows, args.to_sql_rows)),
+                ):
+                    out = subprocess.run(
+                        [sys.executable, __file__, "--child", v, url, folder, str(n)],
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                        env=os.environ,
+                    )
+                    results.append(
+                        {"population": rows} | json.loads(out.stdout.strip().splitlines()[-1])
+                    )
+                    print(json.dumps(results[-1]), flush=True)
+        finally:
+            conn = db.connect(with_database(server, "postgres"), autocommit=True)
+            with conn.cursor() as cur:
+                cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            conn.close()
+    print()
+    print(
+        f"{'population':>10} {'variant':>10} {'rows':>9} {'rows/s':>10} {'vs COPY':>8} {'peak RSS MB':>12}"
+    )
+    for pop in args.rows:
+        ceiling = next(
+            r["rows_per_second"]
+            for r in results
+            if r["population"] == pop and r["variant"] == "raw_copy"
+        )
+        for r in (r for r in results if r["population"] == pop):
+            print(
+                f"{pop:>10,} {r['variant']:>10} {r['rows']:>9,} {r['rows_per_second']:>10,} "
+                f"{r['rows_per_second'] / ceiling:>8.2f} {r['peak_rss_mb']:>12,}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
