@@ -121,43 +121,28 @@ def main() -> int:
         print(json.dumps(variant(name, url, parts, int(rows))))
         return 0
 
-    from pipeline import db
-    from pipeline.config import load_settings, with_database
+    from _common import fresh_database
 
-    server = load_settings().database_url
     results = []
     for rows in args.rows:
-        name = f"nightscore_bench_{secrets.token_hex(3)}"
-        conn = db.connect(with_database(server, "postgres"), autocommit=True)
-        with conn.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{name}"')
-        conn.close()
-        url = with_database(server, name)
-        db.apply_schema(url)
-        try:
-            with tempfile.TemporaryDirectory() as folder:
-                make_parts(rows, Path(folder))
-                for v, n in (
-                    ("raw_copy", rows),
-                    ("nightscore", rows),
-                    ("to_sql", min(rows, args.to_sql_rows)),
-                ):
-                    out = subprocess.run(
-                        [sys.executable, __file__, "--child", v, url, folder, str(n)],
-                        capture_output=True,
-                        text=True,
-                        check=True,
-                        env=os.environ,
-                    )
-                    results.append(
-                        {"population": rows} | json.loads(out.stdout.strip().splitlines()[-1])
-                    )
-                    print(json.dumps(results[-1]), flush=True)
-        finally:
-            conn = db.connect(with_database(server, "postgres"), autocommit=True)
-            with conn.cursor() as cur:
-                cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            conn.close()
+        with fresh_database() as url, tempfile.TemporaryDirectory() as folder:
+            make_parts(rows, Path(folder))
+            for v, n in (
+                ("raw_copy", rows),
+                ("nightscore", rows),
+                ("to_sql", min(rows, args.to_sql_rows)),
+            ):
+                out = subprocess.run(
+                    [sys.executable, __file__, "--child", v, url, folder, str(n)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    env=os.environ,
+                )
+                results.append(
+                    {"population": rows} | json.loads(out.stdout.strip().splitlines()[-1])
+                )
+                print(json.dumps(results[-1]), flush=True)
     print()
     print(
         f"{'population':>10} {'variant':>10} {'rows':>9} {'rows/s':>10} {'vs COPY':>8} {'peak RSS MB':>12}"

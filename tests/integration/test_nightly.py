@@ -50,10 +50,17 @@ def test_first_night_trains_promotes_and_publishes_everyone(
     rows, distinct, _ = served(seeded, SCORE_DATE)
     population = first_night["published"]["rows"]
     assert rows == distinct == population > 3000
-    assert (
-        db.scalar(seeded.database_url, "SELECT count(*) FROM predictions.churn_scores_latest")
-        == population
+    # the latest view serves exactly one date: the newest published one (never an older backfill)
+    newest = db.scalar(
+        seeded.database_url,
+        "SELECT max(score_date) FROM ml.runs WHERE use_case = 'churn' AND status = 'published'",
     )
+    assert newest >= SCORE_DATE
+    served_dates = db.scalar(
+        seeded.database_url,
+        "SELECT array_agg(DISTINCT score_date) FROM predictions.churn_scores_latest",
+    )
+    assert served_dates == [newest]
     deciles = db.scalar(
         seeded.database_url,
         "SELECT array_agg(n ORDER BY d) FROM (SELECT risk_decile d, count(*) n FROM predictions.churn_scores "
