@@ -36,13 +36,15 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# The Airflow UI on 127.0.0.1:8080 with these DAGs (login admin / see below).
+# The Airflow UI on 127.0.0.1:8080 with these DAGs; the login is printed once it is ready.
 airflow: install
-	@eval "$$($(BIN)/nightscore db airflow-env)" && \
-	 $(BIN)/nightscore db init >/dev/null && \
-	 echo "Airflow UI: http://127.0.0.1:8080  login: admin  password: in $$AIRFLOW_HOME/passwords.json (printed below once ready)" && \
-	 ( sleep 25; echo; echo "login: admin / password: $$(cat $$AIRFLOW_HOME/passwords.json 2>/dev/null)"; echo ) & \
-	 eval "$$($(BIN)/nightscore db airflow-env)" && exec $(BIN)/airflow standalone
+	@eval "$$($(BIN)/nightscore db airflow-env)"; \
+	 export PATH="$(CURDIR)/$(BIN):$$PATH"; \
+	 nightscore db init >/dev/null; \
+	 echo "Airflow UI: http://127.0.0.1:8080 (starting; the login is printed below when ready)"; \
+	 ( for i in $$(seq 120); do [ -s "$$AIRFLOW_HOME/passwords.json" ] && break; sleep 1; done; \
+	   echo; echo "==> Airflow UI: http://127.0.0.1:8080  login: admin  password: $$(python -c 'import json,os; print(json.load(open(os.environ["AIRFLOW_HOME"] + "/passwords.json"))["admin"])')"; echo ) & \
+	 exec airflow standalone
 
 bench: install
 	$(BIN)/python benchmarks/publish.py
