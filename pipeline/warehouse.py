@@ -6,7 +6,8 @@ driven by behaviour a model can observe (falling usage, overdue invoices, ticket
 contract, recent price rises) plus seasonality, and two drift events shift it mid-history:
 
 * ``price_rise_day``: every German customer's fee rises 18%; price-sensitive ones leave.
-* ``launch_day``: the network launches in Poland; the new customers churn more.
+* ``launch_day``: the network launches in Poland (the new customers churn more) and a
+  rival's unlimited-data offer starts luring heavy data users away for good.
 
 Every day's random draws come from ``default_rng([seed, day])``, and the whole simulator
 state is saved with the data, so ``advance`` continues exactly where ``seed`` stopped:
@@ -354,7 +355,10 @@ def _simulate_day(sim: _Sim, out: _Buffers) -> None:
     tenure = (t - a["signup_day"][act]).astype(np.float64)
     disengaged = np.clip((t - a["disengage_day"][act]) / 45.0, 0.0, 1.0)
     since_rise = (t - a["last_rise_day"][act]).astype(np.float64)
-    rise = np.exp(-since_rise / 40.0) * (since_rise >= 0)
+    rise = np.exp(-since_rise / 75.0) * (since_rise >= 0)
+    # From the launch day on, a rival's unlimited-data offer lures heavy data users away:
+    # a new, lasting reason to leave that a model trained before it has never seen.
+    lured = np.clip(np.log(a["base_data"][act]) - 5.9, 0.0, 1.5) * (t >= sim.launch_day)
 
     # Cancellations first: a customer who leaves today has no usage today.
     contract_eff = np.array([0.9, -0.2, -1.1])[a["contract"][act]]
@@ -368,6 +372,7 @@ def _simulate_day(sim: _Sim, out: _Buffers) -> None:
         + 3.2 * a["price_sens"][act] * rise
         + 0.25 * np.sin(2 * np.pi * (doy - 20) / 365)
         + 0.6 * (a["country"][act] == PL)
+        + 1.6 * lured
         + 0.25 * (a["channel"][act] == 2)
     )
     leaves = rng.random(len(act)) < _sigmoid(logit)
@@ -377,7 +382,9 @@ def _simulate_day(sim: _Sim, out: _Buffers) -> None:
         reason = np.where(
             rise[leaves] > 0.2,
             0,
-            np.where(disengaged[leaves] > 0.3, 2, rng.integers(1, 5, len(gone))),
+            np.where(
+                (disengaged[leaves] > 0.3) | (lured[leaves] > 0.5), 2, rng.integers(1, 5, len(gone))
+            ),
         )
         out.add(
             "cancellations",
