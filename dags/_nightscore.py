@@ -46,3 +46,8 @@ def run_context(context: dict[str, Any], use_case: str) -> Any:
     from pipeline.ledger import RunContext
 
     return RunContext(use_case, score_date(context), context["dag_run"].run_id)
+
+
+def is_backfill(context: dict[str, Any]) -> bool:
+    run_type = getattr(context["dag_run"], "run_type", "")
+    return str(getattr(run_type, "value", run_type)) == "backfill"

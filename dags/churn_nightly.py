@@ -7,7 +7,9 @@ evaluate it against the champion on the same out-of-time holdout (promote on pas
 score the whole population in hash partitions with the one pinned model, and publish to
 `predictions.churn_scores` atomically (COPY into staging, validate, swap the partition).
 
-Trigger options (the form): **retrain**, **promotion_mode**, **rescore_model**, **dry_run**.
+Trigger options (the form): **retrain**, **promotion_mode** (`approval` waits at
+`approve_promotion` for a person), **rescore_model**, **dry_run**. A challenger that is not
+promoted is scored every night into `predictions.churn_scores_shadow` (`score_shadow`).
 Each task calls one function of `pipeline.nightly`; see the README for the data flow.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import Asset, CronTriggerTimetable, Param, dag, get_current_context, task
 from airflow.sdk.definitions.edges import Label
 
@@ -37,14 +40,16 @@ IO_RETRIES = {"retries": 2, "retry_delay": timedelta(seconds=30), "retry_exponen
     doc_md=__doc__,
     params={
         "retrain": Param(
-            True,
-            type="boolean",
-            description="Train a challenger tonight and evaluate it against the champion.",
+            "scheduled",
+            enum=["scheduled", "always", "never"],
+            description="scheduled: follow the use case's cadence (and retrain requests; never in "
+            "backfills); always: train tonight; never: score with the champion.",
         ),
         "promotion_mode": Param(
             "auto",
-            enum=["auto", "never"],
-            description="auto: promote a challenger that passes the gates; never: record the evaluation only.",
+            enum=["auto", "approval", "never"],
+            description="auto: promote a challenger that passes the gates; approval: ask a person in "
+            "this UI; never: keep it as the shadow model.",
         ),
         "rescore_model": Param(
             "",
@@ -80,7 +85,20 @@ def churn_nightly():
 
     @task.branch
     def decide_retrain(params: dict | None = None) -> str:
-        return "train_challenger" if params and params["retrain"] else "select_model"
+        from _nightscore import is_backfill, run_context, settings
+
+        from pipeline import nightly
+        from pipeline.config import use_case
+
+        ctx = get_current_context()
+        decision = nightly.decide_retrain(
+            settings(),
+            use_case(USE_CASE),
+            run_context(ctx, USE_CASE),
+            (params or {}).get("retrain", "scheduled"),
+            backfill=is_backfill(ctx),
+        )
+        return "train_challenger" if decision["retrain"] else "select_model"
 
     @task(**IO_RETRIES)
     def train_challenger() -> dict:
@@ -94,7 +112,7 @@ def churn_nightly():
         )
 
     @task(retries=0)
-    def evaluate_challenger(trained: dict, params: dict | None = None) -> dict:
+    def evaluate_challenger(trained: dict, snapshot: dict, params: dict | None = None) -> dict:
         from _nightscore import run_context, settings
 
         from pipeline import nightly
@@ -103,11 +121,45 @@ def churn_nightly():
         ctx = get_current_context()
         mode = (params or {}).get("promotion_mode", "auto")
         return nightly.evaluate_challenger(
-            settings(), use_case(USE_CASE), run_context(ctx, USE_CASE), trained, mode
+            settings(), use_case(USE_CASE), run_context(ctx, USE_CASE), trained, mode, snapshot
+        )
+
+    @task.branch
+    def route_promotion(evaluation: dict) -> str:
+        return (
+            "approve_promotion" if evaluation["decision"] == "awaiting_approval" else "select_model"
+        )
+
+    approve_promotion = ApprovalOperator(
+        task_id="approve_promotion",
+        subject="Promote {{ ti.xcom_pull(task_ids='evaluate_challenger')['version'] }} to churn champion?",
+        body="{{ ti.xcom_pull(task_ids='evaluate_challenger')['summary'] }}\n\n"
+        "Report: {{ ti.xcom_pull(task_ids='evaluate_challenger')['report'] }}",
+        response_timeout=timedelta(hours=12),
+        defaults="Reject",
+    )
+
+    @task(retries=0)
+    def promote_challenger(evaluation: dict) -> dict:
+        from _nightscore import run_context, settings
+
+        from pipeline import nightly
+        from pipeline.config import use_case
+
+        ctx = get_current_context()
+        answer = ctx["ti"].xcom_pull(task_ids="approve_promotion") or {}
+        who = (answer.get("responded_by_user") or {}).get("name") or "unknown"
+        return nightly.promote_challenger(
+            settings(),
+            use_case(USE_CASE),
+            run_context(ctx, USE_CASE),
+            evaluation["version"],
+            actor=f"approval:{who}",
+            reason="approved in the Airflow UI after: " + "; ".join(evaluation["reasons"]),
         )
 
     @task(retries=0, trigger_rule="none_failed_min_one_success")
-    def select_model(params: dict | None = None) -> dict:
+    def select_model(run: dict, params: dict | None = None) -> dict:
         from _nightscore import run_context, settings
 
         from pipeline import nightly
@@ -116,7 +168,11 @@ def churn_nightly():
         ctx = get_current_context()
         rescore = (params or {}).get("rescore_model") or None
         return nightly.select_model(
-            settings(), use_case(USE_CASE), run_context(ctx, USE_CASE), rescore
+            settings(),
+            use_case(USE_CASE),
+            run_context(ctx, USE_CASE),
+            rescore,
+            run["champion_at_start"],
         )
 
     @task(**IO_RETRIES)
@@ -156,20 +212,41 @@ def churn_nightly():
             dry_run=bool((params or {}).get("dry_run")),
         )
 
+    @task(**IO_RETRIES)
+    def score_shadow(snapshot: dict, model: dict, parts: list[dict]) -> dict:
+        from _nightscore import run_context, settings
+
+        from pipeline import nightly
+        from pipeline.config import use_case
+
+        ctx = get_current_context()
+        return nightly.score_shadow(
+            settings(),
+            use_case(USE_CASE),
+            run_context(ctx, USE_CASE),
+            snapshot,
+            model["model_version"],
+            list(parts),
+        )
+
     run = start_run()
     snapshot = build_features(run)
     branch = decide_retrain()
     snapshot >> branch
     trained = train_challenger()
-    evaluated = evaluate_challenger(trained)
-    model = select_model()
+    evaluation = evaluate_challenger(trained, snapshot)
+    route = route_promotion(evaluation)
+    promoted = promote_challenger(evaluation)
+    model = select_model(run)
     branch >> Label("retrain") >> trained
     branch >> Label("champion only") >> model
-    evaluated >> model
+    route >> Label("needs approval") >> approve_promotion >> Label("approved") >> promoted >> model
+    route >> Label("decided") >> model
     parts = score_partition.partial(snapshot=snapshot, model=model).expand(
         partition=list(range(SCORE_PARTITIONS))
     )
-    publish_scores(snapshot, model, parts)
+    published = publish_scores(snapshot, model, parts)
+    published >> score_shadow(snapshot, model, parts)
 
 
 churn_nightly()

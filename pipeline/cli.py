@@ -3,7 +3,7 @@
 nightscore db init | url | airflow-env
 nightscore warehouse seed --customers N --start D --days K --seed S
 nightscore warehouse advance --to D
-nightscore run --date D [--no-retrain]
+nightscore run --date D [--retrain scheduled|always|never] [--promotion-mode auto|approval|never]
 nightscore models list | show VERSION | promote VERSION --reason R | rollback --reason R
 nightscore summary [--since D]
 nightscore demo
@@ -73,7 +73,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = config.load_settings()
     db.apply_schema(settings.database_url)
     out = nightly.run_night(
-        settings, config.use_case(args.use_case), args.date, retrain=not args.no_retrain
+        settings,
+        config.use_case(args.use_case),
+        args.date,
+        retrain=args.retrain,
+        promotion_mode=args.promotion_mode,
     )
     print(json.dumps(out, indent=2, default=str))
     return 0
@@ -159,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--date", type=_date, required=True, help="score date: features use facts before it"
     )
-    p.add_argument("--no-retrain", action="store_true")
+    p.add_argument("--retrain", choices=["scheduled", "always", "never"], default="scheduled")
+    p.add_argument("--promotion-mode", choices=["auto", "approval", "never"], default="auto")
     p.add_argument("--use-case", default="churn")
     p.set_defaults(func=cmd_run)
 

@@ -47,8 +47,16 @@ class UseCase:
     score_partitions: int = 2
     batch_rows: int = 50_000
     seed: int = 20240601
-    auc_floor: float = 0.65
-    noninferiority_margin: float = 0.01
+    # Gate policy: a challenger is promoted only if every check passes.
+    auc_floor: float = 0.65  # absolute floor on the holdout ROC AUC
+    lift_floor: float = 2.0  # absolute floor on the holdout top-decile lift
+    noninferiority_margin: float = 0.01  # lower bound of (challenger - champion) AUC >= -margin
+    score_psi_limit: float = 0.25  # PSI of challenger vs champion scores on the holdout
+    bootstrap_resamples: int = 1000
+    campaign_capacity: int = 1000  # customers a campaign can contact per night (precision at K)
+    # Retraining cadence: every N days since the champion was trained (1 = every night),
+    # or earlier when a monitor files a retrain request.
+    retrain_every_days: int = 1
     model_params: dict[str, float | int] = field(
         default_factory=lambda: {
             "max_iter": 250,

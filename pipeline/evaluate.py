@@ -93,3 +93,220 @@ def classification_metrics(
             else float("nan")
         )
     return out
+
+
+def _weighted_auc(
+    y: np.ndarray, order: np.ndarray, groups: np.ndarray, w: np.ndarray
+) -> np.ndarray:
+    """AUC for each row of bootstrap weights ``w`` (B x n), scores pre-sorted by ``order``.
+
+    ``groups`` labels runs of tied scores in sorted order; ties count one half.
+    """
+    ys = y[order]
+    ws = w[:, order]
+    pos = ws * ys
+    neg = ws * (1 - ys)
+    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
+    pos_g = np.add.reduceat(pos, starts, axis=1)
+    neg_g = np.add.reduceat(neg, starts, axis=1)
+    neg_below = np.cumsum(neg_g, axis=1) - neg_g
+    num = (pos_g * (neg_below + 0.5 * neg_g)).sum(axis=1)
+    den = pos_g.sum(axis=1) * neg_g.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.asarray(num / den, dtype=np.float64)
+
+
+def _weighted_lift(
+    y: np.ndarray, order_desc: np.ndarray, w: np.ndarray, fraction: float
+) -> np.ndarray:
+    """Top-``fraction`` lift for each row of weights: the highest scores holding that share of weight."""
+    ys = y[order_desc]
+    ws = w[:, order_desc]
+    total = ws.sum(axis=1, keepdims=True)
+    inside = (np.cumsum(ws, axis=1) - ws) < fraction * total
+    top_rate = (ws * ys * inside).sum(axis=1) / (ws * inside).sum(axis=1)
+    base = (ws * ys).sum(axis=1) / total[:, 0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.asarray(top_rate / base, dtype=np.float64)
+
+
+def paired_bootstrap(
+    y: np.ndarray,
+    p_challenger: np.ndarray,
+    p_champion: np.ndarray,
+    *,
+    resamples: int = 1000,
+    seed: int = 0,
+    block: int = 50,
+) -> dict[str, dict[str, float]]:
+    """95% intervals of challenger-minus-champion AUC and top-decile lift, paired.
+
+    Both models are scored on the same resampled rows (multinomial resampling expressed as
+    per-row counts), so the interval reflects the difference, not two independent noises.
+    Vectorized over blocks of resamples; seeded, so the same inputs give the same interval.
+    """
+    y = np.asarray(y, dtype=np.float64)
+    n = len(y)
+    rng = np.random.default_rng(seed)
+    models = []
+    for p in (np.asarray(p_challenger, dtype=np.float64), np.asarray(p_champion, dtype=np.float64)):
+        order = np.argsort(p, kind="mergesort")
+        groups = np.unique(p[order], return_inverse=True)[1]
+        models.append((order, groups, np.argsort(-p, kind="mergesort")))
+    auc_diff: list[np.ndarray] = []
+    lift_diff: list[np.ndarray] = []
+    done = 0
+    while done < resamples:
+        b = min(block, resamples - done)
+        idx = rng.integers(0, n, size=(b, n))
+        w = (
+            np.bincount((idx + (np.arange(b) * n)[:, None]).ravel(), minlength=b * n)
+            .reshape(b, n)
+            .astype(np.float64)
+        )
+        aucs = [_weighted_auc(y, o, g, w) for o, g, _ in models]
+        lifts = [_weighted_lift(y, d, w, 0.1) for _, _, d in models]
+        auc_diff.append(aucs[0] - aucs[1])
+        lift_diff.append(lifts[0] - lifts[1])
+        done += b
+    out = {}
+    for name, draws, point in (
+        (
+            "roc_auc_diff",
+            np.concatenate(auc_diff),
+            roc_auc(y, p_challenger) - roc_auc(y, p_champion),
+        ),
+        (
+            "lift_top_decile_diff",
+            np.concatenate(lift_diff),
+            lift(y, p_challenger) - lift(y, p_champion),
+        ),
+    ):
+        low, high = np.nanpercentile(draws, [2.5, 97.5])
+        out[name] = {
+            "estimate": float(point),
+            "low": float(low),
+            "high": float(high),
+            "resamples": float(len(draws)),
+        }
+    return out
+
+
+def psi(expected: np.ndarray, actual: np.ndarray, bins: int = 10) -> float:
+    """Population stability index of ``actual`` against ``expected`` (quantile bins of expected).
+
+    Rule of thumb: < 0.1 stable, 0.1-0.25 moderate shift, > 0.25 large shift.
+    """
+    expected = np.asarray(expected, dtype=np.float64)
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = expected[~np.isnan(expected)]
+    actual = actual[~np.isnan(actual)]
+    if not len(expected) or not len(actual):
+        return float("nan")
+    edges = np.unique(np.quantile(expected, np.linspace(0, 1, bins + 1)[1:-1]))
+    e = np.bincount(np.searchsorted(edges, expected, side="right"), minlength=len(edges) + 1) / len(
+        expected
+    )
+    a = np.bincount(np.searchsorted(edges, actual, side="right"), minlength=len(edges) + 1) / len(
+        actual
+    )
+    e = np.clip(e, 1e-4, None)
+    a = np.clip(a, 1e-4, None)
+    return float(np.sum((a - e) * np.log(a / e)))
+
+
+def gate_checks(
+    *,
+    auc_floor: float,
+    lift_floor: float,
+    noninferiority_margin: float,
+    score_psi_limit: float,
+    challenger: dict[str, float],
+    p_challenger: np.ndarray,
+    champion: dict[str, float] | None = None,
+    p_champion: np.ndarray | None = None,
+    intervals: dict[str, dict[str, float]] | None = None,
+    schema_problems: list[str] | None = None,
+) -> list[dict[str, object]]:
+    """Every promotion check, passed or not, with what was expected and what was found.
+
+    Sanity (no NaN, not constant, schema compatible with tonight's scoring data, score
+    distribution close to the champion's), absolute floors, and non-inferiority: the lower
+    bound of the paired-bootstrap AUC difference must be >= -margin. Without a champion only
+    sanity and floors apply.
+    """
+    p = np.asarray(p_challenger, dtype=np.float64)
+    checks: list[dict[str, object]] = []
+
+    def add(name: str, passed: bool, expected: str, found: str) -> None:
+        checks.append({"check": name, "passed": bool(passed), "expected": expected, "found": found})
+
+    nans = int(np.isnan(p).sum())
+    add("no_nan_scores", nans == 0, "0 NaN scores", f"{nans} NaN scores")
+    spread = float(np.nanstd(p)) if len(p) else 0.0
+    add("scores_not_constant", spread > 1e-6, "score std > 1e-6", f"std {spread:.3g}")
+    problems = schema_problems or []
+    add(
+        "feature_schema_compatible",
+        not problems,
+        "scoring data has every model feature, same types",
+        "; ".join(problems) or "compatible",
+    )
+    auc = challenger.get("roc_auc", float("nan"))
+    add("auc_floor", bool(auc >= auc_floor), f"ROC AUC >= {auc_floor:.2f}", f"{auc:.4f}")
+    lift_value = challenger.get("lift_top_decile", float("nan"))
+    add(
+        "lift_floor",
+        bool(lift_value >= lift_floor),
+        f"top-decile lift >= {lift_floor:.2f}",
+        f"{lift_value:.2f}",
+    )
+    if champion is not None and p_champion is not None and intervals:
+        shift = psi(p_champion, p)
+        add(
+            "score_psi_vs_champion",
+            bool(shift <= score_psi_limit),
+            f"PSI <= {score_psi_limit:.2f}",
+            f"{shift:.3f}",
+        )
+        ci = intervals["roc_auc_diff"]
+        add(
+            "auc_noninferiority",
+            bool(ci["low"] >= -noninferiority_margin),
+            f"lower 95% bound of AUC(challenger) - AUC(champion) >= -{noninferiority_margin}",
+            f"{ci['estimate']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}]",
+        )
+    return checks
+
+
+def describe(check: dict[str, object]) -> str:
+    """One line for logs and the evaluation record."""
+    verdict = "pass" if check["passed"] else "FAIL"
+    return f"{verdict} {check['check']}: expected {check['expected']}, found {check['found']}"
+
+
+def agreement(p_champion: np.ndarray, p_shadow: np.ndarray, capacity: int) -> dict[str, float]:
+    """How differently two models rank the same customers (rows aligned by key).
+
+    Spearman rank correlation; share of the champion's top decile also in the shadow's;
+    and, for a campaign of ``capacity`` customers, how many would enter or leave it if the
+    shadow model were served.
+    """
+    from scipy.stats import spearmanr
+
+    a = np.asarray(p_champion, dtype=np.float64)
+    b = np.asarray(p_shadow, dtype=np.float64)
+    top_a, top_b = top_fraction_mask(a, 0.1), top_fraction_mask(b, 0.1)
+    k = max(1, min(capacity, len(a)))
+    aud_a = np.zeros(len(a), dtype=bool)
+    aud_b = np.zeros(len(b), dtype=bool)
+    aud_a[np.argsort(-a, kind="mergesort")[:k]] = True
+    aud_b[np.argsort(-b, kind="mergesort")[:k]] = True
+    return {
+        "rows": float(len(a)),
+        "spearman": float(spearmanr(a, b).statistic) if len(a) > 1 else float("nan"),
+        "top_decile_overlap": float((top_a & top_b).sum() / max(top_a.sum(), 1)),
+        "audience_capacity": float(k),
+        "audience_enter": float((aud_b & ~aud_a).sum()),
+        "audience_leave": float((aud_a & ~aud_b).sum()),
+    }

@@ -18,20 +18,25 @@ from pipeline.ledger import RunContext
 
 log = logging.getLogger(__name__)
 
-PROMOTION_MODES = ("auto", "never")
+PROMOTION_MODES = ("auto", "approval", "never")
+RETRAIN_MODES = ("scheduled", "always", "never")
 
 
 def start_run(settings: Settings, uc: UseCase, run: RunContext) -> dict[str, Any]:
-    """Open the run's ledger row."""
+    """Open the run's ledger row and note the champion in force as the run starts."""
     ledger.start(settings, run)
+    champ = registry.champion(settings, uc.name)
+    info = run.as_xcom() | {"champion_at_start": champ.version if champ else None}
+    ledger.record_stage(settings, run, "start_run", {"status": "ok", **info})
     log.info(
-        "run %s started for %s as of %s (code %s)",
+        "run %s started for %s as of %s (code %s, champion %s)",
         run.run_id,
         uc.name,
         run.score_date,
         ledger.code_version(),
+        info["champion_at_start"],
     )
-    return run.as_xcom()
+    return info
 
 
 def build_features(settings: Settings, uc: UseCase, run: RunContext) -> dict[str, Any]:
@@ -57,6 +62,47 @@ def build_features(settings: Settings, uc: UseCase, run: RunContext) -> dict[str
     return snap.as_xcom()
 
 
+def decide_retrain(
+    settings: Settings,
+    uc: UseCase,
+    run: RunContext,
+    mode: str = "scheduled",
+    backfill: bool = False,
+) -> dict[str, Any]:
+    """Whether tonight trains a challenger, and why.
+
+    ``always``/``never`` force it. ``scheduled`` retrains when there is no champion, when
+    the champion is ``retrain_every_days`` old or more, or when a monitor asked for it;
+    backfills never retrain on schedule (only with ``always``).
+    """
+    if mode not in RETRAIN_MODES:
+        raise GateFailed(f"retrain must be one of {RETRAIN_MODES}, found {mode!r}")
+    champ = registry.champion(settings, uc.name)
+    requests = registry.open_retrain_requests(settings, uc.name)
+    if mode != "scheduled":
+        retrain, why = mode == "always", f"retrain={mode}"
+    elif backfill:
+        retrain, why = (
+            False,
+            "backfill: scoring with the champion of each date (retrain=always to train)",
+        )
+    elif champ is None:
+        retrain, why = True, "no champion yet"
+    elif requests:
+        retrain, why = True, "retrain requested: " + "; ".join(requests)
+    else:
+        age = (run.score_date - champ.trained_as_of).days
+        retrain = age >= uc.retrain_every_days
+        why = f"champion trained {age} days ago; cadence every {uc.retrain_every_days} days"
+    if retrain and requests:
+        registry.consume_retrain_requests(settings, uc.name, run.run_id)
+    ledger.record_stage(
+        settings, run, "decide_retrain", {"status": "ok", "retrain": retrain, "why": why}
+    )
+    log.info("%s %s: retrain=%s (%s)", uc.name, run.score_date, retrain, why)
+    return {"retrain": retrain, "why": why}
+
+
 def train_challenger(settings: Settings, uc: UseCase, run: RunContext) -> dict[str, Any]:
     """Train a challenger on matured snapshots; out-of-time metrics on the holdout."""
     with ledger.stage(settings, run, "train_challenger") as info:
@@ -71,11 +117,15 @@ def evaluate_challenger(
     run: RunContext,
     trained: dict[str, Any],
     promotion_mode: str = "auto",
+    snapshot: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Compare the challenger with the champion on the same holdout; promote on pass.
+    """Compare the challenger with the champion on the same out-of-time holdout.
 
-    Gates: the challenger's holdout AUC must reach the floor, and must not be worse than
-    the champion's on the same holdout by more than the non-inferiority margin.
+    Both are scored on the holdout neither trained on; every metric, the paired-bootstrap
+    intervals and each gate check are stored in ``ml.evaluations`` with an HTML report.
+    Decision: ``promote`` (all checks pass, mode auto: promoted now), ``awaiting_approval``
+    (pass, mode approval), ``shadow`` (pass, mode never) or ``reject``. A challenger that
+    is not promoted becomes the shadow model.
     """
     if promotion_mode not in PROMOTION_MODES:
         raise GateFailed(
@@ -86,33 +136,68 @@ def evaluate_challenger(
         table = features.read_snapshot(holdout)
         y = table.column("label").to_numpy()
         challenger, mv = registry.load_model(settings, uc.name, trained["version"])
-        cols = [f["name"] for f in mv.feature_schema]
-        ch_metrics = evaluate.classification_metrics(y, train.predict(challenger, table, cols))
+        p_ch = train.predict(challenger, table, [f["name"] for f in mv.feature_schema])
+        ch_metrics = evaluate.classification_metrics(y, p_ch, capacity=uc.campaign_capacity)
         champ = registry.champion(settings, uc.name)
-        champ_metrics = None
-        reasons = []
-        if ch_metrics["roc_auc"] < uc.auc_floor:
-            reasons.append(f"AUC {ch_metrics['roc_auc']:.4f} below floor {uc.auc_floor:.2f}")
+        if champ is not None and champ.version == mv.version:
+            champ = None  # re-evaluating the champion itself: nothing to compare with
+        p_champ = champ_metrics = None
+        intervals: dict[str, dict[str, float]] = {}
         if champ is not None:
             champ_model, champ_mv = registry.load_model(settings, uc.name, champ.version)
-            champ_cols = [f["name"] for f in champ_mv.feature_schema]
+            p_champ = train.predict(
+                champ_model, table, [f["name"] for f in champ_mv.feature_schema]
+            )
             champ_metrics = evaluate.classification_metrics(
-                y, train.predict(champ_model, table, champ_cols)
+                y, p_champ, capacity=uc.campaign_capacity
             )
-            delta = ch_metrics["roc_auc"] - champ_metrics["roc_auc"]
-            if delta < -uc.noninferiority_margin:
-                reasons.append(
-                    f"AUC {ch_metrics['roc_auc']:.4f} worse than champion {champ.version} "
-                    f"({champ_metrics['roc_auc']:.4f}) by {-delta:.4f} > margin {uc.noninferiority_margin}"
-                )
-        passed = not reasons
-        decision = (
-            "promote" if passed and promotion_mode == "auto" else ("shadow" if passed else "reject")
+            intervals = evaluate.paired_bootstrap(
+                y, p_ch, p_champ, resamples=uc.bootstrap_resamples, seed=uc.seed
+            )
+        schema_problems = []
+        if snapshot is not None:
+            import pyarrow.parquet as pq
+
+            scoring_schema = pq.read_schema(features.Snapshot.from_xcom(snapshot).path)
+            schema_problems = score.schema_problems(scoring_schema, mv.feature_schema)
+        checks = evaluate.gate_checks(
+            auc_floor=uc.auc_floor,
+            lift_floor=uc.lift_floor,
+            noninferiority_margin=uc.noninferiority_margin,
+            score_psi_limit=uc.score_psi_limit,
+            challenger=ch_metrics,
+            p_challenger=p_ch,
+            champion=champ_metrics,
+            p_champion=p_champ,
+            intervals=intervals,
+            schema_problems=schema_problems,
         )
-        if passed:
-            reasons.append(
-                "passed: AUC floor" + (" and non-inferiority vs champion" if champ else "")
-            )
+        passed = all(c["passed"] for c in checks)
+        if not passed:
+            decision = "reject"
+        else:
+            decision = {"auto": "promote", "approval": "awaiting_approval", "never": "shadow"}[
+                promotion_mode
+            ]
+        reasons = [evaluate.describe(c) for c in checks if not c["passed"]] or [
+            f"all {len(checks)} checks passed"
+            + ("" if champ else " (first model: floors and sanity only)")
+        ]
+        report_path = _write_report(
+            settings,
+            uc,
+            trained["version"],
+            champ.version if champ else None,
+            holdout,
+            y,
+            p_ch,
+            p_champ,
+            ch_metrics,
+            champ_metrics,
+            intervals,
+            decision,
+            reasons,
+        )
         _record_evaluation(
             settings,
             uc,
@@ -120,11 +205,15 @@ def evaluate_challenger(
             trained,
             champ.version if champ else None,
             holdout,
-            ch_metrics,
-            champ_metrics,
+            {"challenger": ch_metrics, "champion": champ_metrics},
+            intervals,
+            checks,
             decision,
             reasons,
+            report_path,
         )
+        for check in checks:
+            log.info("gate %s", evaluate.describe(check))
         if decision == "promote":
             registry.promote(
                 settings,
@@ -133,15 +222,97 @@ def evaluate_challenger(
                 actor=f"nightly:{run.run_id}",
                 reason="; ".join(reasons),
                 effective_date=run.score_date,
+                run_id=run.run_id,
             )
+        else:
+            registry.set_shadow(settings, uc.name, trained["version"])
         info |= {
             "decision": decision,
             "reasons": reasons,
             "challenger_auc": ch_metrics["roc_auc"],
             "champion_auc": champ_metrics["roc_auc"] if champ_metrics else None,
+            "report": str(report_path),
         }
         log.info("evaluation of %s: %s (%s)", trained["version"], decision, "; ".join(reasons))
-    return {"version": trained["version"], "decision": decision, "reasons": reasons}
+        log.info("evaluation report: file://%s", report_path)
+    summary = _summary_markdown(
+        trained["version"],
+        champ.version if champ else None,
+        ch_metrics,
+        champ_metrics,
+        intervals,
+        checks,
+        decision,
+    )
+    return {
+        "version": trained["version"],
+        "champion": champ.version if champ else None,
+        "decision": decision,
+        "reasons": reasons,
+        "report": str(report_path),
+        "summary": summary,
+    }
+
+
+def _summary_markdown(
+    version: str,
+    champion: str | None,
+    ch: dict[str, float],
+    champ: dict[str, float] | None,
+    intervals: dict[str, dict[str, float]],
+    checks: list[dict[str, Any]],
+    decision: str,
+) -> str:
+    """The evaluation as Markdown (shown to the approver in the Airflow UI)."""
+    lines = [
+        f"**Challenger** `{version}` vs **champion** `{champion or 'none'}`: **{decision}**",
+        "",
+        "| metric | challenger | champion |",
+        "|---|---|---|",
+    ]
+    for key in ("roc_auc", "pr_auc", "lift_top_decile", "precision_at_capacity", "brier", "ece"):
+        other = f"{champ[key]:.4f}" if champ else "-"
+        lines.append(f"| {key} | {ch[key]:.4f} | {other} |")
+    for name, ci in intervals.items():
+        lines.append(
+            f"\n{name}: {ci['estimate']:+.4f} (95% CI {ci['low']:+.4f} .. {ci['high']:+.4f})"
+        )
+    lines.append("")
+    lines += [f"- {evaluate.describe(c)}" for c in checks]
+    return "\n".join(lines)
+
+
+def _write_report(
+    settings: Settings,
+    uc: UseCase,
+    version: str,
+    champion: str | None,
+    holdout: features.Snapshot,
+    y: Any,
+    p_ch: Any,
+    p_champ: Any,
+    ch: dict[str, float],
+    champ: dict[str, float] | None,
+    intervals: dict[str, dict[str, float]],
+    decision: str,
+    reasons: list[str],
+) -> Any:
+    from pipeline import report
+
+    return report.write_evaluation_report(
+        settings.reports / uc.name / "evaluations" / f"{version}.html",
+        use_case=uc.name,
+        challenger=version,
+        champion=champion,
+        holdout_as_of=holdout.as_of,
+        y=y,
+        p_challenger=p_ch,
+        p_champion=p_champ,
+        metrics={"challenger": ch, "champion": champ},
+        intervals=intervals,
+        decision=decision,
+        reasons=reasons,
+    )
 
 
 def _record_evaluation(
@@ -151,10 +322,12 @@ def _record_evaluation(
     trained: dict[str, Any],
     champion: str | None,
     holdout: features.Snapshot,
-    ch: dict[str, float],
-    champ: dict[str, float] | None,
+    metrics: dict[str, Any],
+    intervals: dict[str, Any],
+    checks: list[dict[str, Any]],
     decision: str,
     reasons: list[str],
+    report_path: Any,
 ) -> None:
     import json
 
@@ -162,8 +335,8 @@ def _record_evaluation(
         settings,
         """
         INSERT INTO ml.evaluations (use_case, challenger, champion, holdout_as_of, holdout_sha256,
-            metrics, decision, reasons, run_id)
-        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+            metrics, intervals, checks, decision, reasons, report_path, run_id)
+        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
         """,
         (
             uc.name,
@@ -171,34 +344,67 @@ def _record_evaluation(
             champion,
             holdout.as_of,
             holdout.sha256,
-            json.dumps({"challenger": ch, "champion": champ}),
+            json.dumps(metrics),
+            json.dumps(intervals),
+            json.dumps(checks),
             decision,
             json.dumps(reasons),
+            str(report_path),
             run.run_id,
         ),
     )
 
 
-def select_model(
-    settings: Settings, uc: UseCase, run: RunContext, rescore_model: str | None = None
+def promote_challenger(
+    settings: Settings, uc: UseCase, run: RunContext, version: str, actor: str, reason: str
 ) -> dict[str, Any]:
-    """Pin the one model this run scores with (the champion now, or an explicit version).
+    """Promote a challenger a person approved (the approval path of ``promotion_mode``)."""
+    with ledger.stage(settings, run, "promote_challenger") as info:
+        previous = registry.promote(
+            settings,
+            uc.name,
+            version,
+            actor=actor,
+            reason=reason,
+            effective_date=run.score_date,
+            run_id=run.run_id,
+        )
+        info |= {"version": version, "previous": previous, "actor": actor}
+    return {"version": version, "previous": previous}
 
-    Every partition uses exactly this version; a promotion during the run changes nothing.
+
+def select_model(
+    settings: Settings,
+    uc: UseCase,
+    run: RunContext,
+    rescore_model: str | None = None,
+    champion_at_start: str | None = None,
+) -> dict[str, Any]:
+    """Pin the one model this run scores with.
+
+    In order: an explicit ``rescore_model``; the challenger this very run promoted; the
+    champion in force when the run started. A promotion or rollback made elsewhere while
+    the run is going never changes what it publishes.
     """
     with ledger.stage(settings, run, "select_model") as info:
-        if rescore_model:
-            mv = registry.get(settings, uc.name, rescore_model)
-        else:
-            champ = registry.champion(settings, uc.name)
-            if champ is None:
-                raise ModelError(
-                    f"no champion model for use case {uc.name!r}: run with retrain=true so a "
-                    "challenger can pass the gates, or promote a version with `nightscore models promote`"
-                )
-            mv = champ
+        version = (
+            rescore_model
+            or registry.promoted_by_run(settings, uc.name, run.run_id)
+            or champion_at_start
+        )
+        if version is None:
+            raise ModelError(
+                f"no champion model for use case {uc.name!r}: run with retrain=always so a "
+                "challenger can pass the gates, or promote a version with `nightscore models promote`"
+            )
+        mv = registry.get(settings, uc.name, version)
         ledger.update(settings, run, model_version=mv.version)
-        info |= {"model_version": mv.version}
+        info |= {
+            "model_version": mv.version,
+            "why": "rescore_model"
+            if rescore_model
+            else ("promoted tonight" if version != champion_at_start else "champion at run start"),
+        }
     return {"model_version": mv.version, "sha256": mv.sha256}
 
 
@@ -253,32 +459,116 @@ def publish_scores(
     return result.as_xcom()
 
 
+def score_shadow(
+    settings: Settings,
+    uc: UseCase,
+    run: RunContext,
+    snapshot: dict[str, Any],
+    model_version: str,
+    parts: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Score tonight's population with the shadow model and record its agreement.
+
+    The shadow model is the newest challenger that was not promoted. Its scores go to the
+    shadow table only; the agreement with the served model is kept per night.
+    """
+    shadow = registry.shadow(settings, uc.name)
+    if shadow is None or shadow.version == model_version:
+        ledger.record_stage(
+            settings, run, "score_shadow", {"status": "skipped", "why": "no shadow model"}
+        )
+        return {"shadow": None}
+    with ledger.stage(settings, run, "score_shadow") as info:
+        import numpy as np
+        import pyarrow.parquet as pq
+
+        part = score.score_partition(
+            settings,
+            uc,
+            features.Snapshot.from_xcom(snapshot),
+            shadow.version,
+            0,
+            1,
+            f"{run.run_id}-shadow",
+        )
+        rows = publish.publish_shadow(settings, uc, run, shadow.version, part)
+        served = [pq.read_table(score.ScoredPart.from_xcom(p).path) for p in parts]
+        keys = np.concatenate([t.column(uc.entity_key).to_numpy() for t in served])
+        probs = np.concatenate([t.column(uc.probability_column).to_numpy() for t in served])
+        shadow_table = pq.read_table(part.path)
+        s_keys = shadow_table.column(uc.entity_key).to_numpy()
+        s_probs = shadow_table.column(uc.probability_column).to_numpy()
+        order, s_order = np.argsort(keys), np.argsort(s_keys)
+        if not np.array_equal(keys[order], s_keys[s_order]):
+            raise GateFailed(
+                "shadow and served scores cover different customers; the snapshot changed mid-run"
+            )
+        agree = evaluate.agreement(probs[order], s_probs[s_order], uc.campaign_capacity)
+        ledger.db_exec(
+            settings,
+            """
+            INSERT INTO monitoring.shadow_agreement (use_case, score_date, champion, shadow, rows, spearman,
+                top_decile_overlap, audience_capacity, audience_enter, audience_leave, run_id)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+            ON CONFLICT (use_case, score_date, shadow) DO UPDATE SET
+                champion = EXCLUDED.champion, rows = EXCLUDED.rows, spearman = EXCLUDED.spearman,
+                top_decile_overlap = EXCLUDED.top_decile_overlap,
+                audience_capacity = EXCLUDED.audience_capacity, audience_enter = EXCLUDED.audience_enter,
+                audience_leave = EXCLUDED.audience_leave, run_id = EXCLUDED.run_id, recorded_at = now()
+            """,
+            (
+                uc.name,
+                run.score_date,
+                model_version,
+                shadow.version,
+                rows,
+                agree["spearman"],
+                agree["top_decile_overlap"],
+                int(agree["audience_capacity"]),
+                int(agree["audience_enter"]),
+                int(agree["audience_leave"]),
+                run.run_id,
+            ),
+        )
+        info |= {"shadow": shadow.version, **agree}
+    return {"shadow": shadow.version, **agree}
+
+
 def run_night(
     settings: Settings,
     uc: UseCase,
     score_date: date,
     *,
-    retrain: bool = True,
+    retrain: str | bool = "scheduled",
     run_id: str | None = None,
     promotion_mode: str = "auto",
+    rescore_model: str | None = None,
 ) -> dict[str, Any]:
-    """The whole night in-process, same stages as the DAG (CLI and tests)."""
+    """The whole night in-process, same stages as the DAG (CLI and tests).
+
+    ``approval`` mode has no person to ask here: the challenger waits as the shadow model
+    until ``nightscore models promote`` (the DAG asks in the Airflow UI instead).
+    """
+    if isinstance(retrain, bool):
+        retrain = "always" if retrain else "never"
     run = RunContext(uc.name, score_date, run_id or f"cli__{datetime.now(UTC):%Y%m%dT%H%M%S%f}")
-    start_run(settings, uc, run)
+    started = start_run(settings, uc, run)
     snap = build_features(settings, uc, run)
     evaluation = None
-    if retrain:
+    if decide_retrain(settings, uc, run, retrain)["retrain"]:
         trained = train_challenger(settings, uc, run)
-        evaluation = evaluate_challenger(settings, uc, run, trained, promotion_mode)
-    chosen = select_model(settings, uc, run)
+        evaluation = evaluate_challenger(settings, uc, run, trained, promotion_mode, snap)
+    chosen = select_model(settings, uc, run, rescore_model, started["champion_at_start"])
     parts = [
         score_partition(settings, uc, run, snap, chosen["model_version"], p)
         for p in range(uc.score_partitions)
     ]
     published = publish_scores(settings, uc, run, snap, chosen["model_version"], parts)
+    shadow = score_shadow(settings, uc, run, snap, chosen["model_version"], parts)
     return {
         "run": run.as_xcom(),
         "evaluation": evaluation,
         "model_version": chosen["model_version"],
         "published": published,
+        "shadow": shadow,
     }

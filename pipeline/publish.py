@@ -336,3 +336,70 @@ def _drop_quietly(conn: Any, table: str) -> None:
     except Exception:
         conn.rollback()
         log.warning("could not drop staging table %s.%s; the next publish will", SCHEMA, table)
+
+
+def publish_shadow(
+    settings: Settings, uc: UseCase, run: RunContext, shadow_version: str, part: ScoredPart
+) -> int:
+    """Replace the shadow scores of (score date, shadow version) in one transaction.
+
+    Shadow rows go to ``<score table>_shadow``, never to the served table.
+    """
+    shadow_table = f"{uc.score_table}_shadow"
+    stage = f"{shadow_table}_stage_{secrets.token_hex(4)}"
+    table = pq.read_table(part.path)
+    keys = table.column(uc.entity_key).to_numpy()
+    probs = table.column(uc.probability_column).to_numpy()
+    n = len(keys)
+    data = pa.table(
+        {
+            "score_date": pa.array(
+                np.full(n, (run.score_date - date(1970, 1, 1)).days, dtype=np.int32)
+            ).cast(pa.date32()),
+            "model_version": pa.DictionaryArray.from_arrays(
+                pa.array(np.zeros(n, dtype=np.int32)), pa.array([shadow_version])
+            ).cast(pa.string()),
+            uc.entity_key: pa.array(keys),
+            uc.probability_column: pa.array(probs),
+            "risk_decile": pa.array(risk_deciles(probs, keys)),
+        }
+    )
+    conn = db.connect(settings.database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                sql.SQL("CREATE TABLE {s}.{stage} (LIKE {s}.{t})").format(
+                    s=sql.Identifier(SCHEMA),
+                    stage=sql.Identifier(stage),
+                    t=sql.Identifier(shadow_table),
+                )
+            )
+        conn.commit()
+        db.ingest(settings.database_url, stage, data, SCHEMA)
+        with conn.cursor() as cur:
+            cur.execute(
+                sql.SQL("DELETE FROM {s}.{t} WHERE score_date = %s AND model_version = %s").format(
+                    s=sql.Identifier(SCHEMA), t=sql.Identifier(shadow_table)
+                ),
+                (run.score_date, shadow_version),
+            )
+            cur.execute(
+                sql.SQL("INSERT INTO {s}.{t} SELECT * FROM {s}.{stage}").format(
+                    s=sql.Identifier(SCHEMA),
+                    t=sql.Identifier(shadow_table),
+                    stage=sql.Identifier(stage),
+                )
+            )
+            cur.execute(
+                sql.SQL("DROP TABLE {s}.{stage}").format(
+                    s=sql.Identifier(SCHEMA), stage=sql.Identifier(stage)
+                )
+            )
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        _drop_quietly(conn, stage)
+        raise
+    finally:
+        conn.close()
+    return n

@@ -134,6 +134,7 @@ def promote(
     reason: str,
     effective_date: date,
     action: str = "promote",
+    run_id: str | None = None,
 ) -> str | None:
     """Make ``version`` the champion; the previous champion is retired. Logged, atomic.
 
@@ -168,10 +169,10 @@ def promote(
             cur.execute(
                 """
                 INSERT INTO ml.promotions (use_case, action, version, previous_version,
-                    effective_date, actor, reason)
-                VALUES (%s, %s, %s, %s, %s, %s, %s)
+                    effective_date, actor, reason, run_id)
+                VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
                 """,
-                (use_case, action, version, previous, effective_date, actor, reason),
+                (use_case, action, version, previous, effective_date, actor, reason, run_id),
             )
         conn.commit()
     except BaseException:
@@ -269,3 +270,85 @@ def champion_on(settings: Settings, use_case: str, day: date) -> str | None:
         (use_case, day),
     )
     return None if value is None else str(value)
+
+
+def shadow(settings: Settings, use_case: str) -> ModelVersion | None:
+    """The current shadow model (the newest challenger that was not promoted), if any."""
+    conn = db.connect(settings.database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                f"SELECT {_COLUMNS} FROM ml.model_versions WHERE use_case = %s AND status = 'shadow' "
+                "ORDER BY created_at DESC LIMIT 1",
+                (use_case,),
+            )
+            row = cur.fetchone()
+    finally:
+        conn.close()
+    return None if row is None else _row_to_version(row)
+
+
+def set_shadow(settings: Settings, use_case: str, version: str) -> None:
+    """Make ``version`` the one shadow model; the previous shadow is retired."""
+    conn = db.connect(settings.database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('nightscore.registry.' || %s))", (use_case,)
+            )
+            cur.execute(
+                "UPDATE ml.model_versions SET status = 'retired' "
+                "WHERE use_case = %s AND status = 'shadow' AND version <> %s",
+                (use_case, version),
+            )
+            cur.execute(
+                "UPDATE ml.model_versions SET status = 'shadow' "
+                "WHERE use_case = %s AND version = %s AND status IN ('candidate', 'shadow')",
+                (use_case, version),
+            )
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def promoted_by_run(settings: Settings, use_case: str, run_id: str) -> str | None:
+    """The version a given run promoted (its own challenger, approved or automatic)."""
+    value = db.scalar(
+        settings.database_url,
+        "SELECT version FROM ml.promotions WHERE use_case = %s AND run_id = %s AND action = 'promote' "
+        "ORDER BY promotion_id DESC LIMIT 1",
+        (use_case, run_id),
+    )
+    return None if value is None else str(value)
+
+
+def request_retrain(settings: Settings, use_case: str, reason: str) -> None:
+    """Ask the next run to retrain whatever the cadence (drift, decay, a person)."""
+    db.scalar(
+        settings.database_url,
+        "INSERT INTO ml.retrain_requests (use_case, reason) VALUES (%s, %s) RETURNING request_id",
+        (use_case, reason),
+    )
+
+
+def open_retrain_requests(settings: Settings, use_case: str) -> list[str]:
+    conn = db.connect(settings.database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT reason FROM ml.retrain_requests WHERE use_case = %s AND consumed_by_run IS NULL "
+                "ORDER BY request_id",
+                (use_case,),
+            )
+            return [r[0] for r in cur.fetchall()]
+    finally:
+        conn.close()
+
+
+def consume_retrain_requests(settings: Settings, use_case: str, run_id: str) -> None:
+    db.scalar(
+        settings.database_url,
+        "UPDATE ml.retrain_requests SET consumed_by_run = %s "
+        "WHERE use_case = %s AND consumed_by_run IS NULL RETURNING 1",
+        (run_id, use_case),
+    )

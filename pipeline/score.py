@@ -45,10 +45,8 @@ def partition_of(keys: np.ndarray, partitions: int) -> np.ndarray:
     return (mixed % np.uint64(partitions)).astype(np.int64)
 
 
-def check_schema(
-    schema: pa.Schema, feature_schema: list[dict[str, str]], version: str, snapshot: Path
-) -> None:
-    """The snapshot must provide every feature the model was trained on, with the same type."""
+def schema_problems(schema: pa.Schema, feature_schema: list[dict[str, str]]) -> list[str]:
+    """What keeps a model with ``feature_schema`` from scoring data with ``schema``."""
     problems = []
     for f in feature_schema:
         if f["name"] not in schema.names:
@@ -57,6 +55,14 @@ def check_schema(
             problems.append(
                 f"{f['name']} is {schema.field(f['name']).type}, model expects {f['dtype']}"
             )
+    return problems
+
+
+def check_schema(
+    schema: pa.Schema, feature_schema: list[dict[str, str]], version: str, snapshot: Path
+) -> None:
+    """The snapshot must provide every feature the model was trained on, with the same type."""
+    problems = schema_problems(schema, feature_schema)
     if problems:
         raise DataError(
             f"feature snapshot {snapshot} does not match model {version}: {'; '.join(problems)}; "

@@ -104,10 +104,21 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def train_challenger(
-    settings: Settings, uc: UseCase, run_date: date, code_version: str = ""
-) -> TrainedModel:
-    """Train on matured snapshots before ``run_date`` and measure on the out-of-time holdout.
+@dataclass(frozen=True)
+class TrainingData:
+    """Matured, labelled snapshots for a run: training rows and the out-of-time holdout."""
+
+    snapshots: list[features.Snapshot]
+    holdout: features.Snapshot
+    table: pa.Table
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.asarray(self.table.column("label").to_numpy())
+
+
+def training_data(settings: Settings, uc: UseCase, run_date: date) -> TrainingData:
+    """Build the training snapshots and the holdout for a model trained by ``run_date``'s run.
 
     Raises:
         DataError: a snapshot is empty or the training labels have a single class.
@@ -121,21 +132,43 @@ def train_challenger(
         settings, uc, holdout_date, labelled=True, known_through=run_date
     )
     table = pa.concat_tables([features.read_snapshot(s) for s in snaps])
-    categorical, numeric = split_columns(table.schema, uc)
-    columns = categorical + numeric
     y = table.column("label").to_numpy()
     if y.min() == y.max():
         raise DataError(
             f"training labels for {uc.name} ({train_dates[0]}..{train_dates[-1]}) are all {y[0]}; "
             "a model needs both classes: check the label SQL and the warehouse history"
         )
+    return TrainingData(snaps, holdout, table)
+
+
+def fit(uc: UseCase, table: pa.Table, columns: list[str], labels: np.ndarray) -> Any:
+    """Fit the use case's Pipeline on ``columns`` of ``table`` (seeded: same data, same model)."""
+    categorical = [c for c in columns if pa.types.is_string(table.schema.field(c).type)]
+    numeric = [c for c in columns if c not in categorical]
     model = build_model(uc, categorical, numeric)
-    model.fit(to_frame(table, columns), y)
+    model.fit(to_frame(table, categorical + numeric), labels)
+    return model
 
-    hold = features.read_snapshot(holdout)
-    p = model.predict_proba(to_frame(hold, columns))[:, 1]
-    metrics = evaluate.classification_metrics(hold.column("label").to_numpy(), p)
 
+def save_and_register(
+    settings: Settings,
+    uc: UseCase,
+    run_date: date,
+    model: Any,
+    columns: list[str],
+    data: TrainingData,
+    code_version: str = "",
+) -> TrainedModel:
+    """Measure on the holdout, write the artifact and its card, register it as a candidate.
+
+    The version is ``<use case>-<run date>-<sha256 prefix>``: the same data and seed give
+    the same bytes, hence the same version.
+    """
+    hold = features.read_snapshot(data.holdout)
+    p = predict(model, hold, columns)
+    metrics = evaluate.classification_metrics(
+        hold.column("label").to_numpy(), p, capacity=uc.campaign_capacity
+    )
     blob = pickle.dumps(model, protocol=5)
     sha = registry_sha(blob)
     version = f"{uc.name}-{run_date:%Y%m%d}-{sha[:8]}"
@@ -143,23 +176,25 @@ def train_challenger(
     out_dir.mkdir(parents=True, exist_ok=True)
     artifact = out_dir / "model.pkl"
     artifact.write_bytes(blob)
+    schema = data.table.schema
     card = {
         "use_case": uc.name,
         "version": version,
         "trained_as_of": run_date.isoformat(),
-        "features": [{"name": c, "dtype": str(table.schema.field(c).type)} for c in columns],
+        "features": [{"name": c, "dtype": str(schema.field(c).type)} for c in columns],
         "training_window": {
             "snapshots": [
-                {"as_of": s.as_of.isoformat(), "sha256": s.sha256, "rows": s.rows} for s in snaps
+                {"as_of": s.as_of.isoformat(), "sha256": s.sha256, "rows": s.rows}
+                for s in data.snapshots
             ],
             "holdout": {
-                "as_of": holdout.as_of.isoformat(),
-                "sha256": holdout.sha256,
-                "rows": holdout.rows,
+                "as_of": data.holdout.as_of.isoformat(),
+                "sha256": data.holdout.sha256,
+                "rows": data.holdout.rows,
             },
             "label_horizon_days": uc.label_horizon_days,
-            "training_rows": table.num_rows,
-            "positive_rate": float(y.mean()),
+            "training_rows": data.table.num_rows,
+            "positive_rate": float(data.labels.mean()),
         },
         "metrics": metrics,
         "library_versions": library_versions(),
@@ -174,11 +209,22 @@ def train_challenger(
     log.info(
         "trained %s on %d rows: out-of-time AUC %.4f, top-decile lift %.2f",
         version,
-        table.num_rows,
+        data.table.num_rows,
         metrics["roc_auc"],
         metrics["lift_top_decile"],
     )
-    return TrainedModel(version, sha, str(artifact), metrics, holdout, card)
+    return TrainedModel(version, sha, str(artifact), metrics, data.holdout, card)
+
+
+def train_challenger(
+    settings: Settings, uc: UseCase, run_date: date, code_version: str = ""
+) -> TrainedModel:
+    """Train on matured snapshots before ``run_date`` and measure on the out-of-time holdout."""
+    data = training_data(settings, uc, run_date)
+    categorical, numeric = split_columns(data.table.schema, uc)
+    columns = categorical + numeric
+    model = fit(uc, data.table, columns, data.labels)
+    return save_and_register(settings, uc, run_date, model, columns, data, code_version)
 
 
 def registry_sha(blob: bytes) -> str:

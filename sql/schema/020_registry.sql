@@ -26,8 +26,12 @@ CREATE TABLE IF NOT EXISTS ml.evaluations (
     holdout_as_of     date        NOT NULL,
     holdout_sha256    text        NOT NULL,
     metrics           jsonb       NOT NULL,
-    decision          text        NOT NULL,
+    intervals         jsonb       NOT NULL DEFAULT '{}',
+    checks            jsonb       NOT NULL DEFAULT '[]',
+    decision          text        NOT NULL
+                      CHECK (decision IN ('promote', 'awaiting_approval', 'shadow', 'reject')),
     reasons           jsonb       NOT NULL,
+    report_path       text,
     run_id            text,
     created_at        timestamptz NOT NULL DEFAULT now(),
     FOREIGN KEY (use_case, challenger) REFERENCES ml.model_versions (use_case, version)
@@ -42,6 +46,7 @@ CREATE TABLE IF NOT EXISTS ml.promotions (
     effective_date    date        NOT NULL,
     actor             text        NOT NULL,
     reason            text        NOT NULL,
+    run_id            text,
     at                timestamptz NOT NULL DEFAULT now(),
     FOREIGN KEY (use_case, version) REFERENCES ml.model_versions (use_case, version)
 );
@@ -54,3 +59,13 @@ END $$;
 DROP TRIGGER IF EXISTS promotions_append_only ON ml.promotions;
 CREATE TRIGGER promotions_append_only BEFORE UPDATE OR DELETE ON ml.promotions
     FOR EACH ROW EXECUTE FUNCTION ml.forbid_change();
+
+-- Retraining requested outside the cadence (drift or decay monitors, people); consumed by
+-- the next run that retrains.
+CREATE TABLE IF NOT EXISTS ml.retrain_requests (
+    request_id        bigserial   PRIMARY KEY,
+    use_case          text        NOT NULL,
+    reason            text        NOT NULL,
+    requested_at      timestamptz NOT NULL DEFAULT now(),
+    consumed_by_run   text
+);

@@ -50,25 +50,35 @@ def test_churn_nightly_tasks_and_edges(dagbag) -> None:
         "decide_retrain",
         "train_challenger",
         "evaluate_challenger",
+        "route_promotion",
+        "approve_promotion",
+        "promote_challenger",
         "select_model",
         "score_partition",
         "publish_scores",
+        "score_shadow",
     }
     down = {t.task_id: set(t.downstream_task_ids) for t in dag.tasks}
-    assert down["start_run"] == {"build_features"}
+    assert down["start_run"] == {"build_features", "select_model"}
     assert down["decide_retrain"] == {"train_challenger", "select_model"}
     assert down["train_challenger"] == {"evaluate_challenger"}
-    assert down["evaluate_challenger"] == {"select_model"}
+    assert down["evaluate_challenger"] == {"route_promotion", "promote_challenger"}
+    assert down["route_promotion"] == {"approve_promotion", "select_model"}
+    assert down["approve_promotion"] == {"promote_challenger"}
+    assert down["promote_challenger"] == {"select_model"}
     assert "score_partition" in down["select_model"] and "score_partition" in down["build_features"]
-    assert down["score_partition"] == {"publish_scores"}
+    assert down["score_partition"] == {"publish_scores", "score_shadow"}
+    assert down["publish_scores"] == {"score_shadow"}
     assert dag.get_task("select_model").trigger_rule == "none_failed_min_one_success"
+    assert type(dag.get_task("approve_promotion")).__name__ == "ApprovalOperator"
 
 
 def test_schedule_and_run_policy(dagbag) -> None:
     dag = dagbag.dags["churn_nightly"]
     assert dag.catchup is False and dag.max_active_runs == 1
-    assert dag.params["retrain"] is True
+    assert dag.params["retrain"] == "scheduled"
     assert dag.params["promotion_mode"] == "auto"
+    assert dag.params["rescore_model"] == ""
     assert dag.params["dry_run"] is False
 
 
@@ -80,7 +90,7 @@ def test_io_tasks_retry_with_backoff(dagbag, task_id: str) -> None:
     assert task.retries >= 2 and task.retry_exponential_backoff
 
 
-@pytest.mark.parametrize("task_id", ["evaluate_challenger", "select_model"])
+@pytest.mark.parametrize("task_id", ["evaluate_challenger", "select_model", "promote_challenger"])
 def test_gates_do_not_retry(dagbag, task_id: str) -> None:
     assert dagbag.dags["churn_nightly"].get_task(task_id).retries == 0
 

@@ -61,11 +61,11 @@ def test_churn_nightly_runs_end_to_end_and_publishes(
 
 
 @pytest.mark.slow
-def test_retrain_false_skips_training_and_scores_with_the_champion(
+def test_retrain_never_skips_training_and_scores_with_the_champion(
     seeded: Settings, airflow_env: dict[str, str]
 ) -> None:
     day = SCORE_DATE + __import__("datetime").timedelta(days=2)
-    result = dags_test(airflow_env, "churn_nightly", day, "--conf", '{"retrain": false}')
+    result = dags_test(airflow_env, "churn_nightly", day, "--conf", '{"retrain": "never"}')
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     stages = db.scalar(
         seeded.database_url,

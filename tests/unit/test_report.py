@@ -1,0 +1,175 @@
+from __future__ import annotations
+
+import base64
+import re
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import evaluate
+from pipeline.report import write_evaluation_report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+IMAGE_PATTERN = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
+
+
+def _holdout(seed: int = 7, n: int = 3000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.12).astype(np.int64)
+    p_challenger = np.clip(0.08 + 0.25 * y + rng.normal(0.0, 0.1, n), 0.001, 0.999)
+    p_champion = np.clip(0.09 + 0.15 * y + rng.normal(0.0, 0.1, n), 0.001, 0.999)
+    return y, p_challenger, p_champion
+
+
+def _intervals() -> dict[str, dict[str, float]]:
+    return {
+        "roc_auc_diff": {"estimate": 0.041234, "low": 0.02, "high": 0.061},
+        "lift_top_decile_diff": {"estimate": 0.5, "low": -0.1, "high": 1.1},
+    }
+
+
+def _images(text: str) -> list[bytes]:
+    return [base64.b64decode(data, validate=True) for data in IMAGE_PATTERN.findall(text)]
+
+
+def test_report_with_champion(tmp_path: Path) -> None:
+    y, p_ch, p_cp = _holdout()
+    reasons = ["roc_auc improved by 0.04", "calibration within tolerance <script>alert(1)</script>"]
+    target = tmp_path / "nested" / "folder" / "report.html"
+
+    result = write_evaluation_report(
+        target,
+        use_case="churn",
+        challenger="churn-2024-11-20-abc",
+        champion="churn-2024-10-01-xyz",
+        holdout_as_of=date(2024, 11, 20),
+        y=y,
+        p_challenger=p_ch,
+        p_champion=p_cp,
+        metrics={
+            "challenger": evaluate.classification_metrics(y, p_ch),
+            "champion": evaluate.classification_metrics(y, p_cp),
+        },
+        intervals=_intervals(),
+        decision="promote",
+        reasons=reasons,
+    )
+
+    assert result == target
+    assert target.is_file()
+    assert target.stat().st_size < 1_000_000
+    text = target.read_text(encoding="utf-8")
+    assert text.count("data:image/png;base64,") == 3
+    images = _images(text)
+    assert len(images) == 3
+    assert all(image.startswith(PNG_SIGNATURE) for image in images)
+    assert "promote" in text
+    assert "roc_auc improved by 0.04" in text
+    assert "calibration within tolerance &lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert "<script>" not in text
+    assert "churn-2024-11-20-abc" in text
+    assert "churn-2024-10-01-xyz" in text
+    assert "2024-11-20" in text
+    # metric table rows and intervals formatted to 4 decimals
+    assert "roc_auc" in text and "lift_top_decile" in text
+    assert "0.0412" in text and "[0.0200, 0.0610]" in text
+    # no temporary file left behind
+    assert [p.name for p in target.parent.iterdir()] == ["report.html"]
+
+
+def test_report_without_champion(tmp_path: Path) -> None:
+    y, p_ch, _ = _holdout(seed=3)
+    target = tmp_path / "report.html"
+
+    write_evaluation_report(
+        target,
+        use_case="upsell & cross-sell",
+        challenger="v<1>",
+        champion=None,
+        holdout_as_of=date(2024, 6, 1),
+        y=y,
+        p_challenger=p_ch,
+        p_champion=None,
+        metrics={"challenger": evaluate.classification_metrics(y, p_ch), "champion": None},
+        intervals={},
+        decision="awaiting_approval",
+        reasons=["no champion yet: first model needs approval"],
+    )
+
+    text = target.read_text(encoding="utf-8")
+    assert target.stat().st_size < 1_000_000
+    images = _images(text)
+    assert len(images) == 3
+    assert all(image.startswith(PNG_SIGNATURE) for image in images)
+    assert "awaiting_approval" in text
+    assert "no champion yet: first model needs approval" in text
+    assert "v&lt;1&gt;" in text and "v<1>" not in text
+    assert "upsell &amp; cross-sell" in text
+
+
+def test_report_replaces_existing_file(tmp_path: Path) -> None:
+    y, p_ch, p_cp = _holdout(seed=5, n=500)
+    target = tmp_path / "report.html"
+    target.write_text("old", encoding="utf-8")
+
+    write_evaluation_report(
+        target,
+        use_case="churn",
+        challenger="v2",
+        champion="v1",
+        holdout_as_of=date(2024, 1, 31),
+        y=y,
+        p_challenger=p_ch,
+        p_champion=p_cp,
+        metrics={"challenger": {"roc_auc": 0.8}, "champion": {"roc_auc": 0.75}},
+        intervals=_intervals(),
+        decision="reject",
+        reasons=["worse lift"],
+    )
+
+    text = target.read_text(encoding="utf-8")
+    assert "reject" in text and "worse lift" in text and "+0.0500" in text
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]
+
+
+def test_report_single_class_holdout_still_renders(tmp_path: Path) -> None:
+    y = np.zeros(50, dtype=np.int64)
+    p = np.linspace(0.01, 0.5, 50)
+    target = write_evaluation_report(
+        tmp_path / "r.html",
+        use_case="churn",
+        challenger="v2",
+        champion=None,
+        holdout_as_of=date(2024, 1, 31),
+        y=y,
+        p_challenger=p,
+        p_champion=None,
+        metrics={"challenger": {"roc_auc": float("nan")}, "champion": None},
+        intervals={},
+        decision="shadow",
+        reasons=[],
+    )
+    text = target.read_text(encoding="utf-8")
+    assert len(_images(text)) == 3
+    assert "n/a" in text
+
+
+def test_report_rejects_mismatched_lengths(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="one value per holdout row"):
+        write_evaluation_report(
+            tmp_path / "r.html",
+            use_case="churn",
+            challenger="v2",
+            champion=None,
+            holdout_as_of=date(2024, 1, 31),
+            y=np.array([0, 1, 0]),
+            p_challenger=np.array([0.1, 0.9]),
+            p_champion=None,
+            metrics={"challenger": {}, "champion": None},
+            intervals={},
+            decision="reject",
+            reasons=[],
+        )
+    assert not (tmp_path / "r.html").exists()
