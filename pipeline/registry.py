@@ -297,6 +297,14 @@ def set_shadow(settings: Settings, use_case: str, version: str) -> None:
                 "SELECT pg_advisory_xact_lock(hashtext('nightscore.registry.' || %s))", (use_case,)
             )
             cur.execute(
+                "SELECT status FROM ml.model_versions WHERE use_case = %s AND version = %s",
+                (use_case, version),
+            )
+            row = cur.fetchone()
+            if row is None or row[0] not in ("candidate", "shadow"):
+                conn.rollback()  # a champion or retired model does not become the shadow
+                return
+            cur.execute(
                 "UPDATE ml.model_versions SET status = 'retired' "
                 "WHERE use_case = %s AND status = 'shadow' AND version <> %s",
                 (use_case, version),

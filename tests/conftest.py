@@ -102,6 +102,25 @@ def seeded(settings: Settings) -> Settings:
     return settings
 
 
+@pytest.fixture(scope="module")
+def isolated(
+    server_url: str, session_id: str, request: pytest.FixtureRequest
+) -> Iterator[Settings]:
+    """A module's own database with the serving schema and a small seeded warehouse.
+
+    For tests that change the registry (promotions, rollbacks) without touching others.
+    """
+    from pipeline import warehouse
+
+    name = f"nightscore_test_{session_id}_{request.module.__name__.rsplit('.', 1)[-1][:20]}"
+    url = create_database(server_url, name)
+    db.apply_schema(url)
+    s = Settings(database_url=url, warehouse_url=url, home=_SESSION_HOME / name)
+    warehouse.seed(s, WAREHOUSE_CUSTOMERS, WAREHOUSE_START, WAREHOUSE_DAYS, seed=11)
+    yield s
+    drop_database(server_url, name)
+
+
 @pytest.fixture
 def fresh_schema(settings: Settings) -> Iterator[Settings]:
     """Settings pointing at a brand-new, empty warehouse schema (dropped afterwards)."""
