@@ -25,6 +25,7 @@ STAGES = (
     "select_model",
     "score",
     "publish_scores",
+    "score_shadow",
 )
 
 
@@ -113,10 +114,23 @@ def summary_text(settings: Settings, use_case: str, since: date | None) -> str:
         lines.append(
             f"{r['score_date']!s:10}  {r['status']:9}  {r['model_version'] or '-':25} {auc:>6}  {published:>8,}  {cells}"
         )
+        ev = stages.get("evaluate_challenger", {})
+        if ev.get("decision"):
+            lines.append(
+                f"{'':12}challenger {stages['train_challenger'].get('version')}: {ev['decision']}"
+                f" ({'; '.join(ev.get('reasons', []))})"
+            )
+            lines.append(f"{'':12}evaluation report: {ev.get('report')}")
         pub = stages.get("publish_scores", {})
         if pub.get("rows_per_second"):
             lines.append(
                 f"{'':12}published {pub['rows']:,} rows at {pub['rows_per_second']:,} rows/s"
+            )
+        sh = stages.get("score_shadow", {})
+        if sh.get("shadow"):
+            lines.append(
+                f"{'':12}shadow {sh['shadow']}: spearman {sh['spearman']:.3f}, top-decile overlap "
+                f"{sh['top_decile_overlap']:.2f}, audience +{sh['audience_enter']:.0f}/-{sh['audience_leave']:.0f}"
             )
     lines += [
         "",
