@@ -59,18 +59,26 @@ IO_RETRIES = {"retries": 2, "retry_delay": timedelta(seconds=30), "retry_exponen
         "dry_run": Param(
             False, type="boolean", description="Score and validate, but publish nothing."
         ),
+        "backfill_model": Param(
+            "champion_on_date",
+            enum=["champion_on_date", "current_champion"],
+            description="In backfills: score each date with the model that was champion on that date "
+            "(from the promotions log), or rescore every date with the current champion.",
+        ),
     },
 )
 def churn_nightly():
     @task
-    def start_run() -> dict:
+    def start_run(params: dict | None = None) -> dict:
         from _nightscore import run_context, settings
 
         from pipeline import nightly
         from pipeline.config import use_case
 
         ctx = get_current_context()
-        return nightly.start_run(settings(), use_case(USE_CASE), run_context(ctx, USE_CASE))
+        return nightly.start_run(
+            settings(), use_case(USE_CASE), run_context(ctx, USE_CASE), dict(params or {})
+        )
 
     @task(**IO_RETRIES)
     def build_features(run: dict) -> dict:
@@ -160,19 +168,21 @@ def churn_nightly():
 
     @task(retries=0, trigger_rule="none_failed_min_one_success")
     def select_model(run: dict, params: dict | None = None) -> dict:
-        from _nightscore import run_context, settings
+        from _nightscore import is_backfill, run_context, settings
 
         from pipeline import nightly
         from pipeline.config import use_case
 
         ctx = get_current_context()
-        rescore = (params or {}).get("rescore_model") or None
+        p = params or {}
         return nightly.select_model(
             settings(),
             use_case(USE_CASE),
             run_context(ctx, USE_CASE),
-            rescore,
+            p.get("rescore_model") or None,
             run["champion_at_start"],
+            backfill=is_backfill(ctx),
+            backfill_model=p.get("backfill_model", "champion_on_date"),
         )
 
     @task(**IO_RETRIES)

@@ -36,11 +36,11 @@ def _date(value: str) -> date:
 def cmd_db(args: argparse.Namespace) -> int:
     settings = config.load_settings()
     if args.action == "url":
-        print(settings.database_url)
+        print(settings.init_url)
     elif args.action == "init":
         from pipeline import db
 
-        applied = db.apply_schema(settings.database_url)
+        applied = db.apply_schema(settings.init_url)
         print(
             f"applied {len(applied)} schema files to {config.redact(settings.database_url)}: {', '.join(applied)}"
         )
@@ -71,7 +71,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline import db, nightly
 
     settings = config.load_settings()
-    db.apply_schema(settings.database_url)
+    db.apply_schema(settings.init_url)
     out = nightly.run_night(
         settings,
         config.use_case(args.use_case),

@@ -23,6 +23,8 @@ ENV_WAREHOUSE_URL = "NIGHTSCORE_WAREHOUSE_URL"
 ENV_WAREHOUSE_SCHEMA = "NIGHTSCORE_WAREHOUSE_SCHEMA"
 ENV_HOME = "NIGHTSCORE_HOME"
 ENV_ARTIFACT_DIR = "NIGHTSCORE_ARTIFACT_DIR"
+ENV_DB_ROLE = "NIGHTSCORE_DB_ROLE"
+WRITER_ROLE = "nightscore_writer"
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ class UseCase:
     # Retraining cadence: every N days since the champion was trained (1 = every night),
     # or earlier when a monitor files a retrain request.
     retrain_every_days: int = 1
+    # Served history: keep the partitions of the newest N published score dates.
+    retention_dates: int = 400
     model_params: dict[str, float | int] = field(
         default_factory=lambda: {
             "max_iter": 250,
@@ -95,6 +99,12 @@ class Settings:
     home: Path
     warehouse_schema: str = "warehouse"
     artifact_dir: Path | None = None
+    # The serving URL without the writer role, for `db init` (which creates the roles).
+    admin_url: str | None = None
+
+    @property
+    def init_url(self) -> str:
+        return self.admin_url or self.database_url
 
     @property
     def artifacts(self) -> Path:
@@ -140,8 +150,10 @@ def load_settings(database_url: str | None = None, warehouse_url: str | None = N
         db = embedded.ensure_server(home)
     wh = warehouse_url or os.environ.get(ENV_WAREHOUSE_URL) or db
     artifact_dir = os.environ.get(ENV_ARTIFACT_DIR)
+    role = os.environ.get(ENV_DB_ROLE, WRITER_ROLE)
     return Settings(
-        database_url=normalize_url(db),
+        database_url=with_role(normalize_url(db), role) if role else normalize_url(db),
+        admin_url=normalize_url(db),
         warehouse_url=normalize_url(wh),
         home=home,
         warehouse_schema=os.environ.get(ENV_WAREHOUSE_SCHEMA, "warehouse"),
@@ -231,3 +243,22 @@ def url_parts(url: str) -> dict[str, str | int | None]:
         "password": unquote(parts.password) if parts.password else None,
         "database": unquote(parts.path.lstrip("/")) or None,
     }
+
+
+def with_role(url: str, role: str) -> str:
+    """The URL with ``SET ROLE role`` applied at connection start (libpq ``options``).
+
+    The pipeline writes as the ``nightscore_writer`` role whatever login the URL names, so
+    that everything it creates is owned by that role. A URL that already sets options is
+    returned unchanged.
+    """
+    from urllib.parse import parse_qsl, urlencode
+
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(k == "options" for k, _ in query):
+        return url
+    query.append(("options", f"-c role={role}"))
+    return urlunsplit(
+        (parts.scheme, parts.netloc, parts.path, urlencode(query, quote_via=quote), "")
+    )

@@ -38,14 +38,14 @@ def _airflow(settings: Settings, args: list[str], log_path: Path) -> int:
 
 def reset_serving(settings: Settings) -> None:
     """Drop and recreate the serving schemas so the demo starts from an empty registry."""
-    conn = db.connect(settings.database_url)
+    conn = db.connect(settings.init_url)
     try:
         with conn.cursor() as cur:
             cur.execute("DROP SCHEMA IF EXISTS ml, predictions, monitoring, campaigns CASCADE")
         conn.commit()
     finally:
         conn.close()
-    db.apply_schema(settings.database_url)
+    db.apply_schema(settings.init_url)
 
 
 def run(customers: int, months: int, nights: int, seed: int) -> int:

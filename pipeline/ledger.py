@@ -51,18 +51,43 @@ def code_version() -> str:
     return digest.hexdigest()[:12]
 
 
-def start(settings: Settings, run: RunContext) -> None:
-    """Create (or reset, on a re-run with the same run id) the ledger row."""
-    db_exec(
-        settings,
-        """
-        INSERT INTO ml.runs (use_case, score_date, run_id, code_version)
-        VALUES (%s, %s, %s, %s)
-        ON CONFLICT (use_case, score_date, run_id) DO UPDATE
-        SET status = 'running', error = NULL, finished_at = NULL, code_version = EXCLUDED.code_version
-        """,
-        (run.use_case, run.score_date, run.run_id, code_version()),
-    )
+def start(settings: Settings, run: RunContext, params: dict[str, Any] | None = None) -> int:
+    """Create (or reset, on a retry of the same run) the ledger row; returns its attempt number.
+
+    Attempts count the runs of one (use case, score date): the first run is attempt 1, a
+    re-run or backfill of the date is attempt 2, and so on.
+    """
+    conn = db.connect(settings.database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT pg_advisory_xact_lock(hashtext(%s))",
+                (f"nightscore.ledger.{run.use_case}.{run.score_date}",),
+            )
+            cur.execute(
+                """
+                INSERT INTO ml.runs (use_case, score_date, run_id, code_version, params, attempt)
+                SELECT %(uc)s, %(d)s, %(run)s, %(code)s, %(params)s,
+                       coalesce(max(attempt), 0) + 1
+                FROM ml.runs WHERE use_case = %(uc)s AND score_date = %(d)s
+                ON CONFLICT (use_case, score_date, run_id) DO UPDATE
+                SET status = 'running', error = NULL, finished_at = NULL,
+                    code_version = EXCLUDED.code_version, params = EXCLUDED.params
+                RETURNING attempt
+                """,
+                {
+                    "uc": run.use_case,
+                    "d": run.score_date,
+                    "run": run.run_id,
+                    "code": code_version(),
+                    "params": json.dumps(params or {}, default=str),
+                },
+            )
+            attempt = int(cur.fetchone()[0])
+        conn.commit()
+    finally:
+        conn.close()
+    return attempt
 
 
 def update(settings: Settings, run: RunContext, **fields: Any) -> None:

@@ -22,11 +22,16 @@ PROMOTION_MODES = ("auto", "approval", "never")
 RETRAIN_MODES = ("scheduled", "always", "never")
 
 
-def start_run(settings: Settings, uc: UseCase, run: RunContext) -> dict[str, Any]:
-    """Open the run's ledger row and note the champion in force as the run starts."""
-    ledger.start(settings, run)
+def start_run(
+    settings: Settings, uc: UseCase, run: RunContext, params: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Open the run's ledger row (with its params) and note the champion as the run starts."""
+    attempt = ledger.start(settings, run, params)
     champ = registry.champion(settings, uc.name)
-    info = run.as_xcom() | {"champion_at_start": champ.version if champ else None}
+    info = run.as_xcom() | {
+        "champion_at_start": champ.version if champ else None,
+        "attempt": attempt,
+    }
     ledger.record_stage(settings, run, "start_run", {"status": "ok", **info})
     log.info(
         "run %s started for %s as of %s (code %s, champion %s)",
@@ -373,25 +378,47 @@ def promote_challenger(
     return {"version": version, "previous": previous}
 
 
+BACKFILL_MODELS = ("champion_on_date", "current_champion")
+
+
 def select_model(
     settings: Settings,
     uc: UseCase,
     run: RunContext,
     rescore_model: str | None = None,
     champion_at_start: str | None = None,
+    *,
+    backfill: bool = False,
+    backfill_model: str = "champion_on_date",
 ) -> dict[str, Any]:
     """Pin the one model this run scores with.
 
-    In order: an explicit ``rescore_model``; the challenger this very run promoted; the
-    champion in force when the run started. A promotion or rollback made elsewhere while
-    the run is going never changes what it publishes.
+    In order: an explicit ``rescore_model``; the challenger this very run promoted; in a
+    backfill, the champion in force on the score date (from the promotions log) unless
+    ``backfill_model="current_champion"``; otherwise the champion when the run started.
+    A promotion or rollback made elsewhere while the run is going never changes it.
     """
-    with ledger.stage(settings, run, "select_model") as info:
-        version = (
-            rescore_model
-            or registry.promoted_by_run(settings, uc.name, run.run_id)
-            or champion_at_start
+    if backfill_model not in BACKFILL_MODELS:
+        raise GateFailed(
+            f"backfill_model must be one of {BACKFILL_MODELS}, found {backfill_model!r}"
         )
+    with ledger.stage(settings, run, "select_model") as info:
+        promoted = registry.promoted_by_run(settings, uc.name, run.run_id)
+        version: str | None
+        if rescore_model:
+            version, why = rescore_model, "rescore_model"
+        elif promoted:
+            version, why = promoted, "promoted tonight"
+        elif backfill and backfill_model == "champion_on_date":
+            version = registry.champion_on(settings, uc.name, run.score_date)
+            why = f"champion on {run.score_date} (promotions log)"
+            if version is None:
+                raise ModelError(
+                    f"no {uc.name} model was champion on {run.score_date} (the promotions log starts "
+                    "later); backfill with backfill_model=current_champion to rescore with today's"
+                )
+        else:
+            version, why = champion_at_start, "champion at run start"
         if version is None:
             raise ModelError(
                 f"no champion model for use case {uc.name!r}: run with retrain=always so a "
@@ -399,12 +426,7 @@ def select_model(
             )
         mv = registry.get(settings, uc.name, version)
         ledger.update(settings, run, model_version=mv.version)
-        info |= {
-            "model_version": mv.version,
-            "why": "rescore_model"
-            if rescore_model
-            else ("promoted tonight" if version != champion_at_start else "champion at run start"),
-        }
+        info |= {"model_version": mv.version, "why": why}
     return {"model_version": mv.version, "sha256": mv.sha256}
 
 
@@ -455,7 +477,8 @@ def publish_scores(
             info |= {"rows": found, "dry_run": True}
             return {"rows": found, "dry_run": True}
         result = publish.publish_scores(settings, uc, run, model_version, scored, expected)
-        info |= result.as_xcom()
+        dropped = publish.apply_retention(settings, uc, run, uc.retention_dates)
+        info |= result.as_xcom() | {"retention_dropped": [str(d) for d in dropped]}
     return result.as_xcom()
 
 
@@ -552,7 +575,12 @@ def run_night(
     if isinstance(retrain, bool):
         retrain = "always" if retrain else "never"
     run = RunContext(uc.name, score_date, run_id or f"cli__{datetime.now(UTC):%Y%m%dT%H%M%S%f}")
-    started = start_run(settings, uc, run)
+    params = {
+        "retrain": retrain,
+        "promotion_mode": promotion_mode,
+        "rescore_model": rescore_model or "",
+    }
+    started = start_run(settings, uc, run, params)
     snap = build_features(settings, uc, run)
     evaluation = None
     if decide_retrain(settings, uc, run, retrain)["retrain"]:

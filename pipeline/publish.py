@@ -19,6 +19,7 @@ set or two copies.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import time
 from collections.abc import Iterator
@@ -79,33 +80,117 @@ def partition_name(uc: UseCase, score_date: date) -> str:
     return f"{uc.score_table}_p{score_date:%Y%m%d}"
 
 
+HISTOGRAM_BINS = 1 << 16
+
+
+def _part_batches(
+    parts: list[ScoredPart], columns: list[str], rows: int
+) -> Iterator[pa.RecordBatch]:
+    for part in parts:
+        yield from pq.ParquetFile(part.path).iter_batches(batch_size=rows, columns=columns)
+
+
+def decile_thresholds(
+    uc: UseCase, parts: list[ScoredPart], batch_rows: int
+) -> list[tuple[float, int]]:
+    """The (probability, key) of the first row of deciles 2..10, in bounded memory.
+
+    Rows are ranked by probability descending, then key ascending. Pass 1 counts rows per
+    histogram bin of the probability; pass 2 keeps only the rows falling in the few bins
+    that hold a decile boundary and sorts those. Memory is the batch plus those bins,
+    whatever the population.
+    """
+    pcol, key = uc.probability_column, uc.entity_key
+    counts = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
+    n = 0
+    for batch in _part_batches(parts, [pcol], batch_rows):
+        p = batch.column(0).to_numpy()
+        counts += np.bincount(_bins(p), minlength=HISTOGRAM_BINS)
+        n += len(p)
+    if n == 0:
+        return []
+    # descending order: rank range of bin b is [above[b], above[b] + counts[b])
+    above = np.cumsum(counts[::-1])[::-1] - counts
+    boundaries = [-(-j * n // 10) for j in range(1, 10)]  # ceil(j * n / 10)
+    wanted: dict[int, list[int]] = {}
+    for r in boundaries:
+        b = int(np.flatnonzero((above <= r) & (r < above + counts))[0])
+        wanted.setdefault(b, []).append(r)
+    keep_bins = np.array(sorted(wanted))
+    probs, keys = [], []
+    for batch in _part_batches(parts, [pcol, key], batch_rows):
+        p = batch.column(0).to_numpy()
+        mask = np.isin(_bins(p), keep_bins)
+        probs.append(p[mask])
+        keys.append(batch.column(1).to_numpy()[mask])
+    bp, bk = np.concatenate(probs), np.concatenate(keys)
+    bb = _bins(bp)
+    out = []
+    for b in keep_bins:
+        sel = bb == b
+        order = np.lexsort((bk[sel], -bp[sel]))
+        for r in wanted[int(b)]:
+            i = order[r - int(above[b])]
+            out.append((float(bp[sel][i]), int(bk[sel][i])))
+    return sorted(out, key=lambda t: (-t[0], t[1]))
+
+
+def _bins(p: np.ndarray) -> np.ndarray:
+    return np.minimum((np.asarray(p) * HISTOGRAM_BINS).astype(np.int64), HISTOGRAM_BINS - 1)
+
+
+def deciles_from_thresholds(
+    p: np.ndarray, keys: np.ndarray, thresholds: list[tuple[float, int]]
+) -> np.ndarray:
+    """Decile of each row: 1 + the number of boundaries it sorts at or after."""
+    d = np.ones(len(p), dtype=np.int16)
+    for tp, tk in thresholds:
+        d += ((p < tp) | ((p == tp) & (keys >= tk))).astype(np.int16)
+    return d
+
+
 def _batches(
     uc: UseCase, parts: list[ScoredPart], score_date: date, model_version: str, schema: pa.Schema
 ) -> Iterator[pa.RecordBatch]:
-    keys = np.concatenate(
-        [pq.read_table(p.path, columns=[uc.entity_key]).column(0).to_numpy() for p in parts]
-    )
-    probs = np.concatenate(
-        [pq.read_table(p.path, columns=[uc.probability_column]).column(0).to_numpy() for p in parts]
-    )
-    deciles = risk_deciles(probs, keys)
-    step = uc.batch_rows * 4
-    for start in range(0, len(keys), step):
-        n = min(step, len(keys) - start)
+    """The rows to COPY, batch by batch, with their global risk decile."""
+    thresholds = decile_thresholds(uc, parts, uc.batch_rows * 4)
+    day = (score_date - date(1970, 1, 1)).days
+    for i, batch in enumerate(
+        _part_batches(parts, [uc.entity_key, uc.probability_column], uc.batch_rows * 4)
+    ):
+        if i == 1:
+            fault_point("during_copy")
+        keys = batch.column(0).to_numpy()
+        probs = batch.column(1).to_numpy()
+        n = len(keys)
         yield pa.RecordBatch.from_arrays(
             [
-                pa.array(np.full(n, (score_date - date(1970, 1, 1)).days, dtype=np.int32)).cast(
-                    pa.date32()
-                ),
-                pa.array(keys[start : start + n]),
+                pa.array(np.full(n, day, dtype=np.int32)).cast(pa.date32()),
+                pa.array(keys),
                 pa.DictionaryArray.from_arrays(
                     pa.array(np.zeros(n, dtype=np.int32)), pa.array([model_version])
                 ).cast(pa.string()),
-                pa.array(probs[start : start + n]),
-                pa.array(deciles[start : start + n]),
+                pa.array(probs),
+                pa.array(deciles_from_thresholds(probs, keys, thresholds)),
             ],
             schema=schema,
         )
+
+
+def fault_point(name: str) -> None:
+    """Where fault-injection tests stop a publish (``NIGHTSCORE_FAULT_PAUSE=<name>``).
+
+    Does nothing unless that variable names this point: then it touches
+    ``$NIGHTSCORE_FAULT_PAUSE_FILE`` and sleeps, so a test can kill the process (or its
+    database backend) at exactly this step.
+    """
+    if os.environ.get("NIGHTSCORE_FAULT_PAUSE") != name:
+        return
+    marker = os.environ.get("NIGHTSCORE_FAULT_PAUSE_FILE")
+    if marker:
+        with open(marker, "w") as fh:
+            fh.write(str(os.getpid()))
+    time.sleep(float(os.environ.get("NIGHTSCORE_FAULT_PAUSE_SECONDS", "600")))
 
 
 def publish_scores(
@@ -156,6 +241,7 @@ def publish_scores(
         copy_seconds = time.monotonic() - copy_began
 
         _constrain_and_validate(conn, uc, stage, run.score_date, model_version, expected_rows)
+        fault_point("after_validation")
         attempts = _swap(conn, settings, uc, run, stage, target, expected_rows)
     except BaseException:
         conn.rollback()
@@ -271,7 +357,9 @@ def _swap(
                     """,
                     (rows, run.use_case, run.score_date, run.run_id),
                 )
+                fault_point("inside_swap")
             conn.commit()
+            fault_point("after_swap")
             return attempt
         except pg_errors.LockNotAvailable:
             conn.rollback()
@@ -403,3 +491,84 @@ def publish_shadow(
     finally:
         conn.close()
     return n
+
+
+def published_partitions(conn: Any, uc: UseCase) -> list[tuple[date, str]]:
+    """(score date, partition table) of every attached partition, newest first."""
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT c.relname FROM pg_inherits i
+            JOIN pg_class c ON c.oid = i.inhrelid
+            JOIN pg_class p ON p.oid = i.inhparent
+            JOIN pg_namespace n ON n.oid = p.relnamespace
+            WHERE n.nspname = %s AND p.relname = %s
+            """,
+            (SCHEMA, uc.score_table),
+        )
+        names = [r[0] for r in cur.fetchall()]
+    prefix = f"{uc.score_table}_p"
+    out = [
+        (
+            date.fromisoformat(
+                f"{n[len(prefix) :][:4]}-{n[len(prefix) :][4:6]}-{n[len(prefix) :][6:8]}"
+            ),
+            n,
+        )
+        for n in names
+        if n.startswith(prefix)
+    ]
+    return sorted(out, reverse=True)
+
+
+def apply_retention(settings: Settings, uc: UseCase, run: RunContext, keep: int) -> list[date]:
+    """Drop the partitions of all but the ``keep`` newest score dates, atomically, and log it.
+
+    One transaction (lock timeout, the publish advisory lock): either every expired
+    partition is detached and dropped, or none is. Each drop is logged in ``ml.retention_log``.
+    """
+    conn = db.connect(settings.database_url)
+    try:
+        expired = published_partitions(conn, uc)[keep:]
+        conn.commit()
+        if not expired:
+            return []
+        for attempt in range(1, SWAP_ATTEMPTS + 1):
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(
+                        sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT))
+                    )
+                    cur.execute(
+                        "SELECT pg_advisory_xact_lock(hashtext(%s))",
+                        (f"nightscore.publish.{uc.name}",),
+                    )
+                    for day, name in expired:
+                        table = sql.Identifier(SCHEMA, name)
+                        cur.execute(sql.SQL("SELECT count(*) FROM {}").format(table))
+                        rows = cur.fetchone()[0]
+                        cur.execute(
+                            sql.SQL("ALTER TABLE {p} DETACH PARTITION {t}").format(
+                                p=sql.Identifier(SCHEMA, uc.score_table), t=table
+                            )
+                        )
+                        cur.execute(sql.SQL("DROP TABLE {}").format(table))
+                        cur.execute(
+                            "INSERT INTO ml.retention_log (use_case, score_date, partition_name, rows, keep, run_id) "
+                            "VALUES (%s, %s, %s, %s, %s, %s)",
+                            (uc.name, day, name, rows, keep, run.run_id),
+                        )
+                conn.commit()
+                break
+            except pg_errors.LockNotAvailable:
+                conn.rollback()
+                time.sleep(min(0.2 * attempt, 2.0))
+        else:
+            raise PublishError(
+                f"retention could not drop {len(expired)} expired partitions of {SCHEMA}.{uc.score_table}: "
+                f"lock timeout {SWAP_ATTEMPTS} times; they stay until the next publish"
+            )
+    finally:
+        conn.close()
+    log.info("retention: dropped %s (keeping the %d newest dates)", [d for d, _ in expired], keep)
+    return [d for d, _ in expired]

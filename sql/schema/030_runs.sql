@@ -18,3 +18,19 @@ CREATE TABLE IF NOT EXISTS ml.runs (
 );
 CREATE INDEX IF NOT EXISTS runs_published ON ml.runs (use_case, score_date)
     WHERE status = 'published';
+
+-- Attempt number of each run for its date (1 for the first run of a date, then 2, ...).
+ALTER TABLE ml.runs ADD COLUMN IF NOT EXISTS attempt integer;
+ALTER TABLE ml.runs ADD COLUMN IF NOT EXISTS params jsonb NOT NULL DEFAULT '{}';
+CREATE UNIQUE INDEX IF NOT EXISTS runs_attempt ON ml.runs (use_case, score_date, attempt);
+
+-- Partitions dropped by retention.
+CREATE TABLE IF NOT EXISTS ml.retention_log (
+    use_case        text        NOT NULL,
+    score_date      date        NOT NULL,
+    partition_name  text        NOT NULL,
+    rows            bigint      NOT NULL,
+    keep            integer     NOT NULL,
+    run_id          text,
+    dropped_at      timestamptz NOT NULL DEFAULT now()
+);

@@ -16,3 +16,8 @@ WHERE s.score_date = (
     SELECT max(r.score_date) FROM ml.runs r
     WHERE r.use_case = 'churn' AND r.status = 'published'
 );
+
+-- Every published date (a customer's score history). Readers query views, never the table.
+CREATE OR REPLACE VIEW predictions.churn_scores_history AS
+SELECT score_date, customer_id, model_version, churn_probability, risk_decile
+FROM predictions.churn_scores;
