@@ -33,36 +33,36 @@ def served(settings: Settings, score_date) -> tuple[int, int, str]:
 
 
 @pytest.fixture(scope="module")
-def first_night(seeded: Settings) -> dict:
-    return nightly.run_night(seeded, UC, SCORE_DATE, run_id="test-night-1")
+def first_night(isolated: Settings) -> dict:
+    return nightly.run_night(isolated, UC, SCORE_DATE, retrain="always", run_id="test-night-1")
 
 
 def test_first_night_trains_promotes_and_publishes_everyone(
-    seeded: Settings, first_night: dict
+    isolated: Settings, first_night: dict
 ) -> None:
     version = first_night["model_version"]
     assert first_night["evaluation"]["decision"] == "promote"
-    champ = registry.champion(seeded, "churn")
+    champ = registry.champion(isolated, "churn")
     assert champ is not None and champ.version == version
     # the model learned real signal out of time
     assert champ.metrics["roc_auc"] > 0.7
     assert champ.metrics["lift_top_decile"] > 2.5
-    rows, distinct, _ = served(seeded, SCORE_DATE)
+    rows, distinct, _ = served(isolated, SCORE_DATE)
     population = first_night["published"]["rows"]
     assert rows == distinct == population > 3000
     # the latest view serves exactly one date: the newest published one (never an older backfill)
     newest = db.scalar(
-        seeded.database_url,
+        isolated.database_url,
         "SELECT max(score_date) FROM ml.runs WHERE use_case = 'churn' AND status = 'published'",
     )
     assert newest >= SCORE_DATE
     served_dates = db.scalar(
-        seeded.database_url,
+        isolated.database_url,
         "SELECT array_agg(DISTINCT score_date) FROM predictions.churn_scores_latest",
     )
     assert served_dates == [newest]
     deciles = db.scalar(
-        seeded.database_url,
+        isolated.database_url,
         "SELECT array_agg(n ORDER BY d) FROM (SELECT risk_decile d, count(*) n FROM predictions.churn_scores "
         "WHERE score_date = %s GROUP BY 1) x",
         (SCORE_DATE,),
@@ -70,14 +70,14 @@ def test_first_night_trains_promotes_and_publishes_everyone(
     assert len(deciles) == 10 and max(deciles) - min(deciles) <= 1
 
 
-def test_the_card_records_how_the_model_was_made(seeded: Settings, first_night: dict) -> None:
-    mv = registry.get(seeded, "churn", first_night["model_version"])
+def test_the_card_records_how_the_model_was_made(isolated: Settings, first_night: dict) -> None:
+    mv = registry.get(isolated, "churn", first_night["model_version"])
     assert mv.training_window["holdout"]["as_of"] == str(SCORE_DATE - timedelta(days=30))
     assert len(mv.training_window["snapshots"]) == UC.train_snapshots
     assert {"scikit-learn", "numpy", "pandas", "python"} <= set(mv.library_versions)
     assert {f["name"] for f in mv.feature_schema} >= {"tenure_days", "usage_trend", "country"}
     run = db.scalar(
-        seeded.database_url,
+        isolated.database_url,
         "SELECT row_to_json(r) FROM ml.runs r WHERE run_id = 'test-night-1'",
     )
     assert run["status"] == "published" and run["model_version"] == mv.version
@@ -87,16 +87,16 @@ def test_the_card_records_how_the_model_was_made(seeded: Settings, first_night: 
 
 
 def test_rerunning_a_date_replaces_its_rows_with_identical_ones(
-    seeded: Settings, first_night: dict
+    isolated: Settings, first_night: dict
 ) -> None:
-    before = served(seeded, SCORE_DATE)
+    before = served(isolated, SCORE_DATE)
     for i in range(2):
-        nightly.run_night(seeded, UC, SCORE_DATE, retrain=False, run_id=f"test-rerun-{i}")
-    assert served(seeded, SCORE_DATE) == before
+        nightly.run_night(isolated, UC, SCORE_DATE, retrain=False, run_id=f"test-rerun-{i}")
+    assert served(isolated, SCORE_DATE) == before
 
 
-def test_a_tampered_artifact_is_refused(seeded: Settings, first_night: dict) -> None:
-    mv = registry.get(seeded, "churn", first_night["model_version"])
+def test_a_tampered_artifact_is_refused(isolated: Settings, first_night: dict) -> None:
+    mv = registry.get(isolated, "churn", first_night["model_version"])
     path = Path(mv.artifact_uri)
     original = path.read_bytes()
     try:
@@ -104,25 +104,25 @@ def test_a_tampered_artifact_is_refused(seeded: Settings, first_night: dict) -> 
         tampered[len(tampered) // 2] ^= 0x01
         path.write_bytes(bytes(tampered))
         with pytest.raises(ModelError, match="modified or replaced"):
-            registry.load_model(seeded, "churn", mv.version)
+            registry.load_model(isolated, "churn", mv.version)
         path.unlink()
         with pytest.raises(ModelError, match="missing"):
-            registry.load_model(seeded, "churn", mv.version)
+            registry.load_model(isolated, "churn", mv.version)
     finally:
         path.write_bytes(original)
 
 
 def test_no_champion_and_no_retrain_stops_with_a_clear_error(
-    seeded: Settings, first_night: dict
+    isolated: Settings, first_night: dict
 ) -> None:
     other = replace(UC, name="churn_empty")
     run = nightly.RunContext("churn_empty", SCORE_DATE, "test-no-champion")
-    nightly.start_run(seeded, other, run)
+    nightly.start_run(isolated, other, run)
     with pytest.raises(ModelError, match="no champion model"):
-        nightly.select_model(seeded, other, run)
+        nightly.select_model(isolated, other, run)
     assert (
         db.scalar(
-            seeded.database_url, "SELECT status FROM ml.runs WHERE run_id = 'test-no-champion'"
+            isolated.database_url, "SELECT status FROM ml.runs WHERE run_id = 'test-no-champion'"
         )
         == "failed"
     )
