@@ -1,0 +1,35 @@
+"""A publish in its own process, so fault tests can SIGKILL it or terminate its backend.
+
+python -m tests.faults.publisher '<json: database_url, home, score_date, run_id, model_version, parts, rows>'
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import date
+from pathlib import Path
+
+from pipeline import ledger, publish
+from pipeline.config import Settings, use_case
+from pipeline.score import ScoredPart
+
+
+def main() -> int:
+    args = json.loads(sys.argv[1])
+    settings = Settings(
+        database_url=args["database_url"],
+        warehouse_url=args["database_url"],
+        home=Path(args["home"]),
+    )
+    run = ledger.RunContext("churn", date.fromisoformat(args["score_date"]), args["run_id"])
+    ledger.start(settings, run)
+    parts = [ScoredPart.from_xcom(p) for p in args["parts"]]
+    publish.publish_scores(
+        settings, use_case("churn"), run, args["model_version"], parts, args["rows"]
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
