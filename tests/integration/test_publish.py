@@ -1,0 +1,264 @@
+"""The readers' contract under concurrency: atomic swaps, retries instead of queues, roles, retention."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+from datetime import timedelta
+
+import numpy as np
+import psycopg2
+import pytest
+
+from pipeline import db, ledger, nightly, publish
+from pipeline.config import Settings, use_case, with_role
+from pipeline.score import ScoredPart
+from tests.conftest import SCORE_DATE
+
+UC = use_case("churn")
+
+
+@pytest.fixture(scope="module")
+def night(isolated: Settings) -> dict:
+    out = nightly.run_night(isolated, UC, SCORE_DATE, retrain="always", run_id="pub-base")
+    folder = isolated.scores / "churn" / SCORE_DATE.isoformat() / "pub-base"
+    parts = [ScoredPart(i, p, 0) for i, p in enumerate(sorted(folder.glob("part-*.parquet")))]
+    return {"version": out["model_version"], "rows": out["published"]["rows"], "parts": parts}
+
+
+def republish(
+    settings: Settings, night: dict, run_id: str, day=SCORE_DATE
+) -> publish.PublishResult:
+    run = ledger.RunContext("churn", day, run_id)
+    ledger.start(settings, run)
+    return publish.publish_scores(
+        settings, UC, run, night["version"], night["parts"], night["rows"]
+    )
+
+
+def served_hash(settings: Settings, day=SCORE_DATE) -> tuple[int, str]:
+    return db.scalar(
+        settings.database_url,
+        "SELECT json_build_array(count(*), md5(string_agg(customer_id || ':' || churn_probability || ':' "
+        "|| risk_decile || ':' || model_version, ',' ORDER BY customer_id))) "
+        "FROM predictions.churn_scores WHERE score_date = %s",
+        (day,),
+    )
+
+
+def test_three_runs_of_a_date_leave_one_identical_copy(isolated: Settings, night: dict) -> None:
+    before = served_hash(isolated)
+    for i in range(3):
+        republish(isolated, night, f"pub-idem-{i}")
+    assert served_hash(isolated) == before
+    assert before[0] == night["rows"]
+    attempts = db.scalar(
+        isolated.database_url,
+        "SELECT array_agg(attempt ORDER BY attempt) FROM ml.runs WHERE score_date = %s",
+        (SCORE_DATE,),
+    )
+    assert attempts == list(range(1, len(attempts) + 1))
+
+
+def test_two_attempts_at_once_give_exactly_one_set_of_rows(isolated: Settings, night: dict) -> None:
+    errors: list[BaseException] = []
+
+    def go(i: int) -> None:
+        try:
+            republish(isolated, night, f"pub-twin-{i}")
+        except BaseException as exc:  # collected for the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    rows, _ = served_hash(isolated)
+    assert rows == night["rows"]
+    assert (
+        db.scalar(
+            isolated.database_url,
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'predictions' AND tablename LIKE %s",
+            ("%\\_stage\\_%",),
+        )
+        == 0
+    )
+
+
+def test_a_long_reader_makes_the_swap_retry_without_queueing_other_readers(
+    isolated: Settings, night: dict
+) -> None:
+    holder = db.connect(isolated.database_url)
+    waits: list[float] = []
+    result: dict = {}
+    with holder.cursor() as cur:
+        cur.execute(
+            "SELECT count(*) FROM predictions.churn_scores_latest"
+        )  # holds its locks until commit
+
+    publisher = threading.Thread(
+        target=lambda: result.update(r=republish(isolated, night, "pub-blocked"))
+    )
+    publisher.start()
+    try:
+        time.sleep(0.5)
+        for _ in range(6):  # other readers keep reading while the publish waits for the long one
+            began = time.monotonic()
+            assert (
+                db.scalar(
+                    isolated.database_url, "SELECT count(*) FROM predictions.churn_scores_latest"
+                )
+                == night["rows"]
+            )
+            waits.append(time.monotonic() - began)
+            time.sleep(0.5)
+    finally:
+        holder.commit()
+        holder.close()
+    publisher.join(120)
+    assert result["r"].swap_attempts >= 2  # it timed out on the lock and retried
+    assert max(waits) < 2.5, waits
+    print(f"\nreaders' worst wait behind a blocked publish: {max(waits):.2f}s")
+
+
+def test_readers_never_see_a_partial_count_during_publishes(
+    isolated: Settings, night: dict
+) -> None:
+    stop = threading.Event()
+    seen: list[int] = []
+    errors: list[BaseException] = []
+    worst = [0.0]
+
+    def reader() -> None:
+        conn = db.connect(isolated.database_url, autocommit=True)
+        try:
+            while not stop.is_set():
+                began = time.monotonic()
+                with conn.cursor() as cur:
+                    cur.execute("SELECT count(*) FROM predictions.churn_scores_latest")
+                    seen.append(cur.fetchone()[0])
+                worst[0] = max(worst[0], time.monotonic() - began)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            conn.close()
+
+    readers = [threading.Thread(target=reader) for _ in range(3)]
+    for t in readers:
+        t.start()
+    for i in range(3):
+        republish(isolated, night, f"pub-busy-{i}")
+    stop.set()
+    for t in readers:
+        t.join(30)
+    assert not errors
+    assert len(seen) > 20 and set(seen) == {night["rows"]}
+    print(f"\n{len(seen)} reads during 3 publishes, worst read latency {worst[0] * 1000:.0f} ms")
+
+
+def test_backfilled_old_dates_never_move_latest_backwards(isolated: Settings, night: dict) -> None:
+    later = SCORE_DATE + timedelta(days=3)
+    republish(isolated, night, "pub-later", later)
+    republish(isolated, night, "pub-older", SCORE_DATE - timedelta(days=2))
+    assert (
+        db.scalar(
+            isolated.database_url, "SELECT DISTINCT score_date FROM predictions.churn_scores_latest"
+        )
+        == later
+    )
+
+
+def test_retention_keeps_the_newest_dates_and_logs_the_drop(
+    isolated: Settings, night: dict
+) -> None:
+    days = [SCORE_DATE + timedelta(days=10 + i) for i in range(3)]
+    for i, day in enumerate(days):
+        republish(isolated, night, f"pub-ret-{i}", day)
+    run = ledger.RunContext("churn", days[-1], "pub-ret-2")
+    conn = db.connect(isolated.database_url)
+    before = [d for d, _ in publish.published_partitions(conn, UC)]
+    conn.close()
+    dropped = publish.apply_retention(isolated, UC, run, keep=2)
+    assert dropped == before[2:]
+    conn = db.connect(isolated.database_url)
+    after = [d for d, _ in publish.published_partitions(conn, UC)]
+    conn.close()
+    assert after == days[::-1][:2]
+    logged = db.scalar(
+        isolated.database_url, "SELECT count(*) FROM ml.retention_log WHERE run_id = 'pub-ret-2'"
+    )
+    assert logged == len(dropped)
+    assert (
+        db.scalar(isolated.database_url, "SELECT count(*) FROM predictions.churn_scores_latest")
+        == night["rows"]
+    )
+
+
+def test_the_pipeline_publishes_as_the_writer_role(isolated: Settings, night: dict) -> None:
+    writer = replace(isolated, database_url=with_role(isolated.database_url, "nightscore_writer"))
+    assert db.scalar(writer.database_url, "SELECT current_user") == "nightscore_writer"
+    republish(writer, night, "pub-as-writer", SCORE_DATE + timedelta(days=20))
+    owner = db.scalar(
+        isolated.database_url,
+        "SELECT tableowner FROM pg_tables WHERE tablename = %s",
+        (publish.partition_name(UC, SCORE_DATE + timedelta(days=20)),),
+    )
+    assert owner == "nightscore_writer"
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "SELECT count(*) FROM predictions.churn_scores",
+        "SELECT count(*) FROM predictions.{partition}",
+        "SELECT count(*) FROM predictions.{stage}",
+        "SELECT count(*) FROM warehouse.customers",
+        "SELECT count(*) FROM ml.runs",
+        "INSERT INTO predictions.churn_scores VALUES ('2030-01-01', 1, 'x', 0.5, 1)",
+        "DELETE FROM predictions.churn_scores_history",
+        "CREATE TABLE predictions.mine (x int)",
+    ],
+)
+def test_the_reader_role_reads_served_views_and_nothing_else(
+    isolated: Settings, night: dict, statement: str
+) -> None:
+    stage = "churn_scores_stage_20991231_readertest"
+    db.scalar(
+        isolated.database_url,
+        f"SET ROLE nightscore_writer; CREATE TABLE IF NOT EXISTS predictions.{stage} "
+        "(LIKE predictions.churn_scores); SELECT 1",
+    )
+    reader = with_role(isolated.database_url, "nightscore_reader")
+    assert db.scalar(reader, "SELECT count(*) FROM predictions.churn_scores_latest") > 0
+    assert db.scalar(reader, "SELECT count(*) FROM predictions.churn_scores_history") > 0
+    conn = db.connect(isolated.database_url)
+    newest_partition = publish.published_partitions(conn, UC)[0][1]
+    conn.close()
+    sql_text = statement.format(partition=newest_partition, stage=stage)
+    with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+        db.scalar(reader, sql_text)
+
+
+def test_exact_deciles_in_bounded_memory_match_a_full_sort(tmp_path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(4)
+    n = 50_003
+    probs = np.round(rng.beta(1.2, 15.0, n), 3)  # many ties
+    keys = rng.permutation(n).astype(np.int64) + 1
+    parts = []
+    for i, sl in enumerate(np.array_split(np.arange(n), 3)):
+        path = tmp_path / f"part-{i}.parquet"
+        pq.write_table(
+            pa.table({"customer_id": keys[sl], "churn_probability": probs[sl]}),
+            path,
+            row_group_size=7000,
+        )
+        parts.append(ScoredPart(i, path, len(sl)))
+    thresholds = publish.decile_thresholds(UC, parts, batch_rows=5000)
+    streamed = publish.deciles_from_thresholds(probs, keys, thresholds)
+    assert (streamed == publish.risk_deciles(probs, keys)).all()
