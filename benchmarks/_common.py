@@ -13,7 +13,7 @@ def fresh_database(prefix: str = "nightscore_bench") -> Iterator[str]:
     from pipeline import db
     from pipeline.config import load_settings, with_database
 
-    server = load_settings().database_url
+    server = load_settings().init_url
     name = f"{prefix}_{secrets.token_hex(3)}"
     admin = with_database(server, "postgres")
     conn = db.connect(admin, autocommit=True)

@@ -60,6 +60,11 @@ def connect(url: str, *, autocommit: bool = False, application_name: str = "nigh
     try:
         conn = psycopg2.connect(normalize_url(url), application_name=application_name)
     except psycopg2.OperationalError as exc:
+        if 'role "nightscore_' in str(exc) and "does not exist" in str(exc):
+            raise SourceError(
+                f"the serving database at {redact(url)} has no nightscore roles yet: run "
+                "`nightscore db init` once (it creates the schema and the writer/reader roles)"
+            ) from exc
         raise SourceError(
             f"cannot connect to PostgreSQL at {redact(url)}: {str(exc).strip()}; "
             "check that the server is running and the URL (NIGHTSCORE_DATABASE_URL / "

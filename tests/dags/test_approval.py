@@ -4,91 +4,25 @@ approves through Airflow's REST API (the same call the UI's approve button makes
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
-import sys
-import time
 from datetime import timedelta
-from pathlib import Path
 
 import httpx
 import pytest
 
-from pipeline import airflow_env as af
 from pipeline import db, registry
 from pipeline.config import Settings
 from tests.conftest import SCORE_DATE
-
-AIRFLOW = str(Path(sys.executable).with_name("airflow"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(what: str, probe, timeout: float, procs: list[subprocess.Popen]):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for p in procs:
-            if p.poll() is not None:
-                raise AssertionError(
-                    f"{p.args[1:3]} exited with {p.returncode} while waiting for {what}"
-                )
-        result = probe()
-        if result:
-            return result
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+from tests.dags.services import AIRFLOW, airflow_services, free_port, service_env, wait_for
 
 
 @pytest.fixture(scope="module")
 def api(isolated: Settings, airflow_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
     """An Airflow API server on a free port, and the environment pointing the DAG at ``isolated``."""
-    port = free_port()
     logs = tmp_path_factory.mktemp("approval")
-    env = airflow_env | {
-        "AIRFLOW__API__PORT": str(port),
-        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
-        "AIRFLOW__API_AUTH__JWT_SECRET": "nightscore-tests",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(logs / "passwords.json"),
-        "AIRFLOW_CONN_NIGHTSCORE_DB": af.connection_json(isolated.database_url),
-        "AIRFLOW_CONN_NIGHTSCORE_WAREHOUSE": af.connection_json(isolated.warehouse_url),
-        "NIGHTSCORE_DATABASE_URL": isolated.database_url,
-        "NIGHTSCORE_WAREHOUSE_URL": isolated.warehouse_url,
-        "NIGHTSCORE_HOME": str(isolated.home),
-    }
-    with (logs / "api-server.log").open("w") as out:
-        server = subprocess.Popen(
-            [AIRFLOW, "api-server", "--port", str(port)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_for("the API server", lambda: _ok(f"{base}/api/v2/version"), 180, [server])
-        password = json.loads((logs / "passwords.json").read_text())["admin"]
-        token = httpx.post(
-            f"{base}/auth/token", json={"username": "admin", "password": password}
-        ).json()
-        yield {
-            "base": base,
-            "env": env,
-            "headers": {"Authorization": f"Bearer {token['access_token']}"},
-            "logs": logs,
-        }
-    finally:
-        server.terminate()
-        server.wait(30)
-
-
-def _ok(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
+    env = service_env(airflow_env, isolated, free_port(), logs)
+    with airflow_services(env, logs) as svc:
+        yield svc | {"env": env, "logs": logs}
 
 
 @pytest.mark.slow

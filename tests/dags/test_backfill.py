@@ -1,0 +1,112 @@
+"""Backfills through Airflow 3 itself (``airflow backfill create`` + a real scheduler).
+
+Five dates with a promotion in the middle: each date is scored point-in-time with the
+model that was champion on it, the backfill's conf reaches every run it creates, and the
+newest published date stays the one served.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from datetime import timedelta
+
+import pytest
+
+from pipeline import db, nightly, registry, train
+from pipeline.config import Settings, use_case
+from tests.conftest import SCORE_DATE
+from tests.dags.services import AIRFLOW, airflow_services, free_port, service_env, wait_for
+
+UC = use_case("churn")
+DATES = [SCORE_DATE + timedelta(days=i) for i in range(5)]
+PROMOTED_ON = DATES[2]
+LATER = SCORE_DATE + timedelta(days=6)
+
+
+@pytest.fixture(scope="module")
+def history(isolated: Settings) -> dict[str, str]:
+    """Model A is champion from DATES[0]; model B is promoted effective DATES[2]; LATER is served."""
+    first = nightly.run_night(isolated, UC, DATES[0], retrain="always", run_id="history-a")
+    assert first["evaluation"]["decision"] == "promote"
+    b = train.train_challenger(isolated, UC, PROMOTED_ON)
+    registry.promote(
+        isolated, "churn", b.version, actor="test", reason="reviewed", effective_date=PROMOTED_ON
+    )
+    nightly.run_night(isolated, UC, LATER, retrain="never", run_id="history-later")
+    return {"a": first["model_version"], "b": b.version}
+
+
+@pytest.mark.slow
+def test_backfill_uses_the_champion_of_each_date_and_passes_conf_to_every_run(
+    isolated: Settings, history: dict[str, str], airflow_env: dict[str, str], tmp_path
+) -> None:
+    env = service_env(airflow_env, isolated, free_port(), tmp_path)
+    for cmd in (["dags", "reserialize"], ["dags", "unpause", "churn_nightly"]):
+        subprocess.run([AIRFLOW, *cmd], env=env, check=True, capture_output=True, timeout=300)
+    conf = {"promotion_mode": "never", "backfill_model": "champion_on_date", "rescore_model": ""}
+    with airflow_services(env, tmp_path, "scheduler") as svc:
+        created = subprocess.run(
+            [
+                AIRFLOW,
+                "backfill",
+                "create",
+                "--dag-id",
+                "churn_nightly",
+                "--from-date",
+                DATES[0].isoformat(),
+                "--to-date",
+                DATES[-1].isoformat(),
+                "--dag-run-conf",
+                json.dumps(conf),
+                "--max-active-runs",
+                "2",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert created.returncode == 0, created.stdout + created.stderr
+
+        def done():
+            rows = (
+                db.scalar(
+                    isolated.database_url,
+                    "SELECT json_agg(json_build_object('d', score_date, 's', status)) FROM ml.runs "
+                    "WHERE run_id LIKE 'backfill__%%'",
+                )
+                or []
+            )
+            failed = [r for r in rows if r["s"] == "failed"]
+            assert not failed, db.scalar(
+                isolated.database_url, "SELECT json_agg(error) FROM ml.runs WHERE status = 'failed'"
+            )
+            return sum(r["s"] == "published" for r in rows) == len(DATES)
+
+        wait_for("five published backfill runs", done, 900, svc["procs"])
+
+    runs = db.scalar(
+        isolated.database_url,
+        "SELECT json_agg(json_build_object('d', score_date, 'v', model_version, 'p', params, 'st', stages) "
+        "ORDER BY score_date) FROM ml.runs WHERE run_id LIKE 'backfill__%%'",
+    )
+    assert [r["d"] for r in runs] == [d.isoformat() for d in DATES]
+    for r in runs:
+        expected = history["a"] if r["d"] < PROMOTED_ON.isoformat() else history["b"]
+        assert r["v"] == expected, r["d"]
+        assert {k: r["p"][k] for k in conf} == conf  # the backfill's conf reached this run
+        assert "train_challenger" not in r["st"]  # backfills do not retrain unless asked
+    for day in DATES:
+        served = db.scalar(
+            isolated.database_url,
+            "SELECT array_agg(DISTINCT model_version) FROM predictions.churn_scores WHERE score_date = %s",
+            (day,),
+        )
+        assert served == [history["a"] if day < PROMOTED_ON else history["b"]]
+    assert (
+        db.scalar(
+            isolated.database_url, "SELECT DISTINCT score_date FROM predictions.churn_scores_latest"
+        )
+        == LATER
+    )
