@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 SCHEMA = "predictions"
 LOCK_TIMEOUT = "2s"
 SWAP_ATTEMPTS = 20
+COPY_STREAMS = 2  # parallel COPY connections into the staging table
 
 
 @dataclass(frozen=True)
@@ -86,8 +88,13 @@ HISTOGRAM_BINS = 1 << 16
 def _part_batches(
     parts: list[ScoredPart], columns: list[str], rows: int
 ) -> Iterator[pa.RecordBatch]:
+    """Batches of the parts, read one row group at a time (memory bounded by a row group)."""
     for part in parts:
-        yield from pq.ParquetFile(part.path).iter_batches(batch_size=rows, columns=columns)
+        pf = pq.ParquetFile(part.path)
+        for i in range(pf.num_row_groups):
+            yield from pf.read_row_group(i, columns=columns, use_threads=False).to_batches(
+                max_chunksize=rows
+            )
 
 
 def decile_thresholds(
@@ -150,15 +157,20 @@ def deciles_from_thresholds(
 
 
 def _batches(
-    uc: UseCase, parts: list[ScoredPart], score_date: date, model_version: str, schema: pa.Schema
+    uc: UseCase,
+    parts: list[ScoredPart],
+    thresholds: list[tuple[float, int]],
+    score_date: date,
+    model_version: str,
+    schema: pa.Schema,
+    pause: bool,
 ) -> Iterator[pa.RecordBatch]:
     """The rows to COPY, batch by batch, with their global risk decile."""
-    thresholds = decile_thresholds(uc, parts, uc.batch_rows * 4)
     day = (score_date - date(1970, 1, 1)).days
     for i, batch in enumerate(
         _part_batches(parts, [uc.entity_key, uc.probability_column], uc.batch_rows * 4)
     ):
-        if i == 1:
+        if i == 1 and pause:
             fault_point("during_copy")
         keys = batch.column(0).to_numpy()
         probs = batch.column(1).to_numpy()
@@ -175,6 +187,60 @@ def _batches(
             ],
             schema=schema,
         )
+
+
+def _copy(
+    settings: Settings,
+    uc: UseCase,
+    stage: str,
+    parts: list[ScoredPart],
+    score_date: date,
+    model_version: str,
+) -> int:
+    """COPY the parts into the staging table over up to ``COPY_STREAMS`` connections at once.
+
+    Returns the row count the server reported for the COPYs.
+    """
+    schema = pa.schema(
+        [
+            ("score_date", pa.date32()),
+            (uc.entity_key, pa.int64()),
+            ("model_version", pa.string()),
+            (uc.probability_column, pa.float64()),
+            ("risk_decile", pa.int16()),
+        ]
+    )
+    thresholds = decile_thresholds(uc, parts, uc.batch_rows * 4)
+    streams = [parts[i::COPY_STREAMS] for i in range(min(COPY_STREAMS, len(parts)))]
+    counts: list[int] = [0] * len(streams)
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            reader = pa.RecordBatchReader.from_batches(
+                schema,
+                _batches(uc, streams[i], thresholds, score_date, model_version, schema, i == 0),
+            )
+            counts[i] = db.ingest(settings.database_url, stage, reader, SCHEMA)
+        except BaseException as exc:  # re-raised in the calling thread
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=run, args=(i,), name=f"copy-{i}") for i in range(len(streams))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        if "violates check constraint" in str(errors[0]):
+            raise PublishError(
+                f"scored rows for {score_date} violate the contract of {SCHEMA}.{uc.score_table} "
+                f"({uc.probability_column} in [0, 1], decile 1..10, score_date = {score_date}, "
+                f"model_version = {model_version}): {str(errors[0]).splitlines()[0]}; nothing was published"
+            ) from errors[0]
+        raise errors[0]
+    return -1 if any(c < 0 for c in counts) else sum(counts)
 
 
 def fault_point(name: str) -> None:
@@ -222,25 +288,16 @@ def publish_scores(
                     parent=sql.Identifier(parent),
                 )
             )
+            _add_checks(cur, uc, stage, run.score_date, model_version)
         conn.commit()
 
-        schema = pa.schema(
-            [
-                ("score_date", pa.date32()),
-                (uc.entity_key, pa.int64()),
-                ("model_version", pa.string()),
-                (uc.probability_column, pa.float64()),
-                ("risk_decile", pa.int16()),
-            ]
-        )
         copy_began = time.monotonic()
-        reader = pa.RecordBatchReader.from_batches(
-            schema, _batches(uc, parts, run.score_date, model_version, schema)
-        )
-        db.ingest(settings.database_url, stage, reader, SCHEMA)
+        copied = _copy(settings, uc, stage, parts, run.score_date, model_version)
         copy_seconds = time.monotonic() - copy_began
 
-        _constrain_and_validate(conn, uc, stage, run.score_date, model_version, expected_rows)
+        _constrain_and_validate(
+            conn, uc, stage, run.score_date, model_version, expected_rows, copied
+        )
         fault_point("after_validation")
         attempts = _swap(conn, settings, uc, run, stage, target, expected_rows)
     except BaseException:
@@ -256,56 +313,65 @@ def publish_scores(
     return result
 
 
+def _add_checks(cur: Any, uc: UseCase, stage: str, score_date: date, model_version: str) -> None:
+    """CHECKs on the empty staging table, so COPY verifies every row as it arrives.
+
+    The partition-bound CHECK also lets ATTACH PARTITION skip its validation scan.
+    """
+    cur.execute(
+        sql.SQL(
+            "ALTER TABLE {t} "
+            "ADD CONSTRAINT {chk} CHECK (score_date >= {lo} AND score_date < {hi}), "
+            "ADD CONSTRAINT {prob} CHECK ({p} >= 0 AND {p} <= 1), "
+            "ADD CONSTRAINT {dec} CHECK (risk_decile BETWEEN 1 AND 10), "
+            "ADD CONSTRAINT {ver} CHECK (model_version = {v})"
+        ).format(
+            t=sql.Identifier(SCHEMA, stage),
+            chk=sql.Identifier(f"{stage}_bound"),
+            prob=sql.Identifier(f"{stage}_prob"),
+            dec=sql.Identifier(f"{stage}_decile"),
+            ver=sql.Identifier(f"{stage}_version"),
+            p=sql.Identifier(uc.probability_column),
+            lo=sql.Literal(score_date),
+            hi=sql.Literal(score_date + timedelta(days=1)),
+            v=sql.Literal(model_version),
+        )
+    )
+
+
 def _constrain_and_validate(
-    conn: Any, uc: UseCase, stage: str, score_date: date, model_version: str, expected_rows: int
+    conn: Any,
+    uc: UseCase,
+    stage: str,
+    score_date: date,
+    model_version: str,
+    expected_rows: int,
+    copied: int,
 ) -> None:
+    """Add the primary key (one row per key) and check the row count against the population."""
     ident = sql.Identifier(SCHEMA, stage)
     with conn.cursor() as cur:
+        cur.execute("SET LOCAL maintenance_work_mem = '256MB'")
         try:
             cur.execute(
-                sql.SQL(
-                    "ALTER TABLE {t} ADD PRIMARY KEY (score_date, {key}), "
-                    "ADD CONSTRAINT {chk} CHECK (score_date >= {lo} AND score_date < {hi}), "
-                    "ADD CONSTRAINT {prob} CHECK ({p} >= 0 AND {p} <= 1), "
-                    "ADD CONSTRAINT {dec} CHECK (risk_decile BETWEEN 1 AND 10)"
-                ).format(
-                    t=ident,
-                    key=sql.Identifier(uc.entity_key),
-                    chk=sql.Identifier(f"{stage}_bound"),
-                    prob=sql.Identifier(f"{stage}_prob"),
-                    dec=sql.Identifier(f"{stage}_decile"),
-                    p=sql.Identifier(uc.probability_column),
-                    lo=sql.Literal(score_date),
-                    hi=sql.Literal(score_date + timedelta(days=1)),
+                sql.SQL("ALTER TABLE {t} ADD PRIMARY KEY (score_date, {key})").format(
+                    t=ident, key=sql.Identifier(uc.entity_key)
                 )
             )
-        except (
-            pg_errors.UniqueViolation,
-            pg_errors.CheckViolation,
-            pg_errors.NotNullViolation,
-        ) as exc:
+        except pg_errors.UniqueViolation as exc:
             raise PublishError(
-                f"staged {SCHEMA}.{uc.score_table} rows for {score_date} violate the contract "
-                f"(one row per {uc.entity_key}, {uc.probability_column} in [0, 1], decile 1..10, "
-                f"score_date = {score_date}): {exc.pgerror.strip() if exc.pgerror else exc}; nothing was published"
+                f"staged {SCHEMA}.{uc.score_table} rows for {score_date} are not one row per "
+                f"{uc.entity_key}: {exc.pgerror.strip() if exc.pgerror else exc}; nothing was published"
             ) from exc
-        cur.execute(
-            sql.SQL("SELECT count(*), count(*) FILTER (WHERE model_version <> %s) FROM {t}").format(
-                t=ident
-            ),
-            (model_version,),
-        )
-        rows, foreign = cur.fetchone()
+        rows = copied
+        if rows < 0:  # the driver did not report the COPY count: count the rows
+            cur.execute(sql.SQL("SELECT count(*) FROM {t}").format(t=ident))
+            rows = cur.fetchone()[0]
     conn.commit()
     if rows != expected_rows:
         raise PublishError(
             f"staged {SCHEMA}.{uc.score_table} for {score_date} has {rows} rows, expected "
             f"{expected_rows} (the population as of that date); nothing was published"
-        )
-    if foreign:
-        raise PublishError(
-            f"{foreign} staged rows for {score_date} carry a model_version other than the run's "
-            f"{model_version}; nothing was published"
         )
 
 
