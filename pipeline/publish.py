@@ -170,8 +170,6 @@ def _batches(
     for i, batch in enumerate(
         _part_batches(parts, [uc.entity_key, uc.probability_column], uc.batch_rows * 4)
     ):
-        if i == 1 and pause:
-            fault_point("during_copy")
         keys = batch.column(0).to_numpy()
         probs = batch.column(1).to_numpy()
         n = len(keys)
@@ -187,6 +185,8 @@ def _batches(
             ],
             schema=schema,
         )
+        if i == 0 and pause:  # the first batch is on its way: the COPY is in progress
+            fault_point("during_copy")
 
 
 def _copy(
