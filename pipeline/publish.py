@@ -281,13 +281,7 @@ def publish_scores(
     conn = db.connect(settings.database_url)
     try:
         with conn.cursor() as cur:
-            cur.execute(
-                sql.SQL("CREATE TABLE {s}.{stage} (LIKE {s}.{parent} INCLUDING DEFAULTS)").format(
-                    s=sql.Identifier(SCHEMA),
-                    stage=sql.Identifier(stage),
-                    parent=sql.Identifier(parent),
-                )
-            )
+            _create_like(cur, stage, parent)
             _add_checks(cur, uc, stage, run.score_date, model_version)
         conn.commit()
 
@@ -311,6 +305,15 @@ def publish_scores(
     )
     log.info("published %s %s: %s", uc.name, run.score_date, result.as_xcom())
     return result
+
+
+def _create_like(cur: Any, table: str, template: str) -> None:
+    """A new staging table shaped like ``template`` (columns, NOT NULLs, defaults)."""
+    cur.execute(
+        sql.SQL("CREATE TABLE {s}.{t} (LIKE {s}.{template} INCLUDING DEFAULTS)").format(
+            s=sql.Identifier(SCHEMA), t=sql.Identifier(table), template=sql.Identifier(template)
+        )
+    )
 
 
 def _add_checks(cur: Any, uc: UseCase, stage: str, score_date: date, model_version: str) -> None:
@@ -521,13 +524,7 @@ def publish_shadow(
     conn = db.connect(settings.database_url)
     try:
         with conn.cursor() as cur:
-            cur.execute(
-                sql.SQL("CREATE TABLE {s}.{stage} (LIKE {s}.{t})").format(
-                    s=sql.Identifier(SCHEMA),
-                    stage=sql.Identifier(stage),
-                    t=sql.Identifier(shadow_table),
-                )
-            )
+            _create_like(cur, stage, shadow_table)
         conn.commit()
         db.ingest(settings.database_url, stage, data, SCHEMA)
         with conn.cursor() as cur:

@@ -47,6 +47,21 @@ def _row_to_version(row: tuple[Any, ...]) -> ModelVersion:
     return ModelVersion(*row)
 
 
+def _fetch_one(settings: Settings, where: str, params: tuple[Any, ...]) -> ModelVersion | None:
+    """The newest model version matching ``where`` (a fixed SQL condition), or None."""
+    conn = db.connect(settings.database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                f"SELECT {_COLUMNS} FROM ml.model_versions WHERE {where} ORDER BY created_at DESC LIMIT 1",
+                params,
+            )
+            row = cur.fetchone()
+    finally:
+        conn.close()
+    return None if row is None else _row_to_version(row)
+
+
 def register(settings: Settings, card: dict[str, Any]) -> ModelVersion:
     """Record a trained model as a ``candidate``. Re-registering the same version is a no-op."""
     conn = db.connect(settings.database_url)
@@ -78,22 +93,13 @@ def register(settings: Settings, card: dict[str, Any]) -> ModelVersion:
 
 
 def get(settings: Settings, use_case: str, version: str) -> ModelVersion:
-    conn = db.connect(settings.database_url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(
-                f"SELECT {_COLUMNS} FROM ml.model_versions WHERE use_case = %s AND version = %s",
-                (use_case, version),
-            )
-            row = cur.fetchone()
-    finally:
-        conn.close()
-    if row is None:
+    mv = _fetch_one(settings, "use_case = %s AND version = %s", (use_case, version))
+    if mv is None:
         raise ModelError(
             f"model version {version!r} of use case {use_case!r} is not in ml.model_versions; "
             "list versions with `nightscore models list`"
         )
-    return _row_to_version(row)
+    return mv
 
 
 def list_versions(settings: Settings, use_case: str) -> list[ModelVersion]:
@@ -112,17 +118,7 @@ def list_versions(settings: Settings, use_case: str) -> list[ModelVersion]:
 
 def champion(settings: Settings, use_case: str) -> ModelVersion | None:
     """The current champion, or None before the first promotion."""
-    conn = db.connect(settings.database_url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(
-                f"SELECT {_COLUMNS} FROM ml.model_versions WHERE use_case = %s AND status = 'champion'",
-                (use_case,),
-            )
-            row = cur.fetchone()
-    finally:
-        conn.close()
-    return None if row is None else _row_to_version(row)
+    return _fetch_one(settings, "use_case = %s AND status = 'champion'", (use_case,))
 
 
 def promote(
@@ -274,18 +270,7 @@ def champion_on(settings: Settings, use_case: str, day: date) -> str | None:
 
 def shadow(settings: Settings, use_case: str) -> ModelVersion | None:
     """The current shadow model (the newest challenger that was not promoted), if any."""
-    conn = db.connect(settings.database_url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(
-                f"SELECT {_COLUMNS} FROM ml.model_versions WHERE use_case = %s AND status = 'shadow' "
-                "ORDER BY created_at DESC LIMIT 1",
-                (use_case,),
-            )
-            row = cur.fetchone()
-    finally:
-        conn.close()
-    return None if row is None else _row_to_version(row)
+    return _fetch_one(settings, "use_case = %s AND status = 'shadow'", (use_case,))
 
 
 def set_shadow(settings: Settings, use_case: str, version: str) -> None:
