@@ -1,7 +1,7 @@
 """
 ### churn_nightly
 
-Every night at 00:00 UTC: snapshot point-in-time features of every active customer as of
+Every night at 00:00 UTC: check the sources against their contract, snapshot point-in-time features of every active customer as of
 the run date (facts strictly before it), retrain a challenger on matured snapshots,
 evaluate it against the champion on the same out-of-time holdout (promote on pass),
 score the whole population in hash partitions with the one pinned model, and publish to
@@ -78,6 +78,40 @@ def churn_nightly():
         ctx = get_current_context()
         return nightly.start_run(
             settings(), use_case(USE_CASE), run_context(ctx, USE_CASE), dict(params or {})
+        )
+
+    @task(retries=0)
+    def check_sources() -> dict:
+        from _nightscore import run_context, settings
+
+        from pipeline import nightly
+        from pipeline.config import use_case
+
+        ctx = get_current_context()
+        return nightly.check_sources(settings(), use_case(USE_CASE), run_context(ctx, USE_CASE))
+
+    @task(retries=0)
+    def check_features(snapshot: dict) -> dict:
+        from _nightscore import run_context, settings
+
+        from pipeline import nightly
+        from pipeline.config import use_case
+
+        ctx = get_current_context()
+        return nightly.check_features(
+            settings(), use_case(USE_CASE), run_context(ctx, USE_CASE), snapshot
+        )
+
+    @task(retries=0)
+    def check_scores(parts: list[dict]) -> dict:
+        from _nightscore import run_context, settings
+
+        from pipeline import nightly
+        from pipeline.config import use_case
+
+        ctx = get_current_context()
+        return nightly.check_scores(
+            settings(), use_case(USE_CASE), run_context(ctx, USE_CASE), list(parts)
         )
 
     @task(**IO_RETRIES)
@@ -240,9 +274,13 @@ def churn_nightly():
         )
 
     run = start_run()
+    sources = check_sources()
+    run >> sources
     snapshot = build_features(run)
+    sources >> snapshot
+    features_ok = check_features(snapshot)
     branch = decide_retrain()
-    snapshot >> branch
+    features_ok >> branch
     trained = train_challenger()
     evaluation = evaluate_challenger(trained, snapshot)
     route = route_promotion(evaluation)
@@ -255,7 +293,9 @@ def churn_nightly():
     parts = score_partition.partial(snapshot=snapshot, model=model).expand(
         partition=list(range(SCORE_PARTITIONS))
     )
+    scores_ok = check_scores(parts)
     published = publish_scores(snapshot, model, parts)
+    scores_ok >> published
     published >> score_shadow(snapshot, model, parts)
 
 

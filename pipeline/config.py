@@ -61,6 +61,11 @@ class UseCase:
     retrain_every_days: int = 1
     # Served history: keep the partitions of the newest N published score dates.
     retention_dates: int = 400
+    # Data quality thresholds (see pipeline/checks.py and sql/contracts/).
+    population_min_ratio: float = 0.75  # tonight's population vs the previous run's
+    population_max_ratio: float = 1.33
+    feature_psi_limit: float = 0.25  # warn: feature drift vs the champion's training data
+    score_drift_limit: float = 0.25  # warn: score PSI vs the previous published night
     model_params: dict[str, float | int] = field(
         default_factory=lambda: {
             "max_iter": 250,

@@ -11,7 +11,7 @@ import logging
 from datetime import UTC, date, datetime
 from typing import Any
 
-from pipeline import db, evaluate, features, ledger, publish, registry, score, train
+from pipeline import checks, db, evaluate, features, ledger, publish, registry, score, train
 from pipeline.config import Settings, UseCase
 from pipeline.errors import GateFailed, ModelError
 from pipeline.ledger import RunContext
@@ -41,6 +41,59 @@ def start_run(
         ledger.code_version(),
         info["champion_at_start"],
     )
+    return info
+
+
+def check_sources(settings: Settings, uc: UseCase, run: RunContext) -> dict[str, Any]:
+    """Source contract, freshness, volume, value rules, keys and nulls, before featurizing."""
+    with ledger.stage(settings, run, "check_sources") as info:
+        info |= checks.record_and_gate(
+            settings, run, checks.check_sources(settings, uc, run.score_date), "source"
+        )
+    return info
+
+
+def check_features(
+    settings: Settings, uc: UseCase, run: RunContext, snapshot: dict[str, Any]
+) -> dict[str, Any]:
+    """Keys, nulls, ranges and population size of tonight's snapshot; drift vs the champion."""
+    with ledger.stage(settings, run, "check_features") as info:
+        snap = features.Snapshot.from_xcom(snapshot)
+        table = features.read_snapshot(snap)
+        previous = db.scalar(
+            settings.database_url,
+            "SELECT rows_published FROM ml.runs WHERE use_case = %s AND status = 'published' "
+            "AND score_date < %s ORDER BY score_date DESC, finished_at DESC LIMIT 1",
+            (uc.name, run.score_date),
+        )
+        champ = registry.champion(settings, uc.name)
+        reference = registry.card(champ).get("reference") if champ else None
+        info |= checks.record_and_gate(
+            settings, run, checks.check_features(table, uc, previous, reference), "feature"
+        )
+    return info
+
+
+def check_scores(
+    settings: Settings, uc: UseCase, run: RunContext, parts: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Scores are finite; their distribution vs the previous published night (drift)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    with ledger.stage(settings, run, "check_scores") as info:
+        probs = np.concatenate(
+            [
+                pq.read_table(score.ScoredPart.from_xcom(p).path, columns=[uc.probability_column])
+                .column(0)
+                .to_numpy()
+                for p in parts
+            ]
+        )
+        previous = checks.previous_score_histogram(settings, uc, run.score_date)
+        info |= checks.record_and_gate(
+            settings, run, checks.score_psi_check(uc, probs, previous), "score"
+        )
     return info
 
 
@@ -581,7 +634,9 @@ def run_night(
         "rescore_model": rescore_model or "",
     }
     started = start_run(settings, uc, run, params)
+    check_sources(settings, uc, run)
     snap = build_features(settings, uc, run)
+    check_features(settings, uc, run, snap)
     evaluation = None
     if decide_retrain(settings, uc, run, retrain)["retrain"]:
         trained = train_challenger(settings, uc, run)
@@ -591,6 +646,7 @@ def run_night(
         score_partition(settings, uc, run, snap, chosen["model_version"], p)
         for p in range(uc.score_partitions)
     ]
+    check_scores(settings, uc, run, parts)
     published = publish_scores(settings, uc, run, snap, chosen["model_version"], parts)
     shadow = score_shadow(settings, uc, run, snap, chosen["model_version"], parts)
     return {

@@ -281,6 +281,8 @@ def publish_scores(
     conn = db.connect(settings.database_url)
     try:
         with conn.cursor() as cur:
+            # Held by this session until it ends (or dies): marks the staging table as live.
+            cur.execute("SELECT pg_advisory_lock(hashtext(%s))", (_stage_lock(stage),))
             _create_like(cur, stage, parent)
             _add_checks(cur, uc, stage, run.score_date, model_version)
         conn.commit()
@@ -446,10 +448,16 @@ def _swap(
     )
 
 
+def _stage_lock(table: str) -> str:
+    return f"nightscore.stage.{table}"
+
+
 def drop_leftovers(settings: Settings, uc: UseCase, score_date: date) -> list[str]:
     """Drop staging tables left by killed attempts for ``score_date``.
 
-    A table still being written by a live attempt is locked; it is skipped (lock timeout).
+    A live attempt holds a session advisory lock on its staging table's name from before
+    it creates the table until its connection ends (a killed process releases it); such
+    tables are skipped.
     """
     conn = db.connect(settings.database_url)
     dropped = []
@@ -462,6 +470,11 @@ def drop_leftovers(settings: Settings, uc: UseCase, score_date: date) -> list[st
             names = [r[0] for r in cur.fetchall()]
         conn.commit()
         for name in names:
+            with conn.cursor() as cur:
+                cur.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (_stage_lock(name),))
+                if not cur.fetchone()[0]:
+                    conn.commit()
+                    continue  # a live attempt owns it
             try:
                 with conn.cursor() as cur:
                     cur.execute("SET LOCAL lock_timeout = '200ms'")
@@ -474,6 +487,9 @@ def drop_leftovers(settings: Settings, uc: UseCase, score_date: date) -> list[st
                 dropped.append(name)
             except pg_errors.LockNotAvailable:
                 conn.rollback()
+            with conn.cursor() as cur:
+                cur.execute("SELECT pg_advisory_unlock(hashtext(%s))", (_stage_lock(name),))
+            conn.commit()
     finally:
         conn.close()
     if dropped:

@@ -345,3 +345,9 @@ def consume_retrain_requests(settings: Settings, use_case: str, run_id: str) -> 
         "WHERE use_case = %s AND consumed_by_run IS NULL RETURNING 1",
         (run_id, use_case),
     )
+
+
+def card(mv: ModelVersion) -> dict[str, Any]:
+    """The JSON card written next to the artifact (features, window, drift reference, ...)."""
+    path = Path(mv.artifact_uri).with_name("model.json")
+    return dict(json.loads(path.read_text())) if path.is_file() else {}

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from pipeline import evaluate, features, registry
+from pipeline import checks, evaluate, features, registry
 from pipeline.config import Settings, UseCase
 from pipeline.errors import DataError
 
@@ -197,6 +197,8 @@ def save_and_register(
             "positive_rate": float(data.labels.mean()),
         },
         "metrics": metrics,
+        # per-feature distributions of the training data: the drift reference
+        "reference": checks.reference_profile(data.table, columns),
         "library_versions": library_versions(),
         "seed": uc.seed,
         "model_params": uc.model_params,

@@ -57,9 +57,16 @@ def test_churn_nightly_tasks_and_edges(dagbag) -> None:
         "score_partition",
         "publish_scores",
         "score_shadow",
+        "check_sources",
+        "check_features",
+        "check_scores",
     }
     down = {t.task_id: set(t.downstream_task_ids) for t in dag.tasks}
-    assert down["start_run"] == {"build_features", "select_model"}
+    assert down["start_run"] == {"check_sources", "build_features", "select_model"}
+    assert down["check_sources"] == {"build_features"}
+    assert down["build_features"] >= {"check_features"}
+    assert down["check_features"] == {"decide_retrain"}
+    assert down["check_scores"] == {"publish_scores"}
     assert down["decide_retrain"] == {"train_challenger", "select_model"}
     assert down["train_challenger"] == {"evaluate_challenger"}
     assert down["evaluate_challenger"] == {"route_promotion", "promote_challenger"}
@@ -67,7 +74,7 @@ def test_churn_nightly_tasks_and_edges(dagbag) -> None:
     assert down["approve_promotion"] == {"promote_challenger"}
     assert down["promote_challenger"] == {"select_model"}
     assert "score_partition" in down["select_model"] and "score_partition" in down["build_features"]
-    assert down["score_partition"] == {"publish_scores", "score_shadow"}
+    assert down["score_partition"] == {"check_scores", "publish_scores", "score_shadow"}
     assert down["publish_scores"] == {"score_shadow"}
     assert dag.get_task("select_model").trigger_rule == "none_failed_min_one_success"
     assert type(dag.get_task("approve_promotion")).__name__ == "ApprovalOperator"
@@ -90,7 +97,17 @@ def test_io_tasks_retry_with_backoff(dagbag, task_id: str) -> None:
     assert task.retries >= 2 and task.retry_exponential_backoff
 
 
-@pytest.mark.parametrize("task_id", ["evaluate_challenger", "select_model", "promote_challenger"])
+@pytest.mark.parametrize(
+    "task_id",
+    [
+        "evaluate_challenger",
+        "select_model",
+        "promote_challenger",
+        "check_sources",
+        "check_features",
+        "check_scores",
+    ],
+)
 def test_gates_do_not_retry(dagbag, task_id: str) -> None:
     assert dagbag.dags["churn_nightly"].get_task(task_id).retries == 0
 

@@ -1,0 +1,27 @@
+-- Every data quality check of every run, and the drift measures among them.
+CREATE TABLE IF NOT EXISTS monitoring.checks (
+    use_case     text        NOT NULL,
+    score_date   date        NOT NULL,
+    run_id       text        NOT NULL,
+    stage        text        NOT NULL,
+    check_name   text        NOT NULL,
+    target       text        NOT NULL,
+    severity     text        NOT NULL CHECK (severity IN ('fail', 'warn')),
+    passed       boolean     NOT NULL,
+    expected     text        NOT NULL,
+    found        text        NOT NULL,
+    message      text        NOT NULL,
+    checked_at   timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS checks_by_date ON monitoring.checks (use_case, score_date);
+
+CREATE TABLE IF NOT EXISTS monitoring.drift (
+    use_case     text             NOT NULL,
+    score_date   date             NOT NULL,
+    run_id       text             NOT NULL,
+    feature      text             NOT NULL,
+    psi          double precision NOT NULL,
+    within_limit boolean          NOT NULL,
+    measured_at  timestamptz      NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS drift_by_date ON monitoring.drift (use_case, score_date);
