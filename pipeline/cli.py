@@ -122,6 +122,16 @@ def _user() -> str:
         return "unknown"
 
 
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from pipeline import monitor
+
+    out = monitor.update_realized_performance(
+        config.load_settings(), config.use_case(args.use_case), args.date
+    )
+    print(json.dumps(out, indent=2))
+    return 0
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     from pipeline import demo
 
@@ -180,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     m = msub.add_parser("rollback")
     m.add_argument("--reason", required=True)
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("monitor", help="evaluate matured nights against actual outcomes")
+    p.add_argument("--date", type=_date, required=True, help="labels known before this date")
+    p.add_argument("--use-case", default="churn")
+    p.set_defaults(func=cmd_monitor)
 
     p = sub.add_parser("summary", help="per-night summary from the run ledger")
     p.add_argument("--since", type=_date)

@@ -66,6 +66,8 @@ class UseCase:
     population_max_ratio: float = 1.33
     feature_psi_limit: float = 0.25  # warn: feature drift vs the champion's training data
     score_drift_limit: float = 0.25  # warn: score PSI vs the previous published night
+    # Realized AUC this far below the model's holdout AUC requests a retrain.
+    decay_threshold: float = 0.05
     model_params: dict[str, float | int] = field(
         default_factory=lambda: {
             "max_iter": 250,

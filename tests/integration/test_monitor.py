@@ -1,0 +1,58 @@
+"""Realized performance once labels mature, and decay turning into a retrain request."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import timedelta
+
+from pipeline import db, monitor, nightly, registry
+from pipeline.config import Settings, use_case
+from tests.conftest import SCORE_DATE
+
+UC = use_case("churn")
+MATURED = SCORE_DATE - timedelta(days=40)
+
+
+def test_matured_nights_are_evaluated_once_against_actual_cancellations(isolated: Settings) -> None:
+    out = nightly.run_night(isolated, UC, MATURED, retrain="always", run_id="monitor-night")
+    assert monitor.matured_unevaluated(isolated, UC, MATURED + timedelta(days=29)) == []
+    result = monitor.update_realized_performance(isolated, UC, SCORE_DATE)
+    assert result["evaluated"] == [f"{MATURED}:{out['model_version']}"]
+    row = db.scalar(
+        isolated.database_url,
+        "SELECT row_to_json(p) FROM monitoring.realized_performance p WHERE score_date = %s",
+        (MATURED,),
+    )
+    actual = db.scalar(
+        isolated.warehouse_url,
+        """SELECT count(*) FROM warehouse.cancellations x JOIN warehouse.customers c USING (customer_id)
+           WHERE x.cancel_date >= %s AND x.cancel_date < %s AND c.signup_date < %s""",
+        (MATURED, MATURED + timedelta(days=30), MATURED),
+    )
+    assert row["positives"] == actual > 0 and row["rows"] == out["published"]["rows"]
+    assert 0.6 < row["roc_auc"] <= 1 and row["lift_top_decile"] > 1.5
+    assert row["decile_rates"]["1"] > row["decile_rates"]["10"]
+    # already evaluated: nothing new the next day
+    assert (
+        monitor.update_realized_performance(isolated, UC, SCORE_DATE + timedelta(days=1))[
+            "evaluated"
+        ]
+        == []
+    )
+
+
+def test_decay_beyond_the_threshold_requests_a_retrain_the_next_night_honours(
+    isolated: Settings,
+) -> None:
+    db.scalar(isolated.database_url, "DELETE FROM monitoring.realized_performance; SELECT 1")
+    strict = replace(UC, decay_threshold=-1.0)  # any realized AUC counts as decayed
+    assert monitor.update_realized_performance(isolated, strict, SCORE_DATE)["decayed"] >= 1
+    assert registry.open_retrain_requests(isolated, "churn")
+    run = nightly.RunContext("churn", SCORE_DATE, "monitor-retrain")
+    nightly.start_run(isolated, UC, run)
+    # the champion is young (cadence says no), but the request says yes
+    decision = nightly.decide_retrain(
+        isolated, replace(UC, retrain_every_days=1000), run, "scheduled"
+    )
+    assert decision["retrain"] and "retrain requested" in decision["why"]
+    assert registry.open_retrain_requests(isolated, "churn") == []
