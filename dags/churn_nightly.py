@@ -273,6 +273,16 @@ def churn_nightly():
             list(parts),
         )
 
+    @task(retries=1, trigger_rule="all_done")
+    def write_report() -> dict:
+        from _nightscore import run_context, settings
+
+        from pipeline import nightly
+        from pipeline.config import use_case
+
+        ctx = get_current_context()
+        return nightly.write_report(settings(), use_case(USE_CASE), run_context(ctx, USE_CASE))
+
     run = start_run()
     sources = check_sources()
     run >> sources
@@ -296,7 +306,7 @@ def churn_nightly():
     scores_ok = check_scores(parts)
     published = publish_scores(snapshot, model, parts)
     scores_ok >> published
-    published >> score_shadow(snapshot, model, parts)
+    published >> score_shadow(snapshot, model, parts) >> write_report()
 
 
 churn_nightly()

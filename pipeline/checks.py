@@ -351,20 +351,23 @@ SCORE_BINS = 50
 
 def previous_score_histogram(settings: Settings, uc: UseCase, before: date) -> np.ndarray | None:
     """Histogram of the newest published night before ``before`` (computed in the database)."""
+    prev = db.scalar(
+        settings.database_url,
+        "SELECT max(score_date) FROM ml.runs WHERE use_case = %s AND status = 'published' AND score_date < %s",
+        (uc.name, before),
+    )
+    return None if prev is None else score_histogram(settings, uc, prev)
+
+
+def score_histogram(settings: Settings, uc: UseCase, day: date) -> np.ndarray:
+    """Counts of the served probabilities of ``day`` in ``SCORE_BINS`` equal bins over [0, 1]."""
     conn = db.connect(settings.database_url)
     try:
         with conn.cursor() as cur:
             cur.execute(
-                "SELECT max(score_date) FROM ml.runs WHERE use_case = %s AND status = 'published' AND score_date < %s",
-                (uc.name, before),
-            )
-            prev = cur.fetchone()[0]
-            if prev is None:
-                return None
-            cur.execute(
                 f"SELECT least(width_bucket({uc.probability_column}, 0, 1, %s), %s), count(*) "
                 f"FROM predictions.{uc.score_table} WHERE score_date = %s GROUP BY 1",
-                (SCORE_BINS, SCORE_BINS, prev),
+                (SCORE_BINS, SCORE_BINS, day),
             )
             hist = np.zeros(SCORE_BINS)
             for bucket, n in cur.fetchall():

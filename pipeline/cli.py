@@ -132,6 +132,28 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline import db, nightly
+    from pipeline.ledger import RunContext
+
+    settings = config.load_settings()
+    run_id = db.scalar(
+        settings.database_url,
+        "SELECT run_id FROM ml.runs WHERE use_case = %s AND score_date = %s ORDER BY started_at DESC LIMIT 1",
+        (args.use_case, args.date),
+    )
+    if run_id is None:
+        print(
+            f"nightscore: error: no {args.use_case} run for {args.date} in ml.runs", file=sys.stderr
+        )
+        return 2
+    out = nightly.write_report(
+        settings, config.use_case(args.use_case), RunContext(args.use_case, args.date, run_id)
+    )
+    print(out["report"])
+    return 0
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     from pipeline import demo
 
@@ -195,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--date", type=_date, required=True, help="labels known before this date")
     p.add_argument("--use-case", default="churn")
     p.set_defaults(func=cmd_monitor)
+
+    p = sub.add_parser("report", help="write the night's HTML report and print its path")
+    p.add_argument("--date", type=_date, required=True)
+    p.add_argument("--use-case", default="churn")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("summary", help="per-night summary from the run ledger")
     p.add_argument("--since", type=_date)

@@ -80,6 +80,10 @@ def run(customers: int, months: int, nights: int, seed: int) -> int:
             return 1
     print()
     print(summary_text(settings, "churn", first_night))
+    last = first_night + timedelta(days=nights - 1)
+    reports = sorted((settings.home / "reports" / "churn" / "nights").glob(f"{last}.html"))
+    if reports:
+        print(f"\nnightly report for {last}: {reports[-1]}")
     print(f"\ndemo finished in {time.monotonic() - began:.0f}s")
     return 0
 

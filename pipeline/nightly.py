@@ -610,6 +610,59 @@ def score_shadow(
     return {"shadow": shadow.version, **agree}
 
 
+def write_report(settings: Settings, uc: UseCase, run: RunContext) -> dict[str, Any]:
+    """The night's HTML report: score distribution, drift, checks, realized performance."""
+    from pipeline import report
+
+    conn = db.connect(settings.database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT model_version FROM ml.runs WHERE use_case = %s AND run_id = %s",
+                (uc.name, run.run_id),
+            )
+            row = cur.fetchone()
+            cur.execute(
+                "SELECT feature, psi, within_limit FROM monitoring.drift WHERE run_id = %s",
+                (run.run_id,),
+            )
+            drift = [(str(f), float(p), bool(ok)) for f, p, ok in cur.fetchall()]
+            cur.execute(
+                "SELECT check_name, target, severity, passed, expected, found FROM monitoring.checks "
+                "WHERE run_id = %s",
+                (run.run_id,),
+            )
+            names = [d[0] for d in cur.description]
+            found_checks = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+            cur.execute(
+                "SELECT score_date, model_version, roc_auc, decile_rates FROM monitoring.realized_performance "
+                "WHERE use_case = %s ORDER BY score_date",
+                (uc.name,),
+            )
+            realized = [
+                {"score_date": d, "model_version": v, "roc_auc": a, "decile_rates": r}
+                for d, v, a, r in cur.fetchall()
+            ]
+        conn.commit()
+    finally:
+        conn.close()
+    path = report.write_run_report(
+        settings.reports / uc.name / "nights" / f"{run.score_date}.html",
+        use_case=uc.name,
+        score_date=run.score_date,
+        model_version=row[0] if row else None,
+        score_hist=checks.score_histogram(settings, uc, run.score_date),
+        previous_hist=checks.previous_score_histogram(settings, uc, run.score_date),
+        drift=drift,
+        checks=found_checks,
+        realized=realized,
+        decile_rates=realized[-1]["decile_rates"] if realized else None,
+    )
+    ledger.record_stage(settings, run, "write_report", {"status": "ok", "report": str(path)})
+    log.info("nightly report: file://%s", path)
+    return {"report": str(path)}
+
+
 def run_night(
     settings: Settings,
     uc: UseCase,
@@ -649,7 +702,9 @@ def run_night(
     check_scores(settings, uc, run, parts)
     published = publish_scores(settings, uc, run, snap, chosen["model_version"], parts)
     shadow = score_shadow(settings, uc, run, snap, chosen["model_version"], parts)
+    written = write_report(settings, uc, run)
     return {
+        "report": written["report"],
         "run": run.as_xcom(),
         "evaluation": evaluation,
         "model_version": chosen["model_version"],

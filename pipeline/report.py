@@ -439,3 +439,146 @@ def _write_atomically(path: Path, text: str) -> Path:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return path
+
+
+# --- the nightly run report ------------------------------------------------------------------
+
+
+def write_run_report(
+    path: Path,
+    *,
+    use_case: str,
+    score_date: date,
+    model_version: str | None,
+    score_hist: np.ndarray | None,
+    previous_hist: np.ndarray | None,
+    drift: Sequence[tuple[str, float, bool]],
+    checks: Sequence[Mapping[str, object]],
+    realized: Sequence[Mapping[str, object]],
+    decile_rates: Mapping[str, float] | None,
+) -> Path:
+    """One self-contained HTML page for a night: what was served and how healthy it looked.
+
+    Args:
+        score_hist / previous_hist: counts of scores in equal bins over [0, 1], tonight and
+            the previous published night.
+        drift: (feature, PSI, within limit), any order; the top ten are drawn.
+        checks: rows of ``monitoring.checks`` (check_name, target, severity, passed, expected, found).
+        realized: rows of ``monitoring.realized_performance`` (score_date, model_version, roc_auc).
+        decile_rates: positive rate per risk decile of the newest matured night, if any.
+    """
+    plots = [
+        (
+            "Score distribution: tonight vs the previous night",
+            _hist_figure(score_hist, previous_hist),
+        ),
+        ("Top drifting features (PSI vs the champion's training data)", _drift_figure(drift)),
+        ("Realized ROC AUC over time, by model version", _realized_figure(realized)),
+        ("Realized lift by risk decile (newest matured night)", _decile_figure(decile_rates)),
+    ]
+    failed = [c for c in checks if not c["passed"]]
+    rows = "".join(
+        f"<tr><td>{html.escape(str(c['check_name']))}</td><td>{html.escape(str(c['target']))}</td>"
+        f"<td>{html.escape(str(c['severity']))}</td><td>{'ok' if c['passed'] else 'FAILED'}</td>"
+        f"<td>{html.escape(str(c['expected']))}</td><td>{html.escape(str(c['found']))}</td></tr>"
+        for c in sorted(checks, key=lambda c: (bool(c["passed"]), str(c["check_name"])))
+    )
+    figures = "".join(
+        f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{_png_base64(fig)}">'
+        f"<figcaption>{html.escape(title)}</figcaption></figure>"
+        for title, fig in plots
+    )
+    text = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>{html.escape(use_case)} {score_date}</title><style>{_STYLE}</style></head>
+<body>
+<h1>{html.escape(use_case)}: night of {score_date}</h1>
+<p class="meta">served model <code>{html.escape(model_version or "none")}</code>;
+{len(checks)} checks, {len(failed)} not passing</p>
+<div class="plots">{figures}</div>
+<h2>Checks</h2>
+<table><tr><th>check</th><th>target</th><th>severity</th><th>result</th><th>expected</th><th>found</th></tr>
+{rows}</table>
+</body></html>
+"""
+    return _write_atomically(path, text)
+
+
+def _hist_figure(tonight: np.ndarray | None, previous: np.ndarray | None) -> Figure:
+    fig, ax = _new_axes()
+    if tonight is None or not np.sum(tonight):
+        _no_data(ax, "no scores")
+        return fig
+    edges = np.linspace(0, 1, len(tonight) + 1)
+    centers = (edges[:-1] + edges[1:]) / 2
+    ax.step(
+        centers, tonight / np.sum(tonight), where="mid", color=CHALLENGER_COLOUR, label="tonight"
+    )
+    if previous is not None and np.sum(previous):
+        ax.step(
+            centers,
+            previous / np.sum(previous),
+            where="mid",
+            color=CHAMPION_COLOUR,
+            label="previous night",
+        )
+    ax.set_xlabel("probability")
+    ax.set_ylabel("share of customers")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def _drift_figure(drift: Sequence[tuple[str, float, bool]]) -> Figure:
+    fig, ax = _new_axes()
+    top = sorted(drift, key=lambda d: -d[1])[:10]
+    if not top:
+        _no_data(ax, "no drift reference")
+        return fig
+    names = [d[0] for d in top][::-1]
+    values = [d[1] for d in top][::-1]
+    colours = [CHALLENGER_COLOUR if d[2] else "#b3261e" for d in top][::-1]
+    ax.barh(names, values, color=colours)
+    ax.set_xlabel("PSI")
+    fig.tight_layout()
+    return fig
+
+
+def _realized_figure(realized: Sequence[Mapping[str, object]]) -> Figure:
+    fig, ax = _new_axes()
+    points = [r for r in realized if r.get("roc_auc") is not None]
+    if not points:
+        _no_data(ax, "no matured nights yet")
+        return fig
+    for version in sorted({str(r["model_version"]) for r in points}):
+        mine = sorted(
+            (r for r in points if r["model_version"] == version), key=lambda r: str(r["score_date"])
+        )
+        ax.plot(
+            [str(r["score_date"]) for r in mine],
+            [float(r["roc_auc"]) for r in mine],  # type: ignore[arg-type]
+            marker="o",
+            label=_legend_label(version),
+        )
+    ax.set_ylabel("realized ROC AUC")
+    ax.tick_params(axis="x", rotation=45, labelsize=7)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _decile_figure(rates: Mapping[str, float] | None) -> Figure:
+    fig, ax = _new_axes()
+    if not rates:
+        _no_data(ax, "no matured nights yet")
+        return fig
+    deciles = sorted(rates, key=int)
+    values = np.array([rates[d] for d in deciles])
+    base = values.mean() if values.mean() else 1.0
+    ax.bar([int(d) for d in deciles], values / base, color=CHALLENGER_COLOUR)
+    ax.axhline(1.0, color=REFERENCE_COLOUR, linestyle="--")
+    ax.set_xlabel("risk decile (1 = riskiest)")
+    ax.set_ylabel("lift")
+    fig.tight_layout()
+    return fig

@@ -60,6 +60,7 @@ def test_churn_nightly_tasks_and_edges(dagbag) -> None:
         "check_sources",
         "check_features",
         "check_scores",
+        "write_report",
     }
     down = {t.task_id: set(t.downstream_task_ids) for t in dag.tasks}
     assert down["start_run"] == {"check_sources", "build_features", "select_model"}
@@ -76,6 +77,7 @@ def test_churn_nightly_tasks_and_edges(dagbag) -> None:
     assert "score_partition" in down["select_model"] and "score_partition" in down["build_features"]
     assert down["score_partition"] == {"check_scores", "publish_scores", "score_shadow"}
     assert down["publish_scores"] == {"score_shadow"}
+    assert down["score_shadow"] == {"write_report"}
     assert dag.get_task("select_model").trigger_rule == "none_failed_min_one_success"
     assert type(dag.get_task("approve_promotion")).__name__ == "ApprovalOperator"
 

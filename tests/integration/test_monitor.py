@@ -56,3 +56,20 @@ def test_decay_beyond_the_threshold_requests_a_retrain_the_next_night_honours(
     )
     assert decision["retrain"] and "retrain requested" in decision["why"]
     assert registry.open_retrain_requests(isolated, "churn") == []
+
+
+def test_the_nightly_report_shows_scores_drift_checks_and_realized_performance(
+    isolated: Settings, monkeypatch, capsys
+) -> None:
+    from pipeline import cli
+
+    monkeypatch.setenv("NIGHTSCORE_DATABASE_URL", isolated.database_url)
+    monkeypatch.setenv("NIGHTSCORE_HOME", str(isolated.home))
+    out = nightly.run_night(isolated, UC, SCORE_DATE, retrain="never", run_id="monitor-report")
+    with open(out["report"]) as fh:
+        text = fh.read()
+    assert text.count("data:image/png;base64,") == 4
+    assert "no_future_rows" in text and "daily_volume" in text and "population_size" in text
+    assert "Realized ROC AUC" in text
+    assert cli.main(["report", "--date", SCORE_DATE.isoformat()]) == 0
+    assert capsys.readouterr().out.strip() == out["report"]
