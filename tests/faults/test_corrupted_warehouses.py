@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import pytest
 
-from pipeline import db, nightly
+from pipeline import db, nightly, warehouse
 from pipeline.config import Settings, use_case
 from pipeline.errors import DataError, GateFailed
 from tests.conftest import SCORE_DATE
@@ -16,16 +16,7 @@ from tests.conftest import SCORE_DATE
 UC = use_case("churn")
 NIGHT = SCORE_DATE + timedelta(days=1)
 LAST_DAY = NIGHT - timedelta(days=1)
-TABLES = (
-    "plans",
-    "customers",
-    "subscriptions",
-    "usage_daily",
-    "invoices",
-    "payments",
-    "tickets",
-    "cancellations",
-)
+TABLES = ("plans", *warehouse.TABLE_ORDER)
 
 CATALOGUE = {
     "missing_column": (

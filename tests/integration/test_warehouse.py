@@ -12,15 +12,7 @@ from pipeline.config import Settings
 from pipeline.errors import ConfigError
 from tests.conftest import SCORE_DATE, WAREHOUSE_CUSTOMERS, WAREHOUSE_START
 
-TABLES = (
-    "customers",
-    "subscriptions",
-    "usage_daily",
-    "invoices",
-    "payments",
-    "tickets",
-    "cancellations",
-)
+TABLES = warehouse.TABLE_ORDER
 
 
 def table_digest(settings: Settings, table: str) -> str:
