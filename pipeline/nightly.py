@@ -56,7 +56,10 @@ def check_sources(settings: Settings, uc: UseCase, run: RunContext) -> dict[str,
 def check_features(
     settings: Settings, uc: UseCase, run: RunContext, snapshot: dict[str, Any]
 ) -> dict[str, Any]:
-    """Keys, nulls, ranges and population size of tonight's snapshot; drift vs the champion."""
+    """Keys, nulls, ranges and population size of tonight's snapshot; drift vs the champion.
+
+    Features drifting beyond ``feature_psi_limit`` only warn, and request a retrain.
+    """
     with ledger.stage(settings, run, "check_features") as info:
         snap = features.Snapshot.from_xcom(snapshot)
         table = features.read_snapshot(snap)
@@ -68,9 +71,17 @@ def check_features(
         )
         champ = registry.champion(settings, uc.name)
         reference = registry.card(champ).get("reference") if champ else None
-        info |= checks.record_and_gate(
-            settings, run, checks.check_features(table, uc, previous, reference), "feature"
-        )
+        results = checks.check_features(table, uc, previous, reference)
+        info |= checks.record_and_gate(settings, run, results, "feature")
+        drifted = [r.target for r in results if r.check == "feature_psi" and not r.passed]
+        if drifted and champ is not None:
+            # "retrain on drift": the cadence gives way to a request the next decision honours
+            registry.request_retrain(
+                settings,
+                uc.name,
+                f"features drifted from {champ.version}'s training data on {run.score_date}: "
+                + ", ".join(drifted),
+            )
     return info
 
 
