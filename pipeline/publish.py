@@ -43,8 +43,8 @@ from pipeline.score import ScoredPart
 log = logging.getLogger(__name__)
 
 SCHEMA = "predictions"
-LOCK_TIMEOUT = "2s"
-SWAP_ATTEMPTS = 20
+LOCK_TIMEOUT = "1s"  # the longest a reader may queue behind a waiting swap
+SWAP_ATTEMPTS = 60
 COPY_STREAMS = 2  # parallel COPY connections into the staging table
 
 

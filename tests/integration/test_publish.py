@@ -120,7 +120,9 @@ def test_a_long_reader_makes_the_swap_retry_without_queueing_other_readers(
         holder.close()
     publisher.join(120)
     assert result["r"].swap_attempts >= 2  # it timed out on the lock and retried
-    assert max(waits) < 2.5, waits
+    assert max(waits) < 2.0, (
+        waits
+    )  # lock_timeout is 1 s: no reader queues longer than that for long
     print(f"\nreaders' worst wait behind a blocked publish: {max(waits):.2f}s")
 
 
