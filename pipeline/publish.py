@@ -23,9 +23,9 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -380,11 +380,12 @@ def _constrain_and_validate(
         )
 
 
-def _swap(
-    conn: Any, settings: Settings, uc: UseCase, run: RunContext, stage: str, target: str, rows: int
-) -> int:
-    schema = sql.Identifier(SCHEMA)
-    parent = sql.Identifier(SCHEMA, uc.score_table)
+def _locked(conn: Any, uc: UseCase, what: str, body: Callable[[Any], None]) -> int:
+    """Run ``body(cursor)`` in one transaction holding the use case's publish lock.
+
+    ``lock_timeout`` keeps the transaction from queueing readers behind it; on timeout it
+    is rolled back and retried. Returns the attempt that committed.
+    """
     for attempt in range(1, SWAP_ATTEMPTS + 1):
         try:
             with conn.cursor() as cur:
@@ -394,58 +395,64 @@ def _swap(
                 cur.execute(
                     "SELECT pg_advisory_xact_lock(hashtext(%s))", (f"nightscore.publish.{uc.name}",)
                 )
-                cur.execute("SELECT to_regclass(%s)", (f"{SCHEMA}.{target}",))
-                if cur.fetchone()[0] is not None:
-                    cur.execute(
-                        sql.SQL("ALTER TABLE {p} DETACH PARTITION {s}.{t}").format(
-                            p=parent, s=schema, t=sql.Identifier(target)
-                        )
-                    )
-                    cur.execute(
-                        sql.SQL("DROP TABLE {s}.{t}").format(s=schema, t=sql.Identifier(target))
-                    )
-                cur.execute(
-                    sql.SQL("ALTER TABLE {s}.{stage} RENAME TO {t}").format(
-                        s=schema, stage=sql.Identifier(stage), t=sql.Identifier(target)
-                    )
-                )
-                cur.execute(
-                    sql.SQL(
-                        "ALTER TABLE {p} ATTACH PARTITION {s}.{t} FOR VALUES FROM ({lo}) TO ({hi})"
-                    ).format(
-                        p=parent,
-                        s=schema,
-                        t=sql.Identifier(target),
-                        lo=sql.Literal(run.score_date),
-                        hi=sql.Literal(run.score_date + timedelta(days=1)),
-                    )
-                )
-                cur.execute(
-                    """
-                    UPDATE ml.runs SET status = 'published', rows_published = %s, finished_at = now(),
-                        error = NULL
-                    WHERE use_case = %s AND score_date = %s AND run_id = %s
-                    """,
-                    (rows, run.use_case, run.score_date, run.run_id),
-                )
-                fault_point("inside_swap")
+                body(cur)
             conn.commit()
-            fault_point("after_swap")
             return attempt
         except pg_errors.LockNotAvailable:
             conn.rollback()
-            log.warning(
-                "publish of %s %s: lock timeout (attempt %d), retrying",
-                uc.name,
-                run.score_date,
-                attempt,
-            )
+            log.warning("%s: lock timeout (attempt %d), retrying", what, attempt)
             time.sleep(min(0.2 * attempt, 2.0))
     raise PublishError(
-        f"could not swap in {SCHEMA}.{target}: lock timeout {SWAP_ATTEMPTS} times in a row "
-        f"(a long transaction holds a lock on {SCHEMA}.{uc.score_table}); the staged rows were "
-        "dropped and the previous rows stay served; find the blocker in pg_stat_activity"
+        f"{what}: lock timeout {SWAP_ATTEMPTS} times in a row (a long transaction holds a lock on "
+        f"{SCHEMA}.{uc.score_table}); nothing changed and the previous rows stay served; find the "
+        "blocker in pg_stat_activity"
     )
+
+
+def _swap(
+    conn: Any, settings: Settings, uc: UseCase, run: RunContext, stage: str, target: str, rows: int
+) -> int:
+    schema = sql.Identifier(SCHEMA)
+    parent = sql.Identifier(SCHEMA, uc.score_table)
+
+    def swap(cur: Any) -> None:
+        cur.execute("SELECT to_regclass(%s)", (f"{SCHEMA}.{target}",))
+        if cur.fetchone()[0] is not None:
+            cur.execute(
+                sql.SQL("ALTER TABLE {p} DETACH PARTITION {s}.{t}").format(
+                    p=parent, s=schema, t=sql.Identifier(target)
+                )
+            )
+            cur.execute(sql.SQL("DROP TABLE {s}.{t}").format(s=schema, t=sql.Identifier(target)))
+        cur.execute(
+            sql.SQL("ALTER TABLE {s}.{stage} RENAME TO {t}").format(
+                s=schema, stage=sql.Identifier(stage), t=sql.Identifier(target)
+            )
+        )
+        cur.execute(
+            sql.SQL(
+                "ALTER TABLE {p} ATTACH PARTITION {s}.{t} FOR VALUES FROM ({lo}) TO ({hi})"
+            ).format(
+                p=parent,
+                s=schema,
+                t=sql.Identifier(target),
+                lo=sql.Literal(run.score_date),
+                hi=sql.Literal(run.score_date + timedelta(days=1)),
+            )
+        )
+        cur.execute(
+            """
+            UPDATE ml.runs SET status = 'published', rows_published = %s, finished_at = now(),
+                error = NULL
+            WHERE use_case = %s AND score_date = %s AND run_id = %s
+            """,
+            (rows, run.use_case, run.score_date, run.run_id),
+        )
+        fault_point("inside_swap")
+
+    attempt = _locked(conn, uc, f"swap of {SCHEMA}.{target}", swap)
+    fault_point("after_swap")
+    return attempt
 
 
 def _stage_lock(table: str) -> str:
@@ -588,12 +595,7 @@ def published_partitions(conn: Any, uc: UseCase) -> list[tuple[date, str]]:
         names = [r[0] for r in cur.fetchall()]
     prefix = f"{uc.score_table}_p"
     out = [
-        (
-            date.fromisoformat(
-                f"{n[len(prefix) :][:4]}-{n[len(prefix) :][4:6]}-{n[len(prefix) :][6:8]}"
-            ),
-            n,
-        )
+        (datetime.strptime(n.removeprefix(prefix), "%Y%m%d").date(), n)
         for n in names
         if n.startswith(prefix)
     ]
@@ -612,41 +614,27 @@ def apply_retention(settings: Settings, uc: UseCase, run: RunContext, keep: int)
         conn.commit()
         if not expired:
             return []
-        for attempt in range(1, SWAP_ATTEMPTS + 1):
-            try:
-                with conn.cursor() as cur:
-                    cur.execute(
-                        sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT))
+
+        def drop(cur: Any) -> None:
+            for day, name in expired:
+                table = sql.Identifier(SCHEMA, name)
+                cur.execute(sql.SQL("SELECT count(*) FROM {}").format(table))
+                rows = cur.fetchone()[0]
+                cur.execute(
+                    sql.SQL("ALTER TABLE {p} DETACH PARTITION {t}").format(
+                        p=sql.Identifier(SCHEMA, uc.score_table), t=table
                     )
-                    cur.execute(
-                        "SELECT pg_advisory_xact_lock(hashtext(%s))",
-                        (f"nightscore.publish.{uc.name}",),
-                    )
-                    for day, name in expired:
-                        table = sql.Identifier(SCHEMA, name)
-                        cur.execute(sql.SQL("SELECT count(*) FROM {}").format(table))
-                        rows = cur.fetchone()[0]
-                        cur.execute(
-                            sql.SQL("ALTER TABLE {p} DETACH PARTITION {t}").format(
-                                p=sql.Identifier(SCHEMA, uc.score_table), t=table
-                            )
-                        )
-                        cur.execute(sql.SQL("DROP TABLE {}").format(table))
-                        cur.execute(
-                            "INSERT INTO ml.retention_log (use_case, score_date, partition_name, rows, keep, run_id) "
-                            "VALUES (%s, %s, %s, %s, %s, %s)",
-                            (uc.name, day, name, rows, keep, run.run_id),
-                        )
-                conn.commit()
-                break
-            except pg_errors.LockNotAvailable:
-                conn.rollback()
-                time.sleep(min(0.2 * attempt, 2.0))
-        else:
-            raise PublishError(
-                f"retention could not drop {len(expired)} expired partitions of {SCHEMA}.{uc.score_table}: "
-                f"lock timeout {SWAP_ATTEMPTS} times; they stay until the next publish"
-            )
+                )
+                cur.execute(sql.SQL("DROP TABLE {}").format(table))
+                cur.execute(
+                    "INSERT INTO ml.retention_log (use_case, score_date, partition_name, rows, keep, run_id) "
+                    "VALUES (%s, %s, %s, %s, %s, %s)",
+                    (uc.name, day, name, rows, keep, run.run_id),
+                )
+
+        _locked(
+            conn, uc, f"retention of {len(expired)} partitions of {SCHEMA}.{uc.score_table}", drop
+        )
     finally:
         conn.close()
     log.info("retention: dropped %s (keeping the %d newest dates)", [d for d, _ in expired], keep)
