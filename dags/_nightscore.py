@@ -48,6 +48,29 @@ def run_context(context: dict[str, Any], use_case: str) -> Any:
     return RunContext(use_case, score_date(context), context["dag_run"].run_id)
 
 
-def is_backfill(context: dict[str, Any]) -> bool:
-    run_type = getattr(context["dag_run"], "run_type", "")
+def is_backfill(context: dict[str, Any] | None = None) -> bool:
+    from airflow.sdk import get_current_context
+
+    run_type = getattr((context or get_current_context())["dag_run"], "run_type", "")
     return str(getattr(run_type, "value", run_type)) == "backfill"
+
+
+def nightly_stage(stage: str, use_case: str, *args: Any, **kwargs: Any) -> Any:
+    """The body of a nightly task: ``pipeline.nightly.<stage>(settings, use case, run, ...)``.
+
+    Bad data or a gate saying no (``DataError``, ``GateFailed``) fails the task at once:
+    a retry would read the same data and give the same answer, so only other errors
+    (a dropped connection, a full disk) go through the task's retries.
+    """
+    from airflow.sdk import get_current_context
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from pipeline import nightly
+    from pipeline.config import use_case as use_case_config
+    from pipeline.errors import DataError, GateFailed
+
+    run = run_context(get_current_context(), use_case)
+    try:
+        return getattr(nightly, stage)(settings(), use_case_config(use_case), run, *args, **kwargs)
+    except (DataError, GateFailed) as err:
+        raise AirflowFailException(str(err)) from err

@@ -70,101 +70,54 @@ IO_RETRIES = {"retries": 2, "retry_delay": timedelta(seconds=30), "retry_exponen
 def churn_nightly():
     @task
     def start_run(params: dict | None = None) -> dict:
-        from _nightscore import run_context, settings
+        from _nightscore import nightly_stage
 
-        from pipeline import nightly
-        from pipeline.config import use_case
-
-        ctx = get_current_context()
-        return nightly.start_run(
-            settings(), use_case(USE_CASE), run_context(ctx, USE_CASE), dict(params or {})
-        )
+        return nightly_stage("start_run", USE_CASE, dict(params or {}))
 
     @task(retries=0)
     def check_sources() -> dict:
-        from _nightscore import run_context, settings
+        from _nightscore import nightly_stage
 
-        from pipeline import nightly
-        from pipeline.config import use_case
-
-        ctx = get_current_context()
-        return nightly.check_sources(settings(), use_case(USE_CASE), run_context(ctx, USE_CASE))
+        return nightly_stage("check_sources", USE_CASE)
 
     @task(retries=0)
     def check_features(snapshot: dict) -> dict:
-        from _nightscore import run_context, settings
+        from _nightscore import nightly_stage
 
-        from pipeline import nightly
-        from pipeline.config import use_case
-
-        ctx = get_current_context()
-        return nightly.check_features(
-            settings(), use_case(USE_CASE), run_context(ctx, USE_CASE), snapshot
-        )
+        return nightly_stage("check_features", USE_CASE, snapshot)
 
     @task(retries=0)
     def check_scores(parts: list[dict]) -> dict:
-        from _nightscore import run_context, settings
+        from _nightscore import nightly_stage
 
-        from pipeline import nightly
-        from pipeline.config import use_case
-
-        ctx = get_current_context()
-        return nightly.check_scores(
-            settings(), use_case(USE_CASE), run_context(ctx, USE_CASE), list(parts)
-        )
+        return nightly_stage("check_scores", USE_CASE, list(parts))
 
     @task(**IO_RETRIES)
     def build_features(run: dict) -> dict:
-        from _nightscore import run_context, settings
+        from _nightscore import nightly_stage
 
-        from pipeline import nightly
-        from pipeline.config import use_case
-
-        return nightly.build_features(
-            settings(), use_case(USE_CASE), run_context(get_current_context(), USE_CASE)
-        )
+        return nightly_stage("build_features", USE_CASE)
 
     @task.branch
     def decide_retrain(params: dict | None = None) -> str:
-        from _nightscore import is_backfill, run_context, settings
+        from _nightscore import is_backfill, nightly_stage
 
-        from pipeline import nightly
-        from pipeline.config import use_case
-
-        ctx = get_current_context()
-        decision = nightly.decide_retrain(
-            settings(),
-            use_case(USE_CASE),
-            run_context(ctx, USE_CASE),
-            (params or {}).get("retrain", "scheduled"),
-            backfill=is_backfill(ctx),
-        )
+        mode = (params or {}).get("retrain", "scheduled")
+        decision = nightly_stage("decide_retrain", USE_CASE, mode, backfill=is_backfill())
         return "train_challenger" if decision["retrain"] else "select_model"
 
     @task(**IO_RETRIES)
     def train_challenger() -> dict:
-        from _nightscore import run_context, settings
+        from _nightscore import nightly_stage
 
-        from pipeline import nightly
-        from pipeline.config import use_case
-
-        return nightly.train_challenger(
-            settings(), use_case(USE_CASE), run_context(get_current_context(), USE_CASE)
-        )
+        return nightly_stage("train_challenger", USE_CASE)
 
     @task(retries=0)
     def evaluate_challenger(trained: dict, snapshot: dict, params: dict | None = None) -> dict:
-        from _nightscore import run_context, settings
+        from _nightscore import nightly_stage
 
-        from pipeline import nightly
-        from pipeline.config import use_case
-
-        ctx = get_current_context()
         mode = (params or {}).get("promotion_mode", "auto")
-        return nightly.evaluate_challenger(
-            settings(), use_case(USE_CASE), run_context(ctx, USE_CASE), trained, mode, snapshot
-        )
+        return nightly_stage("evaluate_challenger", USE_CASE, trained, mode, snapshot)
 
     @task.branch
     def route_promotion(evaluation: dict) -> str:
@@ -183,18 +136,13 @@ def churn_nightly():
 
     @task(retries=0)
     def promote_challenger(evaluation: dict) -> dict:
-        from _nightscore import run_context, settings
+        from _nightscore import nightly_stage
 
-        from pipeline import nightly
-        from pipeline.config import use_case
-
-        ctx = get_current_context()
-        answer = ctx["ti"].xcom_pull(task_ids="approve_promotion") or {}
+        answer = get_current_context()["ti"].xcom_pull(task_ids="approve_promotion") or {}
         who = (answer.get("responded_by_user") or {}).get("name") or "unknown"
-        return nightly.promote_challenger(
-            settings(),
-            use_case(USE_CASE),
-            run_context(ctx, USE_CASE),
+        return nightly_stage(
+            "promote_challenger",
+            USE_CASE,
             evaluation["version"],
             actor=f"approval:{who}",
             reason="approved in the Airflow UI after: " + "; ".join(evaluation["reasons"]),
@@ -202,54 +150,35 @@ def churn_nightly():
 
     @task(retries=0, trigger_rule="none_failed_min_one_success")
     def select_model(run: dict, params: dict | None = None) -> dict:
-        from _nightscore import is_backfill, run_context, settings
+        from _nightscore import is_backfill, nightly_stage
 
-        from pipeline import nightly
-        from pipeline.config import use_case
-
-        ctx = get_current_context()
         p = params or {}
-        return nightly.select_model(
-            settings(),
-            use_case(USE_CASE),
-            run_context(ctx, USE_CASE),
+        return nightly_stage(
+            "select_model",
+            USE_CASE,
             p.get("rescore_model") or None,
             run["champion_at_start"],
-            backfill=is_backfill(ctx),
+            backfill=is_backfill(),
             backfill_model=p.get("backfill_model", "champion_on_date"),
         )
 
     @task(**IO_RETRIES)
     def score_partition(partition: int, snapshot: dict, model: dict) -> dict:
-        from _nightscore import run_context, settings
+        from _nightscore import nightly_stage
 
-        from pipeline import nightly
-        from pipeline.config import use_case
-
-        ctx = get_current_context()
-        return nightly.score_partition(
-            settings(),
-            use_case(USE_CASE),
-            run_context(ctx, USE_CASE),
-            snapshot,
-            model["model_version"],
-            partition,
+        return nightly_stage(
+            "score_partition", USE_CASE, snapshot, model["model_version"], partition
         )
 
     @task(outlets=[CHURN_SCORES], **IO_RETRIES)
     def publish_scores(
         snapshot: dict, model: dict, parts: list[dict], params: dict | None = None
     ) -> dict:
-        from _nightscore import run_context, settings
+        from _nightscore import nightly_stage
 
-        from pipeline import nightly
-        from pipeline.config import use_case
-
-        ctx = get_current_context()
-        return nightly.publish_scores(
-            settings(),
-            use_case(USE_CASE),
-            run_context(ctx, USE_CASE),
+        return nightly_stage(
+            "publish_scores",
+            USE_CASE,
             snapshot,
             model["model_version"],
             list(parts),
@@ -258,30 +187,30 @@ def churn_nightly():
 
     @task(**IO_RETRIES)
     def score_shadow(snapshot: dict, model: dict, parts: list[dict]) -> dict:
-        from _nightscore import run_context, settings
+        from _nightscore import nightly_stage
 
-        from pipeline import nightly
-        from pipeline.config import use_case
-
-        ctx = get_current_context()
-        return nightly.score_shadow(
-            settings(),
-            use_case(USE_CASE),
-            run_context(ctx, USE_CASE),
-            snapshot,
-            model["model_version"],
-            list(parts),
+        return nightly_stage(
+            "score_shadow", USE_CASE, snapshot, model["model_version"], list(parts)
         )
 
     @task(retries=1, trigger_rule="all_done")
     def write_report() -> dict:
-        from _nightscore import run_context, settings
+        from _nightscore import nightly_stage
 
-        from pipeline import nightly
-        from pipeline.config import use_case
+        return nightly_stage("write_report", USE_CASE)
 
-        ctx = get_current_context()
-        return nightly.write_report(settings(), use_case(USE_CASE), run_context(ctx, USE_CASE))
+    @task(retries=0, trigger_rule="one_failed")
+    def fail_the_run() -> None:
+        """Runs only when a task failed, and fails, so the run shows as failed in the UI.
+
+        ``write_report`` runs whatever happened (``all_done``) and would otherwise be the
+        only leaf: a night stopped by a gate would look like a successful run.
+        """
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException(
+            "a task of this run failed (see its log); the reason is also in ml.runs.error"
+        )
 
     run = start_run()
     sources = check_sources()
@@ -306,7 +235,14 @@ def churn_nightly():
     scores_ok = check_scores(parts)
     published = publish_scores(snapshot, model, parts)
     scores_ok >> published
-    published >> score_shadow(snapshot, model, parts) >> write_report()
+    shadow = score_shadow(snapshot, model, parts)
+    report = write_report()
+    published >> shadow >> report
+    # not approve_promotion: a "Reject" skips its direct downstream tasks, and a failed
+    # approval still reaches the watcher through promote_challenger (upstream_failed)
+    every_task = [run, sources, snapshot, features_ok, branch, trained, evaluation, route]
+    every_task += [promoted, model, parts, scores_ok, published, shadow, report]
+    every_task >> fail_the_run()
 
 
 churn_nightly()

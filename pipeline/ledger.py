@@ -71,7 +71,7 @@ def start(settings: Settings, run: RunContext, params: dict[str, Any] | None = N
                        coalesce(max(attempt), 0) + 1
                 FROM ml.runs WHERE use_case = %(uc)s AND score_date = %(d)s
                 ON CONFLICT (use_case, score_date, run_id) DO UPDATE
-                SET status = 'running', error = NULL, finished_at = NULL,
+                SET status = 'running', error = NULL, finished_at = NULL, stages = '{}',
                     code_version = EXCLUDED.code_version, params = EXCLUDED.params
                 RETURNING attempt
                 """,

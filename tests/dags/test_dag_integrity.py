@@ -61,8 +61,15 @@ def test_churn_nightly_tasks_and_edges(dagbag) -> None:
         "check_features",
         "check_scores",
         "write_report",
+        "fail_the_run",
     }
-    down = {t.task_id: set(t.downstream_task_ids) for t in dag.tasks}
+    # every task feeds the watcher that fails the run when any of them failed
+    watcher = dag.get_task("fail_the_run")
+    assert watcher.trigger_rule == "one_failed"
+    others = {t.task_id for t in dag.tasks} - {"fail_the_run", "approve_promotion"}
+    assert watcher.upstream_task_ids == others
+    assert [t.task_id for t in dag.leaves] == ["fail_the_run"]
+    down = {t.task_id: set(t.downstream_task_ids) - {"fail_the_run"} for t in dag.tasks}
     assert down["start_run"] == {"check_sources", "build_features", "select_model"}
     assert down["check_sources"] == {"build_features"}
     assert down["build_features"] >= {"check_features"}

@@ -1,66 +1,83 @@
-"""A catalogue of corrupted warehouses: each stops the run at the named check, publishes
-nothing, and leaves the previous night served (the same stage functions the DAG runs)."""
+"""A catalogue of corrupted warehouses, each run through the DAG (``dag.test``, what
+``airflow dags test`` runs): the run stops at the named check with a message a user can
+act on, publishes nothing, and leaves the previous night served in ``*_latest``."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from dataclasses import replace
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
+from pipeline import airflow_env as af
 from pipeline import db, nightly, warehouse
 from pipeline.config import Settings, use_case
-from pipeline.errors import DataError, GateFailed
 from tests.conftest import SCORE_DATE
 
 UC = use_case("churn")
 NIGHT = SCORE_DATE + timedelta(days=1)
 LAST_DAY = NIGHT - timedelta(days=1)
 TABLES = ("plans", *warehouse.TABLE_ORDER)
+RUNNER = Path(__file__).with_name("dag_catalogue.py")
 
+# case: (the corruption, the check its message names, the task that stops the run)
 CATALOGUE = {
     "missing_column": (
         "ALTER TABLE {s}.tickets DROP COLUMN category",
         "column_exists on {s}.tickets.category",
+        "check_sources",
     ),
     "renamed_column": (
         "ALTER TABLE {s}.usage_daily RENAME COLUMN minutes TO mins",
         "column_exists on {s}.usage_daily.minutes",
+        "check_sources",
     ),
     "changed_type": (
         "ALTER TABLE {s}.usage_daily ALTER COLUMN data_mb TYPE text",
         "column_type on {s}.usage_daily.data_mb",
+        "check_sources",
     ),
     "duplicate_customers": (
         "INSERT INTO {s}.customers SELECT * FROM {s}.customers WHERE customer_id <= 50",
         "unique_key on {s}.customers.customer_id",
+        "check_sources",
     ),
     "day_without_usage": (
         f"DELETE FROM {{s}}.usage_daily WHERE usage_date = '{LAST_DAY}'",
         "fresh_through on {s}.usage_daily.usage_date",
+        "check_sources",
     ),
     "fraction_of_volume": (
         f"DELETE FROM {{s}}.usage_daily WHERE usage_date = '{LAST_DAY}' AND customer_id % 10 <> 0",
         "daily_volume on {s}.usage_daily",
+        "check_sources",
     ),
     "null_storm": (
         f"UPDATE {{s}}.usage_daily SET minutes = NULL WHERE usage_date >= '{NIGHT - timedelta(days=30)}' "
         "AND customer_id % 3 = 0",
         "null_fraction on {s}.usage_daily.minutes",
+        "check_sources",
     ),
     "future_rows": (
         "INSERT INTO {s}.usage_daily SELECT customer_id, DATE '2099-01-01', minutes, data_mb, sessions "
         "FROM {s}.usage_daily LIMIT 10",
         "no_future_rows on {s}.usage_daily.usage_date",
+        "check_sources",
     ),
     "negative_fees": (
         f"UPDATE {{s}}.invoices SET amount = -amount WHERE issue_date >= '{NIGHT - timedelta(days=10)}'",
         "value_rule on {s}.invoices",
+        "check_sources",
     ),
-    "empty_population": ("DELETE FROM {s}.customers", "empty population"),
+    "empty_population": ("DELETE FROM {s}.customers", "empty population", "build_features"),
     "population_halves": (
         "DELETE FROM {s}.customers WHERE customer_id % 2 = 0",
         "population_size on population",
+        "check_features",
     ),
 }
 
@@ -80,61 +97,80 @@ def corrupted_copy(settings: Settings, name: str, statement: str) -> Settings:
     return replace(settings, warehouse_schema=schema)
 
 
+@pytest.fixture(scope="module")
+def outcomes(
+    isolated: Settings, served: dict, airflow_env: dict[str, str], tmp_path_factory
+) -> dict[str, dict]:
+    """Every case, then a clean copy, through ``churn_nightly`` for NIGHT in one Airflow process."""
+    work = tmp_path_factory.mktemp("dag_catalogue")
+    cases = [
+        {"case": case, "schema": corrupted_copy(isolated, case, statement).warehouse_schema}
+        for case, (statement, _, _) in sorted(CATALOGUE.items())
+    ]
+    clean = corrupted_copy(isolated, "clean", "SELECT 1")
+    cases.append({"case": "clean", "schema": clean.warehouse_schema, "conf": {"retrain": "never"}})
+    (work / "spec.json").write_text(json.dumps({"night": NIGHT.isoformat(), "cases": cases}))
+    env = airflow_env | af.airflow_env(isolated)
+    env |= {
+        "NIGHTSCORE_DATABASE_URL": isolated.database_url,
+        "NIGHTSCORE_WAREHOUSE_URL": isolated.warehouse_url,
+    }
+    try:
+        result = subprocess.run(
+            [sys.executable, str(RUNNER), str(work / "spec.json"), str(work / "out.jsonl")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1500,
+        )
+        (work / "airflow.log").write_text(result.stdout + result.stderr)
+        lines = (
+            (work / "out.jsonl").read_text().splitlines() if (work / "out.jsonl").exists() else []
+        )
+        found = {o["case"]: o for o in map(json.loads, lines)}
+        assert len(found) == len(cases), (
+            f"the runner stopped after {len(found)} of {len(cases)} cases (exit "
+            f"{result.returncode}); see {work / 'airflow.log'}:\n{result.stderr[-3000:]}"
+        )
+        return found
+    finally:
+        drops = [f"DROP SCHEMA IF EXISTS {c['schema']} CASCADE" for c in cases]
+        db.scalar(isolated.warehouse_url, "; ".join([*drops, "SELECT 1"]))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CATALOGUE))
-def test_corruption_stops_the_run_at_the_named_check(
-    isolated: Settings, served: dict, case: str
+def test_corruption_stops_the_dag_at_the_named_check(
+    outcomes: dict[str, dict], served: dict, case: str
 ) -> None:
-    statement, named = CATALOGUE[case]
-    bad = corrupted_copy(isolated, case, statement)
-    try:
-        with pytest.raises((GateFailed, DataError)) as err:
-            nightly.run_night(bad, UC, NIGHT, retrain="never", run_id=f"catalogue-{case}")
-        message = str(err.value)
-        assert named.format(s=bad.warehouse_schema) in message, message
-        assert "expected" in message or "empty population" in message
-        # nothing published for the night; the previous night is still the one served
-        assert (
-            db.scalar(
-                isolated.database_url,
-                "SELECT count(*) FROM predictions.churn_scores WHERE score_date = %s",
-                (NIGHT,),
-            )
-            == 0
-        )
-        latest = db.scalar(
-            isolated.database_url,
-            "SELECT json_build_array(min(score_date), count(*)) FROM predictions.churn_scores_latest",
-        )
-        assert latest == [SCORE_DATE.isoformat(), served["rows"]]
-        run = db.scalar(
-            isolated.database_url,
-            "SELECT json_build_array(status, error) FROM ml.runs WHERE run_id = %s",
-            (f"catalogue-{case}",),
-        )
-        assert run[0] == "failed" and run[1]
-        if isinstance(err.value, GateFailed):
-            stored = db.scalar(
-                isolated.database_url,
-                "SELECT count(*) FROM monitoring.checks WHERE run_id = %s AND NOT passed AND severity = 'fail'",
-                (f"catalogue-{case}",),
-            )
-            assert stored >= 1
-    finally:
-        db.scalar(
-            isolated.warehouse_url,
-            f"DROP SCHEMA IF EXISTS {bad.warehouse_schema} CASCADE; SELECT 1",
-        )
+    _, named, stopping_task = CATALOGUE[case]
+    out = outcomes[case]
+    schema = f"wh_{case}"
+    message = out["run"]["error"] or ""
+    assert out["dag_run_state"] == "failed"
+    assert out["run"]["status"] == "failed"
+    assert named.format(s=schema) in message, message
+    assert "expected" in message or "empty population" in message
+    # the run stopped at that task: it failed (once, no retries), nothing after it ran
+    assert out["tasks"][stopping_task] == "failed", out["tasks"]
+    for later in ("train_challenger", "select_model", "publish_scores", "score_shadow"):
+        assert out["tasks"].get(later) in ("upstream_failed", "skipped", None), out["tasks"]
+    if stopping_task == "check_sources":
+        assert "build_features" not in out["run"]["stages"]  # stopped before featurizing
+    if stopping_task.startswith("check_"):
+        failed = [c for c in out["checks"] if not c["passed"] and c["severity"] == "fail"]
+        assert failed, out["checks"]
+    # nothing published for the night; the previous night is still the one served
+    assert out["published"] == 0
+    assert out["latest"] == [SCORE_DATE.isoformat(), served["rows"]]
 
 
-def test_a_clean_copy_passes_every_fail_check(isolated: Settings, served: dict) -> None:
-    good = corrupted_copy(isolated, "clean", "SELECT 1")
-    try:
-        out = nightly.run_night(good, UC, NIGHT, retrain="never", run_id="catalogue-clean")
-        assert out["published"]["rows"] > 0
-        checks = db.scalar(
-            isolated.database_url,
-            "SELECT count(*) FROM monitoring.checks WHERE run_id = 'catalogue-clean'",
-        )
-        assert checks > 30
-    finally:
-        db.scalar(isolated.warehouse_url, "DROP SCHEMA IF EXISTS wh_clean CASCADE; SELECT 1")
+@pytest.mark.slow
+def test_a_clean_copy_passes_every_check_and_publishes(outcomes: dict[str, dict]) -> None:
+    out = outcomes["clean"]
+    assert out["dag_run_state"] == "success", out["tasks"]
+    assert out["run"]["status"] == "published"
+    assert out["published"] > 3000
+    assert out["latest"] == [NIGHT.isoformat(), out["published"]]
+    assert len(out["checks"]) > 30
+    assert all(c["passed"] for c in out["checks"] if c["severity"] == "fail")
