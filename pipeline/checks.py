@@ -278,10 +278,14 @@ def check_features(
 
 
 def reference_profile(table: pa.Table, columns: list[str], bins: int = 10) -> dict[str, Any]:
-    """Per numeric feature: quantile edges and proportions of the training data (for PSI)."""
-    profile = {}
+    """Per feature, its training distribution for PSI: quantile edges and proportions of a
+    numeric feature, the share of each value of a categorical one."""
+    profile: dict[str, Any] = {}
     for name in columns:
         col = table.column(name)
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            profile[name] = {"categories": _category_shares(col)}
+            continue
         if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
             continue
         x = col.to_numpy(zero_copy_only=False).astype(np.float64)
@@ -294,10 +298,40 @@ def reference_profile(table: pa.Table, columns: list[str], bins: int = 10) -> di
     return profile
 
 
+def _category_shares(col: pa.ChunkedArray) -> dict[str, float]:
+    counts = col.value_counts()
+    total = max(len(col), 1)
+    return {
+        "(missing)" if value is None else str(value): count / total
+        for value, count in zip(
+            counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True
+        )
+    }
+
+
+def _psi(expected: np.ndarray, actual: np.ndarray) -> float:
+    expected = np.clip(expected, 1e-4, None)
+    actual = np.clip(actual, 1e-4, None)
+    return float(np.sum((actual - expected) * np.log(actual / expected)))
+
+
 def feature_psi(table: pa.Table, reference: dict[str, Any] | None) -> dict[str, float]:
+    """PSI of each referenced feature tonight against its training distribution.
+
+    A category never seen in training (a new country, say) counts in full: its training
+    share is taken as 0.01%.
+    """
     out: dict[str, float] = {}
     for name, ref in (reference or {}).items():
         if name not in table.column_names:
+            continue
+        if "categories" in ref:
+            tonight = _category_shares(table.column(name))
+            values = sorted(set(ref["categories"]) | set(tonight))
+            out[name] = _psi(
+                np.array([ref["categories"].get(v, 0.0) for v in values]),
+                np.array([tonight.get(v, 0.0) for v in values]),
+            )
             continue
         x = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
         x = x[~np.isnan(x)]
@@ -307,9 +341,7 @@ def feature_psi(table: pa.Table, reference: dict[str, Any] | None) -> dict[str, 
         actual = np.bincount(
             np.searchsorted(edges, x, side="right"), minlength=len(edges) + 1
         ) / len(x)
-        expected = np.clip(np.asarray(ref["proportions"]), 1e-4, None)
-        actual = np.clip(actual, 1e-4, None)
-        out[name] = float(np.sum((actual - expected) * np.log(actual / expected)))
+        out[name] = _psi(np.asarray(ref["proportions"]), actual)
     return out
 
 

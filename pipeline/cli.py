@@ -164,9 +164,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline import demo
 
-    return demo.run(
-        customers=args.customers, months=args.months, nights=args.nights, seed=args.seed
-    )
+    return demo.run(customers=args.customers, seed=args.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,10 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use-case", default="churn")
     p.set_defaults(func=cmd_summary)
 
-    p = sub.add_parser("demo", help="seed a warehouse and run the nightly DAG for several nights")
+    p = sub.add_parser(
+        "demo", help="seed a warehouse and run the DAGs across its drift event (about 5 min)"
+    )
     p.add_argument("--customers", type=int, default=20_000)
-    p.add_argument("--months", type=int, default=15)
-    p.add_argument("--nights", type=int, default=3)
     p.add_argument("--seed", type=int, default=7)
     p.set_defaults(func=cmd_demo)
     return parser

@@ -1,23 +1,55 @@
-"""``make demo``: seed a small warehouse, run the nightly DAG for a few nights, summarize.
+"""``make demo``: seed a small warehouse, run the DAGs across its drift event, summarize.
 
-Each night the warehouse first receives the previous day's facts (``advance``), then
-``airflow dags test churn_nightly <date>`` runs the real DAG against the embedded (or
-configured) PostgreSQL. The summary is read back from the run ledger.
+The synthetic warehouse drifts on day 300 (2024-10-27): the network launches in Poland
+and a rival's unlimited-data offer starts luring heavy data users away. The demo trains a
+champion 40 days before that, keeps it frozen (``retrain: never``) for three nights on
+either side, lets ``churn_monitoring`` measure how those nights actually performed once
+their labels matured, then lets the scheduled retrain replace the champion and measures
+the new one too. Before each step the warehouse receives the facts up to it
+(``advance``); every step is ``airflow dags test <dag> <date>`` against the embedded (or
+configured) PostgreSQL. The summary is read back from the ledger and ``monitoring.*``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
+from typing import Any
 
 from pipeline import airflow_env, db, ledger, warehouse
 from pipeline.config import Settings, load_settings, redact
 
 DEMO_START = date(2024, 1, 1)
+LAUNCH_DAY = 300  # the warehouse's drift event (see pipeline.warehouse)
+
+
+@dataclass(frozen=True)
+class Step:
+    day: int  # days after DEMO_START; the run sees facts strictly before it
+    dag: str
+    why: str
+    conf: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def date(self) -> date:
+        return DEMO_START + timedelta(days=self.day)
+
+
+SCHEDULE = (
+    Step(260, "churn_nightly", "first night: trains the champion, 40 days before the launch"),
+    Step(285, "churn_nightly", "champion frozen, before the launch", {"retrain": "never"}),
+    Step(310, "churn_nightly", "champion frozen, 10 days after the launch", {"retrain": "never"}),
+    Step(330, "churn_nightly", "champion frozen, 30 days after the launch", {"retrain": "never"}),
+    Step(360, "churn_monitoring", "labels of the nights through day 330 have matured"),
+    Step(360, "churn_nightly", "scheduled retrain on post-launch data; challenger vs champion"),
+    Step(390, "churn_monitoring", "the retrained champion's first night has matured"),
+)
 STAGES = (
     "build_features",
     "train_challenger",
@@ -48,42 +80,56 @@ def reset_serving(settings: Settings) -> None:
     db.apply_schema(settings.init_url)
 
 
-def run(customers: int, months: int, nights: int, seed: int) -> int:
+def run(customers: int, seed: int) -> int:
     began = time.monotonic()
     settings = load_settings()
     logs = settings.home / "demo"
     logs.mkdir(parents=True, exist_ok=True)
-    first_night = DEMO_START + timedelta(days=round(months * 30.44))
+    first = SCHEDULE[0].date
     print(f"serving database: {redact(settings.database_url)}")
     print(
-        f"seeding the warehouse: {customers:,} customers, {DEMO_START} .. {first_night - timedelta(days=1)}"
+        f"seeding the warehouse: {customers:,} customers, {DEMO_START} .. {first - timedelta(days=1)}"
     )
-    seeded = warehouse.seed(settings, customers, DEMO_START, (first_night - DEMO_START).days, seed)
+    seeded = warehouse.seed(settings, customers, DEMO_START, SCHEDULE[0].day, seed)
     print(f"  {sum(seeded.rows.values()):,} rows in {seeded.seconds:.1f}s")
+    launch = DEMO_START + timedelta(days=LAUNCH_DAY)
+    print(f"drift event on {launch}: launch in Poland, a rival's unlimited-data offer")
     reset_serving(settings)
     print("preparing Airflow's metadata database ...")
     if _airflow(settings, ["db", "migrate"], logs / "airflow-db-migrate.log") != 0:
         print(f"airflow db migrate failed; see {logs / 'airflow-db-migrate.log'}", file=sys.stderr)
         return 1
-    for i in range(nights):
-        night = first_night + timedelta(days=i)
-        if i:
-            warehouse.advance(settings, night - timedelta(days=1))
-        log_path = logs / f"churn_nightly-{night}.log"
+    through = first - timedelta(days=1)
+    for i, step in enumerate(SCHEDULE, 1):
+        if step.date - timedelta(days=1) > through:
+            through = step.date - timedelta(days=1)
+            warehouse.advance(settings, through)
+        log_path = logs / f"{step.dag}-{step.date}.log"
+        args = ["dags", "test", step.dag, step.date.isoformat()]
+        if step.conf:
+            args += ["--conf", json.dumps(step.conf)]
         t0 = time.monotonic()
-        print(f"night {i + 1}/{nights}: airflow dags test churn_nightly {night} ...", flush=True)
-        code = _airflow(settings, ["dags", "test", "churn_nightly", night.isoformat()], log_path)
-        status = _night_status(settings, night)
-        print(f"  {status} in {time.monotonic() - t0:.0f}s (log: {log_path})")
-        if code != 0 or status != "published":
-            print(f"night {night} did not publish (exit {code}); see {log_path}", file=sys.stderr)
+        print(f"{i}/{len(SCHEDULE)} {step.date}: {step.why}", flush=True)
+        print(f"  airflow {' '.join(args)}", flush=True)
+        code = _airflow(settings, args, log_path)
+        status = _night_status(settings, step.date) if step.dag == "churn_nightly" else "done"
+        print(
+            f"  {status if code == 0 else 'failed'} in {time.monotonic() - t0:.0f}s (log: {log_path})"
+        )
+        if code != 0 or status not in ("published", "done"):
+            print(
+                f"{step.dag} {step.date} did not finish (exit {code}); see {log_path}",
+                file=sys.stderr,
+            )
             return 1
     print()
-    print(summary_text(settings, "churn", first_night))
-    last = first_night + timedelta(days=nights - 1)
-    reports = sorted((settings.home / "reports" / "churn" / "nights").glob(f"{last}.html"))
-    if reports:
-        print(f"\nnightly report for {last}: {reports[-1]}")
+    print(summary_text(settings, "churn", first))
+    print()
+    print(drift_text(settings, "churn", first))
+    last = max(s.date for s in SCHEDULE if s.dag == "churn_nightly")
+    report = settings.home / "reports" / "churn" / "nights" / f"{last}.html"
+    if report.exists():
+        print(f"\nnightly report for {last}: {report}")
     print(f"\ndemo finished in {time.monotonic() - began:.0f}s")
     return 0
 
@@ -142,4 +188,64 @@ def summary_text(settings: Settings, use_case: str, since: date | None) -> str:
         '  psql "$(.venv/bin/nightscore db url)" -c "SELECT customer_id, churn_probability, risk_decile, '
         'model_version FROM predictions.churn_scores_latest ORDER BY churn_probability DESC LIMIT 10"',
     ]
+    return "\n".join(lines)
+
+
+def drift_text(settings: Settings, use_case: str, since: date) -> str:
+    """Feature drift per night, realized performance by model version, and retrain requests."""
+    url = settings.database_url
+    drift = db.scalar(
+        url,
+        """
+        SELECT coalesce(json_agg(n ORDER BY n.score_date), '[]') FROM (
+            SELECT d.score_date, count(*) FILTER (WHERE NOT d.within_limit) AS beyond,
+                   count(*) AS measured,
+                   string_agg(d.feature || ' ' || to_char(d.psi, 'FM990.00'), ', '
+                              ORDER BY d.psi DESC) FILTER (WHERE NOT d.within_limit) AS features
+            FROM monitoring.drift d
+            JOIN ml.runs r USING (use_case, score_date, run_id)
+            WHERE d.use_case = %s AND d.score_date >= %s AND r.status = 'published'
+            GROUP BY d.score_date
+        ) n
+        """,
+        (use_case, since),
+    )
+    realized = db.scalar(
+        url,
+        """
+        SELECT coalesce(json_agg(r ORDER BY r.score_date, r.model_version), '[]') FROM (
+            SELECT score_date, model_version, rows, positives, roc_auc, holdout_auc, lift_top_decile
+            FROM monitoring.realized_performance WHERE use_case = %s AND score_date >= %s
+        ) r
+        """,
+        (use_case, since),
+    )
+    requests = db.scalar(
+        url,
+        "SELECT coalesce(json_agg(json_build_array(reason, consumed_by_run) ORDER BY request_id), "
+        "'[]') FROM ml.retrain_requests WHERE use_case = %s",
+        (use_case,),
+    )
+    lines = ["drift (PSI against the serving model's training reference; beyond the limit):"]
+    for n in drift:
+        features = n["features"] or "none"
+        lines.append(f"  {n['score_date']}  {n['beyond']:>2}/{n['measured']:<2} {features}")
+    lines += ["", "realized performance once labels matured (30 days):"]
+    lines.append(
+        f"  {'score_date':10}  {'model_version':25} {'rows':>7} {'churned':>7}  "
+        f"{'AUC':>6}  {'holdout':>7}  {'lift@10%':>8}"
+    )
+    for r in realized:
+        auc = f"{r['roc_auc']:.3f}" if r["roc_auc"] is not None else "-"
+        holdout = f"{r['holdout_auc']:.3f}" if r["holdout_auc"] is not None else "-"
+        lift = f"{r['lift_top_decile']:.2f}" if r["lift_top_decile"] is not None else "-"
+        lines.append(
+            f"  {r['score_date']:10}  {r['model_version']:25} {r['rows']:>7,} {r['positives']:>7,}  "
+            f"{auc:>6}  {holdout:>7}  {lift:>8}"
+        )
+    if requests:
+        lines += ["", "retrain requests:"]
+        for reason, consumed in requests:
+            state = f"honoured by {consumed}" if consumed else "open"
+            lines.append(f"  {reason} ({state})")
     return "\n".join(lines)
