@@ -74,3 +74,44 @@ def nightly_stage(stage: str, use_case: str, *args: Any, **kwargs: Any) -> Any:
         return getattr(nightly, stage)(settings(), use_case_config(use_case), run, *args, **kwargs)
     except (DataError, GateFailed) as err:
         raise AirflowFailException(str(err)) from err
+
+
+CONN_SMTP = "nightscore_smtp"
+
+
+def smtp_target() -> Any:
+    """The SMTP server of the ``nightscore_smtp`` connection (None when it is not defined).
+
+    Extra fields: ``starttls`` / ``ssl`` (booleans), ``from`` (the sender), ``timeout``.
+    """
+    from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    from pipeline.campaign import DEFAULT_SENDER, SmtpTarget
+
+    try:
+        conn = BaseHook.get_connection(CONN_SMTP)
+    except AirflowNotFoundException:
+        return None
+    extra = conn.extra_dejson or {}
+    return SmtpTarget(
+        host=conn.host or "localhost",
+        port=int(conn.port or 25),
+        login=conn.login or None,
+        password=conn.password or None,
+        starttls=bool(extra.get("starttls", False)),
+        ssl=bool(extra.get("ssl", False)),
+        sender=str(extra.get("from", DEFAULT_SENDER)),
+        timeout=float(extra.get("timeout", 30)),
+    )
+
+
+def published_dates(context: dict[str, Any]) -> list[str]:
+    """Score dates announced by the asset events that triggered this run (real publishes only)."""
+    dates = []
+    for events in (context.get("triggering_asset_events") or {}).values():
+        for event in events:
+            extra = getattr(event, "extra", None) or {}
+            if extra.get("score_date") and extra.get("published", True):
+                dates.append(str(extra["score_date"]))
+    return sorted(set(dates))

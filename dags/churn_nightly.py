@@ -21,11 +21,13 @@ from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import Asset, CronTriggerTimetable, Param, dag, get_current_context, task
 from airflow.sdk.definitions.edges import Label
 
-from pipeline.config import USE_CASES
+from pipeline.config import SCORES_ASSET, USE_CASES
 
 USE_CASE = "churn"
 SCORE_PARTITIONS = USE_CASES[USE_CASE].score_partitions
-CHURN_SCORES = Asset(name="churn_scores", uri="nightscore://predictions/churn_scores")
+CHURN_SCORES = Asset(
+    name=SCORES_ASSET[USE_CASE], uri=f"nightscore://predictions/{SCORES_ASSET[USE_CASE]}"
+)
 
 IO_RETRIES = {"retries": 2, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True}
 
@@ -174,16 +176,25 @@ def churn_nightly():
     def publish_scores(
         snapshot: dict, model: dict, parts: list[dict], params: dict | None = None
     ) -> dict:
-        from _nightscore import nightly_stage
+        from _nightscore import is_backfill, nightly_stage
 
-        return nightly_stage(
+        dry_run = bool((params or {}).get("dry_run"))
+        result = nightly_stage(
             "publish_scores",
             USE_CASE,
             snapshot,
             model["model_version"],
             list(parts),
-            dry_run=bool((params or {}).get("dry_run")),
+            dry_run=dry_run,
         )
+        # what churn_campaign (scheduled on this asset) needs to know about the publish
+        get_current_context()["outlet_events"][CHURN_SCORES].extra = {
+            "score_date": snapshot["as_of"],
+            "model_version": model["model_version"],
+            "published": not dry_run,
+            "backfill": is_backfill(),
+        }
+        return result
 
     @task(**IO_RETRIES)
     def score_shadow(snapshot: dict, model: dict, parts: list[dict]) -> dict:

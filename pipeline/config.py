@@ -68,6 +68,14 @@ class UseCase:
     score_drift_limit: float = 0.25  # warn: score PSI vs the previous published night
     # Realized AUC this far below the model's holdout AUC requests a retrain.
     decay_threshold: float = 0.05
+    # Retention campaign. The control group is a salted hash of the entity key: the same
+    # customers whatever the run, model or backfill. Changing the salt or the fraction
+    # starts a new control group (and makes uplift before and after incomparable).
+    control_salt: str = "nightscore-churn-control-v1"
+    control_fraction: float = 0.05
+    audience_deciles: int = 1  # the top risk band: risk_decile <= this
+    suppression_days: int = 14  # no one is contacted twice within this many days
+    send_rate_per_second: float = 20.0  # SMTP messages per second at most
     model_params: dict[str, float | int] = field(
         default_factory=lambda: {
             "max_iter": 250,
@@ -80,6 +88,8 @@ class UseCase:
 
 
 USE_CASES: dict[str, UseCase] = {"churn": UseCase()}
+# The Airflow asset each use case's publish updates (consumers schedule on it).
+SCORES_ASSET = {name: uc.score_table for name, uc in USE_CASES.items()}
 
 
 def use_case(name: str) -> UseCase:

@@ -225,3 +225,19 @@ def verify(snapshot: Snapshot) -> None:
 
 def feature_columns(schema: pa.Schema, uc: UseCase) -> list[str]:
     return [n for n in schema.names if n not in (uc.entity_key, "label")]
+
+
+def find_snapshot(settings: Settings, uc: UseCase, as_of: date, sha256: str) -> Snapshot:
+    """The scoring snapshot with this content hash; rebuilt (it is deterministic) if gone."""
+    path = settings.snapshots / uc.name / "features" / f"as_of={as_of}" / f"{sha256[:16]}.parquet"
+    if path.exists():
+        rows = pq.ParquetFile(path).metadata.num_rows
+        return Snapshot(uc.name, as_of, path, sha256, rows, False)
+    rebuilt = build_snapshot(settings, uc, as_of)
+    if rebuilt.sha256 != sha256:
+        raise DataError(
+            f"the feature snapshot of {uc.name} as of {as_of} is gone and rebuilding it gave "
+            f"sha256 {rebuilt.sha256[:16]}, not {sha256[:16]}: the warehouse history before "
+            f"{as_of} changed since that night was published"
+        )
+    return rebuilt

@@ -19,7 +19,6 @@ set or two copies.
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import threading
 import time
@@ -35,8 +34,10 @@ from psycopg2 import errors as pg_errors
 from psycopg2 import sql
 
 from pipeline import db
+from pipeline.campaign import control_group
 from pipeline.config import Settings, UseCase
 from pipeline.errors import PublishError
+from pipeline.faults import fault_point
 from pipeline.ledger import RunContext
 from pipeline.score import ScoredPart
 
@@ -182,6 +183,7 @@ def _batches(
                 ).cast(pa.string()),
                 pa.array(probs),
                 pa.array(deciles_from_thresholds(probs, keys, thresholds)),
+                pa.array(control_group(keys, uc.control_salt, uc.control_fraction)),
             ],
             schema=schema,
         )
@@ -208,6 +210,7 @@ def _copy(
             ("model_version", pa.string()),
             (uc.probability_column, pa.float64()),
             ("risk_decile", pa.int16()),
+            ("control_group", pa.bool_()),
         ]
     )
     thresholds = decile_thresholds(uc, parts, uc.batch_rows * 4)
@@ -241,22 +244,6 @@ def _copy(
             ) from errors[0]
         raise errors[0]
     return -1 if any(c < 0 for c in counts) else sum(counts)
-
-
-def fault_point(name: str) -> None:
-    """Where fault-injection tests stop a publish (``NIGHTSCORE_FAULT_PAUSE=<name>``).
-
-    Does nothing unless that variable names this point: then it touches
-    ``$NIGHTSCORE_FAULT_PAUSE_FILE`` and sleeps, so a test can kill the process (or its
-    database backend) at exactly this step.
-    """
-    if os.environ.get("NIGHTSCORE_FAULT_PAUSE") != name:
-        return
-    marker = os.environ.get("NIGHTSCORE_FAULT_PAUSE_FILE")
-    if marker:
-        with open(marker, "w") as fh:
-            fh.write(str(os.getpid()))
-    time.sleep(float(os.environ.get("NIGHTSCORE_FAULT_PAUSE_SECONDS", "600")))
 
 
 def publish_scores(

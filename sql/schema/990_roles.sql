@@ -49,3 +49,12 @@ REVOKE ALL ON SCHEMA ml, monitoring, campaigns FROM nightscore_reader;
 GRANT USAGE ON SCHEMA predictions TO nightscore_reader;
 REVOKE ALL ON ALL TABLES IN SCHEMA predictions FROM nightscore_reader;
 GRANT SELECT ON predictions.churn_scores_latest, predictions.churn_scores_history TO nightscore_reader;
+
+-- The email service: the retention audience (names, email addresses) and nothing else of
+-- the serving database; it reads the send log and reports unsubscribes. No one else reads
+-- the audience: readers have no access to the campaigns schema at all.
+GRANT USAGE ON SCHEMA campaigns TO nightscore_campaign;
+REVOKE ALL ON ALL TABLES IN SCHEMA campaigns FROM nightscore_campaign;
+GRANT SELECT ON campaigns.retention_audience, campaigns.send_log TO nightscore_campaign;
+GRANT SELECT, INSERT ON campaigns.opt_outs TO nightscore_campaign;
+REVOKE ALL ON ALL TABLES IN SCHEMA campaigns FROM PUBLIC;

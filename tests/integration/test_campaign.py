@@ -1,0 +1,252 @@
+"""Retention campaign: control group, audience, exports and sends against a real SMTP sink."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from datetime import timedelta
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import campaign, db, nightly
+from pipeline.campaign import SmtpTarget
+from pipeline.config import Settings, use_case, with_role
+from tests.conftest import SCORE_DATE
+from tests.smtp_sink import smtp_sink
+
+UC = use_case("churn")
+
+
+def test_control_group_is_salted_stable_and_about_the_configured_fraction() -> None:
+    keys = np.arange(1, 200_001, dtype=np.int64)
+    members = campaign.control_group(keys, UC.control_salt, UC.control_fraction)
+    assert 0.047 < members.mean() < 0.053
+    # membership depends on the key alone, not on which other keys are scored with it
+    shuffled = np.random.default_rng(1).permutation(keys)[:5000]
+    again = campaign.control_group(shuffled, UC.control_salt, UC.control_fraction)
+    assert np.array_equal(again, members[shuffled - 1])
+    other_salt = campaign.control_group(keys, "another-salt", UC.control_fraction)
+    assert 0.047 < other_salt.mean() < 0.053
+    assert (members & other_salt).sum() < members.sum() * 0.2  # a new salt, a new group
+
+
+@pytest.fixture(scope="module")
+def night(isolated: Settings) -> dict:
+    out = nightly.run_night(isolated, UC, SCORE_DATE, retrain="always", run_id="campaign-night")
+    return {"model_version": out["model_version"], "rows": out["published"]["rows"]}
+
+
+def audience_rows(settings: Settings, day=SCORE_DATE) -> list[dict]:
+    return db.scalar(
+        settings.database_url,
+        "SELECT coalesce(json_agg(a ORDER BY audience_rank), '[]') FROM campaigns.retention_audience a "
+        "WHERE score_date = %s",
+        (day,),
+    )
+
+
+@pytest.fixture(scope="module")
+def audience(isolated: Settings, night: dict) -> dict:
+    return campaign.build_audience(isolated, UC, SCORE_DATE)
+
+
+def test_audience_is_the_top_band_opted_in_outside_control_with_reasons(
+    isolated: Settings, audience: dict
+) -> None:
+    rows = audience_rows(isolated)
+    assert 0 < len(rows) == audience["audience"] <= UC.campaign_capacity
+    ids = [r["customer_id"] for r in rows]
+    served = db.scalar(
+        isolated.database_url,
+        "SELECT json_object_agg(customer_id, json_build_array(risk_decile, control_group, "
+        "churn_probability)) FROM predictions.churn_scores WHERE score_date = %s "
+        "AND customer_id = ANY(%s)",
+        (SCORE_DATE, ids),
+    )
+    opted_in = db.scalar(
+        isolated.warehouse_url,
+        "SELECT json_object_agg(customer_id, marketing_opt_in) FROM warehouse.customers "
+        "WHERE customer_id = ANY(%s)",
+        (ids,),
+    )
+    for r in rows:
+        decile, control, probability = served[str(r["customer_id"])]
+        assert decile <= UC.audience_deciles and not control and opted_in[str(r["customer_id"])]
+        assert r["churn_probability"] == probability
+        assert 1 <= len(r["reasons"]) <= 3 and all(len(w) > 5 for w in r["reasons"])
+        assert set(r["reason_features"]) <= set(campaign.REASON_TEXT)
+    probabilities = [r["churn_probability"] for r in rows]
+    assert probabilities == sorted(probabilities, reverse=True)
+    # reasons come from the model: not everyone gets the same three
+    assert len({tuple(r["reason_features"]) for r in rows}) > 3
+    # everyone opted in in the band but left out is in the control group, and is held out
+    control = db.scalar(
+        isolated.database_url,
+        "SELECT array_agg(customer_id) FROM campaigns.control_band WHERE score_date = %s",
+        (SCORE_DATE,),
+    )
+    assert control and not set(control) & set(ids)
+    assert campaign.control_group(np.array(control), UC.control_salt, UC.control_fraction).all()
+    assert audience["control_band"] == len(control)
+
+
+def test_the_audience_is_exported_as_csv_and_parquet(isolated: Settings, audience: dict) -> None:
+    rows = audience_rows(isolated)
+    with open(audience["exports"]["csv"], newline="") as fh:
+        exported = list(csv.DictReader(fh))
+    parquet = pq.read_table(audience["exports"]["parquet"])
+    assert [int(r["customer_id"]) for r in exported] == [r["customer_id"] for r in rows]
+    assert parquet.column("email").to_pylist() == [r["email"] for r in rows]
+    assert exported[0]["reason_1"] == rows[0]["reasons"][0]
+
+
+def test_opt_outs_and_suppression_are_honoured(isolated: Settings, audience: dict) -> None:
+    rows = audience_rows(isolated)
+    unsubscribed, contacted_lately, contacted_long_ago = (r["customer_id"] for r in rows[:3])
+    db.scalar(
+        isolated.database_url,
+        "INSERT INTO campaigns.opt_outs (customer_id) VALUES (%s); "
+        "INSERT INTO campaigns.send_log (campaign, customer_id, score_date, run_id, message_id, "
+        "status) VALUES ('churn_retention_earlier', %s, %s, 'r', 'm1', 'sent'), "
+        "('churn_retention_older', %s, %s, 'r', 'm2', 'sent'); SELECT 1",
+        (
+            unsubscribed,
+            contacted_lately,
+            SCORE_DATE - timedelta(days=5),
+            contacted_long_ago,
+            SCORE_DATE - timedelta(days=UC.suppression_days + 5),
+        ),
+    )
+    try:
+        rebuilt = campaign.build_audience(isolated, UC, SCORE_DATE)
+        ids = {r["customer_id"] for r in audience_rows(isolated)}
+        assert unsubscribed not in ids and contacted_lately not in ids
+        assert contacted_long_ago in ids
+        assert rebuilt["excluded"]["unsubscribed"] >= 1 and rebuilt["excluded"]["suppressed"] >= 1
+    finally:
+        db.scalar(
+            isolated.database_url,
+            "DELETE FROM campaigns.opt_outs; DELETE FROM campaigns.send_log "
+            "WHERE campaign LIKE 'churn_retention_%%er'; SELECT 1",
+        )
+        campaign.build_audience(isolated, UC, SCORE_DATE)
+
+
+def test_dry_run_renders_files_and_records_nothing(isolated: Settings, audience: dict) -> None:
+    with smtp_sink() as sink:
+        out = campaign.send_campaign(
+            isolated, UC, SCORE_DATE, "dry", target=SmtpTarget("127.0.0.1", sink.port)
+        )
+    assert out["dry_run"] and out["rendered"] == audience["audience"] and not sink.received
+    first = audience_rows(isolated)[0]
+    text = (isolated.home / "outbox" / out["campaign"] / f"{first['customer_id']}.eml").read_text()
+    assert first["first_name"] in text and first["reasons"][0] in text
+    assert first["email"] in text
+    assert db.scalar(isolated.database_url, "SELECT count(*) FROM campaigns.send_log") == 0
+
+
+def test_each_person_receives_exactly_one_message_and_a_rerun_sends_nothing(
+    isolated: Settings, audience: dict, caplog: pytest.LogCaptureFixture
+) -> None:
+    rows = audience_rows(isolated)
+    refused = rows[-1]["email"]  # a mailbox the server rejects: failed, never retried
+    caplog.set_level(logging.DEBUG)
+    with smtp_sink() as sink:
+        sink.refuse.add(refused)
+        target = SmtpTarget("127.0.0.1", sink.port)
+        began = time.monotonic()
+        first = campaign.send_campaign(
+            isolated, UC, SCORE_DATE, "send-1", target=target, dry_run=False, rate_per_second=400
+        )
+        seconds = time.monotonic() - began
+        again = campaign.send_campaign(
+            isolated, UC, SCORE_DATE, "send-2", target=target, dry_run=False
+        )
+    expected = sorted(r["email"] for r in rows if r["email"] != refused)
+    assert sorted(sink.recipients()) == expected  # exactly one message each
+    assert first["sent"] == len(expected) and first["failed"] == 1
+    assert again["sent"] == 0 and again["already_sent"] == len(expected)
+    assert seconds >= (len(rows) - 1) / 400  # paced by the rate limit
+    message = sink.received[0][1]
+    assert message["X-Campaign"] == campaign.campaign_name(UC, SCORE_DATE)
+    assert rows[0]["first_name"] in message["Subject"]
+    assert rows[0]["reasons"][0] in message.get_payload()
+    log = db.scalar(
+        isolated.database_url,
+        "SELECT json_object_agg(status, n) FROM (SELECT status, count(*) AS n "
+        "FROM campaigns.send_log GROUP BY status) s",
+    )
+    assert log == {"sent": len(expected), "failed": 1}
+    # no email address in the logs, nor in what the task returns (its XCom)
+    ours = "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith("mail."))
+    assert "pipeline.campaign" in {r.name for r in caplog.records}
+    assert "@" not in ours and "@" not in str(first) + str(again)
+
+
+def test_only_the_campaign_role_reads_the_audience(isolated: Settings, audience: dict) -> None:
+    reader = with_role(isolated.database_url, "nightscore_reader")
+    with pytest.raises(Exception, match="permission denied"):
+        db.scalar(reader, "SELECT count(*) FROM campaigns.retention_audience")
+    campaign_role = with_role(isolated.database_url, "nightscore_campaign")
+    assert db.scalar(campaign_role, "SELECT count(*) FROM campaigns.retention_audience") > 0
+    with pytest.raises(Exception, match="permission denied"):
+        db.scalar(campaign_role, "SELECT count(*) FROM predictions.churn_scores")
+    with pytest.raises(Exception, match="permission denied"):
+        db.scalar(campaign_role, "DELETE FROM campaigns.send_log RETURNING 1")
+
+
+def test_past_dates_are_never_emailed(isolated: Settings, audience: dict) -> None:
+    newer = SCORE_DATE + timedelta(days=2)
+    nightly.run_night(isolated, UC, newer, retrain="never", run_id="campaign-newer")
+    with smtp_sink() as sink:
+        out = campaign.send_campaign(
+            isolated,
+            UC,
+            SCORE_DATE - timedelta(days=7),
+            "late",
+            target=SmtpTarget("127.0.0.1", sink.port),
+            dry_run=False,
+        )
+    assert out["sent"] == 0 and "newest published" in out["skipped_reason"]
+    assert not sink.received
+
+
+def test_control_membership_is_identical_across_model_versions_and_a_backfill(
+    isolated: Settings, night: dict
+) -> None:
+    backfill_day = SCORE_DATE - timedelta(days=7)
+    nightly.run_night(isolated, UC, backfill_day, retrain="never", run_id="campaign-backfill")
+    later = SCORE_DATE + timedelta(days=1)
+    nightly.run_night(isolated, UC, later, retrain="always", run_id="campaign-retrain")
+    challenger = db.scalar(
+        isolated.database_url,
+        "SELECT version FROM ml.model_versions WHERE trained_as_of = %s",
+        (later,),
+    )
+    nightly.run_night(
+        isolated, UC, later, retrain="never", rescore_model=challenger, run_id="campaign-rescore"
+    )
+    flags = db.scalar(
+        isolated.database_url,
+        "SELECT json_object_agg(score_date || ':' || customer_id, control_group) "
+        "FROM predictions.churn_scores_history WHERE score_date IN (%s, %s, %s)",
+        (backfill_day, SCORE_DATE, SCORE_DATE + timedelta(days=1)),
+    )
+    versions = db.scalar(
+        isolated.database_url,
+        "SELECT array_agg(DISTINCT model_version) FROM predictions.churn_scores_history "
+        "WHERE score_date IN (%s, %s)",
+        (SCORE_DATE, SCORE_DATE + timedelta(days=1)),
+    )
+    assert len(versions) == 2 and challenger in versions
+    by_customer: dict[str, set[bool]] = {}
+    for key, flag in flags.items():
+        by_customer.setdefault(key.split(":")[1], set()).add(flag)
+    assert all(len(f) == 1 for f in by_customer.values())  # one answer per customer
+    keys = np.array([int(k) for k in by_customer])
+    expected = campaign.control_group(keys, UC.control_salt, UC.control_fraction)
+    assert [next(iter(by_customer[str(k)])) for k in keys] == expected.tolist()
+    assert expected.sum() > 100
