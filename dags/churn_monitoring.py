@@ -6,6 +6,10 @@ its score date) against the actual cancellations, by model version, into
 `monitoring.realized_performance`. A realized AUC that fell more than the use case's
 `decay_threshold` below the model's own holdout AUC files a retrain request, which the
 next `churn_nightly` run honours.
+
+Alongside, each retention campaign whose labels have matured is measured once: churn of
+the customers emailed vs the control band, with a 95% interval, in
+`monitoring.campaign_uplift`.
 """
 
 from __future__ import annotations
@@ -37,7 +41,18 @@ def churn_monitoring():
         ctx = get_current_context()
         return monitor.update_realized_performance(settings(), use_case(USE_CASE), score_date(ctx))
 
+    @task(retries=2, retry_delay=timedelta(minutes=5), retry_exponential_backoff=True)
+    def evaluate_campaign_uplift() -> list[dict]:
+        from _nightscore import score_date, settings
+
+        from pipeline import monitor
+        from pipeline.config import use_case
+
+        ctx = get_current_context()
+        return monitor.update_campaign_uplift(settings(), use_case(USE_CASE), score_date(ctx))
+
     evaluate_realized_performance()
+    evaluate_campaign_uplift()
 
 
 churn_monitoring()

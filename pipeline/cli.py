@@ -125,9 +125,9 @@ def _user() -> str:
 def cmd_monitor(args: argparse.Namespace) -> int:
     from pipeline import monitor
 
-    out = monitor.update_realized_performance(
-        config.load_settings(), config.use_case(args.use_case), args.date
-    )
+    settings, uc = config.load_settings(), config.use_case(args.use_case)
+    out = monitor.update_realized_performance(settings, uc, args.date)
+    out["campaign_uplift"] = monitor.update_campaign_uplift(settings, uc, args.date)
     print(json.dumps(out, indent=2))
     return 0
 
@@ -211,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--reason", required=True)
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("monitor", help="evaluate matured nights against actual outcomes")
+    p = sub.add_parser(
+        "monitor", help="evaluate matured nights and campaigns against actual outcomes"
+    )
     p.add_argument("--date", type=_date, required=True, help="labels known before this date")
     p.add_argument("--use-case", default="churn")
     p.set_defaults(func=cmd_monitor)

@@ -5,22 +5,31 @@ served scores of S are evaluated against it (AUC, top-decile lift, calibration, 
 rate per risk decile) by model version, in ``monitoring.realized_performance``. When the
 newest evaluation falls more than ``decay_threshold`` below the model's own out-of-time
 holdout AUC, a retrain is requested for the next night.
+
+The same matured labels measure each retention campaign: the churn of the customers who
+were emailed against that of the control band (held-out customers who would have
+qualified), in ``monitoring.campaign_uplift``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from datetime import date
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
 
 from pipeline import db, evaluate, features, registry
 from pipeline.config import Settings, UseCase
+from pipeline.errors import DataError
 
 log = logging.getLogger(__name__)
+
+UPLIFT_CONFIDENCE = 0.95
 
 
 @dataclass(frozen=True)
@@ -54,28 +63,48 @@ def matured_unevaluated(settings: Settings, uc: UseCase, as_of: date) -> list[da
         conn.close()
 
 
-def evaluate_date(settings: Settings, uc: UseCase, score_date: date) -> list[Realized]:
-    """Evaluate the served scores of one date against its matured labels."""
+@dataclass(frozen=True)
+class Labels:
+    """The matured labels of one score date: the population active on it, sorted by key."""
+
+    keys: np.ndarray
+    values: np.ndarray
+
+    def of(self, keys: np.ndarray) -> np.ndarray:
+        """The label of each of ``keys`` (any order); keys outside the population count as 0."""
+        y = np.zeros(len(keys), dtype=np.int64)
+        if len(self.keys):
+            idx = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+            known = self.keys[idx] == keys
+            y[known] = self.values[idx[known]]
+        return y
+
+
+def matured_labels(settings: Settings, uc: UseCase, score_date: date) -> Labels:
+    """Labels of the customers active on ``score_date`` (outcome in its label window).
+
+    Only meaningful once the window has closed: ``score_date + label_horizon_days``.
+    """
     labels = db.read_arrow(
         settings.warehouse_url,
         db.sql_text("features", uc.labels_sql),
         {"as_of": score_date, "label_end": features.label_end(uc, score_date)},
         schema=settings.warehouse_schema,
     )
+    # the labels SQL orders by the key: the lookup's binary search relies on it
+    return Labels(labels.column(uc.entity_key).to_numpy(), labels.column("label").to_numpy())
+
+
+def evaluate_date(settings: Settings, uc: UseCase, score_date: date) -> list[Realized]:
+    """Evaluate the served scores of one date against its matured labels."""
+    labels = matured_labels(settings, uc, score_date)
     served = db.read_arrow(
         settings.database_url,
         f"SELECT {uc.entity_key}, model_version, {uc.probability_column}, risk_decile "
         f"FROM predictions.{uc.score_table} WHERE score_date = :d ORDER BY {uc.entity_key}",
         {"d": score_date},
     )
-    label_keys = labels.column(uc.entity_key).to_numpy()  # both queries order by the key
-    label_values = labels.column("label").to_numpy()
-    keys = served.column(uc.entity_key).to_numpy()
-    y = np.zeros(len(keys), dtype=np.int64)
-    if len(label_keys):
-        idx = np.minimum(np.searchsorted(label_keys, keys), len(label_keys) - 1)
-        known = label_keys[idx] == keys
-        y[known] = label_values[idx[known]]
+    y = labels.of(served.column(uc.entity_key).to_numpy())
     versions = np.asarray(served.column("model_version").to_pylist())
     p = served.column(uc.probability_column).to_numpy()
     deciles = served.column("risk_decile").to_numpy()
@@ -190,3 +219,157 @@ def update_realized_performance(settings: Settings, uc: UseCase, as_of: date) ->
         "decayed": len(decayed),
         "as_of": as_of.isoformat(),
     }
+
+
+# -- campaign uplift ----------------------------------------------------------------------
+
+
+def matured_campaigns(settings: Settings, uc: UseCase, as_of: date) -> list[tuple[str, date]]:
+    """Campaigns to measure as of ``as_of``, as (campaign, score_date), oldest first.
+
+    A campaign qualifies once its labels matured (``score_date + label_horizon_days <=
+    as_of``) if at least one of its messages was sent and it has no uplift row yet.
+
+    Raises:
+        DataError: a campaign's control band and send log disagree on its score date.
+    """
+    conn = db.connect(settings.database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                """
+                SELECT c.campaign, min(c.score_date), max(c.score_date)
+                FROM (SELECT campaign, score_date, false AS sent FROM campaigns.control_band
+                      UNION ALL
+                      SELECT campaign, score_date, status = 'sent' FROM campaigns.send_log) c
+                WHERE NOT EXISTS (SELECT 1 FROM monitoring.campaign_uplift u
+                                  WHERE u.use_case = %s AND u.campaign = c.campaign)
+                GROUP BY c.campaign
+                HAVING bool_or(c.sent) AND max(c.score_date) + %s <= %s
+                ORDER BY 2, 1
+                """,
+                (uc.name, uc.label_horizon_days, as_of),
+            )
+            found = cur.fetchall()
+        conn.commit()
+    finally:
+        conn.close()
+    mixed = [f"{c} ({lo} .. {hi})" for c, lo, hi in found if lo != hi]
+    if mixed:
+        raise DataError(
+            "campaigns.control_band and campaigns.send_log should give each campaign one "
+            f"score date, found several for {', '.join(mixed)}: fix those rows, then rerun"
+        )
+    return [(c, lo) for c, lo, _ in found]
+
+
+def update_campaign_uplift(settings: Settings, uc: UseCase, as_of: date) -> list[dict[str, Any]]:
+    """Measure each newly matured campaign: churn of the contacted vs the control band.
+
+    Contacted are the customers whose message was confirmed sent (status 'sent'; 'sending'
+    and 'failed' are left out); control is the campaign's ``campaigns.control_band``. Churn
+    is the use case's label over ``[score_date, score_date + label_horizon_days)``.
+    ``uplift = control_rate - contacted_rate`` is the churn prevented per contacted
+    customer, with a Wald (normal approximation) 95% interval; rates, uplift and interval
+    are None where a group is empty. Campaigns already in ``monitoring.campaign_uplift``
+    are not revisited, so reruns add nothing.
+
+    Returns:
+        The stored rows, one per campaign measured now (``score_date`` as an ISO string).
+    """
+    pending = matured_campaigns(settings, uc, as_of)
+    labels = {day: matured_labels(settings, uc, day) for day in sorted({d for _, d in pending})}
+    rows = [_campaign_uplift(settings, uc, name, day, labels[day]) for name, day in pending]
+    if rows:
+        _store_uplift(settings, uc, rows)
+    log.info("campaign uplift for %s as of %s: %d campaigns measured", uc.name, as_of, len(rows))
+    return [r | {"score_date": r["score_date"].isoformat()} for r in rows]
+
+
+def _campaign_uplift(
+    settings: Settings, uc: UseCase, campaign: str, score_date: date, labels: Labels
+) -> dict[str, Any]:
+    groups = db.read_arrow(
+        settings.database_url,
+        "SELECT customer_id, true AS contacted FROM campaigns.send_log "
+        "WHERE campaign = :campaign AND status = 'sent' "
+        "UNION ALL SELECT customer_id, false FROM campaigns.control_band WHERE campaign = :campaign",
+        {"campaign": campaign},
+    )
+    contacted = groups.column("contacted").to_numpy(zero_copy_only=False).astype(bool)
+    y = labels.of(groups.column("customer_id").to_numpy())
+    n1, k1 = int(contacted.sum()), int(y[contacted].sum())
+    n0, k0 = int((~contacted).sum()), int(y[~contacted].sum())
+    log.info(
+        "campaign %s (%s, %s): %d contacted, %d churned; %d control, %d churned",
+        campaign,
+        uc.name,
+        score_date,
+        n1,
+        k1,
+        n0,
+        k0,
+    )
+    return {
+        "campaign": campaign,
+        "score_date": score_date,
+        "contacted": n1,
+        "contacted_churned": k1,
+        "control": n0,
+        "control_churned": k0,
+    } | _difference_of_rates(k1, n1, k0, n0)
+
+
+def _difference_of_rates(k1: int, n1: int, k0: int, n0: int) -> dict[str, float | None]:
+    """Rates k/n, uplift p0 - p1 and its Wald interval; None where a group is empty."""
+    p1 = k1 / n1 if n1 else None
+    p0 = k0 / n0 if n0 else None
+    if p1 is None or p0 is None:
+        return {
+            "contacted_rate": p1,
+            "control_rate": p0,
+            "uplift": None,
+            "ci_low": None,
+            "ci_high": None,
+        }
+    z = NormalDist().inv_cdf(0.5 + UPLIFT_CONFIDENCE / 2)
+    half = z * math.sqrt(p0 * (1 - p0) / n0 + p1 * (1 - p1) / n1)
+    return {
+        "contacted_rate": p1,
+        "control_rate": p0,
+        "uplift": p0 - p1,
+        "ci_low": p0 - p1 - half,
+        "ci_high": p0 - p1 + half,
+    }
+
+
+_UPLIFT_COLUMNS = (
+    "campaign",
+    "score_date",
+    "contacted",
+    "contacted_churned",
+    "control",
+    "control_churned",
+    "contacted_rate",
+    "control_rate",
+    "uplift",
+    "ci_low",
+    "ci_high",
+)
+
+
+def _store_uplift(settings: Settings, uc: UseCase, rows: list[dict[str, Any]]) -> None:
+    columns = ", ".join(_UPLIFT_COLUMNS)
+    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in _UPLIFT_COLUMNS[1:])
+    conn = db.connect(settings.database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.executemany(
+                f"INSERT INTO monitoring.campaign_uplift (use_case, {columns}) "
+                f"VALUES (%s, {', '.join(['%s'] * len(_UPLIFT_COLUMNS))}) "
+                f"ON CONFLICT (use_case, campaign) DO UPDATE SET {updates}, evaluated_at = now()",
+                [(uc.name, *(r[c] for c in _UPLIFT_COLUMNS)) for r in rows],
+            )
+        conn.commit()
+    finally:
+        conn.close()

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 PROMOTION_MODES = ("auto", "approval", "never")
 RETRAIN_MODES = ("scheduled", "always", "never")
+REPORT_CAMPAIGNS = 10  # newest campaign uplifts shown in the nightly report
 
 
 def start_run(
@@ -622,7 +623,10 @@ def score_shadow(
 
 
 def write_report(settings: Settings, uc: UseCase, run: RunContext) -> dict[str, Any]:
-    """The night's HTML report: score distribution, drift, checks, realized performance."""
+    """The night's HTML report: score distribution, drift, checks, realized performance.
+
+    Also the newest ``REPORT_CAMPAIGNS`` campaign uplifts whose labels matured by the night.
+    """
     from pipeline import report
 
     conn = db.connect(settings.database_url)
@@ -654,6 +658,16 @@ def write_report(settings: Settings, uc: UseCase, run: RunContext) -> dict[str, 
                 {"score_date": d, "model_version": v, "roc_auc": a, "decile_rates": r}
                 for d, v, a, r in cur.fetchall()
             ]
+            # matured by this night: a backfilled or rewritten report shows no later campaign
+            cur.execute(
+                "SELECT campaign, score_date, contacted, contacted_churned, control, control_churned, "
+                "contacted_rate, control_rate, uplift, ci_low, ci_high FROM monitoring.campaign_uplift "
+                "WHERE use_case = %s AND score_date + %s <= %s "
+                "ORDER BY score_date DESC, campaign DESC LIMIT %s",
+                (uc.name, uc.label_horizon_days, run.score_date, REPORT_CAMPAIGNS),
+            )
+            names = [d[0] for d in cur.description]
+            uplift = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
         conn.commit()
     finally:
         conn.close()
@@ -668,6 +682,7 @@ def write_report(settings: Settings, uc: UseCase, run: RunContext) -> dict[str, 
         checks=found_checks,
         realized=realized,
         decile_rates=realized[-1]["decile_rates"] if realized else None,
+        uplift=uplift,
     )
     ledger.record_stage(settings, run, "write_report", {"status": "ok", "report": str(path)})
     log.info("nightly report: file://%s", path)

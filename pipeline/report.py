@@ -456,6 +456,7 @@ def write_run_report(
     checks: Sequence[Mapping[str, object]],
     realized: Sequence[Mapping[str, object]],
     decile_rates: Mapping[str, float] | None,
+    uplift: Sequence[Mapping[str, object]] = (),
 ) -> Path:
     """One self-contained HTML page for a night: what was served and how healthy it looked.
 
@@ -466,6 +467,9 @@ def write_run_report(
         checks: rows of ``monitoring.checks`` (check_name, target, severity, passed, expected, found).
         realized: rows of ``monitoring.realized_performance`` (score_date, model_version, roc_auc).
         decile_rates: positive rate per risk decile of the newest matured night, if any.
+        uplift: rows of ``monitoring.campaign_uplift`` (campaign, score_date, contacted,
+            contacted_churned, control, control_churned, contacted_rate, control_rate,
+            uplift, ci_low, ci_high), in the order to show; rates are fractions.
     """
     plots = [
         (
@@ -499,9 +503,40 @@ def write_run_report(
 <h2>Checks</h2>
 <table><tr><th>check</th><th>target</th><th>severity</th><th>result</th><th>expected</th><th>found</th></tr>
 {rows}</table>
+<h2>Campaign uplift (once labels matured)</h2>
+<table><tr><th>campaign</th><th>score date</th><th>contacted (churned)</th><th>control (churned)</th>
+<th>contacted churn rate</th><th>control churn rate</th><th>uplift, pp [95% CI]</th></tr>
+{_uplift_rows(uplift)}</table>
+<p class="note">uplift = control churn rate &minus; contacted churn rate: churn prevented per
+contacted customer, in percentage points.</p>
 </body></html>
 """
     return _write_atomically(path, text)
+
+
+def _percent(value: object) -> str:
+    """A fraction as a percentage; a dash where there is none (an empty group)."""
+    return f"{100 * value:.1f}%" if isinstance(value, int | float) else "&mdash;"
+
+
+def _points(value: object) -> str:
+    """A difference of fractions in signed percentage points; a dash where there is none."""
+    return f"{100 * value:+.1f}" if isinstance(value, int | float) else "&mdash;"
+
+
+def _uplift_rows(uplift: Sequence[Mapping[str, object]]) -> str:
+    esc = html.escape
+    rows = "".join(
+        f"<tr><td>{esc(str(u['campaign']))}</td><td>{esc(str(u['score_date']))}</td>"
+        f'<td class="num">{esc(str(u["contacted"]))} ({esc(str(u["contacted_churned"]))})</td>'
+        f'<td class="num">{esc(str(u["control"]))} ({esc(str(u["control_churned"]))})</td>'
+        f'<td class="num">{_percent(u["contacted_rate"])}</td>'
+        f'<td class="num">{_percent(u["control_rate"])}</td>'
+        f'<td class="num">{_points(u["uplift"])} '
+        f"[{_points(u['ci_low'])}, {_points(u['ci_high'])}]</td></tr>"
+        for u in uplift
+    )
+    return rows or '<tr><td colspan="7" class="note">no campaign has matured yet</td></tr>'
 
 
 def _hist_figure(tonight: np.ndarray | None, previous: np.ndarray | None) -> Figure:

@@ -35,7 +35,7 @@ def monkeypatch_module():
 
 def test_no_import_errors(dagbag) -> None:
     assert dagbag.import_errors == {}
-    assert {"churn_nightly", "churn_monitoring"} <= set(dagbag.dag_ids)
+    assert {"churn_nightly", "churn_monitoring", "churn_campaign"} <= set(dagbag.dag_ids)
 
 
 def test_parsing_is_fast(dagbag) -> None:
@@ -135,3 +135,12 @@ def test_dag_files_import_no_heavy_libraries_at_top_level() -> None:
             assert not any(lib in line for line in head), (
                 f"{path.name} imports {lib} at module level"
             )
+
+
+def test_the_campaign_is_scheduled_on_the_published_scores_asset(dagbag) -> None:
+    campaign_dag = dagbag.dags["churn_campaign"]
+    publish = dagbag.dags["churn_nightly"].get_task("publish_scores")
+    assets = list(campaign_dag.timetable.asset_condition.objects)
+    assert [a.name for a in assets] == ["churn_scores"]
+    assert [a.uri for a in publish.outlets] == [a.uri for a in assets]
+    assert campaign_dag.params["dry_run"] is True  # nobody is emailed unless asked

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline import evaluate
-from pipeline.report import write_evaluation_report
+from pipeline.report import write_evaluation_report, write_run_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 IMAGE_PATTERN = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
@@ -173,3 +173,68 @@ def test_report_rejects_mismatched_lengths(tmp_path: Path) -> None:
             reasons=[],
         )
     assert not (tmp_path / "r.html").exists()
+
+
+def _run_report(path: Path, uplift: list[dict[str, object]]) -> str:
+    write_run_report(
+        path,
+        use_case="churn",
+        score_date=date(2024, 11, 20),
+        model_version="v1",
+        score_hist=None,
+        previous_hist=None,
+        drift=[],
+        checks=[],
+        realized=[],
+        decile_rates=None,
+        uplift=uplift,
+    )
+    return path.read_text(encoding="utf-8")
+
+
+def test_run_report_shows_campaign_uplift_in_percentage_points(tmp_path: Path) -> None:
+    text = _run_report(
+        tmp_path / "night.html",
+        [
+            {
+                "campaign": "churn_retention_20241001 <b>",
+                "score_date": date(2024, 10, 1),
+                "contacted": 300,
+                "contacted_churned": 15,
+                "control": 200,
+                "control_churned": 20,
+                "contacted_rate": 0.05,
+                "control_rate": 0.1,
+                "uplift": 0.05,
+                "ci_low": -0.00123,
+                "ci_high": 0.10123,
+            },
+            {
+                "campaign": "churn_retention_20240901",
+                "score_date": date(2024, 9, 1),
+                "contacted": 40,
+                "contacted_churned": 2,
+                "control": 0,
+                "control_churned": 0,
+                "contacted_rate": 0.05,
+                "control_rate": None,
+                "uplift": None,
+                "ci_low": None,
+                "ci_high": None,
+            },
+        ],
+    )
+    assert "Campaign uplift (once labels matured)" in text
+    assert "churn_retention_20241001 &lt;b&gt;" in text and "<b>" not in text
+    assert "2024-10-01" in text and "300 (15)" in text and "200 (20)" in text
+    assert "5.0%" in text and "10.0%" in text
+    assert "+5.0 [-0.1, +10.1]" in text
+    # an empty control group: no rate, no uplift, no interval
+    assert "0 (0)" in text and "&mdash; [&mdash;, &mdash;]" in text
+    assert "no campaign has matured yet" not in text
+
+
+def test_run_report_says_when_no_campaign_has_matured(tmp_path: Path) -> None:
+    text = _run_report(tmp_path / "night.html", [])
+    assert "Campaign uplift (once labels matured)" in text
+    assert "no campaign has matured yet" in text

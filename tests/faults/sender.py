@@ -1,0 +1,37 @@
+"""A campaign send in its own process, so fault tests can SIGKILL it mid-way.
+
+python -m tests.faults.sender '<json: database_url, home, score_date, run_id, smtp_port>'
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import date
+from pathlib import Path
+
+from pipeline import campaign
+from pipeline.config import Settings, use_case
+
+
+def main() -> int:
+    args = json.loads(sys.argv[1])
+    settings = Settings(
+        database_url=args["database_url"],
+        warehouse_url=args["database_url"],
+        home=Path(args["home"]),
+    )
+    out = campaign.send_campaign(
+        settings,
+        use_case("churn"),
+        date.fromisoformat(args["score_date"]),
+        args["run_id"],
+        target=campaign.SmtpTarget("127.0.0.1", int(args["smtp_port"])),
+        dry_run=False,
+    )
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
