@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -48,7 +51,13 @@ SCHEDULE = (
     Step(330, "churn_nightly", "champion frozen, 30 days after the launch", {"retrain": "never"}),
     Step(360, "churn_monitoring", "labels of the nights through day 330 have matured"),
     Step(360, "churn_nightly", "scheduled retrain on post-launch data; challenger vs champion"),
-    Step(390, "churn_monitoring", "the retrained champion's first night has matured"),
+    Step(
+        360,
+        "churn_campaign",
+        "retention emails to the newest night's audience (a local SMTP sink)",
+        {"dry_run": False},
+    ),
+    Step(390, "churn_monitoring", "the retrained champion's first night and the campaign matured"),
 )
 STAGES = (
     "build_features",
@@ -61,8 +70,10 @@ STAGES = (
 )
 
 
-def _airflow(settings: Settings, args: list[str], log_path: Path) -> int:
-    env = os.environ | airflow_env.airflow_env(settings)
+def _airflow(
+    settings: Settings, args: list[str], log_path: Path, extra_env: dict[str, str] | None = None
+) -> int:
+    env = os.environ | airflow_env.airflow_env(settings) | (extra_env or {})
     airflow = Path(sys.executable).with_name("airflow")
     with log_path.open("w") as fh:
         return subprocess.call([str(airflow), *args], env=env, stdout=fh, stderr=subprocess.STDOUT)
@@ -99,6 +110,26 @@ def run(customers: int, seed: int) -> int:
     if _airflow(settings, ["db", "migrate"], logs / "airflow-db-migrate.log") != 0:
         print(f"airflow db migrate failed; see {logs / 'airflow-db-migrate.log'}", file=sys.stderr)
         return 1
+    mailbox = logs / "mailbox"
+    with local_mailbox(mailbox) as smtp_env:
+        code = _run_schedule(settings, logs, first, smtp_env)
+    if code:
+        return code
+    print()
+    print(summary_text(settings, "churn", first))
+    print()
+    print(drift_text(settings, "churn", first))
+    print()
+    print(campaign_text(settings, "churn", mailbox))
+    last = max(s.date for s in SCHEDULE if s.dag == "churn_nightly")
+    report = settings.home / "reports" / "churn" / "nights" / f"{last}.html"
+    if report.exists():
+        print(f"\nnightly report for {last}: {report}")
+    print(f"\ndemo finished in {time.monotonic() - began:.0f}s")
+    return 0
+
+
+def _run_schedule(settings: Settings, logs: Path, first: date, smtp_env: dict[str, str]) -> int:
     through = first - timedelta(days=1)
     for i, step in enumerate(SCHEDULE, 1):
         if step.date - timedelta(days=1) > through:
@@ -111,7 +142,7 @@ def run(customers: int, seed: int) -> int:
         t0 = time.monotonic()
         print(f"{i}/{len(SCHEDULE)} {step.date}: {step.why}", flush=True)
         print(f"  airflow {' '.join(args)}", flush=True)
-        code = _airflow(settings, args, log_path)
+        code = _airflow(settings, args, log_path, smtp_env)
         status = _night_status(settings, step.date) if step.dag == "churn_nightly" else "done"
         print(
             f"  {status if code == 0 else 'failed'} in {time.monotonic() - t0:.0f}s (log: {log_path})"
@@ -122,16 +153,42 @@ def run(customers: int, seed: int) -> int:
                 file=sys.stderr,
             )
             return 1
-    print()
-    print(summary_text(settings, "churn", first))
-    print()
-    print(drift_text(settings, "churn", first))
-    last = max(s.date for s in SCHEDULE if s.dag == "churn_nightly")
-    report = settings.home / "reports" / "churn" / "nights" / f"{last}.html"
-    if report.exists():
-        print(f"\nnightly report for {last}: {report}")
-    print(f"\ndemo finished in {time.monotonic() - began:.0f}s")
     return 0
+
+
+@contextmanager
+def local_mailbox(folder: Path) -> Iterator[dict[str, str]]:
+    """A local SMTP server that files every message it receives under ``folder``.
+
+    Yields the environment that points Airflow's ``nightscore_smtp`` connection at it.
+    """
+    from aiosmtpd.controller import Controller
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.eml"):
+        old.unlink()
+
+    class Mailbox:
+        count = 0
+
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+            Mailbox.count += 1
+            (folder / f"{Mailbox.count:06d}.eml").write_bytes(envelope.content)
+            return "250 Message accepted"
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    controller = Controller(Mailbox(), hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield {
+            "AIRFLOW_CONN_NIGHTSCORE_SMTP": json.dumps(
+                {"conn_type": "smtp", "host": "127.0.0.1", "port": port}
+            )
+        }
+    finally:
+        controller.stop()
 
 
 def _night_status(settings: Settings, night: date) -> str:
@@ -248,4 +305,58 @@ def drift_text(settings: Settings, use_case: str, since: date) -> str:
         for reason, consumed in requests:
             state = f"honoured by {consumed}" if consumed else "open"
             lines.append(f"  {reason} ({state})")
+    return "\n".join(lines)
+
+
+def campaign_text(settings: Settings, use_case: str, mailbox: Path) -> str:
+    """The newest campaign: audience, control band, sends, exports, and uplift once matured."""
+    url = settings.database_url
+    newest = db.scalar(
+        url,
+        "SELECT json_build_object('score_date', max(score_date), 'campaign', max(campaign), "
+        "'audience', count(*)) FROM campaigns.retention_audience "
+        "WHERE score_date = (SELECT max(score_date) FROM campaigns.retention_audience)",
+    )
+    if not newest or not newest["audience"]:
+        return "retention campaign: no audience built"
+    control = db.scalar(
+        url,
+        "SELECT count(*) FROM campaigns.control_band WHERE campaign = %s",
+        (newest["campaign"],),
+    )
+    sends = db.scalar(
+        url,
+        "SELECT coalesce(json_object_agg(status, n), '{}') FROM (SELECT status, count(*) AS n "
+        "FROM campaigns.send_log WHERE campaign = %s GROUP BY status) s",
+        (newest["campaign"],),
+    )
+    example = db.scalar(
+        url,
+        "SELECT json_build_array(customer_id, round(churn_probability::numeric, 3), reasons) "
+        "FROM campaigns.retention_audience WHERE campaign = %s ORDER BY audience_rank LIMIT 1",
+        (newest["campaign"],),
+    )
+    uplift = db.scalar(
+        url,
+        "SELECT coalesce(json_agg(u ORDER BY score_date), '[]') FROM monitoring.campaign_uplift u "
+        "WHERE use_case = %s",
+        (use_case,),
+    )
+    exports = settings.home / "exports" / use_case / str(newest["score_date"])
+    lines = [
+        f"retention campaign {newest['campaign']}:",
+        f"  audience {newest['audience']:,} (top risk band, opted in, not suppressed, outside "
+        f"the control group); comparable control band {control:,}",
+        f"  send log: {sends}; {len(list(mailbox.glob('*.eml'))):,} messages in {mailbox}",
+        f"  most at risk: customer {example[0]}, p={example[1]}: {'; '.join(example[2])}",
+        f"  exported for the email service: {exports}/retention_audience.{{csv,parquet}}",
+    ]
+    for u in uplift:
+        if u["uplift"] is None:
+            continue
+        lines.append(
+            f"  uplift once matured: churn {u['contacted_rate']:.1%} of {u['contacted']:,} contacted "
+            f"vs {u['control_rate']:.1%} of {u['control']:,} in control: "
+            f"{100 * u['uplift']:+.1f} pp (95% CI {100 * u['ci_low']:+.1f} .. {100 * u['ci_high']:+.1f})"
+        )
     return "\n".join(lines)
