@@ -39,6 +39,46 @@ def night(isolated: Settings) -> dict[str, Any]:
     return {"model_version": out["model_version"], "rows": out["published"]["rows"], "parts": parts}
 
 
+def spawn(
+    module: str, args: dict[str, Any], pause: str | None, marker: Path, pause_seconds: float = 600
+) -> subprocess.Popen:
+    """Run ``python -m <module> <args as JSON>``; with ``pause``, return once it stops there."""
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    if pause:
+        env |= {
+            "NIGHTSCORE_FAULT_PAUSE": pause,
+            "NIGHTSCORE_FAULT_PAUSE_FILE": str(marker),
+            "NIGHTSCORE_FAULT_PAUSE_SECONDS": str(pause_seconds),
+        }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, json.dumps(args)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    if pause:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            if proc.poll() is not None:
+                raise AssertionError(
+                    f"{module} exited before reaching {pause}: {proc.stdout.read()}"
+                )
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError(f"{module} never reached {pause}")
+            time.sleep(0.05)
+    return proc
+
+
+def kill(proc: subprocess.Popen) -> str:
+    """SIGKILL a child; returns what it printed."""
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    return proc.stdout.read()
+
+
 class Publisher:
     """Start a publish in a child process, paused at a named fault point."""
 
@@ -51,14 +91,6 @@ class Publisher:
     ) -> tuple[subprocess.Popen, str]:
         self.count += 1
         run_id = f"faults-{self.count}-{pause or 'clean'}"
-        marker = self.tmp / f"{run_id}.paused"
-        env = os.environ | {"PYTHONPATH": str(REPO)}
-        if pause:
-            env |= {
-                "NIGHTSCORE_FAULT_PAUSE": pause,
-                "NIGHTSCORE_FAULT_PAUSE_FILE": str(marker),
-                "NIGHTSCORE_FAULT_PAUSE_SECONDS": str(pause_seconds),
-            }
         args = {
             "database_url": self.settings.database_url,
             "home": str(self.settings.home),
@@ -68,31 +100,12 @@ class Publisher:
             "parts": self.night["parts"],
             "rows": self.night["rows"],
         }
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.faults.publisher", json.dumps(args)],
-            env=env,
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        if pause:
-            deadline = time.monotonic() + 120
-            while not marker.exists():
-                if proc.poll() is not None:
-                    raise AssertionError(
-                        f"publisher exited before reaching {pause}: {proc.stdout.read()}"
-                    )
-                if time.monotonic() > deadline:
-                    proc.kill()
-                    raise AssertionError(f"publisher never reached {pause}")
-                time.sleep(0.05)
-        return proc, run_id
+        marker = self.tmp / f"{run_id}.paused"
+        return spawn("tests.faults.publisher", args, pause, marker, pause_seconds), run_id
 
     @staticmethod
     def kill(proc: subprocess.Popen) -> None:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
+        kill(proc)
 
 
 @pytest.fixture

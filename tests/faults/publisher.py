@@ -15,13 +15,18 @@ from pipeline.config import Settings, use_case
 from pipeline.score import ScoredPart
 
 
-def main() -> int:
-    args = json.loads(sys.argv[1])
-    settings = Settings(
+def child_settings(args: dict) -> Settings:
+    """Settings of a child process: one database for serving and warehouse, its own home."""
+    return Settings(
         database_url=args["database_url"],
         warehouse_url=args["database_url"],
         home=Path(args["home"]),
     )
+
+
+def main() -> int:
+    args = json.loads(sys.argv[1])
+    settings = child_settings(args)
     run = ledger.RunContext("churn", date.fromisoformat(args["score_date"]), args["run_id"])
     ledger.start(settings, run)
     parts = [ScoredPart.from_xcom(p) for p in args["parts"]]

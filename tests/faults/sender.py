@@ -8,19 +8,15 @@ from __future__ import annotations
 import json
 import sys
 from datetime import date
-from pathlib import Path
 
 from pipeline import campaign
-from pipeline.config import Settings, use_case
+from pipeline.config import use_case
+from tests.faults.publisher import child_settings
 
 
 def main() -> int:
     args = json.loads(sys.argv[1])
-    settings = Settings(
-        database_url=args["database_url"],
-        warehouse_url=args["database_url"],
-        home=Path(args["home"]),
-    )
+    settings = child_settings(args)
     out = campaign.send_campaign(
         settings,
         use_case("churn"),

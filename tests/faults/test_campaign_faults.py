@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -16,10 +12,10 @@ import pytest
 from pipeline import campaign, db, nightly
 from pipeline.config import Settings, use_case
 from tests.conftest import SCORE_DATE
+from tests.faults.conftest import kill, spawn
 from tests.smtp_sink import Sink, smtp_sink
 
 UC = use_case("churn")
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +41,6 @@ def send_in_child(
     settings: Settings, sink: Sink, run_id: str, pause: str | None, tmp: Path
 ) -> subprocess.Popen:
     """Start a send in a child process; with ``pause``, wait until it stops there."""
-    marker = tmp / f"{run_id}.paused"
-    env = os.environ | {"PYTHONPATH": str(REPO)}
-    if pause:
-        env |= {"NIGHTSCORE_FAULT_PAUSE": pause, "NIGHTSCORE_FAULT_PAUSE_FILE": str(marker)}
     args = {
         "database_url": settings.database_url,
         "home": str(settings.home),
@@ -56,26 +48,7 @@ def send_in_child(
         "run_id": run_id,
         "smtp_port": sink.port,
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.faults.sender", json.dumps(args)],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + 120
-    while pause and not marker.exists():
-        assert proc.poll() is None, f"sender exited before {pause}: {proc.stdout.read()}"
-        assert time.monotonic() < deadline, f"sender never reached {pause}"
-        time.sleep(0.05)
-    return proc
-
-
-def kill(proc: subprocess.Popen) -> str:
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(30)
-    return proc.stdout.read()
+    return spawn("tests.faults.sender", args, pause, tmp / f"{run_id}.paused")
 
 
 def statuses(settings: Settings) -> dict[str, int]:
