@@ -94,13 +94,17 @@ def smtp_target() -> Any:
     except AirflowNotFoundException:
         return None
     extra = conn.extra_dejson or {}
+
+    def flag(name: str) -> bool:  # JSON booleans, or strings from a URI's query
+        return str(extra.get(name, False)).lower() in ("1", "true", "yes", "on")
+
     return SmtpTarget(
         host=conn.host or "localhost",
         port=int(conn.port or 25),
         login=conn.login or None,
         password=conn.password or None,
-        starttls=bool(extra.get("starttls", False)),
-        ssl=bool(extra.get("ssl", False)),
+        starttls=flag("starttls"),
+        ssl=flag("ssl"),
         sender=str(extra.get("from", DEFAULT_SENDER)),
         timeout=float(extra.get("timeout", 30)),
     )
