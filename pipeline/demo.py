@@ -55,7 +55,7 @@ SCHEDULE = (
         360,
         "churn_campaign",
         "retention emails to the newest night's audience (a local SMTP sink)",
-        {"dry_run": False},
+        {"dry_run": False, "rate_per_second": 200},
     ),
     Step(390, "churn_monitoring", "the retrained champion's first night and the campaign matured"),
 )
