@@ -61,17 +61,17 @@ def churn_campaign():
     def build_audience(params: dict | None = None) -> dict:
         from _nightscore import published_dates, settings
 
-        from pipeline import campaign, db
+        from pipeline import campaign
         from pipeline.config import use_case
 
-        ctx = get_current_context()
         uc, s = use_case(USE_CASE), settings()
         requested = (params or {}).get("score_date") or None
-        dates = [requested] if requested else published_dates(ctx)
-        if not dates:
-            dates = [campaign.campaign_date(uc, s, None, []).isoformat()]
-        built = [campaign.build_audience(s, uc, db.to_date(d)) for d in sorted(dates)]
-        return {"score_date": built[-1]["score_date"], "built": built}
+        announced = published_dates(get_current_context())
+        if requested or not announced:  # by hand: that date, or the newest published one
+            day = campaign.campaign_date(uc, s, requested, [])
+            built = campaign.build_audience(s, uc, day)
+            return {"score_date": built["score_date"], "built": [built], "skipped": []}
+        return campaign.build_announced(s, uc, announced)
 
     @task(retries=3, retry_delay=timedelta(minutes=2), retry_exponential_backoff=True)
     def send_emails(audience: dict, params: dict | None = None) -> dict:

@@ -322,6 +322,29 @@ def build_audience(settings: Settings, uc: UseCase, score_date: date) -> dict[st
     return out
 
 
+def build_announced(settings: Settings, uc: UseCase, dates: list[str]) -> dict[str, Any]:
+    """Build the audiences of the dates that publish events announced (oldest first).
+
+    A date with no published run here (its publish was superseded, or the event came
+    from another deployment) is skipped with a warning; nothing buildable is an error.
+    """
+    built, skipped = [], []
+    for day in sorted(set(dates)):
+        try:
+            built.append(build_audience(settings, uc, db.to_date(day)))
+        except DataError as err:
+            if "no published" not in str(err):
+                raise
+            log.warning("skipping %s: %s", day, err)
+            skipped.append(day)
+    if not built:
+        raise DataError(
+            f"none of the announced dates {sorted(set(dates))} has published {uc.name} scores "
+            "in ml.runs; trigger churn_campaign with score_date set to a published date"
+        )
+    return {"score_date": built[-1]["score_date"], "built": built, "skipped": skipped}
+
+
 def _rows_for(table: pa.Table, key: str, wanted: np.ndarray) -> pa.Table:
     """The rows of ``table`` for ``wanted`` keys, in that order."""
     keys = table.column(key).to_numpy()
