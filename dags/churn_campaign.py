@@ -68,7 +68,7 @@ def churn_campaign():
         requested = (params or {}).get("score_date") or None
         announced = published_dates(get_current_context())
         if requested or not announced:  # by hand: that date, or the newest published one
-            day = campaign.campaign_date(uc, s, requested, [])
+            day = campaign.campaign_date(s, uc, requested)
             built = campaign.build_audience(s, uc, day)
             return {"score_date": built["score_date"], "built": [built], "skipped": []}
         return campaign.build_announced(s, uc, announced)

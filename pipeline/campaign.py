@@ -263,9 +263,9 @@ def build_audience(settings: Settings, uc: UseCase, score_date: date) -> dict[st
         (campaign, score_date - timedelta(days=uc.suppression_days), score_date),
     )
     in_control = band.column("control_group").to_numpy(zero_copy_only=False)
-    opted_in = np.array([bool(contact.get(int(k), (None, None, False))[2]) for k in keys])
-    not_unsubscribed = np.array([int(k) not in unsubscribed for k in keys])
-    not_suppressed = np.array([int(k) not in suppressed for k in keys])
+    opted_in = np.isin(keys, [k for k, (_, _, opt_in) in contact.items() if opt_in])
+    not_unsubscribed = ~np.isin(keys, list(unsubscribed))
+    not_suppressed = ~np.isin(keys, list(suppressed))
     eligible = opted_in & not_unsubscribed & not_suppressed
     chosen = np.flatnonzero(eligible & ~in_control)[: uc.campaign_capacity]
     probs = band.column(uc.probability_column).to_numpy()
@@ -279,7 +279,7 @@ def build_audience(settings: Settings, uc: UseCase, score_date: date) -> dict[st
         model, mv = registry.load_model(settings, uc.name, run["model_version"])
         columns = [f["name"] for f in mv.feature_schema]
         snapshot = features.find_snapshot(settings, uc, score_date, run["snapshot_sha256"])
-        table = features.read_snapshot(snapshot).select([uc.entity_key, *columns])
+        table = features.read_snapshot(snapshot, [uc.entity_key, *columns])
         rows = _rows_for(table, uc.entity_key, audience.column(uc.entity_key).to_numpy())
         contrib = contributions(model, rows, columns, typical_values(table, columns))
         reasons = top_reasons(contrib, rows, columns)
@@ -725,15 +725,10 @@ def _mark(conn: Any, campaign: str, customer_id: int, status: str, error: str | 
     conn.commit()
 
 
-def campaign_date(
-    uc: UseCase, settings: Settings, requested: str | None, event_dates: list[str]
-) -> date:
-    """The score date a campaign run is for: asked for, else the newest triggering publish,
-    else the newest published date."""
+def campaign_date(settings: Settings, uc: UseCase, requested: str | None) -> date:
+    """The score date a campaign run is for: the one asked for, else the newest published."""
     if requested:
         return db.to_date(requested)
-    if event_dates:
-        return max(db.to_date(d) for d in event_dates)
     newest = latest_published(settings, uc)
     if newest is None:
         raise DataError(f"nothing published for {uc.name} yet: no campaign to run")

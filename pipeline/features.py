@@ -208,10 +208,10 @@ def _attach_labels(
     return chunk.append_column("label", part.column("label").cast(pa.int32()))
 
 
-def read_snapshot(snapshot: Snapshot) -> pa.Table:
-    """Read a whole snapshot, verifying its content hash first."""
+def read_snapshot(snapshot: Snapshot, columns: list[str] | None = None) -> pa.Table:
+    """Read a snapshot (all columns, or only ``columns``), verifying its content hash first."""
     verify(snapshot)
-    return pq.read_table(snapshot.path)
+    return pq.read_table(snapshot.path, columns=columns)
 
 
 def verify(snapshot: Snapshot) -> None:
