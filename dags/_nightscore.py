@@ -10,15 +10,16 @@ from datetime import date
 from typing import Any
 
 CONN_DB = "nightscore_db"
-CONN_WAREHOUSE = "nightscore_warehouse"
 
 
-def _conn_url(conn_id: str) -> str | None:
+def _conn_url(conn_id: str | None) -> str | None:
     from airflow.sdk import BaseHook
     from airflow.sdk.exceptions import AirflowNotFoundException
 
     from pipeline.config import url_from_parts
 
+    if not conn_id:
+        return None
     try:
         conn = BaseHook.get_connection(conn_id)
     except AirflowNotFoundException:
@@ -26,26 +27,40 @@ def _conn_url(conn_id: str) -> str | None:
     return url_from_parts(conn.host, conn.port, conn.login, conn.password, conn.schema)
 
 
-def settings() -> Any:
-    """Settings from the Airflow connections, falling back to env vars / embedded server."""
+def settings(uc: Any) -> Any:
+    """Settings for a use case: the serving database from ``nightscore_db``, the warehouse
+    from the use case's own connection (each falling back to env vars / embedded server)."""
     from pipeline.config import load_settings
 
-    return load_settings(database_url=_conn_url(CONN_DB), warehouse_url=_conn_url(CONN_WAREHOUSE))
+    return load_settings(
+        database_url=_conn_url(CONN_DB),
+        warehouse_url=_conn_url(uc.warehouse.connection),
+        uc=uc,
+    )
 
 
-def score_date(context: dict[str, Any]) -> date:
-    """The as-of date of this run: the end of its data interval (facts strictly before it)."""
+def score_date(context: dict[str, Any], timezone: str = "UTC") -> date:
+    """The as-of date of this run: the end of its data interval (facts strictly before it),
+    as a date in the use case's schedule timezone."""
     for key in ("data_interval_end", "logical_date"):
         value = context.get(key)
         if value is not None:
-            return value.date()
-    return context["dag_run"].run_after.date()
+            return _local_date(value, timezone)
+    return _local_date(context["dag_run"].run_after, timezone)
 
 
-def run_context(context: dict[str, Any], use_case: str) -> Any:
+def _local_date(moment: Any, timezone: str) -> date:
+    from zoneinfo import ZoneInfo
+
+    if getattr(moment, "tzinfo", None) is None:
+        return moment.date()
+    return moment.astimezone(ZoneInfo(timezone)).date()
+
+
+def run_context(context: dict[str, Any], uc: Any) -> Any:
     from pipeline.ledger import RunContext
 
-    return RunContext(use_case, score_date(context), context["dag_run"].run_id)
+    return RunContext(uc.name, score_date(context, uc.schedule.timezone), context["dag_run"].run_id)
 
 
 def is_backfill(context: dict[str, Any] | None = None) -> bool:
@@ -55,24 +70,35 @@ def is_backfill(context: dict[str, Any] | None = None) -> bool:
     return str(getattr(run_type, "value", run_type)) == "backfill"
 
 
-def nightly_stage(stage: str, use_case: str, *args: Any, **kwargs: Any) -> Any:
+def use_case_context(name: str) -> tuple[Any, Any, date]:
+    """(settings, use case, score date) of the current task's run."""
+    from airflow.sdk import get_current_context
+
+    from pipeline import usecase
+
+    uc = usecase.load(name)
+    return settings(uc), uc, score_date(get_current_context(), uc.schedule.timezone)
+
+
+def nightly_stage(stage: str, name: str, *args: Any, **kwargs: Any) -> Any:
     """The body of a nightly task: ``pipeline.nightly.<stage>(settings, use case, run, ...)``.
 
-    Bad data or a gate saying no (``DataError``, ``GateFailed``) fails the task at once:
-    a retry would read the same data and give the same answer, so only other errors
-    (a dropped connection, a full disk) go through the task's retries.
+    Bad data, bad config or a gate saying no (``DataError``, ``ConfigError``,
+    ``GateFailed``) fails the task at once: a retry would read the same data and config
+    and give the same answer, so only other errors (a dropped connection, a full disk) go
+    through the task's retries.
     """
     from airflow.sdk import get_current_context
     from airflow.sdk.exceptions import AirflowFailException
 
-    from pipeline import nightly
-    from pipeline.config import use_case as use_case_config
-    from pipeline.errors import DataError, GateFailed
+    from pipeline import nightly, usecase
+    from pipeline.errors import ConfigError, DataError, GateFailed
 
-    run = run_context(get_current_context(), use_case)
     try:
-        return getattr(nightly, stage)(settings(), use_case_config(use_case), run, *args, **kwargs)
-    except (DataError, GateFailed) as err:
+        uc = usecase.load(name)
+        run = run_context(get_current_context(), uc)
+        return getattr(nightly, stage)(settings(uc), uc, run, *args, **kwargs)
+    except (DataError, GateFailed, ConfigError) as err:
         raise AirflowFailException(str(err)) from err
 
 

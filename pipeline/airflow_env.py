@@ -62,7 +62,6 @@ def airflow_env(settings: Settings, port: int = 8080) -> dict[str, str]:
         "AIRFLOW_CONN_NIGHTSCORE_DB": connection_json(settings.database_url),
         "AIRFLOW_CONN_NIGHTSCORE_WAREHOUSE": connection_json(settings.warehouse_url),
         "NIGHTSCORE_HOME": str(settings.home),
-        "NIGHTSCORE_WAREHOUSE_SCHEMA": settings.warehouse_schema,
         "NO_PROXY": "*",
     }
 

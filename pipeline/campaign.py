@@ -1,13 +1,16 @@
-"""Retention campaign feed: control group, audience with reasons, exports, idempotent sends.
+"""Campaign feed: control group, audience with reasons, exports, idempotent sends.
 
-* **Control group.** A salted hash of the customer id puts ``control_fraction`` of all
-  customers in a permanent control group: the same customers whatever the run, model
+A use case with a ``campaign`` block in its config gets one (its tables are
+``campaigns.<campaign name>_audience``, ``_control_band``, ``_send_log``, ``_opt_outs``).
+
+* **Control group.** A salted hash of the entity key puts ``control_fraction`` of all
+  entities in a permanent control group: the same ones whatever the run, model
   version or backfill. The flag is published with the predictions; they are never emailed.
 * **Audience.** After a publish, the top risk band (``risk_decile <= audience_deciles``),
   opted in, not unsubscribed, outside the control group and not contacted by another
   campaign in the last ``suppression_days``, up to ``campaign_capacity``, most at risk
-  first. Each customer carries up to three reasons from the model itself (see
-  :func:`contributions`) in plain words. The control members who would have qualified
+  first. Each entity carries up to three reasons from the model itself (see
+  :func:`contributions`) in the use case's own words (``campaign.reasons``). The control members who would have qualified
   go to ``campaigns.control_band`` (the comparison for uplift). Exported as CSV and
   Parquet for the email service.
 * **Sends.** ``campaigns.send_log`` has one row per (campaign, customer), ever. A row is
@@ -16,7 +19,7 @@
   process killed between the claim and the mark leaves 'sending': that message may or
   may not have left, so it is reported as unconfirmed and never retried.
 
-Email addresses never go to logs or return values (XComs): only counts and customer ids.
+Email addresses never go to logs or return values (XComs): only counts and entity keys.
 """
 
 from __future__ import annotations
@@ -32,21 +35,21 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from email.message import EmailMessage
 from email.utils import make_msgid
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from psycopg2 import sql
 
-from pipeline import db
-from pipeline.config import Settings, UseCase
+from pipeline import db, keys
+from pipeline.config import Settings
 from pipeline.errors import ConfigError, DataError
 from pipeline.faults import fault_point
+from pipeline.usecase import Campaign, UseCase
 
 log = logging.getLogger(__name__)
 
-TEMPLATES = Path(__file__).resolve().parent / "templates"
 _M1, _M2, _GOLDEN = (
     np.uint64(0xBF58476D1CE4E5B9),
     np.uint64(0x94D049BB133111EB),
@@ -54,14 +57,15 @@ _M1, _M2, _GOLDEN = (
 )
 
 
-def control_group(keys: np.ndarray, salt: str, fraction: float) -> np.ndarray:
+def control_group(entity_keys: np.ndarray, salt: str, fraction: float) -> np.ndarray:
     """True for the keys in the permanent control group (about ``fraction`` of all keys).
 
-    A salted splitmix64 of each key, read as a number in [0, 1): depends on nothing but
-    the key and the salt, so membership never changes across runs, models or backfills.
+    A salted splitmix64 of each key's 64-bit hash (``pipeline.keys.hash64``), read as a
+    number in [0, 1): depends on nothing but the key and the salt, so membership never
+    changes across runs, models or backfills.
     """
     salt64 = np.uint64(int.from_bytes(hashlib.sha256(salt.encode()).digest()[:8], "little"))
-    z = np.asarray(keys, dtype=np.int64).astype(np.uint64)
+    z = keys.hash64(entity_keys)
     with np.errstate(over="ignore"):
         z = z ^ salt64
         z = z + _GOLDEN
@@ -71,60 +75,75 @@ def control_group(keys: np.ndarray, salt: str, fraction: float) -> np.ndarray:
     return np.asarray((z >> np.uint64(11)).astype(np.float64) / 2.0**53 < fraction)
 
 
+def control_members(entity_keys: np.ndarray, uc: UseCase) -> np.ndarray:
+    """The control-group flag of each key under ``uc``'s campaign (none without one)."""
+    if uc.campaign is None:
+        return np.zeros(len(entity_keys), dtype=bool)
+    return control_group(entity_keys, uc.campaign.control_salt, uc.campaign.control_fraction)
+
+
+def configured(uc: UseCase) -> Campaign:
+    """The use case's campaign block.
+
+    Raises:
+        ConfigError: the use case has none.
+    """
+    if uc.campaign is None:
+        raise ConfigError(
+            f"use case {uc.name!r} has no campaign: add a campaign block to {uc.source} "
+            "(contacts, template, control_salt) and run `nightscore db init`"
+        )
+    return uc.campaign
+
+
 def campaign_name(uc: UseCase, score_date: date) -> str:
-    return f"{uc.name}_retention_{score_date:%Y%m%d}"
+    return f"{uc.name}_{configured(uc).name}_{score_date:%Y%m%d}"
+
+
+def _table(name: str) -> sql.Composable:
+    return sql.Identifier("campaigns", name)
 
 
 # -- reasons -------------------------------------------------------------------------------
 
 
-def _plural(n: float, one: str, many: str) -> str:
-    return f"{n:.0f} {one if round(n) == 1 else many}"
+def _plural(n: float, one: str, many: str | None = None) -> str:
+    return f"{n:.0f} {one if round(n) == 1 else (many or one + 's')}"
 
 
-# Plain words for a feature pushing the score up, given the customer's value.
-REASON_TEXT: dict[str, Any] = {
-    "tenure_days": lambda v: f"you joined us only {_plural(v, 'day', 'days')} ago",
-    "usage_trend": lambda v: (
-        f"your calls fell {max(0.0, 1 - v):.0%} on the month before"
-        if v < 1
-        else "your usage pattern changed on the month before"
-    ),
-    "minutes_7d": lambda v: f"you called {v:.0f} minutes a day this week",
-    "minutes_30d": lambda v: f"you called {v:.0f} minutes a day this month",
-    "minutes_prev_30d": lambda v: f"you called {v:.0f} minutes a day the month before",
-    "data_mb_30d": lambda v: f"you used {v:.0f} MB of data a day this month",
-    "active_days_30d": lambda v: (
-        f"you used your line on {_plural(v, 'day', 'days')} of the last 30"
-    ),
-    "days_since_last_usage": lambda v: f"no use of your line for {_plural(v, 'day', 'days')}",
-    "late_payments_180d": lambda v: f"{_plural(v, 'late payment', 'late payments')} in 6 months",
-    "overdue_invoices": lambda v: f"{_plural(v, 'overdue invoice', 'overdue invoices')}",
-    "tickets_30d": lambda v: f"{_plural(v, 'support request', 'support requests')} this month",
-    "tickets_90d": lambda v: f"{_plural(v, 'support request', 'support requests')} in 3 months",
-    "complaints_90d": lambda v: (
-        f"{_plural(v, 'billing complaint', 'billing complaints')} in 3 months"
-    ),
-    "monthly_fee": lambda v: f"you pay {v:.2f} a month",
-    "fee_change_90d": lambda v: (
-        f"your monthly fee rose {v:.0%} in 3 months"
-        if v > 0
-        else "your monthly fee changed in 3 months"
-    ),
-    "price_rises_180d": lambda v: f"{_plural(v, 'price rise', 'price rises')} in 6 months",
-    "plan_id": lambda v: f"your current plan ({v:.0f})",
-    "contract_type": lambda v: f"your {v} contract",
-    "country": lambda v: f"your market ({v})",
-    "channel": lambda v: f"you joined through {v}",
-}
-NOT_A_REASON = {"marketing_opt_in"}  # everyone in the audience opted in
+def _percent(x: float) -> str:
+    return f"{x:.0%}"
 
 
-def reason_text(feature: str, value: Any) -> str:
-    words = REASON_TEXT.get(feature)
-    if words is None or value is None or (isinstance(value, float) and np.isnan(value)):
+def reason_templates(uc: UseCase) -> dict[str, Any]:
+    """The campaign's phrase for each feature (Jinja, with the filters plural and percent).
+
+    Raises:
+        ConfigError: a phrase that is not a valid template, naming the feature.
+    """
+    import jinja2
+
+    env = jinja2.Environment(autoescape=False, undefined=jinja2.StrictUndefined)
+    env.filters["plural"] = _plural
+    env.filters["percent"] = _percent
+    out = {}
+    for feature, phrase in configured(uc).reasons.items():
+        try:
+            out[feature] = env.from_string(phrase)
+        except jinja2.TemplateSyntaxError as exc:
+            raise ConfigError(
+                f"{uc.source}: key campaign.reasons.{feature}: expected a Jinja phrase, found "
+                f"{phrase!r} ({exc.message})"
+            ) from None
+    return out
+
+
+def reason_text(templates: dict[str, Any], feature: str, value: Any) -> str:
+    """The phrase for ``feature`` at ``value`` (plain ``feature: value`` where none fits)."""
+    template = templates.get(feature)
+    if template is None or value is None or (isinstance(value, float) and np.isnan(value)):
         return f"{feature.replace('_', ' ')}: {value}"
-    return str(words(value))
+    return str(template.render(value=value)).strip()
 
 
 def contributions(
@@ -165,17 +184,24 @@ def typical_values(table: pa.Table, columns: list[str]) -> dict[str, Any]:
 
 
 def top_reasons(
-    contrib: np.ndarray, rows: pa.Table, columns: list[str], most: int = 3
+    contrib: np.ndarray,
+    rows: pa.Table,
+    columns: list[str],
+    templates: dict[str, Any],
+    most: int = 3,
 ) -> list[tuple[list[str], list[str]]]:
-    """Up to ``most`` (feature, words) per row: the features raising its score the most."""
-    usable = np.array([c not in NOT_A_REASON for c in columns])
+    """Up to ``most`` (feature, words) per row: the features raising its score the most.
+
+    Only features with a phrase are reasons; with no phrases at all, every feature is.
+    """
+    usable = np.array([c in templates or not templates for c in columns])
     ranked = np.argsort(-np.where(usable, contrib, -np.inf), axis=1)[:, :most]
     values = {c: rows.column(c).to_pylist() for c in columns}
     out = []
     for i, order in enumerate(ranked):
         chosen = [j for j in order if contrib[i, j] > 0 and usable[j]] or [int(order[0])]
         names = [columns[j] for j in chosen]
-        out.append((names, [reason_text(c, values[c][i]) for c in names]))
+        out.append((names, [reason_text(templates, c, values[c][i]) for c in names]))
     return out
 
 
@@ -193,8 +219,8 @@ def published_run(settings: Settings, uc: UseCase, score_date: date) -> dict[str
     )
     if not run:
         raise DataError(
-            f"no published {uc.name} scores for {score_date} in ml.runs: run churn_nightly for "
-            "that date first (the audience is built from published predictions only)"
+            f"no published {uc.name} scores for {score_date} in ml.runs: run {uc.name}_nightly "
+            "for that date first (the audience is built from published predictions only)"
         )
     return dict(run)
 
@@ -208,13 +234,64 @@ def latest_published(settings: Settings, uc: UseCase) -> date | None:
     return db.to_date(value) if value else None
 
 
-def _id_list(keys: np.ndarray) -> str:
-    return "{" + ",".join(str(int(k)) for k in keys) + "}"
+def _array_literal(entity_keys: np.ndarray) -> str:
+    """A PostgreSQL array literal of the keys (text keys quoted and escaped)."""
+    if entity_keys.dtype.kind in "iu":
+        return "{" + ",".join(str(int(k)) for k in entity_keys) + "}"
+    quoted = ('"' + str(k).replace("\\", "\\\\").replace('"', '\\"') + '"' for k in entity_keys)
+    return "{" + ",".join(quoted) + "}"
 
 
-def _set_of(url: str, query: str, params: tuple[Any, ...]) -> set[int]:
-    return set(
-        db.scalar(url, f"SELECT coalesce(array_agg(customer_id), '{{}}') FROM ({query}) q", params)
+def _keys_of(
+    settings: Settings, uc: UseCase, query: sql.Composable, params: tuple[Any, ...]
+) -> np.ndarray:
+    """The keys ``query`` selects (its first column), as a key array."""
+    conn = db.connect(settings.database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(query, params)
+            found = [r[0] for r in cur.fetchall()]
+        conn.commit()
+    finally:
+        conn.close()
+    return np.array(found, dtype=np.int64 if uc.entity.type == "bigint" else object)
+
+
+def contacts(settings: Settings, uc: UseCase, entity_keys: np.ndarray) -> pa.Table:
+    """(key, first_name, email, opt_in) of ``entity_keys`` from the warehouse's contact table."""
+    c = configured(uc).contacts
+    query = sql.SQL(
+        "SELECT CAST({k} AS {t}) AS {key}, {first} AS first_name, {email} AS email, "
+        "CAST({opt} AS boolean) AS opt_in FROM {table} WHERE {k} = ANY(CAST(%s AS {t}[]))"
+    ).format(
+        k=sql.Identifier(c.key),
+        t=sql.SQL(uc.entity.type),
+        key=sql.Identifier(uc.entity_key),
+        first=sql.Identifier(c.first_name),
+        email=sql.Identifier(c.email),
+        opt=sql.Identifier(c.opt_in),
+        table=sql.Identifier(c.table),
+    )
+    conn = db.connect(settings.warehouse_url)
+    try:
+        with conn.cursor() as cur:
+            db.set_search_path(cur, settings.warehouse_schema)
+            try:
+                cur.execute(query, (_array_literal(entity_keys),))
+            except Exception as exc:
+                raise db.source_error(exc, settings.warehouse_schema) from exc
+            rows = cur.fetchall()
+        conn.commit()
+    finally:
+        conn.close()
+    columns: list[Any] = list(zip(*rows, strict=True)) if rows else [[], [], [], []]
+    return pa.table(
+        {
+            uc.entity_key: pa.array(columns[0], type=keys.arrow_type(uc.entity.type)),
+            "first_name": pa.array(columns[1], type=pa.string()),
+            "email": pa.array(columns[2], type=pa.string()),
+            "opt_in": pa.array(columns[3], type=pa.bool_()),
+        }
     )
 
 
@@ -222,55 +299,59 @@ def build_audience(settings: Settings, uc: UseCase, score_date: date) -> dict[st
     """Write the audience (and control band) of ``score_date`` and export it; returns counts."""
     from pipeline import features, registry
 
+    cfg = configured(uc)
     began = time.monotonic()
     run = published_run(settings, uc, score_date)
     campaign = campaign_name(uc, score_date)
+    key = sql.Identifier(uc.entity_key)
+    k, p = db.quote_ident(uc.entity_key), db.quote_ident(uc.probability_column)
     band = db.read_arrow(
         settings.database_url,
-        f"SELECT {uc.entity_key}, model_version, {uc.probability_column}, risk_decile, control_group "
-        f"FROM predictions.{uc.score_table} WHERE score_date = :d AND risk_decile <= :band "
-        f"ORDER BY {uc.probability_column} DESC, {uc.entity_key}",
-        {"d": score_date, "band": uc.audience_deciles},
+        f"SELECT {k}, model_version, {p}, risk_decile, control_group "
+        f"FROM {db.quote_ident('predictions', uc.score_table)} "
+        f"WHERE score_date = :d AND risk_decile <= :band ORDER BY {p} DESC, {k}",
+        {"d": score_date, "band": cfg.audience_deciles},
     )
-    keys = band.column(uc.entity_key).to_numpy()
-    ids = _id_list(keys)
-    people = db.read_arrow(
-        settings.warehouse_url,
-        "SELECT CAST(customer_id AS bigint) AS customer_id, first_name, email, marketing_opt_in "
-        "FROM customers WHERE customer_id = ANY(CAST(:ids AS bigint[]))",
-        {"ids": ids},
-        schema=settings.warehouse_schema,
-    )
+    entity_keys = keys.to_numpy(band.column(uc.entity_key))
+    people = contacts(settings, uc, entity_keys)
     contact = {
-        k: (name, email, opt_in)
-        for k, name, email, opt_in in zip(
-            people.column("customer_id").to_pylist(),
+        k: (name, email)
+        for k, name, email in zip(
+            people.column(uc.entity_key).to_pylist(),
             people.column("first_name").to_pylist(),
             people.column("email").to_pylist(),
-            people.column("marketing_opt_in").to_pylist(),
             strict=True,
         )
     }
-    unsubscribed = _set_of(
-        settings.database_url,
-        "SELECT customer_id FROM campaigns.opt_outs WHERE customer_id = ANY(CAST(%s AS bigint[]))",
-        (ids,),
+    opted = keys.to_numpy(people.column(uc.entity_key))[
+        people.column("opt_in").to_numpy(zero_copy_only=False).astype(bool)
+    ]
+    unsubscribed = _keys_of(
+        settings,
+        uc,
+        sql.SQL("SELECT {key} FROM {t} WHERE {key} = ANY(CAST(%s AS {kt}[]))").format(
+            key=key, t=_table(cfg.opt_outs_table), kt=sql.SQL(uc.entity.type)
+        ),
+        (_array_literal(entity_keys),),
     )
-    suppressed = _set_of(
-        settings.database_url,
-        "SELECT DISTINCT customer_id FROM campaigns.send_log WHERE campaign <> %s "
-        "AND status IN ('sending', 'sent') AND score_date BETWEEN %s AND %s",
-        (campaign, score_date - timedelta(days=uc.suppression_days), score_date),
+    suppressed = _keys_of(
+        settings,
+        uc,
+        sql.SQL(
+            "SELECT DISTINCT {key} FROM {t} WHERE campaign <> %s "
+            "AND status IN ('sending', 'sent') AND score_date BETWEEN %s AND %s"
+        ).format(key=key, t=_table(cfg.send_log_table)),
+        (campaign, score_date - timedelta(days=cfg.suppression_days), score_date),
     )
     in_control = band.column("control_group").to_numpy(zero_copy_only=False)
-    opted_in = np.isin(keys, [k for k, (_, _, opt_in) in contact.items() if opt_in])
-    not_unsubscribed = ~np.isin(keys, list(unsubscribed))
-    not_suppressed = ~np.isin(keys, list(suppressed))
+    opted_in = np.isin(entity_keys, opted)
+    not_unsubscribed = ~np.isin(entity_keys, unsubscribed)
+    not_suppressed = ~np.isin(entity_keys, suppressed)
     eligible = opted_in & not_unsubscribed & not_suppressed
-    chosen = np.flatnonzero(eligible & ~in_control)[: uc.campaign_capacity]
+    chosen = np.flatnonzero(eligible & ~in_control)[: cfg.capacity]
     probs = band.column(uc.probability_column).to_numpy()
     # the control members who would have made the same cut (same band, eligibility, score)
-    cutoff = probs[chosen[-1]] if len(chosen) == uc.campaign_capacity else -np.inf
+    cutoff = probs[chosen[-1]] if len(chosen) == cfg.capacity else -np.inf
     control_rows = np.flatnonzero(eligible & in_control & (probs >= cutoff))
 
     audience = band.take(pa.array(chosen))
@@ -280,9 +361,9 @@ def build_audience(settings: Settings, uc: UseCase, score_date: date) -> dict[st
         columns = [f["name"] for f in mv.feature_schema]
         snapshot = features.find_snapshot(settings, uc, score_date, run["snapshot_sha256"])
         table = features.read_snapshot(snapshot, [uc.entity_key, *columns])
-        rows = _rows_for(table, uc.entity_key, audience.column(uc.entity_key).to_numpy())
+        rows = _rows_for(table, uc.entity_key, keys.to_numpy(audience.column(uc.entity_key)))
         contrib = contributions(model, rows, columns, typical_values(table, columns))
-        reasons = top_reasons(contrib, rows, columns)
+        reasons = top_reasons(contrib, rows, columns, reason_templates(uc))
     _store_audience(
         settings,
         uc,
@@ -298,7 +379,7 @@ def build_audience(settings: Settings, uc: UseCase, score_date: date) -> dict[st
         "score_date": score_date.isoformat(),
         "campaign": campaign,
         "model_version": run["model_version"],
-        "band": len(keys),
+        "band": len(entity_keys),
         "audience": len(chosen),
         "control_band": len(control_rows),
         "excluded": {
@@ -340,19 +421,17 @@ def build_announced(settings: Settings, uc: UseCase, dates: list[str]) -> dict[s
     if not built:
         raise DataError(
             f"none of the announced dates {sorted(set(dates))} has published {uc.name} scores "
-            "in ml.runs; trigger churn_campaign with score_date set to a published date"
+            f"in ml.runs; trigger {uc.name}_campaign with score_date set to a published date"
         )
     return {"score_date": built[-1]["score_date"], "built": built, "skipped": skipped}
 
 
 def _rows_for(table: pa.Table, key: str, wanted: np.ndarray) -> pa.Table:
     """The rows of ``table`` for ``wanted`` keys, in that order."""
-    keys = table.column(key).to_numpy()
-    order = np.argsort(keys, kind="stable")
-    pos = order[np.searchsorted(keys, wanted, sorter=order)]
-    if not np.array_equal(keys[pos], wanted):
+    pos, found = keys.lookup(keys.to_numpy(table.column(key)), np.arange(table.num_rows), wanted)
+    if not found.all():
         raise DataError(
-            "the feature snapshot of the published run lacks some scored customers; "
+            "the feature snapshot of the published run lacks some scored entities; "
             "re-run the night so that scores and snapshot agree"
         )
     return table.take(pa.array(pos))
@@ -365,7 +444,7 @@ def _store_audience(
     campaign: str,
     audience: pa.Table,
     control: pa.Table,
-    contact: dict[int, tuple[str, str, bool]],
+    contact: dict[Any, tuple[str, str]],
     reasons: list[tuple[list[str], list[str]]],
 ) -> None:
     """Replace the date's audience and control band in one transaction."""
@@ -408,25 +487,41 @@ def _store_audience(
             strict=True,
         )
     ]
+    cfg = configured(uc)
+    names = {
+        "audience": _table(cfg.audience_table),
+        "control": _table(cfg.control_table),
+        "key": sql.Identifier(key),
+        "prob": sql.Identifier(prob),
+    }
     conn = db.connect(settings.database_url)
     try:
         with conn.cursor() as cur:
-            cur.execute(
-                "DELETE FROM campaigns.retention_audience WHERE score_date = %s", (score_date,)
-            )
-            cur.execute("DELETE FROM campaigns.control_band WHERE score_date = %s", (score_date,))
+            for table in ("audience", "control"):
+                cur.execute(
+                    sql.SQL("DELETE FROM {} WHERE score_date = %s").format(names[table]),
+                    (score_date,),
+                )
             execute_values(
                 cur,
-                "INSERT INTO campaigns.retention_audience (score_date, campaign, customer_id, "
-                "audience_rank, model_version, churn_probability, risk_decile, first_name, email, "
-                "reasons, reason_features) VALUES %s",
+                sql.SQL(
+                    "INSERT INTO {audience} (score_date, campaign, {key}, audience_rank, "
+                    "model_version, {prob}, risk_decile, first_name, email, reasons, "
+                    "reason_features) VALUES %s"
+                )
+                .format(**names)
+                .as_string(conn),
                 a_rows,
                 page_size=1000,
             )
             execute_values(
                 cur,
-                "INSERT INTO campaigns.control_band (score_date, campaign, customer_id, "
-                "model_version, churn_probability, risk_decile) VALUES %s",
+                sql.SQL(
+                    "INSERT INTO {control} (score_date, campaign, {key}, model_version, {prob}, "
+                    "risk_decile) VALUES %s"
+                )
+                .format(**names)
+                .as_string(conn),
                 c_rows,
                 page_size=1000,
             )
@@ -435,24 +530,26 @@ def _store_audience(
         conn.close()
 
 
-AUDIENCE_EXPORT_SQL = (
-    "SELECT customer_id, audience_rank, first_name, email, churn_probability, risk_decile, "
-    "reasons[1] AS reason_1, reasons[2] AS reason_2, reasons[3] AS reason_3, campaign, "
-    "model_version FROM campaigns.retention_audience WHERE score_date = :d ORDER BY audience_rank"
-)
-
-
 def export_audience(settings: Settings, uc: UseCase, score_date: date) -> dict[str, str]:
     """Write the date's audience as CSV and Parquet for the email service (atomically)."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    table = db.read_arrow(settings.database_url, AUDIENCE_EXPORT_SQL, {"d": score_date})
+    cfg = configured(uc)
+    table = db.read_arrow(
+        settings.database_url,
+        f"SELECT {db.quote_ident(uc.entity_key)}, audience_rank, first_name, email, "
+        f"{db.quote_ident(uc.probability_column)}, risk_decile, reasons[1] AS reason_1, "
+        "reasons[2] AS reason_2, reasons[3] AS reason_3, campaign, model_version "
+        f"FROM {db.quote_ident('campaigns', cfg.audience_table)} WHERE score_date = :d "
+        "ORDER BY audience_rank",
+        {"d": score_date},
+    )
     out_dir = settings.home / "exports" / uc.name / score_date.isoformat()
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for kind in ("csv", "parquet"):
-        final = out_dir / f"retention_audience.{kind}"
+        final = out_dir / f"{cfg.audience_table}.{kind}"
         tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
         if kind == "csv":
             pacsv.write_csv(table, tmp)
@@ -484,22 +581,21 @@ class SmtpTarget:
 
 
 def render(uc: UseCase, first_name: str, reasons: list[str]) -> tuple[str, str]:
-    """(subject, body) of the retention email for one customer."""
+    """(subject, body) of the campaign's email (``campaign.template``) for one entity."""
     import jinja2
 
+    template = configured(uc).template
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES),
+        loader=jinja2.FileSystemLoader(template.parent),
         autoescape=False,
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
     )
-    text = env.get_template(f"{uc.name}_retention.txt").render(
-        first_name=first_name, reasons=reasons
-    )
+    text = env.get_template(template.name).render(first_name=first_name, reasons=reasons)
     head, _, body = text.partition("\n")
     if not head.startswith("Subject: "):
         raise ConfigError(
-            f"email template {TEMPLATES / f'{uc.name}_retention.txt'} must start with a "
+            f"email template {template} (campaign.template of {uc.source}) must start with a "
             "'Subject: ...' line"
         )
     return head.removeprefix("Subject: ").strip(), body
@@ -554,6 +650,7 @@ def send_campaign(
     ``past_dates``.
     """
     campaign = campaign_name(uc, score_date)
+    cfg = configured(uc)
     newest = latest_published(settings, uc)
     if not past_dates and newest != score_date:
         log.info(
@@ -564,21 +661,32 @@ def send_campaign(
             newest,
         )
         return {"campaign": campaign, "sent": 0, "skipped_reason": f"newest published is {newest}"}
-    audience = db.scalar(
-        settings.database_url,
-        "SELECT coalesce(json_agg(json_build_array(customer_id, first_name, email, reasons) "
-        "ORDER BY audience_rank), '[]') FROM campaigns.retention_audience WHERE score_date = %s",
-        (score_date,),
-    )
-    claimed = dict(
-        db.scalar(
-            settings.database_url,
-            "SELECT coalesce(json_agg(json_build_array(customer_id, status)), '[]') "
-            "FROM campaigns.send_log WHERE campaign = %s",
-            (campaign,),
-        )
-    )
-    unsubscribed = _set_of(settings.database_url, "SELECT customer_id FROM campaigns.opt_outs", ())
+    key = sql.Identifier(uc.entity_key)
+    conn = db.connect(settings.database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                sql.SQL(
+                    "SELECT {key}, first_name, email, reasons FROM {t} WHERE score_date = %s "
+                    "ORDER BY audience_rank"
+                ).format(key=key, t=_table(cfg.audience_table)),
+                (score_date,),
+            )
+            audience = cur.fetchall()
+            cur.execute(
+                sql.SQL("SELECT {key}, status FROM {t} WHERE campaign = %s").format(
+                    key=key, t=_table(cfg.send_log_table)
+                ),
+                (campaign,),
+            )
+            claimed = dict(cur.fetchall())
+            cur.execute(
+                sql.SQL("SELECT {key} FROM {t}").format(key=key, t=_table(cfg.opt_outs_table))
+            )
+            unsubscribed = {r[0] for r in cur.fetchall()}
+        conn.commit()
+    finally:
+        conn.close()
     todo = [r for r in audience if r[0] not in claimed and r[0] not in unsubscribed]
     counts: dict[str, Any] = {
         "campaign": campaign,
@@ -591,22 +699,22 @@ def send_campaign(
         "skipped": 0,
         "dry_run": dry_run,
     }
-    rate = rate_per_second or uc.send_rate_per_second
+    rate = rate_per_second or cfg.send_rate_per_second
     began = time.monotonic()
     if dry_run:
         outbox = settings.home / "outbox" / campaign
         outbox.mkdir(parents=True, exist_ok=True)
-        for customer_id, first_name, email, reasons in todo:
+        for entity, first_name, email, reasons in todo:
             subject, body = render(uc, first_name, reasons)
             msg = _message(
                 target.sender if target else DEFAULT_SENDER,
                 email,
                 subject,
                 body,
-                _message_id(campaign, customer_id),
+                _message_id(campaign, entity),
                 campaign,
             )
-            (outbox / f"{customer_id}.eml").write_bytes(bytes(msg))
+            (outbox / f"{_file_name(entity)}.eml").write_bytes(bytes(msg))
         counts["rendered"] = len(todo)
         counts["outbox"] = str(outbox)
         log.info("%s dry run: %d messages rendered into %s", campaign, len(todo), outbox)
@@ -621,7 +729,7 @@ def send_campaign(
         with _smtp(target) as server:
             conn = db.connect(settings.database_url)
             try:
-                for i, (customer_id, first_name, email, reasons) in enumerate(todo, 1):
+                for i, (entity, first_name, email, reasons) in enumerate(todo, 1):
                     _pace(began, i - 1, rate)
                     status = _send_one(
                         conn,
@@ -631,7 +739,7 @@ def send_campaign(
                         campaign,
                         score_date,
                         run_id,
-                        customer_id,
+                        entity,
                         first_name,
                         email,
                         reasons,
@@ -662,8 +770,17 @@ def _pace(began: float, sent: int, rate: float) -> None:
         time.sleep(wait)
 
 
-def _message_id(campaign: str, customer_id: int) -> str:
-    return make_msgid(idstring=f"{campaign}.{customer_id}", domain="nightscore.invalid")
+def _message_id(campaign: str, entity: Any) -> str:
+    return make_msgid(idstring=f"{campaign}.{_file_name(entity)}", domain="nightscore.invalid")
+
+
+def _file_name(entity: Any) -> str:
+    """A key as a safe file name or message-id part (text keys may hold any character)."""
+    text = str(entity)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+    if safe != text:
+        safe += "-" + hashlib.sha256(text.encode()).hexdigest()[:8]
+    return safe
 
 
 def _send_one(
@@ -674,20 +791,28 @@ def _send_one(
     campaign: str,
     score_date: date,
     run_id: str,
-    customer_id: int,
+    entity: Any,
     first_name: str,
     email: str,
     reasons: list[str],
 ) -> str:
     """Claim, send, mark. Returns 'sent', 'failed' (refused recipient) or '' (someone else)."""
-    message_id = _message_id(campaign, customer_id)
+    cfg = configured(uc)
+    message_id = _message_id(campaign, entity)
+    names = {
+        "log": _table(cfg.send_log_table),
+        "outs": _table(cfg.opt_outs_table),
+        "key": sql.Identifier(uc.entity_key),
+    }
     with conn.cursor() as cur:
         cur.execute(
-            "INSERT INTO campaigns.send_log (campaign, customer_id, score_date, run_id, message_id, "
-            "status) SELECT %s, %s, %s, %s, %s, 'sending' "
-            "WHERE NOT EXISTS (SELECT 1 FROM campaigns.opt_outs WHERE customer_id = %s) "
-            "ON CONFLICT (campaign, customer_id) DO NOTHING RETURNING 1",
-            (campaign, customer_id, score_date, run_id, message_id, customer_id),
+            sql.SQL(
+                "INSERT INTO {log} (campaign, {key}, score_date, run_id, message_id, status) "
+                "SELECT %s, %s, %s, %s, %s, 'sending' "
+                "WHERE NOT EXISTS (SELECT 1 FROM {outs} WHERE {key} = %s) "
+                "ON CONFLICT (campaign, {key}) DO NOTHING RETURNING 1"
+            ).format(**names),
+            (campaign, entity, score_date, run_id, message_id, entity),
         )
         won = cur.fetchone() is not None
     conn.commit()
@@ -700,27 +825,36 @@ def _send_one(
         server.send_message(msg)
     except smtplib.SMTPRecipientsRefused as exc:
         code = next(iter(exc.recipients.values()))[0] if exc.recipients else "?"
-        _mark(conn, campaign, customer_id, "failed", f"recipient refused (SMTP {code})")
+        _mark(conn, names, campaign, entity, "failed", f"recipient refused (SMTP {code})")
         return "failed"
     except (smtplib.SMTPException, OSError):
         # the server did not take the message: release the claim so a retry sends it
         with conn.cursor() as cur:
             cur.execute(
-                "DELETE FROM campaigns.send_log WHERE campaign = %s AND customer_id = %s",
-                (campaign, customer_id),
+                sql.SQL("DELETE FROM {log} WHERE campaign = %s AND {key} = %s").format(**names),
+                (campaign, entity),
             )
         conn.commit()
         raise
-    _mark(conn, campaign, customer_id, "sent", None)
+    _mark(conn, names, campaign, entity, "sent", None)
     return "sent"
 
 
-def _mark(conn: Any, campaign: str, customer_id: int, status: str, error: str | None) -> None:
+def _mark(
+    conn: Any,
+    names: dict[str, Any],
+    campaign: str,
+    entity: Any,
+    status: str,
+    error: str | None,
+) -> None:
     with conn.cursor() as cur:
         cur.execute(
-            "UPDATE campaigns.send_log SET status = %s, sent_at = now(), error = %s "
-            "WHERE campaign = %s AND customer_id = %s",
-            (status, error, campaign, customer_id),
+            sql.SQL(
+                "UPDATE {log} SET status = %s, sent_at = now(), error = %s "
+                "WHERE campaign = %s AND {key} = %s"
+            ).format(**names),
+            (status, error, campaign, entity),
         )
     conn.commit()
 

@@ -1,7 +1,8 @@
-"""Data quality gates: source contracts before featurizing, feature and score checks before publishing.
+"""Data quality gates: feature and score checks before publishing, and how results are stored.
 
-Each check yields a ``CheckResult`` naming the table/column (or feature), what was expected
-and what was found. Results are stored in ``monitoring.checks`` (and PSI values in
+Source contracts (checked before featurizing) are in ``pipeline.sources``. Each check
+yields a ``CheckResult`` naming the table/column (or feature), what was expected and
+what was found. Results are stored in ``monitoring.checks`` (and PSI values in
 ``monitoring.drift``); any failed check of severity ``fail`` stops the run with a
 ``GateFailed`` listing them, so nothing is published and yesterday's rows stay served.
 Checks of severity ``warn`` are recorded and the run goes on.
@@ -9,10 +10,9 @@ Checks of severity ``warn`` are recorded and the run goes on.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass
-from datetime import date, timedelta
+from datetime import date
 from typing import Any
 
 import numpy as np
@@ -20,9 +20,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import db
-from pipeline.config import SQL_DIR, Settings, UseCase
+from pipeline.config import Settings
 from pipeline.errors import GateFailed
 from pipeline.ledger import RunContext
+from pipeline.usecase import UseCase
 
 log = logging.getLogger(__name__)
 
@@ -42,192 +43,19 @@ class CheckResult:
         return f"{verdict}: {self.check} on {self.target}: expected {self.expected}, found {self.found}"
 
 
-def contract(uc: UseCase) -> dict[str, Any]:
-    return dict(json.loads((SQL_DIR / "contracts" / f"{uc.name}_sources.json").read_text()))
-
-
-# -- sources -----------------------------------------------------------------------------
-
-
-def check_sources(settings: Settings, uc: UseCase, as_of: date) -> list[CheckResult]:
-    """Contract, freshness, future rows, volume, value rules, keys and nulls of every source."""
-    spec = contract(uc)
-    schema = settings.warehouse_schema
-    window = int(spec.get("window_days", 30))
-    results: list[CheckResult] = []
-    conn = db.connect(settings.warehouse_url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(
-                "SELECT table_name, column_name, data_type FROM information_schema.columns "
-                "WHERE table_schema = %s",
-                (schema,),
-            )
-            found: dict[str, dict[str, str]] = {}
-            for table, column, dtype in cur.fetchall():
-                found.setdefault(table, {})[column] = dtype
-            for table, tspec in spec["tables"].items():
-                target = f"{schema}.{table}"
-                if table not in found:
-                    results.append(
-                        CheckResult(
-                            "sources", "table_exists", target, False, "the table", "no such table"
-                        )
-                    )
-                    continue
-                shape_ok = True
-                for column, dtype in tspec["columns"].items():
-                    have = found[table].get(column)
-                    if have is None:
-                        shape_ok = False
-                        results.append(
-                            CheckResult(
-                                "sources",
-                                "column_exists",
-                                f"{target}.{column}",
-                                False,
-                                f"column of type {dtype}",
-                                f"no such column (columns: {', '.join(sorted(found[table]))})",
-                            )
-                        )
-                    elif have != dtype:
-                        shape_ok = False
-                        results.append(
-                            CheckResult(
-                                "sources", "column_type", f"{target}.{column}", False, dtype, have
-                            )
-                        )
-                if shape_ok:
-                    results += _data_checks(
-                        cur, schema, table, tspec, as_of, window, float(spec["max_null_fraction"])
-                    )
-        conn.commit()
-    finally:
-        conn.close()
-    return results
-
-
-def _data_checks(
-    cur: Any,
-    schema: str,
-    table: str,
-    tspec: dict[str, Any],
-    as_of: date,
-    window: int,
-    max_null: float,
-) -> list[CheckResult]:
-    t = f"{schema}.{table}"
-    dcol = tspec["date_column"]
-    out = []
-    cur.execute(f"SELECT count(*) FROM {t} WHERE {dcol} > current_date")
-    future = cur.fetchone()[0]
-    out.append(
-        CheckResult(
-            "sources",
-            "no_future_rows",
-            f"{t}.{dcol}",
-            future == 0,
-            "0 rows dated after today",
-            f"{future} rows",
-        )
-    )
-    last_day = as_of - timedelta(days=1)
-    if tspec.get("fresh"):
-        cur.execute(f"SELECT max({dcol}) FROM {t} WHERE {dcol} < %s", (as_of,))
-        latest = cur.fetchone()[0]
-        out.append(
-            CheckResult(
-                "sources",
-                "fresh_through",
-                f"{t}.{dcol}",
-                latest == last_day,
-                f"rows through {last_day}",
-                f"latest {latest}",
-            )
-        )
-    if "volume" in tspec:
-        vol = tspec["volume"]
-        days = int(vol.get("trailing_days", 28))
-        cur.execute(
-            f"SELECT {dcol}, count(*) FROM {t} WHERE {dcol} >= %s AND {dcol} < %s GROUP BY 1",
-            (as_of - timedelta(days=days + 1), as_of),
-        )
-        counts = dict(cur.fetchall())
-        trailing = [counts.get(last_day - timedelta(days=i), 0) for i in range(1, days + 1)]
-        median = float(np.median(trailing)) if trailing else 0.0
-        today = counts.get(last_day, 0)
-        ratio = today / median if median else float("inf")
-        ok = vol["min_ratio"] <= ratio <= vol["max_ratio"]
-        out.append(
-            CheckResult(
-                "sources",
-                "daily_volume",
-                f"{t} on {last_day}",
-                ok,
-                f"{vol['min_ratio']}..{vol['max_ratio']} x the trailing {days}-day median ({median:,.0f} rows)",
-                f"{today:,} rows ({ratio:.2f} x)",
-            )
-        )
-    for rule in tspec.get("values", []):
-        cur.execute(
-            f"SELECT count(*) FROM {t} WHERE {dcol} >= %s AND {dcol} < %s AND NOT ({rule})",
-            (as_of - timedelta(days=window), as_of),
-        )
-        bad = cur.fetchone()[0]
-        out.append(
-            CheckResult(
-                "sources",
-                "value_rule",
-                t,
-                bad == 0,
-                f"every recent row has {rule}",
-                f"{bad} rows violate it",
-            )
-        )
-    for key in tspec.get("unique", []):
-        cur.execute(f"SELECT count(*) - count(DISTINCT {key}) FROM {t}")
-        dupes = cur.fetchone()[0]
-        out.append(
-            CheckResult(
-                "sources",
-                "unique_key",
-                f"{t}.{key}",
-                dupes == 0,
-                "one row per key",
-                f"{dupes} duplicate rows",
-            )
-        )
-    cols = list(tspec["columns"])
-    cur.execute(
-        f"SELECT count(*), {', '.join(f'count({c})' for c in cols)} FROM {t} WHERE {dcol} >= %s AND {dcol} < %s",
-        (as_of - timedelta(days=window), as_of),
-    )
-    total, *non_null = cur.fetchone()
-    for c, n in zip(cols, non_null, strict=True):
-        frac = (total - n) / total if total else 0.0
-        if frac > max_null:
-            out.append(
-                CheckResult(
-                    "sources",
-                    "null_fraction",
-                    f"{t}.{c}",
-                    False,
-                    f"<= {max_null:.0%} nulls",
-                    f"{frac:.1%} nulls in the last {window} days",
-                )
-            )
-    return out
-
-
 # -- features and scores -----------------------------------------------------------------
-
-NULLABLE_FEATURES = {"usage_trend": 0.6}
 
 
 def check_features(
     table: pa.Table, uc: UseCase, previous_rows: int | None, reference: dict[str, Any] | None
 ) -> list[CheckResult]:
-    """Keys, nulls, ranges and population size of a snapshot; PSI against the champion's data."""
+    """Keys, nulls, ranges and population size of a snapshot; PSI against the champion's data.
+
+    Nulls and ranges follow the use case's feature-check policy (``feature_checks``): a
+    feature's own rule, else the default. Whatever the rules, a feature's null fraction may
+    not grow by more than ``max_null_increase`` over the serving model's training data.
+    """
+    policy = uc.feature_checks
     out = []
     keys = table.column(uc.entity_key)
     dupes = len(keys) - pc.count_distinct(keys).as_py()
@@ -238,27 +66,52 @@ def check_features(
         if name == uc.entity_key:
             continue
         col = table.column(name)
+        rule = policy.rule(name)
         frac = col.null_count / max(len(col), 1)
-        limit = NULLABLE_FEATURES.get(name, 0.01)
-        if frac > limit:
+        if rule.max_null_fraction is not None and frac > rule.max_null_fraction:
             out.append(
                 CheckResult(
-                    "features", "null_fraction", name, False, f"<= {limit:.0%} nulls", f"{frac:.1%}"
+                    "features",
+                    "null_fraction",
+                    name,
+                    False,
+                    f"<= {rule.max_null_fraction:.0%} nulls",
+                    f"{frac:.1%}",
+                )
+            )
+        trained = (reference or {}).get(name, {}).get("null_fraction")
+        if trained is not None and frac > trained + policy.max_null_increase:
+            out.append(
+                CheckResult(
+                    "features",
+                    "null_increase",
+                    name,
+                    False,
+                    f"<= {trained + policy.max_null_increase:.1%} nulls (training data "
+                    f"{trained:.1%} + feature_checks.max_null_increase {policy.max_null_increase:.0%})",
+                    f"{frac:.1%}",
                 )
             )
         if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
-            low = pc.min(col).as_py()
-            if low is not None and low < 0 and name not in ("fee_change_90d",):
-                out.append(CheckResult("features", "range", name, False, ">= 0", f"min {low}"))
+            low, high = pc.min(col).as_py(), pc.max(col).as_py()
+            if rule.min is not None and low is not None and low < rule.min:
+                out.append(
+                    CheckResult("features", "range", name, False, f">= {rule.min:g}", f"min {low}")
+                )
+            if rule.max is not None and high is not None and high > rule.max:
+                out.append(
+                    CheckResult("features", "range", name, False, f"<= {rule.max:g}", f"max {high}")
+                )
     if previous_rows:
         ratio = len(keys) / previous_rows
+        lo, hi = policy.population_min_ratio, policy.population_max_ratio
         out.append(
             CheckResult(
                 "features",
                 "population_size",
                 "population",
-                uc.population_min_ratio <= ratio <= uc.population_max_ratio,
-                f"{uc.population_min_ratio}..{uc.population_max_ratio} x the previous run ({previous_rows:,})",
+                lo <= ratio <= hi,
+                f"{lo}..{hi} x the previous run ({previous_rows:,})",
                 f"{len(keys):,} ({ratio:.2f} x)",
             )
         )
@@ -268,8 +121,8 @@ def check_features(
                 "features",
                 "feature_psi",
                 name,
-                psi_value <= uc.feature_psi_limit,
-                f"PSI <= {uc.feature_psi_limit}",
+                psi_value <= policy.psi_limit,
+                f"PSI <= {policy.psi_limit}",
                 f"{psi_value:.3f}",
                 severity="warn",
             )
@@ -283,8 +136,9 @@ def reference_profile(table: pa.Table, columns: list[str], bins: int = 10) -> di
     profile: dict[str, Any] = {}
     for name in columns:
         col = table.column(name)
+        profile[name] = {"null_fraction": col.null_count / max(len(col), 1)}
         if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-            profile[name] = {"categories": _category_shares(col)}
+            profile[name]["categories"] = _category_shares(col)
             continue
         if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
             continue
@@ -294,7 +148,7 @@ def reference_profile(table: pa.Table, columns: list[str], bins: int = 10) -> di
             continue
         edges = np.unique(np.quantile(x, np.linspace(0, 1, bins + 1)[1:-1]))
         counts = np.bincount(np.searchsorted(edges, x, side="right"), minlength=len(edges) + 1)
-        profile[name] = {"edges": edges.tolist(), "proportions": (counts / len(x)).tolist()}
+        profile[name] |= {"edges": edges.tolist(), "proportions": (counts / len(x)).tolist()}
     return profile
 
 
@@ -333,6 +187,8 @@ def feature_psi(table: pa.Table, reference: dict[str, Any] | None) -> dict[str, 
                 np.array([tonight.get(v, 0.0) for v in values]),
             )
             continue
+        if "edges" not in ref:
+            continue
         x = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
         x = x[~np.isnan(x)]
         if not len(x):
@@ -369,8 +225,8 @@ def score_psi_check(
                 "scores",
                 "score_psi",
                 uc.probability_column,
-                value <= uc.score_drift_limit,
-                f"PSI vs previous night <= {uc.score_drift_limit}",
+                value <= uc.monitoring.score_drift_limit,
+                f"PSI vs previous night <= {uc.monitoring.score_drift_limit}",
                 f"{value:.3f}",
                 severity="warn",
             )
@@ -397,8 +253,9 @@ def score_histogram(settings: Settings, uc: UseCase, day: date) -> np.ndarray:
     try:
         with conn.cursor() as cur:
             cur.execute(
-                f"SELECT least(width_bucket({uc.probability_column}, 0, 1, %s), %s), count(*) "
-                f"FROM predictions.{uc.score_table} WHERE score_date = %s GROUP BY 1",
+                f"SELECT least(width_bucket({db.quote_ident(uc.probability_column)}, 0, 1, %s), "
+                f"%s), count(*) FROM {db.quote_ident('predictions', uc.score_table)} "
+                "WHERE score_date = %s GROUP BY 1",
                 (SCORE_BINS, SCORE_BINS, day),
             )
             hist = np.zeros(SCORE_BINS)
@@ -463,7 +320,7 @@ def record_and_gate(
             f"{len(failed)} {stage} check(s) failed for {run.use_case} as of {run.score_date}; nothing was "
             "published and the previous predictions stay served:\n"
             + "\n".join(r.describe() for r in failed)
-            + "\nFix the data (or the contract in sql/contracts/) and re-run the date."
+            + "\nFix the data (or the use case's contract or feature_checks) and re-run the date."
         )
     return {
         "checks": len(results),

@@ -1,12 +1,16 @@
 """The ``nightscore`` command line.
 
+nightscore usecase list | show NAME | init NAME | check NAME --date D
 nightscore db init | url | airflow-env
 nightscore warehouse seed --customers N --start D --days K --seed S
 nightscore warehouse advance --to D
-nightscore run --date D [--retrain scheduled|always|never] [--promotion-mode auto|approval|never]
-nightscore models list | show VERSION | promote VERSION --reason R | rollback --reason R
-nightscore summary [--since D]
+nightscore run --use-case NAME --date D [--retrain ...] [--promotion-mode ...]
+nightscore models [--use-case NAME] list | show VERSION | promote VERSION --reason R | rollback --reason R
+nightscore monitor | report | summary [--use-case NAME] ...
 nightscore demo
+
+``--use-case`` may be left out when only one use case exists (or ``NIGHTSCORE_USE_CASE``
+names one).
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ import logging
 import sys
 from collections.abc import Sequence
 from datetime import date
+from pathlib import Path
 
-from pipeline import config
+from pipeline import config, usecase
 from pipeline.errors import NightscoreError
 
 log = logging.getLogger("nightscore")
@@ -33,22 +38,65 @@ def _date(value: str) -> date:
         ) from None
 
 
+def _use_case(args: argparse.Namespace) -> usecase.UseCase:
+    return usecase.load(usecase.default_name(getattr(args, "use_case", None)))
+
+
 def cmd_db(args: argparse.Namespace) -> int:
     settings = config.load_settings()
     if args.action == "url":
         print(settings.init_url)
     elif args.action == "init":
-        from pipeline import db
+        from pipeline import serving
 
-        applied = db.apply_schema(settings.init_url)
-        print(
-            f"applied {len(applied)} schema files to {config.redact(settings.database_url)}: {', '.join(applied)}"
-        )
+        found = usecase.discover()
+        valid = [f.use_case for f in found if f.use_case is not None]
+        applied = serving.init(settings.init_url, valid)
+        print(f"applied to {config.redact(settings.init_url)}: {', '.join(applied)}")
+        for uc in valid:
+            for obj in serving.objects(uc):
+                print(f"  {uc.name}: {obj.kind} {obj.qualified}")
+        for f in found:
+            if f.error is not None:
+                print(f"skipped the invalid use case in {f.source}:\n{f.error}", file=sys.stderr)
+        if any(f.error for f in found):
+            return 2
     elif args.action == "airflow-env":
         from pipeline.airflow_env import airflow_env, shell_exports
 
         print(shell_exports(airflow_env(settings)))
     return 0
+
+
+def cmd_usecase(args: argparse.Namespace) -> int:
+    from pipeline import preflight
+
+    if args.action == "list":
+        found = usecase.discover()
+        if not found:
+            print(f"no use cases in {', '.join(str(p) for p in usecase.search_path())}")
+        for f in found:
+            state = "ok" if f.error is None else "INVALID"
+            print(f"{f.name:24} {state:8} {f.source}")
+            if f.error:
+                print("    " + f.error.replace("\n", "\n    "))
+        return 2 if any(f.error for f in found) else 0
+    if args.action == "show":
+        print(preflight.show(usecase.load(args.name)))
+        return 0
+    if args.action == "init":
+        folder = preflight.init_skeleton(args.name, args.dir)
+        print(f"wrote a skeleton use case in {folder}:")
+        for path in sorted(folder.iterdir()):
+            print(f"  {path.name}")
+        print(
+            f"edit them, then: nightscore db init && nightscore usecase check {args.name} "
+            "--date YYYY-MM-DD"
+        )
+        return 0
+    report = preflight.check(args.name, args.date)
+    print(report.text())
+    return 0 if report.ok else 1
 
 
 def cmd_warehouse(args: argparse.Namespace) -> int:
@@ -68,13 +116,13 @@ def cmd_warehouse(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline import db, nightly
+    from pipeline import nightly
 
-    settings = config.load_settings()
-    db.apply_schema(settings.init_url)
+    uc = _use_case(args)
+    settings = config.load_settings(uc=uc)
     out = nightly.run_night(
         settings,
-        config.use_case(args.use_case),
+        uc,
         args.date,
         retrain=args.retrain,
         promotion_mode=args.promotion_mode,
@@ -87,7 +135,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     from pipeline import registry
 
     settings = config.load_settings()
-    uc = args.use_case
+    uc = _use_case(args).name
     if args.action == "list":
         for mv in registry.list_versions(settings, uc):
             auc = mv.metrics.get("roc_auc")
@@ -125,7 +173,8 @@ def _user() -> str:
 def cmd_monitor(args: argparse.Namespace) -> int:
     from pipeline import monitor
 
-    settings, uc = config.load_settings(), config.use_case(args.use_case)
+    uc = _use_case(args)
+    settings = config.load_settings(uc=uc)
     out = monitor.update_realized_performance(settings, uc, args.date)
     out["campaign_uplift"] = monitor.update_campaign_uplift(settings, uc, args.date)
     print(json.dumps(out, indent=2))
@@ -136,28 +185,25 @@ def cmd_report(args: argparse.Namespace) -> int:
     from pipeline import db, nightly
     from pipeline.ledger import RunContext
 
-    settings = config.load_settings()
+    uc = _use_case(args)
+    settings = config.load_settings(uc=uc)
     run_id = db.scalar(
         settings.database_url,
         "SELECT run_id FROM ml.runs WHERE use_case = %s AND score_date = %s ORDER BY started_at DESC LIMIT 1",
-        (args.use_case, args.date),
+        (uc.name, args.date),
     )
     if run_id is None:
-        print(
-            f"nightscore: error: no {args.use_case} run for {args.date} in ml.runs", file=sys.stderr
-        )
+        print(f"nightscore: error: no {uc.name} run for {args.date} in ml.runs", file=sys.stderr)
         return 2
-    out = nightly.write_report(
-        settings, config.use_case(args.use_case), RunContext(args.use_case, args.date, run_id)
-    )
+    out = nightly.write_report(settings, uc, RunContext(uc.name, args.date, run_id))
     print(out["report"])
     return 0
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from pipeline import demo
+    from pipeline import ledger
 
-    print(demo.summary_text(config.load_settings(), args.use_case, args.since))
+    print(ledger.summary_text(config.load_settings(), _use_case(args), args.since))
     return 0
 
 
@@ -173,6 +219,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "usecase", help="use cases: list, show, init a skeleton, check against the data"
+    )
+    usub = p.add_subparsers(dest="action", required=True)
+    usub.add_parser("list", help="every use case found, valid or not")
+    u = usub.add_parser("show", help="a use case's resolved config, files and serving objects")
+    u.add_argument("name")
+    u = usub.add_parser("init", help="write a commented skeleton usecases/NAME/")
+    u.add_argument("name")
+    u.add_argument("--dir", type=Path, help="parent folder (default: the first use case folder)")
+    u = usub.add_parser(
+        "check", help="check a use case against its warehouse as of a date (run this first)"
+    )
+    u.add_argument("name")
+    u.add_argument("--date", type=_date, required=True, help="the run date to check for")
+    p.set_defaults(func=cmd_usecase)
 
     p = sub.add_parser("db", help="serving database: init schema, print URL, Airflow env")
     p.add_argument("action", choices=["init", "url", "airflow-env"])
@@ -195,11 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--retrain", choices=["scheduled", "always", "never"], default="scheduled")
     p.add_argument("--promotion-mode", choices=["auto", "approval", "never"], default="auto")
-    p.add_argument("--use-case", default="churn")
+    p.add_argument("--use-case", help="the use case (default: the only one)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("models", help="the model registry")
-    p.add_argument("--use-case", default="churn")
+    p.add_argument("--use-case", help="the use case (default: the only one)")
     msub = p.add_subparsers(dest="action", required=True)
     msub.add_parser("list")
     m = msub.add_parser("show")
@@ -215,17 +278,17 @@ def build_parser() -> argparse.ArgumentParser:
         "monitor", help="evaluate matured nights and campaigns against actual outcomes"
     )
     p.add_argument("--date", type=_date, required=True, help="labels known before this date")
-    p.add_argument("--use-case", default="churn")
+    p.add_argument("--use-case", help="the use case (default: the only one)")
     p.set_defaults(func=cmd_monitor)
 
     p = sub.add_parser("report", help="write the night's HTML report and print its path")
     p.add_argument("--date", type=_date, required=True)
-    p.add_argument("--use-case", default="churn")
+    p.add_argument("--use-case", help="the use case (default: the only one)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("summary", help="per-night summary from the run ledger")
     p.add_argument("--since", type=_date)
-    p.add_argument("--use-case", default="churn")
+    p.add_argument("--use-case", help="the use case (default: the only one)")
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser(

@@ -1,110 +1,34 @@
-"""Deployment settings and per-use-case configuration.
+"""Deployment settings: where the serving database, the warehouse and local files are.
 
 Settings are read on demand from environment variables (or passed explicitly), never at
 import time. With no database configured, an embedded PostgreSQL server is started under
 ``$NIGHTSCORE_HOME`` (default ``./.nightscore``) and both the warehouse and the serving
-schemas live in it.
+schemas live in it. Use cases (``pipeline.usecase``) say which warehouse they read;
+``Settings.for_use_case`` resolves it.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pipeline.usecase import UseCase
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SQL_DIR = REPO_ROOT / "sql"
 
 ENV_DATABASE_URL = "NIGHTSCORE_DATABASE_URL"
 ENV_WAREHOUSE_URL = "NIGHTSCORE_WAREHOUSE_URL"
-ENV_WAREHOUSE_SCHEMA = "NIGHTSCORE_WAREHOUSE_SCHEMA"
 ENV_HOME = "NIGHTSCORE_HOME"
 ENV_ARTIFACT_DIR = "NIGHTSCORE_ARTIFACT_DIR"
 ENV_DB_ROLE = "NIGHTSCORE_DB_ROLE"
 WRITER_ROLE = "nightscore_writer"
-
-
-@dataclass(frozen=True)
-class UseCase:
-    """Everything that makes one prediction use case: SQL, horizon, tables, model knobs.
-
-    A second model on the same warehouse is another ``UseCase`` plus its SQL files.
-    """
-
-    name: str = "churn"
-    entity_key: str = "customer_id"
-    features_sql: str = "churn_features.sql"
-    labels_sql: str = "churn_labels.sql"
-    source_counts_sql: str = "churn_source_counts.sql"
-    label_horizon_days: int = 30
-    # Training snapshots are taken every ``snapshot_step_days`` going back from the newest
-    # date whose label window closes before the out-of-time holdout starts.
-    train_snapshots: int = 6
-    snapshot_step_days: int = 14
-    score_table: str = "churn_scores"
-    probability_column: str = "churn_probability"
-    score_partitions: int = 2
-    batch_rows: int = 50_000
-    seed: int = 20240601
-    # Gate policy: a challenger is promoted only if every check passes.
-    auc_floor: float = 0.65  # absolute floor on the holdout ROC AUC
-    lift_floor: float = 2.0  # absolute floor on the holdout top-decile lift
-    noninferiority_margin: float = 0.01  # lower bound of (challenger - champion) AUC >= -margin
-    score_psi_limit: float = 0.25  # PSI of challenger vs champion scores on the holdout
-    bootstrap_resamples: int = 1000
-    campaign_capacity: int = 1000  # customers a campaign can contact per night (precision at K)
-    # Retraining cadence: every N days since the champion was trained (1 = every night),
-    # or earlier when a monitor files a retrain request.
-    retrain_every_days: int = 1
-    # Served history: keep the partitions of the newest N published score dates.
-    retention_dates: int = 400
-    # Data quality thresholds (see pipeline/checks.py and sql/contracts/).
-    population_min_ratio: float = 0.75  # tonight's population vs the previous run's
-    population_max_ratio: float = 1.33
-    feature_psi_limit: float = 0.25  # warn: feature drift vs the champion's training data
-    score_drift_limit: float = 0.25  # warn: score PSI vs the previous published night
-    # Realized AUC this far below the model's holdout AUC requests a retrain.
-    decay_threshold: float = 0.05
-    # Retention campaign. The control group is a salted hash of the entity key: the same
-    # customers whatever the run, model or backfill. Changing the salt or the fraction
-    # starts a new control group (and makes uplift before and after incomparable).
-    control_salt: str = "nightscore-churn-control-v1"
-    control_fraction: float = 0.05
-    audience_deciles: int = 1  # the top risk band: risk_decile <= this
-    suppression_days: int = 14  # no one is contacted twice within this many days
-    send_rate_per_second: float = 20.0  # SMTP messages per second at most
-    model_params: dict[str, float | int] = field(
-        default_factory=lambda: {
-            "max_iter": 250,
-            "learning_rate": 0.06,
-            "max_leaf_nodes": 31,
-            "min_samples_leaf": 80,
-            "l2_regularization": 1.0,
-        }
-    )
-
-
-USE_CASES: dict[str, UseCase] = {"churn": UseCase()}
-# The Airflow asset each use case's publish updates (consumers schedule on it).
-SCORES_ASSET = {name: uc.score_table for name, uc in USE_CASES.items()}
-
-
-def use_case(name: str) -> UseCase:
-    """Return the configured use case called ``name``.
-
-    Raises:
-        ConfigError: no such use case.
-    """
-    try:
-        return USE_CASES[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown use case {name!r}: expected one of {sorted(USE_CASES)}; "
-            "add it to pipeline.config.USE_CASES with its SQL files"
-        ) from None
 
 
 @dataclass(frozen=True)
@@ -118,6 +42,8 @@ class Settings:
     artifact_dir: Path | None = None
     # The serving URL without the writer role, for `db init` (which creates the roles).
     admin_url: str | None = None
+    # How the warehouse URL was chosen (named in errors; never the URL itself).
+    warehouse_source: str = "given"
 
     @property
     def init_url(self) -> str:
@@ -139,6 +65,29 @@ class Settings:
     def reports(self) -> Path:
         return self.home / "reports"
 
+    def for_use_case(self, uc: UseCase, connection_url: str | None = None) -> Settings:
+        """These settings reading ``uc``'s warehouse: its schema, and its URL from, in order,
+        ``connection_url`` (the use case's Airflow connection), the env var ``url_env``,
+        ``NIGHTSCORE_WAREHOUSE_URL``, else the serving database."""
+        wh = uc.warehouse
+        if connection_url:
+            url, source = connection_url, f"Airflow connection {wh.connection!r}"
+        elif wh.url_env and os.environ.get(wh.url_env):
+            url, source = os.environ[wh.url_env], f"${wh.url_env}"
+        elif os.environ.get(ENV_WAREHOUSE_URL):
+            url, source = os.environ[ENV_WAREHOUSE_URL], f"${ENV_WAREHOUSE_URL}"
+        else:
+            url = self.admin_url or self.database_url
+            tried = [f"Airflow connection {wh.connection!r}"] if wh.connection else []
+            tried += [f"${v}" for v in (wh.url_env, ENV_WAREHOUSE_URL) if v]
+            source = f"the serving database (none of {', '.join(tried)} is set)"
+        return replace(
+            self,
+            warehouse_url=normalize_url(url),
+            warehouse_schema=wh.schema_name,
+            warehouse_source=source,
+        )
+
     def with_urls(
         self, database_url: str | None = None, warehouse_url: str | None = None
     ) -> Settings:
@@ -153,11 +102,17 @@ def home_dir() -> Path:
     return Path(os.environ.get(ENV_HOME) or (Path.cwd() / ".nightscore")).resolve()
 
 
-def load_settings(database_url: str | None = None, warehouse_url: str | None = None) -> Settings:
+def load_settings(
+    database_url: str | None = None,
+    warehouse_url: str | None = None,
+    uc: UseCase | None = None,
+) -> Settings:
     """Resolve settings: explicit arguments, then environment variables, then embedded.
 
-    The warehouse defaults to the serving database (schema ``warehouse``) so that a
-    single URL, or none at all, is enough to run everything.
+    With a use case, the warehouse is that use case's (see ``Settings.for_use_case``;
+    ``warehouse_url`` plays the part of its Airflow connection). Without one it is
+    ``NIGHTSCORE_WAREHOUSE_URL``, defaulting to the serving database, so that a single
+    URL, or none at all, is enough to run everything.
     """
     home = home_dir()
     db = database_url or os.environ.get(ENV_DATABASE_URL)
@@ -168,14 +123,14 @@ def load_settings(database_url: str | None = None, warehouse_url: str | None = N
     wh = warehouse_url or os.environ.get(ENV_WAREHOUSE_URL) or db
     artifact_dir = os.environ.get(ENV_ARTIFACT_DIR)
     role = os.environ.get(ENV_DB_ROLE, WRITER_ROLE)
-    return Settings(
+    settings = Settings(
         database_url=with_role(normalize_url(db), role) if role else normalize_url(db),
         admin_url=normalize_url(db),
         warehouse_url=normalize_url(wh),
         home=home,
-        warehouse_schema=os.environ.get(ENV_WAREHOUSE_SCHEMA, "warehouse"),
         artifact_dir=Path(artifact_dir).resolve() if artifact_dir else None,
     )
+    return settings if uc is None else settings.for_use_case(uc, warehouse_url)
 
 
 def normalize_url(url: str) -> str:

@@ -26,12 +26,12 @@ def is_postgres(url: str) -> bool:
     return normalize_url(url).startswith("postgresql://")
 
 
-def sql_text(*parts: str) -> str:
-    """The text of a SQL file under ``sql/``."""
-    path = SQL_DIR.joinpath(*parts)
-    if not path.is_file():
-        raise ConfigError(f"SQL file {path} not found; expected it in the repository's sql/ folder")
-    return path.read_text()
+def quote_ident(*names: str) -> str:
+    """A (schema-)qualified identifier quoted for SQL text: ``"schema"."table"``.
+
+    For queries sent through ADBC, which takes text; names come from validated config.
+    """
+    return ".".join('"' + n.replace('"', '""') + '"' for n in names)
 
 
 def positional(query: str, params: Mapping[str, Any]) -> tuple[str, tuple[Any, ...]]:
@@ -88,7 +88,8 @@ def adbc_connect(url: str) -> Any:
         ) from exc
 
 
-def _set_search_path(cur: Any, schema: str | None) -> None:
+def set_search_path(cur: Any, schema: str | None) -> None:
+    """Let SQL files name the warehouse's tables unqualified."""
     if schema:
         if not re.fullmatch(r"[a-z_][a-z0-9_]*", schema):
             raise ConfigError(f"schema name {schema!r} is not a plain lower-case identifier")
@@ -113,11 +114,11 @@ def arrow_reader(
     conn = adbc_connect(url)
     try:
         cur = conn.cursor()
-        _set_search_path(cur, schema)
+        set_search_path(cur, schema)
         try:
             cur.execute(text, parameters=values or None)
         except adbc_driver_manager.Error as exc:
-            raise _source_error(exc, schema) from exc
+            raise source_error(exc, schema) from exc
         yield cur.fetch_record_batch()
         cur.close()
     finally:
@@ -132,22 +133,24 @@ def read_arrow(
         return reader.read_all()
 
 
-def _source_error(exc: Exception, schema: str | None) -> SourceError:
+def source_error(exc: Exception, schema: str | None) -> SourceError:
+    """A warehouse query's failure as an error naming the table or column and what to check."""
     message = str(exc)
     missing = re.search(r'relation "([^"]+)" does not exist', message)
     if missing:
         return SourceError(
-            f"source table {missing.group(1)!r} not found in schema {schema!r}: the query "
-            f"expects it to exist; seed the demo warehouse (nightscore warehouse seed) or "
-            f"point NIGHTSCORE_WAREHOUSE_URL / NIGHTSCORE_WAREHOUSE_SCHEMA at the right place"
+            f"source table {missing.group(1)!r} not found in schema {schema!r}: the use case's "
+            "SQL expects it; check warehouse.schema and the warehouse connection in its "
+            "usecase.yaml (nightscore usecase show NAME prints where it reads)"
         )
     column = re.search(r'column "?([^" ]+)"? does not exist', message)
     if column:
         return SourceError(
-            f"source column {column.group(1)!r} not found in schema {schema!r}: the feature "
-            "SQL expects it; check the warehouse table definitions against sql/warehouse/"
+            f"source column {column.group(1)!r} not found in schema {schema!r}: the use case's "
+            "SQL expects it; compare its SQL files with the warehouse's tables"
         )
-    return SourceError(f"warehouse query failed in schema {schema!r}: {message.strip()}")
+    first = message.strip().splitlines()[0] if message.strip() else repr(exc)
+    return SourceError(f"warehouse query failed in schema {schema!r}: {first}")
 
 
 def _read_sqlalchemy(

@@ -25,7 +25,7 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
-from pipeline import airflow_env, db, ledger, warehouse
+from pipeline import airflow_env, db, ledger, usecase, warehouse
 from pipeline.config import Settings, load_settings, redact
 
 DEMO_START = date(2024, 1, 1)
@@ -59,15 +59,6 @@ SCHEDULE = (
     ),
     Step(390, "churn_monitoring", "the retrained champion's first night and the campaign matured"),
 )
-STAGES = (
-    "build_features",
-    "train_challenger",
-    "evaluate_challenger",
-    "select_model",
-    "score",
-    "publish_scores",
-    "score_shadow",
-)
 
 
 def _airflow(
@@ -81,6 +72,8 @@ def _airflow(
 
 def reset_serving(settings: Settings) -> None:
     """Drop and recreate the serving schemas so the demo starts from an empty registry."""
+    from pipeline import serving
+
     conn = db.connect(settings.init_url)
     try:
         with conn.cursor() as cur:
@@ -88,7 +81,7 @@ def reset_serving(settings: Settings) -> None:
         conn.commit()
     finally:
         conn.close()
-    db.apply_schema(settings.init_url)
+    serving.init(settings.init_url, usecase.load_all())
 
 
 def run(customers: int, seed: int) -> int:
@@ -116,7 +109,7 @@ def run(customers: int, seed: int) -> int:
     if code:
         return code
     print()
-    print(summary_text(settings, "churn", first))
+    print(ledger.summary_text(settings, usecase.load("churn"), first))
     print()
     print(drift_text(settings, "churn", first))
     print()
@@ -196,58 +189,6 @@ def _night_status(settings: Settings, night: date) -> str:
     return rows[-1]["status"] if rows else "no ledger row"
 
 
-def summary_text(settings: Settings, use_case: str, since: date | None) -> str:
-    """Per night: model version, its out-of-time AUC, rows published, seconds per stage."""
-    rows = ledger.runs(settings, use_case, since)
-    head = (
-        f"{'score_date':10}  {'status':9}  {'model_version':25} {'AUC':>6}  {'rows':>8}  "
-        + "  ".join(f"{s[:9]:>9}" for s in STAGES)
-    )
-    lines = ["per night (seconds per stage):", head]
-    for r in rows:
-        stages = r["stages"] or {}
-        secs = []
-        for s in STAGES:
-            if s == "score":
-                parts = [
-                    v["seconds"] for k, v in stages.items() if k.startswith("score_partition_")
-                ]
-                secs.append(sum(parts) if parts else None)
-            else:
-                secs.append(stages.get(s, {}).get("seconds"))
-        cells = "  ".join(f"{x:9.2f}" if x is not None else f"{'-':>9}" for x in secs)
-        auc = f"{r['model_auc']:.3f}" if r["model_auc"] is not None else "-"
-        published = r["rows_published"] or 0
-        lines.append(
-            f"{r['score_date']!s:10}  {r['status']:9}  {r['model_version'] or '-':25} {auc:>6}  {published:>8,}  {cells}"
-        )
-        ev = stages.get("evaluate_challenger", {})
-        if ev.get("decision"):
-            lines.append(
-                f"{'':12}challenger {stages['train_challenger'].get('version')}: {ev['decision']}"
-                f" ({'; '.join(ev.get('reasons', []))})"
-            )
-            lines.append(f"{'':12}evaluation report: {ev.get('report')}")
-        pub = stages.get("publish_scores", {})
-        if pub.get("rows_per_second"):
-            lines.append(
-                f"{'':12}published {pub['rows']:,} rows at {pub['rows_per_second']:,} rows/s"
-            )
-        sh = stages.get("score_shadow", {})
-        if sh.get("shadow"):
-            lines.append(
-                f"{'':12}shadow {sh['shadow']}: spearman {sh['spearman']:.3f}, top-decile overlap "
-                f"{sh['top_decile_overlap']:.2f}, audience +{sh['audience_enter']:.0f}/-{sh['audience_leave']:.0f}"
-            )
-    lines += [
-        "",
-        "read the predictions:",
-        '  psql "$(.venv/bin/nightscore db url)" -c "SELECT customer_id, churn_probability, risk_decile, '
-        'model_version FROM predictions.churn_scores_latest ORDER BY churn_probability DESC LIMIT 10"',
-    ]
-    return "\n".join(lines)
-
-
 def drift_text(settings: Settings, use_case: str, since: date) -> str:
     """Feature drift per night, realized performance by model version, and retrain requests."""
     url = settings.database_url
@@ -321,13 +262,13 @@ def campaign_text(settings: Settings, use_case: str, mailbox: Path) -> str:
         return "retention campaign: no audience built"
     control = db.scalar(
         url,
-        "SELECT count(*) FROM campaigns.control_band WHERE campaign = %s",
+        "SELECT count(*) FROM campaigns.retention_control_band WHERE campaign = %s",
         (newest["campaign"],),
     )
     sends = db.scalar(
         url,
         "SELECT coalesce(json_object_agg(status, n), '{}') FROM (SELECT status, count(*) AS n "
-        "FROM campaigns.send_log WHERE campaign = %s GROUP BY status) s",
+        "FROM campaigns.retention_send_log WHERE campaign = %s GROUP BY status) s",
         (newest["campaign"],),
     )
     example = db.scalar(

@@ -227,19 +227,30 @@ def gate_checks(
     p_champion: np.ndarray | None = None,
     intervals: dict[str, dict[str, float]] | None = None,
     schema_problems: list[str] | None = None,
+    min_holdout_positives: int = 1,
 ) -> list[dict[str, object]]:
     """Every promotion check, passed or not, with what was expected and what was found.
 
-    Sanity (no NaN, not constant, schema compatible with tonight's scoring data, score
-    distribution close to the champion's), absolute floors, and non-inferiority: the lower
-    bound of the paired-bootstrap AUC difference must be >= -margin. Without a champion only
-    sanity and floors apply.
+    Evidence (the holdout holds at least ``min_holdout_positives`` positives: fewer make
+    every interval too wide to decide on), sanity (no NaN, not constant, schema compatible
+    with tonight's scoring data, score distribution close to the champion's), absolute
+    floors, and non-inferiority: the lower bound of the paired-bootstrap AUC difference
+    must be >= -margin. Without a champion only evidence, sanity and floors apply.
     """
     p = np.asarray(p_challenger, dtype=np.float64)
     checks: list[dict[str, object]] = []
 
     def add(name: str, passed: bool, expected: str, found: str) -> None:
         checks.append({"check": name, "passed": bool(passed), "expected": expected, "found": found})
+
+    positives = round(challenger.get("rows", 0.0) * challenger.get("positive_rate", 0.0))
+    add(
+        "holdout_positives",
+        positives >= min_holdout_positives,
+        f">= {min_holdout_positives} positives in the out-of-time holdout "
+        "(gates.min_holdout_positives)",
+        f"{positives} of {int(challenger.get('rows', 0))} rows",
+    )
 
     nans = int(np.isnan(p).sum())
     add("no_nan_scores", nans == 0, "0 NaN scores", f"{nans} NaN scores")
@@ -270,11 +281,18 @@ def gate_checks(
             f"{shift:.3f}",
         )
         ci = intervals["roc_auc_diff"]
+        passed = bool(ci["low"] >= -noninferiority_margin)
+        found = f"{ci['estimate']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}]"
+        if not passed and ci["estimate"] >= 0:
+            found += (
+                f": higher AUC, but with {positives} holdout positives the interval is too "
+                "wide to rule out a loss beyond the margin"
+            )
         add(
             "auc_noninferiority",
-            bool(ci["low"] >= -noninferiority_margin),
+            passed,
             f"lower 95% bound of AUC(challenger) - AUC(champion) >= -{noninferiority_margin}",
-            f"{ci['estimate']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}]",
+            found,
         )
     return checks
 

@@ -1,9 +1,10 @@
 """Point-in-time feature snapshots: SQL in the warehouse, streamed through ADBC to Parquet.
 
 A snapshot holds the features of every entity active as of a date D, computed only from
-facts dated before D (``sql/features/<use case>_features.sql``). A training snapshot
-also carries the label (``..._labels.sql``), which exists only once its horizon has
-passed. Snapshots are immutable and content-addressed: the file name is the sha256 of its
+facts dated before D (the use case's ``sql.features`` file). A training snapshot also
+carries the label (``sql.labels``), which exists only once its horizon has passed. With
+a ``sql.population`` file, both queries may read the population as a table named
+``population``. Snapshots are immutable and content-addressed: the file name is the sha256 of its
 bytes, so the same warehouse history always yields the same file and hash.
 """
 
@@ -18,12 +19,14 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import db
-from pipeline.config import Settings, UseCase
+from pipeline import db, keys
+from pipeline.config import Settings
 from pipeline.errors import DataError
+from pipeline.usecase import UseCase
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,28 @@ class Snapshot:
 
 def label_end(uc: UseCase, as_of: date) -> date:
     """First day after the label window [as_of, as_of + horizon)."""
-    return as_of + timedelta(days=uc.label_horizon_days)
+    return as_of + timedelta(days=uc.label.horizon_days)
+
+
+def query(uc: UseCase, role: str) -> str:
+    """The text of the use case's ``sql.<role>`` file, ready to run.
+
+    Features come ordered by the entity key (stable snapshot bytes). With a population
+    file, it is provided to the query as a CTE named ``population``.
+    """
+    path = getattr(uc.sql, role)
+    text = _strip(path.read_text())
+    key = uc.entity_key
+    if role == "features":
+        text = f"SELECT * FROM (\n{text}\n) AS features ORDER BY features.{key}"
+    if uc.sql.population is not None and role in ("features", "labels"):
+        text = f"WITH population AS (\n{_strip(uc.sql.population.read_text())}\n)\n{text}"
+    return text
+
+
+def _strip(text: str) -> str:
+    """A statement without trailing whitespace and semicolons (it becomes a subquery)."""
+    return text.rstrip().rstrip(";").rstrip()
 
 
 def training_dates(uc: UseCase, run_date: date) -> tuple[list[date], date]:
@@ -78,25 +102,41 @@ def training_dates(uc: UseCase, run_date: date) -> tuple[list[date], date]:
     Returns:
         (training dates, oldest first; holdout date)
     """
-    horizon = timedelta(days=uc.label_horizon_days)
+    horizon = timedelta(days=uc.label.horizon_days)
     holdout = run_date - horizon
     newest_train = holdout - horizon
-    step = timedelta(days=uc.snapshot_step_days)
-    dates = [newest_train - i * step for i in range(uc.train_snapshots)]
+    step = timedelta(days=uc.training.step_days)
+    dates = [newest_train - i * step for i in range(uc.training.snapshots)]
     return sorted(dates), holdout
 
 
-def _canonical(schema: pa.Schema) -> pa.Schema:
-    """The schema without driver metadata, so the bytes depend on the data only."""
-    return pa.schema([pa.field(f.name, f.type, f.nullable) for f in schema])
+def _feature_schema(schema: pa.Schema, uc: UseCase) -> pa.Schema:
+    """The snapshot's schema: the driver's, without metadata, the key in its declared type."""
+    if uc.entity_key not in schema.names:
+        raise DataError(
+            f"the features query ({uc.sql.features}) returns no {uc.entity_key!r} column "
+            f"(entity.key); it returns: {', '.join(schema.names)}"
+        )
+    fields = [
+        pa.field(f.name, keys.arrow_type(uc.entity.type), False)
+        if f.name == uc.entity_key
+        else pa.field(f.name, f.type, f.nullable)
+        for f in schema
+    ]
+    return pa.schema(fields)
 
 
-def _rebatch(reader: pa.RecordBatchReader, schema: pa.Schema, size: int) -> Iterator[pa.Table]:
+def _rebatch(
+    reader: pa.RecordBatchReader, schema: pa.Schema, size: int, uc: UseCase
+) -> Iterator[pa.Table]:
     """Fixed-size chunks whatever batch sizes the driver chose (stable Parquet bytes)."""
     pending: list[pa.RecordBatch] = []
     count = 0
+    k = schema.get_field_index(uc.entity_key)
     for batch in reader:
-        batch = pa.RecordBatch.from_arrays(batch.columns, schema=schema)
+        columns = list(batch.columns)
+        columns[k] = keys.conform(columns[k], uc.entity.type, uc.entity_key)
+        batch = pa.RecordBatch.from_arrays(columns, schema=schema)
         pending.append(batch)
         count += batch.num_rows
         while count >= size:
@@ -133,7 +173,8 @@ def build_snapshot(
         known_through: the run's own date; labels must have matured before it.
 
     Raises:
-        DataError: labels not matured yet, or the population is empty.
+        DataError: labels not matured yet, the population is empty, or the label query
+            does not give one 0/1 label to each entity of the features query.
         SourceError: the warehouse or a source table is missing.
     """
     end = label_end(uc, as_of)
@@ -142,15 +183,7 @@ def build_snapshot(
             f"labels for {uc.name} as of {as_of} mature on {end} but the run only knows "
             f"facts before {known_through}; use an earlier snapshot date"
         )
-    params = {"as_of": as_of}
-    labels = None
-    if labelled:
-        labels = db.read_arrow(
-            settings.warehouse_url,
-            db.sql_text("features", uc.labels_sql),
-            {"as_of": as_of, "label_end": end},
-            schema=settings.warehouse_schema,
-        )
+    labels = read_labels(settings, uc, as_of) if labelled else None
     target_dir = (
         settings.snapshots / uc.name / ("training" if labelled else "features") / f"as_of={as_of}"
     )
@@ -159,35 +192,40 @@ def build_snapshot(
     rows = 0
     with db.arrow_reader(
         settings.warehouse_url,
-        db.sql_text("features", uc.features_sql),
-        params,
+        query(uc, "features"),
+        {"as_of": as_of},
         schema=settings.warehouse_schema,
     ) as reader:
-        schema = _canonical(reader.schema)
+        feature_schema = _feature_schema(reader.schema, uc)
+        schema = feature_schema
         if labels is not None:
             schema = schema.append(pa.field("label", pa.int32()))
         writer = pq.ParquetWriter(tmp, schema, compression="zstd")
         try:
-            feature_schema = _canonical(reader.schema)
-            for chunk in _rebatch(reader, feature_schema, ROW_GROUP_ROWS):
+            for chunk in _rebatch(reader, feature_schema, ROW_GROUP_ROWS, uc):
                 if labels is not None:
-                    chunk = _attach_labels(chunk, labels, rows, uc, as_of)
+                    chunk = labels.attach(chunk, uc, as_of)
                 writer.write_table(chunk, row_group_size=ROW_GROUP_ROWS)
                 rows += chunk.num_rows
-        finally:
+        except BaseException:
             writer.close()
+            tmp.unlink(missing_ok=True)
+            raise
+        writer.close()
     if rows == 0:
         tmp.unlink(missing_ok=True)
         raise DataError(
-            f"empty population: no {uc.entity_key} is active as of {as_of} in the warehouse "
-            f"(schema {settings.warehouse_schema!r}); check that the warehouse holds data "
-            f"before {as_of} (nightscore warehouse seed/advance) and that the date is right"
+            f"empty population: the features query of {uc.name} ({uc.sql.features.name}) returns "
+            f"no {uc.entity_key} as of {as_of} in schema {settings.warehouse_schema!r} of the "
+            f"warehouse ({settings.warehouse_source}); check that the warehouse holds facts "
+            f"before {as_of} and that the date is right"
         )
-    if labels is not None and labels.num_rows != rows:
+    if labels is not None and len(labels.keys) != rows:
         tmp.unlink(missing_ok=True)
         raise DataError(
-            f"label population for {as_of} has {labels.num_rows} rows, features have {rows}; "
-            "the feature and label SQL must define the same population"
+            f"the labels query of {uc.name} ({uc.sql.labels.name}) returns {len(labels.keys)} "
+            f"rows as of {as_of}, the features query {rows}: both must select the same "
+            "population, one row per entity (a population file shared by both makes sure)"
         )
     sha = _sha256(tmp)
     path = target_dir / f"{sha[:16]}.parquet"
@@ -196,16 +234,69 @@ def build_snapshot(
     return Snapshot(uc.name, as_of, path, sha, rows, labelled)
 
 
-def _attach_labels(
-    chunk: pa.Table, labels: pa.Table, offset: int, uc: UseCase, as_of: date
-) -> pa.Table:
-    part = labels.slice(offset, chunk.num_rows)
-    if not part.column(uc.entity_key).equals(chunk.column(uc.entity_key)):
+@dataclass(frozen=True)
+class Labels:
+    """The labels of one snapshot date: entity keys and their 0/1 outcome."""
+
+    keys: np.ndarray
+    values: np.ndarray
+
+    def of(self, wanted: np.ndarray) -> np.ndarray:
+        """The label of each of ``wanted`` (any order); keys outside the population count as 0."""
+        values, found = keys.lookup(self.keys, self.values, wanted)
+        return np.where(found, values, 0).astype(np.int64)
+
+    def attach(self, chunk: pa.Table, uc: UseCase, as_of: date) -> pa.Table:
+        """``chunk`` with a ``label`` column; every entity must have exactly one label."""
+        wanted = keys.to_numpy(chunk.column(uc.entity_key))
+        values, found = keys.lookup(self.keys, self.values, wanted)
+        if not found.all():
+            example = wanted[~found][0]
+            raise DataError(
+                f"the labels query of {uc.name} ({uc.sql.labels.name}) has no row for "
+                f"{uc.entity_key} {example!r} ({int((~found).sum())} of this batch) as of "
+                f"{as_of}, though the features query selects it: both must select the same "
+                "population"
+            )
+        return chunk.append_column("label", pa.array(values.astype(np.int32)))
+
+
+def read_labels(settings: Settings, uc: UseCase, as_of: date) -> Labels:
+    """The labels of the population as of ``as_of``: outcome in [as_of, as_of + horizon).
+
+    Only meaningful once the window has closed (``label_end``).
+
+    Raises:
+        DataError: no ``label`` column, labels not 0/1, or an entity labelled twice.
+    """
+    table = db.read_arrow(
+        settings.warehouse_url,
+        query(uc, "labels"),
+        {"as_of": as_of, "label_end": label_end(uc, as_of)},
+        schema=settings.warehouse_schema,
+    )
+    where = f"the labels query of {uc.name} ({uc.sql.labels.name}) as of {as_of}"
+    missing = {uc.entity_key, "label"} - set(table.column_names)
+    if missing:
         raise DataError(
-            f"feature and label rows for {as_of} are not aligned on {uc.entity_key}; both "
-            "queries must select the same population ordered by the key"
+            f"{where} should return the columns {uc.entity_key} and label, found "
+            f"{', '.join(table.column_names)}"
         )
-    return chunk.append_column("label", part.column("label").cast(pa.int32()))
+    key = keys.to_numpy(keys.conform(table.column(uc.entity_key), uc.entity.type, uc.entity_key))
+    label = table.column("label")
+    if label.null_count or not (pa.types.is_integer(label.type) or pa.types.is_boolean(label.type)):
+        raise DataError(
+            f"{where}: label should be a non-null 0/1 integer (or boolean), found type "
+            f"{label.type} with {label.null_count} NULLs"
+        )
+    values = label.cast(pa.int64()).to_numpy()
+    if len(values) and not np.isin(values, (0, 1)).all():
+        raise DataError(
+            f"{where}: label should be 0 or 1, found {sorted(set(values.tolist()))[:5]}"
+        )
+    if len(np.unique(key)) != len(key):
+        raise DataError(f"{where} labels some {uc.entity_key} more than once; one row per entity")
+    return Labels(key, values)
 
 
 def read_snapshot(snapshot: Snapshot, columns: list[str] | None = None) -> pa.Table:

@@ -15,10 +15,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
 from functools import lru_cache
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pipeline import db
 from pipeline.config import REPO_ROOT, Settings
+
+if TYPE_CHECKING:
+    from pipeline.usecase import UseCase
 
 log = logging.getLogger(__name__)
 
@@ -40,18 +44,32 @@ class RunContext:
 
 
 @lru_cache(maxsize=1)
-def code_version() -> str:
-    """Content hash of the code that computes predictions (``pipeline/``, ``sql/``, ``dags/``)."""
+def _product_digest() -> bytes:
     digest = hashlib.sha256()
     for folder in ("pipeline", "sql", "dags"):
         for path in sorted((REPO_ROOT / folder).rglob("*")):
             if path.is_file() and path.suffix in (".py", ".sql"):
                 digest.update(str(path.relative_to(REPO_ROOT)).encode())
                 digest.update(path.read_bytes())
+    return digest.digest()
+
+
+def code_version(uc: UseCase | None = None) -> str:
+    """Content hash of the code that computes predictions: ``pipeline/``, ``sql/``, ``dags/``
+    and, for a use case, every file of its folder it names (config, SQL, contract)."""
+    digest = hashlib.sha256(_product_digest())
+    for path in sorted(uc.files()) if uc is not None else []:
+        digest.update(Path(path).name.encode())
+        digest.update(Path(path).read_bytes())
     return digest.hexdigest()[:12]
 
 
-def start(settings: Settings, run: RunContext, params: dict[str, Any] | None = None) -> int:
+def start(
+    settings: Settings,
+    run: RunContext,
+    params: dict[str, Any] | None = None,
+    code: str | None = None,
+) -> int:
     """Create (or reset, on a retry of the same run) the ledger row; returns its attempt number.
 
     Attempts count the runs of one (use case, score date): the first run is attempt 1, a
@@ -79,7 +97,7 @@ def start(settings: Settings, run: RunContext, params: dict[str, Any] | None = N
                     "uc": run.use_case,
                     "d": run.score_date,
                     "run": run.run_id,
-                    "code": code_version(),
+                    "code": code or code_version(),
                     "params": json.dumps(params or {}, default=str),
                 },
             )
@@ -184,3 +202,67 @@ def runs(settings: Settings, use_case: str, since: date | None = None) -> list[d
             return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
     finally:
         conn.close()
+
+
+SUMMARY_STAGES = (
+    "build_features",
+    "train_challenger",
+    "evaluate_challenger",
+    "select_model",
+    "score",
+    "publish_scores",
+    "score_shadow",
+)
+
+
+def summary_text(settings: Settings, uc: UseCase, since: date | None) -> str:
+    """Per night: model version, its out-of-time AUC, rows published, seconds per stage."""
+    rows = runs(settings, uc.name, since)
+    head = (
+        f"{'score_date':10}  {'status':9}  {'model_version':25} {'AUC':>6}  {'rows':>8}  "
+        + "  ".join(f"{s[:9]:>9}" for s in SUMMARY_STAGES)
+    )
+    lines = ["per night (seconds per stage):", head]
+    for r in rows:
+        stages = r["stages"] or {}
+        secs = []
+        for s in SUMMARY_STAGES:
+            if s == "score":
+                parts = [
+                    v["seconds"] for k, v in stages.items() if k.startswith("score_partition_")
+                ]
+                secs.append(sum(parts) if parts else None)
+            else:
+                secs.append(stages.get(s, {}).get("seconds"))
+        cells = "  ".join(f"{x:9.2f}" if x is not None else f"{'-':>9}" for x in secs)
+        auc = f"{r['model_auc']:.3f}" if r["model_auc"] is not None else "-"
+        published = r["rows_published"] or 0
+        lines.append(
+            f"{r['score_date']!s:10}  {r['status']:9}  {r['model_version'] or '-':25} {auc:>6}  {published:>8,}  {cells}"
+        )
+        ev = stages.get("evaluate_challenger", {})
+        if ev.get("decision"):
+            lines.append(
+                f"{'':12}challenger {stages['train_challenger'].get('version')}: {ev['decision']}"
+                f" ({'; '.join(ev.get('reasons', []))})"
+            )
+            lines.append(f"{'':12}evaluation report: {ev.get('report')}")
+        pub = stages.get("publish_scores", {})
+        if pub.get("rows_per_second"):
+            lines.append(
+                f"{'':12}published {pub['rows']:,} rows at {pub['rows_per_second']:,} rows/s"
+            )
+        sh = stages.get("score_shadow", {})
+        if sh.get("shadow"):
+            lines.append(
+                f"{'':12}shadow {sh['shadow']}: spearman {sh['spearman']:.3f}, top-decile overlap "
+                f"{sh['top_decile_overlap']:.2f}, audience +{sh['audience_enter']:.0f}/-{sh['audience_leave']:.0f}"
+            )
+    lines += [
+        "",
+        "read the predictions:",
+        f'  psql "$(nightscore db url)" -c "SELECT {uc.entity_key}, {uc.probability_column}, '
+        f"risk_decile, model_version FROM predictions.{uc.score_table}_latest "
+        f'ORDER BY {uc.probability_column} DESC LIMIT 10"',
+    ]
+    return "\n".join(lines)

@@ -6,9 +6,9 @@ rate per risk decile) by model version, in ``monitoring.realized_performance``. 
 newest evaluation falls more than ``decay_threshold`` below the model's own out-of-time
 holdout AUC, a retrain is requested for the next night.
 
-The same matured labels measure each retention campaign: the churn of the customers who
-were emailed against that of the control band (held-out customers who would have
-qualified), in ``monitoring.campaign_uplift``.
+The same matured labels measure each campaign: the outcome rate of the entities that were
+emailed against that of the control band (held-out entities who would have qualified), in
+``monitoring.campaign_uplift``.
 """
 
 from __future__ import annotations
@@ -22,10 +22,13 @@ from statistics import NormalDist
 from typing import Any
 
 import numpy as np
+from psycopg2 import sql
 
-from pipeline import db, evaluate, features, registry
-from pipeline.config import Settings, UseCase
+from pipeline import db, evaluate, features, keys, registry
+from pipeline.config import Settings
 from pipeline.errors import DataError
+from pipeline.features import Labels
+from pipeline.usecase import UseCase
 
 log = logging.getLogger(__name__)
 
@@ -56,55 +59,33 @@ def matured_unevaluated(settings: Settings, uc: UseCase, as_of: date) -> list[da
                                   WHERE p.use_case = r.use_case AND p.score_date = r.score_date)
                 ORDER BY 1
                 """,
-                (uc.name, uc.label_horizon_days, as_of),
+                (uc.name, uc.label.horizon_days, as_of),
             )
             return [r[0] for r in cur.fetchall()]
     finally:
         conn.close()
 
 
-@dataclass(frozen=True)
-class Labels:
-    """The matured labels of one score date: the population active on it, sorted by key."""
-
-    keys: np.ndarray
-    values: np.ndarray
-
-    def of(self, keys: np.ndarray) -> np.ndarray:
-        """The label of each of ``keys`` (any order); keys outside the population count as 0."""
-        y = np.zeros(len(keys), dtype=np.int64)
-        if len(self.keys):
-            idx = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
-            known = self.keys[idx] == keys
-            y[known] = self.values[idx[known]]
-        return y
-
-
 def matured_labels(settings: Settings, uc: UseCase, score_date: date) -> Labels:
-    """Labels of the customers active on ``score_date`` (outcome in its label window).
+    """Labels of the entities active on ``score_date`` (outcome in its label window).
 
-    Only meaningful once the window has closed: ``score_date + label_horizon_days``.
+    Only meaningful once the window has closed: ``score_date + label.horizon_days``.
     """
-    labels = db.read_arrow(
-        settings.warehouse_url,
-        db.sql_text("features", uc.labels_sql),
-        {"as_of": score_date, "label_end": features.label_end(uc, score_date)},
-        schema=settings.warehouse_schema,
-    )
-    # the labels SQL orders by the key: the lookup's binary search relies on it
-    return Labels(labels.column(uc.entity_key).to_numpy(), labels.column("label").to_numpy())
+    return features.read_labels(settings, uc, score_date)
 
 
 def evaluate_date(settings: Settings, uc: UseCase, score_date: date) -> list[Realized]:
     """Evaluate the served scores of one date against its matured labels."""
     labels = matured_labels(settings, uc, score_date)
+    key = db.quote_ident(uc.entity_key)
     served = db.read_arrow(
         settings.database_url,
-        f"SELECT {uc.entity_key}, model_version, {uc.probability_column}, risk_decile "
-        f"FROM predictions.{uc.score_table} WHERE score_date = :d ORDER BY {uc.entity_key}",
+        f"SELECT {key}, model_version, {db.quote_ident(uc.probability_column)}, risk_decile "
+        f"FROM {db.quote_ident('predictions', uc.score_table)} WHERE score_date = :d "
+        f"ORDER BY {key}",
         {"d": score_date},
     )
-    y = labels.of(served.column(uc.entity_key).to_numpy())
+    y = labels.of(keys.to_numpy(served.column(uc.entity_key)))
     versions = np.asarray(served.column("model_version").to_pylist())
     p = served.column(uc.probability_column).to_numpy()
     deciles = served.column("risk_decile").to_numpy()
@@ -203,7 +184,7 @@ def update_realized_performance(settings: Settings, uc: UseCase, as_of: date) ->
         for r in done
         if r.holdout_auc is not None
         and not np.isnan(r.roc_auc)
-        and r.holdout_auc - r.roc_auc > uc.decay_threshold
+        and r.holdout_auc - r.roc_auc > uc.monitoring.decay_threshold
     ]
     if decayed:
         worst = max(decayed, key=lambda r: r.holdout_auc - r.roc_auc)  # type: ignore[operator]
@@ -211,7 +192,7 @@ def update_realized_performance(settings: Settings, uc: UseCase, as_of: date) ->
             settings,
             uc.name,
             f"realized AUC {worst.roc_auc:.3f} on {worst.score_date} is {worst.holdout_auc - worst.roc_auc:.3f} "  # type: ignore[operator]
-            f"below {worst.model_version}'s holdout AUC {worst.holdout_auc:.3f} (threshold {uc.decay_threshold})",
+            f"below {worst.model_version}'s holdout AUC {worst.holdout_auc:.3f} (threshold {uc.monitoring.decay_threshold})",
         )
     log.info("realized performance: %d evaluations, %d decayed", len(done), len(decayed))
     return {
@@ -233,22 +214,29 @@ def matured_campaigns(settings: Settings, uc: UseCase, as_of: date) -> list[tupl
     Raises:
         DataError: a campaign's control band and send log disagree on its score date.
     """
+    if uc.campaign is None:
+        return []
     conn = db.connect(settings.database_url)
     try:
         with conn.cursor() as cur:
             cur.execute(
-                """
+                sql.SQL(
+                    """
                 SELECT c.campaign, min(c.score_date), max(c.score_date)
-                FROM (SELECT campaign, score_date, false AS sent FROM campaigns.control_band
+                FROM (SELECT campaign, score_date, false AS sent FROM {control}
                       UNION ALL
-                      SELECT campaign, score_date, status = 'sent' FROM campaigns.send_log) c
+                      SELECT campaign, score_date, status = 'sent' FROM {send_log}) c
                 WHERE NOT EXISTS (SELECT 1 FROM monitoring.campaign_uplift u
                                   WHERE u.use_case = %s AND u.campaign = c.campaign)
                 GROUP BY c.campaign
                 HAVING bool_or(c.sent) AND max(c.score_date) + %s <= %s
                 ORDER BY 2, 1
-                """,
-                (uc.name, uc.label_horizon_days, as_of),
+                """
+                ).format(
+                    control=sql.Identifier("campaigns", uc.campaign.control_table),
+                    send_log=sql.Identifier("campaigns", uc.campaign.send_log_table),
+                ),
+                (uc.name, uc.label.horizon_days, as_of),
             )
             found = cur.fetchall()
         conn.commit()
@@ -257,20 +245,21 @@ def matured_campaigns(settings: Settings, uc: UseCase, as_of: date) -> list[tupl
     mixed = [f"{c} ({lo} .. {hi})" for c, lo, hi in found if lo != hi]
     if mixed:
         raise DataError(
-            "campaigns.control_band and campaigns.send_log should give each campaign one "
-            f"score date, found several for {', '.join(mixed)}: fix those rows, then rerun"
+            f"campaigns.{uc.campaign.control_table} and campaigns.{uc.campaign.send_log_table} "
+            f"should give each campaign one score date, found several for {', '.join(mixed)}: "
+            "fix those rows, then rerun"
         )
     return [(c, lo) for c, lo, _ in found]
 
 
 def update_campaign_uplift(settings: Settings, uc: UseCase, as_of: date) -> list[dict[str, Any]]:
-    """Measure each newly matured campaign: churn of the contacted vs the control band.
+    """Measure each newly matured campaign: outcome of the contacted vs the control band.
 
-    Contacted are the customers whose message was confirmed sent (status 'sent'; 'sending'
-    and 'failed' are left out); control is the campaign's ``campaigns.control_band``. Churn
-    is the use case's label over ``[score_date, score_date + label_horizon_days)``.
-    ``uplift = control_rate - contacted_rate`` is the churn prevented per contacted
-    customer, with a Wald (normal approximation) 95% interval; rates, uplift and interval
+    Contacted are the entities whose message was confirmed sent (status 'sent'; 'sending'
+    and 'failed' are left out); control is the campaign's control band. The outcome is the
+    use case's label over ``[score_date, score_date + label.horizon_days)``.
+    ``uplift = control_rate - contacted_rate`` is the outcome prevented per contacted
+    entity, with a Wald (normal approximation) 95% interval; rates, uplift and interval
     are None where a group is empty. Campaigns already in ``monitoring.campaign_uplift``
     are not revisited, so reruns add nothing.
 
@@ -289,19 +278,23 @@ def update_campaign_uplift(settings: Settings, uc: UseCase, as_of: date) -> list
 def _campaign_uplift(
     settings: Settings, uc: UseCase, campaign: str, score_date: date, labels: Labels
 ) -> dict[str, Any]:
+    assert uc.campaign is not None  # matured_campaigns found this campaign in its tables
+    key = db.quote_ident(uc.entity_key)
     groups = db.read_arrow(
         settings.database_url,
-        "SELECT customer_id, true AS contacted FROM campaigns.send_log "
+        f"SELECT {key}, true AS contacted "
+        f"FROM {db.quote_ident('campaigns', uc.campaign.send_log_table)} "
         "WHERE campaign = :campaign AND status = 'sent' "
-        "UNION ALL SELECT customer_id, false FROM campaigns.control_band WHERE campaign = :campaign",
+        f"UNION ALL SELECT {key}, false "
+        f"FROM {db.quote_ident('campaigns', uc.campaign.control_table)} WHERE campaign = :campaign",
         {"campaign": campaign},
     )
     contacted = groups.column("contacted").to_numpy(zero_copy_only=False).astype(bool)
-    y = labels.of(groups.column("customer_id").to_numpy())
+    y = labels.of(keys.to_numpy(groups.column(uc.entity_key)))
     n1, k1 = int(contacted.sum()), int(y[contacted].sum())
     n0, k0 = int((~contacted).sum()), int(y[~contacted].sum())
     log.info(
-        "campaign %s (%s, %s): %d contacted, %d churned; %d control, %d churned",
+        "campaign %s (%s, %s): %d contacted, %d positive; %d control, %d positive",
         campaign,
         uc.name,
         score_date,
@@ -314,9 +307,9 @@ def _campaign_uplift(
         "campaign": campaign,
         "score_date": score_date,
         "contacted": n1,
-        "contacted_churned": k1,
+        "contacted_positives": k1,
         "control": n0,
-        "control_churned": k0,
+        "control_positives": k0,
     } | _difference_of_rates(k1, n1, k0, n0)
 
 
@@ -347,9 +340,9 @@ _UPLIFT_COLUMNS = (
     "campaign",
     "score_date",
     "contacted",
-    "contacted_churned",
+    "contacted_positives",
     "control",
-    "control_churned",
+    "control_positives",
     "contacted_rate",
     "control_rate",
     "uplift",

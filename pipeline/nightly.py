@@ -11,10 +11,24 @@ import logging
 from datetime import UTC, date, datetime
 from typing import Any
 
-from pipeline import checks, db, evaluate, features, ledger, publish, registry, score, train
-from pipeline.config import Settings, UseCase
+from pipeline import (
+    checks,
+    db,
+    evaluate,
+    features,
+    keys,
+    ledger,
+    publish,
+    registry,
+    score,
+    serving,
+    sources,
+    train,
+)
+from pipeline.config import Settings
 from pipeline.errors import GateFailed, ModelError
 from pipeline.ledger import RunContext
+from pipeline.usecase import UseCase
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +40,12 @@ REPORT_CAMPAIGNS = 10  # newest campaign uplifts shown in the nightly report
 def start_run(
     settings: Settings, uc: UseCase, run: RunContext, params: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Open the run's ledger row (with its params) and note the champion as the run starts."""
-    attempt = ledger.start(settings, run, params)
+    """Open the run's ledger row (with its params) and note the champion as the run starts.
+
+    Refuses before any work when the use case's serving objects do not exist yet.
+    """
+    serving.require(settings, uc)
+    attempt = ledger.start(settings, run, params, ledger.code_version(uc))
     champ = registry.champion(settings, uc.name)
     info = run.as_xcom() | {
         "champion_at_start": champ.version if champ else None,
@@ -39,7 +57,7 @@ def start_run(
         run.run_id,
         uc.name,
         run.score_date,
-        ledger.code_version(),
+        ledger.code_version(uc),
         info["champion_at_start"],
     )
     return info
@@ -48,9 +66,14 @@ def start_run(
 def check_sources(settings: Settings, uc: UseCase, run: RunContext) -> dict[str, Any]:
     """Source contract, freshness, volume, value rules, keys and nulls, before featurizing."""
     with ledger.stage(settings, run, "check_sources") as info:
-        info |= checks.record_and_gate(
-            settings, run, checks.check_sources(settings, uc, run.score_date), "source"
+        results = sources.check_sources(
+            settings.warehouse_url,
+            settings.warehouse_schema,
+            sources.load_contract(uc.contract),
+            run.score_date,
+            uc.warehouse.timezone,
         )
+        info |= checks.record_and_gate(settings, run, results, "source")
     return info
 
 
@@ -112,12 +135,14 @@ def check_scores(
 def build_features(settings: Settings, uc: UseCase, run: RunContext) -> dict[str, Any]:
     """Snapshot the features of the population as of the score date."""
     with ledger.stage(settings, run, "build_features") as info:
-        counts = db.read_arrow(
-            settings.warehouse_url,
-            db.sql_text("features", uc.source_counts_sql),
-            {"as_of": run.score_date},
-            schema=settings.warehouse_schema,
-        ).to_pylist()
+        counts = []
+        if uc.sql.source_counts is not None:
+            counts = db.read_arrow(
+                settings.warehouse_url,
+                features.query(uc, "source_counts"),
+                {"as_of": run.score_date},
+                schema=settings.warehouse_schema,
+            ).to_pylist()
         snap = features.build_snapshot(settings, uc, run.score_date)
         info |= {"rows": snap.rows, "sha256": snap.sha256}
         ledger.update(
@@ -162,8 +187,9 @@ def decide_retrain(
         retrain, why = True, "retrain requested: " + "; ".join(requests)
     else:
         age = (run.score_date - champ.trained_as_of).days
-        retrain = age >= uc.retrain_every_days
-        why = f"champion trained {age} days ago; cadence every {uc.retrain_every_days} days"
+        every = uc.training.retrain_every_days
+        retrain = age >= every
+        why = f"champion trained {age} days ago; cadence every {every} days"
     if retrain and requests:
         registry.consume_retrain_requests(settings, uc.name, run.run_id)
     ledger.record_stage(
@@ -176,7 +202,7 @@ def decide_retrain(
 def train_challenger(settings: Settings, uc: UseCase, run: RunContext) -> dict[str, Any]:
     """Train a challenger on matured snapshots; out-of-time metrics on the holdout."""
     with ledger.stage(settings, run, "train_challenger") as info:
-        trained = train.train_challenger(settings, uc, run.score_date, ledger.code_version())
+        trained = train.train_challenger(settings, uc, run.score_date, ledger.code_version(uc))
         info |= {"version": trained.version, "roc_auc": trained.metrics["roc_auc"]}
     return trained.as_xcom()
 
@@ -207,7 +233,7 @@ def evaluate_challenger(
         y = table.column("label").to_numpy()
         challenger, mv = registry.load_model(settings, uc.name, trained["version"])
         p_ch = train.predict(challenger, table, [f["name"] for f in mv.feature_schema])
-        ch_metrics = evaluate.classification_metrics(y, p_ch, capacity=uc.campaign_capacity)
+        ch_metrics = evaluate.classification_metrics(y, p_ch, capacity=uc.capacity)
         champ = registry.champion(settings, uc.name)
         if champ is not None and champ.version == mv.version:
             champ = None  # re-evaluating the champion itself: nothing to compare with
@@ -218,11 +244,9 @@ def evaluate_challenger(
             p_champ = train.predict(
                 champ_model, table, [f["name"] for f in champ_mv.feature_schema]
             )
-            champ_metrics = evaluate.classification_metrics(
-                y, p_champ, capacity=uc.campaign_capacity
-            )
+            champ_metrics = evaluate.classification_metrics(y, p_champ, capacity=uc.capacity)
             intervals = evaluate.paired_bootstrap(
-                y, p_ch, p_champ, resamples=uc.bootstrap_resamples, seed=uc.seed
+                y, p_ch, p_champ, resamples=uc.gates.bootstrap_resamples, seed=uc.model.seed
             )
         schema_problems = []
         if snapshot is not None:
@@ -231,10 +255,11 @@ def evaluate_challenger(
             scoring_schema = pq.read_schema(features.Snapshot.from_xcom(snapshot).path)
             schema_problems = score.schema_problems(scoring_schema, mv.feature_schema)
         checks = evaluate.gate_checks(
-            auc_floor=uc.auc_floor,
-            lift_floor=uc.lift_floor,
-            noninferiority_margin=uc.noninferiority_margin,
-            score_psi_limit=uc.score_psi_limit,
+            auc_floor=uc.gates.auc_floor,
+            lift_floor=uc.gates.lift_floor,
+            noninferiority_margin=uc.gates.noninferiority_margin,
+            score_psi_limit=uc.gates.score_psi_limit,
+            min_holdout_positives=uc.gates.min_holdout_positives,
             challenger=ch_metrics,
             p_challenger=p_ch,
             champion=champ_metrics,
@@ -283,7 +308,11 @@ def evaluate_challenger(
             report_path,
         )
         for check in checks:
-            log.info("gate %s", evaluate.describe(check))
+            log.log(
+                logging.INFO if check["passed"] else logging.WARNING,
+                "gate %s",
+                evaluate.describe(check),
+            )
         if decision == "promote":
             registry.promote(
                 settings,
@@ -446,6 +475,35 @@ def promote_challenger(
 BACKFILL_MODELS = ("champion_on_date", "current_champion")
 
 
+def no_champion_message(settings: Settings, uc: UseCase, run: RunContext) -> str:
+    """Why there is no model to score with: the newest evaluation's decision and reasons."""
+    ev = db.scalar(
+        settings.database_url,
+        "SELECT json_build_object('challenger', challenger, 'decision', decision, 'reasons', "
+        "reasons, 'run_id', run_id, 'report', report_path) FROM ml.evaluations "
+        "WHERE use_case = %s ORDER BY (run_id = %s) DESC, created_at DESC LIMIT 1",
+        (uc.name, run.run_id),
+    )
+    head = f"no champion model for use case {uc.name!r}, so nothing was scored"
+    if ev is None:
+        return (
+            f"{head}: no challenger has been trained yet; run with retrain=always (a challenger "
+            "that passes the gates becomes the first champion), or promote a registered version "
+            f"with `nightscore models promote VERSION --use-case {uc.name} --reason ...`"
+        )
+    when = "tonight" if ev["run_id"] == run.run_id else f"by run {ev['run_id']}"
+    why = "; ".join(ev["reasons"] or [])
+    return (
+        f"{head}: the challenger {ev['challenger']} trained {when} was not promoted "
+        f"(decision {ev['decision']}): {why}. The gates are in {uc.source} (gates.auc_floor "
+        f"{uc.gates.auc_floor}, gates.lift_floor {uc.gates.lift_floor}, "
+        f"gates.min_holdout_positives {uc.gates.min_holdout_positives}); more history or a "
+        "longer training window (training.snapshots, training.step_days) gives the model more "
+        f"to learn from. To serve it anyway: `nightscore models promote {ev['challenger']} "
+        f"--use-case {uc.name} --reason ...`. Evaluation report: {ev['report']}"
+    )
+
+
 def select_model(
     settings: Settings,
     uc: UseCase,
@@ -485,10 +543,7 @@ def select_model(
         else:
             version, why = champion_at_start, "champion at run start"
         if version is None:
-            raise ModelError(
-                f"no champion model for use case {uc.name!r}: run with retrain=always so a "
-                "challenger can pass the gates, or promote a version with `nightscore models promote`"
-            )
+            raise ModelError(no_champion_message(settings, uc, run))
         mv = registry.get(settings, uc.name, version)
         ledger.update(settings, run, model_version=mv.version)
         info |= {"model_version": mv.version, "why": why}
@@ -511,7 +566,7 @@ def score_partition(
             features.Snapshot.from_xcom(snapshot),
             model_version,
             partition,
-            uc.score_partitions,
+            uc.serving.partitions,
             run.run_id,
         )
         info |= {"rows": part.rows}
@@ -532,17 +587,17 @@ def publish_scores(
     expected = int(snapshot["rows"])
     with ledger.stage(settings, run, "publish_scores") as info:
         found = sum(p.rows for p in scored)
-        if found != expected or len(scored) != uc.score_partitions:
+        if found != expected or len(scored) != uc.serving.partitions:
             raise GateFailed(
                 f"scored {found} rows in {len(scored)} partitions, expected {expected} rows in "
-                f"{uc.score_partitions}: a partition is missing or incomplete; nothing was published"
+                f"{uc.serving.partitions}: a partition is missing or incomplete; nothing was published"
             )
         if dry_run:
             ledger.update(settings, run, status="dry_run")
             info |= {"rows": found, "dry_run": True}
             return {"rows": found, "dry_run": True}
         result = publish.publish_scores(settings, uc, run, model_version, scored, expected)
-        dropped = publish.apply_retention(settings, uc, run, uc.retention_dates)
+        dropped = publish.apply_retention(settings, uc, run, uc.serving.retention_dates)
         info |= result.as_xcom() | {"retention_dropped": [str(d) for d in dropped]}
     return result.as_xcom()
 
@@ -581,17 +636,18 @@ def score_shadow(
         )
         rows = publish.publish_shadow(settings, uc, run, shadow.version, part)
         served = [pq.read_table(score.ScoredPart.from_xcom(p).path) for p in parts]
-        keys = np.concatenate([t.column(uc.entity_key).to_numpy() for t in served])
+        entity_keys = np.concatenate([keys.to_numpy(t.column(uc.entity_key)) for t in served])
         probs = np.concatenate([t.column(uc.probability_column).to_numpy() for t in served])
         shadow_table = pq.read_table(part.path)
-        s_keys = shadow_table.column(uc.entity_key).to_numpy()
+        s_keys = keys.to_numpy(shadow_table.column(uc.entity_key))
         s_probs = shadow_table.column(uc.probability_column).to_numpy()
-        order, s_order = np.argsort(keys), np.argsort(s_keys)
-        if not np.array_equal(keys[order], s_keys[s_order]):
+        order, s_order = np.argsort(entity_keys), np.argsort(s_keys)
+        if not np.array_equal(entity_keys[order], s_keys[s_order]):
             raise GateFailed(
-                "shadow and served scores cover different customers; the snapshot changed mid-run"
+                "shadow and served scores cover different entities; the snapshot changed mid-run"
             )
-        agree = evaluate.agreement(probs[order], s_probs[s_order], uc.campaign_capacity)
+        capacity = uc.capacity or max(1, len(probs) // 10)
+        agree = evaluate.agreement(probs[order], s_probs[s_order], capacity)
         ledger.db_exec(
             settings,
             """
@@ -660,11 +716,11 @@ def write_report(settings: Settings, uc: UseCase, run: RunContext) -> dict[str, 
             ]
             # matured by this night: a backfilled or rewritten report shows no later campaign
             cur.execute(
-                "SELECT campaign, score_date, contacted, contacted_churned, control, control_churned, "
+                "SELECT campaign, score_date, contacted, contacted_positives, control, control_positives, "
                 "contacted_rate, control_rate, uplift, ci_low, ci_high FROM monitoring.campaign_uplift "
                 "WHERE use_case = %s AND score_date + %s <= %s "
                 "ORDER BY score_date DESC, campaign DESC LIMIT %s",
-                (uc.name, uc.label_horizon_days, run.score_date, REPORT_CAMPAIGNS),
+                (uc.name, uc.label.horizon_days, run.score_date, REPORT_CAMPAIGNS),
             )
             names = [d[0] for d in cur.description]
             uplift = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
@@ -723,7 +779,7 @@ def run_night(
     chosen = select_model(settings, uc, run, rescore_model, started["champion_at_start"])
     parts = [
         score_partition(settings, uc, run, snap, chosen["model_version"], p)
-        for p in range(uc.score_partitions)
+        for p in range(uc.serving.partitions)
     ]
     check_scores(settings, uc, run, parts)
     published = publish_scores(settings, uc, run, snap, chosen["model_version"], parts)

@@ -33,13 +33,14 @@ import pyarrow.parquet as pq
 from psycopg2 import errors as pg_errors
 from psycopg2 import sql
 
-from pipeline import db
-from pipeline.campaign import control_group
-from pipeline.config import Settings, UseCase
+from pipeline import db, keys
+from pipeline.campaign import control_members
+from pipeline.config import Settings
 from pipeline.errors import PublishError
 from pipeline.faults import fault_point
 from pipeline.ledger import RunContext
 from pipeline.score import ScoredPart
+from pipeline.usecase import UseCase
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +71,10 @@ class PublishResult:
         }
 
 
-def risk_deciles(probabilities: np.ndarray, keys: np.ndarray) -> np.ndarray:
+def risk_deciles(probabilities: np.ndarray, entity_keys: np.ndarray) -> np.ndarray:
     """Decile 1 = the 10% highest probabilities; ties broken by key so it is reproducible."""
     n = len(probabilities)
-    order = np.lexsort((keys, -probabilities))
+    order = np.lexsort((entity_keys, -probabilities))
     deciles = np.empty(n, dtype=np.int16)
     deciles[order] = (np.arange(n) * 10 // max(n, 1) + 1).astype(np.int16)
     return deciles
@@ -100,7 +101,7 @@ def _part_batches(
 
 def decile_thresholds(
     uc: UseCase, parts: list[ScoredPart], batch_rows: int
-) -> list[tuple[float, int]]:
+) -> list[tuple[float, Any]]:
     """The (probability, key) of the first row of deciles 2..10, in bounded memory.
 
     Rows are ranked by probability descending, then key ascending. Pass 1 counts rows per
@@ -125,13 +126,13 @@ def decile_thresholds(
         b = int(np.flatnonzero((above <= r) & (r < above + counts))[0])
         wanted.setdefault(b, []).append(r)
     keep_bins = np.array(sorted(wanted))
-    probs, keys = [], []
+    probs, kept = [], []
     for batch in _part_batches(parts, [pcol, key], batch_rows):
         p = batch.column(0).to_numpy()
         mask = np.isin(_bins(p), keep_bins)
         probs.append(p[mask])
-        keys.append(batch.column(1).to_numpy()[mask])
-    bp, bk = np.concatenate(probs), np.concatenate(keys)
+        kept.append(keys.to_numpy(batch.column(1))[mask])
+    bp, bk = np.concatenate(probs), np.concatenate(kept)
     bb = _bins(bp)
     out = []
     for b in keep_bins:
@@ -139,7 +140,9 @@ def decile_thresholds(
         order = np.lexsort((bk[sel], -bp[sel]))
         for r in wanted[int(b)]:
             i = order[r - int(above[b])]
-            out.append((float(bp[sel][i]), int(bk[sel][i])))
+            out.append(
+                (float(bp[sel][i]), bk[sel][i].item() if bk.dtype.kind in "iu" else bk[sel][i])
+            )
     return sorted(out, key=lambda t: (-t[0], t[1]))
 
 
@@ -148,19 +151,19 @@ def _bins(p: np.ndarray) -> np.ndarray:
 
 
 def deciles_from_thresholds(
-    p: np.ndarray, keys: np.ndarray, thresholds: list[tuple[float, int]]
+    p: np.ndarray, entity_keys: np.ndarray, thresholds: list[tuple[float, Any]]
 ) -> np.ndarray:
     """Decile of each row: 1 + the number of boundaries it sorts at or after."""
     d = np.ones(len(p), dtype=np.int16)
     for tp, tk in thresholds:
-        d += ((p < tp) | ((p == tp) & (keys >= tk))).astype(np.int16)
+        d += ((p < tp) | ((p == tp) & (entity_keys >= tk))).astype(np.int16)
     return d
 
 
 def _batches(
     uc: UseCase,
     parts: list[ScoredPart],
-    thresholds: list[tuple[float, int]],
+    thresholds: list[tuple[float, Any]],
     score_date: date,
     model_version: str,
     schema: pa.Schema,
@@ -169,21 +172,21 @@ def _batches(
     """The rows to COPY, batch by batch, with their global risk decile."""
     day = (score_date - date(1970, 1, 1)).days
     for i, batch in enumerate(
-        _part_batches(parts, [uc.entity_key, uc.probability_column], uc.batch_rows * 4)
+        _part_batches(parts, [uc.entity_key, uc.probability_column], uc.serving.batch_rows * 4)
     ):
-        keys = batch.column(0).to_numpy()
+        entity_keys = keys.to_numpy(batch.column(0))
         probs = batch.column(1).to_numpy()
-        n = len(keys)
+        n = len(entity_keys)
         yield pa.RecordBatch.from_arrays(
             [
                 pa.array(np.full(n, day, dtype=np.int32)).cast(pa.date32()),
-                pa.array(keys),
+                batch.column(0),
                 pa.DictionaryArray.from_arrays(
                     pa.array(np.zeros(n, dtype=np.int32)), pa.array([model_version])
                 ).cast(pa.string()),
                 pa.array(probs),
-                pa.array(deciles_from_thresholds(probs, keys, thresholds)),
-                pa.array(control_group(keys, uc.control_salt, uc.control_fraction)),
+                pa.array(deciles_from_thresholds(probs, entity_keys, thresholds)),
+                pa.array(control_members(entity_keys, uc)),
             ],
             schema=schema,
         )
@@ -206,14 +209,14 @@ def _copy(
     schema = pa.schema(
         [
             ("score_date", pa.date32()),
-            (uc.entity_key, pa.int64()),
+            (uc.entity_key, keys.arrow_type(uc.entity.type)),
             ("model_version", pa.string()),
             (uc.probability_column, pa.float64()),
             ("risk_decile", pa.int16()),
             ("control_group", pa.bool_()),
         ]
     )
-    thresholds = decile_thresholds(uc, parts, uc.batch_rows * 4)
+    thresholds = decile_thresholds(uc, parts, uc.serving.batch_rows * 4)
     streams = [parts[i::COPY_STREAMS] for i in range(min(COPY_STREAMS, len(parts)))]
     counts: list[int] = [0] * len(streams)
     errors: list[BaseException] = []
@@ -515,9 +518,9 @@ def publish_shadow(
     shadow_table = f"{uc.score_table}_shadow"
     stage = f"{shadow_table}_stage_{secrets.token_hex(4)}"
     table = pq.read_table(part.path)
-    keys = table.column(uc.entity_key).to_numpy()
+    entity_keys = keys.to_numpy(table.column(uc.entity_key))
     probs = table.column(uc.probability_column).to_numpy()
-    n = len(keys)
+    n = len(entity_keys)
     data = pa.table(
         {
             "score_date": pa.array(
@@ -526,9 +529,9 @@ def publish_shadow(
             "model_version": pa.DictionaryArray.from_arrays(
                 pa.array(np.zeros(n, dtype=np.int32)), pa.array([shadow_version])
             ).cast(pa.string()),
-            uc.entity_key: pa.array(keys),
+            uc.entity_key: table.column(uc.entity_key),
             uc.probability_column: pa.array(probs),
-            "risk_decile": pa.array(risk_deciles(probs, keys)),
+            "risk_decile": pa.array(risk_deciles(probs, entity_keys)),
         }
     )
     conn = db.connect(settings.database_url)

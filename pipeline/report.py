@@ -468,7 +468,7 @@ def write_run_report(
         realized: rows of ``monitoring.realized_performance`` (score_date, model_version, roc_auc).
         decile_rates: positive rate per risk decile of the newest matured night, if any.
         uplift: rows of ``monitoring.campaign_uplift`` (campaign, score_date, contacted,
-            contacted_churned, control, control_churned, contacted_rate, control_rate,
+            contacted_positives, control, control_positives, contacted_rate, control_rate,
             uplift, ci_low, ci_high), in the order to show; rates are fractions.
     """
     plots = [
@@ -504,11 +504,11 @@ def write_run_report(
 <table><tr><th>check</th><th>target</th><th>severity</th><th>result</th><th>expected</th><th>found</th></tr>
 {rows}</table>
 <h2>Campaign uplift (once labels matured)</h2>
-<table><tr><th>campaign</th><th>score date</th><th>contacted (churned)</th><th>control (churned)</th>
-<th>contacted churn rate</th><th>control churn rate</th><th>uplift, pp [95% CI]</th></tr>
+<table><tr><th>campaign</th><th>score date</th><th>contacted (positive)</th><th>control (positive)</th>
+<th>contacted outcome rate</th><th>control outcome rate</th><th>uplift, pp [95% CI]</th></tr>
 {_uplift_rows(uplift)}</table>
-<p class="note">uplift = control churn rate &minus; contacted churn rate: churn prevented per
-contacted customer, in percentage points.</p>
+<p class="note">uplift = control outcome rate &minus; contacted outcome rate: outcomes prevented per
+contacted entity, in percentage points.</p>
 </body></html>
 """
     return _write_atomically(path, text)
@@ -528,8 +528,8 @@ def _uplift_rows(uplift: Sequence[Mapping[str, object]]) -> str:
     esc = html.escape
     rows = "".join(
         f"<tr><td>{esc(str(u['campaign']))}</td><td>{esc(str(u['score_date']))}</td>"
-        f'<td class="num">{esc(str(u["contacted"]))} ({esc(str(u["contacted_churned"]))})</td>'
-        f'<td class="num">{esc(str(u["control"]))} ({esc(str(u["control_churned"]))})</td>'
+        f'<td class="num">{esc(str(u["contacted"]))} ({esc(str(u["contacted_positives"]))})</td>'
+        f'<td class="num">{esc(str(u["control"]))} ({esc(str(u["control_positives"]))})</td>'
         f'<td class="num">{_percent(u["contacted_rate"])}</td>'
         f'<td class="num">{_percent(u["control_rate"])}</td>'
         f'<td class="num">{_points(u["uplift"])} '
@@ -558,7 +558,7 @@ def _hist_figure(tonight: np.ndarray | None, previous: np.ndarray | None) -> Fig
             label="previous night",
         )
     ax.set_xlabel("probability")
-    ax.set_ylabel("share of customers")
+    ax.set_ylabel("share of the population")
     ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()

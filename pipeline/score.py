@@ -18,9 +18,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import features, registry, train
-from pipeline.config import Settings, UseCase
+from pipeline import features, keys, registry, train
+from pipeline.config import Settings
 from pipeline.errors import DataError
+from pipeline.usecase import UseCase
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,10 @@ class ScoredPart:
         return cls(int(data["partition"]), Path(data["path"]), int(data["rows"]))
 
 
-def partition_of(keys: np.ndarray, partitions: int) -> np.ndarray:
-    """Stable hash partition of integer keys (Knuth's multiplicative hash, mod 2**32)."""
-    mixed = (np.asarray(keys, dtype=np.uint64) * np.uint64(2654435761)) % np.uint64(2**32)
+def partition_of(entity_keys: np.ndarray, partitions: int) -> np.ndarray:
+    """Stable hash partition of keys (Knuth's multiplicative hash of the 64-bit key hash)."""
+    with np.errstate(over="ignore"):
+        mixed = (keys.hash64(entity_keys) * np.uint64(2654435761)) % np.uint64(2**32)
     return (mixed % np.uint64(partitions)).astype(np.int64)
 
 
@@ -89,15 +91,19 @@ def score_partition(
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f"part-{partition:04d}-of-{partitions:04d}.parquet"
     tmp = final.with_suffix(f".{os.getpid()}.tmp")
-    schema = pa.schema([(uc.entity_key, pa.int64()), (uc.probability_column, pa.float64())])
+    schema = pa.schema(
+        [
+            (uc.entity_key, keys.arrow_type(uc.entity.type)),
+            (uc.probability_column, pa.float64()),
+        ]
+    )
     rows = 0
     with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         for batch in source.iter_batches(
-            batch_size=uc.batch_rows, columns=[uc.entity_key, *columns]
+            batch_size=uc.serving.batch_rows, columns=[uc.entity_key, *columns]
         ):
             table = pa.Table.from_batches([batch])
-            keys = table.column(uc.entity_key).to_numpy()
-            mine = partition_of(keys, partitions) == partition
+            mine = partition_of(keys.to_numpy(table.column(uc.entity_key)), partitions) == partition
             if not mine.any():
                 continue
             table = table.filter(pa.array(mine))

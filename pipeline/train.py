@@ -21,8 +21,9 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline import checks, evaluate, features, registry
-from pipeline.config import Settings, UseCase
-from pipeline.errors import DataError
+from pipeline.config import Settings
+from pipeline.errors import ConfigError, DataError
+from pipeline.usecase import UseCase
 
 log = logging.getLogger(__name__)
 
@@ -48,31 +49,62 @@ class TrainedModel:
 
 
 def build_model(uc: UseCase, categorical: list[str], numeric: list[str]) -> Any:
-    """The unfitted Pipeline: preprocessing and estimator in one seeded object."""
+    """The unfitted Pipeline: preprocessing suited to the estimator, seeded.
+
+    ``hist_gradient_boosting`` one-hot encodes categories and takes missing numbers as
+    they are; ``logistic_regression`` also imputes medians and standardizes numbers.
+
+    Raises:
+        ConfigError: a ``model.params`` key the estimator does not take.
+    """
     from sklearn.compose import ColumnTransformer
     from sklearn.ensemble import HistGradientBoostingClassifier
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import OneHotEncoder
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline, make_pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
+    onehot = OneHotEncoder(handle_unknown="ignore", sparse_output=False, dtype=np.float32)
+    params = dict(uc.model.params)
+    clf: Any
+    if uc.model.estimator == "hist_gradient_boosting":
+        numbers: Any = "passthrough"
+        params.setdefault("early_stopping", False)
+        clf = _estimator(HistGradientBoostingClassifier, uc, params)
+    else:
+        numbers = make_pipeline(SimpleImputer(strategy="median"), StandardScaler())
+        params.setdefault("max_iter", 1000)
+        clf = _estimator(LogisticRegression, uc, params)
     pre = ColumnTransformer(
-        [
-            (
-                "categorical",
-                OneHotEncoder(handle_unknown="ignore", sparse_output=False, dtype=np.float32),
-                categorical,
-            ),
-            ("numeric", "passthrough", numeric),
-        ],
+        [("categorical", onehot, categorical), ("numeric", numbers, numeric)],
         verbose_feature_names_out=False,
     )
-    params = dict(uc.model_params)
-    clf = HistGradientBoostingClassifier(
-        max_iter=int(params.pop("max_iter")),
-        early_stopping=False,
-        random_state=uc.seed,
-        **params,
-    )
     return Pipeline([("preprocess", pre), ("model", clf)])
+
+
+def _estimator(cls: Any, uc: UseCase, params: dict[str, Any]) -> Any:
+    allowed = set(cls().get_params())
+    unknown = sorted(set(params) - allowed - {"random_state"})
+    if unknown:
+        raise ConfigError(
+            f"{uc.source}: key model.params: expected parameters of {cls.__name__} "
+            f"({', '.join(sorted(allowed))}), found {', '.join(unknown)}"
+        )
+    return cls(random_state=uc.model.seed, **params)
+
+
+def without_thread_count(model: Any) -> Any:
+    """The fitted model with no record of the thread count it was fitted with.
+
+    HistGradientBoosting keeps the OpenMP thread count of the fit in its bin mapper, so the
+    pickle (and the version derived from its hash) would change with the machine's cores;
+    ``None`` lets scoring use whatever the worker allows. The trees do not depend on it.
+    """
+    estimator = model[-1] if hasattr(model, "steps") else model
+    mapper = getattr(estimator, "_bin_mapper", None)
+    if mapper is not None and hasattr(mapper, "n_threads"):
+        mapper.n_threads = None
+    return model
 
 
 def split_columns(schema: pa.Schema, uc: UseCase) -> tuple[list[str], list[str]]:
@@ -124,10 +156,22 @@ def training_data(settings: Settings, uc: UseCase, run_date: date) -> TrainingDa
         DataError: a snapshot is empty or the training labels have a single class.
     """
     train_dates, holdout_date = features.training_dates(uc, run_date)
-    snaps = [
-        features.build_snapshot(settings, uc, d, labelled=True, known_through=run_date)
-        for d in train_dates
-    ]
+    try:
+        snaps = [
+            features.build_snapshot(settings, uc, d, labelled=True, known_through=run_date)
+            for d in train_dates
+        ]
+    except DataError as err:
+        if "empty population" not in str(err):
+            raise
+        raise DataError(
+            f"{err}. The training window of {uc.name} reaches back to {train_dates[0]}: "
+            f"{uc.history_days()} days before {run_date} (2 x label.horizon_days "
+            f"{uc.label.horizon_days} + (training.snapshots {uc.training.snapshots} - 1) x "
+            f"training.step_days {uc.training.step_days}). Shorten it in {uc.source}, or run a "
+            f"later date; `nightscore usecase check {uc.name} --date {run_date}` shows the "
+            "history the warehouse holds"
+        ) from None
     holdout = features.build_snapshot(
         settings, uc, holdout_date, labelled=True, known_through=run_date
     )
@@ -136,7 +180,7 @@ def training_data(settings: Settings, uc: UseCase, run_date: date) -> TrainingDa
     if y.min() == y.max():
         raise DataError(
             f"training labels for {uc.name} ({train_dates[0]}..{train_dates[-1]}) are all {y[0]}; "
-            "a model needs both classes: check the label SQL and the warehouse history"
+            f"a model needs both classes: check {uc.sql.labels.name} and the warehouse history"
         )
     return TrainingData(snaps, holdout, table)
 
@@ -147,7 +191,7 @@ def fit(uc: UseCase, table: pa.Table, columns: list[str], labels: np.ndarray) ->
     numeric = [c for c in columns if c not in categorical]
     model = build_model(uc, categorical, numeric)
     model.fit(to_frame(table, categorical + numeric), labels)
-    return model
+    return without_thread_count(model)
 
 
 def save_and_register(
@@ -167,7 +211,7 @@ def save_and_register(
     hold = features.read_snapshot(data.holdout)
     p = predict(model, hold, columns)
     metrics = evaluate.classification_metrics(
-        hold.column("label").to_numpy(), p, capacity=uc.campaign_capacity
+        hold.column("label").to_numpy(), p, capacity=uc.capacity
     )
     blob = pickle.dumps(model, protocol=5)
     sha = registry_sha(blob)
@@ -192,7 +236,7 @@ def save_and_register(
                 "sha256": data.holdout.sha256,
                 "rows": data.holdout.rows,
             },
-            "label_horizon_days": uc.label_horizon_days,
+            "label_horizon_days": uc.label.horizon_days,
             "training_rows": data.table.num_rows,
             "positive_rate": float(data.labels.mean()),
         },
@@ -200,8 +244,9 @@ def save_and_register(
         # per-feature distributions of the training data: the drift reference
         "reference": checks.reference_profile(data.table, columns),
         "library_versions": library_versions(),
-        "seed": uc.seed,
-        "model_params": uc.model_params,
+        "seed": uc.model.seed,
+        "estimator": uc.model.estimator,
+        "model_params": uc.model.params,
         "code_version": code_version,
         "sha256": sha,
         "artifact_uri": str(artifact),

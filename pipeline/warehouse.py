@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import db
-from pipeline.config import Settings
+from pipeline.config import SQL_DIR, Settings
 from pipeline.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -617,7 +617,7 @@ def _save_state(settings: Settings, sim: _Sim) -> None:
                 "INSERT INTO generator_state (seed, start_date, through_date, state) VALUES (%s, %s, %s, %s)",
                 (sim.seed, sim.start, sim.start + timedelta(days=sim.day - 1), sim.dumps()),
             )
-            cur.execute(db.sql_text("warehouse", "indexes.sql"))
+            cur.execute((SQL_DIR / "warehouse" / "indexes.sql").read_text())
         conn.commit()
         conn.autocommit = True
         with conn.cursor() as cur:
@@ -647,7 +647,7 @@ def seed(
     conn = _schema_conn(settings)
     try:
         with conn.cursor() as cur:
-            cur.execute(db.sql_text("warehouse", "schema.sql"))
+            cur.execute((SQL_DIR / "warehouse" / "schema.sql").read_text())
             plans = [
                 (i + 1, str(PLAN_NAMES[i]), float(PLAN_FEES[i]), int(PLAN_DATA_GB[i]))
                 for i in range(len(PLAN_NAMES))

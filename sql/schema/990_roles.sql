@@ -44,17 +44,11 @@ ALTER SCHEMA monitoring OWNER TO nightscore_writer;
 ALTER SCHEMA campaigns OWNER TO nightscore_writer;
 ALTER FUNCTION ml.forbid_change() OWNER TO nightscore_writer;
 
--- Readers: the served views only. Staging tables, the base table, ml.*, the warehouse: nothing.
+-- Readers: the served views only (granted per use case by sql/usecase/scores.sql).
+-- Staging tables, base tables, ml.*, campaigns.*, the warehouse: nothing.
 REVOKE ALL ON SCHEMA ml, monitoring, campaigns FROM nightscore_reader;
 GRANT USAGE ON SCHEMA predictions TO nightscore_reader;
-REVOKE ALL ON ALL TABLES IN SCHEMA predictions FROM nightscore_reader;
-GRANT SELECT ON predictions.churn_scores_latest, predictions.churn_scores_history TO nightscore_reader;
 
--- The email service: the retention audience (names, email addresses) and nothing else of
--- the serving database; it reads the send log and reports unsubscribes. No one else reads
--- the audience: readers have no access to the campaigns schema at all.
+-- The email service: each use case's audience, send log and opt-outs (granted by
+-- sql/usecase/campaign.sql) and nothing else of the serving database.
 GRANT USAGE ON SCHEMA campaigns TO nightscore_campaign;
-REVOKE ALL ON ALL TABLES IN SCHEMA campaigns FROM nightscore_campaign;
-GRANT SELECT ON campaigns.retention_audience, campaigns.send_log TO nightscore_campaign;
-GRANT SELECT, INSERT ON campaigns.opt_outs TO nightscore_campaign;
-REVOKE ALL ON ALL TABLES IN SCHEMA campaigns FROM PUBLIC;

@@ -1,14 +1,3 @@
--- Shadow scores: a challenger that was not promoted is scored every night next to the
--- champion, never into the served table. One row per (score_date, model_version, customer).
-CREATE TABLE IF NOT EXISTS predictions.churn_scores_shadow (
-    score_date        date             NOT NULL,
-    model_version     text             NOT NULL,
-    customer_id       bigint           NOT NULL,
-    churn_probability double precision NOT NULL CHECK (churn_probability BETWEEN 0 AND 1),
-    risk_decile       smallint         NOT NULL CHECK (risk_decile BETWEEN 1 AND 10),
-    PRIMARY KEY (score_date, model_version, customer_id)
-);
-
 -- How far the shadow model's ranking is from the champion's, per night.
 CREATE TABLE IF NOT EXISTS monitoring.shadow_agreement (
     use_case           text        NOT NULL,

@@ -1,0 +1,480 @@
+"""
+### nightscore: the DAGs of every use case
+
+One factory for all use cases found in `usecases/` (or `$NIGHTSCORE_USECASES`): each gets
+`<name>_nightly`, `<name>_monitoring` and, when its config has a campaign block,
+`<name>_campaign`. Parsing reads the use case files only: no connection, no Variable, no
+database. A use case whose config is invalid gets a `<name>_nightly` that explains the
+error (and only fails), so the others keep running.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from airflow.providers.standard.operators.hitl import ApprovalOperator
+from airflow.sdk import Asset, CronTriggerTimetable, Param, dag, get_current_context, task
+from airflow.sdk.definitions.edges import Label
+
+from pipeline import usecase
+
+START = datetime(2020, 1, 1)  # early, so backfills and `dags test` can reach any past date
+IO_RETRIES = {"retries": 2, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True}
+
+
+def scores_asset(uc: usecase.UseCase) -> Asset:
+    """The Airflow asset a use case's publish updates (its campaign is scheduled on it)."""
+    return Asset(name=uc.score_table, uri=f"nightscore://predictions/{uc.score_table}")
+
+
+NIGHTLY_DOC = """
+### {name}_nightly
+
+{description}
+
+Every night ({cron} {tz}): check the warehouse against the use case's source contract,
+snapshot point-in-time features of the population as of the run date (facts strictly
+before it), retrain a challenger on matured snapshots, evaluate it against the champion on
+the same out-of-time holdout (promote on pass), score the whole population in hash
+partitions with the one pinned model, and publish to `predictions.{table}` atomically
+(COPY into staging, validate, swap the partition). Readers use
+`predictions.{table}_latest` and `predictions.{table}_history`.
+
+Trigger options (the form): **retrain**, **promotion_mode** (`approval` waits at
+`approve_promotion` for a person), **rescore_model**, **dry_run**. A challenger that is not
+promoted is scored every night into `predictions.{table}_shadow` (`score_shadow`).
+Configuration: `{source}`. Each task calls one function of `pipeline.nightly`.
+"""
+
+
+def nightly_dag(uc: usecase.UseCase) -> Any:
+    name, asset = uc.name, scores_asset(uc)
+
+    @dag(
+        dag_id=f"{name}_nightly",
+        schedule=CronTriggerTimetable(uc.schedule.nightly, timezone=uc.schedule.timezone),
+        start_date=START,
+        catchup=False,
+        max_active_runs=1,
+        tags=["nightscore", name],
+        description=uc.description or None,
+        doc_md=NIGHTLY_DOC.format(
+            name=name,
+            description=uc.description,
+            cron=uc.schedule.nightly,
+            tz=uc.schedule.timezone,
+            table=uc.score_table,
+            source=uc.source,
+        ),
+        params={
+            "retrain": Param(
+                "scheduled",
+                enum=["scheduled", "always", "never"],
+                description="scheduled: follow the use case's cadence (and retrain requests; "
+                "never in backfills); always: train tonight; never: score with the champion.",
+            ),
+            "promotion_mode": Param(
+                "auto",
+                enum=["auto", "approval", "never"],
+                description="auto: promote a challenger that passes the gates; approval: ask a "
+                "person in this UI; never: keep it as the shadow model.",
+            ),
+            "rescore_model": Param(
+                "",
+                type="string",
+                description="Score with this registered model version instead of the champion "
+                "(empty: the champion).",
+            ),
+            "dry_run": Param(
+                False, type="boolean", description="Score and validate, but publish nothing."
+            ),
+            "backfill_model": Param(
+                "champion_on_date",
+                enum=["champion_on_date", "current_champion"],
+                description="In backfills: score each date with the model that was champion on "
+                "that date (from the promotions log), or rescore every date with the current "
+                "champion.",
+            ),
+        },
+    )
+    def nightly() -> None:
+        @task
+        def start_run(params: dict | None = None) -> dict:
+            from _nightscore import nightly_stage
+
+            return nightly_stage("start_run", name, dict(params or {}))
+
+        @task(retries=0)
+        def check_sources() -> dict:
+            from _nightscore import nightly_stage
+
+            return nightly_stage("check_sources", name)
+
+        @task(retries=0)
+        def check_features(snapshot: dict) -> dict:
+            from _nightscore import nightly_stage
+
+            return nightly_stage("check_features", name, snapshot)
+
+        @task(retries=0)
+        def check_scores(parts: list[dict]) -> dict:
+            from _nightscore import nightly_stage
+
+            return nightly_stage("check_scores", name, list(parts))
+
+        @task(**IO_RETRIES)
+        def build_features(run: dict) -> dict:
+            from _nightscore import nightly_stage
+
+            return nightly_stage("build_features", name)
+
+        @task.branch
+        def decide_retrain(params: dict | None = None) -> str:
+            from _nightscore import is_backfill, nightly_stage
+
+            mode = (params or {}).get("retrain", "scheduled")
+            decision = nightly_stage("decide_retrain", name, mode, backfill=is_backfill())
+            return "train_challenger" if decision["retrain"] else "select_model"
+
+        @task(**IO_RETRIES)
+        def train_challenger() -> dict:
+            from _nightscore import nightly_stage
+
+            return nightly_stage("train_challenger", name)
+
+        @task(retries=0)
+        def evaluate_challenger(trained: dict, snapshot: dict, params: dict | None = None) -> dict:
+            from _nightscore import nightly_stage
+
+            mode = (params or {}).get("promotion_mode", "auto")
+            return nightly_stage("evaluate_challenger", name, trained, mode, snapshot)
+
+        @task.branch
+        def route_promotion(evaluation: dict) -> str:
+            if evaluation["decision"] == "awaiting_approval":
+                return "approve_promotion"
+            return "select_model"
+
+        approve_promotion = ApprovalOperator(
+            task_id="approve_promotion",
+            subject="Promote {{ ti.xcom_pull(task_ids='evaluate_challenger')['version'] }} "
+            f"to {name} champion?",
+            body=(f"{uc.description}\n\n" if uc.description else "")
+            + "{{ ti.xcom_pull(task_ids='evaluate_challenger')['summary'] }}\n\n"
+            "Report: {{ ti.xcom_pull(task_ids='evaluate_challenger')['report'] }}",
+            response_timeout=timedelta(hours=12),
+            defaults="Reject",
+        )
+
+        @task(retries=0)
+        def promote_challenger(evaluation: dict) -> dict:
+            from _nightscore import nightly_stage
+
+            answer = get_current_context()["ti"].xcom_pull(task_ids="approve_promotion") or {}
+            who = (answer.get("responded_by_user") or {}).get("name") or "unknown"
+            return nightly_stage(
+                "promote_challenger",
+                name,
+                evaluation["version"],
+                actor=f"approval:{who}",
+                reason="approved in the Airflow UI after: " + "; ".join(evaluation["reasons"]),
+            )
+
+        @task(retries=0, trigger_rule="none_failed_min_one_success")
+        def select_model(run: dict, params: dict | None = None) -> dict:
+            from _nightscore import is_backfill, nightly_stage
+
+            p = params or {}
+            return nightly_stage(
+                "select_model",
+                name,
+                p.get("rescore_model") or None,
+                run["champion_at_start"],
+                backfill=is_backfill(),
+                backfill_model=p.get("backfill_model", "champion_on_date"),
+            )
+
+        @task(**IO_RETRIES)
+        def score_partition(partition: int, snapshot: dict, model: dict) -> dict:
+            from _nightscore import nightly_stage
+
+            return nightly_stage(
+                "score_partition", name, snapshot, model["model_version"], partition
+            )
+
+        @task(outlets=[asset], **IO_RETRIES)
+        def publish_scores(
+            snapshot: dict, model: dict, parts: list[dict], params: dict | None = None
+        ) -> dict:
+            from _nightscore import is_backfill, nightly_stage
+
+            dry_run = bool((params or {}).get("dry_run"))
+            result = nightly_stage(
+                "publish_scores",
+                name,
+                snapshot,
+                model["model_version"],
+                list(parts),
+                dry_run=dry_run,
+            )
+            # what the campaign (scheduled on this asset) needs to know about the publish
+            get_current_context()["outlet_events"][asset].extra = {
+                "score_date": snapshot["as_of"],
+                "model_version": model["model_version"],
+                "published": not dry_run,
+                "backfill": is_backfill(),
+            }
+            return result
+
+        @task(**IO_RETRIES)
+        def score_shadow(snapshot: dict, model: dict, parts: list[dict]) -> dict:
+            from _nightscore import nightly_stage
+
+            return nightly_stage(
+                "score_shadow", name, snapshot, model["model_version"], list(parts)
+            )
+
+        @task(retries=1, trigger_rule="all_done")
+        def write_report() -> dict:
+            from _nightscore import nightly_stage
+
+            return nightly_stage("write_report", name)
+
+        @task(retries=0, trigger_rule="one_failed")
+        def fail_the_run() -> None:
+            """Runs only when a task failed, and fails, so the run shows as failed in the UI.
+
+            ``write_report`` runs whatever happened (``all_done``) and would otherwise be the
+            only leaf: a night stopped by a gate would look like a successful run.
+            """
+            from airflow.sdk.exceptions import AirflowFailException
+
+            raise AirflowFailException(
+                "a task of this run failed (see its log); the reason is also in ml.runs.error"
+            )
+
+        run = start_run()
+        sources = check_sources()
+        run >> sources
+        snapshot = build_features(run)
+        sources >> snapshot
+        features_ok = check_features(snapshot)
+        branch = decide_retrain()
+        features_ok >> branch
+        trained = train_challenger()
+        evaluation = evaluate_challenger(trained, snapshot)
+        route = route_promotion(evaluation)
+        promoted = promote_challenger(evaluation)
+        model = select_model(run)
+        branch >> Label("retrain") >> trained
+        branch >> Label("champion only") >> model
+        route >> Label("needs approval") >> approve_promotion >> Label("approved") >> promoted
+        promoted >> model
+        route >> Label("decided") >> model
+        parts = score_partition.partial(snapshot=snapshot, model=model).expand(
+            partition=list(range(uc.serving.partitions))
+        )
+        scores_ok = check_scores(parts)
+        published = publish_scores(snapshot, model, parts)
+        scores_ok >> published
+        shadow = score_shadow(snapshot, model, parts)
+        report = write_report()
+        published >> shadow >> report
+        # not approve_promotion: a "Reject" skips its direct downstream tasks, and a failed
+        # approval still reaches the watcher through promote_challenger (upstream_failed)
+        every_task = [run, sources, snapshot, features_ok, branch, trained, evaluation, route]
+        every_task += [promoted, model, parts, scores_ok, published, shadow, report]
+        every_task >> fail_the_run()
+
+    return nightly()
+
+
+MONITORING_DOC = """
+### {name}_monitoring
+
+Every day ({cron} {tz}): evaluate each published night of {name} whose labels have matured
+({horizon} days after its score date) against what actually happened, by model version,
+into `monitoring.realized_performance`. A realized AUC more than {decay} below the model's
+own holdout AUC files a retrain request that the next `{name}_nightly` honours. Each
+campaign whose labels have matured is measured once (contacted vs control band) into
+`monitoring.campaign_uplift`.
+"""
+
+
+def monitoring_dag(uc: usecase.UseCase) -> Any:
+    name = uc.name
+    retries = {"retries": 2, "retry_delay": timedelta(minutes=5), "retry_exponential_backoff": True}
+
+    @dag(
+        dag_id=f"{name}_monitoring",
+        schedule=CronTriggerTimetable(uc.schedule.monitoring, timezone=uc.schedule.timezone),
+        start_date=START,
+        catchup=False,
+        max_active_runs=1,
+        tags=["nightscore", name, "monitoring"],
+        doc_md=MONITORING_DOC.format(
+            name=name,
+            cron=uc.schedule.monitoring,
+            tz=uc.schedule.timezone,
+            horizon=uc.label.horizon_days,
+            decay=uc.monitoring.decay_threshold,
+        ),
+    )
+    def monitoring() -> None:
+        @task(**retries)
+        def evaluate_realized_performance() -> dict:
+            from _nightscore import use_case_context
+
+            from pipeline import monitor
+
+            settings, config, day = use_case_context(name)
+            return monitor.update_realized_performance(settings, config, day)
+
+        @task(**retries)
+        def evaluate_campaign_uplift() -> list[dict]:
+            from _nightscore import use_case_context
+
+            from pipeline import monitor
+
+            settings, config, day = use_case_context(name)
+            return monitor.update_campaign_uplift(settings, config, day)
+
+        evaluate_realized_performance()
+        evaluate_campaign_uplift()
+
+    return monitoring()
+
+
+CAMPAIGN_DOC = """
+### {name}_campaign
+
+Runs after every publish of `predictions.{table}` (scheduled on the `{table}` asset, so it
+needs no clock of its own). `build_audience` writes `campaigns.{audience}` for each newly
+published date: the top {deciles} risk decile(s), opted in, outside the permanent control
+group and not contacted in the last {suppression} days, up to {capacity}, each with up to
+three reasons from the model; it exports the audience as CSV and Parquet. `send_emails`
+renders `{template}` for each entity and sends it through the `nightscore_smtp`
+connection, rate limited; **`dry_run` is on by default** (the messages go to files under
+`$NIGHTSCORE_HOME/outbox/`). The send log's (campaign, entity) key means retries, re-runs
+and backfills never email anyone twice; only the newest published date is ever emailed.
+
+Trigger by hand with **score_date** to (re)build a given date's audience.
+"""
+
+
+def campaign_dag(uc: usecase.UseCase) -> Any:
+    name, cfg = uc.name, uc.campaign
+    assert cfg is not None
+
+    @dag(
+        dag_id=f"{name}_campaign",
+        schedule=[scores_asset(uc)],
+        start_date=START,
+        catchup=False,
+        max_active_runs=1,
+        tags=["nightscore", name, "campaign"],
+        doc_md=CAMPAIGN_DOC.format(
+            name=name,
+            table=uc.score_table,
+            audience=cfg.audience_table,
+            deciles=cfg.audience_deciles,
+            suppression=cfg.suppression_days,
+            capacity=cfg.capacity,
+            template=cfg.template.name,
+        ),
+        params={
+            "score_date": Param(
+                "",
+                type="string",
+                description="Build the audience of this published date (YYYY-MM-DD). Empty: the "
+                "dates announced by the triggering publish, else the newest published date.",
+            ),
+            "dry_run": Param(
+                True,
+                type="boolean",
+                description="Render the emails into files instead of sending them (the default).",
+            ),
+            "rate_per_second": Param(
+                0.0,
+                type="number",
+                minimum=0,
+                description="SMTP messages per second at most (0: the use case's default).",
+            ),
+        },
+    )
+    def campaign() -> None:
+        @task(retries=2, retry_delay=timedelta(minutes=1))
+        def build_audience(params: dict | None = None) -> dict:
+            from _nightscore import published_dates, settings
+
+            from pipeline import campaign, usecase
+
+            config = usecase.load(name)
+            s = settings(config)
+            requested = (params or {}).get("score_date") or None
+            announced = published_dates(get_current_context())
+            if requested or not announced:  # by hand: that date, or the newest published one
+                day = campaign.campaign_date(s, config, requested)
+                built = campaign.build_audience(s, config, day)
+                return {"score_date": built["score_date"], "built": [built], "skipped": []}
+            return campaign.build_announced(s, config, announced)
+
+        @task(retries=3, retry_delay=timedelta(minutes=2), retry_exponential_backoff=True)
+        def send_emails(audience: dict, params: dict | None = None) -> dict:
+            from _nightscore import settings, smtp_target
+
+            from pipeline import campaign, db, usecase
+
+            config = usecase.load(name)
+            p = params or {}
+            dry_run = bool(p.get("dry_run", True))
+            return campaign.send_campaign(
+                settings(config),
+                config,
+                db.to_date(audience["score_date"]),
+                get_current_context()["dag_run"].run_id,
+                target=None if dry_run else smtp_target(),
+                dry_run=dry_run,
+                rate_per_second=float(p.get("rate_per_second") or 0) or None,
+            )
+
+        send_emails(build_audience())
+
+    return campaign()
+
+
+def invalid_dag(found: usecase.Found) -> Any:
+    """A stand-in for a use case whose config is invalid: it says why, and only fails."""
+    folder = found.source.parent.name
+
+    @dag(
+        dag_id=f"{folder}_nightly",
+        schedule=None,
+        start_date=START,
+        catchup=False,
+        tags=["nightscore", "invalid-config"],
+        description=f"invalid config: {found.source}",
+        doc_md=f"### invalid use case config\n\n```\n{found.error}\n```\n\nFix the file; "
+        "`nightscore usecase list` shows the same message.",
+    )
+    def invalid() -> None:
+        @task(retries=0)
+        def check_use_case_config() -> None:
+            from airflow.sdk.exceptions import AirflowFailException
+
+            raise AirflowFailException(str(found.error))
+
+        check_use_case_config()
+
+    return invalid()
+
+
+for _found in usecase.discover():
+    if _found.use_case is None:
+        invalid_dag(_found)
+        continue
+    nightly_dag(_found.use_case)
+    monitoring_dag(_found.use_case)
+    if _found.use_case.campaign is not None:
+        campaign_dag(_found.use_case)

@@ -1,0 +1,597 @@
+"""Use cases are files: ``usecases/<name>/usecase.yaml`` plus the SQL and contract it names.
+
+Everything that differs between one prediction use case and the next (or between this
+warehouse and someone else's) lives in a use case folder: the entity key, the warehouse
+connection and schema, the feature, label and population SQL, the source contract, the
+horizon and training window, the model, the gates, the feature checks, the schedule, the
+served table and an optional campaign. The code holds none of it.
+
+Use cases are discovered at run time in the folders of ``$NIGHTSCORE_USECASES`` (paths
+separated by ``:``; default ``<repository>/usecases``) and validated into a typed,
+frozen ``UseCase``. Every error names the file, the key, what was expected and what was
+found. Every file a use case uses is named in its config (paths are relative to its
+folder); nothing is derived from the use case's name.
+
+String values may refer to environment variables: ``${VAR}`` or ``${VAR:-default}``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from pipeline.config import REPO_ROOT
+from pipeline.errors import ConfigError
+
+ENV_USECASES = "NIGHTSCORE_USECASES"
+ENV_USE_CASE = "NIGHTSCORE_USE_CASE"
+CONFIG_NAMES = ("usecase.yaml", "usecase.yml", "usecase.toml")
+IDENTIFIER = r"^[a-z_][a-z0-9_]*$"
+# Staging tables append ``_stage_YYYYMMDD_xxxxxxxx`` (24 characters) to the served table's
+# name; PostgreSQL identifiers stop at 63.
+MAX_TABLE_NAME = 35
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def _identifier(max_length: int = 63) -> Any:
+    return Field(pattern=IDENTIFIER, max_length=max_length)
+
+
+def _time_zone(value: str) -> str:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"an IANA time zone such as UTC or Europe/Berlin, found {value!r}"
+        ) from None
+    return value
+
+
+def _file(value: str | Path, info: ValidationInfo) -> Path:
+    """A file named in the config, relative to the use case's folder; it must exist."""
+    folder = Path((info.context or {}).get("folder", "."))
+    path = (folder / value).resolve()
+    if not path.is_file():
+        raise ValueError(
+            f"an existing file (relative to {folder}), found {str(value)!r}: no such file"
+        )
+    return path
+
+
+class Entity(_Section):
+    """What one prediction is about: the key column every SQL file returns."""
+
+    key: str = _identifier()
+    type: Literal["bigint", "text"] = "bigint"
+
+
+class Warehouse(_Section):
+    """Where the use case's facts live (read-only).
+
+    The URL is, in order: the Airflow connection ``connection`` (in Airflow), the
+    environment variable ``url_env``, ``NIGHTSCORE_WAREHOUSE_URL``, else the serving
+    database.
+    """
+
+    connection: str | None = "nightscore_warehouse"
+    url_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    schema_name: str = Field(default="public", alias="schema", pattern=IDENTIFIER)
+    timezone: str = "UTC"
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        return _time_zone(value)
+
+
+class SqlFiles(_Section):
+    """The SQL a data scientist writes. Each runs in the warehouse with ``:as_of`` bound.
+
+    ``population`` (optional) selects the entity keys active as of ``:as_of``; when given,
+    ``features`` and ``labels`` may read it as a table named ``population``.
+    """
+
+    features: Path
+    labels: Path
+    population: Path | None = None
+    source_counts: Path | None = None
+
+    @field_validator("features", "labels", "population", "source_counts", mode="before")
+    @classmethod
+    def _exists(cls, value: str | Path | None, info: ValidationInfo) -> Path | None:
+        return None if value is None else _file(value, info)
+
+
+class Label(_Section):
+    horizon_days: int = Field(default=30, ge=1, le=3650)
+
+
+class Training(_Section):
+    """Labelled snapshots taken every ``step_days`` back from the newest matured one.
+
+    A run at D holds out the snapshot D - horizon and trains on ``snapshots`` dates ending
+    at D - 2 x horizon: it needs ``2 x horizon + (snapshots - 1) x step_days`` days of
+    history before D.
+    """
+
+    snapshots: int = Field(default=4, ge=1, le=60)
+    step_days: int = Field(default=7, ge=1, le=365)
+    retrain_every_days: int = Field(default=1, ge=1)
+
+
+class ModelSpec(_Section):
+    """The estimator (preprocessing is chosen to suit it) and its parameters."""
+
+    estimator: Literal["hist_gradient_boosting", "logistic_regression"] = "hist_gradient_boosting"
+    params: dict[str, float | int | str | bool | None] = Field(default_factory=dict)
+    seed: int = 20240601
+
+
+class Gates(_Section):
+    """A challenger is promoted only if every check passes (``pipeline.evaluate.gate_checks``)."""
+
+    auc_floor: float = Field(default=0.6, ge=0, le=1)
+    lift_floor: float = Field(default=1.5, ge=0)
+    noninferiority_margin: float = Field(default=0.02, ge=0, le=1)
+    score_psi_limit: float = Field(default=0.25, gt=0)
+    min_holdout_positives: int = Field(default=50, ge=1)
+    bootstrap_resamples: int = Field(default=1000, ge=100)
+
+
+class FeatureRule(_Section):
+    """Limits for one feature; ``None`` means no limit."""
+
+    max_null_fraction: float | None = Field(default=None, ge=0, le=1)
+    min: float | None = None
+    max: float | None = None
+
+
+class FeatureChecks(_Section):
+    """The feature-check policy: a default rule, per-feature overrides, population and drift.
+
+    With nothing configured every feature may be null and take any sign (a new warehouse's
+    natural features pass); the null fraction may still not grow by more than
+    ``max_null_increase`` over the serving model's training data.
+    """
+
+    default: FeatureRule = FeatureRule()
+    features: dict[str, FeatureRule] = Field(default_factory=dict)
+    max_null_increase: float = Field(default=0.10, ge=0, le=1)
+    population_min_ratio: float = Field(default=0.75, ge=0)
+    population_max_ratio: float = Field(default=1.33, ge=1)
+    psi_limit: float = Field(default=0.25, gt=0)
+
+    def rule(self, feature: str) -> FeatureRule:
+        """The default rule with the feature's own keys (explicit nulls included) on top."""
+        own = self.features.get(feature)
+        if own is None:
+            return self.default
+        return self.default.model_copy(update={k: getattr(own, k) for k in own.model_fields_set})
+
+
+class Schedule(_Section):
+    nightly: str = "0 0 * * *"
+    monitoring: str = "0 6 * * *"
+    timezone: str = "UTC"
+
+    @field_validator("nightly", "monitoring")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        if len(value.split()) != 5 and not value.startswith("@"):
+            raise ValueError(
+                f"a cron expression with 5 fields such as '0 0 * * *', found {value!r}"
+            )
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        return _time_zone(value)
+
+
+class Serving(_Section):
+    """The served table ``predictions.<table>`` and its views, generated by ``db init``."""
+
+    table: str = _identifier(MAX_TABLE_NAME)
+    probability_column: str = Field(default="probability", pattern=IDENTIFIER, max_length=63)
+    partitions: int = Field(default=2, ge=1, le=64)
+    batch_rows: int = Field(default=50_000, ge=1000)
+    retention_dates: int = Field(default=400, ge=1)
+
+
+class Monitoring(_Section):
+    decay_threshold: float = Field(default=0.05, ge=-1, le=1)
+    score_drift_limit: float = Field(default=0.25, gt=0)
+
+
+class Contacts(_Section):
+    """Where the campaign finds each entity's contact details (a warehouse table)."""
+
+    table: str = _identifier()
+    key: str = _identifier()
+    first_name: str = _identifier()
+    email: str = _identifier()
+    opt_in: str = _identifier()
+
+
+class Campaign(_Section):
+    """An email campaign fed by the scores; no block, no campaign DAG.
+
+    Its tables are ``campaigns.<name>_audience``, ``_control_band``, ``_send_log`` and
+    ``_opt_outs``. The permanent control group is a salted hash of the entity key: changing
+    the salt or the fraction starts a new control group (uplift before and after is not
+    comparable).
+    """
+
+    name: str = _identifier(30)
+    contacts: Contacts
+    template: Path
+    capacity: int = Field(default=1000, ge=1)
+    audience_deciles: int = Field(default=1, ge=1, le=10)
+    suppression_days: int = Field(default=14, ge=0)
+    send_rate_per_second: float = Field(default=20.0, gt=0)
+    control_salt: str = Field(min_length=8)
+    control_fraction: float = Field(default=0.05, gt=0, lt=1)
+    reasons: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("template", mode="before")
+    @classmethod
+    def _exists(cls, value: str | Path, info: ValidationInfo) -> Path:
+        return _file(value, info)
+
+    @property
+    def audience_table(self) -> str:
+        return f"{self.name}_audience"
+
+    @property
+    def control_table(self) -> str:
+        return f"{self.name}_control_band"
+
+    @property
+    def send_log_table(self) -> str:
+        return f"{self.name}_send_log"
+
+    @property
+    def opt_outs_table(self) -> str:
+        return f"{self.name}_opt_outs"
+
+
+class UseCase(_Section):
+    """One prediction use case, validated from its folder. Frozen; build with :func:`load`."""
+
+    name: str = _identifier(40)
+    description: str = ""
+    entity: Entity
+    warehouse: Warehouse = Warehouse()
+    sql: SqlFiles
+    contract: Path
+    label: Label = Label()
+    training: Training = Training()
+    model: ModelSpec = ModelSpec()
+    gates: Gates = Gates()
+    feature_checks: FeatureChecks = FeatureChecks()
+    schedule: Schedule = Schedule()
+    serving: Serving
+    monitoring: Monitoring = Monitoring()
+    campaign: Campaign | None = None
+    # set by the loader, not by the file
+    folder: Path = Field(default=Path("."), exclude=True)
+    source: Path = Field(default=Path("usecase.yaml"), exclude=True)
+
+    @field_validator("contract", mode="before")
+    @classmethod
+    def _exists(cls, value: str | Path, info: ValidationInfo) -> Path:
+        return _file(value, info)
+
+    @model_validator(mode="after")
+    def _names_do_not_collide(self) -> UseCase:
+        if self.serving.probability_column in (self.entity.key, "score_date", "model_version"):
+            raise ValueError(
+                f"serving.probability_column {self.serving.probability_column!r} collides with "
+                "another column of the served table; choose another name"
+            )
+        return self
+
+    # the three names almost every stage needs
+    @property
+    def entity_key(self) -> str:
+        return self.entity.key
+
+    @property
+    def score_table(self) -> str:
+        return self.serving.table
+
+    @property
+    def probability_column(self) -> str:
+        return self.serving.probability_column
+
+    @property
+    def capacity(self) -> int | None:
+        """How many entities are acted on per night (the campaign's capacity), if any."""
+        return self.campaign.capacity if self.campaign is not None else None
+
+    def history_days(self) -> int:
+        """Days of facts before a run date that the training window needs."""
+        return 2 * self.label.horizon_days + (self.training.snapshots - 1) * self.training.step_days
+
+    def files(self) -> list[Path]:
+        """Every file the use case uses (for the code version and ``usecase show``)."""
+        out = [self.source, self.contract, self.sql.features, self.sql.labels]
+        out += [p for p in (self.sql.population, self.sql.source_counts) if p is not None]
+        if self.campaign is not None:
+            out.append(self.campaign.template)
+        return out
+
+    def evolve(self, changes: Mapping[str, Any]) -> UseCase:
+        """A copy with ``changes`` deep-merged into the config, validated again (tests, tools)."""
+        data = _deep_merge(self.model_dump(by_alias=True, mode="python"), changes)
+        data = _relative_files(data, self.folder)
+        return _validate(data, self.folder, self.source)
+
+
+# -- loading ---------------------------------------------------------------------------
+
+
+def search_path() -> list[Path]:
+    """The folders searched for use cases: ``$NIGHTSCORE_USECASES`` or ``<repo>/usecases``."""
+    configured = os.environ.get(ENV_USECASES)
+    if configured:
+        return [Path(p).expanduser().resolve() for p in configured.split(os.pathsep) if p]
+    return [REPO_ROOT / "usecases"]
+
+
+@dataclass(frozen=True)
+class Found:
+    """A use case folder found on the search path: its config, or its error if invalid."""
+
+    name: str
+    source: Path
+    use_case: UseCase | None = None
+    error: str | None = None
+
+
+def discover() -> list[Found]:
+    """Every use case folder on the search path, valid or not, sorted by name.
+
+    Two use cases may not share a name or a served table (the second is invalid).
+    """
+    found: list[Found] = []
+    for root in search_path():
+        if not root.is_dir():
+            continue
+        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+            source = next((folder / n for n in CONFIG_NAMES if (folder / n).is_file()), None)
+            if source is None:
+                continue
+            try:
+                uc = load_file(source)
+            except ConfigError as err:
+                found.append(Found(folder.name, source, error=str(err)))
+                continue
+            clash = next(
+                (
+                    (key, f)
+                    for f in found
+                    if f.use_case is not None
+                    for key, mine, theirs in (
+                        ("name", uc.name, f.use_case.name),
+                        ("serving.table", uc.score_table, f.use_case.score_table),
+                    )
+                    if mine == theirs
+                ),
+                None,
+            )
+            if clash is not None:
+                key, other = clash
+                error = (
+                    f"{source}: key {key}: expected a value no other use case has, found "
+                    f"{getattr(uc, 'name' if key == 'name' else 'score_table')!r}, also in "
+                    f"{other.source}"
+                )
+                found.append(Found(folder.name, source, error=error))
+                continue
+            found.append(Found(uc.name, source, uc))
+    return sorted(found, key=lambda f: (f.name, str(f.source)))
+
+
+def load_all() -> list[UseCase]:
+    """Every valid use case (invalid ones are reported by :func:`discover`)."""
+    return [f.use_case for f in discover() if f.use_case is not None]
+
+
+def names() -> list[str]:
+    return [f.name for f in discover() if f.use_case is not None]
+
+
+def load(name: str) -> UseCase:
+    """The use case called ``name``.
+
+    Raises:
+        ConfigError: no such use case (the message lists the known ones and where they
+            were looked for), or its config is invalid.
+    """
+    found = discover()
+    for f in found:
+        if f.name == name:
+            if f.use_case is None:
+                raise ConfigError(str(f.error))
+            return f.use_case
+    known = ", ".join(f.name for f in found) or "none"
+    raise ConfigError(
+        f"unknown use case {name!r}: expected one of [{known}] found in "
+        f"{', '.join(str(p) for p in search_path())}; create it with `nightscore usecase init "
+        f"{name}` (or set {ENV_USECASES} to the folder holding it)"
+    )
+
+
+def default_name(given: str | None = None) -> str:
+    """The use case a command is about: ``--use-case``, ``$NIGHTSCORE_USE_CASE``, or the only one."""
+    if given:
+        return given
+    if os.environ.get(ENV_USE_CASE):
+        return os.environ[ENV_USE_CASE]
+    valid = names()
+    if len(valid) == 1:
+        return valid[0]
+    raise ConfigError(
+        f"which use case? expected --use-case NAME (or {ENV_USE_CASE}), found "
+        f"{len(valid)} use cases: {', '.join(valid) or 'none'}"
+    )
+
+
+def load_file(source: Path) -> UseCase:
+    """Parse and validate one config file (YAML or TOML)."""
+    source = source.resolve()
+    try:
+        text = source.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read the use case config: {exc}") from None
+    try:
+        if source.suffix == ".toml":
+            data = tomllib.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # YAML and TOML syntax errors carry line numbers
+        raise ConfigError(
+            f"{source}: expected valid {source.suffix.lstrip('.').upper()}, found a syntax "
+            f"error: {exc}"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys, found {type(data).__name__}")
+    return _validate(_interpolate(data, source, ()), source.parent, source)
+
+
+def _validate(data: dict[str, Any], folder: Path, source: Path) -> UseCase:
+    try:
+        uc = UseCase.model_validate(data, context={"folder": folder})
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+    uc = uc.model_copy(update={"folder": folder, "source": source})
+    from pipeline import sources
+
+    sources.load_contract(uc.contract)  # the contract's own errors, at load time too
+    return uc
+
+
+def _describe(exc: ValidationError, source: Path) -> str:
+    lines = []
+    for e in exc.errors(include_url=False):
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        kind, message = e["type"], e["msg"]
+        found = e.get("input")
+        if kind == "missing":
+            expected, shown = "a value (the key is required)", "nothing"
+        elif kind == "extra_forbidden":
+            expected = "one of " + ", ".join(_allowed_keys(e["loc"][:-1]))
+            shown = f"unknown key {str(e['loc'][-1])!r}"
+        else:
+            expected = re.sub(r"^(Input should be|Value error, )\s*", "", message)
+            shown = repr(found)
+            if expected.startswith("an existing file") or " found " in expected:
+                lines.append(f"{source}: key {key}: expected {expected}")
+                continue
+        lines.append(f"{source}: key {key}: expected {expected}, found {shown}")
+    return "invalid use case config:\n" + "\n".join(lines)
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed at ``loc`` (for 'unknown key' errors)."""
+    model: Any = UseCase
+    for part in loc:
+        field = model.model_fields.get(str(part)) if isinstance(part, str) else None
+        if field is None:
+            field = (
+                next((f for f in model.model_fields.values() if f.alias == part), None)
+                if isinstance(part, str)
+                else None
+            )
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        ann = next(
+            (a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None
+        )
+        if ann is None:
+            return []
+        model = ann
+    return sorted(
+        (f.alias or n) for n, f in model.model_fields.items() if n not in ("folder", "source")
+    )
+
+
+def _interpolate(value: Any, source: Path, key: tuple[str, ...]) -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string value."""
+    if isinstance(value, dict):
+        return {k: _interpolate(v, source, (*key, str(k))) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, source, (*key, str(i))) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def sub(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        raise ConfigError(
+            f"{source}: key {'.'.join(key)}: expected environment variable {name} to be set "
+            f"(or a default: ${{{name}:-value}}), found it unset"
+        )
+
+    return _ENV_REF.sub(sub, value)
+
+
+def _deep_merge(base: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in changes.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _relative_files(data: Any, folder: Path) -> Any:
+    """Absolute paths back to paths the validator resolves again against ``folder``."""
+    if isinstance(data, dict):
+        return {k: _relative_files(v, folder) for k, v in data.items()}
+    if isinstance(data, Path):
+        return str(data)
+    return data
+
+
+def iter_files(uc: UseCase) -> Iterator[tuple[str, Path]]:
+    """(role, path) of each file the use case names, for listings."""
+    yield "config", uc.source
+    yield "contract", uc.contract
+    for role in ("population", "features", "labels", "source_counts"):
+        path = getattr(uc.sql, role)
+        if path is not None:
+            yield f"sql.{role}", path
+    if uc.campaign is not None:
+        yield "campaign.template", uc.campaign.template
