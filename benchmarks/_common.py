@@ -10,7 +10,7 @@ from contextlib import contextmanager
 @contextmanager
 def fresh_database(prefix: str = "nightscore_bench") -> Iterator[str]:
     """Create a uniquely named database with the serving schema; drop it afterwards."""
-    from pipeline import db
+    from pipeline import db, serving, usecase
     from pipeline.config import load_settings, with_database
 
     server = load_settings().init_url
@@ -21,7 +21,7 @@ def fresh_database(prefix: str = "nightscore_bench") -> Iterator[str]:
         cur.execute(f'CREATE DATABASE "{name}"')
     conn.close()
     url = with_database(server, name)
-    db.apply_schema(url)
+    serving.init(url, usecase.load_all())
     try:
         yield url
     finally:

@@ -27,11 +27,11 @@ def main() -> int:
 
     from _common import fresh_database
 
-    from pipeline import evaluate, features, train, warehouse
-    from pipeline.config import Settings, use_case
+    from pipeline import evaluate, features, train, usecase, warehouse
+    from pipeline.config import Settings
 
     start = date(2024, 1, 1)
-    uc = use_case("churn")
+    uc = usecase.load("churn")
     with fresh_database() as url:
         settings = Settings(database_url=url, warehouse_url=url, home=Path(tempfile.mkdtemp()))
         warehouse.seed(settings, args.customers, start, args.days, seed=7)

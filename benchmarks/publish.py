@@ -60,11 +60,11 @@ def peak_rss_kb() -> int:
 
 
 def variant(name: str, url: str, parts: list[Path], rows: int) -> dict:
-    from pipeline import db, ledger, publish
-    from pipeline.config import Settings, use_case
+    from pipeline import db, ledger, publish, usecase
+    from pipeline.config import Settings
     from pipeline.score import ScoredPart
 
-    uc = use_case("churn")
+    uc = usecase.load("churn")
     began = time.monotonic()
     if name == "nightscore":
         settings = Settings(database_url=url, warehouse_url=url, home=Path(tempfile.mkdtemp()))

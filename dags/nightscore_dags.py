@@ -445,11 +445,17 @@ def campaign_dag(uc: usecase.UseCase) -> Any:
 
 
 def invalid_dag(found: usecase.Found) -> Any:
-    """A stand-in for a use case whose config is invalid: it says why, and only fails."""
-    folder = found.source.parent.name
+    """A stand-in for a use case whose config is invalid: it says why, and only fails.
+
+    Named after the use case the file declares (else its folder), so it takes the place
+    of the DAG people look for.
+    """
+    import re
+
+    name = found.name if re.fullmatch(usecase.IDENTIFIER, found.name) else "invalid_use_case"
 
     @dag(
-        dag_id=f"{folder}_nightly",
+        dag_id=f"{name}_nightly",
         schedule=None,
         start_date=START,
         catchup=False,

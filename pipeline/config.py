@@ -79,7 +79,7 @@ class Settings:
         else:
             url = self.admin_url or self.database_url
             tried = [f"Airflow connection {wh.connection!r}"] if wh.connection else []
-            tried += [f"${v}" for v in (wh.url_env, ENV_WAREHOUSE_URL) if v]
+            tried += [f"${v}" for v in dict.fromkeys((wh.url_env, ENV_WAREHOUSE_URL)) if v]
             source = f"the serving database (none of {', '.join(tried)} is set)"
         return replace(
             self,

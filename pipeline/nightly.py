@@ -13,6 +13,7 @@ from typing import Any
 
 from pipeline import (
     checks,
+    contract,
     db,
     evaluate,
     features,
@@ -69,7 +70,7 @@ def check_sources(settings: Settings, uc: UseCase, run: RunContext) -> dict[str,
         results = sources.check_sources(
             settings.warehouse_url,
             settings.warehouse_schema,
-            sources.load_contract(uc.contract),
+            contract.load_contract(uc.contract),
             run.score_date,
             uc.warehouse.timezone,
         )
@@ -370,6 +371,8 @@ def _summary_markdown(
         "|---|---|---|",
     ]
     for key in ("roc_auc", "pr_auc", "lift_top_decile", "precision_at_capacity", "brier", "ece"):
+        if key not in ch:
+            continue
         other = f"{champ[key]:.4f}" if champ else "-"
         lines.append(f"| {key} | {ch[key]:.4f} | {other} |")
     for name, ci in intervals.items():

@@ -18,6 +18,7 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
+from pipeline import contract as contracts
 from pipeline import features, serving, sources, usecase
 from pipeline.config import Settings, load_settings, redact
 from pipeline.errors import ConfigError, NightscoreError
@@ -129,7 +130,7 @@ def _warehouse(settings: Settings) -> tuple[str, str]:
 
 
 def _contract(settings: Settings, uc: UseCase, as_of: date) -> tuple[str, str]:
-    contract = sources.load_contract(uc.contract)
+    contract = contracts.load_contract(uc.contract)
     results = sources.check_sources(
         settings.warehouse_url,
         settings.warehouse_schema,
@@ -146,8 +147,8 @@ def _contract(settings: Settings, uc: UseCase, as_of: date) -> tuple[str, str]:
 
 
 def _history(settings: Settings, uc: UseCase, as_of: date) -> tuple[str, str]:
-    contract = sources.load_contract(uc.contract)
-    dated = sources.dated_tables(contract)
+    contract = contracts.load_contract(uc.contract)
+    dated = contracts.dated_tables(contract)
     if not dated:
         return "FAIL", (
             f"the contract ({uc.contract.name}) declares no table with a date_column: nightscore "
@@ -156,7 +157,7 @@ def _history(settings: Settings, uc: UseCase, as_of: date) -> tuple[str, str]:
             "the events or records the features count, with a date or timestamp, and the date "
             "of the outcome. A table that only holds a label, with no dates, cannot be replayed"
         )
-    start = sources.history_start(
+    starts = sources.table_starts(
         settings.warehouse_url, settings.warehouse_schema, contract, as_of, uc.warehouse.timezone
     )
     oldest = as_of - timedelta(days=uc.history_days())
@@ -165,17 +166,20 @@ def _history(settings: Settings, uc: UseCase, as_of: date) -> tuple[str, str]:
         f"label.horizon_days {uc.label.horizon_days} + (training.snapshots "
         f"{uc.training.snapshots} - 1) x training.step_days {uc.training.step_days})"
     )
-    if start is None:
-        return "FAIL", f"no dated rows before {as_of} in {', '.join(dated)}; {window}"
+    empty = [name for name, day in starts.items() if day is None]
+    if empty:
+        return "FAIL", f"no rows dated before {as_of} in {', '.join(empty)}; {window}"
+    # every dated table must reach back far enough: the latest start binds
+    table, start = max(((n, d) for n, d in starts.items() if d), key=lambda t: t[1])
     missing = (start - oldest).days
     if missing > 0:
         earliest = start + timedelta(days=uc.history_days())
         return "FAIL", (
-            f"{window}; the warehouse starts {start}: {missing} days missing. Shorten the window "
+            f"{window}; {table} starts {start}: {missing} days missing. Shorten the window "
             f"(training.snapshots, training.step_days, label.horizon_days in {uc.source.name}) "
             f"or run {earliest} or later"
         )
-    return "ok", f"facts from {start}; {window}"
+    return "ok", f"every dated table reaches back to {start} or earlier ({table}); {window}"
 
 
 def _model(uc: UseCase) -> tuple[str, str]:

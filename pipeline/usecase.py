@@ -387,7 +387,7 @@ def discover() -> list[Found]:
             try:
                 uc = load_file(source)
             except ConfigError as err:
-                found.append(Found(folder.name, source, error=str(err)))
+                found.append(Found(_declared_name(source) or folder.name, source, error=str(err)))
                 continue
             clash = next(
                 (
@@ -409,10 +409,25 @@ def discover() -> list[Found]:
                     f"{getattr(uc, 'name' if key == 'name' else 'score_table')!r}, also in "
                     f"{other.source}"
                 )
-                found.append(Found(folder.name, source, error=error))
+                found.append(Found(uc.name, source, error=error))
                 continue
             found.append(Found(uc.name, source, uc))
     return sorted(found, key=lambda f: (f.name, str(f.source)))
+
+
+def _declared_name(source: Path) -> str | None:
+    """The ``name`` an invalid config declares, if it can be read (for its error's sake)."""
+    try:
+        if source.suffix == ".toml":
+            data = tomllib.loads(source.read_text())
+        else:
+            import yaml
+
+            data = yaml.safe_load(source.read_text())
+    except Exception:
+        return None
+    name = data.get("name") if isinstance(data, dict) else None
+    return name if isinstance(name, str) and name else None
 
 
 def load_all() -> list[UseCase]:
@@ -490,9 +505,9 @@ def _validate(data: dict[str, Any], folder: Path, source: Path) -> UseCase:
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source)) from None
     uc = uc.model_copy(update={"folder": folder, "source": source})
-    from pipeline import sources
+    from pipeline import contract
 
-    sources.load_contract(uc.contract)  # the contract's own errors, at load time too
+    contract.load_contract(uc.contract)  # the contract's own errors, at load time too
     return uc
 
 

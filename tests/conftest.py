@@ -23,11 +23,20 @@ _SESSION_HOME = Path(tempfile.mkdtemp(prefix="nightscore-tests-"))
 os.environ["AIRFLOW_HOME"] = str(_SESSION_HOME / "airflow")
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(Path(__file__).resolve().parent.parent / "dags")
-os.environ.pop("NIGHTSCORE_DATABASE_URL", None)
-os.environ.pop("NIGHTSCORE_WAREHOUSE_URL", None)
+for _var in (
+    "NIGHTSCORE_DATABASE_URL",
+    "NIGHTSCORE_WAREHOUSE_URL",
+    "NIGHTSCORE_WAREHOUSE_SCHEMA",
+    "NIGHTSCORE_USECASES",
+    "NIGHTSCORE_USE_CASE",
+):
+    os.environ.pop(_var, None)
+# Two cores shared with the demo in CI: oversubscribed OpenMP makes training crawl.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 os.environ["NIGHTSCORE_HOME"] = str(_SESSION_HOME / "home")
 
-from pipeline import db, embedded  # noqa: E402
+from pipeline import db, embedded, serving, usecase  # noqa: E402
 from pipeline.config import Settings, with_database  # noqa: E402
 
 WAREHOUSE_START = date(2024, 1, 1)
@@ -81,7 +90,7 @@ def session_id() -> str:
 def database_url(server_url: str, session_id: str) -> Iterator[str]:
     name = f"nightscore_test_{session_id}"
     url = create_database(server_url, name)
-    db.apply_schema(url)
+    serving.init(url, usecase.load_all())
     yield url
     drop_database(server_url, name)
 
@@ -114,7 +123,7 @@ def isolated(
 
     name = f"nightscore_test_{session_id}_{request.module.__name__.rsplit('.', 1)[-1][:20]}"
     url = create_database(server_url, name)
-    db.apply_schema(url)
+    serving.init(url, usecase.load_all())
     s = Settings(database_url=url, warehouse_url=url, home=_SESSION_HOME / name)
     warehouse.seed(s, WAREHOUSE_CUSTOMERS, WAREHOUSE_START, WAREHOUSE_DAYS, seed=11)
     yield s

@@ -16,12 +16,12 @@ from datetime import timedelta
 
 import pytest
 
-from pipeline import db, nightly, registry, train
-from pipeline.config import Settings, use_case
+from pipeline import db, nightly, registry, train, usecase
+from pipeline.config import Settings
 from tests.conftest import SCORE_DATE
 from tests.dags.services import AIRFLOW, airflow_services, free_port, service_env, wait_for
 
-UC = use_case("churn")
+UC = usecase.load("churn")
 DATES = [SCORE_DATE + timedelta(days=i) for i in range(5)]
 PROMOTED_ON = DATES[2]
 LATER = SCORE_DATE + timedelta(days=6)
@@ -150,5 +150,7 @@ def test_backfill_uses_the_champion_of_each_date_and_passes_conf_to_every_run(
             "WHERE score_date = %s",
             (day,),
         ) == [history["a"] if day < PROMOTED_ON else history["b"]]
-    assert db.scalar(isolated.database_url, "SELECT count(*) FROM campaigns.send_log") == 0
+    assert (
+        db.scalar(isolated.database_url, "SELECT count(*) FROM campaigns.retention_send_log") == 0
+    )
     assert not (isolated.home / "outbox").exists()  # not even a dry run for past dates

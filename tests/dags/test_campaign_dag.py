@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import airflow_env as af
-from pipeline import db, nightly
-from pipeline.config import Settings, use_case
+from pipeline import db, nightly, usecase
+from pipeline.config import Settings
 from tests.conftest import SCORE_DATE
 from tests.smtp_sink import smtp_sink
 
@@ -26,7 +26,7 @@ AIRFLOW = str(Path(sys.executable).with_name("airflow"))
 def test_dags_test_sends_each_person_one_message_and_a_rerun_sends_none(
     isolated: Settings, airflow_env: dict[str, str]
 ) -> None:
-    uc = use_case("churn")
+    uc = usecase.load("churn")
     nightly.run_night(isolated, uc, SCORE_DATE, retrain="always", run_id="campaign-dag")
     day = SCORE_DATE.isoformat()
     with smtp_sink() as sink:

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from pipeline import db, nightly
-from pipeline.config import Settings, use_case
+from pipeline import db, nightly, usecase
+from pipeline.config import Settings
 from tests.conftest import SCORE_DATE
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,13 +25,13 @@ REPO = Path(__file__).resolve().parents[2]
 def night(isolated: Settings) -> dict[str, Any]:
     """A published night; its scored parts stay on disk for the replays."""
     out = nightly.run_night(
-        isolated, use_case("churn"), SCORE_DATE, retrain="always", run_id="faults-base"
+        isolated, usecase.load("churn"), SCORE_DATE, retrain="always", run_id="faults-base"
     )
     stages = db.scalar(
         isolated.database_url, "SELECT stages FROM ml.runs WHERE run_id = 'faults-base'"
     )
     parts = []
-    for p in range(use_case("churn").score_partitions):
+    for p in range(usecase.load("churn").score_partitions):
         parts.append({"partition": p, "rows": stages[f"score_partition_{p}"]["rows"]})
     folder = isolated.scores / "churn" / SCORE_DATE.isoformat() / "faults-base"
     for p in parts:

@@ -10,8 +10,8 @@ import sys
 from datetime import date
 from pathlib import Path
 
-from pipeline import ledger, publish
-from pipeline.config import Settings, use_case
+from pipeline import ledger, publish, usecase
+from pipeline.config import Settings
 from pipeline.score import ScoredPart
 
 
@@ -31,7 +31,7 @@ def main() -> int:
     ledger.start(settings, run)
     parts = [ScoredPart.from_xcom(p) for p in args["parts"]]
     publish.publish_scores(
-        settings, use_case("churn"), run, args["model_version"], parts, args["rows"]
+        settings, usecase.load("churn"), run, args["model_version"], parts, args["rows"]
     )
     return 0
 

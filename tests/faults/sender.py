@@ -9,8 +9,7 @@ import json
 import sys
 from datetime import date
 
-from pipeline import campaign
-from pipeline.config import use_case
+from pipeline import campaign, usecase
 from tests.faults.publisher import child_settings
 
 
@@ -19,7 +18,7 @@ def main() -> int:
     settings = child_settings(args)
     out = campaign.send_campaign(
         settings,
-        use_case("churn"),
+        usecase.load("churn"),
         date.fromisoformat(args["score_date"]),
         args["run_id"],
         target=campaign.SmtpTarget("127.0.0.1", int(args["smtp_port"])),

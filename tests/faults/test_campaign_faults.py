@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import campaign, db, nightly
-from pipeline.config import Settings, use_case
+from pipeline import campaign, db, nightly, usecase
+from pipeline.config import Settings
 from tests.conftest import SCORE_DATE
 from tests.faults.conftest import kill, spawn
 from tests.smtp_sink import Sink, smtp_sink
 
-UC = use_case("churn")
+UC = usecase.load("churn")
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +32,9 @@ def audience(isolated: Settings) -> list[str]:
 
 @pytest.fixture
 def clean_log(isolated: Settings):
-    db.scalar(isolated.database_url, "DELETE FROM campaigns.send_log; SELECT 1")
+    db.scalar(isolated.database_url, "DELETE FROM campaigns.retention_send_log; SELECT 1")
     yield
-    db.scalar(isolated.database_url, "DELETE FROM campaigns.send_log; SELECT 1")
+    db.scalar(isolated.database_url, "DELETE FROM campaigns.retention_send_log; SELECT 1")
 
 
 def send_in_child(
@@ -56,7 +56,7 @@ def statuses(settings: Settings) -> dict[str, int]:
         db.scalar(
             settings.database_url,
             "SELECT json_object_agg(status, n) FROM (SELECT status, count(*) AS n "
-            "FROM campaigns.send_log GROUP BY status) s",
+            "FROM campaigns.retention_send_log GROUP BY status) s",
         )
         or {}
     )

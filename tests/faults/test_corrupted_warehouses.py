@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from pipeline import airflow_env as af
-from pipeline import db, nightly, warehouse
-from pipeline.config import Settings, use_case
+from pipeline import db, nightly, usecase, warehouse
+from pipeline.config import Settings
 from tests.conftest import SCORE_DATE
 
-UC = use_case("churn")
+UC = usecase.load("churn")
 NIGHT = SCORE_DATE + timedelta(days=1)
 LAST_DAY = NIGHT - timedelta(days=1)
 TABLES = ("plans", *warehouse.TABLE_ORDER)

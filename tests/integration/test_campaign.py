@@ -11,24 +11,24 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import campaign, db, nightly
+from pipeline import campaign, db, nightly, usecase
 from pipeline.campaign import SmtpTarget
-from pipeline.config import Settings, use_case, with_role
+from pipeline.config import Settings, with_role
 from tests.conftest import SCORE_DATE
 from tests.smtp_sink import smtp_sink
 
-UC = use_case("churn")
+UC = usecase.load("churn")
 
 
 def test_control_group_is_salted_stable_and_about_the_configured_fraction() -> None:
     keys = np.arange(1, 200_001, dtype=np.int64)
-    members = campaign.control_group(keys, UC.control_salt, UC.control_fraction)
+    members = campaign.control_group(keys, UC.campaign.control_salt, UC.campaign.control_fraction)
     assert 0.047 < members.mean() < 0.053
     # membership depends on the key alone, not on which other keys are scored with it
     shuffled = np.random.default_rng(1).permutation(keys)[:5000]
-    again = campaign.control_group(shuffled, UC.control_salt, UC.control_fraction)
+    again = campaign.control_group(shuffled, UC.campaign.control_salt, UC.campaign.control_fraction)
     assert np.array_equal(again, members[shuffled - 1])
-    other_salt = campaign.control_group(keys, "another-salt", UC.control_fraction)
+    other_salt = campaign.control_group(keys, "another-salt", UC.campaign.control_fraction)
     assert 0.047 < other_salt.mean() < 0.053
     assert (members & other_salt).sum() < members.sum() * 0.2  # a new salt, a new group
 
@@ -57,7 +57,7 @@ def test_audience_is_the_top_band_opted_in_outside_control_with_reasons(
     isolated: Settings, audience: dict
 ) -> None:
     rows = audience_rows(isolated)
-    assert 0 < len(rows) == audience["audience"] <= UC.campaign_capacity
+    assert 0 < len(rows) == audience["audience"] <= UC.campaign.capacity
     ids = [r["customer_id"] for r in rows]
     served = db.scalar(
         isolated.database_url,
@@ -74,10 +74,14 @@ def test_audience_is_the_top_band_opted_in_outside_control_with_reasons(
     )
     for r in rows:
         decile, control, probability = served[str(r["customer_id"])]
-        assert decile <= UC.audience_deciles and not control and opted_in[str(r["customer_id"])]
+        assert (
+            decile <= UC.campaign.audience_deciles
+            and not control
+            and opted_in[str(r["customer_id"])]
+        )
         assert r["churn_probability"] == probability
         assert 1 <= len(r["reasons"]) <= 3 and all(len(w) > 5 for w in r["reasons"])
-        assert set(r["reason_features"]) <= set(campaign.REASON_TEXT)
+        assert set(r["reason_features"]) <= set(UC.campaign.reasons)
     probabilities = [r["churn_probability"] for r in rows]
     assert probabilities == sorted(probabilities, reverse=True)
     # reasons come from the model: not everyone gets the same three
@@ -85,11 +89,13 @@ def test_audience_is_the_top_band_opted_in_outside_control_with_reasons(
     # everyone opted in in the band but left out is in the control group, and is held out
     control = db.scalar(
         isolated.database_url,
-        "SELECT array_agg(customer_id) FROM campaigns.control_band WHERE score_date = %s",
+        "SELECT array_agg(customer_id) FROM campaigns.retention_control_band WHERE score_date = %s",
         (SCORE_DATE,),
     )
     assert control and not set(control) & set(ids)
-    assert campaign.control_group(np.array(control), UC.control_salt, UC.control_fraction).all()
+    assert campaign.control_group(
+        np.array(control), UC.campaign.control_salt, UC.campaign.control_fraction
+    ).all()
     assert audience["control_band"] == len(control)
 
 
@@ -108,8 +114,8 @@ def test_opt_outs_and_suppression_are_honoured(isolated: Settings, audience: dic
     unsubscribed, contacted_lately, contacted_long_ago = (r["customer_id"] for r in rows[:3])
     db.scalar(
         isolated.database_url,
-        "INSERT INTO campaigns.opt_outs (customer_id) VALUES (%s); "
-        "INSERT INTO campaigns.send_log (campaign, customer_id, score_date, run_id, message_id, "
+        "INSERT INTO campaigns.retention_opt_outs (customer_id) VALUES (%s); "
+        "INSERT INTO campaigns.retention_send_log (campaign, customer_id, score_date, run_id, message_id, "
         "status) VALUES ('churn_retention_earlier', %s, %s, 'r', 'm1', 'sent'), "
         "('churn_retention_older', %s, %s, 'r', 'm2', 'sent'); SELECT 1",
         (
@@ -117,7 +123,7 @@ def test_opt_outs_and_suppression_are_honoured(isolated: Settings, audience: dic
             contacted_lately,
             SCORE_DATE - timedelta(days=5),
             contacted_long_ago,
-            SCORE_DATE - timedelta(days=UC.suppression_days + 5),
+            SCORE_DATE - timedelta(days=UC.campaign.suppression_days + 5),
         ),
     )
     try:
@@ -129,7 +135,7 @@ def test_opt_outs_and_suppression_are_honoured(isolated: Settings, audience: dic
     finally:
         db.scalar(
             isolated.database_url,
-            "DELETE FROM campaigns.opt_outs; DELETE FROM campaigns.send_log "
+            "DELETE FROM campaigns.retention_opt_outs; DELETE FROM campaigns.retention_send_log "
             "WHERE campaign LIKE 'churn_retention_%%er'; SELECT 1",
         )
         campaign.build_audience(isolated, UC, SCORE_DATE)
@@ -145,7 +151,9 @@ def test_dry_run_renders_files_and_records_nothing(isolated: Settings, audience:
     text = (isolated.home / "outbox" / out["campaign"] / f"{first['customer_id']}.eml").read_text()
     assert first["first_name"] in text and first["reasons"][0] in text
     assert first["email"] in text
-    assert db.scalar(isolated.database_url, "SELECT count(*) FROM campaigns.send_log") == 0
+    assert (
+        db.scalar(isolated.database_url, "SELECT count(*) FROM campaigns.retention_send_log") == 0
+    )
 
 
 def test_each_person_receives_exactly_one_message_and_a_rerun_sends_nothing(
@@ -177,7 +185,7 @@ def test_each_person_receives_exactly_one_message_and_a_rerun_sends_nothing(
     log = db.scalar(
         isolated.database_url,
         "SELECT json_object_agg(status, n) FROM (SELECT status, count(*) AS n "
-        "FROM campaigns.send_log GROUP BY status) s",
+        "FROM campaigns.retention_send_log GROUP BY status) s",
     )
     assert log == {"sent": len(expected), "failed": 1}
     # no email address in the logs, nor in what the task returns (its XCom)
@@ -195,7 +203,7 @@ def test_only_the_campaign_role_reads_the_audience(isolated: Settings, audience:
     with pytest.raises(Exception, match="permission denied"):
         db.scalar(campaign_role, "SELECT count(*) FROM predictions.churn_scores")
     with pytest.raises(Exception, match="permission denied"):
-        db.scalar(campaign_role, "DELETE FROM campaigns.send_log RETURNING 1")
+        db.scalar(campaign_role, "DELETE FROM campaigns.retention_send_log RETURNING 1")
 
 
 def test_past_dates_are_never_emailed(isolated: Settings, audience: dict) -> None:
@@ -247,6 +255,6 @@ def test_control_membership_is_identical_across_model_versions_and_a_backfill(
         by_customer.setdefault(key.split(":")[1], set()).add(flag)
     assert all(len(f) == 1 for f in by_customer.values())  # one answer per customer
     keys = np.array([int(k) for k in by_customer])
-    expected = campaign.control_group(keys, UC.control_salt, UC.control_fraction)
+    expected = campaign.control_group(keys, UC.campaign.control_salt, UC.campaign.control_fraction)
     assert [next(iter(by_customer[str(k)])) for k in keys] == expected.tolist()
     assert expected.sum() > 100

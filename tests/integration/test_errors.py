@@ -7,11 +7,11 @@ from datetime import date
 
 import pytest
 
-from pipeline import db, features, warehouse
-from pipeline.config import Settings, use_case
+from pipeline import db, features, usecase, warehouse
+from pipeline.config import Settings
 from pipeline.errors import DataError, SourceError
 
-UC = use_case("churn")
+UC = usecase.load("churn")
 
 
 def test_unreachable_warehouse_names_the_host_not_the_password(settings: Settings) -> None:

@@ -8,12 +8,12 @@ from datetime import date, timedelta
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import db, features, warehouse
-from pipeline.config import Settings, use_case
+from pipeline import db, features, usecase, warehouse
+from pipeline.config import Settings
 from pipeline.errors import DataError
 from tests.conftest import SCORE_DATE
 
-UC = use_case("churn")
+UC = usecase.load("churn")
 
 
 def test_features_as_of_d_ignore_everything_appended_later(settings: Settings) -> None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from datetime import timedelta
 
-from pipeline import db, monitor, nightly, registry
-from pipeline.config import Settings, use_case
+from pipeline import db, monitor, nightly, registry, usecase
+from pipeline.config import Settings
 from tests.conftest import SCORE_DATE
 
-UC = use_case("churn")
+UC = usecase.load("churn")
 MATURED = SCORE_DATE - timedelta(days=40)
 
 
@@ -45,14 +44,16 @@ def test_decay_beyond_the_threshold_requests_a_retrain_the_next_night_honours(
     isolated: Settings,
 ) -> None:
     db.scalar(isolated.database_url, "DELETE FROM monitoring.realized_performance; SELECT 1")
-    strict = replace(UC, decay_threshold=-1.0)  # any realized AUC counts as decayed
+    strict = UC.evolve(
+        {"monitoring": {"decay_threshold": -1.0}}
+    )  # any realized AUC counts as decayed
     assert monitor.update_realized_performance(isolated, strict, SCORE_DATE)["decayed"] >= 1
     assert registry.open_retrain_requests(isolated, "churn")
     run = nightly.RunContext("churn", SCORE_DATE, "monitor-retrain")
     nightly.start_run(isolated, UC, run)
     # the champion is young (cadence says no), but the request says yes
     decision = nightly.decide_retrain(
-        isolated, replace(UC, retrain_every_days=1000), run, "scheduled"
+        isolated, UC.evolve({"training": {"retrain_every_days": 1000}}), run, "scheduled"
     )
     assert decision["retrain"] and "retrain requested" in decision["why"]
     assert registry.open_retrain_requests(isolated, "churn") == []
@@ -71,5 +72,5 @@ def test_the_nightly_report_shows_scores_drift_checks_and_realized_performance(
     assert text.count("data:image/png;base64,") == 4
     assert "no_future_rows" in text and "daily_volume" in text and "population_size" in text
     assert "Realized ROC AUC" in text
-    assert cli.main(["report", "--date", SCORE_DATE.isoformat()]) == 0
+    assert cli.main(["report", "--use-case", "churn", "--date", SCORE_DATE.isoformat()]) == 0
     assert capsys.readouterr().out.strip() == out["report"]

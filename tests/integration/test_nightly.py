@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from pipeline import db, nightly, registry
-from pipeline.config import Settings, use_case
-from pipeline.errors import ModelError
+from pipeline import db, nightly, registry, serving, usecase
+from pipeline.config import Settings
+from pipeline.errors import ConfigError, ModelError
 from tests.conftest import SCORE_DATE
 
-UC = use_case("churn")
+UC = usecase.load("churn")
 
 
 def served(settings: Settings, score_date) -> tuple[int, int, str]:
@@ -73,7 +72,7 @@ def test_first_night_trains_promotes_and_publishes_everyone(
 def test_the_card_records_how_the_model_was_made(isolated: Settings, first_night: dict) -> None:
     mv = registry.get(isolated, "churn", first_night["model_version"])
     assert mv.training_window["holdout"]["as_of"] == str(SCORE_DATE - timedelta(days=30))
-    assert len(mv.training_window["snapshots"]) == UC.train_snapshots
+    assert len(mv.training_window["snapshots"]) == UC.training.snapshots
     assert {"scikit-learn", "numpy", "pandas", "python"} <= set(mv.library_versions)
     assert {f["name"] for f in mv.feature_schema} >= {"tenure_days", "usage_trend", "country"}
     run = db.scalar(
@@ -115,14 +114,50 @@ def test_a_tampered_artifact_is_refused(isolated: Settings, first_night: dict) -
 def test_no_champion_and_no_retrain_stops_with_a_clear_error(
     isolated: Settings, first_night: dict
 ) -> None:
-    other = replace(UC, name="churn_empty")
+    other = UC.evolve({"name": "churn_empty", "serving": {"table": "churn_empty_scores"}})
+    serving.init(isolated.database_url, [other])
     run = nightly.RunContext("churn_empty", SCORE_DATE, "test-no-champion")
     nightly.start_run(isolated, other, run)
-    with pytest.raises(ModelError, match="no champion model"):
+    with pytest.raises(ModelError, match=r"no challenger has been trained yet.*retrain=always"):
         nightly.select_model(isolated, other, run)
     assert (
         db.scalar(
             isolated.database_url, "SELECT status FROM ml.runs WHERE run_id = 'test-no-champion'"
         )
         == "failed"
+    )
+
+
+def test_a_rejected_first_challenger_is_quoted_with_its_reasons_and_the_knobs(
+    isolated: Settings, first_night: dict
+) -> None:
+    strict = UC.evolve(
+        {"name": "churn_strict", "serving": {"table": "churn_strict_scores"},
+         "gates": {"auc_floor": 0.99}}
+    )  # fmt: skip
+    serving.init(isolated.database_url, [strict])
+    with pytest.raises(ModelError) as err:
+        nightly.run_night(isolated, strict, SCORE_DATE, retrain="always", run_id="strict-1")
+    message = str(err.value)
+    assert "trained tonight was not promoted (decision reject)" in message
+    assert "FAIL auc_floor: expected ROC AUC >= 0.99" in message
+    assert (
+        "gates.auc_floor 0.99" in message and "nightscore models promote churn_strict-" in message
+    )
+
+
+def test_a_run_refuses_before_any_work_when_its_serving_objects_are_missing(
+    isolated: Settings,
+) -> None:
+    other = UC.evolve({"name": "churn_uninit", "serving": {"table": "churn_uninit_scores"}})
+    run = nightly.RunContext("churn_uninit", SCORE_DATE, "test-uninit")
+    with pytest.raises(
+        ConfigError, match=r"no predictions\.churn_uninit_scores.*nightscore db init"
+    ):
+        nightly.start_run(isolated, other, run)
+    assert (
+        db.scalar(
+            isolated.database_url, "SELECT count(*) FROM ml.runs WHERE run_id = 'test-uninit'"
+        )
+        == 0
     )

@@ -11,12 +11,12 @@ import numpy as np
 import psycopg2
 import pytest
 
-from pipeline import db, ledger, nightly, publish
-from pipeline.config import Settings, use_case, with_role
+from pipeline import db, ledger, nightly, publish, usecase
+from pipeline.config import Settings, with_role
 from pipeline.score import ScoredPart
 from tests.conftest import SCORE_DATE
 
-UC = use_case("churn")
+UC = usecase.load("churn")
 
 
 @pytest.fixture(scope="module")

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from datetime import timedelta
 
 import numpy as np
 import psycopg2
 import pytest
 
-from pipeline import cli, db, nightly, registry, train
-from pipeline.config import Settings, use_case
+from pipeline import cli, db, nightly, registry, train, usecase
+from pipeline.config import Settings
 from pipeline.ledger import RunContext
 from tests.conftest import SCORE_DATE
 
-UC = use_case("churn")
+UC = usecase.load("churn")
 WEAK_FEATURES = [
     "country",
     "contract_type",
@@ -28,7 +27,7 @@ WEAK_FEATURES = [
 ]
 # The weak champion (no usage features) clears this policy's floors, not the default ones, and
 # a far better model spreads its scores well beyond the weak one's (large score PSI).
-LENIENT = replace(UC, auc_floor=0.6, lift_floor=1.5, score_psi_limit=1.0)
+LENIENT = UC.evolve({"gates": {"auc_floor": 0.6, "lift_floor": 1.5, "score_psi_limit": 1.0}})
 
 
 def evaluation_row(settings: Settings, version: str) -> dict:
@@ -178,7 +177,10 @@ def test_rollback_restores_the_previous_champion_and_the_next_publish_uses_it(
         "SELECT previous_version FROM ml.promotions WHERE use_case = 'churn' ORDER BY promotion_id DESC LIMIT 1",
     )
     assert previous and previous != current
-    assert cli.main(["models", "rollback", "--reason", "bad campaign results"]) == 0
+    assert (
+        cli.main(["models", "--use-case", "churn", "rollback", "--reason", "bad campaign results"])
+        == 0
+    )
     assert registry.champion(isolated, "churn").version == previous
     day = SCORE_DATE + timedelta(days=2)
     out = nightly.run_night(isolated, UC, day, retrain="never", run_id="test-after-rollback")
@@ -249,11 +251,11 @@ def test_a_shadow_model_is_scored_beside_the_champion_never_served(isolated: Set
 
 
 def test_cli_lists_and_shows_models(isolated: Settings, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["models", "list"]) == 0
+    assert cli.main(["models", "--use-case", "churn", "list"]) == 0
     listing = capsys.readouterr().out
     champ = registry.champion(isolated, "churn").version
     assert champ in listing and "champion" in listing
-    assert cli.main(["models", "show", champ]) == 0
+    assert cli.main(["models", "--use-case", "churn", "show", champ]) == 0
     assert '"sha256"' in capsys.readouterr().out
-    assert cli.main(["models", "show", "churn-19990101-deadbeef"]) == 2
+    assert cli.main(["models", "--use-case", "churn", "show", "churn-19990101-deadbeef"]) == 2
     assert "not in ml.model_versions" in capsys.readouterr().err

@@ -9,11 +9,11 @@ from datetime import date, timedelta
 
 import pytest
 
-from pipeline import db, monitor, nightly
-from pipeline.config import Settings, use_case
+from pipeline import db, monitor, nightly, usecase
+from pipeline.config import Settings
 from pipeline.ledger import RunContext
 
-UC = use_case("churn")
+UC = usecase.load("churn")
 D = date(2024, 10, 1)  # labels [D, D+30) matured by 2024-10-31, inside the warehouse
 AS_OF = date(2024, 11, 20)
 CAMPAIGN = "churn_retention_20241001"
@@ -46,7 +46,7 @@ def _churned(settings: Settings, ids: Sequence[int], day: date) -> int:
         settings.warehouse_url,
         """SELECT count(DISTINCT customer_id) FROM warehouse.cancellations
            WHERE customer_id = ANY(%s) AND cancel_date >= %s AND cancel_date < %s""",
-        (list(ids), day, day + timedelta(days=UC.label_horizon_days)),
+        (list(ids), day, day + timedelta(days=UC.label.horizon_days)),
     )
 
 
@@ -61,12 +61,12 @@ def _add_campaign(
     try:
         with conn.cursor() as cur:
             cur.executemany(
-                "INSERT INTO campaigns.control_band (score_date, campaign, customer_id, "
+                "INSERT INTO campaigns.retention_control_band (score_date, campaign, customer_id, "
                 "model_version, churn_probability, risk_decile) VALUES (%s, %s, %s, 'v1', 0.4, 1)",
                 [(day, campaign, c) for c in control],
             )
             cur.executemany(
-                "INSERT INTO campaigns.send_log (campaign, customer_id, score_date, run_id, "
+                "INSERT INTO campaigns.retention_send_log (campaign, customer_id, score_date, run_id, "
                 "message_id, status) VALUES (%s, %s, %s, 'test-run', %s, %s)",
                 [(campaign, c, day, f"<{campaign}.{c}@test>", status) for c, status in sends],
             )
@@ -120,7 +120,7 @@ def test_a_matured_campaign_is_measured_once_against_actual_cancellations(
     k1 = _churned(isolated, groups["contacted"], D)
     k0 = _churned(isolated, groups["control"], D)
     assert k1 > 0 and k0 > 0
-    assert row["contacted_churned"] == k1 and row["control_churned"] == k0
+    assert row["contacted_positives"] == k1 and row["control_positives"] == k0
     p1, p0 = k1 / 300, k0 / 200
     assert row["contacted_rate"] == pytest.approx(p1) and row["control_rate"] == pytest.approx(p0)
     assert row["uplift"] == pytest.approx(p0 - p1)
@@ -146,7 +146,7 @@ def test_campaigns_wait_for_their_labels_and_for_a_sent_message(
     isolated: Settings, groups: dict[str, list[int]]
 ) -> None:
     unmatured = f"churn_retention_{UNMATURED:%Y%m%d}"
-    matures = UNMATURED + timedelta(days=UC.label_horizon_days)
+    matures = UNMATURED + timedelta(days=UC.label.horizon_days)
     assert unmatured not in dict(monitor.matured_campaigns(isolated, UC, AS_OF))
     assert unmatured not in dict(monitor.matured_campaigns(isolated, UC, matures - timedelta(1)))
     assert dict(monitor.matured_campaigns(isolated, UC, matures))[unmatured] == UNMATURED
@@ -163,7 +163,7 @@ def test_nightscore_monitor_prints_the_campaign_uplift(
     db.scalar(isolated.database_url, "DELETE FROM monitoring.campaign_uplift; SELECT 1")
     monkeypatch.setenv("NIGHTSCORE_DATABASE_URL", isolated.database_url)
     monkeypatch.setenv("NIGHTSCORE_HOME", str(isolated.home))
-    assert cli.main(["monitor", "--date", AS_OF.isoformat()]) == 0
+    assert cli.main(["monitor", "--use-case", "churn", "--date", AS_OF.isoformat()]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["evaluated"] == []  # no published night in this database
     [measured] = out["campaign_uplift"]
@@ -181,7 +181,7 @@ def test_the_nightly_report_shows_matured_campaigns(
     out = nightly.write_report(isolated, UC, RunContext("churn", AS_OF, "uplift-report"))
     with open(out["report"]) as fh:
         text = fh.read()
-    assert CAMPAIGN in text and f"300 ({row['contacted_churned']})" in text
+    assert CAMPAIGN in text and f"300 ({row['contacted_positives']})" in text
     assert f"{100 * row['uplift']:+.1f} [{100 * row['ci_low']:+.1f}," in text
     # a night before the campaign's labels matured does not show it
     out = nightly.write_report(isolated, UC, RunContext("churn", D, "uplift-report-early"))
@@ -202,7 +202,7 @@ def test_a_campaign_with_two_score_dates_fails_loudly(
         with pytest.raises(DataError, match="churn_retention_mixed"):
             monitor.update_campaign_uplift(isolated, UC, AS_OF)
     finally:
-        for table in ("control_band", "send_log"):
+        for table in ("retention_control_band", "retention_send_log"):
             db.scalar(
                 isolated.database_url,
                 f"DELETE FROM campaigns.{table} WHERE campaign = 'churn_retention_mixed'; SELECT 1",

@@ -47,8 +47,3 @@ def test_redact_hides_the_password() -> None:
 def test_with_database_keeps_the_socket() -> None:
     url = config.with_database("postgresql://postgres:@/postgres?host=/tmp/x", "airflow")
     assert url == "postgresql://postgres:@/airflow?host=/tmp/x"
-
-
-def test_unknown_use_case_names_the_known_ones() -> None:
-    with pytest.raises(ConfigError, match="churn"):
-        config.use_case("upsell")

@@ -4,7 +4,7 @@ from datetime import date
 
 import pytest
 
-from pipeline import db
+from pipeline import db, features, usecase
 from pipeline.errors import ConfigError
 
 
@@ -22,9 +22,12 @@ def test_missing_parameter_is_named() -> None:
         db.positional("SELECT :as_of, :label_end", {"as_of": 1})
 
 
-def test_feature_sql_files_only_use_known_parameters() -> None:
-    for name in ("churn_features.sql", "churn_labels.sql", "churn_source_counts.sql"):
-        db.positional(
-            db.sql_text("features", name),
-            {"as_of": date(2025, 1, 1), "label_end": date(2025, 1, 31)},
-        )
+@pytest.mark.parametrize("name", usecase.names())
+def test_every_use_case_sql_file_only_uses_known_parameters(name: str) -> None:
+    uc = usecase.load(name)
+    for role in ("features", "labels", "source_counts"):
+        if getattr(uc.sql, role) is not None:
+            db.positional(
+                features.query(uc, role),
+                {"as_of": date(2025, 1, 1), "label_end": date(2025, 1, 31)},
+            )

@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pipeline import checks
-from pipeline.config import use_case
+from pipeline import checks, usecase
 
-UC = use_case("churn")
+UC = usecase.load("churn")
 COUNTRIES = ["GB", "DE", "FR", "ES", "IT"]
 
 
@@ -33,7 +32,7 @@ def test_same_distribution_is_stable_and_a_shift_is_flagged() -> None:
     stable = checks.feature_psi(frame(rng, 20_000), reference)
     assert stable["minutes_30d"] < 0.02 and stable["country"] < 0.01
     drifted = checks.feature_psi(frame(rng, 20_000, shift=0.5), reference)
-    assert drifted["minutes_30d"] > UC.feature_psi_limit
+    assert drifted["minutes_30d"] > UC.feature_checks.psi_limit
     assert drifted["country"] < 0.01
 
 
@@ -42,7 +41,7 @@ def test_a_category_never_seen_in_training_counts_in_full() -> None:
     reference = checks.reference_profile(frame(rng, 20_000), ["minutes_30d", "country"])
     launched = frame(rng, 20_000, new_country=0.10)  # a tenth of tonight's customers are Polish
     psi = checks.feature_psi(launched, reference)
-    assert psi["country"] > UC.feature_psi_limit
+    assert psi["country"] > UC.feature_checks.psi_limit
     results = checks.check_features(launched, UC, None, reference)
     flagged = [r for r in results if r.check == "feature_psi" and not r.passed]
     assert [r.target for r in flagged] == ["country"]

@@ -1,0 +1,390 @@
+"""Source contracts: the warehouse tables a use case reads, declared in YAML.
+
+A contract (``usecases/<name>/contract.yaml``) names each table, its columns and their
+types (families such as ``integer`` or ``timestamp``, or exact PostgreSQL names), the
+column that dates a row, and the checks to run on it: freshness, daily volume, value
+rules, unique keys and null fractions. This module is the format (typed, validated, with
+errors naming file, key, expected and found); ``pipeline.sources`` checks a warehouse
+against it. It imports nothing heavy, so DAG parsing may validate contracts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from pipeline.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Type families a contract may name; any other type string is an exact
+# information_schema.columns.data_type name.
+FAMILIES: Mapping[str, frozenset[str]] = {
+    "integer": frozenset({"smallint", "integer", "bigint"}),
+    "number": frozenset({"smallint", "integer", "bigint", "numeric", "real", "double precision"}),
+    "text": frozenset({"text", "character varying", "character"}),
+    "date": frozenset({"date"}),
+    "timestamp": frozenset({"timestamp without time zone", "timestamp with time zone"}),
+    "timestamptz": frozenset({"timestamp with time zone"}),
+    "boolean": frozenset({"boolean"}),
+}
+
+# PostgreSQL's short spellings, which information_schema never reports: without this a
+# contract saying ``varchar`` could never pass.
+_ALIASES = {
+    "int": "integer",
+    "int2": "smallint",
+    "int4": "integer",
+    "int8": "bigint",
+    "float4": "real",
+    "float8": "double precision",
+    "decimal": "numeric",
+    "varchar": "character varying",
+    "char": "character",
+    "bpchar": "character",
+    "bool": "boolean",
+}
+
+# The day of a row: data_type of the date column -> how its day is computed.
+_DAY_KINDS = {
+    "date": "date",
+    "timestamp without time zone": "timestamp",
+    "timestamp with time zone": "timestamptz",
+}
+_DATE_TYPES = {"date", "timestamp", "timestamptz", *_DAY_KINDS}
+
+
+def type_name(declared: str) -> str:
+    """The canonical spelling of a contract's type: a family, or an exact data_type."""
+    name = " ".join(declared.lower().split())
+    return _ALIASES.get(name, name)
+
+
+def type_matches(declared: str, data_type: str) -> bool:
+    """Whether a column of ``data_type`` (as information_schema reports it) satisfies the
+    contract's type ``declared`` (a family such as ``integer``, or an exact name)."""
+    name = type_name(declared)
+    family = FAMILIES.get(name)
+    if family is not None:
+        return data_type in family
+    return data_type.lower() == name
+
+
+# -- the contract ------------------------------------------------------------------------
+
+
+def _problem(expected: str, found: str, key: str | None = None) -> PydanticCustomError:
+    """A validation error that ``load_contract`` renders as key, expected and found."""
+    context: dict[str, Any] = {"expected": expected, "found": found}
+    if key is not None:
+        context["key"] = key
+    return PydanticCustomError("contract", "expected {expected}, found {found}", context)
+
+
+def _as_key(value: Any) -> Any:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list | tuple) and value and all(isinstance(c, str) for c in value):
+        return tuple(value)
+    raise _problem(
+        "a column name or a non-empty list of column names (e.g. customer_id or "
+        "[invoice_id, line_no])",
+        _show(value),
+    )
+
+
+UniqueKey = Annotated[tuple[str, ...], BeforeValidator(_as_key)]
+_FROZEN = ConfigDict(extra="forbid", frozen=True)
+
+
+class ColumnSpec(BaseModel):
+    """A declared column: its type and, optionally, its own null limit.
+
+    ``type`` is a family (``integer``, ``number``, ``text``, ``date``, ``timestamp``,
+    ``timestamptz``, ``boolean``) or an exact PostgreSQL data_type (``numeric``,
+    ``jsonb``, ...). The short form ``column: type`` is accepted.
+    """
+
+    model_config = _FROZEN
+
+    type: str = Field(min_length=1)
+    max_null_fraction: float | None = Field(default=None, ge=0, le=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"type": value}
+        if isinstance(value, dict | ColumnSpec):
+            return value
+        raise _problem("a type name or a mapping {type, max_null_fraction}", _show(value))
+
+    def accepts(self, data_type: str) -> bool:
+        """Whether a column of ``data_type`` satisfies this declaration."""
+        return type_matches(self.type, data_type)
+
+
+class VolumeSpec(BaseModel):
+    """Rows on the last complete day must be within ``[min_ratio, max_ratio]`` times the
+    median daily count of the ``trailing_days`` days before it (a day without rows counts 0)."""
+
+    model_config = _FROZEN
+
+    min_ratio: float = Field(ge=0)
+    max_ratio: float = Field(gt=0)
+    trailing_days: int = Field(default=28, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> VolumeSpec:
+        if self.max_ratio < self.min_ratio:
+            raise _problem(
+                f"a number >= min_ratio ({self.min_ratio})", _show(self.max_ratio), "max_ratio"
+            )
+        return self
+
+
+class TableSpec(BaseModel):
+    """One source table: its columns, the column that dates a row, and its checks.
+
+    A table without ``date_column`` is a dimension: its rules and null fractions look at
+    the whole table, and it has no freshness, future-row or volume check.
+    """
+
+    model_config = _FROZEN
+
+    columns: dict[str, ColumnSpec]
+    date_column: str | None = None
+    fresh: bool = False
+    volume: VolumeSpec | None = None
+    unique: tuple[UniqueKey, ...] = ()
+    rules: tuple[Annotated[str, Field(min_length=1)], ...] = ()
+
+    @field_validator("columns")
+    @classmethod
+    def _some_columns(cls, value: dict[str, ColumnSpec]) -> dict[str, ColumnSpec]:
+        if not value:
+            raise _problem("at least one column", "{}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TableSpec:
+        declared = ", ".join(self.columns)
+        if self.date_column is not None:
+            if self.date_column not in self.columns:
+                raise _problem(
+                    f"one of the columns listed under columns ({declared})",
+                    _show(self.date_column),
+                    "date_column",
+                )
+            dtype = self.columns[self.date_column].type
+            if type_name(dtype) not in _DATE_TYPES:
+                raise _problem(
+                    "a column of type date, timestamp or timestamptz",
+                    f"{self.date_column} of type {dtype}",
+                    "date_column",
+                )
+        else:
+            if self.fresh:
+                raise _problem("a date_column for the freshness check", "fresh: true", "fresh")
+            if self.volume is not None:
+                raise _problem("a date_column for the volume check", "volume", "volume")
+        for i, key in enumerate(self.unique):
+            missing = [c for c in key if c not in self.columns]
+            if missing:
+                raise _problem(
+                    f"columns listed under columns ({declared})",
+                    ", ".join(missing),
+                    f"unique[{i}]",
+                )
+        return self
+
+
+class Contract(BaseModel):
+    """The source contract of one use case: the warehouse tables its SQL reads."""
+
+    model_config = _FROZEN
+
+    tables: dict[str, TableSpec]
+    window_days: int = Field(default=30, ge=1)
+    max_null_fraction: float = Field(default=0.01, ge=0, le=1)
+    timezone: str | None = None
+
+    @field_validator("tables")
+    @classmethod
+    def _some_tables(cls, value: dict[str, TableSpec]) -> dict[str, TableSpec]:
+        if not value:
+            raise _problem("at least one table", "{}")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise _problem(
+                "an IANA time zone name such as UTC or America/New_York", _show(value)
+            ) from None
+        return value
+
+    def null_limit(self, table: str, column: str) -> float:
+        """The largest fraction of nulls allowed in ``table.column``."""
+        own = self.tables[table].columns[column].max_null_fraction
+        return self.max_null_fraction if own is None else own
+
+
+def dated_tables(contract: Contract) -> list[str]:
+    """The tables of ``contract`` that have a ``date_column``, in contract order."""
+    return [name for name, spec in contract.tables.items() if spec.date_column is not None]
+
+
+class _ContractLoader(yaml.SafeLoader):
+    """Safe YAML that rejects a key given twice (PyYAML would keep the last silently)."""
+
+
+def _mapping_without_duplicates(loader: Any, node: Any) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            duplicate = key in seen
+            seen.add(key)
+        except TypeError:  # unhashable: construct_mapping reports it
+            continue
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                "while reading a mapping",
+                node.start_mark,
+                f"key {key!r} given twice",
+                key_node.start_mark,
+            )
+    return dict(loader.construct_mapping(node, deep=True))
+
+
+_ContractLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates
+)
+
+
+def load_contract(path: Path) -> Contract:
+    """Read and validate a source contract file.
+
+    Raises:
+        ConfigError: the file is missing, is not YAML, or does not match the format; the
+            message names the file, the key path (``tables.usage_daily.volume.min_ratio``),
+            what was expected and what was found, one line per problem.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            f"source contract {path}: expected a readable YAML file, found {exc.strerror or exc}"
+        ) from exc
+    try:
+        data = yaml.load(text, Loader=_ContractLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(_yaml_message(path, exc)) from exc
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"source contract {path}: (top level): expected a mapping with the keys "
+            f"{', '.join(Contract.model_fields)}, found "
+            f"{'an empty file' if data is None else _show(data)}"
+        )
+    try:
+        return Contract.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"source contract {path}: {problem}" for problem in _problems(exc)]
+        raise ConfigError("\n".join([*lines, "Fix the file and re-run."])) from exc
+
+
+def _yaml_message(path: Path, exc: yaml.YAMLError) -> str:
+    def where(mark: Any) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    context_mark = getattr(exc, "context_mark", None)
+    if context and context_mark is not None:
+        problem += f" ({context} started at {where(context_mark)})"
+    at = where(mark) if mark is not None else "(file)"
+    return f"source contract {path}: {at}: expected valid YAML, found this YAML error: {problem}"
+
+
+def _problems(exc: ValidationError) -> list[str]:
+    out = []
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        ctx = error.get("ctx") or {}
+        kind = error["type"]
+        if kind == "contract":
+            if "key" in ctx:
+                loc = (*loc, ctx["key"])
+            expected, found = str(ctx["expected"]), str(ctx["found"])
+        elif kind == "extra_forbidden":
+            expected = f"one of the keys {', '.join(_model_at(loc).model_fields)}"
+            found = f"unknown key {loc[-1]!r}"
+        elif kind == "missing":
+            expected, found = f"the key {loc[-1]!r}", "no such key"
+        else:
+            expected, found = _expected_from(error["msg"]), _show(error.get("input"))
+        out.append(f"{_key_path(loc)}: expected {expected}, found {found}")
+    return out
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel]:
+    """The model that holds the last key of ``loc``."""
+    parents = loc[:-1]
+    if len(parents) < 2 or parents[0] != "tables":
+        return Contract
+    rest = parents[2:]
+    if rest[:1] == ("volume",):
+        return VolumeSpec
+    if rest[:1] == ("columns",) and len(rest) == 2:
+        return ColumnSpec
+    return TableSpec
+
+
+def _key_path(loc: tuple[Any, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part == "[key]":
+            path += " (the key)"
+        else:
+            path += f".{part}" if path else str(part)
+    return path or "(top level)"
+
+
+def _expected_from(message: str) -> str:
+    text = message.removeprefix("Input should be ").split(", ")[0]
+    text = text.replace("a valid dictionary", "a mapping").replace("a valid tuple", "a list")
+    if message.startswith("Input should be") and not text.startswith(("a ", "an ")):
+        text = f"a value {text}"
+    return text
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
