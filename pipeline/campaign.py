@@ -168,11 +168,12 @@ def contributions(
 
 
 def typical_values(table: pa.Table, columns: list[str]) -> dict[str, Any]:
-    """The median of each numeric feature, the most common value of each categorical one."""
+    """The median of each numeric feature, the most common value of each categorical or
+    boolean one."""
     typical: dict[str, Any] = {}
     for name in columns:
         col = table.column(name)
-        if pa.types.is_string(col.type):
+        if pa.types.is_string(col.type) or pa.types.is_boolean(col.type):
             counts = col.value_counts()
             typical[name] = counts.field("values")[
                 int(np.argmax(counts.field("counts").to_numpy()))

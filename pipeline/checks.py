@@ -52,8 +52,9 @@ def check_features(
     """Keys, nulls, ranges and population size of a snapshot; PSI against the champion's data.
 
     Nulls and ranges follow the use case's feature-check policy (``feature_checks``): a
-    feature's own rule, else the default. Whatever the rules, a feature's null fraction may
-    not grow by more than ``max_null_increase`` over the serving model's training data.
+    feature's own rule, else the default. A feature with no null limit of its own may still
+    not grow its null fraction by more than ``max_null_increase`` over the serving model's
+    training data.
     """
     policy = uc.feature_checks
     out = []
@@ -80,7 +81,11 @@ def check_features(
                 )
             )
         trained = (reference or {}).get(name, {}).get("null_fraction")
-        if trained is not None and frac > trained + policy.max_null_increase:
+        if (
+            rule.max_null_fraction is None
+            and trained is not None
+            and frac > trained + policy.max_null_increase
+        ):
             out.append(
                 CheckResult(
                     "features",

@@ -2,8 +2,7 @@
 
 nightscore usecase list | show NAME | init NAME | check NAME --date D
 nightscore db init | url | airflow-env
-nightscore warehouse seed --customers N --start D --days K --seed S
-nightscore warehouse advance --to D
+nightscore warehouse seed | advance ...   (the synthetic demo warehouse, pipeline/demo.py)
 nightscore run --use-case NAME --date D [--retrain ...] [--promotion-mode ...]
 nightscore models [--use-case NAME] list | show VERSION | promote VERSION --reason R | rollback --reason R
 nightscore monitor | report | summary [--use-case NAME] ...
@@ -23,7 +22,7 @@ from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
 
-from pipeline import config, usecase
+from pipeline import config, demo, usecase
 from pipeline.errors import NightscoreError
 
 log = logging.getLogger("nightscore")
@@ -97,22 +96,6 @@ def cmd_usecase(args: argparse.Namespace) -> int:
     report = preflight.check(args.name, args.date)
     print(report.text())
     return 0 if report.ok else 1
-
-
-def cmd_warehouse(args: argparse.Namespace) -> int:
-    from pipeline import warehouse
-
-    settings = config.load_settings()
-    if args.action == "seed":
-        result = warehouse.seed(settings, args.customers, args.start, args.days, args.seed)
-    else:
-        result = warehouse.advance(settings, args.to)
-    rows = ", ".join(f"{k} {v:,}" for k, v in result.rows.items())
-    print(
-        f"warehouse holds {result.start} .. {result.through} ({result.customers:,} customers); "
-        f"wrote {rows} in {result.seconds:.1f}s"
-    )
-    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -207,12 +190,6 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline import demo
-
-    return demo.run(customers=args.customers, seed=args.seed)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nightscore", description="Nightly batch predictions, published to PostgreSQL."
@@ -241,16 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["init", "url", "airflow-env"])
     p.set_defaults(func=cmd_db)
 
-    p = sub.add_parser("warehouse", help="the synthetic telco warehouse")
-    wsub = p.add_subparsers(dest="action", required=True)
-    s = wsub.add_parser("seed", help="create it from scratch")
-    s.add_argument("--customers", type=int, default=20_000)
-    s.add_argument("--start", type=_date, default=date(2024, 1, 1))
-    s.add_argument("--days", type=int, default=456)
-    s.add_argument("--seed", type=int, default=7)
-    a = wsub.add_parser("advance", help="append simulated days through --to")
-    a.add_argument("--to", type=_date, required=True)
-    p.set_defaults(func=cmd_warehouse)
+    demo.add_commands(sub, _date)
 
     p = sub.add_parser("run", help="run one night in-process (no Airflow)")
     p.add_argument(
@@ -291,12 +259,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use-case", help="the use case (default: the only one)")
     p.set_defaults(func=cmd_summary)
 
-    p = sub.add_parser(
-        "demo", help="seed a warehouse and run the DAGs across its drift event (about 5 min)"
-    )
-    p.add_argument("--customers", type=int, default=20_000)
-    p.add_argument("--seed", type=int, default=7)
-    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -102,8 +102,7 @@ def _as_key(value: Any) -> Any:
     if isinstance(value, list | tuple) and value and all(isinstance(c, str) for c in value):
         return tuple(value)
     raise _problem(
-        "a column name or a non-empty list of column names (e.g. customer_id or "
-        "[invoice_id, line_no])",
+        "a column name or a non-empty list of column names (e.g. order_id or [order_id, line_no])",
         _show(value),
     )
 

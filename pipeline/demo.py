@@ -25,7 +25,7 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
-from pipeline import airflow_env, db, ledger, usecase, warehouse
+from pipeline import airflow_env, db, ledger, usecase
 from pipeline.config import Settings, load_settings, redact
 
 DEMO_START = date(2024, 1, 1)
@@ -70,6 +70,43 @@ def _airflow(
         return subprocess.call([str(airflow), *args], env=env, stdout=fh, stderr=subprocess.STDOUT)
 
 
+def add_commands(sub: Any, parse_date: Any) -> None:
+    """``nightscore warehouse seed | advance`` and ``nightscore demo`` (the simulated world)."""
+    p = sub.add_parser("warehouse", help="the synthetic telco warehouse of the demo")
+    wsub = p.add_subparsers(dest="action", required=True)
+    s = wsub.add_parser("seed", help="create it from scratch")
+    s.add_argument("--customers", type=int, default=20_000)
+    s.add_argument("--start", type=parse_date, default=DEMO_START)
+    s.add_argument("--days", type=int, default=456)
+    s.add_argument("--seed", type=int, default=7)
+    a = wsub.add_parser("advance", help="append simulated days through --to")
+    a.add_argument("--to", type=parse_date, required=True)
+    p.set_defaults(func=cmd_warehouse)
+
+    p = sub.add_parser(
+        "demo", help="seed a warehouse and run the DAGs across its drift event (about 7 min)"
+    )
+    p.add_argument("--customers", type=int, default=20_000)
+    p.add_argument("--seed", type=int, default=7)
+    p.set_defaults(func=lambda args: run(customers=args.customers, seed=args.seed))
+
+
+def cmd_warehouse(args: Any) -> int:
+    from pipeline import warehouse
+
+    settings = load_settings()
+    if args.action == "seed":
+        result = warehouse.seed(settings, args.customers, args.start, args.days, args.seed)
+    else:
+        result = warehouse.advance(settings, args.to)
+    rows = ", ".join(f"{k} {v:,}" for k, v in result.rows.items())
+    print(
+        f"warehouse holds {result.start} .. {result.through} ({result.customers:,} customers); "
+        f"wrote {rows} in {result.seconds:.1f}s"
+    )
+    return 0
+
+
 def reset_serving(settings: Settings) -> None:
     """Drop and recreate the serving schemas so the demo starts from an empty registry."""
     from pipeline import serving
@@ -85,6 +122,8 @@ def reset_serving(settings: Settings) -> None:
 
 
 def run(customers: int, seed: int) -> int:
+    from pipeline import warehouse
+
     began = time.monotonic()
     settings = load_settings()
     logs = settings.home / "demo"
@@ -123,6 +162,8 @@ def run(customers: int, seed: int) -> int:
 
 
 def _run_schedule(settings: Settings, logs: Path, first: date, smtp_env: dict[str, str]) -> int:
+    from pipeline import warehouse
+
     through = first - timedelta(days=1)
     for i, step in enumerate(SCHEDULE, 1):
         if step.date - timedelta(days=1) > through:

@@ -111,7 +111,8 @@ def training_dates(uc: UseCase, run_date: date) -> tuple[list[date], date]:
 
 
 def _feature_schema(schema: pa.Schema, uc: UseCase) -> pa.Schema:
-    """The snapshot's schema: the driver's, without metadata, the key in its declared type."""
+    """The snapshot's schema: the driver's without metadata, the key in its declared type,
+    numbers as numbers and text as text (see :func:`_feature_type`)."""
     if uc.entity_key not in schema.names:
         raise DataError(
             f"the features query ({uc.sql.features}) returns no {uc.entity_key!r} column "
@@ -120,10 +121,46 @@ def _feature_schema(schema: pa.Schema, uc: UseCase) -> pa.Schema:
     fields = [
         pa.field(f.name, keys.arrow_type(uc.entity.type), False)
         if f.name == uc.entity_key
-        else pa.field(f.name, f.type, f.nullable)
+        else pa.field(f.name, _feature_type(f, uc), True)
         for f in schema
     ]
     return pa.schema(fields)
+
+
+def _storage(t: pa.DataType) -> pa.DataType:
+    return t.storage_type if isinstance(t, pa.ExtensionType) else t
+
+
+def _feature_type(f: pa.Field, uc: UseCase) -> pa.DataType:
+    """What a feature column is stored as: integers, floats and booleans as they come;
+    PostgreSQL ``numeric`` (which the driver hands over as text) and decimals as float64;
+    other text as string (a category). Dates and times are refused: a model takes numbers."""
+    t = f.type
+    type_name = str(getattr(t, "type_name", "") or "")
+    if type_name == "numeric" or pa.types.is_decimal(t) or pa.types.is_null(t):
+        return pa.float64()
+    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
+        return t
+    if pa.types.is_temporal(t):
+        raise DataError(
+            f"feature {f.name!r} of {uc.sql.features.name} is a {t} column; models take numbers "
+            f"and text: turn it into a number in the SQL, e.g. CAST(:as_of AS date) - "
+            f"CAST({f.name} AS date) AS days_since_{f.name}"
+        )
+    if pa.types.is_string(_storage(t)) or pa.types.is_large_string(_storage(t)):
+        return pa.string()
+    raise DataError(
+        f"feature {f.name!r} of {uc.sql.features.name} has type {t}, which a model cannot take; "
+        "cast it to a number or to text in the SQL"
+    )
+
+
+def _conform(column: pa.Array, target: pa.DataType) -> pa.Array:
+    if column.type == target:
+        return column
+    if isinstance(column.type, pa.ExtensionType):
+        column = column.storage
+    return column.cast(target)
 
 
 def _rebatch(
@@ -134,8 +171,8 @@ def _rebatch(
     count = 0
     k = schema.get_field_index(uc.entity_key)
     for batch in reader:
-        columns = list(batch.columns)
-        columns[k] = keys.conform(columns[k], uc.entity.type, uc.entity_key)
+        columns = [_conform(c, f.type) for c, f in zip(batch.columns, schema, strict=True)]
+        columns[k] = keys.conform(batch.column(k), uc.entity.type, uc.entity_key)
         batch = pa.RecordBatch.from_arrays(columns, schema=schema)
         pending.append(batch)
         count += batch.num_rows

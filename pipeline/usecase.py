@@ -171,8 +171,8 @@ class FeatureChecks(_Section):
     """The feature-check policy: a default rule, per-feature overrides, population and drift.
 
     With nothing configured every feature may be null and take any sign (a new warehouse's
-    natural features pass); the null fraction may still not grow by more than
-    ``max_null_increase`` over the serving model's training data.
+    natural features pass); a feature without a null limit may still not grow its null
+    fraction by more than ``max_null_increase`` over the serving model's training data.
     """
 
     default: FeatureRule = FeatureRule()

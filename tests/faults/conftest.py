@@ -31,7 +31,7 @@ def night(isolated: Settings) -> dict[str, Any]:
         isolated.database_url, "SELECT stages FROM ml.runs WHERE run_id = 'faults-base'"
     )
     parts = []
-    for p in range(usecase.load("churn").score_partitions):
+    for p in range(usecase.load("churn").serving.partitions):
         parts.append({"partition": p, "rows": stages[f"score_partition_{p}"]["rows"]})
     folder = isolated.scores / "churn" / SCORE_DATE.isoformat() / "faults-base"
     for p in parts:
