@@ -27,16 +27,24 @@ def _conn_url(conn_id: str | None) -> str | None:
     return url_from_parts(conn.host, conn.port, conn.login, conn.password, conn.schema)
 
 
-def settings(uc: Any) -> Any:
+def settings(uc: Any, *, require_serving: bool = False) -> Any:
     """Settings for a use case: the serving database from ``nightscore_db``, the warehouse
-    from the use case's own connection (each falling back to env vars / embedded server)."""
+    from the use case's own connection (each falling back to env vars / embedded server).
+
+    ``require_serving`` refuses (naming ``nightscore db init``) when the use case's serving
+    objects do not exist yet.
+    """
+    from pipeline import serving
     from pipeline.config import load_settings
 
-    return load_settings(
+    resolved = load_settings(
         database_url=_conn_url(CONN_DB),
         warehouse_url=_conn_url(uc.warehouse.connection),
         uc=uc,
     )
+    if require_serving:
+        serving.require(resolved, uc)
+    return resolved
 
 
 def score_date(context: dict[str, Any], timezone: str = "UTC") -> date:
@@ -77,7 +85,8 @@ def use_case_context(name: str) -> tuple[Any, Any, date]:
     from pipeline import usecase
 
     uc = usecase.load(name)
-    return settings(uc), uc, score_date(get_current_context(), uc.schedule.timezone)
+    ready = settings(uc, require_serving=True)
+    return ready, uc, score_date(get_current_context(), uc.schedule.timezone)
 
 
 def nightly_stage(stage: str, name: str, *args: Any, **kwargs: Any) -> Any:

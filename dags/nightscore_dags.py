@@ -411,7 +411,7 @@ def campaign_dag(uc: usecase.UseCase) -> Any:
             from pipeline import campaign, usecase
 
             config = usecase.load(name)
-            s = settings(config)
+            s = settings(config, require_serving=True)
             requested = (params or {}).get("score_date") or None
             announced = published_dates(get_current_context())
             if requested or not announced:  # by hand: that date, or the newest published one

@@ -91,9 +91,9 @@ def adbc_connect(url: str) -> Any:
 def set_search_path(cur: Any, schema: str | None) -> None:
     """Let SQL files name the warehouse's tables unqualified."""
     if schema:
-        if not re.fullmatch(r"[a-z_][a-z0-9_]*", schema):
-            raise ConfigError(f"schema name {schema!r} is not a plain lower-case identifier")
-        cur.execute(f"SET search_path TO {schema}, public")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_$]*", schema):
+            raise ConfigError(f"schema name {schema!r} is not a plain identifier")
+        cur.execute(f"SET search_path TO {quote_ident(schema)}, public")
 
 
 @contextmanager

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
@@ -25,7 +26,7 @@ import pyarrow.parquet as pq
 
 from pipeline import db, keys
 from pipeline.config import Settings
-from pipeline.errors import DataError
+from pipeline.errors import DataError, SourceError
 from pipeline.usecase import UseCase
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,21 @@ def query(uc: UseCase, role: str) -> str:
     if uc.sql.population is not None and role in ("features", "labels"):
         text = f"WITH population AS (\n{_strip(uc.sql.population.read_text())}\n)\n{text}"
     return text
+
+
+@contextmanager
+def _naming(path: Path, uc: UseCase) -> Iterator[None]:
+    """Warehouse errors raised inside say which SQL file failed."""
+    try:
+        yield
+    except SourceError as err:
+        hint = ""
+        if "'population' not found" in str(err) and uc.sql.population is None:
+            hint = (
+                "; the table `population` exists only when the use case names a population "
+                "file (sql.population in usecase.yaml)"
+            )
+        raise SourceError(f"{path.name}: {err}{hint}") from err
 
 
 def _strip(text: str) -> str:
@@ -227,12 +243,15 @@ def build_snapshot(
     target_dir.mkdir(parents=True, exist_ok=True)
     tmp = target_dir / f".building-{os.getpid()}.parquet"
     rows = 0
-    with db.arrow_reader(
-        settings.warehouse_url,
-        query(uc, "features"),
-        {"as_of": as_of},
-        schema=settings.warehouse_schema,
-    ) as reader:
+    with (
+        _naming(uc.sql.features, uc),
+        db.arrow_reader(
+            settings.warehouse_url,
+            query(uc, "features"),
+            {"as_of": as_of},
+            schema=settings.warehouse_schema,
+        ) as reader,
+    ):
         feature_schema = _feature_schema(reader.schema, uc)
         schema = feature_schema
         if labels is not None:
@@ -306,12 +325,13 @@ def read_labels(settings: Settings, uc: UseCase, as_of: date) -> Labels:
     Raises:
         DataError: no ``label`` column, labels not 0/1, or an entity labelled twice.
     """
-    table = db.read_arrow(
-        settings.warehouse_url,
-        query(uc, "labels"),
-        {"as_of": as_of, "label_end": label_end(uc, as_of)},
-        schema=settings.warehouse_schema,
-    )
+    with _naming(uc.sql.labels, uc):
+        table = db.read_arrow(
+            settings.warehouse_url,
+            query(uc, "labels"),
+            {"as_of": as_of, "label_end": label_end(uc, as_of)},
+            schema=settings.warehouse_schema,
+        )
     where = f"the labels query of {uc.name} ({uc.sql.labels.name}) as of {as_of}"
     missing = {uc.entity_key, "label"} - set(table.column_names)
     if missing:

@@ -277,7 +277,7 @@ def evaluate_challenger(
             ]
         reasons = [evaluate.describe(c) for c in checks if not c["passed"]] or [
             f"all {len(checks)} checks passed"
-            + ("" if champ else " (first model: floors and sanity only)")
+            + ("" if champ else " (first model: no champion to compare with)")
         ]
         report_path = _write_report(
             settings,

@@ -219,9 +219,10 @@ def _features(
 
 def _maturity(uc: UseCase, as_of: date) -> tuple[str, str]:
     holdout = as_of - timedelta(days=uc.label.horizon_days)
+    train = features.training_dates(uc, as_of)[0]
     return "ok", (
-        f"a run at {as_of} holds out {holdout} (its labels close on {as_of}); training "
-        f"snapshots {', '.join(str(d) for d in features.training_dates(uc, as_of)[0])}"
+        f"a run at {as_of} holds out {holdout} (its labels close on {as_of}); trains on "
+        f"{len(train)} snapshots {train[0]} .. {train[-1]}, every {uc.training.step_days} days"
     )
 
 

@@ -96,7 +96,9 @@ class Warehouse(_Section):
 
     connection: str | None = "nightscore_warehouse"
     url_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    schema_name: str = Field(default="public", alias="schema", pattern=IDENTIFIER)
+    schema_name: str = Field(
+        default="public", alias="schema", pattern=r"^[A-Za-z_][A-Za-z0-9_$]*$", max_length=63
+    )
     timezone: str = "UTC"
 
     @field_validator("timezone")

@@ -205,7 +205,7 @@ def test_the_campaign_of_a_text_keyed_use_case_emails_each_account_once(
             )
     audience = db.scalar(
         isolated.database_url,
-        "SELECT json_agg(json_build_array(account_ref, contact_email, reasons)) "
+        "SELECT json_agg(json_build_array(account_ref, email, reasons)) "
         "FROM campaigns.account_rescue_audience WHERE score_date = %s",
         (NIGHT,),
     )
