@@ -89,3 +89,51 @@ def test_labels_only_once_matured(seeded: Settings) -> None:
         (snap.as_of, SCORE_DATE, snap.as_of),
     )
     assert labels.sum() == positives > 0
+
+
+def _with_sql(tmp_path, features_sql: str, labels_sql: str | None = None):
+    (tmp_path / "features.sql").write_text(features_sql)
+    changes: dict = {"sql": {"features": str(tmp_path / "features.sql")}}
+    if labels_sql is not None:
+        (tmp_path / "labels.sql").write_text(labels_sql)
+        changes["sql"]["labels"] = str(tmp_path / "labels.sql")
+    return UC.evolve(changes)
+
+
+def test_numeric_columns_become_numbers_and_dates_are_refused_with_the_fix(
+    seeded: Settings, tmp_path
+) -> None:
+    uc = _with_sql(
+        tmp_path,
+        "SELECT customer_id, CAST(monthly_fee AS numeric) AS fee, country "
+        "FROM subscriptions JOIN customers USING (customer_id) "
+        "WHERE valid_from < :as_of AND change_reason = 'signup';",
+    )
+    snap = features.build_snapshot(seeded, uc, SCORE_DATE)
+    schema = pq.read_schema(snap.path)
+    assert str(schema.field("fee").type) == "double" and str(schema.field("country").type) == "string"
+    assert str(schema.field("customer_id").type) == "int64"  # integer keys widen to bigint
+    dated = _with_sql(
+        tmp_path, "SELECT customer_id, signup_date FROM customers WHERE signup_date < :as_of"
+    )
+    with pytest.raises(DataError, match=r"'signup_date'.*date32.*days_since_signup_date"):
+        features.build_snapshot(seeded, dated, SCORE_DATE)
+
+
+def test_labels_must_cover_the_population_once_each(seeded: Settings, tmp_path) -> None:
+    twice = _with_sql(
+        tmp_path,
+        (UC.sql.features).read_text(),
+        "SELECT customer_id, 0 AS label FROM customers WHERE signup_date < :as_of "
+        "UNION ALL SELECT customer_id, 1 FROM customers WHERE customer_id = 1",
+    )
+    with pytest.raises(DataError, match="more than once"):
+        features.build_snapshot(seeded, twice, date(2024, 6, 1), labelled=True)
+    missing = _with_sql(
+        tmp_path,
+        (UC.sql.features).read_text(),
+        "SELECT customer_id, 0 AS label FROM customers WHERE signup_date < :as_of "
+        "AND customer_id % 7 <> 0",
+    )
+    with pytest.raises(DataError, match="has no row for customer_id"):
+        features.build_snapshot(seeded, missing, date(2024, 6, 1), labelled=True)
