@@ -111,7 +111,9 @@ def test_numeric_columns_become_numbers_and_dates_are_refused_with_the_fix(
     )
     snap = features.build_snapshot(seeded, uc, SCORE_DATE)
     schema = pq.read_schema(snap.path)
-    assert str(schema.field("fee").type) == "double" and str(schema.field("country").type) == "string"
+    assert (
+        str(schema.field("fee").type) == "double" and str(schema.field("country").type) == "string"
+    )
     assert str(schema.field("customer_id").type) == "int64"  # integer keys widen to bigint
     dated = _with_sql(
         tmp_path, "SELECT customer_id, signup_date FROM customers WHERE signup_date < :as_of"
