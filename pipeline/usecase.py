@@ -536,21 +536,23 @@ def _describe(exc: ValidationError, source: Path) -> str:
 
 def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     """The keys allowed at ``loc`` (for 'unknown key' errors)."""
+    import typing
+
     model: Any = UseCase
-    for part in loc:
-        field = model.model_fields.get(str(part)) if isinstance(part, str) else None
-        if field is None:
-            field = (
-                next((f for f in model.model_fields.values() if f.alias == part), None)
-                if isinstance(part, str)
-                else None
-            )
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
+        field = next((f for n, f in model.model_fields.items() if part in (n, f.alias)), None)
         if field is None:
             return []
         ann = field.annotation
-        args = getattr(ann, "__args__", ())
+        if typing.get_origin(ann) is dict:  # e.g. features: {name: rule}: skip the name
+            ann = typing.get_args(ann)[1]
+            if parts:
+                parts.pop(0)
+        candidates = (ann, *typing.get_args(ann))
         ann = next(
-            (a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None
+            (a for a in candidates if isinstance(a, type) and issubclass(a, BaseModel)), None
         )
         if ann is None:
             return []

@@ -77,6 +77,13 @@ def test_the_repository_use_cases_are_valid() -> None:
         ),
         ("  key: customer_id\n  type", "  type", "entity.key", "(the key is required)", "nothing"),
         (
+            "usage_trend: {max_null_fraction: 0.6}",
+            "usage_trend: {max_nulls: 0.6}",
+            "feature_checks.features.usage_trend.max_nulls",
+            "one of max, max_null_fraction, min",
+            "unknown key 'max_nulls'",
+        ),
+        (
             '  nightly: "0 0 * * *"',
             '  nightly: "every night"',
             "schedule.nightly",
