@@ -261,7 +261,7 @@ def summary_text(settings: Settings, uc: UseCase, since: date | None) -> str:
     lines += [
         "",
         "read the predictions:",
-        f'  psql "$(nightscore db url)" -c "SELECT {uc.entity_key}, {uc.probability_column}, '
+        f'  psql "$(.venv/bin/nightscore db url)" -c "SELECT {uc.entity_key}, {uc.probability_column}, '
         f"risk_decile, model_version FROM predictions.{uc.score_table}_latest "
         f'ORDER BY {uc.probability_column} DESC LIMIT 10"',
     ]
