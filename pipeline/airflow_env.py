@@ -36,8 +36,8 @@ def metadata_url(settings: Settings) -> str:
     if configured:
         return sqlalchemy_url(configured)
     if os.environ.get("NIGHTSCORE_DATABASE_URL"):
-        url = with_database(settings.database_url, "airflow")
-        embedded.ensure_database(settings.database_url, "airflow")
+        url = with_database(settings.init_url, "airflow")
+        embedded.ensure_database(settings.init_url, "airflow")
     else:
         url = embedded.ensure_server(settings.home, embedded.AIRFLOW_DATABASE)
     return sqlalchemy_url(url)
