@@ -214,13 +214,13 @@ def published_run(settings: Settings, uc: UseCase, score_date: date) -> dict[str
     run = db.scalar(
         settings.database_url,
         "SELECT json_build_object('run_id', run_id, 'model_version', model_version, "
-        "'snapshot_sha256', snapshot_sha256) FROM ml.runs WHERE use_case = %s AND score_date = %s "
-        "AND status = 'published' ORDER BY finished_at DESC NULLS LAST LIMIT 1",
+        "'snapshot_sha256', snapshot_sha256) FROM ml.publications "
+        "WHERE use_case = %s AND score_date = %s",
         (uc.name, score_date),
     )
     if not run:
         raise DataError(
-            f"no published {uc.name} scores for {score_date} in ml.runs: run {uc.name}_nightly "
+            f"no published {uc.name} scores for {score_date} in ml.publications: run {uc.name}_nightly "
             "for that date first (the audience is built from published predictions only)"
         )
     return dict(run)
@@ -229,7 +229,7 @@ def published_run(settings: Settings, uc: UseCase, score_date: date) -> dict[str
 def latest_published(settings: Settings, uc: UseCase) -> date | None:
     value = db.scalar(
         settings.database_url,
-        "SELECT max(score_date) FROM ml.runs WHERE use_case = %s AND status = 'published'",
+        "SELECT max(score_date) FROM ml.publications WHERE use_case = %s",
         (uc.name,),
     )
     return db.to_date(value) if value else None
@@ -422,7 +422,7 @@ def build_announced(settings: Settings, uc: UseCase, dates: list[str]) -> dict[s
     if not built:
         raise DataError(
             f"none of the announced dates {sorted(set(dates))} has published {uc.name} scores "
-            f"in ml.runs; trigger {uc.name}_campaign with score_date set to a published date"
+            f"in ml.publications; trigger {uc.name}_campaign with score_date set to a published date"
         )
     return {"score_date": built[-1]["score_date"], "built": built, "skipped": skipped}
 

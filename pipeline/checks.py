@@ -246,7 +246,7 @@ def previous_score_histogram(settings: Settings, uc: UseCase, before: date) -> n
     """Histogram of the newest published night before ``before`` (computed in the database)."""
     prev = db.scalar(
         settings.database_url,
-        "SELECT max(score_date) FROM ml.runs WHERE use_case = %s AND status = 'published' AND score_date < %s",
+        "SELECT max(score_date) FROM ml.publications WHERE use_case = %s AND score_date < %s",
         (uc.name, before),
     )
     return None if prev is None else score_histogram(settings, uc, prev)

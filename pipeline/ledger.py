@@ -82,6 +82,7 @@ def start(
                 "SELECT pg_advisory_xact_lock(hashtext(%s))",
                 (f"nightscore.ledger.{run.use_case}.{run.score_date}",),
             )
+            _abandon_dead_attempts(cur, run)
             cur.execute(
                 """
                 INSERT INTO ml.runs (use_case, score_date, run_id, code_version, params, attempt)
@@ -108,6 +109,54 @@ def start(
     return attempt
 
 
+def _alive_key(run_id: str) -> str:
+    return f"nightscore.run.{run_id}"
+
+
+def _abandon_dead_attempts(cur: Any, run: RunContext) -> list[str]:
+    """Mark 'abandoned' the other attempts of the date still 'running' with no live process.
+
+    A process working on a stage of a run holds that run's liveness lock (shared, see
+    :func:`stage`); a killed one releases it. An attempt nobody holds the lock of is dead.
+    """
+    cur.execute(
+        "SELECT run_id FROM ml.runs WHERE use_case = %s AND score_date = %s "
+        "AND status = 'running' AND run_id <> %s",
+        (run.use_case, run.score_date, run.run_id),
+    )
+    dead = []
+    for (other,) in cur.fetchall():
+        cur.execute("SELECT pg_try_advisory_xact_lock(hashtext(%s))", (_alive_key(other),))
+        if cur.fetchone()[0]:
+            dead.append(other)
+    if dead:
+        cur.execute(
+            "UPDATE ml.runs SET status = 'abandoned', finished_at = now(), error = "
+            "coalesce(error || '; ', '') || %s WHERE use_case = %s AND score_date = %s "
+            "AND run_id = ANY(%s)",
+            (
+                f"abandoned: its process was gone when {run.run_id} started",
+                run.use_case,
+                run.score_date,
+                dead,
+            ),
+        )
+        log.warning("%s %s: attempts %s abandoned", run.use_case, run.score_date, dead)
+    return dead
+
+
+@contextmanager
+def _alive(settings: Settings, run: RunContext) -> Iterator[None]:
+    """Hold the run's liveness lock (shared: parallel tasks of one run hold it together)."""
+    conn = db.connect(settings.database_url, autocommit=True)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_lock_shared(hashtext(%s))", (_alive_key(run.run_id),))
+        yield
+    finally:
+        conn.close()
+
+
 def update(settings: Settings, run: RunContext, **fields: Any) -> None:
     """Set plain columns of the run's ledger row (model_version, snapshot_sha256, ...)."""
     allowed = {
@@ -123,7 +172,7 @@ def update(settings: Settings, run: RunContext, **fields: Any) -> None:
         raise ValueError(f"unknown ledger fields {sorted(unknown)}")
     sets = ", ".join(f"{k} = %s" for k in fields)
     values = [json.dumps(v) if isinstance(v, dict) else v for v in fields.values()]
-    if fields.get("status") in ("published", "failed", "stopped", "dry_run"):
+    if fields.get("status") in ("published", "failed", "stopped", "dry_run", "abandoned"):
         sets += ", finished_at = now()"
     db_exec(
         settings,
@@ -147,12 +196,15 @@ def record_stage(settings: Settings, run: RunContext, stage: str, info: dict[str
 def stage(settings: Settings, run: RunContext, name: str) -> Iterator[dict[str, Any]]:
     """Time a stage and record it; the body may add counts to the yielded dict.
 
-    A failing stage is recorded as failed with its error, then the error propagates.
+    A failing stage is recorded as failed with its error, then the error propagates. While
+    the body runs, the process holds the run's liveness lock, so a later attempt of the date
+    can tell a dead attempt (marked 'abandoned') from a live one.
     """
     info: dict[str, Any] = {}
     began = time.monotonic()
     try:
-        yield info
+        with _alive(settings, run):
+            yield info
     except BaseException as exc:
         info |= {
             "status": "failed",

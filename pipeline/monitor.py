@@ -53,8 +53,8 @@ def matured_unevaluated(settings: Settings, uc: UseCase, as_of: date) -> list[da
         with conn.cursor() as cur:
             cur.execute(
                 """
-                SELECT DISTINCT r.score_date FROM ml.runs r
-                WHERE r.use_case = %s AND r.status = 'published' AND r.score_date + %s <= %s
+                SELECT r.score_date FROM ml.publications r
+                WHERE r.use_case = %s AND r.score_date + %s <= %s
                   AND NOT EXISTS (SELECT 1 FROM monitoring.realized_performance p
                                   WHERE p.use_case = r.use_case AND p.score_date = r.score_date)
                 ORDER BY 1

@@ -28,6 +28,7 @@ from pipeline import (
 )
 from pipeline.config import Settings
 from pipeline.errors import GateFailed, ModelError
+from pipeline.faults import fault_point
 from pipeline.ledger import RunContext
 from pipeline.usecase import UseCase
 
@@ -90,8 +91,8 @@ def check_features(
         table = features.read_snapshot(snap)
         previous = db.scalar(
             settings.database_url,
-            "SELECT rows_published FROM ml.runs WHERE use_case = %s AND status = 'published' "
-            "AND score_date < %s ORDER BY score_date DESC, finished_at DESC LIMIT 1",
+            "SELECT rows FROM ml.publications WHERE use_case = %s AND score_date < %s "
+            "ORDER BY score_date DESC LIMIT 1",
             (uc.name, run.score_date),
         )
         champ = registry.champion(settings, uc.name)
@@ -600,6 +601,7 @@ def publish_scores(
             info |= {"rows": found, "dry_run": True}
             return {"rows": found, "dry_run": True}
         result = publish.publish_scores(settings, uc, run, model_version, scored, expected)
+        fault_point("after_publish")
         dropped = publish.apply_retention(settings, uc, run, uc.serving.retention_dates)
         info |= result.as_xcom() | {"retention_dropped": [str(d) for d in dropped]}
     return result.as_xcom()
@@ -618,13 +620,12 @@ def score_shadow(
     The shadow model is the newest challenger that was not promoted. Its scores go to the
     shadow table only; the agreement with the served model is kept per night.
     """
-    shadow = registry.shadow(settings, uc.name)
-    if shadow is None or shadow.version == model_version:
-        ledger.record_stage(
-            settings, run, "score_shadow", {"status": "skipped", "why": "no shadow model"}
-        )
-        return {"shadow": None}
     with ledger.stage(settings, run, "score_shadow") as info:
+        fault_point("score_shadow")
+        shadow = registry.shadow(settings, uc.name)
+        if shadow is None or shadow.version == model_version:
+            info |= {"skipped": True, "why": "no shadow model"}
+            return {"shadow": None}
         import numpy as np
         import pyarrow.parquet as pq
 
@@ -685,7 +686,17 @@ def write_report(settings: Settings, uc: UseCase, run: RunContext) -> dict[str, 
     """The night's HTML report: score distribution, drift, checks, realized performance.
 
     Also the newest ``REPORT_CAMPAIGNS`` campaign uplifts whose labels matured by the night.
+    A report that cannot be written fails the run, never un-serves the night.
     """
+    with ledger.stage(settings, run, "write_report") as info:
+        fault_point("write_report")
+        path = _night_report(settings, uc, run)
+        info["report"] = str(path)
+    log.info("nightly report: file://%s", path)
+    return {"report": str(path)}
+
+
+def _night_report(settings: Settings, uc: UseCase, run: RunContext) -> Any:
     from pipeline import report
 
     conn = db.connect(settings.database_url)
@@ -730,7 +741,7 @@ def write_report(settings: Settings, uc: UseCase, run: RunContext) -> dict[str, 
         conn.commit()
     finally:
         conn.close()
-    path = report.write_run_report(
+    return report.write_run_report(
         settings.reports / uc.name / "nights" / f"{run.score_date}.html",
         use_case=uc.name,
         score_date=run.score_date,
@@ -743,9 +754,6 @@ def write_report(settings: Settings, uc: UseCase, run: RunContext) -> dict[str, 
         decile_rates=realized[-1]["decile_rates"] if realized else None,
         uplift=uplift,
     )
-    ledger.record_stage(settings, run, "write_report", {"status": "ok", "report": str(path)})
-    log.info("nightly report: file://%s", path)
-    return {"report": str(path)}
 
 
 def run_night(

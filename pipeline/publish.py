@@ -2,14 +2,17 @@
 
 The served table is partitioned by score date. A publish
 
-1. drops leftovers of earlier attempts for the date (tables nobody holds a lock on),
+1. drops leftovers of killed attempts, whatever their date (staging tables nobody holds a
+   lock on),
 2. COPYs (binary, via ADBC) into a staging table unique to this attempt, then adds the
    primary key and a CHECK matching the partition bound (so ATTACH skips its scan),
 3. validates the staged rows (count equals the population, one row per key,
    probabilities in [0, 1], deciles 1..10, model version is the run's),
-4. in one short transaction with a lock timeout and an advisory lock per use case:
-   detaches and drops the date's old partition if any, attaches the staged table in its
-   place and marks the run published in the ledger. On lock timeout the transaction is
+4. in one short transaction with a lock timeout and the use case's publish lock (a row of
+   ``ml.publish_locks`` locked FOR UPDATE, which only the writer can take): detaches and
+   drops the date's old partition if any, attaches the staged table in its place, records
+   the publication (``ml.publications``, what the ``_latest`` views read) and marks the
+   run published in the ledger. On lock timeout the transaction is
    retried, so readers never queue behind a publish for long.
 
 Readers therefore see the old rows or the new rows for a date, never a mix, a partial
@@ -267,7 +270,7 @@ def publish_scores(
     parent = uc.score_table
     stage = f"{parent}_stage_{run.score_date:%Y%m%d}_{secrets.token_hex(4)}"
     target = partition_name(uc, run.score_date)
-    drop_leftovers(settings, uc, run.score_date)
+    drop_leftovers(settings, uc)
     conn = db.connect(settings.database_url)
     try:
         with conn.cursor() as cur:
@@ -285,7 +288,7 @@ def publish_scores(
             conn, uc, stage, run.score_date, model_version, expected_rows, copied
         )
         fault_point("after_validation")
-        attempts = _swap(conn, settings, uc, run, stage, target, expected_rows)
+        attempts = _swap(conn, uc, run, stage, target, expected_rows, model_version)
     except BaseException:
         conn.rollback()
         _drop_quietly(conn, stage)
@@ -382,8 +385,13 @@ def _locked(conn: Any, uc: UseCase, what: str, body: Callable[[Any], None]) -> i
                 cur.execute(
                     sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT))
                 )
+                # a row lock only the writer can take (readers have no privilege on ml.*)
                 cur.execute(
-                    "SELECT pg_advisory_xact_lock(hashtext(%s))", (f"nightscore.publish.{uc.name}",)
+                    "INSERT INTO ml.publish_locks (use_case) VALUES (%s) ON CONFLICT DO NOTHING",
+                    (uc.name,),
+                )
+                cur.execute(
+                    "SELECT 1 FROM ml.publish_locks WHERE use_case = %s FOR UPDATE", (uc.name,)
                 )
                 body(cur)
             conn.commit()
@@ -400,7 +408,13 @@ def _locked(conn: Any, uc: UseCase, what: str, body: Callable[[Any], None]) -> i
 
 
 def _swap(
-    conn: Any, settings: Settings, uc: UseCase, run: RunContext, stage: str, target: str, rows: int
+    conn: Any,
+    uc: UseCase,
+    run: RunContext,
+    stage: str,
+    target: str,
+    rows: int,
+    model_version: str,
 ) -> int:
     schema = sql.Identifier(SCHEMA)
     parent = sql.Identifier(SCHEMA, uc.score_table)
@@ -438,6 +452,27 @@ def _swap(
             """,
             (rows, run.use_case, run.score_date, run.run_id),
         )
+        # what is served is recorded here, in the swap's own transaction
+        cur.execute(
+            """
+            INSERT INTO ml.publications (use_case, score_date, run_id, model_version, rows,
+                snapshot_sha256)
+            SELECT %(uc)s, %(d)s, %(run)s, %(version)s, %(rows)s,
+                   (SELECT snapshot_sha256 FROM ml.runs
+                    WHERE use_case = %(uc)s AND score_date = %(d)s AND run_id = %(run)s)
+            ON CONFLICT (use_case, score_date) DO UPDATE SET
+                run_id = EXCLUDED.run_id, model_version = EXCLUDED.model_version,
+                rows = EXCLUDED.rows, snapshot_sha256 = EXCLUDED.snapshot_sha256,
+                published_at = now()
+            """,
+            {
+                "uc": run.use_case,
+                "d": run.score_date,
+                "run": run.run_id,
+                "version": model_version,
+                "rows": rows,
+            },
+        )
         fault_point("inside_swap")
 
     attempt = _locked(conn, uc, f"swap of {SCHEMA}.{target}", swap)
@@ -445,24 +480,35 @@ def _swap(
     return attempt
 
 
+def _like(text: str) -> str:
+    """``text`` as a LIKE pattern matching itself (``_`` and ``%`` escaped)."""
+    return text.replace("\\", "\\\\").replace("_", "\\_").replace("%", "\\%")
+
+
 def _stage_lock(table: str) -> str:
     return f"nightscore.stage.{table}"
 
 
-def drop_leftovers(settings: Settings, uc: UseCase, score_date: date) -> list[str]:
-    """Drop staging tables left by killed attempts for ``score_date``.
+def drop_leftovers(settings: Settings, uc: UseCase) -> list[str]:
+    """Drop the staging tables (served and shadow) left by killed attempts, whatever their date.
 
     A live attempt holds a session advisory lock on its staging table's name from before
     it creates the table until its connection ends (a killed process releases it); such
-    tables are skipped.
+    tables are skipped. Each COPY stream commits on its own, so a leftover may hold a whole
+    night of rows.
     """
     conn = db.connect(settings.database_url)
     dropped = []
     try:
         with conn.cursor() as cur:
             cur.execute(
-                "SELECT tablename FROM pg_tables WHERE schemaname = %s AND tablename LIKE %s",
-                (SCHEMA, f"{uc.score_table}_stage_{score_date:%Y%m%d}_%"),
+                "SELECT tablename FROM pg_tables WHERE schemaname = %s "
+                "AND (tablename LIKE %s OR tablename LIKE %s)",
+                (
+                    SCHEMA,
+                    _like(f"{uc.score_table}_stage_") + "%",
+                    _like(f"{uc.score_table}_shadow_stage_") + "%",
+                ),
             )
             names = [r[0] for r in cur.fetchall()]
         conn.commit()
@@ -534,9 +580,12 @@ def publish_shadow(
             "risk_decile": pa.array(risk_deciles(probs, entity_keys)),
         }
     )
+    drop_leftovers(settings, uc)
     conn = db.connect(settings.database_url)
     try:
         with conn.cursor() as cur:
+            # held until this connection ends: marks the staging table as live
+            cur.execute("SELECT pg_advisory_lock(hashtext(%s))", (_stage_lock(stage),))
             _create_like(cur, stage, shadow_table)
         conn.commit()
         db.ingest(settings.database_url, stage, data, SCHEMA)
@@ -595,9 +644,10 @@ def published_partitions(conn: Any, uc: UseCase) -> list[tuple[date, str]]:
 def apply_retention(settings: Settings, uc: UseCase, run: RunContext, keep: int) -> list[date]:
     """Drop the partitions of all but the ``keep`` newest score dates, atomically, and log it.
 
-    One transaction (lock timeout, the publish advisory lock): either every expired
+    One transaction (lock timeout, the publish lock): either every expired
     partition is detached and dropped, or none is. Each drop is logged in ``ml.retention_log``.
     """
+    fault_point("retention")
     conn = db.connect(settings.database_url)
     try:
         expired = published_partitions(conn, uc)[keep:]
@@ -616,6 +666,10 @@ def apply_retention(settings: Settings, uc: UseCase, run: RunContext, keep: int)
                     )
                 )
                 cur.execute(sql.SQL("DROP TABLE {}").format(table))
+                cur.execute(
+                    "DELETE FROM ml.publications WHERE use_case = %s AND score_date = %s",
+                    (uc.name, day),
+                )
                 cur.execute(
                     "INSERT INTO ml.retention_log (use_case, score_date, partition_name, rows, keep, run_id) "
                     "VALUES (%s, %s, %s, %s, %s, %s)",

@@ -14,13 +14,13 @@ CREATE TABLE IF NOT EXISTS {scores} (
     PRIMARY KEY (score_date, {key})
 ) PARTITION BY RANGE (score_date);
 
--- The newest published date only. Backfilling an older date never moves it backwards.
+-- The newest published date only (the publication record, written by the swap itself).
+-- Backfilling an older date never moves it backwards.
 CREATE OR REPLACE VIEW {latest} AS
 SELECT s.*
 FROM {scores} s
 WHERE s.score_date = (
-    SELECT max(r.score_date) FROM ml.runs r
-    WHERE r.use_case = {use_case} AND r.status = 'published'
+    SELECT max(p.score_date) FROM ml.publications p WHERE p.use_case = {use_case}
 );
 
 -- Every published date (an entity's score history). Readers query views, never the table.
@@ -43,6 +43,8 @@ ALTER TABLE {scores} OWNER TO nightscore_writer;
 ALTER TABLE {shadow} OWNER TO nightscore_writer;
 ALTER VIEW {latest} OWNER TO nightscore_writer;
 ALTER VIEW {history} OWNER TO nightscore_writer;
+
+INSERT INTO ml.publish_locks (use_case) VALUES ({use_case}) ON CONFLICT DO NOTHING;
 
 -- Readers (apps): the two views, nothing else.
 REVOKE ALL ON {scores}, {shadow} FROM nightscore_reader, PUBLIC;

@@ -74,3 +74,35 @@ def test_retrain_never_skips_training_and_scores_with_the_champion(
         (day,),
     )
     assert "train_challenger" not in stages and stages["publish_scores"]["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_a_task_failing_after_the_swap_fails_the_run_and_the_night_stays_served(
+    seeded: Settings, airflow_env: dict[str, str]
+) -> None:
+    day = SCORE_DATE + timedelta(days=3)
+    env = airflow_env | {"NIGHTSCORE_FAULT_RAISE": "score_shadow"}
+    dags_test(env, "churn_nightly", day, "--conf", '{"retrain": "never"}')
+    run = db.scalar(
+        seeded.database_url,
+        "SELECT json_build_object('run_id', run_id, 'status', status, 'error', error, 'rows', "
+        "rows_published, 'stages', stages) FROM ml.runs WHERE score_date = %s "
+        "ORDER BY started_at DESC LIMIT 1",
+        (day,),
+    )
+    assert run["status"] == "failed" and "fault injected at score_shadow" in run["error"]
+    assert run["stages"]["publish_scores"]["status"] == "ok"
+    assert run["stages"]["write_report"]["status"] == "ok"  # the report is still written
+    latest = db.scalar(
+        seeded.database_url,
+        "SELECT json_build_array(min(score_date), count(*)) FROM predictions.churn_scores_latest",
+    )
+    assert latest == [day.isoformat(), run["rows"]]
+    assert (
+        db.scalar(
+            seeded.database_url,
+            "SELECT run_id FROM ml.publications WHERE use_case = 'churn' AND score_date = %s",
+            (day,),
+        )
+        == run["run_id"]
+    )
