@@ -97,6 +97,19 @@ def check_features(
                     f"{frac:.1%}",
                 )
             )
+        if pa.types.is_floating(col.type):
+            bad = pc.sum(pc.invert(pc.is_finite(col))).as_py() or 0
+            if bad:
+                out.append(
+                    CheckResult(
+                        "features",
+                        "finite",
+                        name,
+                        False,
+                        "no NaN or infinite values",
+                        f"{bad} rows",
+                    )
+                )
         if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
             low, high = pc.min(col).as_py(), pc.max(col).as_py()
             if rule.min is not None and low is not None and low < rule.min:
@@ -118,6 +131,18 @@ def check_features(
                 lo <= ratio <= hi,
                 f"{lo}..{hi} x the previous run ({previous_rows:,})",
                 f"{len(keys):,} ({ratio:.2f} x)",
+            )
+        )
+    for name, share in unseen_shares(table, reference).items():
+        out.append(
+            CheckResult(
+                "features",
+                "unseen_categories",
+                name,
+                share <= policy.unseen_share_limit,
+                f"<= {policy.unseen_share_limit:.1%} of rows with a value never seen in training",
+                f"{share:.2%}",
+                severity="warn",
             )
         )
     for name, psi_value in feature_psi(table, reference).items():
@@ -155,6 +180,19 @@ def reference_profile(table: pa.Table, columns: list[str], bins: int = 10) -> di
         counts = np.bincount(np.searchsorted(edges, x, side="right"), minlength=len(edges) + 1)
         profile[name] |= {"edges": edges.tolist(), "proportions": (counts / len(x)).tolist()}
     return profile
+
+
+def unseen_shares(table: pa.Table, reference: dict[str, Any] | None) -> dict[str, float]:
+    """Per categorical feature, the share of rows whose value training never saw."""
+    out: dict[str, float] = {}
+    for name, ref in (reference or {}).items():
+        if "categories" not in ref or name not in table.column_names:
+            continue
+        col = table.column(name)
+        seen = pa.array([v for v in ref["categories"] if v != "(missing)"], type=pa.string())
+        unseen = pc.sum(pc.invert(pc.is_in(col.cast(pa.string()), value_set=seen))).as_py()
+        out[name] = (unseen or 0) / max(len(col), 1)
+    return out
 
 
 def _category_shares(col: pa.ChunkedArray) -> dict[str, float]:
@@ -273,6 +311,67 @@ def score_histogram(settings: Settings, uc: UseCase, day: date) -> np.ndarray:
 
 
 # -- storage and the gate ----------------------------------------------------------------
+
+
+def previous_source_days(
+    settings: Settings, run: RunContext
+) -> tuple[date | None, dict[str, dict[date, int]]]:
+    """The rows per day the newest earlier run (score date before this run's) counted."""
+    conn = db.connect(settings.database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT score_date, run_id FROM monitoring.source_days "
+                "WHERE use_case = %s AND score_date < %s "
+                "ORDER BY score_date DESC, run_id DESC LIMIT 1",
+                (run.use_case, run.score_date),
+            )
+            found = cur.fetchone()
+            if found is None:
+                conn.commit()
+                return None, {}
+            cur.execute(
+                "SELECT source, day, rows FROM monitoring.source_days "
+                "WHERE use_case = %s AND run_id = %s",
+                (run.use_case, found[1]),
+            )
+            days: dict[str, dict[date, int]] = {}
+            for source, day, rows in cur.fetchall():
+                days.setdefault(source, {})[day] = int(rows)
+        conn.commit()
+    finally:
+        conn.close()
+    return found[0], days
+
+
+def store_source_days(
+    settings: Settings, run: RunContext, days: dict[str, dict[date, int]]
+) -> None:
+    """Remember the rows per day this run counted of each dated source table."""
+    from psycopg2.extras import execute_values
+
+    rows = [
+        (run.use_case, run.score_date, run.run_id, source, day, n)
+        for source, counts in days.items()
+        for day, n in counts.items()
+    ]
+    conn = db.connect(settings.database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "DELETE FROM monitoring.source_days WHERE use_case = %s AND run_id = %s",
+                (run.use_case, run.run_id),
+            )
+            execute_values(
+                cur,
+                "INSERT INTO monitoring.source_days (use_case, score_date, run_id, source, day, "
+                "rows) VALUES %s",
+                rows,
+                page_size=1000,
+            )
+        conn.commit()
+    finally:
+        conn.close()
 
 
 def record_and_gate(

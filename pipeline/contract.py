@@ -140,13 +140,16 @@ class ColumnSpec(BaseModel):
 
 class VolumeSpec(BaseModel):
     """Rows on the last complete day must be within ``[min_ratio, max_ratio]`` times the
-    median daily count of the ``trailing_days`` days before it (a day without rows counts 0)."""
+    median daily count of the ``trailing_days`` days before it (a day without rows counts 0),
+    and so must every day of the window against the window's median day. ``weekly``
+    compares a day with the same weekday only (weekends that are always quiet pass)."""
 
     model_config = _FROZEN
 
     min_ratio: float = Field(ge=0)
     max_ratio: float = Field(gt=0)
     trailing_days: int = Field(default=28, ge=1)
+    weekly: bool = False
 
     @model_validator(mode="after")
     def _ordered(self) -> VolumeSpec:
@@ -161,7 +164,9 @@ class TableSpec(BaseModel):
     """One source table: its columns, the column that dates a row, and its checks.
 
     A table without ``date_column`` is a dimension: its rules and null fractions look at
-    the whole table, and it has no freshness, future-row or volume check.
+    the whole table, and it has no freshness, future-row or volume check. ``unique`` are
+    its fact keys (a duplicated fact fails); ``not_null`` columns may hold no NULL at all
+    (the use case's entity key never may, wherever it appears).
     """
 
     model_config = _FROZEN
@@ -171,6 +176,7 @@ class TableSpec(BaseModel):
     fresh: bool = False
     volume: VolumeSpec | None = None
     unique: tuple[UniqueKey, ...] = ()
+    not_null: tuple[str, ...] = ()
     rules: tuple[Annotated[str, Field(min_length=1)], ...] = ()
 
     @field_validator("columns")
@@ -210,7 +216,31 @@ class TableSpec(BaseModel):
                     ", ".join(missing),
                     f"unique[{i}]",
                 )
+        unknown = [c for c in self.not_null if c not in self.columns]
+        if unknown:
+            raise _problem(
+                f"columns listed under columns ({declared})", ", ".join(unknown), "not_null"
+            )
         return self
+
+
+class Relation(BaseModel):
+    """A rule across two tables joined on equal columns (``using``, as in SQL), e.g. no
+    cancellation before the customer signed up: ``rule`` is SQL over both, naming columns
+    as ``table.column``; every joined row must satisfy it (the whole tables are checked)."""
+
+    model_config = _FROZEN
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    table: str
+    join: str
+    using: tuple[str, ...] = Field(min_length=1)
+    rule: str = Field(min_length=1)
+
+    @field_validator("using", mode="before")
+    @classmethod
+    def _one_or_more(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
 
 
 class Contract(BaseModel):
@@ -222,6 +252,10 @@ class Contract(BaseModel):
     window_days: int = Field(default=30, ge=1)
     max_null_fraction: float = Field(default=0.01, ge=0, le=1)
     timezone: str | None = None
+    relations: tuple[Relation, ...] = ()
+    # Past days' row counts may change between runs (late corrections) by this fraction of
+    # the rows a run saw before it fails; any change at all warns.
+    max_rewritten_fraction: float = Field(default=0.005, ge=0, le=1)
 
     @field_validator("tables")
     @classmethod
@@ -243,9 +277,34 @@ class Contract(BaseModel):
             ) from None
         return value
 
-    def null_limit(self, table: str, column: str) -> float:
-        """The largest fraction of nulls allowed in ``table.column``."""
-        own = self.tables[table].columns[column].max_null_fraction
+    @model_validator(mode="after")
+    def _relations_name_tables(self) -> Contract:
+        for i, rel in enumerate(self.relations):
+            for key in ("table", "join"):
+                name = getattr(rel, key)
+                if name not in self.tables:
+                    raise _problem(
+                        f"a table of the contract ({', '.join(self.tables)})",
+                        _show(name),
+                        f"relations[{i}].{key}",
+                    )
+            for column in rel.using:
+                for table in (rel.table, rel.join):
+                    if column not in self.tables[table].columns:
+                        raise _problem(
+                            f"a column of both {rel.table} and {rel.join}",
+                            _show(column),
+                            f"relations[{i}].using",
+                        )
+        return self
+
+    def null_limit(self, table: str, column: str, entity_key: str | None = None) -> float:
+        """The largest fraction of nulls allowed in ``table.column`` (0 for ``not_null``
+        columns and the entity key)."""
+        spec = self.tables[table]
+        if column in spec.not_null or column == entity_key:
+            return 0.0
+        own = spec.columns[column].max_null_fraction
         return self.max_null_fraction if own is None else own
 
 

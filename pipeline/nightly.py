@@ -8,7 +8,7 @@ The DAG wires them; ``run_night`` chains them in-process for the CLI and the tes
 from __future__ import annotations
 
 import logging
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from pipeline import (
@@ -68,13 +68,27 @@ def start_run(
 def check_sources(settings: Settings, uc: UseCase, run: RunContext) -> dict[str, Any]:
     """Source contract, freshness, volume, value rules, keys and nulls, before featurizing."""
     with ledger.stage(settings, run, "check_sources") as info:
-        results = sources.check_sources(
+        spec = contract.load_contract(uc.contract)
+        seen = sources.observe(
             settings.warehouse_url,
             settings.warehouse_schema,
-            contract.load_contract(uc.contract),
+            spec,
             run.score_date,
             uc.warehouse.timezone,
+            uc.entity_key,
         )
+        earlier, before = checks.previous_source_days(settings, run)
+        results = seen.results
+        if earlier is not None:
+            results += sources.rewritten_days(
+                before,
+                earlier,
+                seen.days,
+                settings.warehouse_schema,
+                spec,
+                since=run.score_date - timedelta(days=spec.window_days),
+            )
+        checks.store_source_days(settings, run, seen.days)
         info |= checks.record_and_gate(settings, run, results, "source")
     return info
 
@@ -99,7 +113,11 @@ def check_features(
         reference = registry.card(champ).get("reference") if champ else None
         results = checks.check_features(table, uc, previous, reference)
         info |= checks.record_and_gate(settings, run, results, "feature")
-        drifted = [r.target for r in results if r.check == "feature_psi" and not r.passed]
+        drifted = [
+            r.target
+            for r in results
+            if r.check in ("feature_psi", "unseen_categories") and not r.passed
+        ]
         if drifted and champ is not None:
             # "retrain on drift": the cadence gives way to a request the next decision honours
             registry.request_retrain(

@@ -137,6 +137,7 @@ def _contract(settings: Settings, uc: UseCase, as_of: date) -> tuple[str, str]:
         contract,
         as_of,
         uc.warehouse.timezone,
+        uc.entity_key,
     )
     failed = [r for r in results if not r.passed and r.severity == "fail"]
     if failed:

@@ -36,7 +36,14 @@ from psycopg2 import sql
 
 from pipeline import db
 from pipeline.checks import CheckResult
-from pipeline.contract import _DAY_KINDS, Contract, TableSpec, VolumeSpec, dated_tables
+from pipeline.contract import (
+    _DAY_KINDS,
+    Contract,
+    Relation,
+    TableSpec,
+    VolumeSpec,
+    dated_tables,
+)
 from pipeline.errors import ConfigError, SourceError
 
 log = logging.getLogger(__name__)
@@ -199,6 +206,14 @@ class _Table:
     as_of: date
     today: date
     timezone: str
+    entity_key: str | None = None
+    floats: tuple[str, ...] = ()  # declared columns stored as numeric, real or double
+
+    @property
+    def future_from(self) -> date:
+        """Rows dated on or after this day are in the future: the run date itself for a
+        run of today (or later), else tomorrow (a backfill sees later facts rightly)."""
+        return self.as_of if self.as_of >= self.today else self.today + timedelta(days=1)
 
     @property
     def target(self) -> str:
@@ -223,17 +238,17 @@ class _Table:
 
     @property
     def params(self) -> dict[str, Any]:
-        tomorrow = self.today + timedelta(days=1)
+        future = self.future_from
         return {
             "tz": self.timezone,
             "end": self.as_of,
             "start": self.window_start,
             "volume_start": self.volume_start,
-            "tomorrow": tomorrow,
+            "tomorrow": future,
             # one range scan covers the window, the volume days and every future row
-            "scan_start": min(self.window_start, self.volume_start, tomorrow),
-            # days from here on are all after today: one group is enough to count them
-            "cap": max(self.as_of, tomorrow),
+            "scan_start": min(self.window_start, self.volume_start, future),
+            # days from here on are all in the future: one group is enough to count them
+            "cap": max(self.as_of, future),
         }
 
     # -- the SQL pieces
@@ -259,6 +274,12 @@ class _Table:
             sql.SQL(", ").join(sql.Identifier(c) for c in key)
         )
 
+    def _nonfinite(self, column: str) -> sql.Composable:
+        # NaN = NaN in PostgreSQL, and numeric stores NaN and +-Infinity as well
+        return sql.SQL("CAST({} AS double precision) IN ('NaN', 'Infinity', '-Infinity')").format(
+            sql.Identifier(column)
+        )
+
     def _keys(self) -> list[str]:
         keys = []
         if self.axis is not None:
@@ -267,9 +288,11 @@ class _Table:
                 keys.append("latest")
             if self.spec.volume is not None:
                 keys.append("volume")
+            keys.append("days")
         keys += [f"rule:{i}" for i in range(len(self.spec.rules))]
         keys += [f"unique:{j}" for j in range(len(self.spec.unique))]
         keys += [f"null:{c}" for c in self.spec.columns]
+        keys += [f"finite:{c}" for c in self.floats]
         return keys
 
     def probe(self, key: str) -> tuple[sql.Composable, Callable[[list[Any]], Any]]:
@@ -297,8 +320,17 @@ class _Table:
                 ),
                 lambda rows: (int(rows[0][0]), int(rows[0][1])),
             )
+        if kind == "finite":
+            return (
+                sql.SQL("SELECT count(*) FROM {} WHERE {} AND {}").format(
+                    t, self._in_window(), self._nonfinite(arg)
+                ),
+                lambda rows: int(rows[0][0]),
+            )
         assert self.axis is not None
         col = sql.Identifier(self.axis.column)
+        if kind == "days":
+            kind = "volume"
         if kind == "future":
             return (
                 sql.SQL("SELECT count(*) FROM {} WHERE {}").format(t, self.axis.since("tomorrow")),
@@ -313,7 +345,7 @@ class _Table:
             )
         return (
             sql.SQL("SELECT {}, count(*) FROM {} WHERE {} AND {} GROUP BY 1").format(
-                self.axis.day(col), t, self.axis.since("volume_start"), self.axis.before("end")
+                self.axis.day(col), t, self.axis.since("scan_start"), self.axis.before("end")
             ),
             lambda rows: {day: int(n) for day, n in rows},
         )
@@ -324,6 +356,9 @@ class _Table:
         spec = self.spec
         nulls = [sql.SQL("count({})").format(sql.Identifier(c)) for c in spec.columns]
         rules = [sql.SQL("count(*) FILTER (WHERE {})").format(self._rule(r)) for r in spec.rules]
+        rules += [
+            sql.SQL("count(*) FILTER (WHERE {})").format(self._nonfinite(c)) for c in self.floats
+        ]
         uniques = [self._distinct(key) for key in spec.unique]
         unique_keys = [f"unique:{j}" for j in range(len(spec.unique))]
         if self.axis is None:
@@ -359,7 +394,10 @@ class _Table:
             for c, n in zip(self.spec.columns, rest[:ncols], strict=True)
         }
         out |= {f"rule:{i}": int(n) for i, n in enumerate(rest[ncols : ncols + nrules])}
-        out |= self._read_uniques([(total, *rest[ncols + nrules :])])
+        nfin = len(self.floats)
+        finite = rest[ncols + nrules : ncols + nrules + nfin]
+        out |= {f"finite:{c}": int(n) for c, n in zip(self.floats, finite, strict=True)}
+        out |= self._read_uniques([(total, *rest[ncols + nrules + nfin :])])
         return out
 
     def _read_uniques(self, rows: list[Any]) -> dict[str, Any]:
@@ -370,10 +408,10 @@ class _Table:
         ncols = len(self.spec.columns)
         future = total = 0
         nonnull = [0] * ncols
-        bad = [0] * len(self.spec.rules)
+        bad = [0] * (len(self.spec.rules) + len(self.floats))
         counts: dict[date, int] = {}
         for day, n, *rest in rows:
-            if day > self.today:
+            if day >= self.future_from:
                 future += n
             if day < self.as_of:
                 counts[day] = n
@@ -381,10 +419,12 @@ class _Table:
                     total += n
                     nonnull = [a + b for a, b in zip(nonnull, rest[:ncols], strict=True)]
                     bad = [a + b for a, b in zip(bad, rest[ncols:], strict=True)]
-        out: dict[str, Any] = {"future": future, "volume": counts}
+        out: dict[str, Any] = {"future": future, "volume": counts, "days": counts}
         out["latest"] = max(counts) if counts else _LOOK_UP
         out |= {f"null:{c}": (total, n) for c, n in zip(self.spec.columns, nonnull, strict=True)}
-        out |= {f"rule:{i}": n for i, n in enumerate(bad)}
+        nrules = len(self.spec.rules)
+        out |= {f"rule:{i}": n for i, n in enumerate(bad[:nrules])}
+        out |= {f"finite:{c}": n for c, n in zip(self.floats, bad[nrules:], strict=True)}
         return out
 
     # -- running and judging
@@ -431,7 +471,7 @@ class _Table:
                 _judge(
                     "no_future_rows",
                     dated,
-                    f"0 rows dated after today ({self.today})",
+                    f"0 rows dated on or after {self.future_from}",
                     measured["future"],
                     lambda n: (n == 0, f"{n} rows"),
                 )
@@ -459,6 +499,16 @@ class _Table:
                         f"{vol.trailing_days}-day median",
                         measured["volume"],
                         lambda counts: self._volume(counts, vol),
+                    )
+                )
+                out.append(
+                    _judge(
+                        "days_complete",
+                        dated,
+                        f"every day {self.window_start}..{self.last_day - timedelta(days=1)} within "
+                        f"{vol.min_ratio}..{vol.max_ratio} x the median day",
+                        measured["volume"],
+                        lambda counts: self._complete(counts, vol),
                     )
                 )
         scope = (
@@ -492,8 +542,18 @@ class _Table:
             if self.axis is not None
             else "in the whole table"
         )
+        for column in self.floats:
+            result = _judge(
+                "finite",
+                f"{t}.{column}",
+                f"no NaN or infinite values in {scope.removeprefix('every ')}",
+                measured[f"finite:{column}"],
+                lambda bad: (bad == 0, f"{bad} rows NaN or infinite"),
+            )
+            if not result.passed:
+                out.append(result)
         for column in self.spec.columns:
-            limit = self.contract.null_limit(self.name, column)
+            limit = self.contract.null_limit(self.name, column, self.entity_key)
             result = _judge(
                 "null_fraction",
                 f"{t}.{column}",
@@ -505,11 +565,36 @@ class _Table:
                 out.append(result)
         return out
 
+    def _complete(self, counts: Mapping[date, int], vol: VolumeSpec) -> tuple[bool, str]:
+        """Every day of the window has rows, within the volume ratios of the window's median
+        day, or of its weekday's median (a day shifted by a time zone bug leaves a gap and a
+        double)."""
+        # the last day has its own check against the trailing median (daily_volume)
+        days = [
+            self.window_start + timedelta(days=i) for i in range(self.contract.window_days - 1)
+        ]
+        odd = []
+        medians = []
+        for d in days:
+            peers = [p for p in days if not vol.weekly or p.weekday() == d.weekday()]
+            median = float(statistics.median([counts.get(p, 0) for p in peers]))
+            medians.append(median)
+            n = counts.get(d, 0)
+            ratio = n / median if median else math.inf
+            if not vol.min_ratio <= ratio <= vol.max_ratio:
+                odd.append(f"{d}: {n:,} rows ({ratio:.2f} x)")
+        typical = statistics.median(medians)
+        if not odd:
+            return True, f"{len(days)} days, median {typical:,.0f} rows"
+        shown = "; ".join(odd[:5]) + (f"; and {len(odd) - 5} more days" if len(odd) > 5 else "")
+        return False, f"median {typical:,.0f} rows a day; {shown}"
+
     def _volume(self, counts: Mapping[date, int], vol: VolumeSpec) -> tuple[bool, str]:
         trailing = [
             counts.get(self.last_day - timedelta(days=i), 0)
             for i in range(1, vol.trailing_days + 1)
-        ]
+            if not vol.weekly or i % 7 == 0
+        ] or [0]
         median = float(statistics.median(trailing))
         rows = counts.get(self.last_day, 0)
         ratio = rows / median if median else math.inf
@@ -572,18 +657,51 @@ def _shape(target: str, spec: TableSpec, columns: Mapping[str, str] | None) -> l
     return out
 
 
+@dataclass(frozen=True)
+class Observation:
+    """What the source checks found, and the rows per day each dated table held before the
+    run date over the scanned days (what a later run compares to see history rewritten)."""
+
+    results: list[CheckResult]
+    days: dict[str, dict[date, int]]
+
+
 def check_sources(
-    url: str, schema: str, contract: Contract, as_of: date, timezone: str = "UTC"
+    url: str,
+    schema: str,
+    contract: Contract,
+    as_of: date,
+    timezone: str = "UTC",
+    entity_key: str | None = None,
 ) -> list[CheckResult]:
+    """Check every table of ``contract`` in ``schema`` before featurizing day ``as_of``.
+
+    See :func:`observe`, which also returns the rows per day it counted.
+    """
+    return observe(url, schema, contract, as_of, timezone, entity_key).results
+
+
+def observe(
+    url: str,
+    schema: str,
+    contract: Contract,
+    as_of: date,
+    timezone: str = "UTC",
+    entity_key: str | None = None,
+) -> Observation:
     """Check every table of ``contract`` in ``schema`` before featurizing day ``as_of``.
 
     Facts strictly before ``as_of`` count; the last complete day is ``as_of - 1``. Per
     table: existence, columns and types (only failures are reported); then, if the shape
-    matches, no rows dated after today (today in the time zone, from the server's clock),
-    freshness through the last day, the last day's volume against the trailing median,
-    value rules over rows dated in ``[as_of - window_days, as_of)``, unique keys over the
-    whole table, and null fractions over the window (only failures are reported). A table
-    without a date column is checked as a whole and has no time-based checks.
+    matches, no rows dated in the future (on or after the run date for a run of today,
+    after today for a backfill; days in the time zone, from the server's clock), freshness
+    through the last day, the last day's volume against the trailing median and every day
+    of the window against the window's median, value rules over rows dated in
+    ``[as_of - window_days, as_of)``, unique (fact) keys over the whole table, NaN and
+    infinite values in floating and numeric columns, and null fractions over the window
+    (the entity key and ``not_null`` columns: none at all; failures only). A table without
+    a date column is checked as a whole and has no time-based checks. Then each relation
+    (a rule across two joined tables).
 
     Days of timestamp columns are counted in ``contract.timezone``, else ``timezone``.
     All checks read one consistent, read-only snapshot.
@@ -598,26 +716,110 @@ def check_sources(
     """
     as_of = _day(as_of)
     zone = contract.timezone or timezone
+    days: dict[str, dict[date, int]] = {}
     conn = db.connect(url)
     try:
         with conn.cursor() as cur:
             today = _begin(conn, cur, zone)
             found = _catalog(conn, cur, schema, list(contract.tables))
             results: list[CheckResult] = []
+            healthy = set()
             for name, spec in contract.tables.items():
                 shape = _shape(f"{schema}.{name}", spec, found.get(name))
                 results += shape
                 if shape:
                     continue
+                healthy.add(name)
                 axis = None
                 if spec.date_column is not None:
                     kind = _DAY_KINDS[found[name][spec.date_column]]
                     axis = _Axis(spec.date_column, kind)
-                table = _Table(schema, name, spec, contract, axis, as_of, today, zone)
-                results += table.results(table.measure(conn, cur))
+                floats = tuple(c for c in spec.columns if found[name][c] in _FLOATING)
+                table = _Table(
+                    schema, name, spec, contract, axis, as_of, today, zone, entity_key, floats
+                )
+                measured = table.measure(conn, cur)
+                results += table.results(measured)
+                if axis is not None and not isinstance(measured.get("days"), _Failure):
+                    days[name] = dict(measured["days"])
+            for rel in contract.relations:
+                if {rel.table, rel.join} <= healthy:
+                    results.append(_relation(conn, cur, schema, rel))
     finally:
         conn.close()
-    return results
+    return Observation(results, days)
+
+
+_FLOATING = {"numeric", "real", "double precision"}
+
+
+def _relation(conn: Any, cur: Any, schema: str, rel: Relation) -> CheckResult:
+    """Rows of ``rel.table`` joined to ``rel.join`` that break ``rel.rule``."""
+    query = sql.SQL(
+        "SELECT count(*) FROM {} AS {} JOIN {} AS {} USING ({}) WHERE NOT ({}\n)"
+    ).format(
+        sql.Identifier(schema, rel.table),
+        sql.Identifier(rel.table),
+        sql.Identifier(schema, rel.join),
+        sql.Identifier(rel.join),
+        sql.SQL(", ").join(sql.Identifier(c) for c in rel.using),
+        sql.SQL(rel.rule.replace("%", "%%")),
+    )
+    try:
+        measured: Any = int(_run(conn, cur, query, {})[0][0])
+    except _QueryFailed as exc:
+        measured = _Failure(exc.message)
+    return _judge(
+        "cross_rule",
+        f"{schema}.{rel.table} x {schema}.{rel.join}: {rel.name}",
+        f"every row of {rel.table} joined to {rel.join} on {', '.join(rel.using)} has {rel.rule}",
+        measured,
+        lambda bad: (bad == 0, f"{bad} rows break it"),
+    )
+
+
+def rewritten_days(
+    previous: Mapping[str, Mapping[date, int]],
+    seen_before: date,
+    current: Mapping[str, Mapping[date, int]],
+    schema: str,
+    contract: Contract,
+    since: date | None = None,
+) -> list[CheckResult]:
+    """Past days whose row counts changed since an earlier run counted them.
+
+    ``previous`` are the rows per day an earlier run saw of each table (days before its
+    own run date ``seen_before``); ``current`` what this run sees. A change warns; more
+    changed rows than ``contract.max_rewritten_fraction`` of what the earlier run saw on
+    the compared days fails. Days before ``since`` are not compared.
+    """
+    out = []
+    for table, before in previous.items():
+        now = current.get(table)
+        if now is None:
+            continue
+        compared = [d for d in before if d < seen_before and (since is None or d >= since)]
+        changed = {d: (before[d], now.get(d, 0)) for d in compared if now.get(d, 0) != before[d]}
+        seen = sum(before[d] for d in compared)
+        moved = sum(abs(b - a) for a, b in changed.values())
+        limit = contract.max_rewritten_fraction
+        fraction = moved / seen if seen else (1.0 if moved else 0.0)
+        shown = "; ".join(f"{d}: {a:,} -> {b:,} rows" for d, (a, b) in sorted(changed.items())[:5])
+        more = f"; and {len(changed) - 5} more days" if len(changed) > 5 else ""
+        out.append(
+            CheckResult(
+                STAGE,
+                "history_unchanged",
+                f"{schema}.{table}",
+                not changed,
+                f"past days as an earlier run counted them (changes warn; more than "
+                f"{limit:.1%} of their rows fail: max_rewritten_fraction)",
+                f"{len(changed)} of {len(compared)} days changed, {moved:,} rows "
+                f"({fraction:.2%}){': ' + shown + more if changed else ''}",
+                severity="fail" if fraction > limit else "warn",
+            )
+        )
+    return out
 
 
 def history_start(

@@ -183,6 +183,8 @@ class FeatureChecks(_Section):
     population_min_ratio: float = Field(default=0.75, ge=0)
     population_max_ratio: float = Field(default=1.33, ge=1)
     psi_limit: float = Field(default=0.25, gt=0)
+    # warn (and request a retrain) when more rows than this hold a category training never saw
+    unseen_share_limit: float = Field(default=0.005, ge=0, le=1)
 
     def rule(self, feature: str) -> FeatureRule:
         """The default rule with the feature's own keys (explicit nulls included) on top."""

@@ -25,3 +25,17 @@ CREATE TABLE IF NOT EXISTS monitoring.drift (
     measured_at  timestamptz      NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS drift_by_date ON monitoring.drift (use_case, score_date);
+
+-- Rows per day of each dated source table as a run saw them (days before its run date, over
+-- the days its checks scanned): a later run compares, and warns or stops when past days
+-- changed (history rewritten after the fact).
+CREATE TABLE IF NOT EXISTS monitoring.source_days (
+    use_case     text        NOT NULL,
+    score_date   date        NOT NULL,
+    run_id       text        NOT NULL,
+    source       text        NOT NULL,
+    day          date        NOT NULL,
+    rows         bigint      NOT NULL,
+    PRIMARY KEY (use_case, run_id, source, day)
+);
+CREATE INDEX IF NOT EXISTS source_days_by_date ON monitoring.source_days (use_case, score_date);

@@ -504,6 +504,7 @@ def test_permission_denied_fails_the_checks_of_that_table_and_column(url: str) -
         ("no_future_rows", "base.events.occurred_at"): events,
         ("fresh_through", "base.events.occurred_at"): events,
         ("daily_volume", f"base.events on {LAST}"): events,
+        ("days_complete", "base.events.occurred_at"): events,
         ("value_rule", "base.events"): events,
         ("unique_key", "base.events.event_id"): events,
         ("null_fraction", "base.events.event_id"): events,
@@ -602,3 +603,172 @@ def test_history_start_names_a_missing_table(url: str) -> None:
     schema = broken(url, "DROP TABLE {s}.readings")
     with pytest.raises(SourceError, match=f"{schema}.readings.read_at"):
         sources.history_start(url, schema, contract(), AS_OF)
+
+
+# -- classes of bad data that used to pass -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("statement", "target"),
+    [
+        ("UPDATE {s}.readings SET value = 'NaN' WHERE reading_id % 50 = 0", "{s}.readings.value"),
+        (
+            "UPDATE {s}.customers SET score = 'Infinity' WHERE customer_id = 3",
+            "{s}.customers.score",
+        ),
+        # a numeric column widened to double precision still passes the `number` family
+        (
+            "ALTER TABLE {s}.readings ALTER COLUMN value TYPE double precision; "
+            "UPDATE {s}.readings SET value = '-Infinity' WHERE reading_id % 50 = 0",
+            "{s}.readings.value",
+        ),
+    ],
+)
+def test_nan_and_infinity_fail_though_nan_passes_every_comparison(
+    url: str, statement: str, target: str
+) -> None:
+    schema = broken(url, statement)
+    results = run(url, schema)
+    bad = one(results, "finite", target.format(s=schema))
+    assert not bad.passed and "NaN or infinite" in bad.found
+    if "'NaN'" in statement:
+        # NaN >= 0 is true in PostgreSQL: the value rule alone let it through
+        assert one(results, "value_rule", f"{schema}.readings").passed
+
+
+def test_any_null_entity_key_fails_even_under_the_null_limit(url: str) -> None:
+    schema = broken(
+        url,
+        "UPDATE {s}.events SET customer_id = NULL "
+        "WHERE occurred_at = (SELECT max(occurred_at) FROM {s}.events)",
+    )
+    under_limit = run(url, schema)  # 1 row in 480: under the 1% limit
+    assert all(r.passed for r in under_limit if r.check == "null_fraction")
+    keyed = sources.check_sources(url, schema, contract(), AS_OF, "UTC", "customer_id")
+    bad = one(keyed, "null_fraction", f"{schema}.events.customer_id")
+    assert bad.expected == "<= 0% nulls" and not bad.passed
+    declared = contract(
+        tables={"events": CONTRACT["tables"]["events"] | {"not_null": ["customer_id"]}}
+    )
+    assert not one(
+        run(url, schema, declared), "null_fraction", f"{schema}.events.customer_id"
+    ).passed
+
+
+def test_a_fact_loaded_twice_fails_its_fact_key(url: str) -> None:
+    schema = broken(url, "INSERT INTO {s}.events SELECT * FROM {s}.events WHERE event_id <= 12")
+    bad = one(run(url, schema), "unique_key", f"{schema}.events.event_id")
+    assert not bad.passed and bad.found == "12 duplicate rows"
+
+
+RELATION = {
+    "name": "events_after_signup",
+    "table": "events",
+    "join": "customers",
+    "using": "customer_id",
+    "rule": "events.occurred_at > TIMESTAMPTZ '2020-01-01'",
+}
+
+
+def test_a_relation_across_tables_catches_contradicting_facts(url: str) -> None:
+    rules = only("events", "customers", relations=[RELATION])
+    clean = one(
+        run(url, "base", rules), "cross_rule", "base.events x base.customers: events_after_signup"
+    )
+    assert clean.passed
+    schema = broken(
+        url, "UPDATE {s}.events SET occurred_at = TIMESTAMPTZ '2019-06-01' WHERE event_id < 4"
+    )
+    bad = one(
+        run(url, schema, rules),
+        "cross_rule",
+        f"{schema}.events x {schema}.customers: events_after_signup",
+    )
+    assert not bad.passed and bad.found == "3 rows break it"
+    typo = only("events", "customers", relations=[RELATION | {"rule": "events.no_such > 0"}])
+    failed = one(
+        run(url, "base", typo), "cross_rule", "base.events x base.customers: events_after_signup"
+    )
+    assert not failed.passed and failed.found.startswith("the check's query failed")
+
+
+def test_a_relation_must_name_tables_and_columns_of_the_contract() -> None:
+    with pytest.raises(ValueError, match="a table of the contract"):
+        only("events", relations=[RELATION])
+
+
+@pytest.mark.parametrize("table", sorted(DAY_OF))
+def test_a_week_shifted_by_a_day_fails_every_day_of_the_window(url: str, table: str) -> None:
+    day = DAY_OF[table]
+    column = DATE_COLUMN[table]
+    shift = {
+        "usage_daily": "usage_date = usage_date + 1",
+        "readings": "read_at = read_at + interval '1 day'",
+        "events": "occurred_at = occurred_at + interval '1 day'",
+    }[table]
+    start, end = AS_OF - timedelta(days=14), AS_OF - timedelta(days=7)
+    schema = broken(
+        url, f"UPDATE {{s}}.{table} SET {shift} WHERE {day} >= '{start}' AND {day} < '{end}'"
+    )
+    results = run(url, schema, only(table))
+    bad = one(results, "days_complete", f"{schema}.{table}.{column}")
+    assert not bad.passed and f"{start}: 0 rows" in bad.found
+    # the last day is intact: the old check saw nothing
+    assert one(results, "daily_volume", f"{schema}.{table} on {LAST}").passed
+
+
+def test_quiet_weekends_pass_when_volume_is_weekly(url: str) -> None:
+    weekend = "extract(isodow FROM usage_date) IN (6, 7) AND customer_id > 4"
+    schema = broken(url, f"DELETE FROM {{s}}.usage_daily WHERE {weekend}")
+    daily = one(
+        run(url, schema, only("usage_daily")), "days_complete", f"{schema}.usage_daily.usage_date"
+    )
+    assert not daily.passed
+    weekly = only("usage_daily")
+    spec = CONTRACT["tables"]["usage_daily"] | {"volume": VOLUME | {"weekly": True}}
+    weekly = contract(tables={"usage_daily": spec})
+    results = run(url, schema, weekly)
+    assert one(results, "days_complete", f"{schema}.usage_daily.usage_date").passed
+    assert one(results, "daily_volume", f"{schema}.usage_daily on {LAST}").passed
+
+
+def test_rows_dated_on_the_run_date_fail_a_run_of_today(url: str) -> None:
+    today = db.scalar(url, "SELECT CAST(now() AT TIME ZONE 'UTC' AS date)")
+    schema = broken(
+        url,
+        "CREATE TABLE {s}.live (id integer, at date); "
+        f"INSERT INTO {{s}}.live SELECT g, DATE '{today}' - (g % 20) FROM generate_series(1, 200) g",
+    )
+    live = contract(
+        tables={"live": {"date_column": "at", "columns": {"id": "integer", "at": "date"}}}
+    )
+    tonight = sources.check_sources(url, schema, live, today, "UTC")
+    bad = one(tonight, "no_future_rows", f"{schema}.live.at")
+    assert not bad.passed and f"on or after {today}" in bad.expected
+    # a backfill of an earlier date sees later facts rightly
+    earlier = sources.check_sources(url, schema, live, today - timedelta(days=5), "UTC")
+    assert one(earlier, "no_future_rows", f"{schema}.live.at").passed
+
+
+def test_rows_per_day_are_observed_and_rewritten_history_is_named() -> None:
+    d = date(2024, 11, 1)
+    before = {"events": {d + timedelta(days=i): 100 for i in range(10)}}
+    same = sources.rewritten_days(before, d + timedelta(days=10), before, "wh", contract())
+    assert [r.passed for r in same] == [True]
+    late = {"events": dict(before["events"]) | {d + timedelta(days=3): 103}}
+    warned = sources.rewritten_days(before, d + timedelta(days=10), late, "wh", contract())[0]
+    assert (warned.passed, warned.severity) == (False, "warn")
+    assert f"{d + timedelta(days=3)}: 100 -> 103 rows" in warned.found
+    rewritten = {"events": dict(before["events"]) | {d + timedelta(days=3): 150}}
+    failed = sources.rewritten_days(before, d + timedelta(days=10), rewritten, "wh", contract())[0]
+    assert (failed.passed, failed.severity) == (False, "fail")
+    assert "max_rewritten_fraction" in failed.expected
+    # days the earlier run had not yet seen are new facts, not rewrites
+    newer = {"events": dict(before["events"]) | {d + timedelta(days=10): 999}}
+    assert sources.rewritten_days(before, d + timedelta(days=10), newer, "wh", contract())[0].passed
+
+
+def test_observe_counts_rows_per_day_of_each_dated_table(url: str) -> None:
+    seen = sources.observe(url, "base", contract(), AS_OF, "UTC")
+    assert set(seen.days) == {"usage_daily", "readings", "events"}
+    assert seen.days["usage_daily"][LAST] == 20 and seen.days["events"][LAST] == 12

@@ -163,7 +163,7 @@ CONFIG_ERRORS = {
             columns: {usage_date: date}
         """,
         "tables.usage_daily.freshh",
-        "one of the keys columns, date_column, fresh, volume, unique, rules",
+        "one of the keys columns, date_column, fresh, volume, unique, not_null, rules",
         "unknown key 'freshh'",
     ),
     "unknown top-level key": (
