@@ -570,9 +570,7 @@ class _Table:
         day, or of its weekday's median (a day shifted by a time zone bug leaves a gap and a
         double)."""
         # the last day has its own check against the trailing median (daily_volume)
-        days = [
-            self.window_start + timedelta(days=i) for i in range(self.contract.window_days - 1)
-        ]
+        days = [self.window_start + timedelta(days=i) for i in range(self.contract.window_days - 1)]
         odd = []
         medians = []
         for d in days:
