@@ -36,15 +36,11 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# The Airflow UI on 127.0.0.1:8080 with these DAGs; the login is printed once it is ready.
+# The Airflow UI on 127.0.0.1:$(AIRFLOW_PORT) with these DAGs; the login is printed once it is
+# ready. Every listener binds 127.0.0.1 (nightscore airflow runs the components itself).
+AIRFLOW_PORT ?= 8080
 airflow: install
-	@eval "$$($(BIN)/nightscore db airflow-env)"; \
-	 export PATH="$(CURDIR)/$(BIN):$$PATH"; \
-	 nightscore db init >/dev/null; \
-	 echo "Airflow UI: http://127.0.0.1:8080 (starting; the login is printed below when ready)"; \
-	 ( for i in $$(seq 120); do [ -s "$$AIRFLOW_HOME/passwords.json" ] && break; sleep 1; done; \
-	   echo; echo "==> Airflow UI: http://127.0.0.1:8080  login: admin  password: $$(python -c 'import json,os; print(json.load(open(os.environ["AIRFLOW_HOME"] + "/passwords.json"))["admin"])')"; echo ) & \
-	 exec airflow standalone
+	$(BIN)/nightscore airflow --port $(AIRFLOW_PORT)
 
 bench: install
 	$(BIN)/python benchmarks/publish.py

@@ -35,8 +35,9 @@ def settings(uc: Any, *, require_serving: bool = False) -> Any:
     objects do not exist yet.
     """
     from pipeline import serving
-    from pipeline.config import load_settings
+    from pipeline.config import load_settings, private_by_default
 
+    private_by_default()
     resolved = load_settings(
         database_url=_conn_url(CONN_DB),
         warehouse_url=_conn_url(uc.warehouse.connection),

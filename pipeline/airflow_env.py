@@ -1,7 +1,7 @@
-"""Environment for running the DAGs with a local Airflow (``dags test``, ``standalone``).
+"""A local Airflow for these DAGs: its environment (``dags test``) and its processes.
 
-This builds environment variables only; it does not import Airflow. Airflow's own
-metadata lives in a separate database (``airflow``) on the embedded server, or wherever
+The environment is variables only; nothing here imports Airflow. Airflow's own metadata
+lives in a separate database (``airflow``) on the embedded server, or wherever
 ``NIGHTSCORE_AIRFLOW_DATABASE_URL`` points.
 """
 
@@ -9,9 +9,17 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 from pipeline import embedded
-from pipeline.config import REPO_ROOT, Settings, sqlalchemy_url, url_parts, with_database
+from pipeline.config import (
+    REPO_ROOT,
+    Settings,
+    private_dir,
+    sqlalchemy_url,
+    url_parts,
+    with_database,
+)
 
 ENV_AIRFLOW_DB = "NIGHTSCORE_AIRFLOW_DATABASE_URL"
 
@@ -45,8 +53,7 @@ def metadata_url(settings: Settings) -> str:
 
 def airflow_env(settings: Settings, port: int = 8080) -> dict[str, str]:
     """Variables that point a local Airflow at these DAGs, databases and connections."""
-    home = settings.home / "airflow"
-    home.mkdir(parents=True, exist_ok=True)
+    home = private_dir(settings.home / "airflow")
     return {
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
@@ -72,3 +79,67 @@ def shell_exports(env: dict[str, str]) -> str:
 
 def _shell_quote(value: str) -> str:
     return "'" + value.replace("'", "'\"'\"'") + "'"
+
+
+# The local Airflow: its components one by one (what `airflow standalone` runs), so that
+# every listener binds 127.0.0.1: the API server by its --host, and the log servers of the
+# scheduler and triggerer (which bind every interface, with no setting to change it) are
+# not started: on one machine the API server reads task logs from the log folder.
+LOCAL_COMPONENTS = (
+    ("api-server", "--host", "127.0.0.1", "--port", "{port}"),
+    ("scheduler", "--skip-serve-logs"),
+    ("dag-processor",),
+    ("triggerer", "--skip-serve-logs"),
+)
+
+
+def run_local(settings: Settings, port: int = 8080, ready: Any = None) -> int:
+    """Run Airflow on 127.0.0.1:``port`` with these DAGs until interrupted; returns the exit code.
+
+    ``ready`` (a callable) is called with the API server's URL and the admin password once
+    the login exists.
+    """
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from pipeline.config import private_by_default
+
+    private_by_default()
+    env = os.environ | airflow_env(settings, port)
+    airflow = str(Path(sys.executable).with_name("airflow"))
+    subprocess.run([airflow, "db", "migrate"], env=env, check=True, capture_output=True)
+    procs = [
+        subprocess.Popen([airflow, *(a.format(port=port) for a in args)], env=env)
+        for args in LOCAL_COMPONENTS
+    ]
+    passwords = Path(env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"])
+    stop = {"now": False}
+
+    def interrupted(signum: int, frame: Any) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGINT, interrupted)
+    announced = False
+    try:
+        while not stop["now"] and all(p.poll() is None for p in procs):
+            if not announced and passwords.is_file() and passwords.stat().st_size:
+                login = json.loads(passwords.read_text()).get("admin", "")
+                if ready is not None:
+                    ready(f"http://127.0.0.1:{port}", login)
+                announced = True
+            time.sleep(0.5)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    failed = [p.returncode for p in procs if p.returncode not in (0, -signal.SIGTERM, None)]
+    return 0 if stop["now"] or not failed else 1

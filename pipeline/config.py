@@ -10,6 +10,7 @@ schemas live in it. Use cases (``pipeline.usecase``) say which warehouse they re
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -102,6 +103,27 @@ def home_dir() -> Path:
     return Path(os.environ.get(ENV_HOME) or (Path.cwd() / ".nightscore")).resolve()
 
 
+def private_dir(path: Path) -> Path:
+    """``path`` as a directory only its owner may enter (created with its parents)."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.chmod(0o700)
+    return path
+
+
+def private_file(path: Path) -> Path:
+    """``path`` readable and writable by its owner only (exports, messages, models)."""
+    path.chmod(0o600)
+    return path
+
+
+def private_by_default() -> None:
+    """Files this process creates from now on are its owner's only (umask 077).
+
+    Called by the entry points (CLI, Airflow tasks, the local Airflow), never at import.
+    """
+    os.umask(0o077)
+
+
 def load_settings(
     database_url: str | None = None,
     warehouse_url: str | None = None,
@@ -114,7 +136,7 @@ def load_settings(
     ``NIGHTSCORE_WAREHOUSE_URL``, defaulting to the serving database, so that a single
     URL, or none at all, is enough to run everything.
     """
-    home = home_dir()
+    home = private_dir(home_dir())
     db = database_url or os.environ.get(ENV_DATABASE_URL)
     if not db:
         from pipeline import embedded
@@ -128,7 +150,7 @@ def load_settings(
         admin_url=normalize_url(db),
         warehouse_url=normalize_url(wh),
         home=home,
-        artifact_dir=Path(artifact_dir).resolve() if artifact_dir else None,
+        artifact_dir=private_dir(Path(artifact_dir).resolve()) if artifact_dir else None,
     )
     return settings if uc is None else settings.for_use_case(uc, warehouse_url)
 
@@ -188,16 +210,49 @@ def with_database(url: str, database: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, "/" + quote(database, safe=""), parts.query, ""))
 
 
-def redact(url: str) -> str:
-    """A URL safe to show: the password is replaced by ``***``."""
+_SECRET_KEYS = ("password", "passfile", "sslpassword", "sslkey")
+
+
+def secrets_of(url: str) -> list[str]:
+    """Every secret a URL (or a libpq key=value string) carries, raw and percent-encoded."""
+    from urllib.parse import parse_qsl, unquote
+
+    found: list[str] = []
     try:
         parts = urlsplit(url)
+        if parts.password:
+            found.append(parts.password)
+        found += [v for k, v in parse_qsl(parts.query) if k.lower() in _SECRET_KEYS and v]
+    except ValueError:
+        pass
+    found += [
+        m.group(2)
+        for m in re.finditer(r"\b(password|passfile|sslpassword)\s*=\s*('[^']*'|[^\s&]+)", url)
+    ]
+    out = set()
+    for secret in found:
+        secret = secret.strip("'")
+        if secret:
+            out |= {secret, unquote(secret), quote(unquote(secret), safe="")}
+    return sorted(out, key=len, reverse=True)
+
+
+def scrub(text: str, *urls: str) -> str:
+    """``text`` (an error message, say) with every secret of ``urls`` replaced by ``***``."""
+    for url in urls:
+        for secret in secrets_of(url):
+            text = text.replace(secret, "***")
+    return text
+
+
+def redact(url: str) -> str:
+    """A URL safe to show: passwords (in the user part, in ``?password=``, in a libpq
+    ``password=`` pair) are replaced by ``***``."""
+    try:
+        urlsplit(url)
     except ValueError:
         return "<unparseable url>"
-    if parts.password:
-        netloc = parts.netloc.replace(":" + parts.password + "@", ":***@")
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-    return url
+    return scrub(url, url)
 
 
 def url_parts(url: str) -> dict[str, str | int | None]:

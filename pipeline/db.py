@@ -16,7 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.config import SQL_DIR, normalize_url, redact, sqlalchemy_url
+from pipeline.config import SQL_DIR, normalize_url, redact, scrub, sqlalchemy_url
 from pipeline.errors import ConfigError, SourceError
 
 _NAMED_PARAM = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)\b")
@@ -66,10 +66,10 @@ def connect(url: str, *, autocommit: bool = False, application_name: str = "nigh
                 "`nightscore db init` once (it creates the schema and the writer/reader roles)"
             ) from exc
         raise SourceError(
-            f"cannot connect to PostgreSQL at {redact(url)}: {str(exc).strip()}; "
+            f"cannot connect to PostgreSQL at {redact(url)}: {scrub(str(exc).strip(), url)}; "
             "check that the server is running and the URL (NIGHTSCORE_DATABASE_URL / "
             "NIGHTSCORE_WAREHOUSE_URL or the Airflow connection) is right"
-        ) from exc
+        ) from None
     conn.autocommit = autocommit
     return conn
 
@@ -83,9 +83,9 @@ def adbc_connect(url: str) -> Any:
         return adbc_driver_postgresql.dbapi.connect(normalize_url(url))
     except adbc_driver_manager.Error as exc:
         raise SourceError(
-            f"cannot connect to PostgreSQL at {redact(url)}: {exc}; "
+            f"cannot connect to PostgreSQL at {redact(url)}: {scrub(str(exc), url)}; "
             "check that the server is running and the URL is right"
-        ) from exc
+        ) from None
 
 
 def set_search_path(cur: Any, schema: str | None) -> None:

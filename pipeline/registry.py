@@ -35,11 +35,12 @@ class ModelVersion:
     feature_schema: list[dict[str, str]]
     training_window: dict[str, Any]
     library_versions: dict[str, str]
+    card_sha256: str | None = None
 
 
 _COLUMNS = (
     "use_case, version, trained_as_of, artifact_uri, sha256, status, metrics, "
-    "feature_schema, training_window, library_versions"
+    "feature_schema, training_window, library_versions, card_sha256"
 )
 
 
@@ -62,16 +63,20 @@ def _fetch_one(settings: Settings, where: str, params: tuple[Any, ...]) -> Model
     return None if row is None else _row_to_version(row)
 
 
-def register(settings: Settings, card: dict[str, Any]) -> ModelVersion:
-    """Record a trained model as a ``candidate``. Re-registering the same version is a no-op."""
+def register(settings: Settings, card: dict[str, Any], card_sha256: str) -> ModelVersion:
+    """Record a trained model as a ``candidate``. Re-registering the same version is a no-op.
+
+    ``card_sha256`` is the sha256 of the card file (``model.json``), checked whenever the
+    card is read, as the artifact's is.
+    """
     conn = db.connect(settings.database_url)
     try:
         with conn.cursor() as cur:
             cur.execute(
                 """
                 INSERT INTO ml.model_versions (use_case, version, trained_as_of, training_window,
-                    feature_schema, artifact_uri, sha256, library_versions, metrics)
-                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+                    feature_schema, artifact_uri, sha256, library_versions, metrics, card_sha256)
+                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
                 ON CONFLICT (use_case, version) DO NOTHING
                 """,
                 (
@@ -84,6 +89,7 @@ def register(settings: Settings, card: dict[str, Any]) -> ModelVersion:
                     card["sha256"],
                     json.dumps(card["library_versions"]),
                     json.dumps(card["metrics"]),
+                    card_sha256,
                 ),
             )
         conn.commit()
@@ -348,6 +354,26 @@ def consume_retrain_requests(settings: Settings, use_case: str, run_id: str) -> 
 
 
 def card(mv: ModelVersion) -> dict[str, Any]:
-    """The JSON card written next to the artifact (features, window, drift reference, ...)."""
+    """The JSON card written next to the artifact (features, window, drift reference, ...),
+    after checking its sha256 against the registry, as the artifact's is.
+
+    Raises:
+        ModelError: the card is missing, or was changed since the model was registered.
+    """
     path = Path(mv.artifact_uri).with_name("model.json")
-    return dict(json.loads(path.read_text())) if path.is_file() else {}
+    if mv.card_sha256 is None:  # registered before cards were hashed
+        return dict(json.loads(path.read_text())) if path.is_file() else {}
+    if not path.is_file():
+        raise ModelError(
+            f"the card of {mv.use_case} model {mv.version} is missing at {path}; restore the "
+            "artifact store or promote/roll back to another version"
+        )
+    raw = path.read_bytes()
+    found = hashlib.sha256(raw).hexdigest()
+    if found != mv.card_sha256:
+        raise ModelError(
+            f"card {path} of {mv.use_case} model {mv.version} has sha256 {found}, but the "
+            f"registry expects {mv.card_sha256}; the file was modified or replaced; refusing "
+            "to read it (its drift reference would judge tonight's data): restore the original"
+        )
+    return dict(json.loads(raw))

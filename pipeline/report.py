@@ -433,7 +433,7 @@ def _write_atomically(path: Path, text: str) -> Path:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; a report is meant to be shared
+        os.chmod(tmp_name, 0o600)  # its owner only, like everything under the home
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)

@@ -21,7 +21,7 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline import checks, evaluate, features, registry
-from pipeline.config import Settings
+from pipeline.config import Settings, private_dir, private_file
 from pipeline.errors import ConfigError, DataError
 from pipeline.usecase import UseCase
 
@@ -217,9 +217,10 @@ def save_and_register(
     sha = registry_sha(blob)
     version = f"{uc.name}-{run_date:%Y%m%d}-{sha[:8]}"
     out_dir = settings.artifacts / uc.name / version
-    out_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(out_dir)
     artifact = out_dir / "model.pkl"
     artifact.write_bytes(blob)
+    private_file(artifact)
     schema = data.table.schema
     card = {
         "use_case": uc.name,
@@ -251,8 +252,10 @@ def save_and_register(
         "sha256": sha,
         "artifact_uri": str(artifact),
     }
-    (out_dir / "model.json").write_text(json.dumps(card, indent=2, sort_keys=True))
-    registry.register(settings, card)
+    card_bytes = json.dumps(card, indent=2, sort_keys=True).encode()
+    (out_dir / "model.json").write_bytes(card_bytes)
+    private_file(out_dir / "model.json")
+    registry.register(settings, card, registry_sha(card_bytes))
     log.info(
         "trained %s on %d rows: out-of-time AUC %.4f, top-decile lift %.2f",
         version,

@@ -600,11 +600,23 @@ def _run(settings: Settings, sim: _Sim, through_day: int, initial: bool) -> dict
     return rows
 
 
+def _checked_schema(schema: str) -> str:
+    """The warehouse schema name, refused unless it is a plain identifier."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_$]{0,62}", schema):
+        raise ConfigError(
+            f"warehouse schema: expected a plain identifier (letters, digits, _), found {schema!r}"
+        )
+    return schema
+
+
 def _schema_conn(settings: Settings) -> Any:
     conn = db.connect(settings.warehouse_url)
     with conn.cursor() as cur:
-        cur.execute(f"CREATE SCHEMA IF NOT EXISTS {settings.warehouse_schema}")
-        cur.execute(f"SET search_path TO {settings.warehouse_schema}")
+        schema = db.quote_ident(_checked_schema(settings.warehouse_schema))
+        cur.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+        cur.execute(f"SET search_path TO {schema}")
     return conn
 
 
@@ -697,7 +709,8 @@ def data_through(settings: Settings) -> date | None:
     try:
         value = db.scalar(
             settings.warehouse_url,
-            f"SELECT through_date FROM {settings.warehouse_schema}.generator_state",
+            "SELECT through_date FROM "
+            f"{db.quote_ident(_checked_schema(settings.warehouse_schema), 'generator_state')}",
         )
     except Exception:
         return None

@@ -69,3 +69,7 @@ CREATE TABLE IF NOT EXISTS ml.retrain_requests (
     requested_at      timestamptz NOT NULL DEFAULT now(),
     consumed_by_run   text
 );
+
+-- The sha256 of each model's card (model.json: features, window, drift reference), checked
+-- when the card is read, as the artifact's sha256 is.
+ALTER TABLE ml.model_versions ADD COLUMN IF NOT EXISTS card_sha256 text;
