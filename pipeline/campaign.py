@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from psycopg2 import sql
 
-from pipeline import db, keys
+from pipeline import db, files, keys
 from pipeline.config import Settings, private_dir, private_file
 from pipeline.errors import ConfigError, DataError
 from pipeline.faults import fault_point
@@ -551,7 +551,8 @@ def export_audience(settings: Settings, uc: UseCase, score_date: date) -> dict[s
     paths = {}
     for kind in ("csv", "parquet"):
         final = out_dir / f"{cfg.audience_table}.{kind}"
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        files.sweep(out_dir)
+        tmp = files.temporary(final)
         if kind == "csv":
             pacsv.write_csv(table, tmp)
         else:

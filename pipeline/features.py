@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import db, keys
+from pipeline import db, files, keys
 from pipeline.config import Settings
 from pipeline.errors import DataError, SourceError
 from pipeline.usecase import UseCase
@@ -241,7 +241,8 @@ def build_snapshot(
         settings.snapshots / uc.name / ("training" if labelled else "features") / f"as_of={as_of}"
     )
     target_dir.mkdir(parents=True, exist_ok=True)
-    tmp = target_dir / f".building-{os.getpid()}.parquet"
+    files.sweep(target_dir)
+    tmp = files.temporary(target_dir / "snapshot.parquet")
     rows = 0
     with (
         _naming(uc.sql.features, uc),

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import features, keys, registry, train
+from pipeline import features, files, keys, registry, train
 from pipeline.config import Settings
 from pipeline.errors import DataError
 from pipeline.usecase import UseCase
@@ -90,7 +90,8 @@ def score_partition(
     out_dir = settings.scores / uc.name / snapshot.as_of.isoformat() / _safe(run_id)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f"part-{partition:04d}-of-{partitions:04d}.parquet"
-    tmp = final.with_suffix(f".{os.getpid()}.tmp")
+    files.sweep(out_dir)
+    tmp = files.temporary(final)
     schema = pa.schema(
         [
             (uc.entity_key, keys.arrow_type(uc.entity.type)),

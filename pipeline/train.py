@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import platform
 from dataclasses import dataclass
 from datetime import date
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from pipeline import checks, evaluate, features, registry
+from pipeline import checks, evaluate, features, files, registry
 from pipeline.config import Settings, private_dir, private_file
 from pipeline.errors import ConfigError, DataError
 from pipeline.usecase import UseCase
@@ -218,9 +220,9 @@ def save_and_register(
     version = f"{uc.name}-{run_date:%Y%m%d}-{sha[:8]}"
     out_dir = settings.artifacts / uc.name / version
     private_dir(out_dir)
+    files.sweep(out_dir)
     artifact = out_dir / "model.pkl"
-    artifact.write_bytes(blob)
-    private_file(artifact)
+    _write_whole(artifact, blob)
     schema = data.table.schema
     card = {
         "use_case": uc.name,
@@ -253,8 +255,7 @@ def save_and_register(
         "artifact_uri": str(artifact),
     }
     card_bytes = json.dumps(card, indent=2, sort_keys=True).encode()
-    (out_dir / "model.json").write_bytes(card_bytes)
-    private_file(out_dir / "model.json")
+    _write_whole(out_dir / "model.json", card_bytes)
     registry.register(settings, card, registry_sha(card_bytes))
     log.info(
         "trained %s on %d rows: out-of-time AUC %.4f, top-decile lift %.2f",
@@ -264,6 +265,14 @@ def save_and_register(
         metrics["lift_top_decile"],
     )
     return TrainedModel(version, sha, str(artifact), metrics, data.holdout, card)
+
+
+def _write_whole(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` (its owner's only) whole or not at all."""
+    tmp = files.temporary(path)
+    tmp.write_bytes(data)
+    private_file(tmp)
+    os.replace(tmp, path)
 
 
 def train_challenger(

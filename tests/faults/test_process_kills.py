@@ -1,0 +1,217 @@
+"""SIGKILL a whole night at random moments, while readers read: ``nightscore run`` and
+Airflow's task process (``airflow dags test``), across every stage of a night with retrain.
+
+After every kill the served night is complete (readers never see a partial or mixed
+night); after the converging re-run: one complete night served, every killed attempt
+marked abandoned in the ledger, no staging table and no temporary file left behind.
+
+``NIGHTSCORE_KILLS`` sets how many times the CLI is killed (default 6; a quarter as many
+Airflow kills follow, at least 2), e.g. ``NIGHTSCORE_KILLS=24`` for 30 kills in all. The
+CLI is killed in a stage drawn at random, at a random moment inside it (stage times from a
+whole run), so short stages like the publish are hit as often as training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from pipeline import airflow_env as af
+from pipeline import db, nightly, usecase
+from pipeline.config import Settings
+from tests.conftest import SCORE_DATE
+
+UC = usecase.load("churn")
+NIGHT = SCORE_DATE + timedelta(days=1)
+BIN = Path(sys.executable).parent
+CLI_KILLS = int(os.environ.get("NIGHTSCORE_KILLS", "6"))
+AIRFLOW_KILLS = max(2, CLI_KILLS // 4)
+STAGES = (
+    "start_run",
+    "check_sources",
+    "build_features",
+    "check_features",
+    "decide_retrain",
+    "train_challenger",
+    "evaluate_challenger",
+    "select_model",
+    "score_partition_0",
+    "score_partition_1",
+    "check_scores",
+    "publish_scores",
+    "score_shadow",
+    "write_report",
+)
+
+SERVED = """
+SELECT count(*), count(DISTINCT s.model_version), min(s.score_date),
+       (SELECT p.rows FROM ml.publications p WHERE p.use_case = 'churn'
+        AND p.score_date = (SELECT max(score_date) FROM ml.publications WHERE use_case = 'churn'))
+FROM predictions.churn_scores_latest s
+"""
+
+
+class Readers(threading.Thread):
+    """Reads the served night in a loop; every read must be one complete night."""
+
+    def __init__(self, url: str):
+        super().__init__(daemon=True)
+        self.url, self.stop, self.reads, self.bad = url, threading.Event(), 0, []
+
+    def run(self) -> None:
+        conn = db.connect(self.url, autocommit=True)
+        try:
+            with conn.cursor() as cur:
+                while not self.stop.is_set():
+                    cur.execute(SERVED)
+                    rows, versions, day, published = cur.fetchone()
+                    self.reads += 1
+                    if rows != published or versions != 1:
+                        self.bad.append((rows, published, versions, str(day)))
+                    time.sleep(0.02)
+        finally:
+            conn.close()
+
+
+def kill_at(args: list[str], env: dict[str, str], after: float) -> bool:
+    """Start ``args`` and SIGKILL its whole process group ``after`` seconds later; False if
+    it had already finished."""
+    proc = subprocess.Popen(
+        args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    time.sleep(after)
+    killed = proc.poll() is None
+    if killed:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(60)
+    return killed
+
+
+def reached(settings: Settings) -> str:
+    """The last stage the newest attempt of the night recorded ('-' before the ledger)."""
+    stages = db.scalar(
+        settings.database_url,
+        "SELECT stages FROM ml.runs WHERE use_case = 'churn' AND score_date = %s "
+        "ORDER BY started_at DESC LIMIT 1",
+        (NIGHT,),
+    )
+    done = [s for s in STAGES if s in (stages or {})]
+    return done[-1] if done else "-"
+
+
+def timed(args: list[str], env: dict[str, str]) -> float:
+    began = time.monotonic()
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return time.monotonic() - began
+
+
+def stage_windows(settings: Settings, whole: float) -> list[tuple[float, float]]:
+    """(start, end) seconds after the process starts of each stage of the newest run."""
+    stages = db.scalar(
+        settings.database_url,
+        "SELECT stages FROM ml.runs WHERE use_case = 'churn' AND score_date = %s "
+        "AND status = 'published' ORDER BY started_at DESC LIMIT 1",
+        (NIGHT,),
+    )
+    spans = [float(stages[s].get("seconds", 0.05)) for s in STAGES if s in stages]
+    at = max(0.2, whole - sum(spans))  # start-up: imports and connections
+    windows = []
+    for span in spans:
+        windows.append((at, at + max(span, 0.05)))
+        at += span
+    return windows
+
+
+def leftovers(settings: Settings) -> dict[str, object]:
+    staging = db.scalar(
+        settings.database_url,
+        "SELECT count(*) FROM pg_tables WHERE schemaname = 'predictions' "
+        "AND tablename LIKE '%%\\_stage\\_%%'",
+    )
+    detached = db.scalar(
+        settings.database_url,
+        """SELECT count(*) FROM pg_tables t WHERE schemaname = 'predictions'
+           AND tablename LIKE 'churn\\_scores\\_p%%'
+           AND NOT EXISTS (SELECT 1 FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                           WHERE c.relname = t.tablename)""",
+    )
+    temps = sorted(str(p) for p in settings.home.rglob(".*.tmp"))
+    return {"staging": staging, "detached": detached, "temps": temps}
+
+
+@pytest.mark.slow
+def test_killing_whole_runs_at_random_moments_leaves_one_complete_night(
+    isolated: Settings, airflow_env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    nightly.run_night(isolated, UC, SCORE_DATE, retrain="always", run_id="kills-base")
+    env = os.environ | {
+        "NIGHTSCORE_DATABASE_URL": isolated.database_url,
+        "NIGHTSCORE_HOME": str(isolated.home),
+        "NIGHTSCORE_DB_ROLE": "",
+    }
+    cli = [str(BIN / "nightscore"), "run", "--use-case", "churn", "--date", NIGHT.isoformat(),
+           "--retrain", "always"]  # fmt: skip
+    flow = (
+        airflow_env
+        | af.airflow_env(isolated)
+        | {
+            "NIGHTSCORE_DATABASE_URL": isolated.database_url,
+            "NIGHTSCORE_WAREHOUSE_URL": isolated.warehouse_url,
+        }
+    )
+    dags_test = [str(BIN / "airflow"), "dags", "test", "churn_nightly", NIGHT.isoformat(),
+                 "--conf", json.dumps({"retrain": "always"})]  # fmt: skip
+    rng = random.Random(20241121)
+    readers = Readers(isolated.database_url)
+    readers.start()
+    killed_at: Counter[str] = Counter()
+    try:
+        windows = stage_windows(isolated, timed(cli, env))
+        for _ in range(CLI_KILLS):
+            start, end = rng.choice(windows)
+            if kill_at(cli, env, rng.uniform(start, end)):
+                killed_at["cli after " + reached(isolated)] += 1
+            assert leftovers(isolated)["detached"] == 0
+        full_af = timed(dags_test, flow)
+        for _ in range(AIRFLOW_KILLS):
+            if kill_at(dags_test, flow, rng.uniform(1.0, full_af)):
+                killed_at["airflow after " + reached(isolated)] += 1
+            assert leftovers(isolated)["detached"] == 0
+        timed(cli, env)  # the converging re-run
+        time.sleep(0.5)
+    finally:
+        readers.stop.set()
+        readers.join(30)
+    with capsys.disabled():
+        print(f"\n{sum(killed_at.values())} kills, {readers.reads} reads: {dict(killed_at)}")
+    assert sum(killed_at.values()) >= (CLI_KILLS + AIRFLOW_KILLS) * 0.8
+    assert readers.reads > 100 and readers.bad == []
+    rows, versions, day, published = db.scalar(
+        isolated.database_url,
+        f"SELECT json_build_array(c, v, d, p) FROM ({SERVED}) AS q(c, v, d, p)",
+    )
+    assert day == NIGHT.isoformat() and rows == published > 3000 and versions == 1
+    statuses = db.scalar(
+        isolated.database_url,
+        "SELECT json_object_agg(status, n) FROM (SELECT status, count(*) AS n FROM ml.runs "
+        "WHERE use_case = 'churn' AND score_date = %s GROUP BY status) s",
+        (NIGHT,),
+    )
+    # every killed attempt that had started is abandoned; none is left running
+    assert set(statuses) <= {"published", "abandoned", "failed"}, statuses
+    assert statuses.get("abandoned", 0) >= sum(
+        n for k, n in killed_at.items() if not k.endswith("-")
+    )
+    assert leftovers(isolated) == {"staging": 0, "detached": 0, "temps": []}
