@@ -82,7 +82,7 @@ def query(uc: UseCase, role: str) -> str:
     text = _strip(path.read_text())
     key = uc.entity_key
     if role == "features":
-        text = f"SELECT * FROM (\n{text}\n) AS features ORDER BY features.{key}"
+        text = f"SELECT * FROM (\n{text}\n) AS features ORDER BY features.{db.quote_ident(key)}"
     if uc.sql.population is not None and role in ("features", "labels"):
         text = f"WITH population AS (\n{_strip(uc.sql.population.read_text())}\n)\n{text}"
     return text
