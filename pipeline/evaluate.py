@@ -5,7 +5,13 @@ All functions take plain numpy arrays (labels in {0, 1}, probabilities in [0, 1]
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
@@ -328,3 +334,83 @@ def agreement(p_champion: np.ndarray, p_shadow: np.ndarray, capacity: int) -> di
         "audience_enter": float((aud_b & ~aud_a).sum()),
         "audience_leave": float((aud_a & ~aud_b).sum()),
     }
+
+
+IMPORTANCE_ROWS = 4000  # holdout rows the permutation importance is computed on, at most
+IMPORTANCE_REPEATS = 2
+
+
+def permutation_importance(
+    predict: Callable[[pd.DataFrame], np.ndarray],
+    frame: pd.DataFrame,
+    y: np.ndarray,
+    *,
+    seed: int,
+    rows: int = IMPORTANCE_ROWS,
+    repeats: int = IMPORTANCE_REPEATS,
+) -> list[dict[str, float | str]]:
+    """ROC AUC lost when each feature's values are shuffled, on a bounded seeded sample.
+
+    Cost: ``len(columns) * repeats`` predictions of at most ``rows`` rows. Returns one
+    ``{"feature", "importance", "spread"}`` per column (mean and standard deviation of the
+    AUC drop over the repeats), most important first; empty when the sample has one class.
+    """
+    rng = np.random.default_rng(seed)
+    y = np.asarray(y)
+    if len(y) > rows:
+        keep = np.sort(rng.choice(len(y), size=rows, replace=False))
+        frame, y = frame.iloc[keep].reset_index(drop=True), y[keep]
+    if y.min() == y.max():
+        return []
+    base = roc_auc(y, predict(frame))
+    out: list[dict[str, float | str]] = []
+    for column in frame.columns:  # one prediction per feature and repeat, not per row
+        drops = []
+        for _ in range(repeats):
+            shuffled = frame.copy()
+            shuffled[column] = frame[column].to_numpy()[rng.permutation(len(frame))]
+            drops.append(base - roc_auc(y, predict(shuffled)))
+        out.append(
+            {
+                "feature": str(column),
+                "importance": float(np.mean(drops)),
+                "spread": float(np.std(drops)),
+            }
+        )
+    return sorted(out, key=lambda r: -float(r["importance"]))
+
+
+SEGMENT_VALUES = 20  # most frequent values of a segment column reported, at most
+
+
+def segment_metrics(
+    values: np.ndarray,
+    y: np.ndarray,
+    p_challenger: np.ndarray,
+    p_champion: np.ndarray | None = None,
+    top: int = SEGMENT_VALUES,
+) -> list[dict[str, float | str | None]]:
+    """Per value of a segment column (its ``top`` most frequent): rows, positives, observed
+    rate, mean challenger score and each model's ROC AUC (None with one class)."""
+    labels = np.asarray(values).astype(str)
+    y = np.asarray(y, dtype=np.float64)
+    uniques, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    out: list[dict[str, float | str | None]] = []
+    for index in np.argsort(-counts, kind="mergesort")[:top]:
+        mask = inverse == index
+        ys = y[mask]
+        both = 0 < ys.sum() < len(ys)
+        out.append(
+            {
+                "value": str(uniques[index]),
+                "rows": float(mask.sum()),
+                "positives": float(ys.sum()),
+                "rate": float(ys.mean()),
+                "mean_challenger": float(np.mean(p_challenger[mask])),
+                "auc_challenger": roc_auc(ys, p_challenger[mask]) if both else None,
+                "auc_champion": (
+                    roc_auc(ys, p_champion[mask]) if both and p_champion is not None else None
+                ),
+            }
+        )
+    return out

@@ -14,12 +14,16 @@ import io
 import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+
+from pipeline.ledger import NIGHT_STAGES
 
 FIG_SIZE = (5.0, 4.0)
 FIG_DPI = 90
@@ -42,7 +46,7 @@ UNKNOWN_DECISION_COLOUR = "#555555"
 INTEGER_METRICS = frozenset({"rows"})
 LOWER_IS_BETTER = frozenset({"brier", "log_loss", "ece"})
 
-_STYLE = """
+STYLE = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em;
        color: #222; max-width: 1200px; }
 h1 { margin-bottom: 0.2em; }
@@ -59,6 +63,18 @@ td.num { text-align: right; font-family: Menlo, Consolas, monospace; }
 .plots img { max-width: 100%; border: 1px solid #ddd; }
 .plots figcaption { color: #555; font-size: 0.9em; }
 .note { color: #777; font-size: 0.9em; }
+.banner { padding: 0.8em 1.2em; border-radius: 0.3em; margin: 0.8em 0 1.2em 0; color: #fff;
+          font-size: 1.1em; }
+.banner-failed { background: #b3261e; }
+.banner-ok { background: #1e7b34; }
+.banner-info { background: #1f5fa8; }
+.banner-warn { background: #b26a00; }
+.banner code { background: rgba(255,255,255,0.2); color: #fff; }
+.badge { color: #fff; padding: 0.1em 0.5em; border-radius: 0.3em; font-size: 0.9em; }
+.links a { margin-right: 1.2em; }
+dl.header { display: grid; grid-template-columns: max-content auto; gap: 0.2em 1em; }
+dl.header dt { font-weight: bold; }
+dl.header dd { margin: 0; }
 """
 
 
@@ -76,6 +92,10 @@ def write_evaluation_report(
     intervals: dict[str, dict[str, float]],
     decision: str,
     reasons: list[str],
+    checks: Sequence[Mapping[str, Any]] = (),
+    card: Mapping[str, Any] | None = None,
+    importance: Sequence[Mapping[str, Any]] = (),
+    segments: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
 ) -> Path:
     """Write a self-contained HTML report of one champion/challenger evaluation.
 
@@ -104,6 +124,12 @@ def write_evaluation_report(
         decision: ``"promote"``, ``"shadow"``, ``"awaiting_approval"`` or ``"reject"``
             (any other value is shown in a neutral colour).
         reasons: Human-readable reasons for the decision, listed under it.
+        checks: The gate checks (``evaluate.gate_checks``: check, passed, expected, found),
+            shown as a table.
+        card: The challenger's model card (features, training window and rows, estimator,
+            parameters, seed, library and code versions).
+        importance: Permutation importance (feature, importance, spread), most important first.
+        segments: Segment column to ``evaluate.segment_metrics`` rows.
 
     Returns:
         ``path``, once the report is in place.
@@ -141,8 +167,124 @@ def write_evaluation_report(
         decision=decision,
         reasons=reasons,
         images=images,
+        extra=_gate_table(checks)
+        + _card_html(card)
+        + _importance_html(importance)
+        + _segment_metrics_html(segments or {}),
     )
     return _write_atomically(Path(path), document)
+
+
+def _num(value: object, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "&mdash;"
+    if isinstance(value, int | float):
+        return f"{value:.{digits}f}"
+    return html.escape(str(value))
+
+
+def _gate_table(checks: Sequence[Mapping[str, Any]]) -> str:
+    esc = html.escape
+    if not checks:
+        return ""
+    rows = "".join(
+        f"<tr><td>{esc(str(c.get('check')))}</td>"
+        f"<td>{'pass' if c.get('passed') else '<strong>FAIL</strong>'}</td>"
+        f"<td>{esc(str(c.get('expected')))}</td><td>{esc(str(c.get('found')))}</td></tr>"
+        for c in checks
+    )
+    return (
+        "<h2>Gates</h2><table class='gates'><tr><th>check</th><th>result</th><th>expected</th>"
+        f"<th>found</th></tr>{rows}</table>"
+    )
+
+
+def _card_html(card: Mapping[str, Any] | None) -> str:
+    if not card:
+        return ""
+    esc = html.escape
+    window = card.get("training_window") or {}
+    snapshots = window.get("snapshots") or []
+    holdout = window.get("holdout") or {}
+    params = card.get("model_params") or {}
+    features = card.get("features") or []
+    snap_rows = "".join(
+        f"<tr><td>{esc(str(s.get('as_of')))}</td><td class='num'>{int(s.get('rows') or 0):,}</td>"
+        f"<td><code>{esc(str(s.get('sha256', ''))[:12])}</code></td></tr>"
+        for s in snapshots
+    )
+    param_rows = "".join(
+        f"<tr><td>{esc(str(k))}</td><td><code>{esc(str(v))}</code></td></tr>"
+        for k, v in sorted(params.items())
+    )
+    libs = ", ".join(
+        f"{esc(k)} {esc(str(v))}" for k, v in (card.get("library_versions") or {}).items()
+    )
+    feature_list = ", ".join(
+        f"<code>{esc(str(f.get('name')))}</code> ({esc(str(f.get('dtype')))})" for f in features
+    )
+    positive_rate = window.get("positive_rate")
+    return f"""<h2>Model card</h2>
+<dl class="header">
+<dt>version</dt><dd><code>{esc(str(card.get("version", "")))}</code></dd>
+<dt>estimator</dt><dd>{esc(str(card.get("estimator", "")))} (seed {esc(str(card.get("seed", "")))})</dd>
+<dt>trained as of</dt><dd>{esc(str(card.get("trained_as_of", "")))}</dd>
+<dt>training rows</dt><dd>{int(window.get("training_rows") or 0):,}
+(positive rate {_percent(positive_rate)}), label horizon {esc(str(window.get("label_horizon_days", "")))} days</dd>
+<dt>holdout</dt><dd>as of {esc(str(holdout.get("as_of", "")))}, {int(holdout.get("rows") or 0):,} rows</dd>
+<dt>code version</dt><dd><code>{esc(str(card.get("code_version", "")))}</code></dd>
+<dt>artifact sha256</dt><dd><code>{esc(str(card.get("sha256", "")))}</code></dd>
+<dt>libraries</dt><dd>{libs}</dd>
+<dt>features ({len(features)})</dt><dd>{feature_list}</dd>
+</dl>
+<h3>Training window</h3>
+<table><tr><th>snapshot as of</th><th>rows</th><th>sha256</th></tr>{snap_rows}</table>
+<h3>Parameters</h3>
+<table><tr><th>parameter</th><th>value</th></tr>{param_rows or "<tr><td colspan='2' class='note'>defaults</td></tr>"}</table>
+"""
+
+
+def _importance_html(importance: Sequence[Mapping[str, Any]]) -> str:
+    if not importance:
+        return ""
+    esc = html.escape
+    top = max(float(r["importance"]) for r in importance) or 1.0
+    rows = "".join(
+        f"<tr><td><code>{esc(str(r['feature']))}</code></td>"
+        f"<td class='num'>{float(r['importance']):+.4f}</td>"
+        f"<td class='num'>&plusmn;{float(r['spread']):.4f}</td>"
+        f"<td><div style='background:{CHALLENGER_COLOUR};height:0.8em;"
+        f"width:{max(0.0, float(r['importance'])) / top * 200:.0f}px'></div></td></tr>"
+        for r in importance
+    )
+    return (
+        "<h2>Feature importance (challenger)</h2><p class='note'>ROC AUC lost when the feature's "
+        "values are shuffled (permutation importance on a bounded seeded sample of the "
+        "holdout).</p><table><tr><th>feature</th><th>AUC drop</th><th>spread</th><th></th></tr>"
+        f"{rows}</table>"
+    )
+
+
+def _segment_metrics_html(segments: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+    if not segments:
+        return ""
+    esc = html.escape
+    parts = ["<h2>Metrics by segment (holdout)</h2>"]
+    for column, rows in segments.items():
+        body = "".join(
+            f"<tr><td>{esc(str(r['value']))}</td><td class='num'>{int(r['rows']):,}</td>"
+            f"<td class='num'>{int(r['positives']):,}</td><td class='num'>{_percent(r['rate'])}</td>"
+            f"<td class='num'>{_num(r['mean_challenger'])}</td>"
+            f"<td class='num'>{_num(r['auc_challenger'], 3)}</td>"
+            f"<td class='num'>{_num(r['auc_champion'], 3)}</td></tr>"
+            for r in rows
+        )
+        parts.append(
+            f"<h3>{esc(column)}</h3><table><tr><th>value</th><th>rows</th><th>positives</th>"
+            "<th>observed rate</th><th>mean challenger score</th><th>challenger AUC</th>"
+            f"<th>champion AUC</th></tr>{body}</table>"
+        )
+    return "".join(parts)
 
 
 # --- plots ---------------------------------------------------------------------------------
@@ -258,7 +400,12 @@ def _calibration_bins(
 
 
 def _calibration_figure(y: np.ndarray, series: Sequence[tuple[str, np.ndarray, str]]) -> Figure:
-    fig, ax = _new_axes()
+    """Observed rate vs mean predicted probability in equal-count bins, zoomed to where the
+    scores are; below, how the scores spread (log counts)."""
+    fig = Figure(figsize=(FIG_SIZE[0] * 1.2, FIG_SIZE[1] * 1.4), dpi=FIG_DPI)
+    grid = fig.add_gridspec(2, 1, height_ratios=(3, 1), hspace=0.35)
+    ax = fig.add_subplot(grid[0])
+    ax_hist = fig.add_subplot(grid[1])
     top = 0.0
     for label, p, colour in series:
         mean_p, observed = _calibration_bins(y, p)
@@ -267,11 +414,12 @@ def _calibration_figure(y: np.ndarray, series: Sequence[tuple[str, np.ndarray, s
             mean_p,
             observed,
             marker="o",
-            markersize=4,
+            markersize=5,
             color=colour,
             linewidth=1.5,
             label=_legend_label(label),
         )
+        ax_hist.hist(p, bins=40, range=(0, 1), histtype="step", color=colour, linewidth=1.2)
     limit = min(1.0, max(0.05, top * 1.1))
     ax.plot(
         [0, limit],
@@ -281,13 +429,17 @@ def _calibration_figure(y: np.ndarray, series: Sequence[tuple[str, np.ndarray, s
         linewidth=1,
         label="perfectly calibrated",
     )
+    ax.grid(True, color="#eeeeee")
     ax.set_xlim(0, limit)
     ax.set_ylim(0, limit)
-    ax.set_xlabel("Mean predicted probability")
+    ax.set_xlabel("Mean predicted probability (bin of 10% of the holdout)")
     ax.set_ylabel("Observed positive rate")
-    ax.set_title("Calibration")
+    ax.set_title("Calibration (above the line: under-predicts)")
     ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
+    ax_hist.set_xlim(0, limit)
+    ax_hist.set_yscale("log")
+    ax_hist.set_xlabel("Predicted probability")
+    ax_hist.set_ylabel("rows")
     return fig
 
 
@@ -370,6 +522,7 @@ def _render_html(
     decision: str,
     reasons: Sequence[str],
     images: Sequence[tuple[str, str]],
+    extra: str = "",
 ) -> str:
     esc = html.escape
     colour = DECISION_COLOURS.get(decision, UNKNOWN_DECISION_COLOUR)
@@ -388,7 +541,7 @@ def _render_html(
 <head>
 <meta charset="utf-8">
 <title>Evaluation report: {esc(use_case)} / {esc(challenger)}</title>
-<style>{_STYLE}</style>
+<style>{STYLE}</style>
 </head>
 <body>
 <h1>Evaluation report: {esc(use_case)}</h1>
@@ -400,10 +553,12 @@ def _render_html(
 <ul class="reasons">
 {reason_items}
 </ul>
+<p class="links"><a href="../../">all reports</a></p>
 <h2>Plots</h2>
 <div class="plots">
 {figures}
 </div>
+{extra}
 <h2>Metrics</h2>
 <table class="metrics">
 <thead><tr><th>Metric</th><th>Challenger</th><th>Champion</th>
@@ -447,6 +602,213 @@ def _write_atomically(path: Path, text: str) -> Path:
 # --- the nightly run report ------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class NightContext:
+    """What a night's report says about the run itself, beyond its plots and checks.
+
+    Attributes:
+        run: the run's row of ``ml.runs`` (run_id, attempt, status, error, stages,
+            snapshot_sha256, code_version, model_version, rows_published), or None.
+        served: the newest row of ``ml.publications`` (score_date, model_version, run_id,
+            rows): what readers of ``<table>_latest`` get now, whatever this run did.
+        published: the row of ``ml.publications`` for this score date, if any.
+        evaluation: this run's row of ``ml.evaluations`` (challenger, decision), if any.
+        previous_night: the newest earlier score date with a run, if any.
+        shadow: rows of ``monitoring.shadow_agreement`` for this score date.
+        segments: per segment value (segment, value, rows, share, mean, top_decile_share),
+            from a bounded sample of the night's published scores.
+        segment_note: why there is no segment view, or how it was sampled.
+        decay_threshold: realized AUC more than this below the holdout AUC is decay.
+        airflow_run: URL path (relative to the API base) of the run's Airflow page, if any.
+    """
+
+    run: Mapping[str, Any] | None = None
+    served: Mapping[str, Any] | None = None
+    published: Mapping[str, Any] | None = None
+    evaluation: Mapping[str, Any] | None = None
+    previous_night: date | None = None
+    shadow: Sequence[Mapping[str, Any]] = ()
+    segments: Sequence[Mapping[str, Any]] = ()
+    segment_note: str = ""
+    decay_threshold: float | None = None
+    airflow_run: str | None = None
+
+
+FAILED_STATES = frozenset({"failed", "abandoned", "stopped"})
+# the order stages run in, for the header's seconds per stage
+STAGE_ORDER = NIGHT_STAGES
+
+
+def _stage_rank(name: str) -> tuple[int, str]:
+    base = "score_partition" if name.startswith("score_partition_") else name
+    return (STAGE_ORDER.index(base) if base in STAGE_ORDER else len(STAGE_ORDER), name)
+
+
+def failed_stage(run: Mapping[str, Any] | None) -> str | None:
+    """The first stage (in run order) the ledger recorded as failed, if any."""
+    stages = (run or {}).get("stages") or {}
+    failed = [name for name, info in stages.items() if (info or {}).get("status") == "failed"]
+    return min(failed, key=_stage_rank) if failed else None
+
+
+def _served_sentence(served: Mapping[str, Any] | None) -> str:
+    if served is None:
+        return "Nothing is served yet: no night of this use case was ever published."
+    return (
+        f"Readers are served the scores of <strong>{html.escape(str(served['score_date']))}</strong> "
+        f"(model <code>{html.escape(str(served['model_version']))}</code>, run "
+        f"<code>{html.escape(str(served['run_id']))}</code>)."
+    )
+
+
+def night_banner(score_date: date, context: NightContext) -> tuple[str, str]:
+    """(kind, HTML) of the banner at the top of a night's report: how the run ended, why it
+    failed, and what readers are served now (``ml.publications``, not this run)."""
+    esc = html.escape
+    run = context.run or {}
+    status = str(run.get("status") or "unknown")
+    published = context.published
+    ours = published is not None and published.get("run_id") == run.get("run_id")
+    served = _served_sentence(context.served)
+    if status in FAILED_STATES:
+        stage = failed_stage(run)
+        where = f" at <code>{esc(stage)}</code>" if stage else ""
+        error = esc(str(run.get("error") or "no error recorded"))
+        if ours:
+            kept = (
+                f"Its scores were published before the failure ({published['rows']:,} rows, "  # type: ignore[index]
+                "model "
+                f"<code>{esc(str(published['model_version']))}</code>) and stay served."  # type: ignore[index]
+            )
+        else:
+            kept = "Nothing of this night was published."
+        return "failed", (
+            f"<strong>This night {esc(status)}{where}.</strong> {error}<br>{kept} {served}"
+        )
+    if status == "dry_run":
+        return (
+            "info",
+            f"<strong>Dry run</strong>: scored and validated, nothing published. {served}",
+        )
+    if status == "published" or ours:
+        assert published is not None
+        return "ok", (
+            f"<strong>Published</strong> {published['rows']:,} rows of {esc(str(score_date))} with model "
+            f"<code>{esc(str(published['model_version']))}</code>. {served}"
+        )
+    return "warn", (
+        f"<strong>This night has not published</strong> (run state <code>{esc(status)}</code>). {served}"
+    )
+
+
+def _header_rows(context: NightContext) -> str:
+    esc = html.escape
+    run = context.run or {}
+    stages = run.get("stages") or {}
+    decision = stages.get("decide_retrain") or {}
+    retrain = decision.get("retrain")
+    rows = run.get("rows_published")
+    if rows is None:
+        rows = (stages.get("build_features") or {}).get("rows")
+    sha = str(run.get("snapshot_sha256") or "")
+    items = [
+        (
+            "run",
+            f"<code>{esc(str(run.get('run_id', '')))}</code>, attempt {run.get('attempt') or '?'}",
+        ),
+        ("state", esc(str(run.get("status") or "unknown"))),
+        (
+            "scored with",
+            f"<code>{esc(str(run.get('model_version') or 'no model selected'))}</code>",
+        ),
+        ("rows", "&mdash;" if rows is None else f"{int(rows):,}"),
+        ("snapshot sha256", f'<code title="{esc(sha)}">{esc(sha[:16]) or "&mdash;"}</code>'),
+        ("code version", f"<code>{esc(str(run.get('code_version') or ''))}</code>"),
+        (
+            "retrain",
+            "&mdash;"
+            if retrain is None
+            else f"{'yes' if retrain else 'no'}: {esc(str(decision.get('why', '')))}",
+        ),
+    ]
+    if context.evaluation:
+        ev = context.evaluation
+        items.append(
+            (
+                "challenger",
+                f"<code>{esc(str(ev['challenger']))}</code>: {esc(str(ev['decision']))}",
+            )
+        )
+    return "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in items)
+
+
+def _stage_table(run: Mapping[str, Any] | None) -> str:
+    stages = (run or {}).get("stages") or {}
+    rows = []
+    for name in sorted(stages, key=_stage_rank):
+        info = stages[name] or {}
+        seconds = info.get("seconds")
+        rows.append(
+            f"<tr><td>{html.escape(name)}</td><td>{html.escape(str(info.get('status', '')))}</td>"
+            f'<td class="num">{"&mdash;" if seconds is None else f"{float(seconds):.2f}"}</td></tr>'
+        )
+    body = "".join(rows) or '<tr><td colspan="3" class="note">no stage recorded</td></tr>'
+    return f"<table><tr><th>stage</th><th>status</th><th>seconds</th></tr>{body}</table>"
+
+
+def _links(use_case: str, context: NightContext) -> str:
+    """Links relative to the report's own URL (``<prefix>/<use_case>/nightly/<date>``)."""
+    from pipeline import report_site
+
+    esc = html.escape
+    links = ['<a href="../../">all reports</a>']
+    if context.evaluation:
+        version = str(context.evaluation["challenger"])
+        href = "../../" + report_site.evaluation_path(use_case, version).split("/", 1)[1]
+        links.append(f'<a href="{esc(href)}">evaluation report of {esc(version)}</a>')
+    if context.previous_night is not None:
+        day = context.previous_night.isoformat()
+        links.append(f'<a href="{esc(day)}">previous night: {esc(day)}</a>')
+    if context.airflow_run:
+        links.append(f'<a href="../../../{esc(context.airflow_run)}" target="_top">Airflow run</a>')
+    return f'<p class="links">{"".join(links)}</p>'
+
+
+def _shadow_rows(shadow: Sequence[Mapping[str, Any]]) -> str:
+    esc = html.escape
+    rows = "".join(
+        f"<tr><td><code>{esc(str(r['shadow']))}</code></td><td><code>{esc(str(r['champion']))}</code></td>"
+        f'<td class="num">{int(r["rows"]):,}</td><td class="num">{float(r["spearman"]):.3f}</td>'
+        f'<td class="num">{float(r["top_decile_overlap"]):.1%}</td>'
+        f'<td class="num">+{int(r["audience_enter"])} / &minus;{int(r["audience_leave"])} '
+        f"of {int(r['audience_capacity'])}</td></tr>"
+        for r in shadow
+    )
+    return rows or '<tr><td colspan="6" class="note">no shadow model scored this night</td></tr>'
+
+
+def _segment_rows(segments: Sequence[Mapping[str, Any]]) -> str:
+    esc = html.escape
+    return "".join(
+        f"<tr><td>{esc(str(r['segment']))}</td><td>{esc(str(r['value']))}</td>"
+        f'<td class="num">{int(r["rows"]):,}</td><td class="num">{float(r["share"]):.1%}</td>'
+        f'<td class="num">{float(r["mean"]):.4f}</td>'
+        f'<td class="num">{float(r["top_decile_share"]):.1%}</td></tr>'
+        for r in segments
+    )
+
+
+def _score_psi(checks: Sequence[Mapping[str, object]]) -> str:
+    found = [c for c in checks if c.get("check_name") == "score_psi"]
+    if not found:
+        return "no previous published night to compare with"
+    c = found[0]
+    verdict = "within" if c["passed"] else "BEYOND"
+    return (
+        f"{html.escape(str(c['found']))} ({verdict} the limit: {html.escape(str(c['expected']))})"
+    )
+
+
 def write_run_report(
     path: Path,
     *,
@@ -460,49 +822,89 @@ def write_run_report(
     realized: Sequence[Mapping[str, object]],
     decile_rates: Mapping[str, float] | None,
     uplift: Sequence[Mapping[str, object]] = (),
+    context: NightContext | None = None,
 ) -> Path:
-    """One self-contained HTML page for a night: what was served and how healthy it looked.
+    """One self-contained HTML page for a night: how the run went, what is served, how healthy
+    the scores look.
+
+    At the top, a banner: the run's state, the stage that failed and its error, and what
+    readers are served now (``context.served``: a failed night leaves the previous night
+    served). Then a header (run, attempt, rows, snapshot, code version, the retrain decision),
+    links (evaluation, previous night, the Airflow run), seconds per stage, the plots, score
+    PSI apart from feature drift, shadow agreement, scores per segment and the checks.
 
     Args:
+        model_version: the model this run scored with (None when it never selected one).
         score_hist / previous_hist: counts of scores in equal bins over [0, 1], tonight and
             the previous published night.
         drift: (feature, PSI, within limit), any order; the top ten are drawn.
         checks: rows of ``monitoring.checks`` (check_name, target, severity, passed, expected, found).
-        realized: rows of ``monitoring.realized_performance`` (score_date, model_version, roc_auc).
+        realized: rows of ``monitoring.realized_performance`` (score_date, model_version,
+            roc_auc, holdout_auc); each version's holdout AUC and decay line are drawn.
         decile_rates: positive rate per risk decile of the newest matured night, if any.
         uplift: rows of ``monitoring.campaign_uplift`` (campaign, score_date, contacted,
             contacted_positives, control, control_positives, contacted_rate, control_rate,
             uplift, ci_low, ci_high), in the order to show; rates are fractions.
+        context: the run, what is served, links, shadow agreement and segments.
     """
+    context = context or NightContext(run={"model_version": model_version})
+    esc = html.escape
     plots = [
         (
             "Score distribution: tonight vs the previous night",
             _hist_figure(score_hist, previous_hist),
         ),
         ("Top drifting features (PSI vs the champion's training data)", _drift_figure(drift)),
-        ("Realized ROC AUC over time, by model version", _realized_figure(realized)),
+        (
+            "Realized ROC AUC over time, by model version (dashed: holdout AUC; dotted: decay "
+            "threshold)",
+            _realized_figure(realized, context.decay_threshold),
+        ),
         ("Realized lift by risk decile (newest matured night)", _decile_figure(decile_rates)),
     ]
     failed = [c for c in checks if not c["passed"]]
     rows = "".join(
-        f"<tr><td>{html.escape(str(c['check_name']))}</td><td>{html.escape(str(c['target']))}</td>"
-        f"<td>{html.escape(str(c['severity']))}</td><td>{'ok' if c['passed'] else 'FAILED'}</td>"
-        f"<td>{html.escape(str(c['expected']))}</td><td>{html.escape(str(c['found']))}</td></tr>"
+        f"<tr><td>{esc(str(c['check_name']))}</td><td>{esc(str(c['target']))}</td>"
+        f"<td>{esc(str(c['severity']))}</td><td>{'ok' if c['passed'] else 'FAILED'}</td>"
+        f"<td>{esc(str(c['expected']))}</td><td>{esc(str(c['found']))}</td></tr>"
         for c in sorted(checks, key=lambda c: (bool(c["passed"]), str(c["check_name"])))
     )
     figures = "".join(
-        f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{_png_base64(fig)}">'
-        f"<figcaption>{html.escape(title)}</figcaption></figure>"
+        f'<figure><img alt="{esc(title)}" src="data:image/png;base64,{_png_base64(fig)}">'
+        f"<figcaption>{esc(title)}</figcaption></figure>"
         for title, fig in plots
     )
+    kind, banner = night_banner(score_date, context)
+    segment_rows = _segment_rows(context.segments)
+    if segment_rows:
+        segment_html = (
+            "<table><tr><th>segment</th><th>value</th><th>rows</th><th>share</th>"
+            "<th>mean score</th><th>in the riskiest decile</th></tr>"
+            f"{segment_rows}</table>"
+        )
+    else:
+        segment_html = ""
     text = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
-<title>{html.escape(use_case)} {score_date}</title><style>{_STYLE}</style></head>
+<title>{esc(use_case)} {score_date}</title><style>{STYLE}</style></head>
 <body>
-<h1>{html.escape(use_case)}: night of {score_date}</h1>
-<p class="meta">served model <code>{html.escape(model_version or "none")}</code>;
-{len(checks)} checks, {len(failed)} not passing</p>
+<h1>{esc(use_case)}: night of {score_date}</h1>
+<div class="banner banner-{kind}">{banner}</div>
+{_links(use_case, context)}
+<dl class="header">{_header_rows(context)}</dl>
+<p class="meta">{len(checks)} checks, {len(failed)} not passing</p>
+<h2>Seconds per stage</h2>
+{_stage_table(context.run)}
 <div class="plots">{figures}</div>
+<h2>Drift</h2>
+<p>Score PSI vs the previous published night: {_score_psi(checks)}.
+Feature drift (PSI per feature vs the scoring model's training data) is the bar chart above.</p>
+<h2>Shadow agreement</h2>
+<table><tr><th>shadow</th><th>served</th><th>rows</th><th>Spearman</th><th>top-decile overlap</th>
+<th>audience change if served</th></tr>
+{_shadow_rows(context.shadow)}</table>
+<h2>Scores by segment</h2>
+{segment_html}<p class="note">{esc(context.segment_note)}</p>
 <h2>Checks</h2>
 <table><tr><th>check</th><th>target</th><th>severity</th><th>result</th><th>expected</th><th>found</th></tr>
 {rows}</table>
@@ -583,22 +985,35 @@ def _drift_figure(drift: Sequence[tuple[str, float, bool]]) -> Figure:
     return fig
 
 
-def _realized_figure(realized: Sequence[Mapping[str, object]]) -> Figure:
+def _realized_figure(
+    realized: Sequence[Mapping[str, object]], decay_threshold: float | None = None
+) -> Figure:
     fig, ax = _new_axes()
     points = [r for r in realized if r.get("roc_auc") is not None]
     if not points:
         _no_data(ax, "no matured nights yet")
         return fig
+    dates = sorted({str(r["score_date"]) for r in points})
     for version in sorted({str(r["model_version"]) for r in points}):
         mine = sorted(
             (r for r in points if r["model_version"] == version), key=lambda r: str(r["score_date"])
         )
-        ax.plot(
+        (line,) = ax.plot(
             [str(r["score_date"]) for r in mine],
             [float(r["roc_auc"]) for r in mine],  # type: ignore[arg-type]
             marker="o",
             label=_legend_label(version),
         )
+        known = [r["holdout_auc"] for r in mine if isinstance(r.get("holdout_auc"), int | float)]
+        if known:
+            holdout = float(known[0])  # type: ignore[arg-type]
+            span = [str(mine[0]["score_date"]), str(mine[-1]["score_date"])]
+            if span[0] == span[1]:
+                span = [dates[0], dates[-1]]
+            ax.plot(span, [holdout] * 2, linestyle="--", color=line.get_color(), linewidth=1)
+            if decay_threshold is not None:
+                floor = holdout - decay_threshold
+                ax.plot(span, [floor] * 2, linestyle=":", color=line.get_color(), linewidth=1)
     ax.set_ylabel("realized ROC AUC")
     ax.tick_params(axis="x", rotation=45, labelsize=7)
     ax.legend(fontsize=7)

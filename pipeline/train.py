@@ -294,4 +294,9 @@ def registry_sha(blob: bytes) -> str:
 
 def predict(model: Any, table: pa.Table, columns: list[str]) -> np.ndarray:
     """Probabilities of the positive class for the rows of ``table``."""
-    return np.asarray(model.predict_proba(to_frame(table, columns))[:, 1], dtype=np.float64)
+    return predict_frame(model, to_frame(table, columns))
+
+
+def predict_frame(model: Any, frame: pd.DataFrame) -> np.ndarray:
+    """Probabilities of the positive class for the rows of a :func:`to_frame` frame."""
+    return np.asarray(model.predict_proba(frame)[:, 1], dtype=np.float64)

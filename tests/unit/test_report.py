@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from pipeline import evaluate
-from pipeline.report import write_evaluation_report, write_run_report
+from pipeline.report import (
+    NightContext,
+    failed_stage,
+    night_banner,
+    write_evaluation_report,
+    write_run_report,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 IMAGE_PATTERN = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
@@ -238,3 +244,133 @@ def test_run_report_says_when_no_campaign_has_matured(tmp_path: Path) -> None:
     text = _run_report(tmp_path / "night.html", [])
     assert "Campaign uplift (once labels matured)" in text
     assert "no campaign has matured yet" in text
+
+
+def _night(tmp_path: Path, context: NightContext) -> str:
+    path = tmp_path / "night.html"
+    write_run_report(
+        path,
+        use_case="churn",
+        score_date=date(2024, 11, 21),
+        model_version=None,
+        score_hist=None,
+        previous_hist=None,
+        drift=[],
+        checks=[],
+        realized=[],
+        decile_rates=None,
+        context=context,
+    )
+    return path.read_text(encoding="utf-8")
+
+
+FAILED_RUN = {
+    "run_id": "scheduled__2024-11-21T00:00:00+00:00",
+    "attempt": 2,
+    "status": "failed",
+    "error": "check_sources: table warehouse.usage_daily is 3 days stale",
+    "stages": {
+        "start_run": {"status": "ok", "seconds": 0.1},
+        "check_sources": {"status": "failed", "seconds": 1.5, "error": "stale"},
+    },
+    "snapshot_sha256": None,
+    "code_version": "abc123def456",
+    "model_version": None,
+    "rows_published": None,
+}
+SERVED = {
+    "score_date": date(2024, 11, 20),
+    "model_version": "churn-20241120-aa",
+    "run_id": "r20",
+    "rows": 4000,
+}
+
+
+def test_a_failed_night_says_where_it_failed_and_what_stays_served(tmp_path: Path) -> None:
+    context = NightContext(run=FAILED_RUN, served=SERVED, previous_night=date(2024, 11, 20))
+    assert failed_stage(FAILED_RUN) == "check_sources"
+    kind, banner = night_banner(date(2024, 11, 21), context)
+    assert kind == "failed"
+    assert "failed at <code>check_sources</code>" in banner and "3 days stale" in banner
+    assert "Nothing of this night was published" in banner
+    assert "<strong>2024-11-20</strong>" in banner and "churn-20241120-aa" in banner
+    text = _night(tmp_path, context)
+    assert text.index("banner-failed") < text.index("Seconds per stage")
+    assert "served model none" not in text
+    assert 'href="2024-11-20">previous night: 2024-11-20' in text
+    assert "dags/churn_nightly/runs/" not in text  # airflow_run not given
+    assert "abc123def456" in text and "attempt 2" in text
+
+
+def test_a_night_failing_after_the_swap_says_its_scores_stay_served(tmp_path: Path) -> None:
+    run = FAILED_RUN | {
+        "error": "write_report: disk full",
+        "stages": {"publish_scores": {"status": "ok"}, "write_report": {"status": "failed"}},
+    }
+    published = {
+        "score_date": date(2024, 11, 21),
+        "model_version": "m",
+        "run_id": run["run_id"],
+        "rows": 4000,
+    }
+    kind, banner = night_banner(
+        date(2024, 11, 21), NightContext(run=run, served=published, published=published)
+    )
+    assert kind == "failed" and "published before the failure (4,000 rows" in banner
+
+
+def test_a_published_night_has_a_header_and_links(tmp_path: Path) -> None:
+    run = FAILED_RUN | {
+        "status": "published",
+        "error": None,
+        "model_version": "churn-20241121-bb",
+        "rows_published": 4000,
+        "snapshot_sha256": "f" * 64,
+        "stages": {
+            "decide_retrain": {"status": "ok", "retrain": True, "why": "no champion yet"},
+            "score_partition_1": {"status": "ok", "seconds": 2.25},
+            "build_features": {"status": "ok", "seconds": 3.5, "rows": 4000},
+        },
+    }
+    published = {
+        "score_date": date(2024, 11, 21),
+        "model_version": "churn-20241121-bb",
+        "run_id": run["run_id"],
+        "rows": 4000,
+    }
+    context = NightContext(
+        run=run,
+        served=published,
+        published=published,
+        evaluation={"challenger": "churn-20241121-bb", "decision": "promote"},
+        airflow_run="dags/churn_nightly/runs/scheduled__x",
+        segments=[
+            {
+                "segment": "country",
+                "value": "PL",
+                "rows": 10,
+                "share": 0.1,
+                "mean": 0.2,
+                "top_decile_share": 0.3,
+            }
+        ],
+        shadow=[
+            {
+                "shadow": "s",
+                "champion": "c",
+                "rows": 4000,
+                "spearman": 0.9,
+                "top_decile_overlap": 0.8,
+                "audience_capacity": 1000,
+                "audience_enter": 5,
+                "audience_leave": 5,
+            }
+        ],
+    )
+    text = _night(tmp_path, context)
+    assert "banner-ok" in text and "Published</strong> 4,000 rows" in text
+    assert "yes: no champion yet" in text and "ffffffffffffffff" in text
+    assert 'href="../../churn/evaluation/churn-20241121-bb"' in text
+    assert 'href="../../../dags/churn_nightly/runs/scheduled__x"' in text
+    assert text.index(">build_features<") < text.index(">score_partition_1<")
+    assert "<td>PL</td>" in text and "0.900" in text

@@ -1,0 +1,103 @@
+"""The web app serving the HTML reports (Airflow's API server mounts it, see
+``plugins/nightscore_reports.py``); the URLs, files and checks are ``pipeline.report_site``.
+
+Nothing here imports Airflow: who may read what is the :class:`Access` the caller passes in.
+FastAPI reads the route annotations at run time, so its names are imported at module level
+(this module is imported only by the plugin and the tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
+from starlette.concurrency import run_in_threadpool
+
+from pipeline import report_site
+from pipeline.config import Settings
+
+if TYPE_CHECKING:
+    from pipeline.usecase import UseCase
+
+
+class Access(Protocol):
+    """Who is asking, and what they may read (Airflow's login and DAG permissions)."""
+
+    async def user(self, request: Any) -> Any:
+        """The signed-in user; raises an HTTP error (401) when there is none."""
+
+    def may_read(self, user: Any, use_case: str) -> bool:
+        """Whether ``user`` may read the reports of ``use_case`` (its DAGs)."""
+
+
+def create_app(
+    settings: Callable[[], Settings],
+    use_cases: Callable[[], Sequence[UseCase]],
+    access: Access | None = None,
+) -> Any:
+    """The FastAPI app serving the reports (mounted at :data:`report_site.URL_PREFIX`).
+
+    ``settings`` and ``use_cases`` are called per request, off the event loop (nothing is
+    resolved at import or mount time; they may read files or a database). Without ``access`` every request is allowed (tests, a private machine).
+    """
+    app = FastAPI(title="nightscore reports", docs_url=None, redoc_url=None, openapi_url=None)
+
+    async def readable(request: Request, use_case: str | None = None) -> list[str]:
+        """The use cases this request may read (all of them, or ``use_case`` only)."""
+        known = [uc.name for uc in await run_in_threadpool(use_cases)]
+        user = await access.user(request) if access is not None else None
+        allowed = [n for n in known if access is None or access.may_read(user, n)]
+        if use_case is None:
+            return allowed
+        if use_case in known and use_case not in allowed:
+            raise HTTPException(403, f"you may not read the reports of {use_case}")
+        return allowed
+
+    def up(levels: int, path: str) -> str:
+        return "../" * levels + path
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index(request: Request) -> HTMLResponse:
+        allowed = await readable(request)
+        text = await run_in_threadpool(lambda: report_site.index_html(settings(), allowed))
+        return HTMLResponse(text)
+
+    @app.get("/runs/{dag_id}/{run_id}")
+    async def run_night(request: Request, dag_id: str, run_id: str) -> RedirectResponse:
+        return await _redirect(request, dag_id, run_id, "nightly", levels=3)
+
+    @app.get("/runs/{dag_id}/{run_id}/evaluation")
+    async def run_evaluation(request: Request, dag_id: str, run_id: str) -> RedirectResponse:
+        return await _redirect(request, dag_id, run_id, "evaluation", levels=4)
+
+    async def _redirect(
+        request: Request, dag_id: str, run_id: str, kind: str, levels: int
+    ) -> RedirectResponse:
+        allowed = await readable(request, dag_id.removesuffix(report_site.NIGHTLY_SUFFIX))
+        try:
+            target = await run_in_threadpool(
+                lambda: report_site.run_target(settings(), allowed, dag_id, run_id, kind)
+            )
+        except LookupError as err:
+            raise HTTPException(404, str(err)) from None
+        # relative to this URL: <prefix>/runs/<dag>/<run>[/evaluation] -> <prefix>/<uc>/...
+        return RedirectResponse(up(levels - 1, target.split("/", 1)[1]), status_code=307)
+
+    @app.get("/{use_case}/{kind}/{ident}")
+    async def report(request: Request, use_case: str, kind: str, ident: str) -> FileResponse:
+        allowed = await readable(request, use_case)
+        try:
+            path = await run_in_threadpool(
+                lambda: report_site.resolve(settings(), allowed, use_case, kind, ident)
+            )
+        except LookupError as err:
+            raise HTTPException(404, str(err)) from None
+        return FileResponse(
+            path,
+            media_type="text/html; charset=utf-8",
+            headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"},
+        )
+
+    return app

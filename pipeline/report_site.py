@@ -1,0 +1,257 @@
+"""The HTML reports over HTTP: their URLs, their files, and a small web app that serves them.
+
+Airflow's API server mounts the app (``plugins/nightscore_reports.py``) under
+:data:`URL_PREFIX`, so a report opens from the Airflow UI with the UI's own login. Routes,
+relative to the prefix:
+
+- ``/``: every use case with its nights (newest first, with how each run ended and what is
+  served) and its evaluations;
+- ``/<use_case>/nightly/<YYYY-MM-DD>``: the nightly report of a score date;
+- ``/<use_case>/evaluation/<version>``: the evaluation report of a challenger;
+- ``/runs/<dag_id>/<run_id>`` and ``/runs/<dag_id>/<run_id>/evaluation``: a redirect to the
+  report of an Airflow run (what the task links and the run's tab open).
+
+Only files under ``<home>/reports/<use_case>/{nights,evaluations}/`` are ever read: the use
+case must be a known one, the date an ISO date and the version a registry-shaped name, and
+the resolved path must still lie in that folder. The web app is ``pipeline.report_app``.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Sequence
+from datetime import date
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from pipeline import db
+from pipeline.config import Settings
+
+URL_PREFIX = "/nightscore"
+KINDS = {"nightly": ("nights", "score date"), "evaluation": ("evaluations", "model version")}
+INDEX_NIGHTS = 60  # newest nights listed per use case
+INDEX_EVALUATIONS = 30
+NIGHTLY_SUFFIX = "_nightly"
+
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_USE_CASE = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
+# Airflow run ids (manual__, scheduled__, backfill__, asset_triggered__); CLI and test runs
+# have no Airflow page to link to
+_AIRFLOW_RUN = re.compile(r"^(manual|scheduled|backfill|asset_triggered|dataset_triggered)__")
+
+
+def report_path(use_case: str, score_date: date | str) -> str:
+    """URL path of a night's report, relative to the API server's base URL (no leading '/').
+
+    Relative, so it works behind any base URL: in the Airflow UI a relative link resolves
+    against the UI's ``<base href>``; elsewhere join it to ``[api] base_url``.
+    """
+    day = score_date if isinstance(score_date, str) else score_date.isoformat()
+    return f"{URL_PREFIX[1:]}/{quote(use_case)}/nightly/{quote(day)}"
+
+
+def evaluation_path(use_case: str, version: str) -> str:
+    """URL path of a challenger's evaluation report, relative to the API server's base URL."""
+    return f"{URL_PREFIX[1:]}/{quote(use_case)}/evaluation/{quote(version, safe='')}"
+
+
+def run_path(dag_id: str, run_id: str, evaluation: bool = False) -> str:
+    """URL path redirecting to the nightly (or evaluation) report of an Airflow run."""
+    path = f"{URL_PREFIX[1:]}/runs/{quote(dag_id, safe='')}/{quote(run_id, safe='')}"
+    return path + ("/evaluation" if evaluation else "")
+
+
+def airflow_run_path(use_case: str, run_id: str) -> str | None:
+    """URL path of the Airflow UI page of a nightly run, or None for a run Airflow never saw."""
+    if not _AIRFLOW_RUN.match(run_id):
+        return None
+    return f"dags/{quote(use_case + NIGHTLY_SUFFIX, safe='')}/runs/{quote(run_id, safe='')}"
+
+
+def night_file(settings: Settings, use_case: str, score_date: date) -> Path:
+    """Where a night's report is written."""
+    return settings.reports / use_case / "nights" / f"{score_date.isoformat()}.html"
+
+
+def evaluation_file(settings: Settings, use_case: str, version: str) -> Path:
+    """Where a challenger's evaluation report is written."""
+    return settings.reports / use_case / "evaluations" / f"{version}.html"
+
+
+def resolve(settings: Settings, known: Sequence[str], use_case: str, kind: str, ident: str) -> Path:
+    """The report file behind a URL, after validating every part of it.
+
+    Raises:
+        LookupError: the use case is unknown, the kind is not ``nightly``/``evaluation``, the
+            identifier is not a date / version, or no such report was written.
+    """
+    if not _USE_CASE.match(use_case) or use_case not in known:
+        raise LookupError(f"no use case {use_case!r}")
+    if kind not in KINDS:
+        raise LookupError(f"no kind of report {kind!r}")
+    if kind == "nightly":
+        if not _DATE.match(ident):
+            raise LookupError(f"not a date (YYYY-MM-DD): {ident!r}")
+        try:
+            path = night_file(settings, use_case, date.fromisoformat(ident))
+        except ValueError:
+            raise LookupError(f"not a date: {ident!r}") from None
+    else:
+        if not _VERSION.match(ident) or ".." in ident:
+            raise LookupError(f"not a model version: {ident!r}")
+        path = evaluation_file(settings, use_case, ident)
+    folder = (settings.reports / use_case / KINDS[kind][0]).resolve()
+    resolved = path.resolve()
+    if resolved.parent != folder or not resolved.is_file():
+        raise LookupError(f"no {kind} report of {use_case} for {KINDS[kind][1]} {ident}")
+    return resolved
+
+
+def run_target(
+    settings: Settings, known: Sequence[str], dag_id: str, run_id: str, kind: str
+) -> str:
+    """URL path (relative to the API base) of the report an Airflow run wrote.
+
+    Raises:
+        LookupError: the DAG is not a known use case's nightly DAG, or the run wrote no such
+            report (a night that never reached its report, a run that trained no challenger).
+    """
+    use_case = dag_id.removesuffix(NIGHTLY_SUFFIX)
+    if not dag_id.endswith(NIGHTLY_SUFFIX) or use_case not in known:
+        raise LookupError(f"{dag_id!r} is not the nightly DAG of a use case")
+    if kind == "nightly":
+        day = db.scalar(
+            settings.database_url,
+            "SELECT score_date FROM ml.runs WHERE use_case = %s AND run_id = %s "
+            "ORDER BY started_at DESC LIMIT 1",
+            (use_case, run_id),
+        )
+        if day is None:
+            raise LookupError(f"run {run_id} of {use_case} is not in the ledger")
+        return report_path(use_case, day)
+    version = db.scalar(
+        settings.database_url,
+        "SELECT challenger FROM ml.evaluations WHERE use_case = %s AND run_id = %s "
+        "ORDER BY created_at DESC LIMIT 1",
+        (use_case, run_id),
+    )
+    if version is None:
+        raise LookupError(f"run {run_id} of {use_case} evaluated no challenger")
+    return evaluation_path(use_case, version)
+
+
+# --- the index -------------------------------------------------------------------------------
+
+
+def _rows(settings: Settings, query: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
+    conn = db.connect(settings.database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(query, params)
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+    finally:
+        conn.close()
+
+
+STATUS_COLOURS = {
+    "published": "#1e7b34",
+    "failed": "#b3261e",
+    "abandoned": "#b3261e",
+    "stopped": "#b26a00",
+    "running": "#1f5fa8",
+    "dry_run": "#555555",
+}
+
+
+def _badge(status: str) -> str:
+    colour = STATUS_COLOURS.get(status, "#555555")
+    return f'<span class="badge" style="background:{colour}">{html.escape(status)}</span>'
+
+
+def index_html(settings: Settings, use_cases: Sequence[str]) -> str:
+    """One page listing, per use case, its nights and evaluations, newest first.
+
+    A night shows its newest attempt's state (published, failed, ...), the model it scored
+    with and, when it failed, the error; the use case's header says what readers are served.
+    """
+    from pipeline.report import STYLE
+
+    esc = html.escape
+    sections = []
+    for name in use_cases:
+        served = _rows(
+            settings,
+            "SELECT score_date, model_version, run_id FROM ml.publications WHERE use_case = %s "
+            "ORDER BY score_date DESC LIMIT 1",
+            (name,),
+        )
+        nights = _rows(
+            settings,
+            "SELECT DISTINCT ON (score_date) score_date, run_id, attempt, status, model_version, "
+            "rows_published, error FROM ml.runs WHERE use_case = %s "
+            "ORDER BY score_date DESC, started_at DESC LIMIT %s",
+            (name, INDEX_NIGHTS),
+        )
+        evaluations = _rows(
+            settings,
+            "SELECT challenger, champion, decision, holdout_as_of, run_id, created_at "
+            "FROM ml.evaluations WHERE use_case = %s ORDER BY created_at DESC LIMIT %s",
+            (name, INDEX_EVALUATIONS),
+        )
+        if served:
+            s = served[0]
+            now = (
+                f"served now: scores of <strong>{s['score_date']}</strong> by "
+                f"<code>{esc(s['model_version'])}</code>"
+            )
+        else:
+            now = "nothing published yet"
+        night_rows = []
+        for n in nights:
+            has_report = night_file(settings, name, n["score_date"]).is_file()
+            day = esc(str(n["score_date"]))
+            link = (
+                f'<a href="{esc(report_path(name, n["score_date"]).split("/", 1)[1])}">{day}</a>'
+                if has_report
+                else f"{day} <span class='note'>(no report)</span>"
+            )
+            error = esc((n["error"] or "")[:300])
+            published = "" if n["rows_published"] is None else f"{n['rows_published']:,}"
+            night_rows.append(
+                f"<tr><td>{link}</td><td>{_badge(n['status'])}</td>"
+                f"<td class='num'>{n['attempt'] or ''}</td>"
+                f"<td><code>{esc(n['model_version'] or '')}</code></td>"
+                f"<td class='num'>{published}</td><td class='note'>{error}</td></tr>"
+            )
+        eval_rows = []
+        for e in evaluations:
+            version = esc(e["challenger"])
+            if evaluation_file(settings, name, e["challenger"]).is_file():
+                href = esc(evaluation_path(name, e["challenger"]).split("/", 1)[1])
+                version = f'<a href="{href}">{version}</a>'
+            eval_rows.append(
+                f"<tr><td>{version}</td><td>{_badge(e['decision'])}</td>"
+                f"<td><code>{esc(e['champion'] or 'none')}</code></td>"
+                f"<td>{esc(str(e['holdout_as_of']))}</td>"
+                f"<td>{esc(e['created_at'].strftime('%Y-%m-%d %H:%M'))}</td></tr>"
+            )
+        sections.append(
+            f"<h2 id='{esc(name)}'>{esc(name)}</h2><p class='meta'>{now}</p>"
+            "<h3>Nights</h3><table><tr><th>score date</th><th>run state</th><th>attempt</th>"
+            "<th>model</th><th>rows published</th><th>error</th></tr>"
+            + ("".join(night_rows) or "<tr><td colspan='6' class='note'>no runs yet</td></tr>")
+            + "</table><h3>Evaluations</h3><table><tr><th>challenger</th><th>decision</th>"
+            "<th>champion</th><th>holdout as of</th><th>evaluated</th></tr>"
+            + ("".join(eval_rows) or "<tr><td colspan='5' class='note'>none yet</td></tr>")
+            + "</table>"
+        )
+    body = "".join(sections) or "<p class='note'>no use case you may read</p>"
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>nightscore reports</title><style>{STYLE}</style></head><body>"
+        f"<h1>nightscore reports</h1>{body}</body></html>"
+    )
