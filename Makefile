@@ -36,19 +36,23 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# The Airflow UI on 127.0.0.1:$(AIRFLOW_PORT) with these DAGs; the login is printed once it is
+# The Airflow UI on 127.0.0.1:$(AIRFLOW_PORT) (or PORT=...) with these DAGs; the login is printed once it is
 # ready. Every listener binds 127.0.0.1 (nightscore airflow runs the components itself).
-AIRFLOW_PORT ?= 8080
+AIRFLOW_PORT ?= $(or $(PORT),8080)
 airflow: install
 	$(BIN)/nightscore airflow --port $(AIRFLOW_PORT)
 
 bench: install
 	$(BIN)/python benchmarks/publish.py
 
-# Re-resolve the lock file after changing dependencies in pyproject.toml.
-lock:
-	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 --generate-hashes \
-	  --no-header --no-annotate -o requirements.lock
+# Re-resolve the lock files after changing dependencies in pyproject.toml: requirements.lock
+# (what make install syncs: runtime + embedded PostgreSQL + dev tools) and, pinned to the same
+# versions, requirements-runtime.lock (what the Docker image needs: no dev tools, no embedded
+# server). uv keeps the versions already in an output file unless pyproject.toml moves them.
+LOCK_FLAGS := --python-version 3.11 --generate-hashes --no-header --no-annotate
+lock: install
+	$(BIN)/uv pip compile pyproject.toml --extra dev --extra embedded $(LOCK_FLAGS) -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml -c requirements.lock $(LOCK_FLAGS) -o requirements-runtime.lock
 
 clean:
 	rm -rf $(VENV) .nightscore .pytest_cache .mypy_cache .ruff_cache

@@ -112,6 +112,38 @@ def nightly_stage(stage: str, name: str, *args: Any, **kwargs: Any) -> Any:
         raise AirflowFailException(str(err)) from err
 
 
+def data_landed(name: str) -> bool:
+    """The poke of ``wait_for_data``: has the night's data landed?
+
+    A night of today (or later) waits for the use case's ``fresh`` tables to reach the
+    day before; a past night (a backfill, a re-run) does not wait: data missing by now is
+    not coming, and ``check_sources`` says precisely what is missing.
+    """
+    import logging
+
+    from airflow.sdk import get_current_context
+
+    from pipeline import nightly, usecase
+    from pipeline.config import today_in
+
+    log = logging.getLogger("nightscore.wait_for_data")
+    uc = usecase.load(name)
+    day = score_date(get_current_context(), uc.schedule.timezone)
+    if day < today_in(uc.schedule.timezone):
+        log.info("the night of %s is in the past: not waiting (check_sources checks it)", day)
+        return True
+    waiting = nightly.waiting_for_data(settings(uc), uc, day)
+    for line in waiting:
+        log.warning(
+            "the night of %s waits for %s; checking every %g min, skipping the night after %g h",
+            day,
+            line,
+            uc.schedule.data_poke_minutes,
+            uc.schedule.data_wait_hours,
+        )
+    return not waiting
+
+
 CONN_SMTP = "nightscore_smtp"
 
 

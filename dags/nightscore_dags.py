@@ -23,6 +23,11 @@ START = datetime(2020, 1, 1)  # early, so backfills and `dags test` can reach an
 IO_RETRIES = {"retries": 2, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True}
 
 
+def one_line(text: str) -> str:
+    """The first line of a description (the DAG list shows one line)."""
+    return text.strip().splitlines()[0] if text and text.strip() else ""
+
+
 def scores_asset(uc: usecase.UseCase) -> Asset:
     """The Airflow asset a use case's publish updates (its campaign is scheduled on it)."""
     return Asset(name=uc.score_table, uri=f"nightscore://predictions/{uc.score_table}")
@@ -33,7 +38,9 @@ NIGHTLY_DOC = """
 
 {description}
 
-Every night ({cron} {tz}): check the warehouse against the use case's source contract,
+Every night ({cron} {tz}): wait for the night's data to land (`wait_for_data`: the
+contract's fresh tables through the day before; the night is skipped after
+{wait:g} h; a past night does not wait), check the warehouse against the use case's source contract,
 snapshot point-in-time features of the population as of the run date (facts strictly
 before it), retrain a challenger on matured snapshots, evaluate it against the champion on
 the same out-of-time holdout (promote on pass), score the whole population in hash
@@ -41,9 +48,11 @@ partitions with the one pinned model, and publish to `predictions.{table}` atomi
 (COPY into staging, validate, swap the partition). Readers use
 `predictions.{table}_latest` and `predictions.{table}_history`.
 
-Trigger options (the form): **retrain**, **promotion_mode** (`approval` waits at
-`approve_promotion` for a person), **rescore_model**, **dry_run**. A challenger that is not
-promoted is scored every night into `predictions.{table}_shadow` (`score_shadow`).
+Trigger options (the form, which submits as it is): **retrain**, **promotion_mode**
+(`approval` waits at `approve_promotion` for a person: pending approvals are listed under
+*Browse → Required Actions*), **rescore_model**, **dry_run**. A challenger that is not
+promoted goes through `keep_champion`, whose log says why, and is scored every night into
+`predictions.{table}_shadow` (`score_shadow`). `write_report` runs whatever happened.
 Configuration: `{source}`. Each task calls one function of `pipeline.nightly`.
 """
 
@@ -58,7 +67,8 @@ def nightly_dag(uc: usecase.UseCase) -> Any:
         catchup=False,
         max_active_runs=1,
         tags=["nightscore", name],
-        description=uc.description or None,
+        description=one_line(uc.description)
+        or f"Nightly scores of {name} into predictions.{uc.score_table}",
         doc_md=NIGHTLY_DOC.format(
             name=name,
             description=uc.description,
@@ -66,6 +76,7 @@ def nightly_dag(uc: usecase.UseCase) -> Any:
             tz=uc.schedule.timezone,
             table=uc.score_table,
             source=uc.source,
+            wait=uc.schedule.data_wait_hours,
         ),
         params={
             "retrain": Param(
@@ -81,8 +92,8 @@ def nightly_dag(uc: usecase.UseCase) -> Any:
                 "person in this UI; never: keep it as the shadow model.",
             ),
             "rescore_model": Param(
-                "",
-                type="string",
+                None,
+                type=["null", "string"],
                 description="Score with this registered model version instead of the champion "
                 "(empty: the champion).",
             ),
@@ -99,6 +110,19 @@ def nightly_dag(uc: usecase.UseCase) -> Any:
         },
     )
     def nightly() -> None:
+        @task.sensor(
+            poke_interval=uc.schedule.data_poke_minutes * 60,
+            timeout=uc.schedule.data_wait_hours * 3600,
+            mode="reschedule",
+            soft_fail=True,
+        )
+        def wait_for_data() -> bool:
+            """A night of today waits for its data (the contract's fresh tables through the
+            day before), then is skipped if it never lands; a past night goes on at once."""
+            from _nightscore import data_landed
+
+            return data_landed(name)
+
         @task
         def start_run(params: dict | None = None) -> dict:
             from _nightscore import nightly_stage
@@ -152,17 +176,34 @@ def nightly_dag(uc: usecase.UseCase) -> Any:
 
         @task.branch
         def route_promotion(evaluation: dict) -> str:
-            if evaluation["decision"] == "awaiting_approval":
-                return "approve_promotion"
-            return "select_model"
+            return {"awaiting_approval": "approve_promotion", "promote": "select_model"}.get(
+                evaluation["decision"], "keep_champion"
+            )
+
+        @task(retries=0)
+        def keep_champion(evaluation: dict) -> dict:
+            """The challenger was not promoted: say why where the run shows it."""
+            import logging
+
+            log = logging.getLogger("nightscore.keep_champion")
+            log.warning(
+                "challenger %s not promoted (%s); %s stays champion and %s is the shadow model",
+                evaluation["version"],
+                evaluation["decision"],
+                evaluation["champion"] or "no model",
+                evaluation["version"],
+            )
+            for reason in evaluation["reasons"]:
+                log.warning("  %s", reason)
+            return {k: evaluation[k] for k in ("version", "decision", "reasons", "report_url")}
 
         approve_promotion = ApprovalOperator(
             task_id="approve_promotion",
             subject="Promote {{ ti.xcom_pull(task_ids='evaluate_challenger')['version'] }} "
             f"to {name} champion?",
             body=(f"{uc.description}\n\n" if uc.description else "")
-            + "{{ ti.xcom_pull(task_ids='evaluate_challenger')['summary'] }}\n\n"
-            "Report: {{ ti.xcom_pull(task_ids='evaluate_challenger')['report'] }}",
+            # the summary ends with a link to the evaluation report (served by the plugin)
+            + "{{ ti.xcom_pull(task_ids='evaluate_challenger')['summary'] }}",
             response_timeout=timedelta(hours=12),
             defaults="Reject",
         )
@@ -235,26 +276,20 @@ def nightly_dag(uc: usecase.UseCase) -> Any:
                 "score_shadow", name, snapshot, model["model_version"], list(parts)
             )
 
-        @task(retries=1, trigger_rule="all_done")
+        @task(retries=1)
         def write_report() -> dict:
+            """The night's report, whatever happened to the night. A teardown: it runs once
+            the others are done and does not decide the run's state, so a night stopped by a
+            gate still shows as failed."""
             from _nightscore import nightly_stage
+            from airflow.sdk.exceptions import AirflowSkipException
 
+            if get_current_context()["ti"].xcom_pull(task_ids="start_run") is None:
+                raise AirflowSkipException("the night did not start: nothing to report")
             return nightly_stage("write_report", name)
 
-        @task(retries=0, trigger_rule="one_failed")
-        def fail_the_run() -> None:
-            """Runs only when a task failed, and fails, so the run shows as failed in the UI.
-
-            ``write_report`` runs whatever happened (``all_done``) and would otherwise be the
-            only leaf: a night stopped by a gate would look like a successful run.
-            """
-            from airflow.sdk.exceptions import AirflowFailException
-
-            raise AirflowFailException(
-                "a task of this run failed (see its log); the reason is also in ml.runs.error"
-            )
-
         run = start_run()
+        wait_for_data() >> run
         sources = check_sources()
         run >> sources
         snapshot = build_features(run)
@@ -266,12 +301,14 @@ def nightly_dag(uc: usecase.UseCase) -> Any:
         evaluation = evaluate_challenger(trained, snapshot)
         route = route_promotion(evaluation)
         promoted = promote_challenger(evaluation)
+        kept = keep_champion(evaluation)
         model = select_model(run)
         branch >> Label("retrain") >> trained
         branch >> Label("champion only") >> model
         route >> Label("needs approval") >> approve_promotion >> Label("approved") >> promoted
         promoted >> model
-        route >> Label("decided") >> model
+        route >> Label("promoted") >> model
+        route >> Label("not promoted") >> kept >> model
         parts = score_partition.partial(snapshot=snapshot, model=model).expand(
             partition=list(range(uc.serving.partitions))
         )
@@ -279,13 +316,7 @@ def nightly_dag(uc: usecase.UseCase) -> Any:
         published = publish_scores(snapshot, model, parts)
         scores_ok >> published
         shadow = score_shadow(snapshot, model, parts)
-        report = write_report()
-        published >> shadow >> report
-        # not approve_promotion: a "Reject" skips its direct downstream tasks, and a failed
-        # approval still reaches the watcher through promote_challenger (upstream_failed)
-        every_task = [run, sources, snapshot, features_ok, branch, trained, evaluation, route]
-        every_task += [promoted, model, parts, scores_ok, published, shadow, report]
-        every_task >> fail_the_run()
+        published >> shadow >> write_report().as_teardown()
 
     return nightly()
 
@@ -313,6 +344,7 @@ def monitoring_dag(uc: usecase.UseCase) -> Any:
         catchup=False,
         max_active_runs=1,
         tags=["nightscore", name, "monitoring"],
+        description=f"Realized performance and campaign uplift of {name}, once labels mature",
         doc_md=MONITORING_DOC.format(
             name=name,
             cron=uc.schedule.monitoring,
@@ -374,6 +406,7 @@ def campaign_dag(uc: usecase.UseCase) -> Any:
         catchup=False,
         max_active_runs=1,
         tags=["nightscore", name, "campaign"],
+        description=f"Retention emails to the riskiest of each published {name} night",
         doc_md=CAMPAIGN_DOC.format(
             name=name,
             table=uc.score_table,
@@ -385,8 +418,9 @@ def campaign_dag(uc: usecase.UseCase) -> Any:
         ),
         params={
             "score_date": Param(
-                "",
-                type="string",
+                None,
+                type=["null", "string"],
+                format="date",
                 description="Build the audience of this published date (YYYY-MM-DD). Empty: the "
                 "dates announced by the triggering publish, else the newest published date.",
             ),

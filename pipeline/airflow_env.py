@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from typing import Any
 
-from pipeline import embedded
 from pipeline.config import (
     REPO_ROOT,
     Settings,
@@ -43,6 +43,8 @@ def metadata_url(settings: Settings) -> str:
     configured = os.environ.get(ENV_AIRFLOW_DB)
     if configured:
         return sqlalchemy_url(configured)
+    from pipeline import embedded
+
     if os.environ.get("NIGHTSCORE_DATABASE_URL"):
         url = with_database(settings.init_url, "airflow")
         embedded.ensure_database(settings.init_url, "airflow")
@@ -57,8 +59,13 @@ def airflow_env(settings: Settings, port: int = 8080) -> dict[str, str]:
     return {
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
+        # the reports plugin (served by the API server at /nightscore, linked from runs)
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO_ROOT / "plugins"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        # sized to the machine: task processes and API workers, not Airflow's 32 and 4
+        "AIRFLOW__CORE__PARALLELISM": str(machine_slots()),
+        "AIRFLOW__API__WORKERS": "1",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_url(settings),
         "AIRFLOW__API__HOST": "127.0.0.1",
         "AIRFLOW__API__PORT": str(port),
@@ -71,6 +78,11 @@ def airflow_env(settings: Settings, port: int = 8080) -> dict[str, str]:
         "NIGHTSCORE_HOME": str(settings.home),
         "NO_PROXY": "*",
     }
+
+
+def machine_slots() -> int:
+    """Tasks that may run at once on this machine: one per core, at least 2."""
+    return max(2, os.cpu_count() or 2)
 
 
 def shell_exports(env: dict[str, str]) -> str:
@@ -93,6 +105,19 @@ LOCAL_COMPONENTS = (
 )
 
 
+def stop_all(procs: list[subprocess.Popen[bytes]], grace: float = 30) -> None:
+    """Terminate every process still running, then kill whichever outlives ``grace`` seconds."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(grace)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 def run_local(settings: Settings, port: int = 8080, ready: Any = None) -> int:
     """Run Airflow on 127.0.0.1:``port`` with these DAGs until interrupted; returns the exit code.
 
@@ -100,7 +125,6 @@ def run_local(settings: Settings, port: int = 8080, ready: Any = None) -> int:
     the login exists.
     """
     import signal
-    import subprocess
     import sys
     import time
     from pathlib import Path
@@ -124,8 +148,11 @@ def run_local(settings: Settings, port: int = 8080, ready: Any = None) -> int:
     signal.signal(signal.SIGTERM, interrupted)
     signal.signal(signal.SIGINT, interrupted)
     announced = False
+    parent = os.getppid()
     try:
         while not stop["now"] and all(p.poll() is None for p in procs):
+            if os.getppid() != parent:  # whoever started us (make, a shell) is gone
+                break
             if not announced and passwords.is_file() and passwords.stat().st_size:
                 login = json.loads(passwords.read_text()).get("admin", "")
                 if ready is not None:
@@ -133,13 +160,6 @@ def run_local(settings: Settings, port: int = 8080, ready: Any = None) -> int:
                 announced = True
             time.sleep(0.5)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
     failed = [p.returncode for p in procs if p.returncode not in (0, -signal.SIGTERM, None)]
     return 0 if stop["now"] or not failed else 1

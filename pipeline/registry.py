@@ -12,7 +12,7 @@ import json
 import logging
 import pickle
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +194,22 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _verified(path: Path, expected: str, what: str, fix: str) -> bytes:
+    """The bytes of ``path`` if their sha256 is the one the registry holds.
+
+    Raises:
+        ModelError: the file was modified or replaced since it was registered.
+    """
+    raw = path.read_bytes()
+    found = hashlib.sha256(raw).hexdigest()
+    if found != expected:
+        raise ModelError(
+            f"the {what} at {path} has sha256 {found}, but the registry expects {expected}; "
+            f"the file was modified or replaced; refusing to read it ({fix})"
+        )
+    return raw
+
+
 def load_model(settings: Settings, use_case: str, version: str) -> tuple[Any, ModelVersion]:
     """Load a registered model after checking its artifact's sha256 against the registry.
 
@@ -207,14 +223,12 @@ def load_model(settings: Settings, use_case: str, version: str) -> tuple[Any, Mo
             f"artifact for {use_case} model {version} is missing at {path}; restore the "
             "artifact store or promote/roll back to another version"
         )
-    raw = path.read_bytes()
-    found = hashlib.sha256(raw).hexdigest()
-    if found != mv.sha256:
-        raise ModelError(
-            f"artifact {path} for {use_case} model {version} has sha256 {found}, but the "
-            f"registry expects {mv.sha256}; the file was modified or replaced; refusing to load "
-            "it (restore the original artifact or retrain)"
-        )
+    raw = _verified(
+        path,
+        mv.sha256,
+        f"artifact of {use_case} model {version}",
+        "restore the original artifact or retrain",
+    )
     return pickle.loads(raw), mv
 
 
@@ -258,6 +272,19 @@ def rollback(
         action="rollback",
     )
     return str(row[1])
+
+
+def next_night(settings: Settings, use_case: str, today: date) -> date:
+    """The score date of the first night a promotion made now would serve: the night after
+    the newest run of the use case, and not before ``today``. Promotions in a run are
+    stamped with the run's score date, so ``champion_on`` and the registry agree however
+    promotions were made."""
+    newest = db.scalar(
+        settings.database_url,
+        "SELECT max(score_date) FROM ml.runs WHERE use_case = %s",
+        (use_case,),
+    )
+    return max(today, db.to_date(newest) + timedelta(days=1)) if newest else today
 
 
 def champion_on(settings: Settings, use_case: str, day: date) -> str | None:
@@ -368,12 +395,10 @@ def card(mv: ModelVersion) -> dict[str, Any]:
             f"the card of {mv.use_case} model {mv.version} is missing at {path}; restore the "
             "artifact store or promote/roll back to another version"
         )
-    raw = path.read_bytes()
-    found = hashlib.sha256(raw).hexdigest()
-    if found != mv.card_sha256:
-        raise ModelError(
-            f"card {path} of {mv.use_case} model {mv.version} has sha256 {found}, but the "
-            f"registry expects {mv.card_sha256}; the file was modified or replaced; refusing "
-            "to read it (its drift reference would judge tonight's data): restore the original"
-        )
+    raw = _verified(
+        path,
+        mv.card_sha256,
+        f"card of {mv.use_case} model {mv.version}",
+        "its drift reference would judge tonight's data; restore the original card",
+    )
     return dict(json.loads(raw))

@@ -751,6 +751,44 @@ def observe(
 _FLOATING = {"numeric", "real", "double precision"}
 
 
+def waiting_for(
+    url: str, schema: str, contract: Contract, as_of: date, timezone: str = "UTC"
+) -> list[str]:
+    """What the night of ``as_of`` still waits for: one line per ``fresh`` table whose rows
+    do not yet reach the day before ``as_of``; empty once the data has landed.
+
+    A missing or misshapen table, or one whose query fails, is not waited for:
+    ``check_sources`` reports it as a failed check at once.
+    """
+    as_of = _day(as_of)
+    zone = contract.timezone or timezone
+    fresh = {n: s for n, s in contract.tables.items() if s.fresh and s.date_column}
+    if not fresh:
+        return []
+    waiting = []
+    conn = db.connect(url)
+    try:
+        with conn.cursor() as cur:
+            today = _begin(conn, cur, zone)
+            found = _catalog(conn, cur, schema, list(fresh))
+            for name, spec in fresh.items():
+                if _shape(f"{schema}.{name}", spec, found.get(name)):
+                    continue
+                assert spec.date_column is not None
+                axis = _Axis(spec.date_column, _DAY_KINDS[found[name][spec.date_column]])
+                table = _Table(schema, name, spec, contract, axis, as_of, today, zone)
+                latest = table._probe(conn, cur, "latest", table.params)
+                if isinstance(latest, _Failure) or (latest and _day(latest) >= table.last_day):
+                    continue
+                waiting.append(
+                    f"{table.target}.{spec.date_column}: rows through {table.last_day} expected, "
+                    f"latest {latest or 'none'}"
+                )
+    finally:
+        conn.close()
+    return waiting
+
+
 def _relation(conn: Any, cur: Any, schema: str, rel: Relation) -> CheckResult:
     """Rows of ``rel.table`` joined to ``rel.join`` that break ``rel.rule``."""
     query = sql.SQL(

@@ -23,7 +23,7 @@ import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -198,6 +198,10 @@ class Schedule(_Section):
     nightly: str = "0 0 * * *"
     monitoring: str = "0 6 * * *"
     timezone: str = "UTC"
+    # how long a night waits for its data to land (the contract's `fresh` tables through
+    # the day before) before it is skipped; checked every `data_poke_minutes`
+    data_wait_hours: float = Field(default=12, gt=0, le=24 * 7)
+    data_poke_minutes: float = Field(default=10, gt=0, le=24 * 60)
 
     @field_validator("nightly", "monitoring")
     @classmethod
@@ -227,6 +231,18 @@ class Serving(_Section):
 class Monitoring(_Section):
     decay_threshold: float = Field(default=0.05, ge=-1, le=1)
     score_drift_limit: float = Field(default=0.25, gt=0)
+
+
+class Report(_Section):
+    """What the nightly and evaluation reports break down by.
+
+    ``segments``: feature columns (categorical, e.g. a country) whose values each get a row
+    of scores in the nightly report and of metrics in the evaluation report; none by default.
+    """
+
+    segments: list[Annotated[str, Field(pattern=IDENTIFIER, max_length=63)]] = Field(
+        default_factory=list, max_length=5
+    )
 
 
 class Contacts(_Section):
@@ -298,6 +314,7 @@ class UseCase(_Section):
     schedule: Schedule = Schedule()
     serving: Serving
     monitoring: Monitoring = Monitoring()
+    report: Report = Report()
     campaign: Campaign | None = None
     # set by the loader, not by the file
     folder: Path = Field(default=Path("."), exclude=True)

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 
-from pipeline import db
+from pipeline import db, progress
 from pipeline.config import SQL_DIR, Settings
 from pipeline.errors import ConfigError, DataError
 
@@ -581,22 +581,24 @@ class _Writer:
 def _run(settings: Settings, sim: _Sim, through_day: int, initial: bool) -> dict[str, int]:
     out = _Buffers()
     writer = _Writer(settings.warehouse_url, settings.warehouse_schema)
-    try:
-        if initial:
-            _initial_population(sim, out)
-        started = time.monotonic()
-        while sim.day <= through_day:
-            _simulate_day(sim, out)
-            if sim.day % FLUSH_DAYS == 0 or sim.day > through_day:
-                writer.put(out.drain())
-                log.info(
-                    "warehouse simulated through %s (%d customers so far, %.0fs)",
-                    sim.start + timedelta(days=sim.day - 1),
-                    sim.n,
-                    time.monotonic() - started,
-                )
-    finally:
-        rows = writer.close()
+    with progress.stage("simulate_days", total=through_day - sim.day + 1, unit="days") as days:
+        try:
+            if initial:
+                _initial_population(sim, out)
+            started = time.monotonic()
+            while sim.day <= through_day:
+                _simulate_day(sim, out)
+                days.advance()
+                if sim.day % FLUSH_DAYS == 0 or sim.day > through_day:
+                    writer.put(out.drain())
+                    log.info(
+                        "warehouse simulated through %s (%d customers so far, %.0fs)",
+                        sim.start + timedelta(days=sim.day - 1),
+                        sim.n,
+                        time.monotonic() - started,
+                    )
+        finally:
+            rows = writer.close()  # waits for the last COPY, inside the stage's time
     return rows
 
 
@@ -621,21 +623,23 @@ def _schema_conn(settings: Settings) -> Any:
 
 
 def _save_state(settings: Settings, sim: _Sim) -> None:
-    conn = _schema_conn(settings)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("TRUNCATE generator_state")
-            cur.execute(
-                "INSERT INTO generator_state (seed, start_date, through_date, state) VALUES (%s, %s, %s, %s)",
-                (sim.seed, sim.start, sim.start + timedelta(days=sim.day - 1), sim.dumps()),
-            )
-            cur.execute((SQL_DIR / "warehouse" / "indexes.sql").read_text())
-        conn.commit()
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute("ANALYZE")
-    finally:
-        conn.close()
+    """Store the generator's state (for ``advance``), then index and analyze the tables."""
+    with progress.stage("index_and_analyze"):
+        conn = _schema_conn(settings)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("TRUNCATE generator_state")
+                cur.execute(
+                    "INSERT INTO generator_state (seed, start_date, through_date, state) VALUES (%s, %s, %s, %s)",
+                    (sim.seed, sim.start, sim.start + timedelta(days=sim.day - 1), sim.dumps()),
+                )
+                cur.execute((SQL_DIR / "warehouse" / "indexes.sql").read_text())
+            conn.commit()
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute("ANALYZE")
+        finally:
+            conn.close()
 
 
 def seed(
@@ -656,18 +660,19 @@ def seed(
             f"seed needs --customers >= 100 and --days >= 1 (found {customers}, {days})"
         )
     began = time.monotonic()
-    conn = _schema_conn(settings)
-    try:
-        with conn.cursor() as cur:
-            cur.execute((SQL_DIR / "warehouse" / "schema.sql").read_text())
-            plans = [
-                (i + 1, str(PLAN_NAMES[i]), float(PLAN_FEES[i]), int(PLAN_DATA_GB[i]))
-                for i in range(len(PLAN_NAMES))
-            ]
-            cur.executemany("INSERT INTO plans VALUES (%s, %s, %s, %s)", plans)
-        conn.commit()
-    finally:
-        conn.close()
+    with progress.stage("create_tables"):
+        conn = _schema_conn(settings)
+        try:
+            with conn.cursor() as cur:
+                cur.execute((SQL_DIR / "warehouse" / "schema.sql").read_text())
+                plans = [
+                    (i + 1, str(PLAN_NAMES[i]), float(PLAN_FEES[i]), int(PLAN_DATA_GB[i]))
+                    for i in range(len(PLAN_NAMES))
+                ]
+                cur.executemany("INSERT INTO plans VALUES (%s, %s, %s, %s)", plans)
+            conn.commit()
+        finally:
+            conn.close()
     sim = _Sim(seed, start, customers, price_rise_day, launch_day)
     rows = _run(settings, sim, days - 1, initial=True)
     _save_state(settings, sim)

@@ -92,10 +92,4 @@ def airflow_services(env: dict[str, str], logs: Path, *commands: str) -> Iterato
             "procs": procs,
         }
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        af.stop_all(procs)

@@ -8,6 +8,7 @@ import subprocess
 from datetime import timedelta
 
 import httpx
+import numpy as np
 import pytest
 
 from pipeline import db, registry
@@ -94,3 +95,115 @@ def test_approval_mode_waits_for_a_person_then_promotes(isolated: Settings, api:
         (day,),
     )
     assert served == [champion.version]
+
+
+def raw_get(base: str, path: str, headers: dict[str, str]) -> tuple[int, str]:
+    """GET a path exactly as written (httpx would normalise the dots away)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    url = urlsplit(base)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    try:
+        conn.request("GET", path, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read().decode(errors="replace")
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_the_plugin_serves_the_reports_behind_the_airflow_login(
+    isolated: Settings, api: dict
+) -> None:
+    """The reports plugin in the real API server: a night's and an evaluation's report by
+    URL, a run's redirect, 404s, traversal refused, the login required; the UI's links."""
+    from pipeline import ledger, nightly, report, report_site, usecase
+
+    uc = usecase.load("churn")
+    day = SCORE_DATE + timedelta(days=9)
+    run = ledger.RunContext("churn", day, "manual__plugin-check")
+    ledger.start(isolated, run)
+    nightly.write_report(isolated, uc, run)
+    version = "churn-20241129-plugin00"
+    y = np.array([0, 1, 0, 1, 0, 0, 1, 0])
+    report.write_evaluation_report(
+        report_site.evaluation_file(isolated, "churn", version),
+        use_case="churn",
+        challenger=version,
+        champion=None,
+        holdout_as_of=day,
+        y=y,
+        p_challenger=np.linspace(0.1, 0.9, len(y)),
+        p_champion=None,
+        metrics={"challenger": {"roc_auc": 0.7}, "champion": None},
+        intervals={},
+        decision="reject",
+        reasons=["plugin check"],
+    )
+    base, auth = api["base"], api["headers"]
+
+    night = httpx.get(f"{base}/{report_site.report_path('churn', day)}", headers=auth)
+    assert night.status_code == 200, night.text
+    assert night.headers["content-type"].startswith("text/html")
+    assert f"churn: night of {day}" in night.text and "manual__plugin-check" in night.text
+    evaluation = httpx.get(f"{base}/{report_site.evaluation_path('churn', version)}", headers=auth)
+    assert evaluation.status_code == 200 and "Evaluation report: churn" in evaluation.text
+    index = httpx.get(f"{base}/nightscore/", headers=auth)
+    assert index.status_code == 200 and str(day) in index.text
+
+    # the UI's cookie is as good as a bearer token; no login, no report
+    token = auth["Authorization"].split(" ", 1)[1]
+    by_cookie = httpx.get(
+        f"{base}/{report_site.report_path('churn', day)}", cookies={"_token": token}
+    )
+    assert by_cookie.status_code == 200
+    assert httpx.get(f"{base}/{report_site.report_path('churn', day)}").status_code == 401
+
+    # a run's link redirects to its night
+    redirect = httpx.get(
+        f"{base}/{report_site.run_path('churn_nightly', run.run_id)}", headers=auth
+    )
+    assert redirect.status_code == 307
+    followed = httpx.get(
+        f"{base}/{report_site.run_path('churn_nightly', run.run_id)}",
+        headers=auth,
+        follow_redirects=True,
+    )
+    assert followed.status_code == 200 and str(followed.url).endswith(f"/churn/nightly/{day}")
+
+    assert httpx.get(f"{base}/nightscore/churn/nightly/1999-01-01", headers=auth).status_code == 404
+    assert httpx.get(f"{base}/nightscore/nobody/nightly/{day}", headers=auth).status_code == 404
+    for path in (
+        "/nightscore/churn/nightly/../../../../../etc/passwd",
+        "/nightscore/churn/nightly/..%2f..%2f..%2fetc%2fpasswd",
+        "/nightscore/churn/nightly/%2e%2e%2f%2e%2e%2fpasswords.json",
+        "/nightscore/churn/evaluation/%2e%2e",
+        "/nightscore/churn/%2e%2e/%2e%2e/airflow/passwords.json",
+    ):
+        status, body = raw_get(base, path, auth)
+        assert status in (400, 404), (path, status)
+        assert "root:" not in body and "admin" not in body
+
+    # the plugin as the UI sees it: a run tab and links on the report tasks
+    plugins = httpx.get(f"{base}/api/v2/plugins", headers=auth).json()["plugins"]
+    mine = next(p for p in plugins if p["name"] == "nightscore_reports")
+    assert {v["destination"] for v in mine["external_views"]} == {"dag_run", "nav"}
+    assert len(mine["global_operator_extra_links"]) == 2
+    runs = httpx.get(f"{base}/api/v2/dags/churn_nightly/dagRuns", headers=auth).json()
+    if runs.get("dag_runs"):  # the approval test's run, when it ran first
+        run_id = runs["dag_runs"][-1]["dag_run_id"]
+        links = httpx.get(
+            f"{base}/api/v2/dags/churn_nightly/dagRuns/{run_id}/taskInstances/write_report/links",
+            headers=auth,
+        ).json()
+        assert links["extra_links"]["Nightly report"].endswith(
+            report_site.run_path("churn_nightly", run_id)
+        )
+        assert links["extra_links"]["Evaluation report"] is None
+        evaluated = httpx.get(
+            f"{base}/api/v2/dags/churn_nightly/dagRuns/{run_id}/taskInstances/evaluate_challenger/links",
+            headers=auth,
+        ).json()["extra_links"]["Evaluation report"]
+        page = httpx.get(evaluated, headers=auth, follow_redirects=True)
+        assert page.status_code == 200 and "Evaluation report: churn" in page.text

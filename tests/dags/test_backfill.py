@@ -61,7 +61,7 @@ def test_backfill_uses_the_champion_of_each_date_and_passes_conf_to_every_run(
     )
     for cmd in commands:
         subprocess.run([AIRFLOW, *cmd], env=env, check=True, capture_output=True, timeout=300)
-    conf = {"promotion_mode": "never", "backfill_model": "champion_on_date", "rescore_model": ""}
+    conf = {"promotion_mode": "never", "backfill_model": "champion_on_date", "rescore_model": None}
     with airflow_services(env, tmp_path, "scheduler") as svc:
         created = subprocess.run(
             [

@@ -59,6 +59,12 @@ def test_the_local_airflow_listens_on_loopback_only(
         assert all(ip in ("127.0.0.1", "::1") for ip, _, _ in sockets), sockets
         assert not [s for s in sockets if s[1] in (8793, 8794)]  # no log servers
         assert "login: admin" in (tmp_path / "airflow.log").read_text()
+        # sized to the machine (pipeline.airflow_env.machine_slots task processes, one API
+        # worker), not Airflow's 32 and 4
+        assert len(tree.children(recursive=True)) <= 16, [
+            p.cmdline()[:3] for p in tree.children(recursive=True)
+        ]
+        family = tree.children(recursive=True)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -66,3 +72,6 @@ def test_the_local_airflow_listens_on_loopback_only(
         except subprocess.TimeoutExpired:
             proc.kill()
     assert proc.returncode == 0
+    # a TERM stops every process it started: scheduler, triggerer, API server and theirs
+    _, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, [p.cmdline()[:3] for p in alive]

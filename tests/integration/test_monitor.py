@@ -72,5 +72,13 @@ def test_the_nightly_report_shows_scores_drift_checks_and_realized_performance(
     assert text.count("data:image/png;base64,") == 4
     assert "no_future_rows" in text and "daily_volume" in text and "population_size" in text
     assert "Realized ROC AUC" in text
+    # the run header, its banner, links and context
+    assert "banner-ok" in text and "Published</strong>" in text
+    assert "<code>monitor-report</code>, attempt 2" in text  # after monitor-retrain
+    assert "no: retrain=never" in text and "code version" in text and "snapshot sha256" in text
+    assert f'href="{MATURED}">previous night: {MATURED}' in text
+    assert "Score PSI vs the previous published night:" in text
+    assert "Scores by segment" in text and "<td>country</td>" in text
+    assert "Shadow agreement" in text
     assert cli.main(["report", "--use-case", "churn", "--date", SCORE_DATE.isoformat()]) == 0
     assert capsys.readouterr().out.strip() == out["report"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import date, timedelta
 
 import numpy as np
 import psycopg2
@@ -95,7 +95,13 @@ def test_a_better_challenger_is_promoted_with_its_evidence(
     report = ev["report_path"]
     assert report.endswith(".html")
     with open(report) as fh:
-        assert fh.read().count("data:image/png;base64,") == 3
+        text = fh.read()
+    assert text.count("data:image/png;base64,") == 3
+    # the gates, the model card, what the model leans on, and how it does per market
+    assert "<h2>Gates</h2>" in text and "auc_noninferiority" in text
+    assert "<h2>Model card</h2>" in text and "training rows" in text and "max_iter" in text
+    assert "Feature importance (challenger)" in text and "<code>tenure_days</code>" in text
+    assert "Metrics by segment (holdout)" in text and "<h3>country</h3>" in text
     promo = db.scalar(
         isolated.database_url,
         "SELECT row_to_json(p) FROM ml.promotions p WHERE version = %s",
@@ -182,6 +188,11 @@ def test_rollback_restores_the_previous_champion_and_the_next_publish_uses_it(
         == 0
     )
     assert registry.champion(isolated, "churn").version == previous
+    stamped = db.scalar(
+        isolated.database_url,
+        "SELECT effective_date FROM ml.promotions ORDER BY promotion_id DESC LIMIT 1",
+    )
+    assert stamped == registry.next_night(isolated, "churn", date.today())
     day = SCORE_DATE + timedelta(days=2)
     out = nightly.run_night(isolated, UC, day, retrain="never", run_id="test-after-rollback")
     assert out["model_version"] == previous
@@ -202,6 +213,23 @@ def test_rollback_restores_the_previous_champion_and_the_next_publish_uses_it(
     )
     # the champion on any past date is answered from the log
     assert registry.champion_on(isolated, "churn", SCORE_DATE - timedelta(days=365)) is None
+
+
+def test_a_promotion_by_hand_is_stamped_with_the_first_night_it_serves(
+    isolated: Settings,
+) -> None:
+    newest = db.scalar(
+        isolated.database_url, "SELECT max(score_date) FROM ml.runs WHERE use_case = 'churn'"
+    )
+    assert newest is not None
+    # the night after the newest scored night, however far behind the clock the data is
+    assert registry.next_night(
+        isolated, "churn", newest - timedelta(days=30)
+    ) == newest + timedelta(days=1)
+    # and never before today
+    later = newest + timedelta(days=5)
+    assert registry.next_night(isolated, "churn", later) == later
+    assert registry.next_night(isolated, "no_runs_yet", date(2030, 1, 2)) == date(2030, 1, 2)
 
 
 def test_the_promotions_log_is_append_only(isolated: Settings) -> None:

@@ -153,3 +153,34 @@ def test_a_reader_cannot_take_the_publish_lock_nor_hold_up_a_publish(
         assert out["published"]["swap_attempts"] == 1 and time.monotonic() - began < 120
     finally:
         reader.close()
+
+
+def test_the_report_of_a_failed_night_says_why_and_what_stays_served(
+    isolated: Settings, champion: dict
+) -> None:
+    """A night stopped before publishing: its report (written whatever happened, as the
+    DAG's ``write_report`` is) names the failed stage and the night readers still get."""
+    from pipeline.errors import ModelError
+
+    day = SCORE_DATE + timedelta(days=3)
+    run = ledger.RunContext("churn", day, "served-failed-night")
+    with pytest.raises(ModelError):
+        nightly.run_night(
+            isolated, UC, day, retrain="never", run_id=run.run_id, rescore_model="nope"
+        )
+    before = db.scalar(
+        isolated.database_url,
+        "SELECT row_to_json(p) FROM ml.publications p WHERE use_case = 'churn' "
+        "ORDER BY score_date DESC LIMIT 1",
+    )
+    out = nightly.write_report(isolated, UC, run)
+    with open(out["report"]) as fh:
+        text = fh.read()
+    banner = text[text.index('<div class="banner') : text.index("</div>")]
+    assert "banner-failed" in banner and "failed at <code>select_model</code>" in banner
+    assert "nope" in banner  # the error: the model that does not exist
+    assert "Nothing of this night was published" in banner
+    assert f"<strong>{before['score_date']}</strong>" in banner
+    assert before["model_version"] in banner
+    assert "served model none" not in text
+    assert ledger_row(isolated, run.run_id)["status"] == "failed"

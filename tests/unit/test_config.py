@@ -47,3 +47,18 @@ def test_redact_hides_the_password() -> None:
 def test_with_database_keeps_the_socket() -> None:
     url = config.with_database("postgresql://postgres:@/postgres?host=/tmp/x", "airflow")
     assert url == "postgresql://postgres:@/airflow?host=/tmp/x"
+
+
+def test_the_local_airflow_is_sized_to_the_machine(tmp_path, monkeypatch) -> None:
+    import os
+
+    from pipeline import airflow_env
+    from pipeline.config import load_settings
+
+    monkeypatch.setenv("NIGHTSCORE_AIRFLOW_DATABASE_URL", "postgresql://x@127.0.0.1:1/airflow")
+    monkeypatch.setenv("NIGHTSCORE_HOME", str(tmp_path / "home"))
+    settings = load_settings(database_url="postgresql://x@127.0.0.1:1/serving")
+    env = airflow_env.airflow_env(settings, 8123)
+    assert env["AIRFLOW__CORE__PARALLELISM"] == str(max(2, os.cpu_count() or 2))
+    assert env["AIRFLOW__API__WORKERS"] == "1"
+    assert env["AIRFLOW__API__PORT"] == "8123" and env["AIRFLOW__API__HOST"] == "127.0.0.1"
