@@ -127,18 +127,17 @@ def check_features(
         reference = registry.card(champ).get("reference") if champ else None
         results = checks.check_features(table, uc, previous, reference)
         info |= checks.record_and_gate(settings, run, results, "feature")
-        drifted = [
-            r.target
-            for r in results
-            if r.check in ("feature_psi", "unseen_categories") and not r.passed
-        ]
+        drifted: dict[str, list[str]] = {}
+        for r in results:
+            if r.check in ("feature_psi", "unseen_categories") and not r.passed:
+                drifted.setdefault(r.target, []).append(r.check)
         if drifted and champ is not None:
             # "retrain on drift": the cadence gives way to a request the next decision honours
             registry.request_retrain(
                 settings,
                 uc.name,
                 f"features drifted from {champ.version}'s training data on {run.score_date}: "
-                + ", ".join(drifted),
+                + "; ".join(f"{name} ({', '.join(found)})" for name, found in drifted.items()),
             )
     return info
 

@@ -1,6 +1,6 @@
 """Backfills through Airflow 3 itself (``airflow backfill create`` + a real scheduler).
 
-Five dates with a promotion in the middle: each date is scored point-in-time with the
+Three dates with a promotion in the middle: each date is scored point-in-time with the
 model that was champion on it, the backfill's conf reaches every run it creates, and the
 newest published date stays the one served. Each publish updates the ``churn_scores``
 asset, so the scheduler also runs ``churn_campaign``: it rebuilds those dates' audiences
@@ -22,14 +22,14 @@ from tests.conftest import SCORE_DATE
 from tests.dags.services import AIRFLOW, airflow_services, free_port, service_env, wait_for
 
 UC = usecase.load("churn")
-DATES = [SCORE_DATE + timedelta(days=i) for i in range(5)]
-PROMOTED_ON = DATES[2]
-LATER = SCORE_DATE + timedelta(days=6)
+DATES = [SCORE_DATE + timedelta(days=i) for i in range(3)]
+PROMOTED_ON = DATES[1]
+LATER = SCORE_DATE + timedelta(days=4)
 
 
 @pytest.fixture(scope="module")
 def history(isolated: Settings) -> dict[str, str]:
-    """Model A is champion from DATES[0]; model B is promoted effective DATES[2]; LATER is served."""
+    """Model A is champion from DATES[0]; model B is promoted effective PROMOTED_ON; LATER is served."""
     first = nightly.run_night(isolated, UC, DATES[0], retrain="always", run_id="history-a")
     assert first["evaluation"]["decision"] == "promote"
     b = train.train_challenger(isolated, UC, PROMOTED_ON)
@@ -101,7 +101,7 @@ def test_backfill_uses_the_champion_of_each_date_and_passes_conf_to_every_run(
             )
             return sum(r["s"] == "published" for r in rows) == len(DATES)
 
-        wait_for("five published backfill runs", done, 900, svc["procs"])
+        wait_for("every backfilled date published", done, 900, svc["procs"])
 
         def audiences():
             return db.scalar(

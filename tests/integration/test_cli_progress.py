@@ -34,7 +34,7 @@ def seed(url: str, home: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     env.pop("NO_COLOR", None)
     args = [str(BIN / "nightscore"), *extra, "warehouse", "seed", "--customers", "300"]
     result = subprocess.run(
-        [*args, "--days", "60", "--seed", "3"],
+        [*args, "--start", "2024-01-01", "--days", "60", "--seed", "3"],
         env=env,
         capture_output=True,
         text=True,
