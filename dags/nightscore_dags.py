@@ -105,7 +105,8 @@ def nightly_dag(uc: usecase.UseCase) -> Any:
                 enum=["champion_on_date", "current_champion"],
                 description="In backfills: score each date with the model that was champion on "
                 "that date (from the promotions log), or rescore every date with the current "
-                "champion.",
+                "champion. In the Backfill form, tick 'Override parameters on existing runs' or "
+                "Airflow sends none of these values (every run gets the defaults).",
             ),
         },
     )

@@ -1,0 +1,199 @@
+"""The Airflow UI as the front door, in a real browser: log in, approve the first model at
+the approval task, trigger a night with the default form and watch it succeed, open its
+report from the run, backfill two dates from the form.
+
+The flows build on each other, in this order, on one warehouse and one Airflow.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import date, timedelta
+from typing import Any
+
+import pytest
+
+from pipeline import db, registry
+from pipeline.config import Settings
+from tests.ui.conftest import ARTIFACTS, Timings
+
+pytestmark = pytest.mark.slow
+DAG = "churn_nightly"
+TODAY = date.today()
+FLOWS: dict[str, str] = {}  # what a flow leaves for the next ones
+
+
+def shot(page: Any, name: str) -> None:
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=False)
+
+
+def until(what: str, probe: Any, timeout: float, airflow: dict[str, Any]) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in airflow["procs"]:
+            assert p.poll() is None, f"{p.args[1:3]} exited while waiting for {what}"
+        found = probe()
+        if found:
+            return found
+        time.sleep(2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def runs(world: Settings) -> list[dict[str, Any]]:
+    return (
+        db.scalar(
+            world.database_url,
+            "SELECT coalesce(json_agg(r ORDER BY started_at), '[]') FROM ("
+            "SELECT run_id, score_date, status, error, params, attempt, started_at FROM ml.runs "
+            "WHERE use_case = 'churn') r",
+        )
+        or []
+    )
+
+
+def published(world: Settings, run_id: str) -> bool:
+    rows = [r for r in runs(world) if r["run_id"] == run_id]
+    if rows and rows[0]["status"] == "failed":
+        raise AssertionError(f"{run_id} failed: {rows[0]['error']}")
+    return bool(rows) and rows[0]["status"] == "published"
+
+
+def airflow_run_state(airflow: dict[str, Any], run_id: str) -> str:
+    import httpx
+
+    r = httpx.get(
+        f"{airflow['base']}/api/v2/dags/{DAG}/dagRuns/{run_id}", headers=airflow["headers"]
+    )
+    return str(r.json().get("state")) if r.status_code == 200 else ""
+
+
+def open_trigger(page: Any) -> None:
+    page.goto(f"/dags/{DAG}")
+    page.get_by_role("button", name=re.compile("^Trigger")).first.click()
+    page.get_by_text("Trigger Dag").first.wait_for()
+
+
+def choose(page: Any, param: str, option: str) -> None:
+    """Pick ``option`` in the form's drop-down for ``param`` (a combobox, not a <select>)."""
+    page.get_by_role("dialog").get_by_label(param, exact=True).click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def newest_run_id(world: Settings, before: set[str], kind: str = "manual__") -> str | None:
+    """The newest run of ``kind`` the ledger did not have before (the scheduler may start
+    its own runs once the form has unpaused the DAG)."""
+    fresh = [r["run_id"] for r in runs(world) if r["run_id"] not in before]
+    fresh = [r for r in fresh if r.startswith(kind)]
+    return fresh[-1] if fresh else None
+
+
+def test_log_in(page: Any, airflow: dict[str, Any], timings: Timings) -> None:
+    with timings.flow("log in"):
+        page.goto("/")
+        page.get_by_label(re.compile("username", re.I)).fill("admin")
+        page.get_by_label(re.compile("password", re.I)).fill(airflow["password"])
+        page.get_by_role("button", name=re.compile("sign in|log in|login", re.I)).click()
+        page.get_by_text("Welcome").first.wait_for()
+        page.goto("/dags")
+        page.get_by_text(DAG).first.wait_for()
+    shot(page, "01-dag-list")
+
+
+def test_approve_the_first_model_at_the_approval_task(
+    page: Any, airflow: dict[str, Any], world: Settings, timings: Timings
+) -> None:
+    with timings.flow("approve a promotion"):
+        before = {r["run_id"] for r in runs(world)}
+        open_trigger(page)
+        choose(page, "promotion_mode", "approval")
+        page.get_by_test_id("trigger-dag-submit").click()
+        run_id = until("the run to start", lambda: newest_run_id(world, before), 180, airflow)
+        # it waits for a person at approve_promotion: nothing promoted yet
+        page.goto(f"/dags/{DAG}/runs/{run_id}/tasks/approve_promotion")
+        page.get_by_text("Awaiting Input").first.wait_for(timeout=600_000)
+        assert registry.champion(world, "churn") is None
+        page.get_by_text(re.compile("^Required Action")).first.click()
+        approve = page.get_by_role("button", name=re.compile("^Approve"))
+        approve.wait_for()
+        shot(page, "02-approval-form")
+        approve.click()
+        until("the approved night to publish", lambda: published(world, run_id), 600, airflow)
+    champion = registry.champion(world, "churn")
+    assert champion is not None
+    log = db.scalar(
+        world.database_url,
+        "SELECT row_to_json(p) FROM ml.promotions p ORDER BY promotion_id DESC LIMIT 1",
+    )
+    assert log["version"] == champion.version and log["actor"].startswith("approval:admin")
+
+
+def test_trigger_with_the_default_form_and_watch_it_succeed(
+    page: Any, airflow: dict[str, Any], world: Settings, timings: Timings
+) -> None:
+    with timings.flow("trigger with the default form"):
+        before = {r["run_id"] for r in runs(world)}
+        open_trigger(page)
+        submit = page.get_by_test_id("trigger-dag-submit")
+        assert submit.is_enabled()  # the defaults submit as they are
+        shot(page, "03-trigger-form")
+        submit.click()
+        run_id = until("the run to start", lambda: newest_run_id(world, before), 180, airflow)
+        until("the night to publish", lambda: published(world, run_id), 600, airflow)
+        until(
+            "the run to succeed",
+            lambda: airflow_run_state(airflow, run_id) == "success",
+            120,
+            airflow,
+        )
+        page.goto(f"/dags/{DAG}/runs/{run_id}")
+        page.get_by_text("Success").first.wait_for()
+    shot(page, "04-run-succeeded")
+    night = next(r for r in runs(world) if r["run_id"] == run_id)
+    assert night["score_date"] == TODAY.isoformat()
+    FLOWS["triggered"] = run_id
+
+
+def test_open_the_nights_report_from_the_run(
+    page: Any, airflow: dict[str, Any], timings: Timings
+) -> None:
+    run_id = FLOWS["triggered"]
+    with timings.flow("open the night's report"):
+        page.goto(f"/dags/{DAG}/runs/{run_id}")
+        page.get_by_text("Nightly report").first.click()
+        report = page.frame_locator("iframe").first
+        report.get_by_text(TODAY.isoformat()).first.wait_for()
+    shot(page, "05-nightly-report")
+
+
+def test_backfill_two_dates_from_the_form(
+    page: Any, airflow: dict[str, Any], world: Settings, timings: Timings
+) -> None:
+    days = [TODAY - timedelta(days=3), TODAY - timedelta(days=2)]
+    with timings.flow("backfill 2 dates"):
+        open_trigger(page)
+        dialog = page.get_by_role("dialog")
+        dialog.get_by_text("Run this Dag for a range of dates").click()
+        for n, day in enumerate(days):  # From, To: each a pop-over with a date and a time
+            dialog.get_by_test_id("datetime-input").nth(n).click()
+            page.get_by_placeholder("YYYY/MM/DD").last.fill(day.strftime("%Y/%m/%d"))
+            page.get_by_placeholder("HH:mm").last.fill("00:00")
+            dialog.get_by_text("Date Range").click()  # closes the pop-over
+        dialog.get_by_text(re.compile("^Max Active Runs")).wait_for()
+        choose(page, "backfill_model", "current_champion")
+        # without this box Airflow's form sends dag_run_conf null: every run gets the defaults
+        dialog.get_by_text("Override parameters on existing runs", exact=True).click()
+        shot(page, "06-backfill-form")
+        dialog.get_by_role("button", name=re.compile("Run Backfill")).click()
+
+        def both() -> bool:
+            done = [r for r in runs(world) if r["run_id"].startswith("backfill__")]
+            assert not [r for r in done if r["status"] == "failed"], done
+            return sorted(r["score_date"] for r in done if r["status"] == "published") == [
+                d.isoformat() for d in days
+            ]
+
+        until("two published backfill nights", both, 900, airflow)
+    backfilled = [r for r in runs(world) if r["run_id"].startswith("backfill__")]
+    # the JSON of the form reached every run the backfill created
+    assert all(r["params"]["backfill_model"] == "current_champion" for r in backfilled)
