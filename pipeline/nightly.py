@@ -780,34 +780,38 @@ def _night_report(settings: Settings, uc: UseCase, run: RunContext) -> Any:
         names = [d[0] for d in cur.description]
         return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
 
+    def first(cur: Any, query: str, params: tuple[Any, ...]) -> dict[str, Any] | None:
+        cur.execute(query, params)
+        return next(iter(rows(cur)), None)
+
     conn = db.connect(settings.database_url)
     try:
         with conn.cursor() as cur:
-            cur.execute(
+            ledger_row = first(
+                cur,
                 "SELECT run_id, attempt, status, error, stages, snapshot_sha256, code_version, "
                 "model_version, rows_published FROM ml.runs WHERE use_case = %s AND run_id = %s",
                 (uc.name, run.run_id),
             )
-            ledger_row = next(iter(rows(cur)), None)
             # what readers get now (the *_latest views), and what this date has published
-            cur.execute(
+            served = first(
+                cur,
                 "SELECT score_date, model_version, run_id, rows FROM ml.publications "
                 "WHERE use_case = %s ORDER BY score_date DESC LIMIT 1",
                 (uc.name,),
             )
-            served = next(iter(rows(cur)), None)
-            cur.execute(
+            published = first(
+                cur,
                 "SELECT score_date, model_version, run_id, rows FROM ml.publications "
                 "WHERE use_case = %s AND score_date = %s",
                 (uc.name, run.score_date),
             )
-            published = next(iter(rows(cur)), None)
-            cur.execute(
+            evaluation = first(
+                cur,
                 "SELECT challenger, decision FROM ml.evaluations WHERE use_case = %s AND run_id = %s "
                 "ORDER BY created_at DESC LIMIT 1",
                 (uc.name, run.run_id),
             )
-            evaluation = next(iter(rows(cur)), None)
             cur.execute(
                 "SELECT max(score_date) FROM ml.runs WHERE use_case = %s AND score_date < %s",
                 (uc.name, run.score_date),

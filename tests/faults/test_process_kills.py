@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import airflow_env as af
-from pipeline import db, nightly, usecase
+from pipeline import db, ledger, nightly, usecase
 from pipeline.config import Settings
 from tests.conftest import SCORE_DATE
 
@@ -39,21 +39,14 @@ NIGHT = SCORE_DATE + timedelta(days=1)
 BIN = Path(sys.executable).parent
 CLI_KILLS = int(os.environ.get("NIGHTSCORE_KILLS", "6"))
 AIRFLOW_KILLS = max(2, CLI_KILLS // 4)
-STAGES = (
-    "start_run",
-    "check_sources",
-    "build_features",
-    "check_features",
-    "decide_retrain",
-    "train_challenger",
-    "evaluate_challenger",
-    "select_model",
-    "score_partition_0",
-    "score_partition_1",
-    "check_scores",
-    "publish_scores",
-    "score_shadow",
-    "write_report",
+# the stages of a night with retrain and automatic promotion, two score partitions
+STAGES = tuple(
+    stage
+    for name in ledger.NIGHT_STAGES
+    if name != "promote_challenger"  # an approval-mode task; automatic promotion is inside
+    for stage in (
+        ("score_partition_0", "score_partition_1") if name == "score_partition" else (name,)
+    )
 )
 
 SERVED = """
