@@ -808,7 +808,8 @@ def _night_report(settings: Settings, uc: UseCase, run: RunContext) -> Any:
             )
             evaluation = first(
                 cur,
-                "SELECT challenger, decision FROM ml.evaluations WHERE use_case = %s AND run_id = %s "
+                "SELECT challenger, decision, reasons FROM ml.evaluations "
+                "WHERE use_case = %s AND run_id = %s "
                 "ORDER BY created_at DESC LIMIT 1",
                 (uc.name, run.run_id),
             )

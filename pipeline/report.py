@@ -736,7 +736,8 @@ def _header_rows(context: NightContext) -> str:
         items.append(
             (
                 "challenger",
-                f"<code>{esc(str(ev['challenger']))}</code>: {esc(str(ev['decision']))}",
+                f"<code>{esc(str(ev['challenger']))}</code>: {esc(str(ev['decision']))}"
+                + "".join(f"<br>{esc(str(reason))}" for reason in ev.get("reasons") or []),
             )
         )
     return "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in items)

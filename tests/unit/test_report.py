@@ -342,7 +342,11 @@ def test_a_published_night_has_a_header_and_links(tmp_path: Path) -> None:
         run=run,
         served=published,
         published=published,
-        evaluation={"challenger": "churn-20241121-bb", "decision": "promote"},
+        evaluation={
+            "challenger": "churn-20241121-bb",
+            "decision": "promote",
+            "reasons": ["all 8 checks passed", "AUC +0.012 over the <champion>"],
+        },
         airflow_run="dags/churn_nightly/runs/scheduled__x",
         segments=[
             {
@@ -370,6 +374,7 @@ def test_a_published_night_has_a_header_and_links(tmp_path: Path) -> None:
     text = _night(tmp_path, context)
     assert "banner-ok" in text and "Published</strong> 4,000 rows" in text
     assert "yes: no champion yet" in text and "ffffffffffffffff" in text
+    assert "promote<br>all 8 checks passed<br>AUC +0.012 over the &lt;champion&gt;" in text
     assert 'href="../../churn/evaluation/churn-20241121-bb"' in text
     assert 'href="../../../dags/churn_nightly/runs/scheduled__x"' in text
     assert text.index(">build_features<") < text.index(">score_partition_1<")
