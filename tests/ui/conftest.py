@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from pipeline import serving, usecase, warehouse
-from pipeline.config import REPO_ROOT, Settings
+from pipeline.config import REPO_ROOT, Settings, sqlalchemy_url
 from tests.conftest import create_database, drop_database
 from tests.dags.services import AIRFLOW, airflow_services, free_port, service_env
 
@@ -46,17 +46,28 @@ def world(server_url: str, session_id: str) -> Iterator[Settings]:
 
 @pytest.fixture(scope="module")
 def airflow(
-    world: Settings, airflow_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+    world: Settings,
+    airflow_env: dict[str, str],
+    server_url: str,
+    session_id: str,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[dict[str, Any]]:
-    """API server (with the reports plugin), scheduler and triggerer (approvals defer to it)."""
+    """API server (with the reports plugin), scheduler and triggerer (approvals defer to it),
+    on a metadata database of their own: a new user's Airflow, where no other test's runs
+    (e.g. a night waiting for its data) hold the DAG's one active run."""
     logs = tmp_path_factory.mktemp("ui")
+    name = f"nightscore_airflow_{session_id}_ui"
+    meta = create_database(server_url, name)
     env = service_env(airflow_env, world, free_port(), logs)
-    subprocess.run(
-        [AIRFLOW, "dags", "reserialize"], env=env, check=True, capture_output=True, timeout=300
-    )
-    with airflow_services(env, logs, "scheduler", "triggerer") as svc:
-        password = json.loads((logs / "passwords.json").read_text())["admin"]
-        yield svc | {"env": env, "logs": logs, "password": password}
+    env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = sqlalchemy_url(meta)
+    for command in (["db", "migrate"], ["dags", "reserialize"]):
+        subprocess.run([AIRFLOW, *command], env=env, check=True, capture_output=True, timeout=600)
+    try:
+        with airflow_services(env, logs, "scheduler", "triggerer") as svc:
+            password = json.loads((logs / "passwords.json").read_text())["admin"]
+            yield svc | {"env": env, "logs": logs, "password": password}
+    finally:
+        drop_database(server_url, name)
 
 
 @pytest.fixture(scope="module")
