@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -37,6 +37,7 @@ from tests.conftest import SCORE_DATE
 UC = usecase.load("churn")
 NIGHT = SCORE_DATE + timedelta(days=1)
 BIN = Path(sys.executable).parent
+EVER = datetime.min.replace(tzinfo=UTC)  # 'started after EVER': any attempt
 CLI_KILLS = int(os.environ.get("NIGHTSCORE_KILLS", "6"))
 AIRFLOW_KILLS = max(2, CLI_KILLS // 4)
 # the stages of a night with retrain and automatic promotion, two score partitions
@@ -117,13 +118,7 @@ def kill_in(
 
 def reached(settings: Settings) -> str:
     """The last stage the newest attempt of the night recorded ('-' before the ledger)."""
-    stages = db.scalar(
-        settings.database_url,
-        "SELECT stages FROM ml.runs WHERE use_case = 'churn' AND score_date = %s "
-        "ORDER BY started_at DESC LIMIT 1",
-        (NIGHT,),
-    )
-    done = [s for s in STAGES if s in (stages or {})]
+    done = [s for s in STAGES if s in newest_stages(settings, EVER)]
     return done[-1] if done else "-"
 
 

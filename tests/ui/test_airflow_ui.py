@@ -88,6 +88,12 @@ def newest_run_id(world: Settings, before: set[str], kind: str = "manual__") -> 
     return fresh[-1] if fresh else None
 
 
+def submit(page: Any, world: Settings, airflow: dict[str, Any], before: set[str]) -> str:
+    """Submit the trigger form; the id of the run it started (once the ledger has it)."""
+    page.get_by_test_id("trigger-dag-submit").click()
+    return str(until("the run to start", lambda: newest_run_id(world, before), 180, airflow))
+
+
 def test_log_in(page: Any, airflow: dict[str, Any], timings: Timings) -> None:
     with timings.flow("log in"):
         page.goto("/")
@@ -107,8 +113,7 @@ def test_approve_the_first_model_at_the_approval_task(
         before = {r["run_id"] for r in runs(world)}
         open_trigger(page)
         choose(page, "promotion_mode", "approval")
-        page.get_by_test_id("trigger-dag-submit").click()
-        run_id = until("the run to start", lambda: newest_run_id(world, before), 180, airflow)
+        run_id = submit(page, world, airflow, before)
         # it waits for a person at approve_promotion: nothing promoted yet
         page.goto(f"/dags/{DAG}/runs/{run_id}/tasks/approve_promotion")
         page.get_by_text("Awaiting Input").first.wait_for(timeout=600_000)
@@ -134,11 +139,9 @@ def test_trigger_with_the_default_form_and_watch_it_succeed(
     with timings.flow("trigger with the default form"):
         before = {r["run_id"] for r in runs(world)}
         open_trigger(page)
-        submit = page.get_by_test_id("trigger-dag-submit")
-        assert submit.is_enabled()  # the defaults submit as they are
+        assert page.get_by_test_id("trigger-dag-submit").is_enabled()  # the defaults submit as is
         shot(page, "03-trigger-form")
-        submit.click()
-        run_id = until("the run to start", lambda: newest_run_id(world, before), 180, airflow)
+        run_id = submit(page, world, airflow, before)
         until("the night to publish", lambda: published(world, run_id), 600, airflow)
         until(
             "the run to succeed",
