@@ -1,13 +1,19 @@
 """A night at scale: seconds and peak RSS per stage, for a night with retrain and one without.
 
     .venv/bin/python benchmarks/nightly.py --customers 100000 [--days 230] [--keep]
+        [--training-study]
 
-Seeds a warehouse of N customers (``--days`` of history ending the day before the night) in
-a fresh database on the configured (or embedded) server, then runs two nights through the
-stage functions the DAG calls (``pipeline.nightly``): the first with retrain, the next
-without. For each stage it prints seconds and the process's peak RSS within the stage (the
-kernel's high-water mark is reset before each stage), and for scoring and publishing rows
-per second.
+Seeds a warehouse of N customers (``--days`` of history) in a fresh database on the
+configured (or embedded) server, then runs three nights through the stage functions the
+DAG calls (``pipeline.nightly.run_night``): the first with retrain from an empty snapshot
+store (every training snapshot built), the next with retrain as every later night (the
+earlier snapshots reused, only newly matured ones built), the third without retrain. For
+each stage it prints seconds and the process's peak RSS within the stage (the kernel's
+high-water mark is reset before each stage), and for scoring and publishing rows per
+second. Threads follow the CPU allowance (``OMP_NUM_THREADS`` caps it).
+``--training-study`` fits the second night's training data whole, capped
+(``training.max_rows``, or a quarter of the rows) and capped with early stopping, and
+prints each holdout AUC.
 
 The naive baseline runs in the same process on the same night: ``pandas.read_sql`` of the
 feature query, ``predict_proba`` on the DataFrame, ``DataFrame.to_sql`` into a scratch
@@ -17,13 +23,12 @@ table; printed beside features + score + publish as a ratio.
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import replace
 from datetime import date, timedelta
 from pathlib import Path
@@ -45,70 +50,82 @@ def reset_peak_rss() -> None:
 
 
 class Stages:
-    """Times each stage and keeps its peak RSS."""
+    """Times each stage of a night and keeps its peak RSS (``run_night``'s ``call`` hook)."""
+
+    RATED = ("score_partitions", "publish_scores")  # stages shown with rows per second
 
     def __init__(self) -> None:
-        self.rows: list[tuple[str, float, float, str]] = []
+        self.rows: list[tuple[str, float, float]] = []
+        self.population = 0
 
-    @contextmanager
-    def stage(self, name: str, note: Callable[[float], str] | None = None) -> Iterator[None]:
+    def __call__(self, fn: Callable[..., Any], *args: Any) -> Any:
         reset_peak_rss()
         began = time.monotonic()
-        yield
-        seconds = time.monotonic() - began
-        self.rows.append((name, seconds, peak_rss_mb(), note(seconds) if note else ""))
+        out = fn(*args)
+        self.rows.append((fn.__name__, time.monotonic() - began, peak_rss_mb()))
+        if fn.__name__ == "build_features":
+            self.population = int(out["rows"])
+        return out
 
-    def call(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
-        with self.stage(name):
-            return fn(*args)
+    def seconds(self, *names: str) -> float:
+        return sum(r[1] for r in self.rows if r[0] in names)
 
     def print(self, title: str) -> float:
         total = sum(r[1] for r in self.rows)
         print(f"\n{title}: {total:.1f} s, peak RSS {max(r[2] for r in self.rows):,.0f} MiB")
         print(f"  {'stage':<22} {'seconds':>8} {'peak RSS MiB':>13}")
-        for name, seconds, rss, note in self.rows:
-            print(f"  {name:<22} {seconds:>8.2f} {rss:>13,.0f}  {note}")
+        for name, seconds, rss in self.rows:
+            rate = f"  {self.population / seconds:,.0f} rows/s" if name in self.RATED else ""
+            print(f"  {name:<22} {seconds:>8.2f} {rss:>13,.0f}{rate}")
         return total
 
 
-def night(settings: Any, uc: Any, day: date, retrain: str) -> tuple[Stages, int]:
-    """One night through the DAG's stage functions, in the DAG's order."""
-    from pipeline import ledger, nightly
+def night(settings: Any, uc: Any, day: date, retrain: str) -> Stages:
+    """One night through ``run_night``: the DAG's stage functions in the DAG's order."""
+    from pipeline import nightly
 
-    s = Stages()
-    run = ledger.RunContext(uc.name, day, f"bench__{retrain}__{day}")
-    params = {"retrain": retrain, "promotion_mode": "auto", "rescore_model": ""}
-    started = s.call("start_run", nightly.start_run, settings, uc, run, params)
-    s.call("check_sources", nightly.check_sources, settings, uc, run)
-    snap = s.call("build_features", nightly.build_features, settings, uc, run)
-    s.call("check_features", nightly.check_features, settings, uc, run, snap)
-    if s.call("decide_retrain", nightly.decide_retrain, settings, uc, run, retrain)["retrain"]:
-        trained = s.call("train_challenger", nightly.train_challenger, settings, uc, run)
-        s.call(
-            "evaluate_challenger",
-            nightly.evaluate_challenger,
-            settings,
-            uc,
-            run,
-            trained,
-            "auto",
-            snap,
-        )
-    chosen = s.call(
-        "select_model", nightly.select_model, settings, uc, run, None, started["champion_at_start"]
+    stages = Stages()
+    nightly.run_night(
+        settings, uc, day, retrain=retrain, run_id=f"bench__{retrain}__{day}", call=stages
     )
-    version = chosen["model_version"]
-    rows = int(snap["rows"])
-    parts: list[dict[str, Any]] = []
-    with s.stage("score", lambda t: f"{rows / t:,.0f} rows/s"):
-        for p in range(uc.serving.partitions):
-            parts.append(nightly.score_partition(settings, uc, run, snap, version, p))
-    s.call("check_scores", nightly.check_scores, settings, uc, run, parts)
-    with s.stage("publish_scores", lambda t: f"{rows / t:,.0f} rows/s"):
-        nightly.publish_scores(settings, uc, run, snap, version, parts)
-    s.call("score_shadow", nightly.score_shadow, settings, uc, run, snap, version, parts)
-    s.call("write_report", nightly.write_report, settings, uc, run)
-    return s, rows
+    return stages
+
+
+def training_study(settings: Any, uc: Any, day: date) -> None:
+    """Holdout AUC and fit seconds of the night's training data: whole, capped, early stopped."""
+    from pipeline import evaluate, features, train
+
+    whole = train.training_data(settings, uc.evolve({"training": {"max_rows": None}}), day)
+    hold = features.read_snapshot(whole.holdout)
+    y_hold = hold.column("label").to_numpy()
+    cat, num = train.split_columns(whole.table.schema, uc)
+    print(f"\ntraining study ({whole.table.num_rows:,} rows, holdout {hold.num_rows:,}):")
+    print(f"  {'variant':<44} {'rows':>10} {'fit s':>7} {'AUC':>7}")
+    cap = uc.training.max_rows or whole.table.num_rows // 4
+    variants = [
+        ("every row", uc.evolve({"training": {"max_rows": None}})),
+        (f"max_rows {cap:,}", uc.evolve({"training": {"max_rows": cap}})),
+        (
+            f"max_rows {cap:,} + early stopping",
+            uc.evolve(
+                {"training": {"max_rows": cap}, "model": {"params": {"early_stopping": True}}}
+            ),
+        ),
+    ]
+    for name, variant in variants:
+        data = (
+            whole
+            if variant.training.max_rows is None
+            else train.training_data(settings, variant, day)
+        )
+        began = time.monotonic()
+        model = train.fit(variant, data.table, cat + num, data.labels, data.weights)
+        seconds = time.monotonic() - began
+        auc = evaluate.classification_metrics(y_hold, train.predict(model, hold, cat + num))[
+            "roc_auc"
+        ]
+        iters = getattr(model[-1], "n_iter_", "")
+        print(f"  {name:<44} {data.table.num_rows:>10,} {seconds:>7.1f} {auc:>7.4f}  {iters} trees")
 
 
 def naive(settings: Any, uc: Any, day: date, version: str) -> tuple[float, int]:
@@ -144,44 +161,64 @@ def main() -> int:
     ap.add_argument("--days", type=int, default=230, help="days of history before the night")
     ap.add_argument("--use-case", default="churn")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--keep", action="store_true", help="keep the warehouse for the next run")
+    ap.add_argument(
+        "--seed-only", action="store_true", help="seed (and keep) the warehouse, no night"
+    )
+    ap.add_argument(
+        "--training-study", action="store_true", help="also fit whole, capped and early stopped"
+    )
     args = ap.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # see the README: OpenMP on a shared box
 
-    from _common import fresh_database
+    from _common import fresh_database, warehouse_database
 
-    from pipeline import usecase, warehouse
+    from pipeline import registry, train, usecase, warehouse
     from pipeline.config import load_settings
 
     uc = usecase.load(args.use_case)
-    first = date.today() - timedelta(days=args.days + 1)
-    night_1 = first + timedelta(days=args.days - 1)
-    with fresh_database() as url, tempfile.TemporaryDirectory(prefix="nightscore-bench-") as home:
-        settings = replace(load_settings(), database_url=url, warehouse_url=url, home=Path(home))
-        began = time.monotonic()
-        seeded = warehouse.seed(settings, args.customers, first, args.days + 1, seed=args.seed)
-        print(
-            f"seeded {args.customers:,} customers x {args.days + 1} days in "
-            f"{time.monotonic() - began:.0f} s ({sum(seeded.rows.values()):,} rows)"
+    first = date(2025, 1, 1)
+    night_1 = first + timedelta(days=args.days)
+    print(f"CPU allowance: {train.cpu_allowance()} threads")
+    with (
+        warehouse_database(
+            args.customers, args.days + 2, args.seed, args.keep or args.seed_only
+        ) as (wh, reused),
+        fresh_database() as url,
+        tempfile.TemporaryDirectory(prefix="nightscore-bench-") as home,
+    ):
+        settings = replace(load_settings(), database_url=url, warehouse_url=wh, home=Path(home))
+        if reused:
+            print(f"reusing the warehouse of {args.customers:,} customers x {args.days + 2} days")
+        else:
+            began = time.monotonic()
+            seeded = warehouse.seed(settings, args.customers, first, args.days + 2, seed=args.seed)
+            print(
+                f"seeded {args.customers:,} customers x {args.days + 2} days in "
+                f"{time.monotonic() - began:.0f} s ({sum(seeded.rows.values()):,} rows)"
+            )
+        if args.seed_only:
+            return 0
+        cold = night(settings, uc, night_1, "always")
+        cold.print(
+            f"night {night_1} with retrain, every training snapshot built, {cold.population:,} rows"
         )
-        with_retrain, rows = night(settings, uc, night_1, "always")
-        with_retrain.print(f"night {night_1} with retrain, {rows:,} rows")
-        without, rows = night(settings, uc, night_1 + timedelta(days=1), "never")
-        total = without.print(f"night {night_1 + timedelta(days=1)} without retrain, {rows:,} rows")
-        ours = sum(
-            r[1] for r in without.rows if r[0] in ("build_features", "score", "publish_scores")
-        )
-        from pipeline import registry
-
+        night_2 = night_1 + timedelta(days=1)
+        warm = night(settings, uc, night_2, "always")
+        warm.print(f"night {night_2} with retrain, earlier nights' snapshots reused")
+        night_3 = night_2 + timedelta(days=1)
+        without = night(settings, uc, night_3, "never")
+        total = without.print(f"night {night_3} without retrain")
+        ours = without.seconds("build_features", "score_partitions", "publish_scores")
         champion = registry.champion(settings, uc.name)
         assert champion is not None
-        naive_seconds, naive_rows = naive(
-            settings, uc, night_1 + timedelta(days=1), champion.version
-        )
+        naive_seconds, naive_rows = naive(settings, uc, night_3, champion.version)
         print(
             f"\nfeatures + score + publish: {ours:.1f} s; naive read_sql + predict + to_sql: "
             f"{naive_seconds:.1f} s for {naive_rows:,} rows; {naive_seconds / ours:.2f}x "
             f"(a night without retrain in all: {total:.1f} s)"
         )
+        if args.training_study:
+            training_study(settings, uc, night_2)
     return 0
 
 

@@ -108,6 +108,9 @@ def _strip(text: str) -> str:
     return text.rstrip().rstrip(";").rstrip()
 
 
+GRID_EPOCH = date(1970, 1, 1)
+
+
 def training_dates(uc: UseCase, run_date: date) -> tuple[list[date], date]:
     """Snapshot dates for a model trained by the run scoring ``run_date``.
 
@@ -115,15 +118,64 @@ def training_dates(uc: UseCase, run_date: date) -> tuple[list[date], date]:
     Training snapshots are older still, and their label windows close on or before the
     holdout date, so no training label overlaps the holdout period (out-of-time).
 
+    Training dates sit on a fixed calendar grid (every ``training.step_days`` days from
+    1970-01-01), not on dates sliding with the run: a training snapshot is built once,
+    the first night its labels have matured, and reused by the nights after
+    (:func:`training_snapshot`). Only the holdout moves with the run date.
+
     Returns:
         (training dates, oldest first; holdout date)
     """
     horizon = timedelta(days=uc.label.horizon_days)
     holdout = run_date - horizon
-    newest_train = holdout - horizon
-    step = timedelta(days=uc.training.step_days)
-    dates = [newest_train - i * step for i in range(uc.training.snapshots)]
+    step = uc.training.step_days
+    newest_train = _on_grid(holdout - horizon, step)
+    dates = [newest_train - timedelta(days=i * step) for i in range(uc.training.snapshots)]
     return sorted(dates), holdout
+
+
+def _on_grid(day: date, step: int) -> date:
+    """The newest date of the training grid on or before ``day``."""
+    return day - timedelta(days=(day - GRID_EPOCH).days % step)
+
+
+def definition_sha(uc: UseCase) -> str:
+    """The hash of what a labelled snapshot is made of: the feature, label and population
+    queries and the label horizon. A reused snapshot must have been built by the same."""
+    digest = hashlib.sha256(f"horizon={uc.label.horizon_days}\n".encode())
+    for role in ("features", "labels"):
+        digest.update(query(uc, role).encode())
+    return digest.hexdigest()
+
+
+def training_snapshot(
+    settings: Settings, uc: UseCase, as_of: date, known_through: date
+) -> tuple[Snapshot, bool]:
+    """The labelled snapshot as of ``as_of``: the one built by an earlier night if the same
+    queries made it (its content hash checked), else built now. Returns (snapshot, reused).
+
+    A matured label window no longer changes, so a snapshot built once stands for every
+    later night; the history check of ``check_sources`` (``history_unchanged``) stops a night
+    whose warehouse rewrote the past those snapshots were built from.
+    """
+    folder = _training_dir(settings, uc, as_of)
+    found = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+    for path in found:
+        sha = _sha256(path)
+        if path.stem == sha[:16]:
+            rows = pq.ParquetFile(path).metadata.num_rows
+            log.info(
+                "snapshot %s as of %s: reused (%d rows, sha256 %s)", uc.name, as_of, rows, sha[:16]
+            )
+            return Snapshot(uc.name, as_of, path, sha, rows, True), True
+        log.warning("snapshot %s does not match its content hash %s: rebuilding", path, sha[:16])
+        path.unlink()
+    snap = build_snapshot(settings, uc, as_of, labelled=True, known_through=known_through)
+    return snap, False
+
+
+def _training_dir(settings: Settings, uc: UseCase, as_of: date) -> Path:
+    return settings.snapshots / uc.name / "training" / f"as_of={as_of}" / definition_sha(uc)[:12]
 
 
 def _feature_schema(schema: pa.Schema, uc: UseCase) -> pa.Schema:
@@ -238,7 +290,9 @@ def build_snapshot(
         )
     labels = read_labels(settings, uc, as_of) if labelled else None
     target_dir = (
-        settings.snapshots / uc.name / ("training" if labelled else "features") / f"as_of={as_of}"
+        _training_dir(settings, uc, as_of)
+        if labelled
+        else settings.snapshots / uc.name / "features" / f"as_of={as_of}"
     )
     target_dir.mkdir(parents=True, exist_ok=True)
     files.sweep(target_dir)

@@ -236,7 +236,12 @@ def train_challenger(settings: Settings, uc: UseCase, run: RunContext) -> dict[s
     """Train a challenger on matured snapshots; out-of-time metrics on the holdout."""
     with ledger.stage(settings, run, "train_challenger") as info:
         trained = train.train_challenger(settings, uc, run.score_date, ledger.code_version(uc))
-        info |= {"version": trained.version, "roc_auc": trained.metrics["roc_auc"]}
+        info |= {
+            "version": trained.version,
+            "roc_auc": trained.metrics["roc_auc"],
+            "snapshots_reused": trained.snapshots_reused,
+            "training_rows": trained.card["training_window"]["training_rows"],
+        }
     return trained.as_xcom()
 
 
@@ -650,6 +655,37 @@ def score_partition(
     return part.as_xcom()
 
 
+def score_partitions(
+    settings: Settings,
+    uc: UseCase,
+    run: RunContext,
+    snapshot: dict[str, Any],
+    model_version: str,
+) -> list[dict[str, Any]]:
+    """Score every partition in this process (the CLI's night): as many at once as the CPU
+    allowance has cores (each takes its share of the OpenMP threads, as a mapped task does)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = uc.serving.partitions
+    workers = max(1, min(n, train.cpu_allowance()))
+    with (
+        progress.stage("score_partitions", total=n, unit="partitions") as shown,
+        ThreadPoolExecutor(workers, thread_name_prefix="score") as pool,
+    ):
+        futures = [
+            pool.submit(score_partition, settings, uc, run, snapshot, model_version, p)
+            for p in range(n)
+        ]
+        parts = []
+        for future in futures:
+            parts.append(future.result())
+            shown.advance()
+    return parts
+
+
+score_partitions.shows_progress = True  # type: ignore[attr-defined]
+
+
 def publish_scores(
     settings: Settings,
     uc: UseCase,
@@ -979,12 +1015,16 @@ def run_night(
     run_id: str | None = None,
     promotion_mode: str = "auto",
     rescore_model: str | None = None,
+    call: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
-    """The whole night in-process, same stages as the DAG (CLI and tests).
+    """The whole night in-process, same stages as the DAG (CLI, tests and benchmarks).
 
     ``approval`` mode has no person to ask here: the challenger waits as the shadow model
-    until ``nightscore models promote`` (the DAG asks in the Airflow UI instead).
+    until ``nightscore models promote`` (the DAG asks in the Airflow UI instead). Each stage
+    runs as ``call(stage_function, *args)``: by default shown on the command line; a
+    benchmark passes its own to time them.
     """
+    _shown = call or _show
     if isinstance(retrain, bool):
         retrain = "always" if retrain else "never"
     run = RunContext(uc.name, score_date, run_id or f"cli__{datetime.now(UTC):%Y%m%dT%H%M%S%f}")
@@ -1002,12 +1042,7 @@ def run_night(
         trained = _shown(train_challenger, settings, uc, run)
         evaluation = _shown(evaluate_challenger, settings, uc, run, trained, promotion_mode, snap)
     chosen = _shown(select_model, settings, uc, run, rescore_model, started["champion_at_start"])
-    parts = []
-    n = uc.serving.partitions
-    with progress.stage("score_partitions", total=n, unit="partitions") as scoring:
-        for p in range(n):
-            parts.append(score_partition(settings, uc, run, snap, chosen["model_version"], p))
-            scoring.advance()
+    parts = _shown(score_partitions, settings, uc, run, snap, chosen["model_version"])
     _shown(check_scores, settings, uc, run, parts)
     published = _shown(publish_scores, settings, uc, run, snap, chosen["model_version"], parts)
     shadow = _shown(score_shadow, settings, uc, run, snap, chosen["model_version"], parts)
@@ -1022,8 +1057,10 @@ def run_night(
     }
 
 
-def _shown(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+def _show(fn: Callable[..., Any], *args: Any) -> Any:
     """Call one stage of the night, shown on the command line under its own name."""
+    if getattr(fn, "shows_progress", False):
+        return fn(*args)
     with progress.stage(fn.__name__):
         return fn(*args)
 

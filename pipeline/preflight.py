@@ -162,11 +162,7 @@ def _history(settings: Settings, uc: UseCase, as_of: date) -> tuple[str, str]:
         settings.warehouse_url, settings.warehouse_schema, contract, as_of, uc.warehouse.timezone
     )
     oldest = as_of - timedelta(days=uc.history_days())
-    window = (
-        f"the training window needs facts from {oldest} ({uc.history_days()} days: 2 x "
-        f"label.horizon_days {uc.label.horizon_days} + (training.snapshots "
-        f"{uc.training.snapshots} - 1) x training.step_days {uc.training.step_days})"
-    )
+    window = f"the training window needs facts from {oldest} ({uc.history_text()})"
     empty = [name for name, day in starts.items() if day is None]
     if empty:
         return "FAIL", f"no rows dated before {as_of} in {', '.join(empty)}; {window}"

@@ -99,7 +99,11 @@ def score_partition(
         ]
     )
     rows = 0
-    with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+    # partitions run side by side (mapped tasks, or the CLI's threads): each its share of cores
+    with (
+        train.threads(share=min(partitions, train.cpu_allowance())),
+        pq.ParquetWriter(tmp, schema, compression="zstd") as writer,
+    ):
         for batch in source.iter_batches(
             batch_size=uc.serving.batch_rows, columns=[uc.entity_key, *columns]
         ):

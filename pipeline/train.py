@@ -13,6 +13,7 @@ import logging
 import os
 import pickle
 import platform
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -38,6 +39,7 @@ class TrainedModel:
     metrics: dict[str, float]
     holdout: features.Snapshot
     card: dict[str, Any]
+    snapshots_reused: int = 0  # built by earlier nights (not in the card: not the model's)
 
     def as_xcom(self) -> dict[str, Any]:
         return {
@@ -53,8 +55,10 @@ class TrainedModel:
 def build_model(uc: UseCase, categorical: list[str], numeric: list[str]) -> Any:
     """The unfitted Pipeline: preprocessing suited to the estimator, seeded.
 
-    ``hist_gradient_boosting`` one-hot encodes categories and takes missing numbers as
-    they are; ``logistic_regression`` also imputes medians and standardizes numbers.
+    ``hist_gradient_boosting`` takes categories natively (ordinal codes, the rarest past
+    254 grouped, unseen ones as missing) and missing numbers as they are, all as float32:
+    a few columns instead of a one-hot block makes scoring several times faster.
+    ``logistic_regression`` one-hot encodes categories, imputes medians and standardizes.
 
     Raises:
         ConfigError: a ``model.params`` key the estimator does not take.
@@ -64,21 +68,29 @@ def build_model(uc: UseCase, categorical: list[str], numeric: list[str]) -> Any:
     from sklearn.impute import SimpleImputer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import Pipeline, make_pipeline
-    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+    from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder, StandardScaler
 
-    onehot = OneHotEncoder(handle_unknown="ignore", sparse_output=False, dtype=np.float32)
-    params = dict(uc.model.params)
+    params: dict[str, Any] = dict(uc.model.params)
     clf: Any
     if uc.model.estimator == "hist_gradient_boosting":
+        categories: Any = OrdinalEncoder(
+            handle_unknown="use_encoded_value",
+            unknown_value=np.nan,
+            encoded_missing_value=np.nan,
+            max_categories=254,
+            dtype=np.float32,
+        )
         numbers: Any = "passthrough"
         params.setdefault("early_stopping", False)
+        params.setdefault("categorical_features", list(range(len(categorical))) or None)
         clf = _estimator(HistGradientBoostingClassifier, uc, params)
     else:
+        categories = OneHotEncoder(handle_unknown="ignore", sparse_output=False, dtype=np.float32)
         numbers = make_pipeline(SimpleImputer(strategy="median"), StandardScaler())
         params.setdefault("max_iter", 1000)
         clf = _estimator(LogisticRegression, uc, params)
     pre = ColumnTransformer(
-        [("categorical", onehot, categorical), ("numeric", numbers, numeric)],
+        [("categorical", categories, categorical), ("numeric", numbers, numeric)],
         verbose_feature_names_out=False,
     )
     return Pipeline([("preprocess", pre), ("model", clf)])
@@ -140,59 +152,144 @@ def library_versions() -> dict[str, str]:
 
 @dataclass(frozen=True)
 class TrainingData:
-    """Matured, labelled snapshots for a run: training rows and the out-of-time holdout."""
+    """Matured, labelled snapshots for a run: training rows and the out-of-time holdout.
+
+    With ``training.max_rows`` below the snapshots' rows, ``table`` is a seeded sample:
+    every class is drawn at its own rate (positives kept whole while they fit) and
+    ``weights`` (1 / rate) make the sample stand for every row; ``uniform`` marks the rows
+    of a plain random sample of it (the drift reference).
+    """
 
     snapshots: list[features.Snapshot]
     holdout: features.Snapshot
     table: pa.Table
+    weights: np.ndarray | None = None
+    uniform: np.ndarray | None = None
+    rows_before_cap: int = 0
+    reused: int = 0
 
     @property
     def labels(self) -> np.ndarray:
         return np.asarray(self.table.column("label").to_numpy())
 
+    def reference_table(self) -> pa.Table:
+        """Rows drawn at one rate whatever their label: the training distribution."""
+        return self.table if self.uniform is None else self.table.filter(pa.array(self.uniform))
+
 
 def training_data(settings: Settings, uc: UseCase, run_date: date) -> TrainingData:
-    """Build the training snapshots and the holdout for a model trained by ``run_date``'s run.
+    """The training snapshots (reused where an earlier night built them) and the holdout for
+    a model trained by ``run_date``'s run, capped at ``training.max_rows``.
 
     Raises:
         DataError: a snapshot is empty or the training labels have a single class.
     """
     train_dates, holdout_date = features.training_dates(uc, run_date)
     try:
-        snaps = [
-            features.build_snapshot(settings, uc, d, labelled=True, known_through=run_date)
-            for d in train_dates
-        ]
+        built = [features.training_snapshot(settings, uc, d, run_date) for d in train_dates]
     except DataError as err:
         if "empty population" not in str(err):
             raise
         raise DataError(
-            f"{err}. The training window of {uc.name} reaches back to {train_dates[0]}: "
-            f"{uc.history_days()} days before {run_date} (2 x label.horizon_days "
-            f"{uc.label.horizon_days} + (training.snapshots {uc.training.snapshots} - 1) x "
-            f"training.step_days {uc.training.step_days}). Shorten it in {uc.source}, or run a "
+            f"{err}. The training window of {uc.name} reaches back to {train_dates[0]}, "
+            f"up to {uc.history_text()} before {run_date}. Shorten it in {uc.source}, or run a "
             f"later date; `nightscore usecase check {uc.name} --date {run_date}` shows the "
             "history the warehouse holds"
         ) from None
-    holdout = features.build_snapshot(
-        settings, uc, holdout_date, labelled=True, known_through=run_date
-    )
-    table = pa.concat_tables([features.read_snapshot(s) for s in snaps])
-    y = table.column("label").to_numpy()
+    holdout, held = features.training_snapshot(settings, uc, holdout_date, run_date)
+    snaps = [s for s, _ in built]
+    reused = sum(r for _, r in built) + held
+    labels = [features.read_snapshot(s, ["label"]).column("label").to_numpy() for s in snaps]
+    y = np.concatenate(labels)
     if y.min() == y.max():
         raise DataError(
             f"training labels for {uc.name} ({train_dates[0]}..{train_dates[-1]}) are all {y[0]}; "
             f"a model needs both classes: check {uc.sql.labels.name} and the warehouse history"
         )
-    return TrainingData(snaps, holdout, table)
+    rates = sampling_rates(y, uc.training.max_rows)
+    if rates is None:
+        table = pa.concat_tables([features.read_snapshot(s) for s in snaps])
+        return TrainingData(snaps, holdout, table, rows_before_cap=len(y), reused=reused)
+    parts, weights, uniform = [], [], []
+    for snap, label in zip(snaps, labels, strict=True):
+        draw = np.random.default_rng([uc.model.seed, snap.as_of.toordinal()]).random(len(label))
+        keep = draw < rates[label]
+        parts.append(features.read_snapshot(snap).filter(pa.array(keep)))
+        weights.append(1.0 / rates[label[keep]])
+        uniform.append(draw[keep] < rates.min())
+    log.info(
+        "training %s on %d of %d rows (training.max_rows): negatives drawn at %.4f, "
+        "positives at %.4f, weighted to stand for the rest",
+        uc.name,
+        sum(p.num_rows for p in parts),
+        len(y),
+        rates[0],
+        rates[1],
+    )
+    return TrainingData(
+        snaps,
+        holdout,
+        pa.concat_tables(parts),
+        np.concatenate(weights),
+        np.concatenate(uniform),
+        len(y),
+        reused,
+    )
 
 
-def fit(uc: UseCase, table: pa.Table, columns: list[str], labels: np.ndarray) -> Any:
+def sampling_rates(labels: np.ndarray, max_rows: int | None) -> np.ndarray | None:
+    """Per class (index 0 and 1), the rate a row is drawn at to fit ``max_rows``; ``None``
+    when every row fits. The rarer class is kept whole if it fills at most half the cap."""
+    n = len(labels)
+    if max_rows is None or n <= max_rows:
+        return None
+    counts = np.bincount(labels.astype(np.int64), minlength=2)
+    rare = int(np.argmin(counts))
+    rates = np.full(2, max_rows / n)
+    if counts[rare] <= max_rows / 2:
+        rates[rare] = 1.0
+        rates[1 - rare] = (max_rows - counts[rare]) / counts[1 - rare]
+    return rates
+
+
+def cpu_allowance() -> int:
+    """CPUs this process may use: its affinity, bounded by a cgroup CPU quota (containers,
+    Kubernetes limits) and by ``OMP_NUM_THREADS`` when set."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    allowance = cpus or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            allowance = min(allowance, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    with suppress(ValueError):
+        allowance = min(allowance, int(os.environ.get("OMP_NUM_THREADS", "") or allowance))
+    return max(1, allowance)
+
+
+def threads(share: int = 1) -> Any:
+    """A context in which OpenMP uses this process's part of the CPU allowance (one of
+    ``share`` tasks running at once): oversubscribed OpenMP makes trees many times slower."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=max(1, cpu_allowance() // max(1, share)), user_api="openmp")
+
+
+def fit(
+    uc: UseCase,
+    table: pa.Table,
+    columns: list[str],
+    labels: np.ndarray,
+    weights: np.ndarray | None = None,
+) -> Any:
     """Fit the use case's Pipeline on ``columns`` of ``table`` (seeded: same data, same model)."""
     categorical = [c for c in columns if pa.types.is_string(table.schema.field(c).type)]
     numeric = [c for c in columns if c not in categorical]
     model = build_model(uc, categorical, numeric)
-    model.fit(to_frame(table, categorical + numeric), labels)
+    extra = {} if weights is None else {"model__sample_weight": weights}
+    with threads():
+        model.fit(to_frame(table, categorical + numeric), labels, **extra)
     return without_thread_count(model)
 
 
@@ -241,11 +338,13 @@ def save_and_register(
             },
             "label_horizon_days": uc.label.horizon_days,
             "training_rows": data.table.num_rows,
-            "positive_rate": float(data.labels.mean()),
+            "rows_before_cap": data.rows_before_cap or data.table.num_rows,
+            "max_rows": uc.training.max_rows,
+            "positive_rate": float(np.average(data.labels, weights=data.weights)),
         },
         "metrics": metrics,
         # per-feature distributions of the training data: the drift reference
-        "reference": checks.reference_profile(data.table, columns),
+        "reference": checks.reference_profile(data.reference_table(), columns),
         "library_versions": library_versions(),
         "seed": uc.model.seed,
         "estimator": uc.model.estimator,
@@ -264,7 +363,7 @@ def save_and_register(
         metrics["roc_auc"],
         metrics["lift_top_decile"],
     )
-    return TrainedModel(version, sha, str(artifact), metrics, data.holdout, card)
+    return TrainedModel(version, sha, str(artifact), metrics, data.holdout, card, data.reused)
 
 
 def _write_whole(path: Path, data: bytes) -> None:
@@ -282,7 +381,7 @@ def train_challenger(
     data = training_data(settings, uc, run_date)
     categorical, numeric = split_columns(data.table.schema, uc)
     columns = categorical + numeric
-    model = fit(uc, data.table, columns, data.labels)
+    model = fit(uc, data.table, columns, data.labels, data.weights)
     return save_and_register(settings, uc, run_date, model, columns, data, code_version)
 
 

@@ -130,16 +130,19 @@ class Label(_Section):
 
 
 class Training(_Section):
-    """Labelled snapshots taken every ``step_days`` back from the newest matured one.
+    """Labelled snapshots on a calendar grid of ``step_days``, back from the newest matured one.
 
-    A run at D holds out the snapshot D - horizon and trains on ``snapshots`` dates ending
-    at D - 2 x horizon: it needs ``2 x horizon + (snapshots - 1) x step_days`` days of
-    history before D.
+    A run at D holds out the snapshot D - horizon and trains on ``snapshots`` grid dates
+    ending on or before D - 2 x horizon: it needs up to ``2 x horizon + snapshots x
+    step_days - 1`` days of history before D. Each training snapshot is built once and
+    reused by later nights. ``max_rows`` caps the rows a model is fitted on: every
+    positive is kept and negatives are sampled (seeded) and weighted to stand for the rest.
     """
 
     snapshots: int = Field(default=4, ge=1, le=60)
     step_days: int = Field(default=7, ge=1, le=365)
     retrain_every_days: int = Field(default=1, ge=1)
+    max_rows: int | None = Field(default=None, ge=1000)
 
 
 class ModelSpec(_Section):
@@ -353,8 +356,19 @@ class UseCase(_Section):
         return self.campaign.capacity if self.campaign is not None else None
 
     def history_days(self) -> int:
-        """Days of facts before a run date that the training window needs."""
-        return 2 * self.label.horizon_days + (self.training.snapshots - 1) * self.training.step_days
+        """Days of facts before a run date that the training window needs, at most: training
+        dates sit on a grid of ``step_days``, so the newest is up to ``step_days - 1`` days
+        older than ``2 x horizon`` before the run."""
+        t = self.training
+        return 2 * self.label.horizon_days + t.snapshots * t.step_days - 1
+
+    def history_text(self) -> str:
+        """How :meth:`history_days` is made, in the keys that set it."""
+        t = self.training
+        return (
+            f"{self.history_days()} days: 2 x label.horizon_days {self.label.horizon_days} + "
+            f"training.snapshots {t.snapshots} x training.step_days {t.step_days} - 1"
+        )
 
     def files(self) -> list[Path]:
         """Every file the use case uses (for the code version and ``usecase show``)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 
 import numpy as np
@@ -60,3 +61,35 @@ def test_an_unknown_model_parameter_names_the_key_and_the_choices() -> None:
     uc = UC.evolve({"model": {"params": {"max_iters": 10}}})
     with pytest.raises(ConfigError, match=r"model\.params.*max_iter.*found max_iters"):
         train.build_model(uc, [], ["f0"])
+
+
+def test_sampling_rates_keep_the_rare_class_whole_while_it_fits() -> None:
+    y = np.array([1] * 100 + [0] * 9900)
+    assert train.sampling_rates(y, None) is None
+    assert train.sampling_rates(y, 10_000) is None
+    rates = train.sampling_rates(y, 1000)
+    assert rates is not None and rates[1] == 1.0 and rates[0] == pytest.approx(900 / 9900)
+    # a rare class bigger than half the cap is sampled too, both at one rate
+    balanced = train.sampling_rates(np.array([1] * 5000 + [0] * 5000), 1000)
+    assert balanced is not None and list(balanced) == [0.1, 0.1]
+
+
+def test_categories_are_native_and_unseen_or_many_categories_still_score() -> None:
+    t, y = table()
+    cols = ["country", "f0", "f1", "f2", "f3"]
+    model = train.fit(UC, t, cols, y)
+    assert list(model[-1].is_categorical_) == [True, False, False, False, False]
+    unseen = t.set_column(1, "country", pa.array(["XX"] * t.num_rows))
+    p = train.predict(model, unseen, cols)
+    assert np.isfinite(p).all()
+    # 400 distinct values: the rarest are grouped, not an error
+    many = t.set_column(1, "country", pa.array([f"c{i % 400}" for i in range(t.num_rows)]))
+    p = train.predict(train.fit(UC, many, cols, y), many, cols)
+    assert np.isfinite(p).all()
+
+
+def test_cpu_allowance_follows_omp_num_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert train.cpu_allowance() == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert 1 <= train.cpu_allowance() <= (os.cpu_count() or 1)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 from datetime import date, timedelta
 
 from hypothesis import given
@@ -29,13 +30,30 @@ def test_no_label_window_reaches_past_the_holdout_or_the_run(
     assert label_end(uc, holdout) == run
     # out-of-time: every training label window closes by the holdout date
     assert all(label_end(uc, d) <= holdout for d in train)
-    # the history the window needs is what the oldest snapshot needs
-    assert (run - train[0]).days == uc.history_days()
+    # the newest training date is the newest grid date whose labels close by the holdout
+    assert label_end(uc, train[-1] + timedelta(days=step)) > holdout
+    # evenly spaced on the calendar grid, whatever the run date
+    assert all((b - a).days == step for a, b in itertools.pairwise(train))
+    assert all((d - date(1970, 1, 1)).days % step == 0 for d in train)
+    # the history the window needs is at most what the use case says
+    assert (run - train[0]).days <= uc.history_days()
+
+
+@given(st.dates(min_value=date(2020, 1, 1), max_value=date(2030, 1, 1)), st.integers(1, 60))
+def test_consecutive_nights_share_their_training_dates_but_one_at_most(
+    run: date, step: int
+) -> None:
+    uc = CHURN.evolve({"training": {"step_days": step}})
+    tonight, _ = training_dates(uc, run)
+    tomorrow, _ = training_dates(uc, run + timedelta(days=1))
+    # tomorrow needs at most one snapshot tonight did not: the grid date that just matured
+    assert len(set(tomorrow) - set(tonight)) <= 1
 
 
 def test_churn_window_for_a_known_date() -> None:
     train, holdout = training_dates(CHURN, date(2025, 6, 1))
     assert holdout == date(2025, 5, 2)
-    assert train[-1] == date(2025, 4, 2)
-    assert train[0] == date(2025, 4, 2) - timedelta(days=14 * 5)
-    assert CHURN.history_days() == 130
+    # 2025-05-02 - 30 days = 2025-04-02, back to the 14-day grid from 1970-01-01
+    assert train[-1] == date(2025, 3, 27)
+    assert train[0] == date(2025, 3, 27) - timedelta(days=14 * 5)
+    assert CHURN.history_days() == 143
