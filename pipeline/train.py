@@ -56,8 +56,8 @@ def build_model(uc: UseCase, categorical: list[str], numeric: list[str]) -> Any:
     """The unfitted Pipeline: preprocessing suited to the estimator, seeded.
 
     ``hist_gradient_boosting`` takes categories natively (ordinal codes, the rarest past
-    254 grouped, unseen ones as missing) and missing numbers as they are, all as float32:
-    a few columns instead of a one-hot block makes scoring several times faster.
+    254 grouped, unseen ones as missing) and missing numbers as they are: a column per
+    category instead of a one-hot block keeps the matrix narrow for training and scoring.
     ``logistic_regression`` one-hot encodes categories, imputes medians and standardizes.
 
     Raises:
