@@ -237,7 +237,7 @@ def nightly_dag(uc: usecase.UseCase) -> Any:
                 backfill_model=p.get("backfill_model", "champion_on_date"),
             )
 
-        @task(**IO_RETRIES)
+        @task(pool=uc.serving.pool, **IO_RETRIES)
         def score_partition(partition: int, snapshot: dict, model: dict) -> dict:
             from _nightscore import nightly_stage
 

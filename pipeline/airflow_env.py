@@ -80,6 +80,37 @@ def airflow_env(settings: Settings, port: int = 8080) -> dict[str, str]:
     }
 
 
+# CeleryExecutor, as docker-compose.yml runs it (tests/unit/test_compose.py holds the two
+# together; tests/dags/test_celery.py runs a scheduler and two workers with them). A worker
+# runs as many task processes as its machine has cores, each on one thread: scikit-learn's
+# OpenMP, BLAS and Arrow's CPU pool (which follows OMP_NUM_THREADS) would otherwise each
+# start a thread per core in every task process. One message reserved per process (with
+# Airflow's late acks): a busy worker holds no partition back from an idle one.
+CELERY_SETTINGS = {
+    "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+    "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
+    "AIRFLOW__CELERY__WORKER_PREFETCH_MULTIPLIER": "1",
+    # A message a lost worker took is redelivered after this long; the scheduler has retried
+    # its task long before (task_instance_heartbeat_timeout), so the redelivery finds the
+    # try over and runs nothing. It must outlast the longest task, or a running task's
+    # message is handed to a second worker.
+    "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": "86400",
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+
+
+def celery_env(broker_url: str, metadata_url: str, queue: str = "default") -> dict[str, str]:
+    """Variables that run these DAGs on CeleryExecutor: tasks go through ``broker_url`` (Redis)
+    to the workers serving ``queue``; task states are kept in the metadata database."""
+    return CELERY_SETTINGS | {
+        "AIRFLOW__CELERY__BROKER_URL": broker_url,
+        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + sqlalchemy_url(metadata_url),
+        "AIRFLOW__OPERATORS__DEFAULT_QUEUE": queue,
+    }
+
+
 def machine_slots() -> int:
     """Tasks that may run at once on this machine: one per core, at least 2."""
     return max(2, os.cpu_count() or 2)

@@ -16,8 +16,9 @@ def fault_point(name: str, occurrence: int | None = None) -> None:
     """Where fault-injection tests stop or break a run, a publish or a send.
 
     ``NIGHTSCORE_FAULT_PAUSE=<name>`` (or ``<name>:<n>`` for the n-th time a loop passes
-    the point) touches ``$NIGHTSCORE_FAULT_PAUSE_FILE`` and sleeps, so a test can kill the
-    process (or its database backend) at exactly this step.
+    the point, or partition n at ``score_partition``) touches
+    ``$NIGHTSCORE_FAULT_PAUSE_FILE`` and sleeps, so a test can kill the process (or its
+    database backend) at exactly this step.
     ``NIGHTSCORE_FAULT_RAISE=<name>`` raises ``FaultInjected`` there, and
     ``<name>:interrupt`` raises ``KeyboardInterrupt`` (what Ctrl-C or a task timeout does).
     Does nothing unless a variable names this point.

@@ -642,6 +642,7 @@ def score_partition(
 ) -> dict[str, Any]:
     """Score one hash partition of the population."""
     with ledger.stage(settings, run, f"score_partition_{partition}") as info:
+        fault_point("score_partition", partition)
         part = score.score_partition(
             settings,
             uc,

@@ -227,6 +227,9 @@ class Serving(_Section):
     table: str = _identifier(MAX_TABLE_NAME)
     probability_column: str = Field(default="probability", pattern=IDENTIFIER, max_length=63)
     partitions: int = Field(default=2, ge=1, le=64)
+    # The Airflow pool the scoring tasks take slots of: its size caps how many partitions
+    # score at once across all workers (and so the serving-database connections they hold).
+    pool: str = Field(default="default_pool", pattern=r"^[A-Za-z0-9_.-]+$", max_length=256)
     batch_rows: int = Field(default=50_000, ge=1000)
     retention_dates: int = Field(default=400, ge=1)
 

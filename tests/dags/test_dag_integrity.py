@@ -221,3 +221,25 @@ def test_the_campaign_is_scheduled_on_the_published_scores_asset(dagbag) -> None
     assert [a.name for a in assets] == ["churn_scores"]
     assert [a.uri for a in publish.outlets] == [a.uri for a in assets]
     assert campaign_dag.params["dry_run"] is True  # nobody is emailed unless asked
+
+
+def test_scoring_maps_one_task_per_partition_in_the_use_case_pool(
+    dagbag, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from airflow.dag_processing.dagbag import DagBag
+
+    default = dagbag.dags["churn_nightly"].get_task("score_partition")
+    assert default.pool == "default_pool"
+    assert default.op_kwargs_expand_input.value["partition"] == [0, 1]
+    shutil.copytree(DAGS.parent / "usecases" / "churn", tmp_path / "churn")
+    config = tmp_path / "churn" / "usecase.yaml"
+    config.write_text(
+        config.read_text().replace("partitions: 2\n", "partitions: 6\n  pool: scoring\n")
+    )
+    monkeypatch.setenv("NIGHTSCORE_USECASES", str(tmp_path))
+    scoring = DagBag(dag_folder=str(DAGS)).dags["churn_nightly"].get_task("score_partition")
+    assert scoring.pool == "scoring"
+    assert scoring.op_kwargs_expand_input.value["partition"] == list(range(6))
+    assert dagbag.dags["churn_nightly"].get_task("publish_scores").pool == "default_pool"

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import time
 from collections.abc import Iterator
 from datetime import date, timedelta
 from pathlib import Path
@@ -19,9 +17,9 @@ from typing import Any
 import pytest
 
 from pipeline import serving, usecase, warehouse
-from pipeline.config import REPO_ROOT, Settings, sqlalchemy_url
+from pipeline.config import REPO_ROOT, Settings
 from tests.conftest import create_database, drop_database
-from tests.dags.services import AIRFLOW, airflow_services, free_port, service_env
+from tests.dags.services import Timings, airflow_services, free_port, own_metadata, service_env
 
 CHROMIUM = os.environ.get("NIGHTSCORE_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(
@@ -56,18 +54,13 @@ def airflow(
     on a metadata database of their own: a new user's Airflow, where no other test's runs
     (e.g. a night waiting for its data) hold the DAG's one active run."""
     logs = tmp_path_factory.mktemp("ui")
-    name = f"nightscore_airflow_{session_id}_ui"
-    meta = create_database(server_url, name)
     env = service_env(airflow_env, world, free_port(), logs)
-    env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = sqlalchemy_url(meta)
-    for command in (["db", "migrate"], ["dags", "reserialize"]):
-        subprocess.run([AIRFLOW, *command], env=env, check=True, capture_output=True, timeout=600)
-    try:
-        with airflow_services(env, logs, "scheduler", "triggerer") as svc:
-            password = json.loads((logs / "passwords.json").read_text())["admin"]
-            yield svc | {"env": env, "logs": logs, "password": password}
-    finally:
-        drop_database(server_url, name)
+    with (
+        own_metadata(env, server_url, f"nightscore_airflow_{session_id}_ui") as env,
+        airflow_services(env, logs, "scheduler", "triggerer") as svc,
+    ):
+        password = json.loads((logs / "passwords.json").read_text())["admin"]
+        yield svc | {"env": env, "logs": logs, "password": password}
 
 
 @pytest.fixture(scope="module")
@@ -96,32 +89,10 @@ def page(browser: Any, airflow: dict[str, Any]) -> Iterator[Any]:
         context.close()
 
 
-class Timings:
-    """Each flow's seconds, printed and kept beside the screenshots."""
-
-    def __init__(self) -> None:
-        self.path = ARTIFACTS / "timings.json"
-        self.found: dict[str, float] = {}
-
-    def flow(self, name: str) -> Any:
-        timings = self
-
-        class _Flow:
-            def __enter__(self) -> None:
-                self.began = time.monotonic()
-
-            def __exit__(self, *exc: Any) -> None:
-                if exc[0] is None:
-                    timings.found[name] = round(time.monotonic() - self.began, 1)
-                    timings.path.write_text(json.dumps(timings.found, indent=2))
-                    print(f"\n{name}: {timings.found[name]} s")
-
-        return _Flow()
-
-
 @pytest.fixture(scope="module")
 def timings() -> Timings:
-    return Timings()
+    """Each flow's seconds, kept beside the screenshots."""
+    return Timings(ARTIFACTS / "timings.json")
 
 
 @pytest.hookimpl(hookwrapper=True)

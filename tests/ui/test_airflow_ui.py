@@ -16,7 +16,8 @@ import pytest
 
 from pipeline import db, registry
 from pipeline.config import Settings
-from tests.ui.conftest import ARTIFACTS, Timings
+from tests.dags.services import Timings
+from tests.ui.conftest import ARTIFACTS
 
 pytestmark = pytest.mark.slow
 DAG = "churn_nightly"

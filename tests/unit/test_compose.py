@@ -254,3 +254,21 @@ def test_missing_requirements_keeps_only_what_is_not_installed() -> None:
     assert module.missing(runtime, set()).count("==") == len(
         _pins(REPO_ROOT / "requirements-runtime.lock")
     )
+
+
+def test_workers_run_with_the_celery_settings_the_celery_test_runs_with(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    from pipeline import airflow_env as af
+
+    # tests/dags/test_celery.py runs its scheduler and workers with af.celery_env
+    worker = services["airflow-worker"]
+    assert worker["command"] == "celery worker"
+    assert {k: worker["environment"].get(k) for k in af.CELERY_SETTINGS} == af.CELERY_SETTINGS
+    for name, service in airflow_services(services).items():
+        env = service["environment"]
+        assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor", name
+        assert env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://"), name
+        # task states in the metadata database, as af.celery_env keeps them
+        assert env["AIRFLOW__CELERY__RESULT_BACKEND"].startswith("db+postgresql"), name
+        assert env["AIRFLOW__CELERY__RESULT_BACKEND"].endswith("@postgres/airflow"), name

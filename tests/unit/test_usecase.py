@@ -84,6 +84,13 @@ def test_the_repository_use_cases_are_valid() -> None:
             "unknown key 'max_nulls'",
         ),
         (
+            "  partitions: 2\n",
+            "  partitions: 2\n  pool: scoring pool\n",
+            "serving.pool",
+            "match pattern",
+            "'scoring pool'",
+        ),
+        (
             '  nightly: "0 0 * * *"',
             '  nightly: "every night"',
             "schedule.nightly",
