@@ -11,9 +11,9 @@ earlier snapshots reused, only newly matured ones built), the third without retr
 each stage it prints seconds and the process's peak RSS within the stage (the kernel's
 high-water mark is reset before each stage), and for scoring and publishing rows per
 second. Threads follow the CPU allowance (``OMP_NUM_THREADS`` caps it).
-``--training-study`` fits the second night's training data whole, capped
-(``training.max_rows``, or a quarter of the rows) and capped with early stopping, and
-prints each holdout AUC.
+``--training-study`` fits the second night's training data whole and capped
+(``training.max_rows``, or a quarter of the rows), each with all trees and with early
+stopping, and prints fit seconds, trees and holdout AUC.
 
 The naive baseline runs in the same process on the same night: ``pandas.read_sql`` of the
 feature query, ``predict_proba`` on the DataFrame, ``DataFrame.to_sql`` into a scratch
@@ -102,24 +102,29 @@ def training_study(settings: Any, uc: Any, day: date) -> None:
     print(f"\ntraining study ({whole.table.num_rows:,} rows, holdout {hold.num_rows:,}):")
     print(f"  {'variant':<44} {'rows':>10} {'fit s':>7} {'AUC':>7}")
     cap = uc.training.max_rows or whole.table.num_rows // 4
+
+    def variant(max_rows: int | None, early_stopping: bool) -> Any:
+        return uc.evolve(
+            {
+                "training": {"max_rows": max_rows},
+                "model": {"params": {"early_stopping": early_stopping}},
+            }
+        )
+
     variants = [
-        ("every row", uc.evolve({"training": {"max_rows": None}})),
-        (f"max_rows {cap:,}", uc.evolve({"training": {"max_rows": cap}})),
-        (
-            f"max_rows {cap:,} + early stopping",
-            uc.evolve(
-                {"training": {"max_rows": cap}, "model": {"params": {"early_stopping": True}}}
-            ),
-        ),
+        ("every row, all trees", variant(None, False)),
+        ("every row, early stopping", variant(None, True)),
+        (f"max_rows {cap:,}, all trees", variant(cap, False)),
+        (f"max_rows {cap:,}, early stopping", variant(cap, True)),
     ]
-    for name, variant in variants:
+    for name, spec in variants:
         data = (
             whole
-            if variant.training.max_rows is None
-            else train.training_data(settings, variant, day)
+            if spec.training.max_rows is None
+            else train.training_data(settings, spec, day)
         )
         began = time.monotonic()
-        model = train.fit(variant, data.table, cat + num, data.labels, data.weights)
+        model = train.fit(spec, data.table, cat + num, data.labels, data.weights)
         seconds = time.monotonic() - began
         auc = evaluate.classification_metrics(y_hold, train.predict(model, hold, cat + num))[
             "roc_auc"

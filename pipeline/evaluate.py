@@ -136,6 +136,9 @@ def _weighted_lift(
         return np.asarray(top_rate / base, dtype=np.float64)
 
 
+BOOTSTRAP_ROWS = 200_000  # holdout rows the paired bootstrap resamples, at most
+
+
 def paired_bootstrap(
     y: np.ndarray,
     p_challenger: np.ndarray,
@@ -144,16 +147,35 @@ def paired_bootstrap(
     resamples: int = 1000,
     seed: int = 0,
     block: int = 50,
+    max_rows: int = BOOTSTRAP_ROWS,
 ) -> dict[str, dict[str, float]]:
     """95% intervals of challenger-minus-champion AUC and top-decile lift, paired.
 
     Both models are scored on the same resampled rows (multinomial resampling expressed as
     per-row counts), so the interval reflects the difference, not two independent noises.
     Vectorized over blocks of resamples; seeded, so the same inputs give the same interval.
+    A holdout above ``max_rows`` is resampled from a seeded sample of ``m`` = ``max_rows``
+    of its ``n`` rows, so the cost stays bounded whatever the population: the m-out-of-n
+    bootstrap, whose deviations from the sample's own estimate are scaled by sqrt(m / n)
+    around the whole holdout's estimate (both differences are root-n statistics).
     """
     y = np.asarray(y, dtype=np.float64)
-    n = len(y)
     rng = np.random.default_rng(seed)
+    points = {
+        "roc_auc_diff": roc_auc(y, p_challenger) - roc_auc(y, p_champion),
+        "lift_top_decile_diff": lift(y, p_challenger) - lift(y, p_champion),
+    }
+    centres, scale = points, 1.0
+    if len(y) > max_rows:
+        scale = float(np.sqrt(max_rows / len(y)))
+        keep = np.sort(rng.choice(len(y), size=max_rows, replace=False))
+        y = y[keep]
+        p_challenger, p_champion = np.asarray(p_challenger)[keep], np.asarray(p_champion)[keep]
+        centres = {
+            "roc_auc_diff": roc_auc(y, p_challenger) - roc_auc(y, p_champion),
+            "lift_top_decile_diff": lift(y, p_challenger) - lift(y, p_champion),
+        }
+    n = len(y)
     models = []
     for p in (np.asarray(p_challenger, dtype=np.float64), np.asarray(p_champion, dtype=np.float64)):
         order = np.argsort(p, kind="mergesort")
@@ -176,24 +198,17 @@ def paired_bootstrap(
         lift_diff.append(lifts[0] - lifts[1])
         done += b
     out = {}
-    for name, draws, point in (
-        (
-            "roc_auc_diff",
-            np.concatenate(auc_diff),
-            roc_auc(y, p_challenger) - roc_auc(y, p_champion),
-        ),
-        (
-            "lift_top_decile_diff",
-            np.concatenate(lift_diff),
-            lift(y, p_challenger) - lift(y, p_champion),
-        ),
+    for name, draws in (
+        ("roc_auc_diff", np.concatenate(auc_diff)),
+        ("lift_top_decile_diff", np.concatenate(lift_diff)),
     ):
-        low, high = np.nanpercentile(draws, [2.5, 97.5])
+        low, high = points[name] + (np.nanpercentile(draws, [2.5, 97.5]) - centres[name]) * scale
         out[name] = {
-            "estimate": float(point),
+            "estimate": float(points[name]),
             "low": float(low),
             "high": float(high),
             "resamples": float(len(draws)),
+            "rows": float(n),
         }
     return out
 

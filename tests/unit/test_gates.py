@@ -126,3 +126,16 @@ def test_psi_and_agreement() -> None:
     assert same["audience_enter"] == same["audience_leave"] == 0
     other = evaluate.agreement(p, rng.random(10_000), capacity=100)
     assert abs(other["spearman"]) < 0.05 and other["audience_enter"] > 80
+
+
+def test_a_holdout_above_the_cap_is_bootstrapped_on_a_sample_of_it() -> None:
+    y, strong, weak = data(4)
+    whole = evaluate.paired_bootstrap(y, strong, weak, resamples=300, seed=9)
+    capped = evaluate.paired_bootstrap(y, strong, weak, resamples=300, seed=9, max_rows=len(y) // 4)
+    for name in ("roc_auc_diff", "lift_top_decile_diff"):
+        # the estimate is the whole holdout's, the interval scaled to its size
+        assert capped[name]["estimate"] == whole[name]["estimate"]
+        assert capped[name]["rows"] == len(y) // 4 and whole[name]["rows"] == len(y)
+        width = whole[name]["high"] - whole[name]["low"]
+        assert 0.6 * width < capped[name]["high"] - capped[name]["low"] < 1.6 * width
+        assert capped[name]["low"] < capped[name]["estimate"] < capped[name]["high"]
