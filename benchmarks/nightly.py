@@ -118,11 +118,7 @@ def training_study(settings: Any, uc: Any, day: date) -> None:
         (f"max_rows {cap:,}, early stopping", variant(cap, True)),
     ]
     for name, spec in variants:
-        data = (
-            whole
-            if spec.training.max_rows is None
-            else train.training_data(settings, spec, day)
-        )
+        data = whole if spec.training.max_rows is None else train.training_data(settings, spec, day)
         began = time.monotonic()
         model = train.fit(spec, data.table, cat + num, data.labels, data.weights)
         seconds = time.monotonic() - began
