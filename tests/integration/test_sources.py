@@ -545,7 +545,8 @@ def test_unknown_time_zone_is_a_config_error(url: str) -> None:
 
 def test_each_table_is_read_in_at_most_two_scans(url: str) -> None:
     """One grouped range scan per dated table, plus one for its unique keys; one scan
-    per dimension table."""
+    per dimension table. (One pass for both, a GROUPING SETS of the days and the whole
+    table, measured 1.1-2.5x slower per table at 300k customers: it sorts the whole table.)"""
     schema = broken(url)
     run(url, schema)
     conn = db.connect(url, autocommit=True)
@@ -659,6 +660,25 @@ def test_a_fact_loaded_twice_fails_its_fact_key(url: str) -> None:
     schema = broken(url, "INSERT INTO {s}.events SELECT * FROM {s}.events WHERE event_id <= 12")
     bad = one(run(url, schema), "unique_key", f"{schema}.events.event_id")
     assert not bad.passed and bad.found == "12 duplicate rows"
+
+
+def test_copies_older_than_the_counted_days_fail_the_key_and_leave_the_days_alone(
+    url: str,
+) -> None:
+    """The unique key is checked over the whole table; the rows per day (and every other
+    check) still count only the scanned days, which start 30 days before the run."""
+    first = AS_OF - timedelta(days=30)
+    schema = broken(
+        url,
+        "INSERT INTO {s}.events SELECT * FROM {s}.events "
+        f"WHERE occurred_at < TIMESTAMPTZ '{first - timedelta(days=5)} 00:00 {ZONE}'",
+    )
+    observed = sources.observe(url, schema, contract(), AS_OF, "UTC")
+    bad = one(observed.results, "unique_key", f"{schema}.events.event_id")
+    assert not bad.passed and bad.found == "60 duplicate rows"  # 5 days of 12 events
+    clean = sources.observe(url, "base", contract(), AS_OF, "UTC")
+    assert observed.days == clean.days
+    assert min(observed.days["events"]) == first
 
 
 RELATION = {
