@@ -25,7 +25,9 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+import threading
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from functools import partial
@@ -45,6 +47,7 @@ from pipeline.contract import (
     dated_tables,
 )
 from pipeline.errors import ConfigError, SourceError
+from pipeline.faults import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -714,38 +717,127 @@ def observe(
     """
     as_of = _day(as_of)
     zone = contract.timezone or timezone
-    days: dict[str, dict[date, int]] = {}
     conn = db.connect(url)
     try:
         with conn.cursor() as cur:
             today = _begin(conn, cur, zone)
+            snapshot = _export(conn, cur)
+            if snapshot is None:  # the failed export ended the transaction: a new one
+                today = _begin(conn, cur, zone)
             found = _catalog(conn, cur, schema, list(contract.tables))
-            results: list[CheckResult] = []
-            healthy = set()
+            shapes: dict[str, list[CheckResult]] = {}
+            work: list[_Table | Relation] = []
             for name, spec in contract.tables.items():
-                shape = _shape(f"{schema}.{name}", spec, found.get(name))
-                results += shape
-                if shape:
+                shapes[name] = _shape(f"{schema}.{name}", spec, found.get(name))
+                if shapes[name]:
                     continue
-                healthy.add(name)
                 axis = None
                 if spec.date_column is not None:
-                    kind = _DAY_KINDS[found[name][spec.date_column]]
-                    axis = _Axis(spec.date_column, kind)
+                    axis = _Axis(spec.date_column, _DAY_KINDS[found[name][spec.date_column]])
                 floats = tuple(c for c in spec.columns if found[name][c] in _FLOATING)
-                table = _Table(
-                    schema, name, spec, contract, axis, as_of, today, zone, entity_key, floats
+                work.append(
+                    _Table(
+                        schema, name, spec, contract, axis, as_of, today, zone, entity_key, floats
+                    )
                 )
-                measured = table.measure(conn, cur)
-                results += table.results(measured)
-                if axis is not None and not isinstance(measured.get("days"), _Failure):
-                    days[name] = dict(measured["days"])
-            for rel in contract.relations:
-                if {rel.table, rel.join} <= healthy:
-                    results.append(_relation(conn, cur, schema, rel))
+            healthy = {t.name for t in work if isinstance(t, _Table)}
+            work += [r for r in contract.relations if {r.table, r.join} <= healthy]
+            done = _measure_all(url, conn, cur, schema, snapshot, work)
     finally:
         conn.close()
+    results: list[CheckResult] = []
+    days: dict[str, dict[date, int]] = {}
+    for name in contract.tables:
+        results += shapes[name]
+        if name in healthy:
+            table, measured = done[name]
+            results += table.results(measured)
+            if table.axis is not None and not isinstance(measured.get("days"), _Failure):
+                days[name] = dict(measured["days"])
+    results += [
+        done[f"relation:{r.name}"] for r in contract.relations if f"relation:{r.name}" in done
+    ]
     return Observation(results, days)
+
+
+CHECK_CONNECTIONS = 2  # the source checks' queries run over this many connections at once
+
+
+def _export(conn: Any, cur: Any) -> str | None:
+    """The transaction's snapshot, exported for other connections to import; None when the
+    server refuses (then the transaction is rolled back)."""
+    try:
+        cur.execute("SELECT pg_export_snapshot()")  # not from a savepoint: PostgreSQL refuses
+        return str(cur.fetchone()[0])
+    except psycopg2.Error as exc:
+        if conn.closed or not exc.pgcode or exc.pgcode.startswith(("08", "57P")):
+            raise SourceError(
+                f"lost the warehouse connection while checking sources: {_first_line(exc)}; "
+                "check that the server is up and re-run the date"
+            ) from exc
+        log.info("source checks on one connection: no exported snapshot (%s)", _first_line(exc))
+        conn.rollback()
+        return None
+
+
+def _measure_all(
+    url: str,
+    conn: Any,
+    cur: Any,
+    schema: str,
+    snapshot: str | None,
+    work: Sequence[_Table | Relation],
+) -> dict[str, Any]:
+    """Each table's measurements and each relation's result, over up to
+    ``CHECK_CONNECTIONS`` connections that share the first one's ``snapshot`` (imported):
+    every check sees the same data. Without a snapshot, one connection does all."""
+
+    def one(c: Any, k: Any, item: _Table | Relation) -> tuple[str, Any]:
+        if isinstance(item, _Table):
+            return item.name, (item, item.measure(c, k))
+        return f"relation:{item.name}", _relation(c, k, schema, item)
+
+    if snapshot is None or len(work) < 2 or CHECK_CONNECTIONS < 2:
+        return dict(one(conn, cur, item) for item in work)
+    fault_point("source_snapshot_exported")  # tests write to the warehouse here
+
+    pending = list(reversed(work))
+    lock = threading.Lock()
+    done: dict[str, Any] = {}
+
+    def drain(c: Any, k: Any) -> None:
+        while True:
+            with lock:
+                if not pending:
+                    return
+                item = pending.pop()
+            key, value = one(c, k, item)
+            with lock:
+                done[key] = value
+
+    def helper() -> None:
+        try:
+            other = db.connect(url)
+        except SourceError:
+            return  # the first connection does the rest
+        try:
+            with other.cursor() as k:
+                try:
+                    k.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                    k.execute("SET TRANSACTION SNAPSHOT %s", (snapshot,))
+                except psycopg2.Error as exc:
+                    log.info("a source check connection cannot share the snapshot: %s", exc)
+                    return
+                drain(other, k)
+        finally:
+            other.close()
+
+    with ThreadPoolExecutor(CHECK_CONNECTIONS - 1) as pool:
+        helpers = [pool.submit(helper) for _ in range(CHECK_CONNECTIONS - 1)]
+        drain(conn, cur)
+        for h in helpers:
+            h.result()  # a lost connection (SourceError) is raised here
+    return done
 
 
 _FLOATING = {"numeric", "real", "double precision"}

@@ -14,6 +14,7 @@ import os
 import secrets
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import date, timedelta
 from typing import Any
 from urllib.parse import quote
@@ -679,6 +680,55 @@ def test_copies_older_than_the_counted_days_fail_the_key_and_leave_the_days_alon
     clean = sources.observe(url, "base", contract(), AS_OF, "UTC")
     assert observed.days == clean.days
     assert min(observed.days["events"]) == first
+
+
+def test_one_connection_or_two_find_the_same(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    schema = broken(
+        url,
+        "INSERT INTO {s}.events SELECT * FROM {s}.events WHERE event_id <= 12",
+        "UPDATE {s}.usage_daily SET minutes = -1 WHERE customer_id = 3",
+        "DELETE FROM {s}.readings WHERE read_at > (SELECT max(read_at) - interval '1 day' "
+        "FROM {s}.readings)",
+    )
+    two = sources.observe(url, schema, contract(), AS_OF, "UTC")
+    monkeypatch.setattr(sources, "CHECK_CONNECTIONS", 1)
+    one_connection = sources.observe(url, schema, contract(), AS_OF, "UTC")
+    assert [r.describe() for r in two.results] == [r.describe() for r in one_connection.results]
+    assert two.days == one_connection.days
+    assert len(failures(two.results)) >= 3
+
+
+def test_every_check_connection_reads_the_snapshot_the_checks_began_with(
+    url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """Rows committed while the checks run (here: once the snapshot is exported, before
+    the second connection imports it) are seen by no check. The first table's checks take
+    a while (a slow rule), so each connection measures a dated table."""
+    schema = broken(url)
+    slow = CONTRACT["tables"]["usage_daily"] | {"rules": ["pg_sleep(0.001) IS NOT NULL"]}
+    rules = contract(tables=CONTRACT["tables"] | {"usage_daily": slow})
+    marker = tmp_path / "paused"
+    monkeypatch.setenv("NIGHTSCORE_FAULT_PAUSE", "source_snapshot_exported")
+    monkeypatch.setenv("NIGHTSCORE_FAULT_PAUSE_FILE", str(marker))
+    monkeypatch.setenv("NIGHTSCORE_FAULT_PAUSE_SECONDS", "1")
+    with ThreadPoolExecutor(1) as pool:
+        checking = pool.submit(sources.observe, url, schema, rules, AS_OF, "UTC")
+        deadline = time.monotonic() + 30
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert marker.exists(), "the checks never reached the export"
+        execute(
+            url,
+            f"INSERT INTO {schema}.usage_daily VALUES (1, '2099-01-01', 1, 1, 'basic');"
+            f"INSERT INTO {schema}.readings VALUES (999, '2099-01-01 12:00', 1);"
+            f"INSERT INTO {schema}.events VALUES (999, 1, '2099-01-01 12:00Z', 'login');",
+        )
+        during = checking.result(timeout=60)
+    future = [r for r in during.results if r.check == "no_future_rows"]
+    assert len(future) == 3 and all(r.passed for r in future), [r.describe() for r in future]
+    monkeypatch.delenv("NIGHTSCORE_FAULT_PAUSE")
+    after = [r for r in run(url, schema, rules) if r.check == "no_future_rows"]
+    assert not any(r.passed for r in after)  # the rows are there for the next run to see
 
 
 RELATION = {
