@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -167,16 +168,18 @@ def check_scores(
 
 def build_features(settings: Settings, uc: UseCase, run: RunContext) -> dict[str, Any]:
     """Snapshot the features of the population as of the score date."""
-    with ledger.stage(settings, run, "build_features") as info:
-        counts = []
-        if uc.sql.source_counts is not None:
-            counts = db.read_arrow(
+    with ledger.stage(settings, run, "build_features") as info, ThreadPoolExecutor(1) as pool:
+        counting = None
+        if uc.sql.source_counts is not None:  # on its own connection, beside the features
+            counting = pool.submit(
+                db.read_arrow,
                 settings.warehouse_url,
                 features.query(uc, "source_counts"),
                 {"as_of": run.score_date},
                 schema=settings.warehouse_schema,
-            ).to_pylist()
+            )
         snap = features.build_snapshot(settings, uc, run.score_date)
+        counts = counting.result().to_pylist() if counting is not None else []
         info |= {"rows": snap.rows, "sha256": snap.sha256}
         ledger.update(
             settings,
@@ -665,8 +668,6 @@ def score_partitions(
 ) -> list[dict[str, Any]]:
     """Score every partition in this process (the CLI's night): as many at once as the CPU
     allowance has cores (each takes its share of the OpenMP threads, as a mapped task does)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     n = uc.serving.partitions
     workers = max(1, min(n, train.cpu_allowance()))
     with (
