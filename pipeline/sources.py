@@ -79,6 +79,15 @@ def _first_line(exc: psycopg2.Error) -> str:
     return text.splitlines()[0] if text else f"SQLSTATE {exc.pgcode}"
 
 
+def _raise_if_lost(conn: Any, exc: psycopg2.Error) -> None:
+    """A SourceError when ``exc`` means the connection is gone (not a rejected query)."""
+    if conn.closed or not exc.pgcode or exc.pgcode.startswith(("08", "57P")):
+        raise SourceError(
+            f"lost the warehouse connection while checking sources: {_first_line(exc)}; "
+            "check that the server is up and re-run the date"
+        ) from exc
+
+
 def _run(conn: Any, cur: Any, query: sql.Composable, params: Mapping[str, Any]) -> list[Any]:
     """Rows of ``query`` run inside a savepoint, so that its failure aborts nothing else.
 
@@ -91,11 +100,7 @@ def _run(conn: Any, cur: Any, query: sql.Composable, params: Mapping[str, Any]) 
         cur.execute(query, params)
         rows = list(cur.fetchall())
     except psycopg2.Error as exc:
-        if conn.closed or not exc.pgcode or exc.pgcode.startswith(("08", "57P")):
-            raise SourceError(
-                f"lost the warehouse connection while checking sources: {_first_line(exc)}; "
-                "check that the server is up and re-run the date"
-            ) from exc
+        _raise_if_lost(conn, exc)
         cur.execute("ROLLBACK TO SAVEPOINT nightscore_source_check")
         raise _QueryFailed(_first_line(exc), exc.pgcode == _QUERY_CANCELED) from exc
     cur.execute("RELEASE SAVEPOINT nightscore_source_check")
@@ -770,11 +775,7 @@ def _export(conn: Any, cur: Any) -> str | None:
         cur.execute("SELECT pg_export_snapshot()")  # not from a savepoint: PostgreSQL refuses
         return str(cur.fetchone()[0])
     except psycopg2.Error as exc:
-        if conn.closed or not exc.pgcode or exc.pgcode.startswith(("08", "57P")):
-            raise SourceError(
-                f"lost the warehouse connection while checking sources: {_first_line(exc)}; "
-                "check that the server is up and re-run the date"
-            ) from exc
+        _raise_if_lost(conn, exc)
         log.info("source checks on one connection: no exported snapshot (%s)", _first_line(exc))
         conn.rollback()
         return None
