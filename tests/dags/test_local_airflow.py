@@ -73,5 +73,21 @@ def test_the_local_airflow_listens_on_loopback_only(
             proc.kill()
     assert proc.returncode == 0
     # a TERM stops every process it started: scheduler, triggerer, API server and theirs
+    # (a zombie has exited: it waits only for its parent, or init, to collect its status)
     _, alive = psutil.wait_procs(family, timeout=30)
-    assert not alive, [p.cmdline()[:3] for p in alive]
+    running = [p for p in alive if _running(p)]
+    assert not running, [_described(p) for p in running]
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _described(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline()[:3])
+    except psutil.Error as exc:
+        return f"pid {proc.pid}: {exc}"
