@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import date
+
+FIRST_DAY = date(2025, 1, 1)  # the benchmark warehouses' first day of history
 
 
 @contextmanager
@@ -32,24 +36,25 @@ def fresh_database(prefix: str = "nightscore_bench") -> Iterator[str]:
 
 
 @contextmanager
-def warehouse_database(
-    customers: int, days: int, seed: int, keep: bool
-) -> Iterator[tuple[str, bool]]:
-    """A database holding the warehouse of ``customers`` x ``days`` (from 2025-01-01): the one
-    an earlier ``--keep`` run left, if any, else a new one. Yields (url, reused); dropped
-    afterwards unless ``keep``."""
-    from pipeline import db
+def warehouse_database(customers: int, days: int, seed: int, keep: bool) -> Iterator[str]:
+    """A database holding the warehouse of ``customers`` x ``days`` from ``FIRST_DAY``: the
+    one an earlier ``--keep`` run left, if any, else a new one, seeded here. Yields its URL;
+    dropped afterwards unless ``keep``."""
+    from dataclasses import replace
+
+    from pipeline import db, warehouse
     from pipeline.config import load_settings, with_database
 
-    server = load_settings().init_url
+    settings = load_settings()
+    server = settings.init_url
     name = f"nightscore_bench_wh_{customers}_{days}_{seed}"
+    url = with_database(server, name)
     admin = with_database(server, "postgres")
     conn = db.connect(admin, autocommit=True)
     with conn.cursor() as cur:
         cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
         reused = cur.fetchone() is not None
         if reused:
-            url = with_database(server, name)
             try:
                 db.scalar(url, "SELECT count(*) FROM warehouse.generator_state")
             except Exception:
@@ -59,7 +64,18 @@ def warehouse_database(
             cur.execute(f'CREATE DATABASE "{name}"')
     conn.close()
     try:
-        yield with_database(server, name), reused
+        if reused:
+            print(f"reusing the warehouse of {customers:,} customers x {days} days")
+        else:
+            began = time.monotonic()
+            seeded = warehouse.seed(
+                replace(settings, warehouse_url=url), customers, FIRST_DAY, days, seed=seed
+            )
+            print(
+                f"seeded {customers:,} customers x {days} days in "
+                f"{time.monotonic() - began:.0f} s ({sum(seeded.rows.values()):,} rows)"
+            )
+        yield url
     finally:
         if not keep:
             conn = db.connect(admin, autocommit=True)

@@ -21,7 +21,7 @@ import argparse
 import secrets
 import sys
 import time
-from datetime import date, timedelta
+from datetime import timedelta
 from typing import Any
 
 WINDOWS = """
@@ -103,24 +103,12 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the warehouse for the next run")
     args = ap.parse_args()
 
-    from dataclasses import replace
+    from _common import FIRST_DAY, warehouse_database
 
-    from _common import warehouse_database
+    from pipeline import db
 
-    from pipeline import db, warehouse
-    from pipeline.config import load_settings
-
-    first = date(2025, 1, 1)
-    day = first + timedelta(days=args.days + 2)  # benchmarks/nightly.py's third night
-    with warehouse_database(args.customers, args.days + 2, args.seed, args.keep) as (wh, reused):
-        if not reused:
-            warehouse.seed(
-                replace(load_settings(), warehouse_url=wh),
-                args.customers,
-                first,
-                args.days + 2,
-                seed=args.seed,
-            )
+    day = FIRST_DAY + timedelta(days=args.days + 2)  # benchmarks/nightly.py's third night
+    with warehouse_database(args.customers, args.days + 2, args.seed, args.keep) as wh:
         schema = f"state_bench_{secrets.token_hex(3)}"
         conn = db.connect(wh, autocommit=True)
         try:

@@ -182,32 +182,22 @@ def main() -> int:
     )
     args = ap.parse_args()
 
-    from _common import fresh_database, warehouse_database
+    from _common import FIRST_DAY, fresh_database, warehouse_database
 
-    from pipeline import registry, train, usecase, warehouse
+    from pipeline import registry, train, usecase
     from pipeline.config import load_settings
 
     uc = usecase.load(args.use_case)
-    first = date(2025, 1, 1)
-    night_1 = first + timedelta(days=args.days)
+    night_1 = FIRST_DAY + timedelta(days=args.days)
     print(f"CPU allowance: {train.cpu_allowance()} threads")
     with (
         warehouse_database(
             args.customers, args.days + 2, args.seed, args.keep or args.seed_only
-        ) as (wh, reused),
+        ) as wh,
         fresh_database() as url,
         tempfile.TemporaryDirectory(prefix="nightscore-bench-") as home,
     ):
         settings = replace(load_settings(), database_url=url, warehouse_url=wh, home=Path(home))
-        if reused:
-            print(f"reusing the warehouse of {args.customers:,} customers x {args.days + 2} days")
-        else:
-            began = time.monotonic()
-            seeded = warehouse.seed(settings, args.customers, first, args.days + 2, seed=args.seed)
-            print(
-                f"seeded {args.customers:,} customers x {args.days + 2} days in "
-                f"{time.monotonic() - began:.0f} s ({sum(seeded.rows.values()):,} rows)"
-            )
         if args.seed_only:
             return 0
         cold = night(settings, uc, night_1, "always")

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
 import statistics
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -731,7 +731,7 @@ def observe(
                 today = _begin(conn, cur, zone)
             found = _catalog(conn, cur, schema, list(contract.tables))
             shapes: dict[str, list[CheckResult]] = {}
-            work: list[_Table | Relation] = []
+            tables: dict[str, _Table] = {}
             for name, spec in contract.tables.items():
                 shapes[name] = _shape(f"{schema}.{name}", spec, found.get(name))
                 if shapes[name]:
@@ -740,28 +740,25 @@ def observe(
                 if spec.date_column is not None:
                     axis = _Axis(spec.date_column, _DAY_KINDS[found[name][spec.date_column]])
                 floats = tuple(c for c in spec.columns if found[name][c] in _FLOATING)
-                work.append(
-                    _Table(
-                        schema, name, spec, contract, axis, as_of, today, zone, entity_key, floats
-                    )
+                tables[name] = _Table(
+                    schema, name, spec, contract, axis, as_of, today, zone, entity_key, floats
                 )
-            healthy = {t.name for t in work if isinstance(t, _Table)}
-            work += [r for r in contract.relations if {r.table, r.join} <= healthy]
-            done = _measure_all(url, conn, cur, schema, snapshot, work)
+            relations = [r for r in contract.relations if {r.table, r.join} <= tables.keys()]
+            outcome = _measure_all(url, conn, cur, schema, snapshot, [*tables.values(), *relations])
     finally:
         conn.close()
+    measured = dict(zip(tables, outcome, strict=False))
     results: list[CheckResult] = []
     days: dict[str, dict[date, int]] = {}
     for name in contract.tables:
         results += shapes[name]
-        if name in healthy:
-            table, measured = done[name]
-            results += table.results(measured)
-            if table.axis is not None and not isinstance(measured.get("days"), _Failure):
-                days[name] = dict(measured["days"])
-    results += [
-        done[f"relation:{r.name}"] for r in contract.relations if f"relation:{r.name}" in done
-    ]
+        table = tables.get(name)
+        if table is None:
+            continue
+        results += table.results(measured[name])
+        if table.axis is not None and not isinstance(measured[name].get("days"), _Failure):
+            days[name] = dict(measured[name]["days"])
+    results += outcome[len(tables) :]
     return Observation(results, days)
 
 
@@ -788,33 +785,32 @@ def _measure_all(
     schema: str,
     snapshot: str | None,
     work: Sequence[_Table | Relation],
-) -> dict[str, Any]:
-    """Each table's measurements and each relation's result, over up to
-    ``CHECK_CONNECTIONS`` connections that share the first one's ``snapshot`` (imported):
-    every check sees the same data. Without a snapshot, one connection does all."""
+) -> list[Any]:
+    """Each table's measurements and each relation's result, in the order of ``work``, over
+    up to ``CHECK_CONNECTIONS`` connections that share the first one's ``snapshot``
+    (imported): every check sees the same data. Without a snapshot, one connection does all."""
 
-    def one(c: Any, k: Any, item: _Table | Relation) -> tuple[str, Any]:
+    def one(c: Any, k: Any, item: _Table | Relation) -> Any:
         if isinstance(item, _Table):
-            return item.name, (item, item.measure(c, k))
-        return f"relation:{item.name}", _relation(c, k, schema, item)
+            return item.measure(c, k)
+        return _relation(c, k, schema, item)
 
     if snapshot is None or len(work) < 2 or CHECK_CONNECTIONS < 2:
-        return dict(one(conn, cur, item) for item in work)
+        return [one(conn, cur, item) for item in work]
     fault_point("source_snapshot_exported")  # tests write to the warehouse here
 
-    pending = list(reversed(work))
-    lock = threading.Lock()
-    done: dict[str, Any] = {}
+    pending: queue.SimpleQueue[tuple[int, _Table | Relation]] = queue.SimpleQueue()
+    for i, item in enumerate(work):
+        pending.put((i, item))
+    done: list[Any] = [None] * len(work)
 
     def drain(c: Any, k: Any) -> None:
         while True:
-            with lock:
-                if not pending:
-                    return
-                item = pending.pop()
-            key, value = one(c, k, item)
-            with lock:
-                done[key] = value
+            try:
+                i, item = pending.get_nowait()
+            except queue.Empty:
+                return
+            done[i] = one(c, k, item)
 
     def helper() -> None:
         try:
