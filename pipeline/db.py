@@ -8,7 +8,7 @@ objects); other warehouse engines go through SQLAlchemy. Writes are binary COPY 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
@@ -98,11 +98,17 @@ def set_search_path(cur: Any, schema: str | None) -> None:
 
 @contextmanager
 def arrow_reader(
-    url: str, query: str, params: Mapping[str, Any] | None = None, schema: str | None = None
+    url: str,
+    query: str,
+    params: Mapping[str, Any] | None = None,
+    schema: str | None = None,
+    prepare: Callable[[Any], Any] | None = None,
 ) -> Iterator[pa.RecordBatchReader]:
     """Stream the result of ``query`` as Arrow record batches (bounded memory).
 
     ``schema`` sets the search path so that SQL files can name tables unqualified.
+    ``prepare`` (PostgreSQL only) is called with the ADBC cursor before the query, in the
+    same session (e.g. to create temporary tables the query reads).
     """
     if not is_postgres(url):
         table = _read_sqlalchemy(url, query, params or {}, schema)
@@ -116,6 +122,8 @@ def arrow_reader(
         cur = conn.cursor()
         set_search_path(cur, schema)
         try:
+            if prepare is not None:
+                prepare(cur)
             cur.execute(text, parameters=values or None)
         except adbc_driver_manager.Error as exc:
             raise source_error(exc, schema) from exc

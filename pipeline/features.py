@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import db, files, keys
+from pipeline import db, files, keys, windows
 from pipeline.config import Settings
 from pipeline.errors import DataError, SourceError
 from pipeline.usecase import UseCase
@@ -72,20 +72,25 @@ def label_end(uc: UseCase, as_of: date) -> date:
     return as_of + timedelta(days=uc.label.horizon_days)
 
 
-def query(uc: UseCase, role: str) -> str:
+def query(uc: UseCase, role: str, *, inline_windows: bool = True) -> str:
     """The text of the use case's ``sql.<role>`` file, ready to run.
 
     Features come ordered by the entity key (stable snapshot bytes). With a population
-    file, it is provided to the query as a CTE named ``population``.
+    file, it is provided to the query as a CTE named ``population``. The use case's
+    ``windows`` are provided to the features query as CTEs computed from the facts, unless
+    ``inline_windows`` is false (they are then temporary tables: :mod:`pipeline.windows`).
     """
     path = getattr(uc.sql, role)
     text = _strip(path.read_text())
     key = uc.entity_key
+    ctes = []
     if role == "features":
         text = f"SELECT * FROM (\n{text}\n) AS features ORDER BY features.{db.quote_ident(key)}"
+        if inline_windows:
+            ctes += windows.inline(uc)
     if uc.sql.population is not None and role in ("features", "labels"):
-        text = f"WITH population AS (\n{_strip(uc.sql.population.read_text())}\n)\n{text}"
-    return text
+        ctes.append(f"population AS (\n{_strip(uc.sql.population.read_text())}\n)")
+    return f"WITH {', '.join(ctes)}\n{text}" if ctes else text
 
 
 @contextmanager
@@ -145,6 +150,7 @@ def definition_sha(uc: UseCase) -> str:
     digest = hashlib.sha256(f"horizon={uc.label.horizon_days}\n".encode())
     for role in ("features", "labels"):
         digest.update(query(uc, role).encode())
+    digest.update(windows.definition(uc).encode())
     return digest.hexdigest()
 
 
@@ -161,7 +167,7 @@ def training_snapshot(
     folder = _training_dir(settings, uc, as_of)
     found = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
     for path in found:
-        sha = _sha256(path)
+        sha = files.sha256(path)
         if path.stem == sha[:16]:
             rows = pq.ParquetFile(path).metadata.num_rows
             log.info(
@@ -254,14 +260,6 @@ def _rebatch(
         yield pa.Table.from_batches(pending, schema=schema)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def build_snapshot(
     settings: Settings,
     uc: UseCase,
@@ -298,13 +296,19 @@ def build_snapshot(
     files.sweep(target_dir)
     tmp = files.temporary(target_dir / "snapshot.parquet")
     rows = 0
+    kept = db.is_postgres(settings.warehouse_url) and bool(uc.windows)
+
+    def prepare(cur: Any) -> None:
+        windows.prepare(cur, settings, uc, as_of, keep=not labelled)
+
     with (
         _naming(uc.sql.features, uc),
         db.arrow_reader(
             settings.warehouse_url,
-            query(uc, "features"),
+            query(uc, "features", inline_windows=not kept),
             {"as_of": as_of},
             schema=settings.warehouse_schema,
+            prepare=prepare if kept else None,
         ) as reader,
     ):
         feature_schema = _feature_schema(reader.schema, uc)
@@ -338,7 +342,7 @@ def build_snapshot(
             f"rows as of {as_of}, the features query {rows}: both must select the same "
             "population, one row per entity (a population file shared by both makes sure)"
         )
-    sha = _sha256(tmp)
+    sha = files.sha256(tmp)
     path = target_dir / f"{sha[:16]}.parquet"
     os.replace(tmp, path)
     log.info("snapshot %s as of %s: %d rows, sha256 %s", uc.name, as_of, rows, sha[:16])
@@ -418,7 +422,7 @@ def read_snapshot(snapshot: Snapshot, columns: list[str] | None = None) -> pa.Ta
 
 
 def verify(snapshot: Snapshot) -> None:
-    found = _sha256(snapshot.path) if snapshot.path.exists() else "missing file"
+    found = files.sha256(snapshot.path) if snapshot.path.exists() else "missing file"
     if found != snapshot.sha256:
         raise DataError(
             f"snapshot {snapshot.path} should have sha256 {snapshot.sha256[:16]}, found "

@@ -125,6 +125,74 @@ class SqlFiles(_Section):
         return None if value is None else _file(value, info)
 
 
+class Aggregate(_Section):
+    """One rolling aggregate of a fact table per entity, over the ``days`` before a date.
+
+    Exactly one of ``sum`` (an integer column: sums stay exact when kept incrementally),
+    ``count`` (``"*"``: rows) or ``last`` (the table's date column: the newest day with a
+    row in the window, NULL if none).
+    """
+
+    sum: str | None = Field(default=None, pattern=IDENTIFIER)
+    count: Literal["*"] | None = None
+    last: str | None = Field(default=None, pattern=IDENTIFIER)
+    days: int = Field(ge=1, le=3650)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Aggregate:
+        given = [k for k in ("sum", "count", "last") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "exactly one of sum: <integer column>, count: '*' or last: <date column>, "
+                f"found {', '.join(given) or 'none'}"
+            )
+        return self
+
+    @property
+    def kind(self) -> str:
+        return "sum" if self.sum is not None else "count" if self.count is not None else "last"
+
+
+class Window(_Section):
+    """Rolling per-entity aggregates of one dated fact table (``pipeline.windows``).
+
+    The features query reads them as a table named after the block: one row per entity
+    with a row in the longest window, a column per aggregate. nightscore keeps them from
+    one night to the next (the night before's values, plus the day that enters each
+    window, minus the day that leaves it) instead of rescanning the facts.
+    """
+
+    table: str = _identifier()
+    date: str = _identifier()
+    aggregates: dict[str, Aggregate] = Field(min_length=1)
+
+    @field_validator("aggregates")
+    @classmethod
+    def _names(cls, value: dict[str, Aggregate]) -> dict[str, Aggregate]:
+        bad = [n for n in value if not re.match(IDENTIFIER, n) or n.startswith("nightscore_")]
+        if bad:
+            raise ValueError(
+                f"aggregate names are lower-case SQL identifiers not starting with "
+                f"nightscore_, found {', '.join(map(repr, bad))}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _last_is_the_date(self) -> Window:
+        for name, a in self.aggregates.items():
+            if a.last is not None and a.last != self.date:
+                raise ValueError(
+                    f"aggregate {name!r}: last: takes the window's date column {self.date!r}, "
+                    f"found {a.last!r}"
+                )
+        return self
+
+    @property
+    def days(self) -> int:
+        """The longest window: the days of facts the aggregates cover."""
+        return max(a.days for a in self.aggregates.values())
+
+
 class Label(_Section):
     horizon_days: int = Field(default=30, ge=1, le=3650)
 
@@ -311,6 +379,7 @@ class UseCase(_Section):
     entity: Entity
     warehouse: Warehouse = Warehouse()
     sql: SqlFiles
+    windows: dict[str, Window] = Field(default_factory=dict)
     contract: Path
     label: Label = Label()
     training: Training = Training()
@@ -330,6 +399,17 @@ class UseCase(_Section):
     @classmethod
     def _exists(cls, value: str | Path, info: ValidationInfo) -> Path:
         return _file(value, info)
+
+    @field_validator("windows")
+    @classmethod
+    def _window_names(cls, value: dict[str, Window]) -> dict[str, Window]:
+        bad = [n for n in value if not re.match(IDENTIFIER, n) or n == "population"]
+        if bad:
+            raise ValueError(
+                "window names are lower-case SQL identifiers other than population, found "
+                + ", ".join(map(repr, bad))
+            )
+        return value
 
     @model_validator(mode="after")
     def _names_do_not_collide(self) -> UseCase:

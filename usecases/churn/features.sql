@@ -31,17 +31,15 @@ price_rises AS (
       AND s.valid_from >= CAST(:as_of AS date) - 180 AND s.valid_from < :as_of
     GROUP BY s.customer_id
 ),
-usage AS (
-    SELECT u.customer_id,
-           sum(u.minutes) FILTER (WHERE u.usage_date >= CAST(:as_of AS date) - 7) / 7.0 AS minutes_7d,
-           sum(u.minutes) FILTER (WHERE u.usage_date >= CAST(:as_of AS date) - 30) / 30.0 AS minutes_30d,
-           sum(u.minutes) FILTER (WHERE u.usage_date < CAST(:as_of AS date) - 30) / 30.0 AS minutes_prev_30d,
-           sum(u.data_mb) FILTER (WHERE u.usage_date >= CAST(:as_of AS date) - 30) / 30.0 AS data_mb_30d,
-           count(*) FILTER (WHERE u.usage_date >= CAST(:as_of AS date) - 30) AS active_days_30d,
-           max(u.usage_date) AS last_usage_date
-    FROM usage_daily u
-    WHERE u.usage_date >= CAST(:as_of AS date) - 60 AND u.usage_date < :as_of
-    GROUP BY u.customer_id
+usage AS (  -- from the windows of usecase.yaml, kept night to night by nightscore
+    SELECT w.customer_id,
+           w.minutes_7d / 7.0 AS minutes_7d,
+           w.minutes_30d / 30.0 AS minutes_30d,
+           (w.minutes_60d - w.minutes_30d) / 30.0 AS minutes_prev_30d,
+           w.data_mb_30d / 30.0 AS data_mb_30d,
+           w.active_days_30d,
+           w.last_usage_date
+    FROM usage_windows w
 ),
 billing AS (
     SELECT i.customer_id,

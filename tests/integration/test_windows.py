@@ -1,0 +1,176 @@
+"""Windows kept night to night (``pipeline.windows``) give the snapshots a rebuild from the
+facts gives, and are not used once the warehouse no longer counts their days the same."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import date, timedelta
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import db, features, usecase, warehouse
+from pipeline.config import Settings
+from pipeline.errors import ConfigError, DataError
+
+UC = usecase.load("churn")
+START = date(2024, 1, 1)
+FIRST = START + timedelta(days=100)
+SCHEMA = "wh_windows"
+
+
+@pytest.fixture(scope="module")
+def wh(settings: Settings) -> Iterator[Settings]:
+    s = replace(settings, warehouse_schema=SCHEMA, home=settings.home / "windows")
+    warehouse.seed(s, 1200, START, (FIRST - START).days + 6, seed=5, price_rise_day=80)
+    yield s
+    db.scalar(s.database_url, f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE; SELECT 1")
+
+
+def _from_facts(s: Settings, tag: str) -> Settings:
+    """The same warehouse with an empty state store: windows rebuilt from the facts."""
+    return replace(s, home=s.home.parent / f"windows_{tag}")
+
+
+def _how(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage().rsplit(": ", 1)[-1]
+        for r in caplog.records
+        if r.getMessage().startswith("windows ")
+    ]
+
+
+def test_kept_windows_give_the_snapshots_of_a_rebuild(
+    wh: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="pipeline.windows")
+    nights = [FIRST + timedelta(days=i) for i in range(5)]
+    kept = [features.build_snapshot(wh, UC, d) for d in nights]
+    assert _how(caplog) == ["facts"] + ["rolled 1 day(s)"] * 4
+    for night, snap in zip(nights, kept, strict=True):
+        rebuilt = features.build_snapshot(_from_facts(wh, str(night)), UC, night)
+        assert rebuilt.sha256 == snap.sha256, night
+        assert rebuilt.path.read_bytes() == snap.path.read_bytes()
+    # and the query with the windows as CTEs over the facts (no temporary table, no state)
+    inline = db.read_arrow(
+        wh.warehouse_url,
+        features.query(UC, "features"),
+        {"as_of": nights[-1]},
+        schema=wh.warehouse_schema,
+    )
+    snap = pq.read_table(kept[-1].path)
+    for column in ("minutes_7d", "minutes_prev_30d", "active_days_30d", "days_since_last_usage"):
+        assert inline.column(column).to_pylist() == snap.column(column).to_pylist(), column
+    assert sum(v > 0 for v in snap.column("minutes_prev_30d").to_pylist()) > 1000
+
+
+def test_a_gap_of_nights_rolls_several_days_and_a_rerun_reads_the_kept_state(
+    wh: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = _from_facts(wh, "gap")
+    caplog.set_level(logging.INFO, logger="pipeline.windows")
+    features.build_snapshot(s, UC, FIRST)
+    later = features.build_snapshot(s, UC, FIRST + timedelta(days=3))
+    again = features.build_snapshot(s, UC, FIRST + timedelta(days=3))
+    assert _how(caplog) == ["facts", "rolled 3 day(s)", "stored"]
+    assert again.sha256 == later.sha256
+    fresh = features.build_snapshot(_from_facts(wh, "gap_fresh"), UC, FIRST + timedelta(days=3))
+    assert fresh.sha256 == later.sha256
+
+
+def test_a_past_day_that_changed_rebuilds_the_windows_from_the_facts(
+    wh: Settings, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = replace(wh, warehouse_schema="wh_windows_late", home=wh.home.parent / "windows_late")
+    day = FIRST + timedelta(days=2)
+    try:
+        db.scalar(
+            s.database_url,
+            f"CREATE SCHEMA wh_windows_late; CREATE TABLE wh_windows_late.usage_daily AS "
+            f"SELECT * FROM {SCHEMA}.usage_daily; "
+            + "; ".join(
+                f"CREATE VIEW wh_windows_late.{t} AS SELECT * FROM {SCHEMA}.{t}"
+                for t in (
+                    "customers",
+                    "subscriptions",
+                    "invoices",
+                    "payments",
+                    "tickets",
+                    "cancellations",
+                )
+            )
+            + "; SELECT 1",
+        )
+        features.build_snapshot(s, UC, day - timedelta(days=1))
+        # a late fact for a day the kept windows already counted (another customer's day)
+        db.scalar(
+            s.database_url,
+            "INSERT INTO wh_windows_late.usage_daily "
+            "SELECT customer_id, usage_date - 5, 999, 999, 1 FROM wh_windows_late.usage_daily "
+            "WHERE usage_date = %s - 1 AND customer_id NOT IN (SELECT customer_id FROM "
+            "wh_windows_late.usage_daily WHERE usage_date = %s - 6) LIMIT 1; SELECT 1",
+            (day, day),
+        )
+        caplog.set_level(logging.INFO, logger="pipeline.windows")
+        after = features.build_snapshot(s, UC, day)
+        assert _how(caplog)[-1] == "facts"
+        assert any("count differently" in r.message for r in caplog.records)
+        fresh = features.build_snapshot(_from_facts(s, "late_fresh"), UC, day)
+        assert after.sha256 == fresh.sha256
+    finally:
+        db.scalar(settings.database_url, "DROP SCHEMA IF EXISTS wh_windows_late CASCADE; SELECT 1")
+
+
+def test_windows_refuse_a_sum_that_is_not_an_integer_and_a_date_that_is_not_a_date(
+    wh: Settings,
+) -> None:
+    fees = UC.evolve(
+        {
+            "windows": {
+                "fees": {
+                    "table": "subscriptions",
+                    "date": "valid_from",
+                    "aggregates": {"fee_30d": {"sum": "monthly_fee", "days": 30}},
+                }
+            }
+        }
+    )
+    with pytest.raises(
+        DataError,
+        match=r"windows\.fees .*wh_windows\.subscriptions\.monthly_fee should be bigint or "
+        r"integer or smallint, found numeric",
+    ):
+        features.build_snapshot(wh, fees, FIRST)
+    text = {
+        "table": "subscriptions",
+        "date": "change_reason",
+        "aggregates": {"n": {"count": "*", "days": 7}},
+    }
+    dated = UC.evolve({"windows": {"fees": text}})
+    with pytest.raises(
+        DataError, match=r"wh_windows\.subscriptions\.change_reason should be date, found text"
+    ):
+        features.build_snapshot(wh, dated, FIRST)
+
+
+def test_a_window_aggregate_names_exactly_one_kind() -> None:
+    with pytest.raises(ConfigError, match="exactly one of sum"):
+        UC.evolve(
+            {
+                "windows": {
+                    "usage_windows": {
+                        "aggregates": {"x": {"sum": "minutes", "count": "*", "days": 7}}
+                    }
+                }
+            }
+        )
+    with pytest.raises(ConfigError, match="last: takes the window's date column"):
+        UC.evolve(
+            {
+                "windows": {
+                    "usage_windows": {"aggregates": {"x": {"last": "signup_date", "days": 7}}}
+                }
+            }
+        )
