@@ -36,9 +36,8 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the warehouse for the next run")
     args = ap.parse_args()
 
-    from _common import FIRST_DAY, warehouse_database
-
     import pyarrow.parquet as pq
+    from _common import FIRST_DAY, warehouse_database
 
     from pipeline import db, features, usecase
     from pipeline.config import load_settings
