@@ -296,7 +296,7 @@ def build_snapshot(
     files.sweep(target_dir)
     tmp = files.temporary(target_dir / "snapshot.parquet")
     rows = 0
-    kept = db.is_postgres(settings.warehouse_url) and bool(uc.windows)
+    kept = bool(uc.windows) and windows.can_keep(settings.warehouse_url)
 
     def prepare(cur: Any) -> None:
         windows.prepare(cur, settings, uc, as_of, keep=not labelled)

@@ -38,7 +38,7 @@ from psycopg2 import sql
 
 from pipeline import db, files
 from pipeline.config import Settings
-from pipeline.errors import DataError
+from pipeline.errors import DataError, SourceError
 from pipeline.usecase import UseCase, Window
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,18 @@ def definition(uc: UseCase) -> str:
     )
 
 
+def can_keep(url: str) -> bool:
+    """Whether the warehouse takes the windows as temporary tables: PostgreSQL, and not
+    read-only (a hot standby, or ``default_transaction_read_only``); else they are CTEs
+    over the facts."""
+    if not db.is_postgres(url):
+        return False
+    read_only = db.scalar(url, "SHOW transaction_read_only") == "on"
+    if read_only:
+        log.info("the warehouse is read-only: windows are computed from the facts, not kept")
+    return not read_only
+
+
 @dataclass(frozen=True)
 class Built:
     """How a window table of one snapshot was made: ``stored`` (tonight's state, as kept),
@@ -218,18 +230,26 @@ def _check_columns(cur: Any, settings: Settings, uc: UseCase, name: str, w: Wind
     )
     found = dict(cur.fetchall())
     where = f"windows.{name} of {uc.source}"
+    schema = settings.warehouse_schema
     if not found:
-        raise DataError(
-            f"{where}: table {settings.warehouse_schema}.{w.table} not found in the warehouse"
+        raise SourceError(
+            f"source table {w.table!r} not found in schema {schema!r}: {where} reads it; "
+            "check warehouse.schema and the warehouse connection in its usecase.yaml "
+            "(nightscore usecase show NAME prints where it reads)"
         )
     wanted = {w.date: {"date"}} | {
         a.sum: _INTEGERS for a in w.aggregates.values() if a.sum is not None
     }
     for column, kinds in wanted.items():
-        if found.get(column) not in kinds:
+        if column not in found:
+            raise SourceError(
+                f"source column {column!r} not found in {schema}.{w.table}: {where} reads "
+                f"it; the table has {', '.join(sorted(found))}"
+            )
+        if found[column] not in kinds:
             raise DataError(
                 f"{where}: {settings.warehouse_schema}.{w.table}.{column} should be "
-                f"{' or '.join(sorted(kinds))}, found {found.get(column) or 'no such column'}; "
+                f"{' or '.join(sorted(kinds))}, found {found[column]}; "
                 "windows sum integer columns by calendar date (cast others in the features "
                 "SQL, from the facts)"
             )

@@ -24,9 +24,13 @@ def test_unreachable_warehouse_names_the_host_not_the_password(settings: Setting
 
 def test_missing_source_table_is_named(fresh_schema: Settings) -> None:
     db.scalar(fresh_schema.database_url, f"CREATE SCHEMA {fresh_schema.warehouse_schema}; SELECT 1")
-    with pytest.raises(SourceError, match="source table 'customers' not found") as err:
+    with pytest.raises(SourceError, match="source table 'usage_daily' not found") as err:
         features.build_snapshot(fresh_schema, UC, date(2024, 6, 1))
     assert fresh_schema.warehouse_schema in str(err.value)
+    assert "windows.usage_windows" in str(err.value)  # what reads it
+    other = usecase.load("late_payment")  # no windows: the feature query's own error
+    with pytest.raises(SourceError, match=r"source table '\w+' not found in schema"):
+        features.build_snapshot(fresh_schema, other, date(2024, 6, 1))
 
 
 def test_missing_source_column_is_named(fresh_schema: Settings) -> None:

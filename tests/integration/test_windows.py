@@ -174,3 +174,18 @@ def test_a_window_aggregate_names_exactly_one_kind() -> None:
                 }
             }
         )
+
+
+def test_a_read_only_warehouse_gets_the_windows_from_the_facts(
+    wh: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hot standby refuses even temporary tables: the windows are CTEs, nothing kept."""
+    url = wh.warehouse_url
+    url += ("&" if "?" in url else "?") + "options=-c%20default_transaction_read_only%3Don"
+    s = replace(_from_facts(wh, "read_only"), warehouse_url=url)
+    caplog.set_level(logging.INFO, logger="pipeline.windows")
+    snap = features.build_snapshot(s, UC, FIRST + timedelta(days=1))
+    assert "the warehouse is read-only" in caplog.text
+    assert not (s.snapshots / UC.name / "windows").exists()
+    kept = features.build_snapshot(_from_facts(wh, "read_write"), UC, FIRST + timedelta(days=1))
+    assert snap.sha256 == kept.sha256
