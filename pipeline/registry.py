@@ -186,14 +186,6 @@ def promote(
     return previous
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _verified(path: Path, expected: str, what: str, fix: str) -> bytes:
     """The bytes of ``path`` if their sha256 is the one the registry holds.
 
