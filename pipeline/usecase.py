@@ -29,9 +29,11 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -151,6 +153,11 @@ class Aggregate(_Section):
     @property
     def kind(self) -> str:
         return "sum" if self.sum is not None else "count" if self.count is not None else "last"
+
+    @model_serializer(mode="wrap")
+    def _only_its_kind(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Written back as it is declared: its one kind and its days."""
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class Window(_Section):
