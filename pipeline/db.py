@@ -146,11 +146,7 @@ def source_error(exc: Exception, schema: str | None) -> SourceError:
     message = str(exc)
     missing = re.search(r'relation "([^"]+)" does not exist', message)
     if missing:
-        return SourceError(
-            f"source table {missing.group(1)!r} not found in schema {schema!r}: the use case's "
-            "SQL expects it; check warehouse.schema and the warehouse connection in its "
-            "usecase.yaml (nightscore usecase show NAME prints where it reads)"
-        )
+        return missing_table(missing.group(1), schema, "the use case's SQL expects it")
     column = re.search(r'column "?([^" ]+)"? does not exist', message)
     if column:
         return SourceError(
@@ -159,6 +155,15 @@ def source_error(exc: Exception, schema: str | None) -> SourceError:
         )
     first = message.strip().splitlines()[0] if message.strip() else repr(exc)
     return SourceError(f"warehouse query failed in schema {schema!r}: {first}")
+
+
+def missing_table(table: str, schema: str | None, reader: str) -> SourceError:
+    """A source table not found, with what reads it and where to look."""
+    return SourceError(
+        f"source table {table!r} not found in schema {schema!r}: {reader}; check "
+        "warehouse.schema and the warehouse connection in its usecase.yaml (nightscore "
+        "usecase show NAME prints where it reads)"
+    )
 
 
 def _read_sqlalchemy(

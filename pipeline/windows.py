@@ -57,7 +57,7 @@ def _day(offset: int) -> str:
     return f"CAST(:as_of AS date) - {offset}"
 
 
-def facts_sql(name: str, w: Window, key: str) -> str:
+def facts_sql(w: Window, key: str) -> str:
     """The windows as of ``:as_of`` from the facts: every row of the longest window."""
     d = _q(w.date)
     cols = []
@@ -123,15 +123,16 @@ def step_sql(w: Window, key: str, previous: str) -> str:
 
 def inline(uc: UseCase) -> list[str]:
     """``name AS (...)`` of each window, from the facts, for a WITH clause."""
-    return [f"{_q(n)} AS (\n{facts_sql(n, w, uc.entity_key)}\n)" for n, w in uc.windows.items()]
+    return [f"{_q(n)} AS (\n{facts_sql(w, uc.entity_key)}\n)" for n, w in uc.windows.items()]
 
 
 def definition(uc: UseCase) -> str:
     """What the windows are made of (part of a snapshot's definition hash)."""
-    key = uc.entity_key
-    return "\n".join(
-        facts_sql(n, w, key) + "\n" + step_sql(w, key, "previous") for n, w in uc.windows.items()
-    )
+    return "\n".join(_definition(w, uc.entity_key) for w in uc.windows.values())
+
+
+def _definition(w: Window, key: str) -> str:
+    return facts_sql(w, key) + "\n" + step_sql(w, key, "previous")
 
 
 def can_keep(url: str) -> bool:
@@ -197,7 +198,7 @@ def prepare(cur: Any, settings: Settings, uc: UseCase, as_of: date, keep: bool) 
 
 
 def _from_facts(cur: Any, uc: UseCase, name: str, w: Window, as_of: date) -> Built:
-    _execute(cur, f"CREATE TEMP TABLE {_q(name)} AS {facts_sql(name, w, uc.entity_key)}", as_of)
+    _execute(cur, f"CREATE TEMP TABLE {_q(name)} AS {facts_sql(w, uc.entity_key)}", as_of)
     return Built(name, "facts")
 
 
@@ -232,11 +233,7 @@ def _check_columns(cur: Any, settings: Settings, uc: UseCase, name: str, w: Wind
     where = f"windows.{name} of {uc.source}"
     schema = settings.warehouse_schema
     if not found:
-        raise SourceError(
-            f"source table {w.table!r} not found in schema {schema!r}: {where} reads it; "
-            "check warehouse.schema and the warehouse connection in its usecase.yaml "
-            "(nightscore usecase show NAME prints where it reads)"
-        )
+        raise db.missing_table(w.table, schema, f"{where} reads it")
     wanted = {w.date: {"date"}} | {
         a.sum: _INTEGERS for a in w.aggregates.values() if a.sum is not None
     }
@@ -270,9 +267,7 @@ def _day_counts(settings: Settings, w: Window, since: date, before: date) -> dic
 
 
 def _folder(settings: Settings, uc: UseCase, name: str, w: Window) -> Path:
-    sha = hashlib.sha256(
-        (facts_sql(name, w, uc.entity_key) + step_sql(w, uc.entity_key, "p")).encode()
-    ).hexdigest()
+    sha = hashlib.sha256(_definition(w, uc.entity_key).encode()).hexdigest()
     return settings.snapshots / uc.name / "windows" / name / sha[:12]
 
 
