@@ -7,6 +7,7 @@ lives in a separate database (``airflow``) on the embedded server, or wherever
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -137,7 +138,20 @@ LOCAL_COMPONENTS = (
 
 
 def stop_all(procs: list[subprocess.Popen[bytes]], grace: float = 30) -> None:
-    """Terminate every process still running, then kill whichever outlives ``grace`` seconds."""
+    """Terminate every process still running and everything it started (a scheduler's
+    LocalExecutor workers, an API server's workers), then kill whatever outlives ``grace``
+    seconds.
+
+    A component that exits on TERM usually takes its children with it, but not always in
+    time: a worker it forked can outlive it, reparented to init, and would hold its task
+    slot (and the metadata database) until it notices.
+    """
+    import psutil
+
+    family: list[psutil.Process] = []
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            family += psutil.Process(p.pid).children(recursive=True)
     for p in procs:
         if p.poll() is None:
             p.terminate()
@@ -147,6 +161,12 @@ def stop_all(procs: list[subprocess.Popen[bytes]], grace: float = 30) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+    _, alive = psutil.wait_procs(family, timeout=grace / 3)
+    for signal_them in ("terminate", "kill"):
+        for child in alive:
+            with contextlib.suppress(psutil.Error):
+                getattr(child, signal_them)()
+        _, alive = psutil.wait_procs(alive, timeout=grace / 3)
 
 
 def run_local(settings: Settings, port: int = 8080, ready: Any = None) -> int:
