@@ -103,6 +103,13 @@ class _Sim:
         "amount": np.float64,
     }
 
+    EXPOSURES: ClassVar[dict[str, Any]] = {
+        "cust": np.int32,  # who was sent an email (index into the arrays above)
+        "day": np.int32,  # on which day
+        "effect": np.float32,  # its log-odds shift (see email_effect)
+        "cf_day": np.int32,  # when they would have left without it (NEVER: not by TRUTH_DAYS)
+    }
+
     def __init__(
         self, seed: int, start: date, customers: int, price_rise_day: int, launch_day: int
     ):
@@ -116,6 +123,9 @@ class _Sim:
         self.next_ids = {"customer": 1, "invoice": 1, "ticket": 1, "subscription": 1}
         self.a = {k: np.zeros(0, dtype=t) for k, t in self.ARRAYS.items()}
         self.p = {k: np.zeros(0, dtype=t) for k, t in self.PENDING.items()}
+        self.x = {k: np.zeros(0, dtype=t) for k, t in self.EXPOSURES.items()}
+        self.sends: dict[int, np.ndarray] = {}  # day -> customer ids sent an email that day
+        self.effects: list[dict[str, np.ndarray]] = []  # per day with sends, not persisted
 
     # -- persistence -------------------------------------------------------------------
     def dumps(self) -> bytes:
@@ -127,6 +137,7 @@ class _Sim:
         )
         arrays: dict[str, Any] = {f"a_{k}": v[: self.n] for k, v in self.a.items()}
         arrays |= {f"p_{k}": v for k, v in self.p.items()}
+        arrays |= {f"x_{k}": v for k, v in self.x.items()}
         arrays |= {"meta": meta, "start": np.array([(self.start - EPOCH).days])}
         np.savez(buf, **arrays)
         return buf.getvalue()
@@ -142,6 +153,8 @@ class _Sim:
         )
         sim.a = {k: z[f"a_{k}"].astype(t) for k, t in cls.ARRAYS.items()}
         sim.p = {k: z[f"p_{k}"].astype(t) for k, t in cls.PENDING.items()}
+        if "x_cust" in z:  # states saved before emails had effects have none
+            sim.x = {k: z[f"x_{k}"].astype(t) for k, t in cls.EXPOSURES.items()}
         return sim
 
     # -- population ------------------------------------------------------------------
@@ -315,8 +328,170 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
+def _cancel_logit(
+    sim: _Sim, idx: np.ndarray, t: int, doy: int, overdue: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The daily cancellation log-odds of customers ``idx`` on day ``t`` without any email,
+    and the terms reused later that day (disengagement, recent price rise, rival's lure)."""
+    a = sim.a
+    tenure = (t - a["signup_day"][idx]).astype(np.float64)
+    disengaged = np.clip((t - a["disengage_day"][idx]) / 45.0, 0.0, 1.0)
+    since_rise = (t - a["last_rise_day"][idx]).astype(np.float64)
+    rise = np.exp(-since_rise / 75.0) * (since_rise >= 0)
+    # From the launch day on, a rival's unlimited-data offer lures heavy data users away:
+    # a new, lasting reason to leave that a model trained before it has never seen.
+    lured = np.clip(np.log(a["base_data"][idx]) - 5.9, 0.0, 1.5) * (t >= sim.launch_day)
+    contract_eff = np.array([0.9, -0.2, -1.1])[a["contract"][idx]]
+    logit = (
+        -8.1
+        + contract_eff
+        - 0.22 * np.log1p(tenure / 30.0)
+        + 3.3 * disengaged
+        + 0.75 * np.minimum(overdue, 3)
+        + 0.5 * a["ticket_level"][idx]
+        + 3.2 * a["price_sens"][idx] * rise
+        + 0.25 * np.sin(2 * np.pi * (doy - 20) / 365)
+        + 0.6 * (a["country"][idx] == PL)
+        + 1.6 * lured
+        + 0.25 * (a["channel"][idx] == 2)
+    )
+    return logit, disengaged, rise, lured
+
+
+# -- how customers respond to a retention email ----------------------------------------
+#
+# For ``EMAIL_DAYS`` days from the day it is sent, an email shifts the customer's daily
+# cancellation log-odds by their effect, fixed on that day:
+#   * persuadable: on a monthly contract and price-sensitive (``price_sens`` >= 0.3): the
+#     retention offer keeps them, ``PERSUADED`` (about a quarter of the hazard);
+#   * sleeping dog: on a two-year contract and already drifting away (disengagement >=
+#     0.5): the email reminds them to leave, ``SLEEPING_DOG`` (about twice the hazard);
+#   * everyone else: indifferent, 0.
+# Price sensitivity and disengagement are never in the warehouse; the model sees only
+# their traces (contract type, complaints after a price rise, falling usage). The truth
+# (each send's effect and what its customer would have done without it) is written to
+# the schema ``<warehouse schema>_truth``, which no pipeline role can read.
+EMAIL_DAYS = 30
+TRUTH_DAYS = 60  # how long the counterfactual of a send is followed
+PERSUADED = -2.0
+SLEEPING_DOG = 0.7
+
+
+def email_effect(sim: _Sim, idx: np.ndarray, disengaged: np.ndarray) -> np.ndarray:
+    """The log-odds shift an email sent today would give customers ``idx``."""
+    a = sim.a
+    persuadable = (a["contract"][idx] == 0) & (a["price_sens"][idx] >= 0.2)
+    dog = (a["contract"][idx] == 2) & (disengaged >= 0.5)
+    return np.where(persuadable, PERSUADED, 0.0) + np.where(dog, SLEEPING_DOG, 0.0)
+
+
+def _contact(sim: _Sim, act: np.ndarray, t: int, logit: np.ndarray, disengaged: np.ndarray) -> None:
+    """Record today's sends (from the send log) and, on a day with sends, what an email
+    would do to every active customer (for comparing targeting policies)."""
+    sent = sim.sends.get(t)
+    if sent is None:
+        return
+    effect = email_effect(sim, act, disengaged)
+    h0, h1 = _sigmoid(logit), _sigmoid(logit + effect)
+    saved = (1 - h1) ** EMAIL_DAYS - (1 - h0) ** EMAIL_DAYS
+    sim.effects.append(
+        {"day": np.full(len(act), t, np.int32), "cust": act.astype(np.int32),
+         "effect": effect.astype(np.float32), "saved": saved.astype(np.float32)}
+    )  # fmt: skip
+    idx = np.searchsorted(sim.a["customer_id"][: sim.n], sent)
+    idx = idx[(idx < sim.n) & (sim.a["customer_id"][np.minimum(idx, sim.n - 1)] == sent)]
+    pos = np.searchsorted(act, idx)
+    here = pos < len(act)
+    here[here] = act[pos[here]] == idx[here]
+    pos = pos[here]  # only customers still active today can read an email
+    x = sim.x
+    new = {
+        "cust": act[pos],
+        "day": np.full(len(pos), t),
+        "effect": effect[pos],
+        "cf_day": np.full(len(pos), NEVER),
+    }
+    sim.x = {
+        k: np.concatenate([x[k], np.asarray(new[k]).astype(tp)]) for k, tp in _Sim.EXPOSURES.items()
+    }
+
+
+def _email_shift(sim: _Sim, act: np.ndarray, t: int) -> np.ndarray | float:
+    """Today's log-odds shift of the active customers: the effect of their latest email
+    still within ``EMAIL_DAYS``; 0.0 for everyone when no email is."""
+    x = sim.x
+    live = (x["day"] <= t) & (t < x["day"] + EMAIL_DAYS)
+    if not live.any():
+        return 0.0
+    order = np.argsort(x["day"][live], kind="stable")  # the latest email wins
+    shift = np.zeros(sim.n)
+    shift[x["cust"][live][order]] = x["effect"][live][order]
+    return shift[act]
+
+
+def _shadow(
+    sim: _Sim,
+    act: np.ndarray,
+    t: int,
+    doy: int,
+    overdue_all: np.ndarray,
+    u: np.ndarray,
+    logit: np.ndarray,
+) -> None:
+    """Follow each send's counterfactual (no email from its day on) for ``TRUTH_DAYS``.
+
+    The counterfactual customer leaves on the first day the day's draw falls under the
+    hazard without the email. While the real customer is active it shares their draw (the
+    same luck, so a persuaded customer who leaves anyway would also have left); after the
+    real one left (a sleeping dog), it draws its own.
+    """
+    x = sim.x
+    open_ = np.flatnonzero((x["cf_day"] == NEVER) & (x["day"] <= t) & (t < x["day"] + TRUTH_DAYS))
+    if not len(open_):
+        return
+    cust = x["cust"][open_]
+    pos = np.minimum(np.searchsorted(act, cust), max(len(act) - 1, 0))
+    active = act[pos] == cust if len(act) else np.zeros(len(cust), bool)
+    draw = np.empty(len(cust))
+    base = np.empty(len(cust))
+    draw[active], base[active] = u[pos[active]], logit[pos[active]]
+    gone = cust[~active]
+    if len(gone):
+        draw[~active] = np.random.default_rng([sim.seed, t, 1]).random(len(gone))
+        base[~active] = _cancel_logit(sim, gone, t, doy, overdue_all[gone])[0]
+    left = draw < _sigmoid(base)
+    x["cf_day"][open_[left]] = t
+
+
+def _per_customer_poisson(
+    rng: np.random.Generator, n: int, idx: np.ndarray, lam: np.ndarray
+) -> np.ndarray:
+    """Poisson draws for customers ``idx``, by inversion of each one's slot of an
+    ``n``-long uniform draw (numpy's own Poisson draws nothing for a zero mean, which
+    would shift everyone after it)."""
+    u = rng.random(n)[idx]
+    out = np.zeros(len(idx), dtype=np.int64)
+    term = np.exp(-lam)
+    cdf = term.copy()
+    todo = np.flatnonzero(u > cdf)
+    k = 0
+    while len(todo):
+        k += 1
+        term[todo] *= lam[todo] / k
+        cdf[todo] += term[todo]
+        out[todo] += 1
+        todo = todo[u[todo] > cdf[todo]]
+    return out
+
+
 def _simulate_day(sim: _Sim, out: _Buffers) -> None:
-    """Advance the simulation by one day, appending that day's facts to ``out``."""
+    """Advance the simulation by one day, appending that day's facts to ``out``.
+
+    Every draw about customers is drawn for all ``sim.n`` of them, whether or not anyone
+    needs it today, and then picked by index, so that what happens to one customer never depends on who else is active:
+    an email changes the facts of the customer sent it and of no one else (apart from
+    the surrogate ids of invoices, tickets and subscriptions, numbered in order).
+    """
     t = sim.day
     epoch_day = (sim.start - EPOCH).days + t
     today = sim.start + timedelta(days=t)
@@ -351,40 +526,22 @@ def _simulate_day(sim: _Sim, out: _Buffers) -> None:
 
     # Overdue invoices as of today (due before today, not yet paid).
     p = sim.p
-    overdue = np.bincount(p["cust"][p["due_day"] < t], minlength=n)[act]
-    tenure = (t - a["signup_day"][act]).astype(np.float64)
-    disengaged = np.clip((t - a["disengage_day"][act]) / 45.0, 0.0, 1.0)
-    since_rise = (t - a["last_rise_day"][act]).astype(np.float64)
-    rise = np.exp(-since_rise / 75.0) * (since_rise >= 0)
-    # From the launch day on, a rival's unlimited-data offer lures heavy data users away:
-    # a new, lasting reason to leave that a model trained before it has never seen.
-    lured = np.clip(np.log(a["base_data"][act]) - 5.9, 0.0, 1.5) * (t >= sim.launch_day)
-
+    overdue_all = np.bincount(p["cust"][p["due_day"] < t], minlength=n)
+    overdue = overdue_all[act]
     # Cancellations first: a customer who leaves today has no usage today.
-    contract_eff = np.array([0.9, -0.2, -1.1])[a["contract"][act]]
-    logit = (
-        -8.1
-        + contract_eff
-        - 0.22 * np.log1p(tenure / 30.0)
-        + 3.3 * disengaged
-        + 0.75 * np.minimum(overdue, 3)
-        + 0.5 * a["ticket_level"][act]
-        + 3.2 * a["price_sens"][act] * rise
-        + 0.25 * np.sin(2 * np.pi * (doy - 20) / 365)
-        + 0.6 * (a["country"][act] == PL)
-        + 1.6 * lured
-        + 0.25 * (a["channel"][act] == 2)
-    )
-    leaves = rng.random(len(act)) < _sigmoid(logit)
+    logit, disengaged, rise, lured = _cancel_logit(sim, act, t, doy, overdue)
+    _contact(sim, act, t, logit, disengaged)
+    draw = rng.random(n)[act]
+    reason_draw = rng.integers(1, 5, n)  # drawn whether or not anyone leaves
+    leaves = draw < _sigmoid(logit + _email_shift(sim, act, t))
+    _shadow(sim, act, t, doy, overdue_all, draw, logit)
     gone = act[leaves]
     if len(gone):
         a["active"][gone] = False
         reason = np.where(
             rise[leaves] > 0.2,
             0,
-            np.where(
-                (disengaged[leaves] > 0.3) | (lured[leaves] > 0.5), 2, rng.integers(1, 5, len(gone))
-            ),
+            np.where((disengaged[leaves] > 0.3) | (lured[leaves] > 0.5), 2, reason_draw[gone]),
         )
         out.add(
             "cancellations",
@@ -401,9 +558,10 @@ def _simulate_day(sim: _Sim, out: _Buffers) -> None:
         a["fee"][de] *= 1 + PRICE_RISE
         a["last_rise_day"][de] = t
         _subscription_rows(sim, out, de, epoch_day, reason=2)
-    movers = act[rng.random(len(act)) < 0.0007]
+    movers = act[rng.random(n)[act] < 0.0007]
+    step = rng.choice([-1, 1], n)
     if len(movers):
-        a["plan"][movers] = np.clip(a["plan"][movers] + rng.choice([-1, 1], len(movers)), 0, 3)
+        a["plan"][movers] = np.clip(a["plan"][movers] + step[movers], 0, 3)
         a["fee"][movers] = PLAN_FEES[a["plan"][movers]] * np.where(
             a["last_rise_day"][movers] > -NEVER, 1 + PRICE_RISE, 1.0
         )
@@ -421,13 +579,13 @@ def _simulate_day(sim: _Sim, out: _Buffers) -> None:
         )
         sim.p = p = {k: v[~paying] for k, v in p.items()}
     billed = act[a["bill_dom"][act] == today.day]
+    late_draw, never_draw = rng.random(n), rng.random(n)
+    wait_late, wait_on_time = rng.geometric(1 / 12, n), rng.integers(1, 14, n)
     if len(billed):
         stress = a["stress"][billed]
-        late = rng.random(len(billed)) < 0.03 + 0.9 * stress**2
-        never = rng.random(len(billed)) < 0.004 + 0.05 * stress
-        pay_day = np.where(
-            late, t + 14 + rng.geometric(1 / 12, len(billed)), t + rng.integers(1, 14, len(billed))
-        )
+        late = late_draw[billed] < 0.03 + 0.9 * stress**2
+        never = never_draw[billed] < 0.004 + 0.05 * stress
+        pay_day = np.where(late, t + 14 + wait_late[billed], t + wait_on_time[billed])
         pay_day = np.where(never, NEVER, pay_day).astype(np.int32)
         ids = sim.take_ids("invoice", len(billed))
         amount = a["fee"][billed]
@@ -453,23 +611,24 @@ def _simulate_day(sim: _Sim, out: _Buffers) -> None:
 
     # Daily usage: falls as a customer disengages; weekends and summer are busier.
     season = 1 + 0.08 * np.sin(2 * np.pi * (doy - 200) / 365) + 0.1 * (today.weekday() >= 5)
-    used = rng.random(len(act)) < 0.95 - 0.6 * disengaged
+    used = rng.random(n)[act] < 0.95 - 0.6 * disengaged
     u = act[used]
     fade = 1 - 0.75 * disengaged[used]
-    minutes = a["base_minutes"][u] * fade * season * rng.lognormal(0, 0.35, len(u))
-    data_mb = a["base_data"][u] * fade * season * rng.lognormal(0, 0.5, len(u))
+    minutes = a["base_minutes"][u] * fade * season * rng.lognormal(0, 0.35, n)[u]
+    data_mb = a["base_data"][u] * fade * season * rng.lognormal(0, 0.5, n)[u]
     out.add(
         "usage_daily",
         customer_id=a["customer_id"][u],
         usage_date=np.full(len(u), epoch_day),
         minutes=np.rint(minutes),
         data_mb=np.rint(data_mb),
-        sessions=1 + rng.poisson(minutes / 25.0),
+        sessions=1 + _per_customer_poisson(rng, n, u, minutes / 25.0),
     )
 
     # Support tickets: disengaging, overdue or recently re-priced customers complain more.
     rate = 0.0015 + 0.02 * disengaged + 0.03 * rise * a["price_sens"][act] + 0.004 * (overdue > 0)
-    opened = rng.random(len(act)) < rate
+    opened = rng.random(n)[act] < rate
+    category_draw = rng.choice(4, n, p=[0.35, 0.35, 0.25, 0.05])
     tk = act[opened]
     a["ticket_level"][act] *= np.float32(np.exp(-1 / 20))
     if len(tk):
@@ -477,7 +636,7 @@ def _simulate_day(sim: _Sim, out: _Buffers) -> None:
         category = np.where(
             disengaged[opened] > 0.5,
             3,
-            np.where(rise[opened] > 0.2, 0, rng.choice(4, len(tk), p=[0.35, 0.35, 0.25, 0.05])),
+            np.where(rise[opened] > 0.2, 0, category_draw[tk]),
         )
         out.add(
             "tickets",
@@ -634,6 +793,7 @@ def _save_state(settings: Settings, sim: _Sim) -> None:
                     (sim.seed, sim.start, sim.start + timedelta(days=sim.day - 1), sim.dumps()),
                 )
                 cur.execute((SQL_DIR / "warehouse" / "indexes.sql").read_text())
+                _save_truth(cur, settings, sim)
             conn.commit()
             conn.autocommit = True
             with conn.cursor() as cur:
@@ -704,9 +864,123 @@ def advance(settings: Settings, to: date) -> SeedResult:
         raise ConfigError(
             f"warehouse already holds facts through {current}; --to must be after it (found {to})"
         )
+    sim.sends = sent_emails(settings, current + timedelta(days=1), to, sim.start)
     rows = _run(settings, sim, through_day, initial=False)
     _save_state(settings, sim)
     return SeedResult(sim.n, sim.start, to, rows, time.monotonic() - began)
+
+
+def sent_emails(settings: Settings, first: date, last: date, start: date) -> dict[int, np.ndarray]:
+    """Who was sent an email dated ``first`` .. ``last``: {simulated day: customer ids}.
+
+    Every campaign's send log in the serving database counts (``campaigns.*_send_log``,
+    rows marked sent); a send dated before ``first`` came after its day was simulated and
+    changes nothing.
+    """
+    conn = db.connect(settings.database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT table_name FROM information_schema.columns WHERE table_schema = "
+                "'campaigns' AND table_name LIKE '%%\\_send\\_log' AND column_name = 'customer_id' "
+                "ORDER BY 1"
+            )
+            tables = [name for (name,) in cur.fetchall()]
+            if not tables:
+                return {}
+            union = " UNION ".join(
+                f"SELECT customer_id, score_date FROM {db.quote_ident('campaigns', t)} "
+                "WHERE status = 'sent' AND score_date BETWEEN %(first)s AND %(last)s"
+                for t in tables
+            )
+            cur.execute(union, {"first": first, "last": last})
+            found = cur.fetchall()
+        conn.commit()
+    finally:
+        conn.close()
+    by_day: dict[int, list[int]] = {}
+    for customer, day in found:
+        by_day.setdefault((day - start).days, []).append(int(customer))
+    return {d: np.unique(np.array(ids, dtype=np.int64)) for d, ids in by_day.items()}
+
+
+def truth_schema(settings: Settings) -> str:
+    """The schema holding the simulator's truth about emails (no pipeline role reads it)."""
+    return f"{_checked_schema(settings.warehouse_schema)}_truth"
+
+
+def _save_truth(cur: Any, settings: Settings, sim: _Sim) -> None:
+    """Write each send's effect and counterfactual, and each send day's would-be effects.
+
+    ``exposures``: one row per email sent (customer, day, log-odds effect, the day they
+    would have cancelled without it, if within ``TRUTH_DAYS``). ``effects``: for each
+    active customer on each day with sends, the effect an email that day would have had
+    and the expected cancellations it would prevent in ``EMAIL_DAYS`` days at that day's
+    hazard (``saved``), so that any targeting policy can be scored on the same night.
+    """
+    schema = db.quote_ident(truth_schema(settings))
+    cur.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+    cur.execute(f"REVOKE ALL ON SCHEMA {schema} FROM PUBLIC")
+    cur.execute(
+        f"CREATE TABLE IF NOT EXISTS {schema}.exposures (customer_id integer NOT NULL, "
+        "contact_date date NOT NULL, effect real NOT NULL, counterfactual_cancel_date date, "
+        "PRIMARY KEY (contact_date, customer_id))"
+    )
+    cur.execute(
+        f"CREATE TABLE IF NOT EXISTS {schema}.effects (as_of date NOT NULL, "
+        "customer_id integer NOT NULL, effect real NOT NULL, saved real NOT NULL, "
+        "PRIMARY KEY (as_of, customer_id))"
+    )
+    x = sim.x
+    cur.execute(f"TRUNCATE {schema}.exposures")
+    _copy(
+        cur,
+        f"{schema}.exposures",
+        pa.table(
+            {
+                "customer_id": pa.array(sim.a["customer_id"][x["cust"]]),
+                "contact_date": _sim_dates(sim, x["day"]),
+                "effect": pa.array(x["effect"]),
+                "counterfactual_cancel_date": _sim_dates(sim, x["cf_day"], x["cf_day"] == NEVER),
+            }
+        ),
+    )
+    for part in sim.effects:
+        cur.execute(
+            f"DELETE FROM {schema}.effects WHERE as_of = %s",
+            (sim.start + timedelta(days=int(part["day"][0])),),
+        )
+        _copy(
+            cur,
+            f"{schema}.effects",
+            pa.table(
+                {
+                    "as_of": _sim_dates(sim, part["day"]),
+                    "customer_id": pa.array(sim.a["customer_id"][part["cust"]]),
+                    "effect": pa.array(part["effect"]),
+                    "saved": pa.array(part["saved"]),
+                }
+            ),
+        )
+    sim.effects = []
+
+
+def _sim_dates(sim: _Sim, days: np.ndarray, null: np.ndarray | None = None) -> pa.Array:
+    """Simulated day numbers as dates (NULL where ``null``)."""
+    epoch_days = (days.astype(np.int64) + (sim.start - EPOCH).days).astype(np.int32)
+    return pa.array(epoch_days, mask=null).cast(pa.date32())
+
+
+def _copy(cur: Any, table: str, rows: pa.Table) -> None:
+    """COPY an Arrow table's rows (columns in the table's order) into ``table``."""
+    import pyarrow.csv as pacsv
+
+    if not rows.num_rows:
+        return
+    buf = io.BytesIO()
+    pacsv.write_csv(rows, buf, pacsv.WriteOptions(include_header=False))
+    buf.seek(0)
+    cur.copy_expert(f"COPY {table} FROM STDIN WITH (FORMAT csv)", buf)
 
 
 def data_through(settings: Settings) -> date | None:

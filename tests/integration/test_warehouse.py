@@ -103,3 +103,99 @@ def test_price_rise_drift_event_raises_german_churn(seeded: Settings) -> None:
     conn.close()
     assert de_after > 1.5 * de_before
     assert other_after < 1.3 * other_before
+
+
+def test_an_email_changes_its_customer_only_and_the_truth_is_hidden(settings: Settings) -> None:
+    """Sends from a campaign's send log reach the simulated customers sent them and no one
+    else; the world without those sends is what the simulator records as counterfactual."""
+    import psycopg2
+
+    start, send_day = date(2024, 1, 1), date(2024, 2, 25)
+    mailed = replace(settings, warehouse_schema="wh_mail_a")
+    unmailed = replace(settings, warehouse_schema="wh_mail_b")
+    log = "campaigns.simtest_send_log"
+    try:
+        for s in (mailed, unmailed):
+            warehouse.seed(s, 600, start, 50, seed=5, price_rise_day=20, launch_day=30)
+        conn = db.connect(settings.database_url, autocommit=True)
+        with conn.cursor() as cur:
+            cur.execute("CREATE SCHEMA IF NOT EXISTS campaigns")
+            cur.execute(
+                f"CREATE TABLE {log} (customer_id integer, score_date date, status text)"
+            )
+            cur.execute(
+                f"INSERT INTO {log} SELECT customer_id, %s, 'sent' FROM wh_mail_a.customers c "
+                "WHERE NOT EXISTS (SELECT 1 FROM wh_mail_a.cancellations x "
+                "WHERE x.customer_id = c.customer_id) ORDER BY customer_id LIMIT 300",
+                (send_day,),
+            )
+            # a failed send reached no one
+            cur.execute(f"INSERT INTO {log} VALUES (599, %s, 'failed')", (send_day,))
+        warehouse.advance(mailed, start + timedelta(days=79))
+        with conn.cursor() as cur:
+            cur.execute(f"DROP TABLE {log}")
+        warehouse.advance(unmailed, start + timedelta(days=79))
+
+        sent = "(SELECT customer_id FROM wh_mail_a_truth.exposures)"
+        for table, columns in {
+            "usage_daily": "t.*",
+            "cancellations": "t.*",
+            "tickets": "t.customer_id, t.opened_date, t.category",
+            "invoices": "t.customer_id, t.issue_date, t.amount",
+            "payments": "t.customer_id, t.payment_date, t.amount",
+        }.items():
+            digests = [
+                db.scalar(
+                    settings.database_url,
+                    f"SELECT md5(string_agg(r, '|' ORDER BY r)) FROM (SELECT ({columns})::text r "
+                    f"FROM {s.warehouse_schema}.{table} t WHERE t.customer_id NOT IN {sent}) q",
+                )
+                for s in (mailed, unmailed)
+            ]
+            assert digests[0] == digests[1], f"{table} changed for customers not sent an email"
+
+        truth = db.read_arrow(
+            settings.database_url,
+            "SELECT e.customer_id, e.effect, e.counterfactual_cancel_date AS cf, "
+            "a.cancel_date AS mailed, b.cancel_date AS unmailed "
+            "FROM wh_mail_a_truth.exposures e "
+            "LEFT JOIN wh_mail_a.cancellations a USING (customer_id) "
+            "LEFT JOIN wh_mail_b.cancellations b USING (customer_id)",
+        ).to_pylist()
+        assert 250 <= len(truth) <= 300  # the failed send and the already gone are not there
+        assert {r["customer_id"] for r in truth}.isdisjoint({599})
+        effects = {round(r["effect"], 3) for r in truth}
+        assert effects <= {
+            0.0,
+            warehouse.PERSUADED,
+            warehouse.SLEEPING_DOG,
+            round(warehouse.PERSUADED + warehouse.SLEEPING_DOG, 3),
+        }
+        assert len(effects) >= 2, effects  # heterogeneous
+        for r in truth:
+            if r["effect"] <= 0:
+                # the same luck while they are active: without the email they would have
+                # done exactly what the world that never sent it shows
+                assert r["cf"] == r["unmailed"], r
+            if r["effect"] == 0:
+                assert r["mailed"] == r["unmailed"], r
+        n_active = db.scalar(
+            settings.database_url,
+            "SELECT count(*) FROM wh_mail_a_truth.effects WHERE as_of = %s",
+            (send_day,),
+        )
+        assert n_active > 400
+
+        for role in ("nightscore_writer", "nightscore_reader", "nightscore_campaign"):
+            with conn.cursor() as cur, pytest.raises(psycopg2.errors.InsufficientPrivilege):
+                cur.execute(f"SET ROLE {role}; SELECT * FROM wh_mail_a_truth.exposures")
+            with conn.cursor() as cur:
+                cur.execute("RESET ROLE")
+        conn.close()
+    finally:
+        conn = db.connect(settings.database_url, autocommit=True)
+        with conn.cursor() as cur:
+            cur.execute(f"DROP TABLE IF EXISTS {log}")
+            for name in ("wh_mail_a", "wh_mail_b", "wh_mail_a_truth", "wh_mail_b_truth"):
+                cur.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
+        conn.close()
