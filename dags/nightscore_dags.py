@@ -330,7 +330,10 @@ Every day ({cron} {tz}): evaluate each published night of {name} whose labels ha
 into `monitoring.realized_performance`. A realized AUC more than {decay} below the model's
 own holdout AUC files a retrain request that the next `{name}_nightly` honours. Each
 campaign whose labels have matured is measured once (contacted vs control band) into
-`monitoring.campaign_uplift`.
+`monitoring.campaign_uplift`. With a campaign, `train_policy` then trains an uplift policy
+from the matured campaigns (with `policy.rank_by: uplift`), checks it out of time against
+the policy in force (Qini, paired bootstrap) and promotes it, or waits at `approve_policy`
+for a person, as the campaign's `policy.promotion_mode` says (`ml.policies`).
 """
 
 
@@ -374,7 +377,82 @@ def monitoring_dag(uc: usecase.UseCase) -> Any:
             return monitor.update_campaign_uplift(settings, config, day)
 
         evaluate_realized_performance()
-        evaluate_campaign_uplift()
+        measured = evaluate_campaign_uplift()
+        if uc.campaign is None:
+            return
+
+        @task(retries=0)
+        def train_policy(measured: list[dict]) -> dict:
+            """An uplift policy from the matured campaigns, checked out of time (pipeline.policy)."""
+            from _nightscore import use_case_context
+
+            from pipeline import policy
+
+            settings, config, day = use_case_context(name)
+            run_id = get_current_context()["dag_run"].run_id
+            return policy.train_challenger(settings, config, day, run_id)
+
+        @task.branch
+        def route_policy(trained: dict) -> str:
+            return (
+                "approve_policy" if trained["decision"] == "awaiting_approval" else "policy_decided"
+            )
+
+        @task(retries=0)
+        def policy_decided(trained: dict) -> dict:
+            """Say what became of the challenger (or why none was trained) where the run shows it."""
+            import logging
+
+            log = logging.getLogger("nightscore.policy")
+            if trained["decision"] is None:
+                log.info("no policy challenger: %s", trained["why"])
+            else:
+                log.info(
+                    "policy %s: %s; %s", trained["version"], trained["decision"], trained["summary"]
+                )
+                for reason in trained["reasons"]:
+                    log.info("  %s", reason)
+            return {k: trained.get(k) for k in ("version", "decision", "why")}
+
+        approve_policy = ApprovalOperator(
+            task_id="approve_policy",
+            subject="Rank " + name + "'s audience by uplift policy "
+            "{{ ti.xcom_pull(task_ids='train_policy')['version'] }}?",
+            body="{{ ti.xcom_pull(task_ids='train_policy')['summary'] }}",
+            response_timeout=timedelta(hours=12),
+            defaults="Reject",
+        )
+
+        @task(retries=0)
+        def promote_policy(trained: dict) -> dict:
+            from _nightscore import use_case_context
+
+            from pipeline import policy
+
+            settings, config, _ = use_case_context(name)
+            context = get_current_context()
+            answer = context["ti"].xcom_pull(task_ids="approve_policy") or {}
+            who = (answer.get("responded_by_user") or {}).get("name") or "unknown"
+            previous = policy.promote(
+                settings,
+                config,
+                trained["version"],
+                actor=f"approval:{who}",
+                reason="approved in the Airflow UI after: " + trained["summary"],
+                run_id=context["dag_run"].run_id,
+            )
+            return {"version": trained["version"], "previous": previous}
+
+        trained = train_policy(measured)
+        route = route_policy(trained)
+        (
+            route
+            >> Label("needs approval")
+            >> approve_policy
+            >> Label("approved")
+            >> promote_policy(trained)
+        )
+        route >> Label("decided") >> policy_decided(trained)
 
     return monitoring()
 

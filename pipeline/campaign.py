@@ -39,6 +39,7 @@ from email.utils import make_msgid, parseaddr
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 from psycopg2 import sql
@@ -297,12 +298,52 @@ def contacts(settings: Settings, uc: UseCase, entity_keys: np.ndarray) -> pa.Tab
     )
 
 
-def build_audience(settings: Settings, uc: UseCase, score_date: date) -> dict[str, Any]:
-    """Write the audience (and control band) of ``score_date`` and export it; returns counts."""
-    from pipeline import features, registry
+@dataclass(frozen=True)
+class Selection:
+    """Whom a policy would contact on a night, and its comparable control members."""
+
+    score_date: date
+    campaign: str
+    run: dict[str, Any]
+    band: pa.Table  # the top risk band, most at risk first
+    policy: str  # 'risk' or the uplift policy's version
+    score: np.ndarray  # what the band is ranked by (probability or expected uplift)
+    chosen: np.ndarray  # band rows to contact, best first
+    control_rows: np.ndarray  # band rows of the comparable control members
+    contact: dict[Any, tuple[str, str]]
+    excluded: dict[str, int]
+
+    @property
+    def audience(self) -> pa.Table:
+        return _ranked(self.band, self.chosen, self.policy, self.score)
+
+    @property
+    def control(self) -> pa.Table:
+        return _ranked(self.band, self.control_rows, self.policy, self.score)
+
+
+def _ranked(band: pa.Table, rows: np.ndarray, policy: str, score: np.ndarray) -> pa.Table:
+    taken = band.take(pa.array(rows, type=pa.int64()))
+    return taken.append_column("policy", pa.array([policy] * len(rows), pa.string())).append_column(
+        "rank_score", pa.array(score[rows], pa.float64())
+    )
+
+
+def select(
+    settings: Settings, uc: UseCase, score_date: date, rank_by: str | None = None
+) -> Selection:
+    """Whom the campaign of ``score_date`` contacts, without writing anything.
+
+    The band is the top ``audience_deciles`` risk deciles; eligible are the opted in, not
+    unsubscribed and not suppressed. The policy in force ranks them (``policy.ranking``:
+    the probability, or an uplift policy's expected uplift, which never contacts whom it
+    expects an email to push away); up to ``capacity`` outside the control group are
+    chosen, and the control members who would have made the same cut are the comparison.
+    ``rank_by="risk"`` ranks by risk whatever the policy in force (to compare policies).
+    """
+    from pipeline import policy
 
     cfg = configured(uc)
-    began = time.monotonic()
     run = published_run(settings, uc, score_date)
     campaign = campaign_name(uc, score_date)
     key = sql.Identifier(uc.entity_key)
@@ -336,6 +377,7 @@ def build_audience(settings: Settings, uc: UseCase, score_date: date) -> dict[st
         ),
         (_array_literal(entity_keys),),
     )
+    window = (campaign, score_date - timedelta(days=cfg.suppression_days), score_date)
     suppressed = _keys_of(
         settings,
         uc,
@@ -343,62 +385,118 @@ def build_audience(settings: Settings, uc: UseCase, score_date: date) -> dict[st
             "SELECT DISTINCT {key} FROM {t} WHERE campaign <> %s "
             "AND status IN ('sending', 'sent') AND score_date BETWEEN %s AND %s"
         ).format(key=key, t=_table(cfg.send_log_table)),
-        (campaign, score_date - timedelta(days=cfg.suppression_days), score_date),
+        window,
+    )
+    # A control member is never sent anything, so the suppression window applies to them
+    # as if they had been: one who stood in another campaign's control band within it is
+    # left out, as the audience leaves out whoever was contacted (comparable groups).
+    held_back = _keys_of(
+        settings,
+        uc,
+        sql.SQL(
+            "SELECT DISTINCT {key} FROM {t} WHERE campaign <> %s AND score_date BETWEEN %s AND %s"
+        ).format(key=key, t=_table(cfg.control_table)),
+        window,
     )
     in_control = band.column("control_group").to_numpy(zero_copy_only=False)
     opted_in = np.isin(entity_keys, opted)
     not_unsubscribed = ~np.isin(entity_keys, unsubscribed)
-    not_suppressed = ~np.isin(entity_keys, suppressed)
+    not_suppressed = ~np.isin(entity_keys, suppressed) & ~np.isin(entity_keys, held_back)
     eligible = opted_in & not_unsubscribed & not_suppressed
-    chosen = np.flatnonzero(eligible & ~in_control)[: cfg.capacity]
     probs = band.column(uc.probability_column).to_numpy()
+    name, score = policy.RISK, probs
+    in_force = policy.in_force(settings, uc) if rank_by != policy.RISK else None
+    if in_force is not None:
+        name = in_force["version"]
+        frame = band_features(settings, uc, score_date, run, band)
+        score = policy.expected_uplift(settings, uc, name, frame, probs)
+    floor = -np.inf if name == policy.RISK else 0.0  # uplift: never whom it expects to lose
+    order = np.lexsort((np.arange(len(score)), -score))  # best first, ties most at risk first
+    order = order[score[order] > floor]
+    wanted = eligible & ~in_control
+    chosen = order[wanted[order]][: cfg.capacity]
     # the control members who would have made the same cut (same band, eligibility, score)
-    cutoff = probs[chosen[-1]] if len(chosen) == cfg.capacity else -np.inf
-    control_rows = np.flatnonzero(eligible & in_control & (probs >= cutoff))
-
-    audience = band.take(pa.array(chosen))
-    reasons: list[tuple[list[str], list[str]]] = []
-    if len(chosen):
-        model, mv = registry.load_model(settings, uc.name, run["model_version"])
-        columns = [f["name"] for f in mv.feature_schema]
-        snapshot = features.find_snapshot(settings, uc, score_date, run["snapshot_sha256"])
-        table = features.read_snapshot(snapshot, [uc.entity_key, *columns])
-        rows = _rows_for(table, uc.entity_key, keys.to_numpy(audience.column(uc.entity_key)))
-        contrib = contributions(model, rows, columns, typical_values(table, columns))
-        reasons = top_reasons(contrib, rows, columns, reason_templates(uc))
-    _store_audience(
-        settings,
-        uc,
+    cutoff = score[chosen[-1]] if len(chosen) == cfg.capacity else floor
+    control_rows = order[(eligible & in_control)[order] & (score[order] >= cutoff)]
+    ranked = int(wanted[order].sum())
+    return Selection(
         score_date,
         campaign,
-        audience,
-        band.take(pa.array(control_rows)),
+        run,
+        band,
+        name,
+        score,
+        chosen,
+        control_rows,
         contact,
-        reasons,
-    )
-    exports = export_audience(settings, uc, score_date)
-    out = {
-        "score_date": score_date.isoformat(),
-        "campaign": campaign,
-        "model_version": run["model_version"],
-        "band": len(entity_keys),
-        "audience": len(chosen),
-        "control_band": len(control_rows),
-        "excluded": {
+        {
             "control_group": int((eligible & in_control).sum()),
             "not_opted_in": int((~opted_in).sum()),
             "unsubscribed": int((opted_in & ~not_unsubscribed).sum()),
             "suppressed": int((opted_in & not_unsubscribed & ~not_suppressed).sum()),
-            "over_capacity": int(max(0, (eligible & ~in_control).sum() - len(chosen))),
+            "expected_no_uplift": int(wanted.sum()) - ranked,
+            "over_capacity": ranked - len(chosen),
         },
+    )
+
+
+def band_features(
+    settings: Settings, uc: UseCase, score_date: date, run: dict[str, Any], band: pa.Table
+) -> pd.DataFrame:
+    """The band's features from the night's published snapshot, in the band's order."""
+    from pipeline import features, train
+
+    snapshot = features.find_snapshot(settings, uc, score_date, run["snapshot_sha256"])
+    table = features.read_snapshot(snapshot)
+    cat, num = train.split_columns(table.schema, uc)
+    rows = rows_for(
+        table.select([uc.entity_key, *cat, *num]),
+        uc.entity_key,
+        keys.to_numpy(band.column(uc.entity_key)),
+    )
+    return train.to_frame(rows, cat + num)
+
+
+def build_audience(settings: Settings, uc: UseCase, score_date: date) -> dict[str, Any]:
+    """Write the audience (and control band) of ``score_date`` and export it; returns counts."""
+    from pipeline import features, registry
+
+    began = time.monotonic()
+    chosen = select(settings, uc, score_date)
+    audience = chosen.audience
+    reasons: list[tuple[list[str], list[str]]] = []
+    if len(chosen.chosen):
+        run = chosen.run
+        model, mv = registry.load_model(settings, uc.name, run["model_version"])
+        columns = [f["name"] for f in mv.feature_schema]
+        snapshot = features.find_snapshot(settings, uc, score_date, run["snapshot_sha256"])
+        table = features.read_snapshot(snapshot, [uc.entity_key, *columns])
+        rows = rows_for(table, uc.entity_key, keys.to_numpy(audience.column(uc.entity_key)))
+        contrib = contributions(model, rows, columns, typical_values(table, columns))
+        reasons = top_reasons(contrib, rows, columns, reason_templates(uc))
+    _store_audience(
+        settings, uc, score_date, chosen.campaign, audience, chosen.control, chosen.contact, reasons
+    )
+    exports = export_audience(settings, uc, score_date)
+    out = {
+        "score_date": score_date.isoformat(),
+        "campaign": chosen.campaign,
+        "model_version": chosen.run["model_version"],
+        "policy": chosen.policy,
+        "band": chosen.band.num_rows,
+        "audience": len(chosen.chosen),
+        "control_band": len(chosen.control_rows),
+        "excluded": chosen.excluded,
         "exports": exports,
         "seconds": round(time.monotonic() - began, 2),
     }
     log.info(
-        "%s: %d of %d in the top band selected, %d control members comparable; excluded %s",
-        campaign,
+        "%s: %d of %d in the top band selected (policy %s), %d control members comparable; "
+        "excluded %s",
+        chosen.campaign,
         out["audience"],
         out["band"],
+        chosen.policy,
         out["control_band"],
         out["excluded"],
     )
@@ -428,7 +526,7 @@ def build_announced(settings: Settings, uc: UseCase, dates: list[str]) -> dict[s
     return {"score_date": built[-1]["score_date"], "built": built, "skipped": skipped}
 
 
-def _rows_for(table: pa.Table, key: str, wanted: np.ndarray) -> pa.Table:
+def rows_for(table: pa.Table, key: str, wanted: np.ndarray) -> pa.Table:
     """The rows of ``table`` for ``wanted`` keys, in that order."""
     pos, found = keys.lookup(keys.to_numpy(table.column(key)), np.arange(table.num_rows), wanted)
     if not found.all():
@@ -466,29 +564,34 @@ def _store_audience(
             contact[k][1],
             words,
             names,
+            policy,
+            score,
         )
-        for rank, (k, version, p, decile, (names, words)) in enumerate(
+        for rank, (k, version, p, decile, (names, words), policy, score) in enumerate(
             zip(
                 audience.column(key).to_pylist(),
                 audience.column("model_version").to_pylist(),
                 audience.column(prob).to_pylist(),
                 audience.column("risk_decile").to_pylist(),
                 reasons,
+                audience.column("policy").to_pylist(),
+                audience.column("rank_score").to_pylist(),
                 strict=True,
             ),
             1,
         )
     ]
-    c_rows = [
-        (score_date, campaign, k, version, p, decile)
-        for k, version, p, decile in zip(
-            control.column(key).to_pylist(),
-            control.column("model_version").to_pylist(),
-            control.column(prob).to_pylist(),
-            control.column("risk_decile").to_pylist(),
+    c_rows = list(
+        zip(
+            [score_date] * control.num_rows,
+            [campaign] * control.num_rows,
+            *(
+                control.column(c).to_pylist()
+                for c in (key, "model_version", prob, "risk_decile", "policy", "rank_score")
+            ),
             strict=True,
         )
-    ]
+    )
     cfg = configured(uc)
     names = {
         "audience": _table(cfg.audience_table),
@@ -509,7 +612,7 @@ def _store_audience(
                 sql.SQL(
                     "INSERT INTO {audience} (score_date, campaign, {key}, audience_rank, "
                     "model_version, {prob}, risk_decile, first_name, email, reasons, "
-                    "reason_features) VALUES %s"
+                    "reason_features, policy, rank_score) VALUES %s"
                 )
                 .format(**names)
                 .as_string(conn),
@@ -520,7 +623,7 @@ def _store_audience(
                 cur,
                 sql.SQL(
                     "INSERT INTO {control} (score_date, campaign, {key}, model_version, {prob}, "
-                    "risk_decile) VALUES %s"
+                    "risk_decile, policy, rank_score) VALUES %s"
                 )
                 .format(**names)
                 .as_string(conn),

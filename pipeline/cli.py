@@ -188,7 +188,16 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     settings = config.load_settings(uc=uc)
     out = monitor.update_realized_performance(settings, uc, args.date)
     out["campaign_uplift"] = monitor.update_campaign_uplift(settings, uc, args.date)
-    print(json.dumps(out, indent=2))
+    out["campaign_experiment"] = monitor.campaign_experiment(settings, uc)
+    if uc.campaign is not None:
+        from pipeline import policy
+
+        trained = policy.train_challenger(settings, uc, args.date, run_id="cli-monitor")
+        out["policy_challenger"] = {
+            k: trained.get(k) for k in ("version", "decision", "why", "summary", "reasons")
+        }
+        out["policy_in_force"] = policy.policy_text(settings, uc)
+    print(json.dumps(out, indent=2, default=str))
     return 0
 
 

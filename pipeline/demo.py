@@ -33,6 +33,8 @@ from pipeline.config import Settings, load_settings, redact
 
 WORLD_DAYS = 456  # the simulated world ends yesterday: tonight's night finds its data
 LAUNCH_DAY = 300  # the warehouse's drift event (see pipeline.warehouse)
+DEMO_CUSTOMERS = 40_000  # a weekly 1,000 from the riskiest tenth, suppression included
+WEEK = "week"  # a step run in-process: the night (retrain never), then the campaign
 
 
 def world_start(today: date | None = None) -> date:
@@ -52,6 +54,11 @@ class Step:
         return start + timedelta(days=self.day)
 
 
+CAMPAIGN = {"dry_run": False, "rate_per_second": 200}
+RISK_WEEKS = (367, 374, 381, 388, 395, 402, 409)  # with day 360: eight weekly cohorts
+UPLIFT_NIGHTS = (439, 446, 453)  # ranked by the uplift policy promoted on day 439
+
+
 SCHEDULE = (
     Step(260, "churn_nightly", "first night: trains the champion, 40 days before the launch"),
     Step(285, "churn_nightly", "champion frozen, before the launch", {"retrain": "never"}),
@@ -62,10 +69,25 @@ SCHEDULE = (
     Step(
         360,
         "churn_campaign",
-        "retention emails to the newest night's audience (a local SMTP sink)",
-        {"dry_run": False, "rate_per_second": 200},
+        "the experiment's first weekly cohort: emails to the riskiest (a local SMTP sink)",
+        CAMPAIGN,
     ),
-    Step(390, "churn_monitoring", "the retrained champion's first night and the campaign matured"),
+    *(
+        Step(day, WEEK, f"weekly cohort {i}, ranked by risk: night and campaign in-process")
+        for i, day in enumerate(RISK_WEEKS, 2)
+    ),
+    Step(
+        439,
+        "churn_monitoring",
+        "the eight cohorts have matured: pooled uplift; an uplift policy learns from seven "
+        "and is tested on the eighth",
+    ),
+    Step(439, "churn_nightly", "champion night", {"retrain": "never"}),
+    Step(439, "churn_campaign", "the audience ranked by the uplift policy in force", CAMPAIGN),
+    *(
+        Step(day, WEEK, "ranked by the uplift policy: night and campaign in-process")
+        for day in UPLIFT_NIGHTS[1:]
+    ),
 )
 
 
@@ -83,7 +105,7 @@ def add_commands(sub: Any, parse_date: Any) -> None:
     p = sub.add_parser("warehouse", help="the synthetic telco warehouse of the demo")
     wsub = p.add_subparsers(dest="action", required=True)
     s = wsub.add_parser("seed", help="create it from scratch")
-    s.add_argument("--customers", type=int, default=20_000)
+    s.add_argument("--customers", type=int, default=DEMO_CUSTOMERS)
     s.add_argument(
         "--start", type=parse_date, help=f"first day (default: {WORLD_DAYS} days before today)"
     )
@@ -96,7 +118,7 @@ def add_commands(sub: Any, parse_date: Any) -> None:
     p = sub.add_parser(
         "demo", help="seed a warehouse and run the DAGs across its drift event (about 7 min)"
     )
-    p.add_argument("--customers", type=int, default=20_000)
+    p.add_argument("--customers", type=int, default=DEMO_CUSTOMERS)
     p.add_argument("--seed", type=int, default=7)
     p.set_defaults(func=lambda args: run(customers=args.customers, seed=args.seed))
 
@@ -171,6 +193,8 @@ def run(customers: int, seed: int) -> int:
     print(drift_text(settings, "churn", first))
     print()
     print(campaign_text(settings, "churn", mailbox))
+    print()
+    print(experiment_text(settings, start))
     last = max(s.on(start) for s in SCHEDULE if s.dag == "churn_nightly")
     report = settings.home / "reports" / "churn" / "nights" / f"{last}.html"
     if report.exists():
@@ -191,6 +215,9 @@ def _run_schedule(settings: Settings, logs: Path, start: date, smtp_env: dict[st
                 through = night - timedelta(days=1)
                 with progress.stage(f"advance_warehouse to {through}"):
                     warehouse.advance(settings, through)
+            if step.dag == WEEK:
+                _week(settings, night, smtp_env)
+                continue
             log_path = logs / f"{step.dag}-{night}.log"
             args = ["dags", "test", step.dag, night.isoformat()]
             if step.conf:
@@ -211,6 +238,34 @@ def _run_schedule(settings: Settings, logs: Path, start: date, smtp_env: dict[st
                 )
                 return 1
     return 0
+
+
+def _week(settings: Settings, night: date, smtp_env: dict[str, str]) -> None:
+    """One week of the experiment in-process: the night (champion only), then its campaign
+    sent for real to the local mailbox; the same functions the DAGs' tasks call."""
+    from pipeline import campaign, config, nightly
+
+    uc = usecase.load("churn")
+    s = config.load_settings(uc=uc)
+    run_id = f"demo-week-{night}"
+    with progress.stage("nightly (in-process)"):
+        nightly.run_night(s, uc, night, retrain="never", run_id=run_id)
+    with progress.stage("campaign (in-process)"):
+        built = campaign.build_audience(s, uc, night)
+        smtp = json.loads(smtp_env["AIRFLOW_CONN_NIGHTSCORE_SMTP"])
+        sent = campaign.send_campaign(
+            s,
+            uc,
+            night,
+            run_id,
+            target=campaign.SmtpTarget(smtp["host"], int(smtp["port"])),
+            dry_run=False,
+            rate_per_second=1000,
+        )
+        progress.note(
+            f"audience {built['audience']:,} ranked by {built['policy']}, control band "
+            f"{built['control_band']:,}; sent {sent.get('sent', 0):,}"
+        )
 
 
 def like_a_real_run(
@@ -479,5 +534,89 @@ def campaign_text(settings: Settings, use_case: str, mailbox: Path) -> str:
             f"  uplift once matured: churn {u['contacted_rate']:.1%} of {u['contacted']:,} contacted "
             f"vs {u['control_rate']:.1%} of {u['control']:,} in control: "
             f"{100 * u['uplift']:+.1f} pp (95% CI {100 * u['ci_low']:+.1f} .. {100 * u['ci_high']:+.1f})"
+        )
+    return "\n".join(lines)
+
+
+def experiment_text(settings: Settings, start: date) -> str:
+    """The campaign as an experiment, against the simulator's truth.
+
+    (a) The uplift pooled over the weekly cohorts of risk targeting, beside the true effect
+    of those emails on the contacted (each send's outcome against its counterfactual, the
+    weeks weighted as the pooled estimate weighs them). (b) On the nights ranked by the
+    uplift policy, the cancellations an email prevents per 1,000 sent (the simulator's
+    expected ``saved`` at that night's hazard) for the audience the policy chose, for the
+    one ranking by risk would have chosen, and for the best possible one.
+    """
+    from pipeline import campaign, config, experiment, monitor, policy, warehouse
+
+    uc = usecase.load("churn")
+    s = config.load_settings(uc=uc)
+    truth = db.quote_ident(warehouse.truth_schema(s))
+    wh = db.quote_ident(s.warehouse_schema)
+    pooled = monitor.campaign_experiment(s, uc)
+    assert pooled is not None and uc.campaign is not None
+    lines = ["the campaign as an experiment (against the simulator's truth):"]
+    lines.append(f"  pooled uplift: {pooled['text']}")
+    horizon = uc.label.horizon_days
+    per_week = db.read_arrow(
+        s.warehouse_url,
+        "SELECT e.contact_date, avg(coalesce(e.counterfactual_cancel_date < e.contact_date + "
+        f"{horizon}, false)::int - coalesce(c.cancel_date < e.contact_date + {horizon}, false)"
+        f"::int) AS att, count(*) AS n FROM {truth}.exposures e "
+        f"LEFT JOIN {wh}.cancellations c USING (customer_id) GROUP BY 1",
+    ).to_pylist()
+    att = {experiment.week_of(db.to_date(r["contact_date"])).isoformat(): r for r in per_week}
+    weights = {
+        c["week"]: c["contacted"] * c["control"] / (c["contacted"] + c["control"])
+        for c in pooled["cohorts"]
+    }
+    measured = [w for w in weights if w in att]
+    if measured:
+        true = sum(weights[w] * float(att[w]["att"] or 0) for w in measured) / sum(
+            weights[w] for w in measured
+        )
+        covered = pooled["ci_low"] <= true <= pooled["ci_high"]
+        lines.append(
+            f"  true effect of those emails on the contacted: {true * 100:+.1f} pp "
+            f"({'inside' if covered else 'OUTSIDE'} the interval; interval "
+            f"{'excludes' if pooled['conclusive'] else 'includes'} 0)"
+        )
+    lines.append(f"  targeting policy: {policy.policy_text(s, uc)}")
+    nights = [start + timedelta(days=d) for d in UPLIFT_NIGHTS]
+    totals: dict[str, list[float]] = {"uplift policy": [], "risk": [], "best possible": []}
+    for night in nights:
+        saved = db.read_arrow(
+            s.warehouse_url,
+            f"SELECT customer_id, saved FROM {truth}.effects WHERE as_of = :d",
+            {"d": night},
+        )
+        if not saved.num_rows:
+            continue
+        by_key = dict(zip(saved.column(0).to_pylist(), saved.column(1).to_pylist(), strict=True))
+        sent = db.scalar(
+            s.database_url,
+            f"SELECT coalesce(array_agg(customer_id), '{{}}') FROM "
+            f"{db.quote_ident('campaigns', uc.campaign.send_log_table)} "
+            "WHERE score_date = %s AND status = 'sent'",
+            (night,),
+        )
+        risk = campaign.select(s, uc, night, rank_by=policy.RISK)
+        risk_keys = risk.audience.column(uc.entity_key).to_pylist()
+        eligible = campaign.select(s, uc, night, rank_by=policy.RISK)
+        best = sorted(
+            (by_key.get(k, 0.0) for k in eligible.band.column(uc.entity_key).to_pylist()),
+            reverse=True,
+        )[: uc.campaign.capacity]
+        for name, chosen in (("uplift policy", sent), ("risk", risk_keys)):
+            totals[name] += [by_key.get(k, 0.0) for k in chosen]
+        totals["best possible"] += best
+    if totals["risk"]:
+        per_1000 = {k: 1000 * sum(v) / max(len(v), 1) for k, v in totals.items()}
+        lines.append(
+            f"  saved per 1,000 emails on {', '.join(map(str, nights))} (simulator's expected "
+            f"cancellations prevented): uplift policy {per_1000['uplift policy']:.1f} "
+            f"({len(totals['uplift policy']):,} emails), risk {per_1000['risk']:.1f} "
+            f"({len(totals['risk']):,}), best possible in the band {per_1000['best possible']:.1f}"
         )
     return "\n".join(lines)

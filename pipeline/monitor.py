@@ -278,17 +278,9 @@ def update_campaign_uplift(settings: Settings, uc: UseCase, as_of: date) -> list
 def _campaign_uplift(
     settings: Settings, uc: UseCase, campaign: str, score_date: date, labels: Labels
 ) -> dict[str, Any]:
-    assert uc.campaign is not None  # matured_campaigns found this campaign in its tables
-    key = db.quote_ident(uc.entity_key)
-    groups = db.read_arrow(
-        settings.database_url,
-        f"SELECT {key}, true AS contacted "
-        f"FROM {db.quote_ident('campaigns', uc.campaign.send_log_table)} "
-        "WHERE campaign = :campaign AND status = 'sent' "
-        f"UNION ALL SELECT {key}, false "
-        f"FROM {db.quote_ident('campaigns', uc.campaign.control_table)} WHERE campaign = :campaign",
-        {"campaign": campaign},
-    )
+    from pipeline import policy
+
+    groups = policy.campaign_groups(settings, uc, campaign)
     contacted = groups.column("contacted").to_numpy(zero_copy_only=False).astype(bool)
     y = labels.of(keys.to_numpy(groups.column(uc.entity_key)))
     n1, k1 = int(contacted.sum()), int(y[contacted].sum())
@@ -366,3 +358,20 @@ def _store_uplift(settings: Settings, uc: UseCase, rows: list[dict[str, Any]]) -
         conn.commit()
     finally:
         conn.close()
+
+
+def campaign_experiment(settings: Settings, uc: UseCase) -> dict[str, Any] | None:
+    """Every measured campaign of ``uc`` pooled over weekly cohorts (``experiment.pooled``),
+    with its sentence; None without a campaign."""
+    from pipeline import experiment
+
+    if uc.campaign is None:
+        return None
+    rows = db.read_arrow(
+        settings.database_url,
+        "SELECT score_date, contacted, contacted_positives, control, control_positives "
+        "FROM monitoring.campaign_uplift WHERE use_case = :uc",
+        {"uc": uc.name},
+    ).to_pylist()
+    out = experiment.pooled(rows)
+    return out | {"text": experiment.pooled_text(out)}

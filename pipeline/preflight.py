@@ -293,6 +293,11 @@ def show(uc: UseCase) -> str:
         ),
         yaml.safe_dump(data, sort_keys=False, default_flow_style=False).rstrip(),
     ]
+    if uc.campaign is not None:
+        from pipeline import experiment
+
+        power = experiment.plan_of(uc.campaign)
+        lines.append(f"# campaign power: {experiment.plan_text(power)}")
     return "\n".join(lines)
 
 

@@ -620,6 +620,9 @@ class NightContext:
         segment_note: why there is no segment view, or how it was sampled.
         decay_threshold: realized AUC more than this below the holdout AUC is decay.
         airflow_run: URL path (relative to the API base) of the run's Airflow page, if any.
+        campaign: sentences on the campaign as an experiment (``pooled``: the uplift over
+            weekly cohorts matured by this night; ``plan``: the power calculation;
+            ``policy``: the targeting policy in force and why), if the use case has one.
     """
 
     run: Mapping[str, Any] | None = None
@@ -628,6 +631,7 @@ class NightContext:
     evaluation: Mapping[str, Any] | None = None
     previous_night: date | None = None
     shadow: Sequence[Mapping[str, Any]] = ()
+    campaign: Mapping[str, str] | None = None
     segments: Sequence[Mapping[str, Any]] = ()
     segment_note: str = ""
     decay_threshold: float | None = None
@@ -915,6 +919,7 @@ Feature drift (PSI per feature vs the scoring model's training data) is the bar 
 {_uplift_rows(uplift)}</table>
 <p class="note">uplift = control outcome rate &minus; contacted outcome rate: outcomes prevented per
 contacted entity, in percentage points.</p>
+{_campaign_state(context.campaign)}
 </body></html>
 """
     return _write_atomically(path, text)
@@ -928,6 +933,19 @@ def _percent(value: object) -> str:
 def _points(value: object) -> str:
     """A difference of fractions in signed percentage points; a dash where there is none."""
     return f"{100 * value:+.1f}" if isinstance(value, int | float) else "&mdash;"
+
+
+def _campaign_state(state: Mapping[str, str] | None) -> str:
+    """The campaign as an experiment: pooled uplift, power and the targeting policy."""
+    if not state:
+        return ""
+    esc = html.escape
+    return (
+        "<h2>Campaign experiment</h2>"
+        f"<p><b>Pooled over weekly cohorts:</b> {esc(state['pooled'])}.</p>"
+        f"<p><b>Power:</b> {esc(state['plan'])}.</p>"
+        f"<p><b>Targeting:</b> {esc(state['policy'])}.</p>"
+    )
 
 
 def _uplift_rows(uplift: Sequence[Mapping[str, object]]) -> str:

@@ -336,6 +336,39 @@ class Contacts(_Section):
     opt_in: str = _identifier()
 
 
+class Experiment(_Section):
+    """The power calculation's assumptions (shown by ``nightscore usecase show``)."""
+
+    base_rate: float = Field(default=0.12, gt=0, lt=1)
+    effect: float = Field(default=0.03, gt=0, lt=1)
+    campaigns_per_week: float = Field(default=1.0, gt=0)
+    weeks: int = Field(default=8, ge=1)
+
+
+class Policy(_Section):
+    """How the audience is ranked: by risk, or by the uplift policy in force.
+
+    With ``rank_by: uplift`` the monitoring DAG trains an uplift model from the matured
+    outcomes of the contacted and the control band each time a campaign matures, checks
+    it out of time against the policy in force (Qini with a paired bootstrap) and
+    promotes it as ``promotion_mode`` says; until one is promoted the audience is ranked
+    by risk.
+    """
+
+    rank_by: Literal["risk", "uplift"] = "risk"
+    # log_odds_effect: the email as a shift of the outcome's log-odds on top of the served
+    # risk (one penalized logistic regression, few outcomes needed); two_model: a gradient
+    # boosted model per arm (T-learner), for experiments with many outcomes.
+    learner: Literal["log_odds_effect", "two_model"] = "log_odds_effect"
+    penalty: float = Field(default=3.0, gt=0)
+    promotion_mode: Literal["auto", "approval", "never"] = "auto"
+    min_training_weeks: int = Field(default=3, ge=1)
+    holdout_weeks: int = Field(default=1, ge=1)
+    min_holdout_control_positives: int = Field(default=20, ge=1)
+    qini_margin: float = Field(default=0.0, ge=0)
+    bootstrap_resamples: int = Field(default=500, ge=100)
+
+
 class Campaign(_Section):
     """An email campaign fed by the scores; no block, no campaign DAG.
 
@@ -355,6 +388,8 @@ class Campaign(_Section):
     control_salt: str = Field(min_length=8)
     control_fraction: float = Field(default=0.05, gt=0, lt=1)
     reasons: dict[str, str] = Field(default_factory=dict)
+    experiment: Experiment = Field(default_factory=Experiment)
+    policy: Policy = Field(default_factory=Policy)
 
     @field_validator("template", mode="before")
     @classmethod

@@ -362,10 +362,10 @@ def _cancel_logit(
 #
 # For ``EMAIL_DAYS`` days from the day it is sent, an email shifts the customer's daily
 # cancellation log-odds by their effect, fixed on that day:
-#   * persuadable: on a monthly contract and price-sensitive (``price_sens`` >= 0.3): the
-#     retention offer keeps them, ``PERSUADED`` (about a quarter of the hazard);
+#   * persuadable: on a monthly contract and price-sensitive (``price_sens`` >= 0.2): the
+#     retention offer keeps them, ``PERSUADED`` (a fifth of the hazard);
 #   * sleeping dog: on a two-year contract and already drifting away (disengagement >=
-#     0.5): the email reminds them to leave, ``SLEEPING_DOG`` (about twice the hazard);
+#     0.5): the email reminds them to leave, ``SLEEPING_DOG`` (1.6 times the hazard);
 #   * everyone else: indifferent, 0.
 # Price sensitivity and disengagement are never in the warehouse; the model sees only
 # their traces (contract type, complaints after a price rise, falling usage). The truth
@@ -373,8 +373,8 @@ def _cancel_logit(
 # the schema ``<warehouse schema>_truth``, which no pipeline role can read.
 EMAIL_DAYS = 30
 TRUTH_DAYS = 60  # how long the counterfactual of a send is followed
-PERSUADED = -2.0
-SLEEPING_DOG = 0.7
+PERSUADED = -1.6
+SLEEPING_DOG = 0.5
 
 
 def email_effect(sim: _Sim, idx: np.ndarray, disengaged: np.ndarray) -> np.ndarray:
@@ -824,6 +824,9 @@ def seed(
         conn = _schema_conn(settings)
         try:
             with conn.cursor() as cur:
+                cur.execute(
+                    f"DROP SCHEMA IF EXISTS {db.quote_ident(truth_schema(settings))} CASCADE"
+                )
                 cur.execute((SQL_DIR / "warehouse" / "schema.sql").read_text())
                 plans = [
                     (i + 1, str(PLAN_NAMES[i]), float(PLAN_FEES[i]), int(PLAN_DATA_GB[i]))

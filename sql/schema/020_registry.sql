@@ -54,7 +54,7 @@ CREATE TABLE IF NOT EXISTS ml.promotions (
 -- The log is append-only: no updates, no deletes.
 CREATE OR REPLACE FUNCTION ml.forbid_change() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    RAISE EXCEPTION 'ml.promotions is append-only: % is not allowed', TG_OP;
+    RAISE EXCEPTION '%.% is append-only: % is not allowed', TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP;
 END $$;
 DROP TRIGGER IF EXISTS promotions_append_only ON ml.promotions;
 CREATE TRIGGER promotions_append_only BEFORE UPDATE OR DELETE ON ml.promotions

@@ -51,6 +51,13 @@ CREATE TABLE IF NOT EXISTS {send_log} (
 );
 CREATE INDEX IF NOT EXISTS {send_log_index} ON {send_log} ({key}, claimed_at);
 
+-- The policy that ranked each audience and control band ('risk', or an uplift policy's
+-- version from ml.policies) and the score it ranked by (probability, or expected uplift).
+ALTER TABLE {audience} ADD COLUMN IF NOT EXISTS policy text NOT NULL DEFAULT 'risk';
+ALTER TABLE {audience} ADD COLUMN IF NOT EXISTS rank_score double precision;
+ALTER TABLE {control_band} ADD COLUMN IF NOT EXISTS policy text NOT NULL DEFAULT 'risk';
+ALTER TABLE {control_band} ADD COLUMN IF NOT EXISTS rank_score double precision;
+
 -- Unsubscribes reported by the email service; honoured when the audience is built and
 -- again just before each message is sent.
 CREATE TABLE IF NOT EXISTS {opt_outs} (

@@ -22,15 +22,20 @@ UC = usecase.load("churn")
 
 def test_control_group_is_salted_stable_and_about_the_configured_fraction() -> None:
     keys = np.arange(1, 200_001, dtype=np.int64)
-    members = campaign.control_group(keys, UC.campaign.control_salt, UC.campaign.control_fraction)
-    assert 0.047 < members.mean() < 0.053
+    fraction = UC.campaign.control_fraction
+    members = campaign.control_group(keys, UC.campaign.control_salt, fraction)
+    assert abs(members.mean() - fraction) < 0.004
     # membership depends on the key alone, not on which other keys are scored with it
     shuffled = np.random.default_rng(1).permutation(keys)[:5000]
     again = campaign.control_group(shuffled, UC.campaign.control_salt, UC.campaign.control_fraction)
     assert np.array_equal(again, members[shuffled - 1])
-    other_salt = campaign.control_group(keys, "another-salt", UC.campaign.control_fraction)
-    assert 0.047 < other_salt.mean() < 0.053
-    assert (members & other_salt).sum() < members.sum() * 0.2  # a new salt, a new group
+    other_salt = campaign.control_group(keys, "another-salt", fraction)
+    assert abs(other_salt.mean() - fraction) < 0.004
+    # a new salt, a new group: overlapping only by chance (fraction of the members)
+    assert (members & other_salt).sum() < members.sum() * (fraction + 0.02)
+    # raising the fraction keeps every member and adds some
+    raised = campaign.control_group(keys, UC.campaign.control_salt, fraction + 0.1)
+    assert raised[members].all() and raised.sum() > members.sum()
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +142,41 @@ def test_opt_outs_and_suppression_are_honoured(isolated: Settings, audience: dic
             isolated.database_url,
             "DELETE FROM campaigns.retention_opt_outs; DELETE FROM campaigns.retention_send_log "
             "WHERE campaign LIKE 'churn_retention_%%er'; SELECT 1",
+        )
+        campaign.build_audience(isolated, UC, SCORE_DATE)
+
+
+def test_a_control_member_is_held_back_as_a_contacted_one_would_be(
+    isolated: Settings, audience: dict
+) -> None:
+    """The suppression window applies to the control band too: one who stood in another
+    campaign's control band within it would have been contacted then, and is left out."""
+    band = "SELECT array_agg(customer_id) FROM campaigns.retention_control_band WHERE campaign = %s"
+    name = campaign.campaign_name(UC, SCORE_DATE)
+    lately, long_ago = db.scalar(isolated.database_url, band, (name,))[:2]
+    db.scalar(
+        isolated.database_url,
+        "INSERT INTO campaigns.retention_control_band (score_date, campaign, customer_id, "
+        "model_version, churn_probability, risk_decile) VALUES "
+        "(%s, 'churn_retention_earlier', %s, 'm', 0.5, 1), "
+        "(%s, 'churn_retention_older', %s, 'm', 0.5, 1); SELECT 1",
+        (
+            SCORE_DATE - timedelta(days=5),
+            lately,
+            SCORE_DATE - timedelta(days=UC.campaign.suppression_days + 5),
+            long_ago,
+        ),
+    )
+    try:
+        rebuilt = campaign.build_audience(isolated, UC, SCORE_DATE)
+        held = set(db.scalar(isolated.database_url, band, (name,)))
+        assert lately not in held and long_ago in held
+        assert rebuilt["control_band"] == audience["control_band"] - 1
+    finally:
+        db.scalar(
+            isolated.database_url,
+            "DELETE FROM campaigns.retention_control_band WHERE campaign LIKE "
+            "'churn_retention_%%er'; SELECT 1",
         )
         campaign.build_audience(isolated, UC, SCORE_DATE)
 

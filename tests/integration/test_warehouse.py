@@ -120,9 +120,7 @@ def test_an_email_changes_its_customer_only_and_the_truth_is_hidden(settings: Se
         conn = db.connect(settings.database_url, autocommit=True)
         with conn.cursor() as cur:
             cur.execute("CREATE SCHEMA IF NOT EXISTS campaigns")
-            cur.execute(
-                f"CREATE TABLE {log} (customer_id integer, score_date date, status text)"
-            )
+            cur.execute(f"CREATE TABLE {log} (customer_id integer, score_date date, status text)")
             cur.execute(
                 f"INSERT INTO {log} SELECT customer_id, %s, 'sent' FROM wh_mail_a.customers c "
                 "WHERE NOT EXISTS (SELECT 1 FROM wh_mail_a.cancellations x "

@@ -1,0 +1,484 @@
+"""Audience policies: whom a campaign contacts, by risk or by expected uplift.
+
+Ranking by risk emails the customers most likely to churn, whether or not an email
+changes anything for them. Every campaign is also a randomized experiment (the control
+band is held out by a hash of the key), so once its outcomes mature the contacted and the
+control band of the same nights show whom an email *changes*. From them an uplift model
+(a T-learner, ``pipeline.uplift``) is trained and becomes a policy *challenger*:
+
+1. **Data.** Every measured campaign (``monitoring.campaign_uplift``): its contacted
+   (send log, sent) and control band, their features from the night's published
+   snapshot, the outcome over the label window, the score the audience was ranked by.
+2. **Out of time.** The newest ``holdout_weeks`` weekly cohorts are held out; the model
+   learns from the earlier ones (at least ``min_training_weeks``).
+3. **Evidence.** On the held-out cohorts, the challenger's ranking and the policy in force
+   (the served probability for risk, or the champion policy's uplift) are compared by
+   Qini coefficient and AUUC, with a paired bootstrap interval of the Qini difference.
+4. **Gates.** Enough held-out control outcomes; the challenger's Qini above the policy in
+   force, its lower bound above ``-qini_margin``. Then ``promotion_mode``: ``auto``
+   promotes, ``approval`` waits for a person (the monitoring DAG's ``approve_policy``),
+   ``never`` records it. Versions, evidence, checks and promotions are in ``ml.policies``
+   and ``ml.policy_promotions``.
+
+With ``rank_by: uplift`` the policy in force ranks the audience (``campaign.build_audience``);
+until one is promoted, risk does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import pickle
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from pipeline import db, experiment, features, keys, train, uplift
+from pipeline.config import Settings, private_dir
+from pipeline.errors import ModelError
+from pipeline.usecase import UseCase
+
+log = logging.getLogger(__name__)
+
+RISK = "risk"
+Model = uplift.EffectModel | uplift.TwoModel
+DECISIONS = {"auto": "promote", "approval": "awaiting_approval", "never": "shadow"}
+
+
+@dataclass(frozen=True)
+class Experiments:
+    """The matured campaigns of a use case as one table of rows."""
+
+    frame: pd.DataFrame  # features, plus the columns below
+    columns: list[str]  # the feature columns
+    treated: np.ndarray
+    y: np.ndarray
+    risk: np.ndarray  # the served probability
+    served: np.ndarray  # the score the night's audience was ranked by (risk: probability)
+    week: np.ndarray  # the weekly cohort (a date) of each row
+
+    def rows(self, mask: np.ndarray) -> Experiments:
+        return Experiments(
+            self.frame[mask].reset_index(drop=True),
+            self.columns,
+            self.treated[mask],
+            self.y[mask],
+            self.risk[mask],
+            self.served[mask],
+            self.week[mask],
+        )
+
+
+def campaign_groups(settings: Settings, uc: UseCase, campaign: str) -> pa.Table:
+    """The campaign's experiment: its sent entities (``contacted``) and its control band,
+    with the served probability and the score the audience was ranked by (``served``)."""
+    assert uc.campaign is not None
+    key, p = db.quote_ident(uc.entity_key), db.quote_ident(uc.probability_column)
+    return db.read_arrow(
+        settings.database_url,
+        f"SELECT s.{key}, true AS contacted, a.{p} AS probability, "
+        f"coalesce(a.rank_score, a.{p}) AS served "
+        f"FROM {db.quote_ident('campaigns', uc.campaign.send_log_table)} s "
+        f"LEFT JOIN {db.quote_ident('campaigns', uc.campaign.audience_table)} a "
+        f"ON a.campaign = s.campaign AND a.{key} = s.{key} "
+        "WHERE s.campaign = :campaign AND s.status = 'sent' "
+        f"UNION ALL SELECT {key}, false, {p}, coalesce(rank_score, {p}) "
+        f"FROM {db.quote_ident('campaigns', uc.campaign.control_table)} WHERE campaign = :campaign",
+        {"campaign": campaign},
+    )
+
+
+def experiments(settings: Settings, uc: UseCase) -> Experiments | None:
+    """Every measured campaign's rows (None when none has matured)."""
+    from pipeline import campaign as campaigns
+    from pipeline import monitor
+
+    measured = db.read_arrow(
+        settings.database_url,
+        "SELECT campaign, score_date FROM monitoring.campaign_uplift WHERE use_case = :uc "
+        "ORDER BY score_date, campaign",
+        {"uc": uc.name},
+    ).to_pylist()
+    parts, columns = [], None
+    for m in measured:
+        day = db.to_date(m["score_date"])
+        groups = campaign_groups(settings, uc, m["campaign"])
+        if not groups.num_rows:
+            continue
+        run = campaigns.published_run(settings, uc, day)
+        snapshot = features.find_snapshot(settings, uc, day, run["snapshot_sha256"])
+        table = features.read_snapshot(snapshot)
+        cat, num = train.split_columns(table.schema, uc)
+        if columns is None:
+            columns = cat + num
+        wanted = keys.to_numpy(groups.column(uc.entity_key))
+        rows = campaigns.rows_for(table.select([uc.entity_key, *columns]), uc.entity_key, wanted)
+        frame = train.to_frame(rows, columns)
+        frame["_treated"] = groups.column("contacted").to_numpy(zero_copy_only=False)
+        frame["_y"] = monitor.matured_labels(settings, uc, day).of(wanted)
+        frame["_risk"] = groups.column("probability").to_numpy(zero_copy_only=False)
+        frame["_served"] = groups.column("served").to_numpy(zero_copy_only=False)
+        frame["_week"] = experiment.week_of(day)
+        parts.append(frame)
+    if not parts or columns is None:
+        return None
+    frame = pd.concat(parts, ignore_index=True)
+    return Experiments(
+        frame[columns],
+        columns,
+        frame["_treated"].to_numpy(dtype=bool),
+        frame["_y"].to_numpy(dtype=np.int64),
+        frame["_risk"].to_numpy(dtype=np.float64),
+        frame["_served"].to_numpy(dtype=np.float64),
+        frame["_week"].to_numpy(),
+    )
+
+
+# -- the registry of policies ---------------------------------------------------------------
+
+
+def champion(settings: Settings, uc: UseCase) -> dict[str, Any] | None:
+    """The uplift policy in force (its ``ml.policies`` row), or None: ranking by risk."""
+    return db.scalar(
+        settings.database_url,
+        "SELECT row_to_json(p) FROM ml.policies p WHERE use_case = %s AND status = 'champion'",
+        (uc.name,),
+    )
+
+
+def get(settings: Settings, uc: UseCase, version: str) -> dict[str, Any]:
+    row = db.scalar(
+        settings.database_url,
+        "SELECT row_to_json(p) FROM ml.policies p WHERE use_case = %s AND version = %s",
+        (uc.name, version),
+    )
+    if row is None:
+        raise ModelError(
+            f"no policy {version!r} of use case {uc.name!r} in ml.policies; "
+            "`nightscore monitor` trains policies once campaigns mature"
+        )
+    return dict(row)
+
+
+def load(settings: Settings, uc: UseCase, version: str) -> tuple[Model, dict[str, Any]]:
+    """A registered policy's model, after checking its artifact against the registry."""
+    row = get(settings, uc, version)
+    path = Path(row["artifact_uri"])
+    if not path.is_file():
+        raise ModelError(
+            f"artifact of {uc.name} policy {version} is missing at {path}; restore the artifact "
+            "store, or let the next matured campaign train another policy"
+        )
+    raw = path.read_bytes()
+    found = hashlib.sha256(raw).hexdigest()
+    if found != row["sha256"]:
+        raise ModelError(
+            f"the artifact of {uc.name} policy {version} at {path} has sha256 {found}, but "
+            f"ml.policies expects {row['sha256']}; refusing to read it (restore the original)"
+        )
+    return pickle.loads(raw), row
+
+
+def promote(
+    settings: Settings, uc: UseCase, version: str, *, actor: str, reason: str, run_id: str | None
+) -> str | None:
+    """Put ``version`` in force (the previous one retires); logged. Returns the previous."""
+    conn = db.connect(settings.database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('nightscore.policies.' || %s))", (uc.name,)
+            )
+            cur.execute(
+                "SELECT version FROM ml.policies WHERE use_case = %s AND status = 'champion'",
+                (uc.name,),
+            )
+            row = cur.fetchone()
+            previous = row[0] if row else None
+            if previous == version:
+                conn.rollback()
+                return previous
+            cur.execute(
+                "UPDATE ml.policies SET status = 'retired' WHERE use_case = %s AND status = 'champion'",
+                (uc.name,),
+            )
+            cur.execute(
+                "UPDATE ml.policies SET status = 'champion' WHERE use_case = %s AND version = %s",
+                (uc.name, version),
+            )
+            if cur.rowcount != 1:
+                raise ModelError(f"cannot promote unknown policy {version!r} of {uc.name!r}")
+            cur.execute(
+                "INSERT INTO ml.policy_promotions (use_case, version, previous_version, actor, "
+                "reason, run_id) VALUES (%s, %s, %s, %s, %s, %s)",
+                (uc.name, version, previous, actor, reason, run_id),
+            )
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
+    finally:
+        conn.close()
+    log.info("%s: policy %s in force (was %s): %s", uc.name, version, previous or RISK, reason)
+    return previous
+
+
+# -- training, evidence and gates -------------------------------------------------------------
+
+
+def train_challenger(
+    settings: Settings, uc: UseCase, as_of: date, run_id: str | None = None
+) -> dict[str, Any]:
+    """Train, evaluate out of time and gate an uplift policy from the matured campaigns.
+
+    Returns ``{"decision": None, "why": ...}`` when there is nothing to do (``rank_by`` is
+    risk, too few weeks, no campaign newer than the last policy's), else the registered
+    version with its evidence, checks and decision (promoted now when ``auto``).
+    """
+    if uc.campaign is None or uc.campaign.policy.rank_by == RISK:
+        return {"decision": None, "why": "the audience is ranked by risk (campaign.policy.rank_by)"}
+    cfg = uc.campaign.policy
+    data = experiments(settings, uc)
+    weeks = sorted(set(data.week)) if data is not None else []
+    needed = cfg.min_training_weeks + cfg.holdout_weeks
+    if data is None or len(weeks) < needed:
+        return {
+            "decision": None,
+            "why": f"{len(weeks)} weekly cohorts have matured; a policy needs {needed} "
+            f"({cfg.min_training_weeks} to learn from, {cfg.holdout_weeks} to test on)",
+        }
+    through = max(weeks)
+    newest = db.scalar(
+        settings.database_url,
+        "SELECT max(trained_through) FROM ml.policies WHERE use_case = %s",
+        (uc.name,),
+    )
+    if newest is not None and db.to_date(newest) >= through:
+        return {"decision": None, "why": f"no cohort newer than the last policy's ({newest})"}
+    held = np.isin(data.week, weeks[-cfg.holdout_weeks :])
+    learn, test = data.rows(~held), data.rows(held)
+    model = fit(uc, learn)
+    incumbent = champion(settings, uc)
+    s_ch = model.predict_uplift(test.frame, test.risk)
+    if incumbent is None:
+        s_inc, inc_name = test.risk, RISK
+    else:
+        inc_model, _ = load(settings, uc, incumbent["version"])
+        s_inc, inc_name = inc_model.predict_uplift(test.frame, test.risk), incumbent["version"]
+    qini = uplift.compare(
+        s_ch, s_inc, test.treated, test.y, resamples=cfg.bootstrap_resamples, seed=uc.model.seed
+    )
+    auuc = {
+        name: uplift.bootstrap(
+            uplift.auuc,
+            s,
+            test.treated,
+            test.y,
+            resamples=cfg.bootstrap_resamples,
+            seed=uc.model.seed,
+        )
+        for name, s in (("challenger", s_ch), ("incumbent", s_inc))
+    }
+    control_positives = int(test.y[~test.treated].sum())
+    checks = [
+        {
+            "name": "holdout_control_positives",
+            "passed": control_positives >= cfg.min_holdout_control_positives,
+            "expected": f">= {cfg.min_holdout_control_positives}",
+            "found": str(control_positives),
+        },
+        {
+            "name": "qini_better",
+            "passed": qini["difference"]["estimate"] > 0,
+            "expected": f"Qini above {inc_name}'s",
+            "found": f"{qini['difference']['estimate']:+.4f}",
+        },
+        {
+            "name": "qini_noninferior",
+            "passed": qini["difference"]["low"] >= -cfg.qini_margin,
+            "expected": f"difference's lower bound >= {-cfg.qini_margin:+.4f}",
+            "found": f"{qini['difference']['low']:+.4f}",
+        },
+    ]
+    passed = all(c["passed"] for c in checks)
+    decision = DECISIONS[cfg.promotion_mode] if passed else "reject"
+    evidence = {
+        "incumbent": inc_name,
+        "holdout_weeks": [w.isoformat() for w in weeks[-cfg.holdout_weeks :]],
+        "training_weeks": [w.isoformat() for w in weeks[: -cfg.holdout_weeks]],
+        "qini": qini,
+        "auuc": auuc,
+        "holdout": _counts(test),
+        "top_half_uplift": {
+            "challenger": uplift.uplift_at(s_ch, test.treated, test.y, 0.5),
+            "incumbent": uplift.uplift_at(s_inc, test.treated, test.y, 0.5),
+        },
+    }
+    version = _register(settings, uc, model, through, learn, evidence, checks, decision, run_id)
+    held_out = ", ".join(w.isoformat() for w in weeks[-cfg.holdout_weeks :])
+    failed = [
+        f"{c['name']}: expected {c['expected']}, found {c['found']}"
+        for c in checks
+        if not c["passed"]
+    ]
+    out: dict[str, Any] = {
+        "version": version,
+        "decision": decision,
+        "incumbent": inc_name,
+        "evidence": evidence,
+        "checks": checks,
+        "reasons": failed or [f"all {len(checks)} checks passed"],
+    }
+    out["summary"] = summary(out)
+    if decision == "promote":
+        promote(
+            settings,
+            uc,
+            version,
+            actor="gates:auto",
+            reason=f"out of time on {held_out}: {out['summary']}",
+            run_id=run_id,
+        )
+    log.info("%s policy %s: %s (%s)", uc.name, version, decision, "; ".join(out["reasons"]))
+    return out
+
+
+def fit(uc: UseCase, data: Experiments) -> Model:
+    """The use case's uplift learner (``campaign.policy.learner``) fitted on ``data``."""
+    assert uc.campaign is not None
+    cfg = uc.campaign.policy
+    if cfg.learner == "two_model":
+        return uplift.fit_two_model(data.frame, data.treated, data.y, seed=uc.model.seed)
+    return uplift.fit_effect_model(data.frame, data.risk, data.treated, data.y, penalty=cfg.penalty)
+
+
+def summary(out: dict[str, Any]) -> str:
+    """The evidence in one sentence (shown to the approver and in the report)."""
+    q = out["evidence"]["qini"]
+    h = out["evidence"]["holdout"]
+    return (
+        f"Qini {q['challenger']['estimate']:+.4f} (95% CI {q['challenger']['low']:+.4f} .. "
+        f"{q['challenger']['high']:+.4f}) vs {out['incumbent']} {q['champion']['estimate']:+.4f}; "
+        f"difference {q['difference']['estimate']:+.4f} ({q['difference']['low']:+.4f} .. "
+        f"{q['difference']['high']:+.4f}) on {h['contacted']:,} contacted and {h['control']:,} "
+        "control held out"
+    )
+
+
+def _counts(data: Experiments) -> dict[str, int]:
+    return {
+        "contacted": int(data.treated.sum()),
+        "contacted_positives": int(data.y[data.treated].sum()),
+        "control": int((~data.treated).sum()),
+        "control_positives": int(data.y[~data.treated].sum()),
+    }
+
+
+def _register(
+    settings: Settings,
+    uc: UseCase,
+    model: Model,
+    through: date,
+    learn: Experiments,
+    evidence: dict[str, Any],
+    checks: list[dict[str, Any]],
+    decision: str,
+    run_id: str | None,
+) -> str:
+    blob = pickle.dumps(model, protocol=5)
+    sha = hashlib.sha256(blob).hexdigest()
+    version = f"{uc.name}-uplift-{through:%Y%m%d}-{sha[:8]}"
+    folder = private_dir(settings.artifacts / uc.name / "policies")
+    artifact = folder / f"{version}.pkl"
+    train._write_whole(artifact, blob)
+    schema = [{"name": c, "dtype": str(learn.frame[c].dtype)} for c in learn.columns]
+    training = {"weeks": evidence["training_weeks"], **_counts(learn)}
+    conn = db.connect(settings.database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "INSERT INTO ml.policies (use_case, version, rank_by, trained_through, "
+                "artifact_uri, sha256, feature_schema, training, evidence, checks, decision, "
+                "run_id) VALUES (%s, %s, 'uplift', %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (use_case, version) DO UPDATE SET evidence = EXCLUDED.evidence, "
+                "checks = EXCLUDED.checks, decision = EXCLUDED.decision, run_id = EXCLUDED.run_id",
+                (
+                    uc.name,
+                    version,
+                    through,
+                    str(artifact),
+                    sha,
+                    json.dumps(schema),
+                    json.dumps(training),
+                    json.dumps(evidence, default=float),
+                    json.dumps(checks),
+                    decision,
+                    run_id,
+                ),
+            )
+        conn.commit()
+    finally:
+        conn.close()
+    return version
+
+
+# -- ranking an audience ----------------------------------------------------------------------
+
+
+def in_force(settings: Settings, uc: UseCase) -> dict[str, Any] | None:
+    """The uplift policy that ranks ``uc``'s audience, or None: ranked by risk (the config
+    says so, or no uplift policy has been promoted yet)."""
+    if uc.campaign is None or uc.campaign.policy.rank_by == RISK:
+        return None
+    row = champion(settings, uc)
+    if row is None:
+        log.info("%s: no uplift policy in force yet; the audience is ranked by risk", uc.name)
+    return row
+
+
+def expected_uplift(
+    settings: Settings, uc: UseCase, version: str, frame: pd.DataFrame, risk: np.ndarray
+) -> np.ndarray:
+    """Policy ``version``'s expected uplift (outcome prevented) for each row of ``frame``,
+    whose served probabilities are ``risk``."""
+    model, _ = load(settings, uc, version)
+    return model.predict_uplift(frame, risk)
+
+
+def policy_text(settings: Settings, uc: UseCase) -> str:
+    """The policy in force and why, in one or two sentences (report, demo, CLI)."""
+    if uc.campaign is None:
+        return "no campaign"
+    if uc.campaign.policy.rank_by == RISK:
+        return "ranked by risk (campaign.policy.rank_by: risk)"
+    row = champion(settings, uc)
+    newest = db.scalar(
+        settings.database_url,
+        "SELECT row_to_json(p) FROM ml.policies p WHERE use_case = %s "
+        "ORDER BY created_at DESC LIMIT 1",
+        (uc.name,),
+    )
+    if row is None:
+        tail = (
+            f"; the newest challenger, {newest['version']}, was {newest['decision']}"
+            if newest
+            else "; no uplift policy has been trained yet (it needs matured weekly cohorts)"
+        )
+        return "ranked by risk until an uplift policy is promoted" + tail
+    promoted = db.scalar(
+        settings.database_url,
+        "SELECT json_build_object('actor', actor, 'reason', reason, 'at', at) "
+        "FROM ml.policy_promotions WHERE use_case = %s AND version = %s ORDER BY at DESC LIMIT 1",
+        (uc.name, row["version"]),
+    )
+    return (
+        f"ranked by expected uplift: policy {row['version']} (trained on "
+        f"{', '.join(row['evidence']['training_weeks'])}), put in force by "
+        f"{promoted['actor']}: {promoted['reason']}"
+    )
