@@ -111,6 +111,18 @@ def private_dir(path: Path) -> Path:
     return path
 
 
+def private_home(home: Path) -> Path:
+    """The home as its owner's only, except that an embedded server's data under it stays
+    reachable: run by root, the embedded PostgreSQL runs as its own system user, which
+    must traverse the home to ``pgdata`` (it adds that permission itself when it starts;
+    taking it away, even for a moment, stops the server at its next checkpoint). Others
+    may pass through, never list: every folder inside is private on its own.
+    """
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    home.chmod(0o711 if (home / "pgdata").is_dir() else 0o700)
+    return home
+
+
 def private_file(path: Path) -> Path:
     """``path`` readable and writable by its owner only (exports, messages, models)."""
     path.chmod(0o600)
@@ -137,7 +149,7 @@ def load_settings(
     ``NIGHTSCORE_WAREHOUSE_URL``, defaulting to the serving database, so that a single
     URL, or none at all, is enough to run everything.
     """
-    home = private_dir(home_dir())
+    home = private_home(home_dir())
     db = database_url or os.environ.get(ENV_DATABASE_URL)
     if not db:
         from pipeline import embedded

@@ -243,3 +243,28 @@ def test_scoring_maps_one_task_per_partition_in_the_use_case_pool(
     assert scoring.pool == "scoring"
     assert scoring.op_kwargs_expand_input.value["partition"] == list(range(6))
     assert dagbag.dags["churn_nightly"].get_task("publish_scores").pool == "default_pool"
+
+
+def test_monitoring_trains_a_policy_only_where_a_campaign_is_and_asks_before_promoting(
+    dagbag,
+) -> None:
+    churn = dagbag.dags["churn_monitoring"]
+    ids = {t.task_id for t in churn.tasks}
+    assert {
+        "evaluate_realized_performance",
+        "evaluate_campaign_uplift",
+        "train_policy",
+        "route_policy",
+        "approve_policy",
+        "promote_policy",
+        "policy_decided",
+    } == ids
+    assert churn.get_task("train_policy").upstream_task_ids == {"evaluate_campaign_uplift"}
+    assert churn.get_task("route_policy").downstream_task_ids == {
+        "approve_policy",
+        "policy_decided",
+    }
+    assert churn.get_task("promote_policy").upstream_task_ids >= {"approve_policy"}
+    assert churn.get_task("train_policy").retries == 0  # a gate: the same data says the same
+    other = dagbag.dags["late_payment_monitoring"]
+    assert not {t.task_id for t in other.tasks} & {"train_policy", "approve_policy"}

@@ -115,6 +115,32 @@ def test_too_few_weeks_train_no_policy(world: Settings) -> None:
     assert policy.train_challenger(world, risk, MATURED)["decision"] is None
 
 
+def test_in_approval_mode_a_policy_waits_for_a_person(world: Settings) -> None:
+    asking = UC.model_copy(
+        update={
+            "campaign": UC.campaign.model_copy(
+                update={
+                    "policy": UC.campaign.policy.model_copy(update={"promotion_mode": "approval"})
+                }
+            )
+        }
+    )
+    out = policy.train_challenger(world, asking, MATURED, run_id="approval-run")
+    try:
+        passed = all(c["passed"] for c in out["checks"])
+        assert out["decision"] == ("awaiting_approval" if passed else "reject")
+        assert policy.champion(world, asking) is None  # nothing in force until someone says so
+        assert "ranked by risk until an uplift policy is promoted" in policy.policy_text(
+            world, asking
+        )
+        assert out["summary"].startswith("Qini ")
+    finally:  # so that the auto-mode tests below train their own
+        db.scalar(
+            world.database_url,
+            "DELETE FROM ml.policies WHERE run_id = 'approval-run'; SELECT 1",
+        )
+
+
 @pytest.fixture(scope="module")
 def trained(world: Settings) -> dict:
     return policy.train_challenger(world, UC, MATURED, run_id="policy-run")

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import base64
 import re
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -181,7 +181,9 @@ def test_report_rejects_mismatched_lengths(tmp_path: Path) -> None:
     assert not (tmp_path / "r.html").exists()
 
 
-def _run_report(path: Path, uplift: list[dict[str, object]]) -> str:
+def _run_report(
+    path: Path, uplift: list[dict[str, object]], context: NightContext | None = None
+) -> str:
     write_run_report(
         path,
         use_case="churn",
@@ -194,8 +196,35 @@ def _run_report(path: Path, uplift: list[dict[str, object]]) -> str:
         realized=[],
         decile_rates=None,
         uplift=uplift,
+        context=context,
     )
     return path.read_text(encoding="utf-8")
+
+
+def test_run_report_states_the_experiment_its_power_and_the_policy_in_force(
+    tmp_path: Path,
+) -> None:
+    from pipeline import experiment
+
+    rows = [
+        {"score_date": date(2024, 9, 2) + timedelta(weeks=w), "contacted": 1000,
+         "contacted_positives": 90, "control": 250, "control_positives": 30}
+        for w in range(6)
+    ]  # fmt: skip
+    pooled = experiment.pooled(rows)
+    plan = experiment.plan(1000, 0.2, 0.12, 0.03, 1, 8)
+    state = {
+        "pooled": experiment.pooled_text(pooled),
+        "plan": experiment.plan_text(plan),
+        "policy": "ranked by expected uplift: policy churn-uplift-1 <x>",
+    }
+    text = _run_report(tmp_path / "night.html", [], NightContext(run=None, campaign=state))
+    assert "Campaign experiment" in text
+    assert "+3.0 pp (95% CI" in text and "over 6 weekly cohorts" in text
+    assert "conclusive" in text and "smallest detectable so far" in text
+    assert f"needs {plan['weeks_needed']} weeks" in text
+    assert "churn-uplift-1 &lt;x&gt;" in text
+    assert "Campaign experiment" not in _run_report(tmp_path / "other.html", [])
 
 
 def test_run_report_shows_campaign_uplift_in_percentage_points(tmp_path: Path) -> None:
