@@ -330,7 +330,11 @@ def _ranked(band: pa.Table, rows: np.ndarray, policy: str, score: np.ndarray) ->
 
 
 def select(
-    settings: Settings, uc: UseCase, score_date: date, rank_by: str | None = None
+    settings: Settings,
+    uc: UseCase,
+    score_date: date,
+    rank_by: str | None = None,
+    version: str | None = None,
 ) -> Selection:
     """Whom the campaign of ``score_date`` contacts, without writing anything.
 
@@ -339,7 +343,8 @@ def select(
     the probability, or an uplift policy's expected uplift, which never contacts whom it
     expects an email to push away); up to ``capacity`` outside the control group are
     chosen, and the control members who would have made the same cut are the comparison.
-    ``rank_by="risk"`` ranks by risk whatever the policy in force (to compare policies).
+    To compare policies on a night: ``rank_by="risk"`` ranks by risk whatever the policy
+    in force, ``version`` by that uplift policy (in force or not).
     """
     from pipeline import policy
 
@@ -405,9 +410,11 @@ def select(
     eligible = opted_in & not_unsubscribed & not_suppressed
     probs = band.column(uc.probability_column).to_numpy()
     name, score = policy.RISK, probs
-    in_force = policy.in_force(settings, uc) if rank_by != policy.RISK else None
-    if in_force is not None:
-        name = in_force["version"]
+    if version is None and rank_by != policy.RISK:
+        in_force = policy.in_force(settings, uc)
+        version = in_force["version"] if in_force is not None else None
+    if version is not None:
+        name = version
         frame = band_features(settings, uc, score_date, run, band)
         score = policy.expected_uplift(settings, uc, name, frame, probs)
     floor = -np.inf if name == policy.RISK else 0.0  # uplift: never whom it expects to lose

@@ -583,40 +583,48 @@ def experiment_text(settings: Settings, start: date) -> str:
             f"{'excludes' if pooled['conclusive'] else 'includes'} 0)"
         )
     lines.append(f"  targeting policy: {policy.policy_text(s, uc)}")
+    newest = db.scalar(
+        s.database_url,
+        "SELECT version FROM ml.policies WHERE use_case = %s ORDER BY created_at DESC LIMIT 1",
+        (uc.name,),
+    )
+    if newest is None:
+        return "\n".join(lines)
     nights = [start + timedelta(days=d) for d in UPLIFT_NIGHTS]
-    totals: dict[str, list[float]] = {"uplift policy": [], "risk": [], "best possible": []}
+    totals: dict[str, list[float]] = {"uplift": [], "risk": [], "best": []}
     for night in nights:
-        saved = db.read_arrow(
+        rows = db.read_arrow(
             s.warehouse_url,
             f"SELECT customer_id, saved FROM {truth}.effects WHERE as_of = :d",
             {"d": night},
-        )
-        if not saved.num_rows:
-            continue
-        by_key = dict(zip(saved.column(0).to_pylist(), saved.column(1).to_pylist(), strict=True))
-        sent = db.scalar(
-            s.database_url,
-            f"SELECT coalesce(array_agg(customer_id), '{{}}') FROM "
-            f"{db.quote_ident('campaigns', uc.campaign.send_log_table)} "
-            "WHERE score_date = %s AND status = 'sent'",
-            (night,),
-        )
-        risk = campaign.select(s, uc, night, rank_by=policy.RISK)
-        risk_keys = risk.audience.column(uc.entity_key).to_pylist()
-        eligible = campaign.select(s, uc, night, rank_by=policy.RISK)
-        best = sorted(
-            (by_key.get(k, 0.0) for k in eligible.band.column(uc.entity_key).to_pylist()),
+        ).to_pylist()
+        saved = {r["customer_id"]: r["saved"] for r in rows}
+        by_risk = campaign.select(s, uc, night, rank_by=policy.RISK)
+        by_uplift = campaign.select(s, uc, night, version=newest)
+        for name, chosen in (("risk", by_risk), ("uplift", by_uplift)):
+            picked = chosen.audience.column(uc.entity_key).to_pylist()
+            totals[name] += [saved.get(k, 0.0) for k in picked]
+        # the best the band allows: the same number of emails to whom they save most
+        pool = sorted(
+            (saved.get(k, 0.0) for k in by_risk.band.column(uc.entity_key).to_pylist()),
             reverse=True,
-        )[: uc.campaign.capacity]
-        for name, chosen in (("uplift policy", sent), ("risk", risk_keys)):
-            totals[name] += [by_key.get(k, 0.0) for k in chosen]
-        totals["best possible"] += best
-    if totals["risk"]:
-        per_1000 = {k: 1000 * sum(v) / max(len(v), 1) for k, v in totals.items()}
-        lines.append(
-            f"  saved per 1,000 emails on {', '.join(map(str, nights))} (simulator's expected "
-            f"cancellations prevented): uplift policy {per_1000['uplift policy']:.1f} "
-            f"({len(totals['uplift policy']):,} emails), risk {per_1000['risk']:.1f} "
-            f"({len(totals['risk']):,}), best possible in the band {per_1000['best possible']:.1f}"
         )
+        totals["best"] += pool[: len(by_risk.chosen)]
+    per_1000 = {k: 1000 * sum(v) / max(len(v), 1) for k, v in totals.items()}
+    lines.append(
+        f"  saved per 1,000 emails on the same nights ({', '.join(map(str, nights))}; the "
+        f"simulator's expected cancellations prevented): ranked by risk "
+        f"{per_1000['risk']:.1f} ({len(totals['risk']):,} emails), by uplift policy {newest} "
+        f"{per_1000['uplift']:.1f} ({len(totals['uplift']):,} emails), best possible in the "
+        f"band {per_1000['best']:.1f}"
+    )
+    ev = policy.get(s, uc, newest)["evidence"]
+    q, a = ev["qini"], ev["auuc"]
+    lines.append(
+        f"  {newest} out of time ({', '.join(ev['holdout_weeks'])}): Qini "
+        f"{q['challenger']['estimate']:+.4f} ({q['challenger']['low']:+.4f} .. "
+        f"{q['challenger']['high']:+.4f}) vs {ev['incumbent']} {q['champion']['estimate']:+.4f}; "
+        f"AUUC {a['challenger']['estimate']:.4f} ({a['challenger']['low']:.4f} .. "
+        f"{a['challenger']['high']:.4f}) vs {a['incumbent']['estimate']:.4f}"
+    )
     return "\n".join(lines)

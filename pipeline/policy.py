@@ -189,42 +189,18 @@ def promote(
     settings: Settings, uc: UseCase, version: str, *, actor: str, reason: str, run_id: str | None
 ) -> str | None:
     """Put ``version`` in force (the previous one retires); logged. Returns the previous."""
-    conn = db.connect(settings.database_url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(
-                "SELECT pg_advisory_xact_lock(hashtext('nightscore.policies.' || %s))", (uc.name,)
-            )
-            cur.execute(
-                "SELECT version FROM ml.policies WHERE use_case = %s AND status = 'champion'",
-                (uc.name,),
-            )
-            row = cur.fetchone()
-            previous = row[0] if row else None
-            if previous == version:
-                conn.rollback()
-                return previous
-            cur.execute(
-                "UPDATE ml.policies SET status = 'retired' WHERE use_case = %s AND status = 'champion'",
-                (uc.name,),
-            )
-            cur.execute(
-                "UPDATE ml.policies SET status = 'champion' WHERE use_case = %s AND version = %s",
-                (uc.name, version),
-            )
-            if cur.rowcount != 1:
-                raise ModelError(f"cannot promote unknown policy {version!r} of {uc.name!r}")
-            cur.execute(
-                "INSERT INTO ml.policy_promotions (use_case, version, previous_version, actor, "
-                "reason, run_id) VALUES (%s, %s, %s, %s, %s, %s)",
-                (uc.name, version, previous, actor, reason, run_id),
-            )
-        conn.commit()
-    except BaseException:
-        conn.rollback()
-        raise
-    finally:
-        conn.close()
+    from pipeline import registry
+
+    def promotion(previous: str | None) -> tuple[str, tuple[Any, ...]]:
+        return (
+            "INSERT INTO ml.policy_promotions (use_case, version, previous_version, actor, "
+            "reason, run_id) VALUES (%s, %s, %s, %s, %s, %s)",
+            (uc.name, version, previous, actor, reason, run_id),
+        )
+
+    previous = registry.swap_champion(
+        settings, "ml.policies", uc.name, version, promotion, what="policy"
+    )
     log.info("%s: policy %s in force (was %s): %s", uc.name, version, previous or RISK, reason)
     return previous
 

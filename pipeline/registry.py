@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
@@ -143,14 +144,47 @@ def promote(
     Returns:
         the previous champion's version, if any.
     """
+
+    def promotion(previous: str | None) -> tuple[str, tuple[Any, ...]]:
+        return (
+            "INSERT INTO ml.promotions (use_case, action, version, previous_version, "
+            "effective_date, actor, reason, run_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+            (use_case, action, version, previous, effective_date, actor, reason, run_id),
+        )
+
+    previous = swap_champion(
+        settings, "ml.model_versions", use_case, version, promotion, what="version"
+    )
+    log.info("%s: %s %s (was %s): %s", use_case, action, version, previous, reason)
+    return previous
+
+
+def swap_champion(
+    settings: Settings,
+    table: str,
+    use_case: str,
+    version: str,
+    log_row: Callable[[str | None], tuple[str, tuple[Any, ...]]],
+    *,
+    what: str,
+) -> str | None:
+    """Make ``version`` the champion in ``table`` (``ml.model_versions`` or ``ml.policies``),
+    retire the previous one and write ``log_row(previous)`` (an INSERT and its parameters)
+    in one transaction under the use case's lock. Returns the previous champion; nothing
+    changes when ``version`` already is it.
+
+    Raises:
+        ModelError: ``version`` is not in ``table``.
+    """
     conn = db.connect(settings.database_url)
     try:
         with conn.cursor() as cur:
             cur.execute(
-                "SELECT pg_advisory_xact_lock(hashtext('nightscore.registry.' || %s))", (use_case,)
+                "SELECT pg_advisory_xact_lock(hashtext(%s || '.' || %s))", (table, use_case)
             )
             cur.execute(
-                "SELECT version FROM ml.model_versions WHERE use_case = %s AND status = 'champion' FOR UPDATE",
+                f"SELECT version FROM {table} WHERE use_case = %s AND status = 'champion' "
+                "FOR UPDATE",
                 (use_case,),
             )
             row = cur.fetchone()
@@ -159,30 +193,22 @@ def promote(
                 conn.rollback()
                 return previous
             cur.execute(
-                "UPDATE ml.model_versions SET status = 'retired' WHERE use_case = %s AND status = 'champion'",
+                f"UPDATE {table} SET status = 'retired' WHERE use_case = %s AND status = 'champion'",
                 (use_case,),
             )
             cur.execute(
-                "UPDATE ml.model_versions SET status = 'champion' WHERE use_case = %s AND version = %s",
+                f"UPDATE {table} SET status = 'champion' WHERE use_case = %s AND version = %s",
                 (use_case, version),
             )
             if cur.rowcount != 1:
-                raise ModelError(f"cannot promote unknown version {version!r} of {use_case!r}")
-            cur.execute(
-                """
-                INSERT INTO ml.promotions (use_case, action, version, previous_version,
-                    effective_date, actor, reason, run_id)
-                VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
-                """,
-                (use_case, action, version, previous, effective_date, actor, reason, run_id),
-            )
+                raise ModelError(f"cannot promote unknown {what} {version!r} of {use_case!r}")
+            cur.execute(*log_row(previous))
         conn.commit()
     except BaseException:
         conn.rollback()
         raise
     finally:
         conn.close()
-    log.info("%s: %s %s (was %s): %s", use_case, action, version, previous, reason)
     return previous
 
 

@@ -362,8 +362,9 @@ def _cancel_logit(
 #
 # For ``EMAIL_DAYS`` days from the day it is sent, an email shifts the customer's daily
 # cancellation log-odds by their effect, fixed on that day:
-#   * persuadable: on a monthly contract and price-sensitive (``price_sens`` >= 0.2): the
-#     retention offer keeps them, ``PERSUADED`` (a fifth of the hazard);
+#   * persuadable: price-sensitive for their contract (``price_sens`` >= 0.15 on a monthly
+#     contract, >= 0.35 on an annual one, never on two years): the retention offer keeps
+#     them, ``PERSUADED`` (a ninth of the hazard);
 #   * sleeping dog: on a two-year contract and already drifting away (disengagement >=
 #     0.5): the email reminds them to leave, ``SLEEPING_DOG`` (1.6 times the hazard);
 #   * everyone else: indifferent, 0.
@@ -373,14 +374,14 @@ def _cancel_logit(
 # the schema ``<warehouse schema>_truth``, which no pipeline role can read.
 EMAIL_DAYS = 30
 TRUTH_DAYS = 60  # how long the counterfactual of a send is followed
-PERSUADED = -1.6
+PERSUADED = -2.2
 SLEEPING_DOG = 0.5
 
 
 def email_effect(sim: _Sim, idx: np.ndarray, disengaged: np.ndarray) -> np.ndarray:
     """The log-odds shift an email sent today would give customers ``idx``."""
     a = sim.a
-    persuadable = (a["contract"][idx] == 0) & (a["price_sens"][idx] >= 0.2)
+    persuadable = a["price_sens"][idx] >= np.array([0.15, 0.35, 2.0])[a["contract"][idx]]
     dog = (a["contract"][idx] == 2) & (disengaged >= 0.5)
     return np.where(persuadable, PERSUADED, 0.0) + np.where(dog, SLEEPING_DOG, 0.0)
 
