@@ -83,9 +83,9 @@ SCHEDULE = (
         "and is tested on the eighth",
     ),
     Step(439, "churn_nightly", "champion night", {"retrain": "never"}),
-    Step(439, "churn_campaign", "the audience ranked by the uplift policy in force", CAMPAIGN),
+    Step(439, "churn_campaign", "the audience ranked by the policy in force", CAMPAIGN),
     *(
-        Step(day, WEEK, "ranked by the uplift policy: night and campaign in-process")
+        Step(day, WEEK, "ranked by the policy in force: night and campaign in-process")
         for day in UPLIFT_NIGHTS[1:]
     ),
 )

@@ -278,7 +278,7 @@ def train_challenger(
         {
             "name": "qini_noninferior",
             "passed": qini["difference"]["low"] >= -cfg.qini_margin,
-            "expected": f"difference's lower bound >= {-cfg.qini_margin:+.4f}",
+            "expected": f"difference's lower bound >= {0 - cfg.qini_margin:+.4f}",
             "found": f"{qini['difference']['low']:+.4f}",
         },
     ]
@@ -441,11 +441,21 @@ def policy_text(settings: Settings, uc: UseCase) -> str:
         (uc.name,),
     )
     if row is None:
-        tail = (
-            f"; the newest challenger, {newest['version']}, was {newest['decision']}"
-            if newest
-            else "; no uplift policy has been trained yet (it needs matured weekly cohorts)"
-        )
+        if newest is None:
+            tail = "; no uplift policy has been trained yet (it needs matured weekly cohorts)"
+        else:
+            failed = [
+                f"{c['name']}: expected {c['expected']}, found {c['found']}"
+                for c in newest["checks"]
+                if not c["passed"]
+            ]
+            verdict = {
+                "reject": "was rejected by the gates (" + "; ".join(failed) + ")",
+                "awaiting_approval": "passed the gates and awaits approval",
+                "shadow": "passed the gates; promotion_mode never keeps it out",
+                "promote": "was promoted, then retired",
+            }[newest["decision"]]
+            tail = f"; the newest challenger, {newest['version']}, {verdict}"
         return "ranked by risk until an uplift policy is promoted" + tail
     promoted = db.scalar(
         settings.database_url,
