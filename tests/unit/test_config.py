@@ -62,3 +62,16 @@ def test_the_local_airflow_is_sized_to_the_machine(tmp_path, monkeypatch) -> Non
     assert env["AIRFLOW__CORE__PARALLELISM"] == str(max(2, os.cpu_count() or 2))
     assert env["AIRFLOW__API__WORKERS"] == "1"
     assert env["AIRFLOW__API__PORT"] == "8123" and env["AIRFLOW__API__HOST"] == "127.0.0.1"
+
+
+def test_the_home_is_private_but_an_embedded_server_can_reach_its_data(tmp_path) -> None:
+    import stat
+
+    home = tmp_path / "home"
+    config.private_home(home)
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    (home / "pgdata").mkdir()
+    home.chmod(0o755)  # what the embedded server sets when it starts as root
+    config.private_home(home)
+    # others may pass through to pgdata (the server's own user), never list the home
+    assert stat.S_IMODE(home.stat().st_mode) == 0o711
