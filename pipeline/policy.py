@@ -220,15 +220,17 @@ def train_challenger(
     if uc.campaign is None or uc.campaign.policy.rank_by == RISK:
         return {"decision": None, "why": "the audience is ranked by risk (campaign.policy.rank_by)"}
     cfg = uc.campaign.policy
-    data = experiments(settings, uc)
-    weeks = sorted(set(data.week)) if data is not None else []
     needed = cfg.min_training_weeks + cfg.holdout_weeks
-    if data is None or len(weeks) < needed:
-        return {
-            "decision": None,
-            "why": f"{len(weeks)} weekly cohorts have matured; a policy needs {needed} "
-            f"({cfg.min_training_weeks} to learn from, {cfg.holdout_weeks} to test on)",
-        }
+    # counted before anything is read: most nights there is nothing new to learn from
+    measured = db.read_arrow(
+        settings.database_url,
+        "SELECT DISTINCT score_date FROM monitoring.campaign_uplift "
+        "WHERE use_case = :uc AND contacted > 0 AND control > 0",
+        {"uc": uc.name},
+    ).column(0)
+    weeks = sorted({experiment.week_of(db.to_date(d)) for d in measured.to_pylist()})
+    if len(weeks) < needed:
+        return {"decision": None, "why": _too_few(len(weeks), needed, cfg)}
     through = max(weeks)
     newest = db.scalar(
         settings.database_url,
@@ -237,7 +239,11 @@ def train_challenger(
     )
     if newest is not None and db.to_date(newest) >= through:
         return {"decision": None, "why": f"no cohort newer than the last policy's ({newest})"}
-    held = np.isin(data.week, weeks[-cfg.holdout_weeks :])
+    data = experiments(settings, uc)
+    weeks = sorted(set(data.week)) if data is not None else []
+    if data is None or len(weeks) < needed:
+        return {"decision": None, "why": _too_few(len(weeks), needed, cfg)}
+    held = np.isin(data.week, np.array(weeks[-cfg.holdout_weeks :], dtype=object))
     learn, test = data.rows(~held), data.rows(held)
     model = fit(uc, learn)
     incumbent = champion(settings, uc)
@@ -323,6 +329,13 @@ def train_challenger(
         )
     log.info("%s policy %s: %s (%s)", uc.name, version, decision, "; ".join(out["reasons"]))
     return out
+
+
+def _too_few(weeks: int, needed: int, cfg: Any) -> str:
+    return (
+        f"{weeks} weekly cohort{'s have' if weeks != 1 else ' has'} matured; a policy needs "
+        f"{needed} ({cfg.min_training_weeks} to learn from, {cfg.holdout_weeks} to test on)"
+    )
 
 
 def fit(uc: UseCase, data: Experiments) -> Model:

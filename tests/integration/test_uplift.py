@@ -169,6 +169,10 @@ def test_nightscore_monitor_prints_the_campaign_uplift(
     [measured] = out["campaign_uplift"]
     assert measured["campaign"] == CAMPAIGN and measured["score_date"] == D.isoformat()
     assert measured["contacted"] == 300 and measured["control"] == 200
+    # one matured week: no uplift policy yet, and the audience stays ranked by risk
+    assert out["policy_challenger"]["decision"] is None
+    assert out["policy_challenger"]["why"].startswith("1 weekly cohort has matured")
+    assert out["policy_in_force"].startswith("ranked by risk until an uplift policy")
 
 
 def test_the_nightly_report_shows_matured_campaigns(
