@@ -463,8 +463,9 @@ CAMPAIGN_DOC = """
 Runs after every publish of `predictions.{table}` (scheduled on the `{table}` asset, so it
 needs no clock of its own). `build_audience` writes `campaigns.{audience}` for each newly
 published date: the top {deciles} risk decile(s), opted in, outside the permanent control
-group and not contacted in the last {suppression} days, up to {capacity}, each with up to
-three reasons from the model; it exports the audience as CSV and Parquet. `send_emails`
+group and not contacted in the last {suppression} days, ranked by the policy in force (risk,
+or the uplift policy `{name}_monitoring` promoted: `campaign.policy`), up to {capacity},
+each with up to three reasons from the model; it exports the audience as CSV and Parquet. `send_emails`
 renders `{template}` for each entity and sends it through the `nightscore_smtp`
 connection, rate limited; **`dry_run` is on by default** (the messages go to files under
 `$NIGHTSCORE_HOME/outbox/`). The send log's (campaign, entity) key means retries, re-runs
