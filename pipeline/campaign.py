@@ -339,7 +339,7 @@ def select(
     """Whom the campaign of ``score_date`` contacts, without writing anything.
 
     The band is the top ``audience_deciles`` risk deciles; eligible are the opted in, not
-    unsubscribed and not suppressed. The policy in force ranks them (``policy.ranking``:
+    unsubscribed and not suppressed. The policy in force ranks them (``policy.in_force``:
     the probability, or an uplift policy's expected uplift, which never contacts whom it
     expects an email to push away); up to ``capacity`` outside the control group are
     chosen, and the control members who would have made the same cut are the comparison.
@@ -382,31 +382,24 @@ def select(
         ),
         (_array_literal(entity_keys),),
     )
+    # Contacted by another campaign within the suppression window. A control member is
+    # never sent anything, so the window applies to them as if they had been: one who
+    # stood in another campaign's control band within it is left out too (comparable groups).
     window = (campaign, score_date - timedelta(days=cfg.suppression_days), score_date)
     suppressed = _keys_of(
         settings,
         uc,
         sql.SQL(
-            "SELECT DISTINCT {key} FROM {t} WHERE campaign <> %s "
-            "AND status IN ('sending', 'sent') AND score_date BETWEEN %s AND %s"
-        ).format(key=key, t=_table(cfg.send_log_table)),
-        window,
-    )
-    # A control member is never sent anything, so the suppression window applies to them
-    # as if they had been: one who stood in another campaign's control band within it is
-    # left out, as the audience leaves out whoever was contacted (comparable groups).
-    held_back = _keys_of(
-        settings,
-        uc,
-        sql.SQL(
-            "SELECT DISTINCT {key} FROM {t} WHERE campaign <> %s AND score_date BETWEEN %s AND %s"
-        ).format(key=key, t=_table(cfg.control_table)),
-        window,
+            "SELECT {key} FROM {log} WHERE campaign <> %s AND status IN ('sending', 'sent') "
+            "AND score_date BETWEEN %s AND %s "
+            "UNION SELECT {key} FROM {band} WHERE campaign <> %s AND score_date BETWEEN %s AND %s"
+        ).format(key=key, log=_table(cfg.send_log_table), band=_table(cfg.control_table)),
+        window + window,
     )
     in_control = band.column("control_group").to_numpy(zero_copy_only=False)
     opted_in = np.isin(entity_keys, opted)
     not_unsubscribed = ~np.isin(entity_keys, unsubscribed)
-    not_suppressed = ~np.isin(entity_keys, suppressed) & ~np.isin(entity_keys, held_back)
+    not_suppressed = ~np.isin(entity_keys, suppressed)
     eligible = opted_in & not_unsubscribed & not_suppressed
     probs = band.column(uc.probability_column).to_numpy()
     name, score = policy.RISK, probs
@@ -415,7 +408,7 @@ def select(
         version = in_force["version"] if in_force is not None else None
     if version is not None:
         name = version
-        frame = band_features(settings, uc, score_date, run, band)
+        frame = features_for(settings, uc, score_date, run, entity_keys)
         score = policy.expected_uplift(settings, uc, name, frame, probs)
     floor = -np.inf if name == policy.RISK else 0.0  # uplift: never whom it expects to lose
     order = np.lexsort((np.arange(len(score)), -score))  # best first, ties most at risk first
@@ -447,21 +440,19 @@ def select(
     )
 
 
-def band_features(
-    settings: Settings, uc: UseCase, score_date: date, run: dict[str, Any], band: pa.Table
+def features_for(
+    settings: Settings, uc: UseCase, score_date: date, run: dict[str, Any], wanted: np.ndarray
 ) -> pd.DataFrame:
-    """The band's features from the night's published snapshot, in the band's order."""
+    """The features of the ``wanted`` keys (in that order) from the night's published
+    snapshot: every feature column, categories first, as the models take them."""
+    import pyarrow.parquet as pq
+
     from pipeline import features, train
 
     snapshot = features.find_snapshot(settings, uc, score_date, run["snapshot_sha256"])
-    table = features.read_snapshot(snapshot)
-    cat, num = train.split_columns(table.schema, uc)
-    rows = rows_for(
-        table.select([uc.entity_key, *cat, *num]),
-        uc.entity_key,
-        keys.to_numpy(band.column(uc.entity_key)),
-    )
-    return train.to_frame(rows, cat + num)
+    cat, num = train.split_columns(pq.read_schema(snapshot.path), uc)
+    table = features.read_snapshot(snapshot, [uc.entity_key, *cat, *num])
+    return train.to_frame(rows_for(table, uc.entity_key, wanted), cat + num)
 
 
 def build_audience(settings: Settings, uc: UseCase, score_date: date) -> dict[str, Any]:

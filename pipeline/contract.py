@@ -348,7 +348,7 @@ def load_contract(path: Path) -> Contract:
 
     Raises:
         ConfigError: the file is missing, is not YAML, or does not match the format; the
-            message names the file, the key path (``tables.usage_daily.volume.min_ratio``),
+            message names the file, the key path (``tables.<table>.volume.min_ratio``),
             what was expected and what was found, one line per problem.
     """
     path = Path(path)

@@ -568,8 +568,7 @@ def experiment_text(settings: Settings, start: date) -> str:
     ).to_pylist()
     att = {experiment.week_of(db.to_date(r["contact_date"])).isoformat(): r for r in per_week}
     weights = {
-        c["week"]: c["contacted"] * c["control"] / (c["contacted"] + c["control"])
-        for c in pooled["cohorts"]
+        c["week"]: experiment.cohort_weight(c["contacted"], c["control"]) for c in pooled["cohorts"]
     }
     measured = [w for w in weights if w in att]
     if measured:

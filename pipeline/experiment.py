@@ -121,6 +121,11 @@ def week_of(day: date) -> date:
     return date.fromordinal(day.toordinal() - day.weekday())
 
 
+def cohort_weight(contacted: int, control: int) -> float:
+    """A weekly cohort's Mantel-Haenszel weight in the pooled uplift."""
+    return contacted * control / (contacted + control)
+
+
 def pooled(rows: Iterable[Mapping[str, Any]], confidence: float = 0.95) -> dict[str, Any]:
     """Pool measured campaigns (rows of ``monitoring.campaign_uplift``) over weekly cohorts.
 
@@ -148,7 +153,7 @@ def pooled(rows: Iterable[Mapping[str, Any]], confidence: float = 0.95) -> dict[
         if not w1 or not w0:
             continue
         p1, p0 = j1 / w1, j0 / w0
-        weight = w1 * w0 / (w1 + w0)
+        weight = cohort_weight(w1, w0)
         num += weight * (p0 - p1)
         den += weight
         var += weight**2 * (p0 * (1 - p0) / w0 + p1 * (1 - p1) / w1)

@@ -360,18 +360,23 @@ def _store_uplift(settings: Settings, uc: UseCase, rows: list[dict[str, Any]]) -
         conn.close()
 
 
-def campaign_experiment(settings: Settings, uc: UseCase) -> dict[str, Any] | None:
-    """Every measured campaign of ``uc`` pooled over weekly cohorts (``experiment.pooled``),
-    with its sentence; None without a campaign."""
+def campaign_experiment(
+    settings: Settings, uc: UseCase, matured_by: date | None = None
+) -> dict[str, Any] | None:
+    """Every measured campaign of ``uc`` (those matured by ``matured_by``, if given) pooled
+    over weekly cohorts (``experiment.pooled``), with its sentence; None without a campaign."""
     from pipeline import experiment
 
     if uc.campaign is None:
         return None
+    matured = "" if matured_by is None else " AND score_date + CAST(:horizon AS integer) <= :by"
     rows = db.read_arrow(
         settings.database_url,
         "SELECT score_date, contacted, contacted_positives, control, control_positives "
-        "FROM monitoring.campaign_uplift WHERE use_case = :uc",
-        {"uc": uc.name},
+        f"FROM monitoring.campaign_uplift WHERE use_case = :uc{matured}",
+        {"uc": uc.name, "by": matured_by, "horizon": uc.label.horizon_days}
+        if matured_by
+        else {"uc": uc.name},
     ).to_pylist()
     out = experiment.pooled(rows)
     return out | {"text": experiment.pooled_text(out)}

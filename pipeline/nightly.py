@@ -889,12 +889,6 @@ def _night_report(settings: Settings, uc: UseCase, run: RunContext) -> Any:
                 (uc.name, uc.label.horizon_days, run.score_date, REPORT_CAMPAIGNS),
             )
             uplift = rows(cur)
-            cur.execute(
-                "SELECT score_date, contacted, contacted_positives, control, control_positives "
-                "FROM monitoring.campaign_uplift WHERE use_case = %s AND score_date + %s <= %s",
-                (uc.name, uc.label.horizon_days, run.score_date),
-            )
-            matured_campaigns = rows(cur)
         conn.commit()
     finally:
         conn.close()
@@ -910,7 +904,7 @@ def _night_report(settings: Settings, uc: UseCase, run: RunContext) -> Any:
         segment_note=segment_note,
         decay_threshold=uc.monitoring.decay_threshold,
         airflow_run=report_site.airflow_run_path(uc.name, run.run_id),
-        campaign=_campaign_state(settings, uc, matured_campaigns),
+        campaign=_campaign_state(settings, uc, run.score_date),
     )
     return report.write_run_report(
         report_site.night_file(settings, uc.name, run.score_date),
@@ -928,16 +922,16 @@ def _night_report(settings: Settings, uc: UseCase, run: RunContext) -> Any:
     )
 
 
-def _campaign_state(
-    settings: Settings, uc: UseCase, matured: list[dict[str, Any]]
-) -> dict[str, str] | None:
-    """The report's sentences on the campaign as an experiment (None without a campaign)."""
-    from pipeline import experiment, policy
+def _campaign_state(settings: Settings, uc: UseCase, night: date) -> dict[str, str] | None:
+    """The report's sentences on the campaign as an experiment, as of ``night`` (None
+    without a campaign)."""
+    from pipeline import experiment, monitor, policy
 
-    if uc.campaign is None:
+    pooled = monitor.campaign_experiment(settings, uc, matured_by=night)
+    if uc.campaign is None or pooled is None:
         return None
     return {
-        "pooled": experiment.pooled_text(experiment.pooled(matured)),
+        "pooled": pooled["text"],
         "plan": experiment.plan_text(experiment.plan_of(uc.campaign)),
         "policy": policy.policy_text(settings, uc),
     }

@@ -1,14 +1,15 @@
 """Audience policies: whom a campaign contacts, by risk or by expected uplift.
 
-Ranking by risk emails the customers most likely to churn, whether or not an email
-changes anything for them. Every campaign is also a randomized experiment (the control
+Ranking by risk emails the entities most likely to have the outcome, whether or not an
+email changes anything for them. Every campaign is also a randomized experiment (the control
 band is held out by a hash of the key), so once its outcomes mature the contacted and the
 control band of the same nights show whom an email *changes*. From them an uplift model
-(a T-learner, ``pipeline.uplift``) is trained and becomes a policy *challenger*:
+(``campaign.policy.learner``: a log-odds effect on top of the served risk, or a T-learner;
+``pipeline.uplift``) is trained and becomes a policy *challenger*:
 
 1. **Data.** Every measured campaign (``monitoring.campaign_uplift``): its contacted
    (send log, sent) and control band, their features from the night's published
-   snapshot, the outcome over the label window, the score the audience was ranked by.
+   snapshot, the outcome over the label window, the served probability.
 2. **Out of time.** The newest ``holdout_weeks`` weekly cohorts are held out; the model
    learns from the earlier ones (at least ``min_training_weeks``).
 3. **Evidence.** On the held-out cohorts, the challenger's ranking and the policy in force
@@ -26,7 +27,6 @@ until one is promoted, risk does.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import pickle
@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from pipeline import db, experiment, features, keys, train, uplift
+from pipeline import db, experiment, keys, train, uplift
 from pipeline.config import Settings, private_dir
 from pipeline.errors import ModelError
 from pipeline.usecase import UseCase
@@ -60,7 +60,6 @@ class Experiments:
     treated: np.ndarray
     y: np.ndarray
     risk: np.ndarray  # the served probability
-    served: np.ndarray  # the score the night's audience was ranked by (risk: probability)
     week: np.ndarray  # the weekly cohort (a date) of each row
 
     def rows(self, mask: np.ndarray) -> Experiments:
@@ -70,25 +69,23 @@ class Experiments:
             self.treated[mask],
             self.y[mask],
             self.risk[mask],
-            self.served[mask],
             self.week[mask],
         )
 
 
 def campaign_groups(settings: Settings, uc: UseCase, campaign: str) -> pa.Table:
     """The campaign's experiment: its sent entities (``contacted``) and its control band,
-    with the served probability and the score the audience was ranked by (``served``)."""
+    with their served probability."""
     assert uc.campaign is not None
     key, p = db.quote_ident(uc.entity_key), db.quote_ident(uc.probability_column)
     return db.read_arrow(
         settings.database_url,
-        f"SELECT s.{key}, true AS contacted, a.{p} AS probability, "
-        f"coalesce(a.rank_score, a.{p}) AS served "
+        f"SELECT s.{key}, true AS contacted, a.{p} AS probability "
         f"FROM {db.quote_ident('campaigns', uc.campaign.send_log_table)} s "
         f"LEFT JOIN {db.quote_ident('campaigns', uc.campaign.audience_table)} a "
         f"ON a.campaign = s.campaign AND a.{key} = s.{key} "
         "WHERE s.campaign = :campaign AND s.status = 'sent' "
-        f"UNION ALL SELECT {key}, false, {p}, coalesce(rank_score, {p}) "
+        f"UNION ALL SELECT {key}, false, {p} "
         f"FROM {db.quote_ident('campaigns', uc.campaign.control_table)} WHERE campaign = :campaign",
         {"campaign": campaign},
     )
@@ -111,19 +108,13 @@ def experiments(settings: Settings, uc: UseCase) -> Experiments | None:
         groups = campaign_groups(settings, uc, m["campaign"])
         if not groups.num_rows:
             continue
-        run = campaigns.published_run(settings, uc, day)
-        snapshot = features.find_snapshot(settings, uc, day, run["snapshot_sha256"])
-        table = features.read_snapshot(snapshot)
-        cat, num = train.split_columns(table.schema, uc)
-        if columns is None:
-            columns = cat + num
         wanted = keys.to_numpy(groups.column(uc.entity_key))
-        rows = campaigns.rows_for(table.select([uc.entity_key, *columns]), uc.entity_key, wanted)
-        frame = train.to_frame(rows, columns)
+        run = campaigns.published_run(settings, uc, day)
+        frame = campaigns.features_for(settings, uc, day, run, wanted)
+        columns = columns or list(frame.columns)
         frame["_treated"] = groups.column("contacted").to_numpy(zero_copy_only=False)
         frame["_y"] = monitor.matured_labels(settings, uc, day).of(wanted)
         frame["_risk"] = groups.column("probability").to_numpy(zero_copy_only=False)
-        frame["_served"] = groups.column("served").to_numpy(zero_copy_only=False)
         frame["_week"] = experiment.week_of(day)
         parts.append(frame)
     if not parts or columns is None:
@@ -135,7 +126,6 @@ def experiments(settings: Settings, uc: UseCase) -> Experiments | None:
         frame["_treated"].to_numpy(dtype=bool),
         frame["_y"].to_numpy(dtype=np.int64),
         frame["_risk"].to_numpy(dtype=np.float64),
-        frame["_served"].to_numpy(dtype=np.float64),
         frame["_week"].to_numpy(),
     )
 
@@ -168,6 +158,8 @@ def get(settings: Settings, uc: UseCase, version: str) -> dict[str, Any]:
 
 def load(settings: Settings, uc: UseCase, version: str) -> tuple[Model, dict[str, Any]]:
     """A registered policy's model, after checking its artifact against the registry."""
+    from pipeline import registry
+
     row = get(settings, uc, version)
     path = Path(row["artifact_uri"])
     if not path.is_file():
@@ -175,13 +167,12 @@ def load(settings: Settings, uc: UseCase, version: str) -> tuple[Model, dict[str
             f"artifact of {uc.name} policy {version} is missing at {path}; restore the artifact "
             "store, or let the next matured campaign train another policy"
         )
-    raw = path.read_bytes()
-    found = hashlib.sha256(raw).hexdigest()
-    if found != row["sha256"]:
-        raise ModelError(
-            f"the artifact of {uc.name} policy {version} at {path} has sha256 {found}, but "
-            f"ml.policies expects {row['sha256']}; refusing to read it (restore the original)"
-        )
+    raw = registry.verified(
+        path,
+        row["sha256"],
+        f"artifact of {uc.name} policy {version}",
+        "restore the original, or let the next matured campaign train another policy",
+    )
     return pickle.loads(raw), row
 
 
@@ -304,11 +295,7 @@ def train_challenger(
     }
     version = _register(settings, uc, model, through, learn, evidence, checks, decision, run_id)
     held_out = ", ".join(w.isoformat() for w in weeks[-cfg.holdout_weeks :])
-    failed = [
-        f"{c['name']}: expected {c['expected']}, found {c['found']}"
-        for c in checks
-        if not c["passed"]
-    ]
+    failed = _failed(checks)
     out: dict[str, Any] = {
         "version": version,
         "decision": decision,
@@ -329,6 +316,15 @@ def train_challenger(
         )
     log.info("%s policy %s: %s (%s)", uc.name, version, decision, "; ".join(out["reasons"]))
     return out
+
+
+def _failed(checks: list[dict[str, Any]]) -> list[str]:
+    """One line per check that did not pass (the policy's gates)."""
+    return [
+        f"{c['name']}: expected {c['expected']}, found {c['found']}"
+        for c in checks
+        if not c["passed"]
+    ]
 
 
 def _too_few(weeks: int, needed: int, cfg: Any) -> str:
@@ -381,7 +377,7 @@ def _register(
     run_id: str | None,
 ) -> str:
     blob = pickle.dumps(model, protocol=5)
-    sha = hashlib.sha256(blob).hexdigest()
+    sha = train.registry_sha(blob)
     version = f"{uc.name}-uplift-{through:%Y%m%d}-{sha[:8]}"
     folder = private_dir(settings.artifacts / uc.name / "policies")
     artifact = folder / f"{version}.pkl"
@@ -457,13 +453,10 @@ def policy_text(settings: Settings, uc: UseCase) -> str:
         if newest is None:
             tail = "; no uplift policy has been trained yet (it needs matured weekly cohorts)"
         else:
-            failed = [
-                f"{c['name']}: expected {c['expected']}, found {c['found']}"
-                for c in newest["checks"]
-                if not c["passed"]
-            ]
             verdict = {
-                "reject": "was rejected by the gates (" + "; ".join(failed) + ")",
+                "reject": "was rejected by the gates ("
+                + "; ".join(_failed(newest["checks"]))
+                + ")",
                 "awaiting_approval": "passed the gates and awaits approval",
                 "shadow": "passed the gates; promotion_mode never keeps it out",
                 "promote": "was promoted, then retired",

@@ -212,7 +212,7 @@ def swap_champion(
     return previous
 
 
-def _verified(path: Path, expected: str, what: str, fix: str) -> bytes:
+def verified(path: Path, expected: str, what: str, fix: str) -> bytes:
     """The bytes of ``path`` if their sha256 is the one the registry holds.
 
     Raises:
@@ -241,7 +241,7 @@ def load_model(settings: Settings, use_case: str, version: str) -> tuple[Any, Mo
             f"artifact for {use_case} model {version} is missing at {path}; restore the "
             "artifact store or promote/roll back to another version"
         )
-    raw = _verified(
+    raw = verified(
         path,
         mv.sha256,
         f"artifact of {use_case} model {version}",
@@ -413,7 +413,7 @@ def card(mv: ModelVersion) -> dict[str, Any]:
             f"the card of {mv.use_case} model {mv.version} is missing at {path}; restore the "
             "artifact store or promote/roll back to another version"
         )
-    raw = _verified(
+    raw = verified(
         path,
         mv.card_sha256,
         f"card of {mv.use_case} model {mv.version}",

@@ -1,6 +1,6 @@
 """Uplift: who does the treatment (a retention offer, say) change, and is a ranking worth using.
 
-The outcome ``y = 1`` is the event the treatment tries to prevent (e.g. churn), so uplift is
+The outcome ``y = 1`` is the event the treatment tries to prevent (a cancellation, say), so uplift is
 ``P(y = 1 | control) - P(y = 1 | treated)``: positive where the treatment prevents the outcome,
 negative for "sleeping dogs" whom it provokes. Evaluation needs a randomized experiment: rows
 with ``treated`` chosen at random, their outcome observed afterwards.

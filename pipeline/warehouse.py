@@ -902,10 +902,11 @@ def sent_emails(settings: Settings, first: date, last: date, start: date) -> dic
         conn.commit()
     finally:
         conn.close()
-    by_day: dict[int, list[int]] = {}
-    for customer, day in found:
-        by_day.setdefault((day - start).days, []).append(int(customer))
-    return {d: np.unique(np.array(ids, dtype=np.int64)) for d, ids in by_day.items()}
+    if not found:
+        return {}
+    customers = np.array([c for c, _ in found], dtype=np.int64)
+    days = np.array([(d - start).days for _, d in found], dtype=np.int64)
+    return {int(d): np.unique(customers[days == d]) for d in np.unique(days)}
 
 
 def truth_schema(settings: Settings) -> str:

@@ -231,8 +231,12 @@ def test_a_tampered_policy_artifact_is_refused(world: Settings, trained: dict) -
             fh.write(original)
     model, _ = policy.load(world, UC, trained["version"])
     band = campaign.select(world, UC, NIGHTS[-1], rank_by=policy.RISK).band
-    frame = campaign.band_features(
-        world, UC, NIGHTS[-1], campaign.published_run(world, UC, NIGHTS[-1]), band
+    frame = campaign.features_for(
+        world,
+        UC,
+        NIGHTS[-1],
+        campaign.published_run(world, UC, NIGHTS[-1]),
+        band.column("customer_id").to_numpy(),
     )
     expected = model.predict_uplift(frame, band.column("churn_probability").to_numpy())
     assert np.isfinite(expected).all() and np.abs(expected).max() < 1
