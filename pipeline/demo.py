@@ -79,8 +79,8 @@ SCHEDULE = (
     Step(
         439,
         "churn_monitoring",
-        "the eight cohorts have matured: pooled uplift; an uplift policy learns from seven "
-        "and is tested on the eighth",
+        "the eight cohorts have matured: pooled uplift; an uplift policy learns from six "
+        "and is tested on the newest two",
     ),
     Step(439, "churn_nightly", "champion night", {"retrain": "never"}),
     Step(439, "churn_campaign", "the audience ranked by the policy in force", CAMPAIGN),
