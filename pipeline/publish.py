@@ -9,11 +9,12 @@ The served table is partitioned by score date. A publish
 3. validates the staged rows (count equals the population, one row per key,
    probabilities in [0, 1], deciles 1..10, model version is the run's),
 4. in one short transaction with a lock timeout and the use case's publish lock (a row of
-   ``ml.publish_locks`` locked FOR UPDATE, which only the writer can take): detaches and
-   drops the date's old partition if any, attaches the staged table in its place, records
-   the publication (``ml.publications``, what the ``_latest`` views read) and marks the
-   run published in the ledger. On lock timeout the transaction is
-   retried, so readers never queue behind a publish for long.
+   ``ml.publish_locks`` locked FOR UPDATE, which only the writer can take), holding the
+   served table in ACCESS EXCLUSIVE mode (so no read is planned on one side of the swap
+   and run on the other): detaches and drops the date's old partition if any, attaches
+   the staged table in its place, records the publication (``ml.publications``, what the
+   ``_latest`` views read) and marks the run published in the ledger. On lock timeout the
+   transaction is retried, so readers never queue behind a publish for long.
 
 Readers therefore see the old rows or the new rows for a date, never a mix, a partial
 set or two copies.
@@ -420,6 +421,12 @@ def _swap(
     parent = sql.Identifier(SCHEMA, uc.score_table)
 
     def swap(cur: Any) -> None:
+        # ATTACH alone takes only SHARE UPDATE EXCLUSIVE on the served table: a read planned
+        # before this commit (without tonight's partition) but run after it (seeing tonight's
+        # publication) would count nothing. Locking the table first lets reads in flight
+        # finish on the old night; reads that arrive wait for the commit (lock_timeout
+        # bounds that) and are planned afresh.
+        cur.execute(sql.SQL("LOCK TABLE {p} IN ACCESS EXCLUSIVE MODE").format(p=parent))
         cur.execute("SELECT to_regclass(%s)", (f"{SCHEMA}.{target}",))
         if cur.fetchone()[0] is not None:
             cur.execute(
