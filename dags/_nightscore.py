@@ -79,6 +79,14 @@ def is_backfill(context: dict[str, Any] | None = None) -> bool:
     return str(getattr(run_type, "value", run_type)) == "backfill"
 
 
+def approver(task_id: str) -> str:
+    """Who answered the ApprovalOperator ``task_id`` of this run ("unknown" if nobody did)."""
+    from airflow.sdk import get_current_context
+
+    answer = get_current_context()["ti"].xcom_pull(task_ids=task_id) or {}
+    return str((answer.get("responded_by_user") or {}).get("name") or "unknown")
+
+
 def use_case_context(name: str) -> tuple[Any, Any, date]:
     """(settings, use case, score date) of the current task's run."""
     from airflow.sdk import get_current_context

@@ -211,15 +211,13 @@ def nightly_dag(uc: usecase.UseCase) -> Any:
 
         @task(retries=0)
         def promote_challenger(evaluation: dict) -> dict:
-            from _nightscore import nightly_stage
+            from _nightscore import approver, nightly_stage
 
-            answer = get_current_context()["ti"].xcom_pull(task_ids="approve_promotion") or {}
-            who = (answer.get("responded_by_user") or {}).get("name") or "unknown"
             return nightly_stage(
                 "promote_challenger",
                 name,
                 evaluation["version"],
-                actor=f"approval:{who}",
+                actor=f"approval:{approver('approve_promotion')}",
                 reason="approved in the Airflow UI after: " + "; ".join(evaluation["reasons"]),
             )
 
@@ -401,17 +399,9 @@ def monitoring_dag(uc: usecase.UseCase) -> Any:
         @task(retries=0)
         def policy_decided(trained: dict) -> dict:
             """Say what became of the challenger (or why none was trained) where the run shows it."""
-            import logging
+            from pipeline import policy
 
-            log = logging.getLogger("nightscore.policy")
-            if trained["decision"] is None:
-                log.info("no policy challenger: %s", trained["why"])
-            else:
-                log.info(
-                    "policy %s: %s; %s", trained["version"], trained["decision"], trained["summary"]
-                )
-                for reason in trained["reasons"]:
-                    log.info("  %s", reason)
+            policy.log_outcome(trained)
             return {k: trained.get(k) for k in ("version", "decision", "why")}
 
         approve_policy = ApprovalOperator(
@@ -425,21 +415,18 @@ def monitoring_dag(uc: usecase.UseCase) -> Any:
 
         @task(retries=0)
         def promote_policy(trained: dict) -> dict:
-            from _nightscore import use_case_context
+            from _nightscore import approver, use_case_context
 
             from pipeline import policy
 
             settings, config, _ = use_case_context(name)
-            context = get_current_context()
-            answer = context["ti"].xcom_pull(task_ids="approve_policy") or {}
-            who = (answer.get("responded_by_user") or {}).get("name") or "unknown"
             previous = policy.promote(
                 settings,
                 config,
                 trained["version"],
-                actor=f"approval:{who}",
+                actor=f"approval:{approver('approve_policy')}",
                 reason="approved in the Airflow UI after: " + trained["summary"],
-                run_id=context["dag_run"].run_id,
+                run_id=get_current_context()["dag_run"].run_id,
             )
             return {"version": trained["version"], "previous": previous}
 

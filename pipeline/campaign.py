@@ -312,6 +312,7 @@ class Selection:
     control_rows: np.ndarray  # band rows of the comparable control members
     contact: dict[Any, tuple[str, str]]
     excluded: dict[str, int]
+    snapshot: pa.Table | None = None  # the night's features, when a policy read them to rank
 
     @property
     def audience(self) -> pa.Table:
@@ -406,9 +407,11 @@ def select(
     if version is None and rank_by != policy.RISK:
         in_force = policy.in_force(settings, uc)
         version = in_force["version"] if in_force is not None else None
+    snapshot = None
     if version is not None:
         name = version
-        frame = features_for(settings, uc, score_date, run, entity_keys)
+        snapshot = night_features(settings, uc, score_date, run)
+        frame = frame_of(uc, snapshot, entity_keys)
         score = policy.expected_uplift(settings, uc, name, frame, probs)
     floor = -np.inf if name == policy.RISK else 0.0  # uplift: never whom it expects to lose
     order = np.lexsort((np.arange(len(score)), -score))  # best first, ties most at risk first
@@ -437,7 +440,30 @@ def select(
             "expected_no_uplift": int(wanted.sum()) - ranked,
             "over_capacity": ranked - len(chosen),
         },
+        snapshot,
     )
+
+
+def night_features(
+    settings: Settings, uc: UseCase, score_date: date, run: dict[str, Any]
+) -> pa.Table:
+    """The night's published feature snapshot: the key and every feature column."""
+    import pyarrow.parquet as pq
+
+    from pipeline import features, train
+
+    snapshot = features.find_snapshot(settings, uc, score_date, run["snapshot_sha256"])
+    cat, num = train.split_columns(pq.read_schema(snapshot.path), uc)
+    return features.read_snapshot(snapshot, [uc.entity_key, *cat, *num])
+
+
+def frame_of(uc: UseCase, table: pa.Table, wanted: np.ndarray) -> pd.DataFrame:
+    """The features of the ``wanted`` keys (in that order) from a night's snapshot table,
+    categories first, as the models take them."""
+    from pipeline import train
+
+    cat, num = train.split_columns(table.schema, uc)
+    return train.to_frame(rows_for(table, uc.entity_key, wanted), cat + num)
 
 
 def features_for(
@@ -445,14 +471,7 @@ def features_for(
 ) -> pd.DataFrame:
     """The features of the ``wanted`` keys (in that order) from the night's published
     snapshot: every feature column, categories first, as the models take them."""
-    import pyarrow.parquet as pq
-
-    from pipeline import features, train
-
-    snapshot = features.find_snapshot(settings, uc, score_date, run["snapshot_sha256"])
-    cat, num = train.split_columns(pq.read_schema(snapshot.path), uc)
-    table = features.read_snapshot(snapshot, [uc.entity_key, *cat, *num])
-    return train.to_frame(rows_for(table, uc.entity_key, wanted), cat + num)
+    return frame_of(uc, night_features(settings, uc, score_date, run), wanted)
 
 
 def build_audience(settings: Settings, uc: UseCase, score_date: date) -> dict[str, Any]:
@@ -467,8 +486,10 @@ def build_audience(settings: Settings, uc: UseCase, score_date: date) -> dict[st
         run = chosen.run
         model, mv = registry.load_model(settings, uc.name, run["model_version"])
         columns = [f["name"] for f in mv.feature_schema]
-        snapshot = features.find_snapshot(settings, uc, score_date, run["snapshot_sha256"])
-        table = features.read_snapshot(snapshot, [uc.entity_key, *columns])
+        table = chosen.snapshot
+        if table is None:
+            snapshot = features.find_snapshot(settings, uc, score_date, run["snapshot_sha256"])
+            table = features.read_snapshot(snapshot, [uc.entity_key, *columns])
         rows = rows_for(table, uc.entity_key, keys.to_numpy(audience.column(uc.entity_key)))
         contrib = contributions(model, rows, columns, typical_values(table, columns))
         reasons = top_reasons(contrib, rows, columns, reason_templates(uc))

@@ -548,6 +548,8 @@ def experiment_text(settings: Settings, start: date) -> str:
     expected ``saved`` at that night's hazard) for the audience the policy chose, for the
     one ranking by risk would have chosen, and for the best possible one.
     """
+    import numpy as np
+
     from pipeline import campaign, config, experiment, monitor, policy, warehouse
 
     uc = usecase.load("churn")
@@ -582,42 +584,38 @@ def experiment_text(settings: Settings, start: date) -> str:
             f"{'excludes' if pooled['conclusive'] else 'includes'} 0)"
         )
     lines.append(f"  targeting policy: {policy.policy_text(s, uc)}")
-    newest = db.scalar(
-        s.database_url,
-        "SELECT version FROM ml.policies WHERE use_case = %s ORDER BY created_at DESC LIMIT 1",
-        (uc.name,),
-    )
-    if newest is None:
+    challenger = policy.newest_policy(s, uc)
+    if challenger is None:
         return "\n".join(lines)
+    newest = challenger["version"]
     nights = [start + timedelta(days=d) for d in UPLIFT_NIGHTS]
-    totals: dict[str, list[float]] = {"uplift": [], "risk": [], "best": []}
+    totals: dict[str, list[np.ndarray]] = {"uplift": [], "risk": [], "best": []}
     for night in nights:
-        rows = db.read_arrow(
+        truth_of = db.read_arrow(
             s.warehouse_url,
             f"SELECT customer_id, saved FROM {truth}.effects WHERE as_of = :d",
             {"d": night},
-        ).to_pylist()
-        saved = {r["customer_id"]: r["saved"] for r in rows}
+        )
         by_risk = campaign.select(s, uc, night, rank_by=policy.RISK)
         by_uplift = campaign.select(s, uc, night, version=newest)
-        for name, chosen in (("risk", by_risk), ("uplift", by_uplift)):
-            picked = chosen.audience.column(uc.entity_key).to_pylist()
-            totals[name] += [saved.get(k, 0.0) for k in picked]
+        key = uc.entity_key
+        totals["risk"].append(_saved(truth_of, by_risk.audience.column(key)))
+        totals["uplift"].append(_saved(truth_of, by_uplift.audience.column(key)))
         # the best the band allows: the same number of emails to whom they save most
-        pool = sorted(
-            (saved.get(k, 0.0) for k in by_risk.band.column(uc.entity_key).to_pylist()),
-            reverse=True,
-        )
-        totals["best"] += pool[: len(by_risk.chosen)]
-    per_1000 = {k: 1000 * sum(v) / max(len(v), 1) for k, v in totals.items()}
+        best = -np.sort(-_saved(truth_of, by_risk.band.column(key)))
+        totals["best"].append(best[: len(by_risk.chosen)])
+    per_1000 = {
+        k: 1000 * float(np.concatenate(v).sum()) / max(sum(map(len, v)), 1)
+        for k, v in totals.items()
+    }
     lines.append(
         f"  saved per 1,000 emails on the same nights ({', '.join(map(str, nights))}; the "
         f"simulator's expected cancellations prevented): ranked by risk "
-        f"{per_1000['risk']:.1f} ({len(totals['risk']):,} emails), by uplift policy {newest} "
-        f"{per_1000['uplift']:.1f} ({len(totals['uplift']):,} emails), best possible in the "
-        f"band {per_1000['best']:.1f}"
+        f"{per_1000['risk']:.1f} ({sum(map(len, totals['risk'])):,} emails), by uplift policy "
+        f"{newest} {per_1000['uplift']:.1f} ({sum(map(len, totals['uplift'])):,} emails), "
+        f"best possible in the band {per_1000['best']:.1f}"
     )
-    ev = policy.get(s, uc, newest)["evidence"]
+    ev = challenger["evidence"]
     q, a = ev["qini"], ev["auuc"]
     lines.append(
         f"  {newest} out of time ({', '.join(ev['holdout_weeks'])}): Qini "
@@ -627,3 +625,18 @@ def experiment_text(settings: Settings, start: date) -> str:
         f"{a['challenger']['high']:.4f}) vs {a['incumbent']['estimate']:.4f}"
     )
     return "\n".join(lines)
+
+
+def _saved(truth: Any, people: Any) -> Any:
+    """Each of ``people``'s (entity keys) expected cancellations prevented by an email that
+    night, from the simulator's ``effects`` rows ``truth`` (0 for anyone not in them)."""
+    import numpy as np
+
+    from pipeline import keys
+
+    value, found = keys.lookup(
+        keys.to_numpy(truth.column("customer_id")),
+        truth.column("saved").to_numpy().astype(np.float64),
+        keys.to_numpy(people),
+    )
+    return np.where(found, value, 0.0)

@@ -136,6 +136,10 @@ def _weighted_lift(
         return np.asarray(top_rate / base, dtype=np.float64)
 
 
+# What becomes of a challenger that passes its gates, per promotion mode (models and
+# uplift policies alike); one that fails them is rejected.
+DECISIONS = {"auto": "promote", "approval": "awaiting_approval", "never": "shadow"}
+
 BOOTSTRAP_ROWS = 50_000  # holdout rows the paired bootstrap resamples, at most (~12 s)
 
 

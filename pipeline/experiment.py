@@ -20,6 +20,8 @@ from datetime import date
 from statistics import NormalDist
 from typing import TYPE_CHECKING, Any
 
+from pipeline import db
+
 if TYPE_CHECKING:
     from pipeline.usecase import Campaign
 
@@ -136,12 +138,7 @@ def pooled(rows: Iterable[Mapping[str, Any]], confidence: float = 0.95) -> dict[
     """
     weeks: dict[date, list[int]] = {}
     for r in rows:
-        day = (
-            r["score_date"]
-            if isinstance(r["score_date"], date)
-            else date.fromisoformat(str(r["score_date"]))
-        )
-        w = weeks.setdefault(week_of(day), [0, 0, 0, 0])
+        w = weeks.setdefault(week_of(db.to_date(r["score_date"])), [0, 0, 0, 0])
         w[0] += int(r["contacted"])
         w[1] += int(r["contacted_positives"])
         w[2] += int(r["control"])

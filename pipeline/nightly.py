@@ -309,12 +309,7 @@ def evaluate_challenger(
             schema_problems=schema_problems,
         )
         passed = all(c["passed"] for c in checks)
-        if not passed:
-            decision = "reject"
-        else:
-            decision = {"auto": "promote", "approval": "awaiting_approval", "never": "shadow"}[
-                promotion_mode
-            ]
+        decision = evaluate.DECISIONS[promotion_mode] if passed else "reject"
         reasons = [evaluate.describe(c) for c in checks if not c["passed"]] or [
             f"all {len(checks)} checks passed"
             + ("" if champ else " (first model: no champion to compare with)")

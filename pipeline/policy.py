@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from pipeline import db, experiment, keys, train, uplift
+from pipeline import db, evaluate, experiment, keys, train, uplift
 from pipeline.config import Settings, private_dir
 from pipeline.errors import ModelError
 from pipeline.usecase import UseCase
@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 
 RISK = "risk"
 Model = uplift.EffectModel | uplift.TwoModel
-DECISIONS = {"auto": "promote", "approval": "awaiting_approval", "never": "shadow"}
 
 
 @dataclass(frozen=True)
@@ -133,21 +132,24 @@ def experiments(settings: Settings, uc: UseCase) -> Experiments | None:
 # -- the registry of policies ---------------------------------------------------------------
 
 
-def champion(settings: Settings, uc: UseCase) -> dict[str, Any] | None:
-    """The uplift policy in force (its ``ml.policies`` row), or None: ranking by risk."""
+def _row(
+    settings: Settings, uc: UseCase, rest: str, params: tuple[Any, ...] = ()
+) -> dict[str, Any] | None:
+    """One ``ml.policies`` row of ``uc`` (as a dict): the first ``rest`` leaves."""
     return db.scalar(
         settings.database_url,
-        "SELECT row_to_json(p) FROM ml.policies p WHERE use_case = %s AND status = 'champion'",
-        (uc.name,),
+        f"SELECT row_to_json(p) FROM ml.policies p WHERE use_case = %s {rest}",
+        (uc.name, *params),
     )
+
+
+def champion(settings: Settings, uc: UseCase) -> dict[str, Any] | None:
+    """The uplift policy in force (its ``ml.policies`` row), or None: ranking by risk."""
+    return _row(settings, uc, "AND status = 'champion'")
 
 
 def get(settings: Settings, uc: UseCase, version: str) -> dict[str, Any]:
-    row = db.scalar(
-        settings.database_url,
-        "SELECT row_to_json(p) FROM ml.policies p WHERE use_case = %s AND version = %s",
-        (uc.name, version),
-    )
+    row = _row(settings, uc, "AND version = %s", (version,))
     if row is None:
         raise ModelError(
             f"no policy {version!r} of use case {uc.name!r} in ml.policies; "
@@ -161,17 +163,12 @@ def load(settings: Settings, uc: UseCase, version: str) -> tuple[Model, dict[str
     from pipeline import registry
 
     row = get(settings, uc, version)
-    path = Path(row["artifact_uri"])
-    if not path.is_file():
-        raise ModelError(
-            f"artifact of {uc.name} policy {version} is missing at {path}; restore the artifact "
-            "store, or let the next matured campaign train another policy"
-        )
     raw = registry.verified(
-        path,
+        Path(row["artifact_uri"]),
         row["sha256"],
         f"artifact of {uc.name} policy {version}",
         "restore the original, or let the next matured campaign train another policy",
+        "restore the artifact store, or let the next matured campaign train another policy",
     )
     return pickle.loads(raw), row
 
@@ -244,20 +241,18 @@ def train_challenger(
     else:
         inc_model, _ = load(settings, uc, incumbent["version"])
         s_inc, inc_name = inc_model.predict_uplift(test.frame, test.risk), incumbent["version"]
-    qini = uplift.compare(
-        s_ch, s_inc, test.treated, test.y, resamples=cfg.bootstrap_resamples, seed=uc.model.seed
-    )
-    auuc = {
-        name: uplift.bootstrap(
-            uplift.auuc,
-            s,
+    qini, auuc = (
+        uplift.compare(
+            s_ch,
+            s_inc,
             test.treated,
             test.y,
+            metric=metric,
             resamples=cfg.bootstrap_resamples,
             seed=uc.model.seed,
         )
-        for name, s in (("challenger", s_ch), ("incumbent", s_inc))
-    }
+        for metric in (uplift.qini_coefficient, uplift.auuc)
+    )
     control_positives = int(test.y[~test.treated].sum())
     checks = [
         {
@@ -280,13 +275,13 @@ def train_challenger(
         },
     ]
     passed = all(c["passed"] for c in checks)
-    decision = DECISIONS[cfg.promotion_mode] if passed else "reject"
+    decision = evaluate.DECISIONS[cfg.promotion_mode] if passed else "reject"
     evidence = {
         "incumbent": inc_name,
         "holdout_weeks": [w.isoformat() for w in weeks[-cfg.holdout_weeks :]],
         "training_weeks": [w.isoformat() for w in weeks[: -cfg.holdout_weeks]],
         "qini": qini,
-        "auuc": auuc,
+        "auuc": {"challenger": auuc["challenger"], "incumbent": auuc["champion"]},
         "holdout": _counts(test),
         "top_half_uplift": {
             "challenger": uplift.uplift_at(s_ch, test.treated, test.y, 0.5),
@@ -316,6 +311,17 @@ def train_challenger(
         )
     log.info("%s policy %s: %s (%s)", uc.name, version, decision, "; ".join(out["reasons"]))
     return out
+
+
+def log_outcome(trained: dict[str, Any]) -> None:
+    """Log what became of a challenger ``train_challenger`` returned, or why none was
+    trained."""
+    if trained["decision"] is None:
+        log.info("no policy challenger: %s", trained["why"])
+        return
+    log.info("policy %s: %s; %s", trained["version"], trained["decision"], trained["summary"])
+    for reason in trained["reasons"]:
+        log.info("  %s", reason)
 
 
 def _failed(checks: list[dict[str, Any]]) -> list[str]:
@@ -436,6 +442,11 @@ def expected_uplift(
     return model.predict_uplift(frame, risk)
 
 
+def newest_policy(settings: Settings, uc: UseCase) -> dict[str, Any] | None:
+    """The registry row of ``uc``'s most recently trained policy, whatever its decision."""
+    return _row(settings, uc, "ORDER BY created_at DESC LIMIT 1")
+
+
 def policy_text(settings: Settings, uc: UseCase) -> str:
     """The policy in force and why, in one or two sentences (report, demo, CLI)."""
     if uc.campaign is None:
@@ -443,13 +454,8 @@ def policy_text(settings: Settings, uc: UseCase) -> str:
     if uc.campaign.policy.rank_by == RISK:
         return "ranked by risk (campaign.policy.rank_by: risk)"
     row = champion(settings, uc)
-    newest = db.scalar(
-        settings.database_url,
-        "SELECT row_to_json(p) FROM ml.policies p WHERE use_case = %s "
-        "ORDER BY created_at DESC LIMIT 1",
-        (uc.name,),
-    )
     if row is None:
+        newest = newest_policy(settings, uc)
         if newest is None:
             tail = "; no uplift policy has been trained yet (it needs matured weekly cohorts)"
         else:

@@ -159,6 +159,12 @@ def promote(
     return previous
 
 
+def _registry_lock(cur: Any, use_case: str) -> None:
+    """Serialize the use case's registry changes (champions of models and policies, the
+    shadow model) until the transaction ends."""
+    cur.execute("SELECT pg_advisory_xact_lock(hashtext('nightscore.registry.' || %s))", (use_case,))
+
+
 def swap_champion(
     settings: Settings,
     table: str,
@@ -179,9 +185,7 @@ def swap_champion(
     conn = db.connect(settings.database_url)
     try:
         with conn.cursor() as cur:
-            cur.execute(
-                "SELECT pg_advisory_xact_lock(hashtext(%s || '.' || %s))", (table, use_case)
-            )
+            _registry_lock(cur, use_case)
             cur.execute(
                 f"SELECT version FROM {table} WHERE use_case = %s AND status = 'champion' "
                 "FOR UPDATE",
@@ -212,12 +216,18 @@ def swap_champion(
     return previous
 
 
-def verified(path: Path, expected: str, what: str, fix: str) -> bytes:
+_RESTORE_STORE = "restore the artifact store or promote/roll back to another version"
+
+
+def verified(path: Path, expected: str, what: str, fix: str, missing_fix: str) -> bytes:
     """The bytes of ``path`` if their sha256 is the one the registry holds.
 
     Raises:
-        ModelError: the file was modified or replaced since it was registered.
+        ModelError: the file is missing (``missing_fix`` says what to do), or was modified
+            or replaced since it was registered (``fix``).
     """
+    if not path.is_file():
+        raise ModelError(f"the {what} is missing at {path}; {missing_fix}")
     raw = path.read_bytes()
     found = hashlib.sha256(raw).hexdigest()
     if found != expected:
@@ -236,16 +246,12 @@ def load_model(settings: Settings, use_case: str, version: str) -> tuple[Any, Mo
     """
     mv = get(settings, use_case, version)
     path = Path(mv.artifact_uri)
-    if not path.is_file():
-        raise ModelError(
-            f"artifact for {use_case} model {version} is missing at {path}; restore the "
-            "artifact store or promote/roll back to another version"
-        )
     raw = verified(
         path,
         mv.sha256,
         f"artifact of {use_case} model {version}",
         "restore the original artifact or retrain",
+        _RESTORE_STORE,
     )
     return pickle.loads(raw), mv
 
@@ -329,9 +335,7 @@ def set_shadow(settings: Settings, use_case: str, version: str) -> None:
     conn = db.connect(settings.database_url)
     try:
         with conn.cursor() as cur:
-            cur.execute(
-                "SELECT pg_advisory_xact_lock(hashtext('nightscore.registry.' || %s))", (use_case,)
-            )
+            _registry_lock(cur, use_case)
             cur.execute(
                 "SELECT status FROM ml.model_versions WHERE use_case = %s AND version = %s",
                 (use_case, version),
@@ -408,15 +412,11 @@ def card(mv: ModelVersion) -> dict[str, Any]:
     path = Path(mv.artifact_uri).with_name("model.json")
     if mv.card_sha256 is None:  # registered before cards were hashed
         return dict(json.loads(path.read_text())) if path.is_file() else {}
-    if not path.is_file():
-        raise ModelError(
-            f"the card of {mv.use_case} model {mv.version} is missing at {path}; restore the "
-            "artifact store or promote/roll back to another version"
-        )
     raw = verified(
         path,
         mv.card_sha256,
         f"card of {mv.use_case} model {mv.version}",
         "its drift reference would judge tonight's data; restore the original card",
+        _RESTORE_STORE,
     )
     return dict(json.loads(raw))

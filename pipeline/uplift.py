@@ -79,13 +79,7 @@ class TwoModel:
         return _positive_probability(self.control_model, self._features(X))
 
     def _features(self, X: pd.DataFrame) -> pd.DataFrame:
-        missing = [c for c in self.columns if c not in X.columns]
-        if missing:
-            raise ValueError(
-                f"uplift model: expected feature columns {list(self.columns)}, "
-                f"missing {missing}; score the columns the model was fitted on"
-            )
-        return _as_categories(X[list(self.columns)])
+        return _as_categories(_columns(self.columns, X))
 
 
 @dataclass(frozen=True)
@@ -121,14 +115,23 @@ class EffectModel:
         return np.asarray(coef[1] + z @ coef[2:], dtype=np.float64)
 
     def _z(self, X: pd.DataFrame) -> np.ndarray:
-        missing = [c for c in self.columns if c not in X.columns]
-        if missing:
-            raise ValueError(
-                f"uplift model: expected feature columns {list(self.columns)}, "
-                f"missing {missing}; score the columns the model was fitted on"
-            )
-        z = self.preprocess.transform(X[list(self.columns)])
-        return np.asarray(z.toarray() if hasattr(z, "toarray") else z, dtype=np.float64)
+        # the preprocessing is dense (sparse_threshold=0.0)
+        return np.asarray(self.preprocess.transform(_columns(self.columns, X)), dtype=np.float64)
+
+
+def _columns(columns: tuple[str, ...], X: pd.DataFrame) -> pd.DataFrame:
+    """``X``'s columns the model was fitted on, in that order.
+
+    Raises:
+        ValueError: some are missing.
+    """
+    missing = [c for c in columns if c not in X.columns]
+    if missing:
+        raise ValueError(
+            f"uplift model: expected feature columns {list(columns)}, "
+            f"missing {missing}; score the columns the model was fitted on"
+        )
+    return X[list(columns)]
 
 
 def _effect_design(z: np.ndarray, risk: np.ndarray, treated: np.ndarray | float) -> np.ndarray:
@@ -183,8 +186,8 @@ def fit_effect_model(
             ("numbers", make_pipeline(SimpleImputer(strategy="median"), StandardScaler()), numbers),
         ],
         sparse_threshold=0.0,
-    ).fit(X)
-    z = EffectModel(preprocess, None, tuple(X.columns))._z(X)
+    )
+    z = np.asarray(preprocess.fit_transform(X), dtype=np.float64)
     fitted = LogisticRegression(C=1.0 / penalty, max_iter=5000).fit(
         _effect_design(z, risk, treated_arr.astype(np.float64)), y_arr
     )
@@ -333,11 +336,13 @@ def compare(
     treated: np.ndarray,
     y: np.ndarray,
     *,
+    metric: Metric = qini_coefficient,
     resamples: int = 1000,
     seed: int = 0,
     confidence: float = 0.95,
 ) -> dict[str, dict[str, float]]:
-    """Qini coefficients of two rankings on the same experiment, and of their difference.
+    """``metric`` (the Qini coefficient unless told) of two rankings on the same
+    experiment, and of their difference.
 
     Both rankings are scored on the same stratified resamples, so the interval of
     ``difference`` (challenger minus champion) reflects the difference, not two noises.
@@ -345,9 +350,9 @@ def compare(
     Returns:
         ``challenger``, ``champion`` and ``difference``, each ``{estimate, low, high}``.
     """
-    estimates = [qini_coefficient(s, treated, y) for s in (challenger_score, champion_score)]
+    estimates = [metric(s, treated, y) for s in (challenger_score, champion_score)]
     draws = _draws(
-        qini_coefficient,
+        metric,
         [challenger_score, champion_score],
         treated,
         y,

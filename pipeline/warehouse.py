@@ -881,31 +881,24 @@ def sent_emails(settings: Settings, first: date, last: date, start: date) -> dic
     rows marked sent); a send dated before ``first`` came after its day was simulated and
     changes nothing.
     """
-    conn = db.connect(settings.database_url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(
-                "SELECT table_name FROM information_schema.columns WHERE table_schema = "
-                "'campaigns' AND table_name LIKE '%%\\_send\\_log' AND column_name = 'customer_id' "
-                "ORDER BY 1"
-            )
-            tables = [name for (name,) in cur.fetchall()]
-            if not tables:
-                return {}
-            union = " UNION ".join(
-                f"SELECT customer_id, score_date FROM {db.quote_ident('campaigns', t)} "
-                "WHERE status = 'sent' AND score_date BETWEEN %(first)s AND %(last)s"
-                for t in tables
-            )
-            cur.execute(union, {"first": first, "last": last})
-            found = cur.fetchall()
-        conn.commit()
-    finally:
-        conn.close()
-    if not found:
+    tables = db.read_arrow(
+        settings.database_url,
+        "SELECT table_name FROM information_schema.columns WHERE table_schema = 'campaigns' "
+        "AND table_name LIKE '%\\_send\\_log' AND column_name = 'customer_id' ORDER BY 1",
+    ).column("table_name")
+    if not len(tables):
         return {}
-    customers = np.array([c for c, _ in found], dtype=np.int64)
-    days = np.array([(d - start).days for _, d in found], dtype=np.int64)
+    found = db.read_arrow(
+        settings.database_url,
+        " UNION ".join(
+            f"SELECT customer_id, score_date FROM {db.quote_ident('campaigns', t)} "
+            "WHERE status = 'sent' AND score_date BETWEEN :first AND :last"
+            for t in tables.to_pylist()
+        ),
+        {"first": first, "last": last},
+    )
+    customers = found.column("customer_id").to_numpy().astype(np.int64)
+    days = found.column("score_date").cast(pa.int32()).to_numpy() - (start - EPOCH).days
     return {int(d): np.unique(customers[days == d]) for d in np.unique(days)}
 
 
