@@ -186,8 +186,8 @@ def fit_effect_model(
             ("numbers", make_pipeline(SimpleImputer(strategy="median"), StandardScaler()), numbers),
         ],
         sparse_threshold=0.0,
-    )
-    z = np.asarray(preprocess.fit_transform(X), dtype=np.float64)
+    ).fit(X)
+    z = EffectModel(preprocess, None, tuple(X.columns))._z(X)
     fitted = LogisticRegression(C=1.0 / penalty, max_iter=5000).fit(
         _effect_design(z, risk, treated_arr.astype(np.float64)), y_arr
     )
