@@ -79,12 +79,32 @@ def is_backfill(context: dict[str, Any] | None = None) -> bool:
     return str(getattr(run_type, "value", run_type)) == "backfill"
 
 
+def review_answer(task_id: str) -> dict[str, Any]:
+    """The answer to the approval ``task_id`` of this run (chosen options, who, when), as
+    ``ReviewedApproval`` left it; skips the calling task when no approval was asked."""
+    from airflow.sdk import get_current_context
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    answer = get_current_context()["ti"].xcom_pull(task_ids=task_id, key="hitl_response")
+    if not answer:
+        raise AirflowSkipException(f"{task_id} asked nobody in this run: nothing to record")
+    return dict(answer)
+
+
 def approver(task_id: str) -> str:
-    """Who answered the ApprovalOperator ``task_id`` of this run ("unknown" if nobody did)."""
+    """Who answered the approval ``task_id`` of this run ("unknown" if nobody did)."""
+    answer = review_answer(task_id)
+    return str((answer.get("responded_by_user") or {}).get("name") or "unknown")
+
+
+NOTE_KEY = "dag_run_note"  # read by plugins/nightscore_run_notes.py when the run ends
+
+
+def leave_note(text: str) -> None:
+    """Leave a sentence for the run's note (appended when the run ends)."""
     from airflow.sdk import get_current_context
 
-    answer = get_current_context()["ti"].xcom_pull(task_ids=task_id) or {}
-    return str((answer.get("responded_by_user") or {}).get("name") or "unknown")
+    get_current_context()["ti"].xcom_push(key=NOTE_KEY, value=text)
 
 
 def use_case_context(name: str) -> tuple[Any, Any, date]:

@@ -23,6 +23,25 @@ START = datetime(2020, 1, 1)  # early, so backfills and `dags test` can reach an
 IO_RETRIES = {"retries": 2, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True}
 
 
+class ReviewedApproval(ApprovalOperator):
+    """Airflow's approval, which also leaves the answer (chosen option, who, when) in the
+    XCom ``hitl_response`` on Reject too: a rejection skips the tasks right after it
+    before its own result is stored, and the task that records the decision needs it."""
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
+        if "error" not in event:
+            at = event.get("responded_at")
+            context["ti"].xcom_push(
+                key="hitl_response",
+                value={
+                    "chosen_options": list(event.get("chosen_options") or []),
+                    "responded_by_user": event.get("responded_by_user"),
+                    "responded_at": at.isoformat() if hasattr(at, "isoformat") else at,
+                },
+            )
+        return super().execute_complete(context, event)
+
+
 def one_line(text: str) -> str:
     """The first line of a description (the DAG list shows one line)."""
     return text.strip().splitlines()[0] if text and text.strip() else ""
@@ -187,18 +206,21 @@ def nightly_dag(uc: usecase.UseCase) -> Any:
             import logging
 
             log = logging.getLogger("nightscore.keep_champion")
-            log.warning(
-                "challenger %s not promoted (%s); %s stays champion and %s is the shadow model",
-                evaluation["version"],
-                evaluation["decision"],
-                evaluation["champion"] or "no model",
-                evaluation["version"],
-            )
+            if evaluation["decision"] == "identical":
+                log.warning("challenger identical to the champion %s", evaluation["champion"])
+            else:
+                log.warning(
+                    "challenger %s not promoted (%s); %s stays champion and %s is the shadow model",
+                    evaluation["version"],
+                    evaluation["decision"],
+                    evaluation["champion"] or "no model",
+                    evaluation["version"],
+                )
             for reason in evaluation["reasons"]:
                 log.warning("  %s", reason)
             return {k: evaluation[k] for k in ("version", "decision", "reasons", "report_url")}
 
-        approve_promotion = ApprovalOperator(
+        approve_promotion = ReviewedApproval(
             task_id="approve_promotion",
             subject="Promote {{ ti.xcom_pull(task_ids='evaluate_challenger')['version'] }} "
             f"to {name} champion?",
@@ -220,6 +242,18 @@ def nightly_dag(uc: usecase.UseCase) -> Any:
                 actor=f"approval:{approver('approve_promotion')}",
                 reason="approved in the Airflow UI after: " + "; ".join(evaluation["reasons"]),
             )
+
+        @task(retries=0, trigger_rule="none_failed_min_one_success")
+        def record_review(evaluation: dict) -> dict:
+            """Approved or rejected: who and when, into ml.evaluations, the night's report and
+            the run's note. Runs after a rejection too (which skips promote_challenger)."""
+            from _nightscore import leave_note, nightly_stage, review_answer
+
+            recorded = nightly_stage(
+                "record_review", name, evaluation, review_answer("approve_promotion")
+            )
+            leave_note(recorded["note"])
+            return recorded
 
         @task(retries=0, trigger_rule="none_failed_min_one_success")
         def select_model(run: dict, params: dict | None = None) -> dict:
@@ -300,12 +334,13 @@ def nightly_dag(uc: usecase.UseCase) -> Any:
         evaluation = evaluate_challenger(trained, snapshot)
         route = route_promotion(evaluation)
         promoted = promote_challenger(evaluation)
+        reviewed = record_review(evaluation)
         kept = keep_champion(evaluation)
         model = select_model(run)
         branch >> Label("retrain") >> trained
         branch >> Label("champion only") >> model
         route >> Label("needs approval") >> approve_promotion >> Label("approved") >> promoted
-        promoted >> model
+        promoted >> reviewed >> model
         route >> Label("promoted") >> model
         route >> Label("not promoted") >> kept >> model
         parts = score_partition.partial(snapshot=snapshot, model=model).expand(
@@ -404,7 +439,7 @@ def monitoring_dag(uc: usecase.UseCase) -> Any:
             policy.log_outcome(trained)
             return {k: trained.get(k) for k in ("version", "decision", "why")}
 
-        approve_policy = ApprovalOperator(
+        approve_policy = ReviewedApproval(
             task_id="approve_policy",
             subject="Rank " + name + "'s audience by uplift policy "
             "{{ ti.xcom_pull(task_ids='train_policy')['version'] }}?",
@@ -430,6 +465,24 @@ def monitoring_dag(uc: usecase.UseCase) -> Any:
             )
             return {"version": trained["version"], "previous": previous}
 
+        @task(retries=0, trigger_rule="none_failed_min_one_success")
+        def record_policy_review(trained: dict) -> dict:
+            """Approved or rejected: who and when, into ml.policies and the run's note."""
+            from _nightscore import leave_note, review_answer, use_case_context
+
+            from pipeline import policy
+
+            settings, config, _ = use_case_context(name)
+            recorded = policy.record_review(
+                settings,
+                config,
+                trained,
+                review_answer("approve_policy"),
+                get_current_context()["dag_run"].run_id,
+            )
+            leave_note(recorded["note"])
+            return recorded
+
         trained = train_policy(measured)
         route = route_policy(trained)
         (
@@ -438,6 +491,7 @@ def monitoring_dag(uc: usecase.UseCase) -> Any:
             >> approve_policy
             >> Label("approved")
             >> promote_policy(trained)
+            >> record_policy_review(trained)
         )
         route >> Label("decided") >> policy_decided(trained)
 

@@ -21,7 +21,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 from pipeline import config, demo, progress, usecase
@@ -159,15 +159,26 @@ def cmd_models(args: argparse.Namespace) -> int:
                 reason=args.reason,
                 effective_date=effective,
             )
+            # a version that awaited approval: this promotion is the approval
+            registry.record_review(
+                settings,
+                "ml.evaluations",
+                uc,
+                args.version,
+                None,
+                registry.Review(True, f"cli:{_user()}", datetime.now(UTC)),
+            )
             print(
-                f"{args.version} is now the {uc} champion (was {prev}), from the night of {effective}"
+                f"{args.version} is now the {uc} champion (was {prev}), from the night of "
+                f"{registry.champion_since(settings, uc)}"
             )
         else:
             restored = registry.rollback(
                 settings, uc, actor=f"cli:{_user()}", reason=args.reason, effective_date=effective
             )
             print(
-                f"rolled back: {restored} is the {uc} champion again, from the night of {effective}"
+                f"rolled back: {restored} is the {uc} champion again, from the night of "
+                f"{registry.champion_since(settings, uc)}"
             )
     return 0
 

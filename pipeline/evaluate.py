@@ -6,12 +6,16 @@ All functions take plain numpy arrays (labels in {0, 1}, probabilities in [0, 1]
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from pipeline.usecase import Gates
 
 
 def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
@@ -73,147 +77,157 @@ def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> 
 def classification_metrics(
     y: np.ndarray, p: np.ndarray, capacity: int | None = None
 ) -> dict[str, float]:
-    """The metric set recorded for every model on every holdout."""
-    from sklearn.metrics import average_precision_score, brier_score_loss, log_loss
+    """The metric set recorded for every model on every holdout.
 
-    y = np.asarray(y, dtype=np.int64)
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
-    out = {
-        "rows": float(len(y)),
-        "positive_rate": float(y.mean()) if len(y) else float("nan"),
-        "roc_auc": roc_auc(y, p),
-        "pr_auc": float(average_precision_score(y, p)) if 0 < y.sum() < len(y) else float("nan"),
-        "brier": float(brier_score_loss(y, p)),
-        "log_loss": float(log_loss(y, p, labels=[0, 1])),
-        "ece": expected_calibration_error(y, p),
-        "lift_top_decile": lift(y, p, 0.1),
-        "precision_top_decile": float(y[top_fraction_mask(p, 0.1)].mean())
-        if len(y)
-        else float("nan"),
-    }
-    if capacity:
-        out["precision_at_capacity"] = precision_at(y, p, capacity)
-        out["lift_at_capacity"] = (
-            out["precision_at_capacity"] / out["positive_rate"]
-            if out["positive_rate"]
-            else float("nan")
-        )
-    return out
-
-
-def _weighted_auc(
-    y: np.ndarray, order: np.ndarray, groups: np.ndarray, w: np.ndarray
-) -> np.ndarray:
-    """AUC for each row of bootstrap weights ``w`` (B x n), scores pre-sorted by ``order``.
-
-    ``groups`` labels runs of tied scores in sorted order; ties count one half.
+    One sort of the scores serves every ranking metric (ROC AUC and average precision
+    with ties grouped, the top decile, the top ``capacity``); probabilities are clipped to
+    [1e-7, 1 - 1e-7] first, as for the log loss.
     """
-    ys = y[order]
-    ws = w[:, order]
-    pos = ws * ys
-    neg = ws * (1 - ys)
-    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
-    pos_g = np.add.reduceat(pos, starts, axis=1)
-    neg_g = np.add.reduceat(neg, starts, axis=1)
-    neg_below = np.cumsum(neg_g, axis=1) - neg_g
-    num = (pos_g * (neg_below + 0.5 * neg_g)).sum(axis=1)
-    den = pos_g.sum(axis=1) * neg_g.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.asarray(num / den, dtype=np.float64)
-
-
-def _weighted_lift(
-    y: np.ndarray, order_desc: np.ndarray, w: np.ndarray, fraction: float
-) -> np.ndarray:
-    """Top-``fraction`` lift for each row of weights: the highest scores holding that share of weight."""
-    ys = y[order_desc]
-    ws = w[:, order_desc]
-    total = ws.sum(axis=1, keepdims=True)
-    inside = (np.cumsum(ws, axis=1) - ws) < fraction * total
-    top_rate = (ws * ys * inside).sum(axis=1) / (ws * inside).sum(axis=1)
-    base = (ws * ys).sum(axis=1) / total[:, 0]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.asarray(top_rate / base, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    n = len(y)
+    nan = float("nan")
+    positives = float(y.sum())
+    rate = positives / n if n else nan
+    desc = np.argsort(-p, kind="mergesort")
+    ys, ps = y[desc], p[desc]
+    out = {
+        "rows": float(n),
+        "positive_rate": rate,
+        "roc_auc": nan,
+        "pr_auc": nan,
+        "brier": float(np.mean((y - p) ** 2)) if n else nan,
+        "log_loss": float(np.mean(log_loss_rows(y, p))) if n else nan,
+        "ece": expected_calibration_error(ys[::-1], ps[::-1]) if n else nan,
+        "lift_top_decile": nan,
+        "precision_top_decile": nan,
+    }
+    if 0 < positives < n:
+        last = np.r_[ps[1:] != ps[:-1], True]  # the last row of each run of tied scores
+        tp = np.cumsum(ys)[last]
+        fp = np.cumsum(1 - ys)[last]
+        pos_g, neg_g = np.diff(tp, prepend=0.0), np.diff(fp, prepend=0.0)
+        negatives = n - positives
+        # a positive beats every negative scored below it, and half of those tied with it
+        out["roc_auc"] = float(
+            np.sum(pos_g * (negatives - fp + 0.5 * neg_g)) / (positives * negatives)
+        )
+        out["pr_auc"] = float(np.sum(pos_g / positives * tp / (tp + fp)))
+    if n:
+        top = ys[: max(1, round(n * 0.1))]
+        out["precision_top_decile"] = float(top.mean())
+        out["lift_top_decile"] = float(top.mean() / rate) if rate else nan
+    if capacity:
+        out["precision_at_capacity"] = float(ys[: max(1, min(capacity, n))].mean()) if n else nan
+        out["lift_at_capacity"] = out["precision_at_capacity"] / rate if rate else nan
+    return out
 
 
 # What becomes of a challenger that passes its gates, per promotion mode (models and
 # uplift policies alike); one that fails them is rejected.
 DECISIONS = {"auto": "promote", "approval": "awaiting_approval", "never": "shadow"}
 
-BOOTSTRAP_ROWS = 50_000  # holdout rows the paired bootstrap resamples, at most (~12 s)
+Z95 = 1.959963984540054  # two-sided 95%
+Z95_ONE_SIDED = 1.6448536269514722
 
 
-def paired_bootstrap(
+def log_loss_rows(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Each row's log loss (probabilities clipped to [1e-7, 1 - 1e-7], as ``log_loss``)."""
+    y = np.asarray(y, dtype=np.float64)
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    return -(y * np.log(p) + (1 - y) * np.log1p(-p))
+
+
+def _auc_influence(y: np.ndarray, p: np.ndarray) -> tuple[float, np.ndarray]:
+    """ROC AUC and each row's influence on it (DeLong's placement values, centred and
+    scaled): ``(V10 - AUC) / m`` for the m positives, ``(V01 - AUC) / n`` for the n
+    negatives, where V10 is the share of negatives a positive outscores and V01 the share
+    of positives that outscore a negative (ties count one half). The AUC's variance is
+    the sum of their squares, or of the squares of their sums per entity."""
+    y = np.asarray(y, dtype=bool)
+    p = np.asarray(p, dtype=np.float64)
+    pos, neg = np.sort(p[y]), np.sort(p[~y])
+    m, n = len(pos), len(neg)
+    if not m or not n:
+        return float("nan"), np.zeros(len(p))
+    below = np.searchsorted(neg, p, "left")
+    v10 = (below + 0.5 * (np.searchsorted(neg, p, "right") - below)) / n
+    above = m - np.searchsorted(pos, p, "right")
+    v01 = (above + 0.5 * (m - np.searchsorted(pos, p, "left") - above)) / m
+    auc = float(v10[y].mean())
+    return auc, np.where(y, (v10 - auc) / m, (v01 - auc) / n)
+
+
+def _standard_error(influence: np.ndarray, groups: np.ndarray | None) -> float:
+    """The standard error of a statistic from its rows' influences: rows of one entity
+    (pooled holdout dates) are summed first, so an entity counts once, not once per date."""
+    if groups is None:
+        return float(np.sqrt(np.sum(influence**2)))
+    sums = np.bincount(groups, weights=influence)
+    clusters = len(sums)
+    return float(np.sqrt(np.sum(sums**2) * clusters / max(clusters - 1, 1)))
+
+
+def _estimate(value: float, se: float, rows: int, entities: int) -> dict[str, float]:
+    if se > 0:
+        confidence = float(NormalDist().cdf(value / se))
+    else:  # identical scores on every row: no evidence either way
+        confidence = 0.5 if value == 0 else float(value > 0)
+    return {
+        "estimate": float(value),
+        "se": float(se),
+        "low": float(value - Z95 * se),
+        "high": float(value + Z95 * se),
+        "confidence": confidence,
+        "rows": float(rows),
+        "entities": float(entities),
+    }
+
+
+def paired_evidence(
     y: np.ndarray,
     p_challenger: np.ndarray,
     p_champion: np.ndarray,
-    *,
-    resamples: int = 1000,
-    seed: int = 0,
-    block: int = 50,
-    max_rows: int = BOOTSTRAP_ROWS,
+    entity: np.ndarray | None = None,
 ) -> dict[str, dict[str, float]]:
-    """95% intervals of challenger-minus-champion AUC and top-decile lift, paired.
+    """How much better the challenger is than the champion on the same labelled rows.
 
-    Both models are scored on the same resampled rows (multinomial resampling expressed as
-    per-row counts), so the interval reflects the difference, not two independent noises.
-    Vectorized over blocks of resamples; seeded, so the same inputs give the same interval.
-    A holdout above ``max_rows`` is resampled from a seeded sample of ``m`` = ``max_rows``
-    of its ``n`` rows, so the cost stays bounded whatever the population: the m-out-of-n
-    bootstrap, whose deviations from the sample's own estimate are scaled by sqrt(m / n)
-    around the whole holdout's estimate (both differences are root-n statistics).
+    Three paired differences, each oriented so that a positive value favours the
+    challenger: ``roc_auc_diff`` (ranking; DeLong's variance), ``log_loss_gain`` (the
+    champion's mean log loss minus the challenger's: a proper scoring rule, which sees
+    calibration as well as ranking) and ``brier_gain`` (the same for the Brier score).
+    Each has its estimate, standard error, 95% interval (``low``, ``high``) and
+    ``confidence``: the probability that the challenger is the better one, Phi(estimate /
+    se), a normal approximation with a flat prior.
+
+    Rows are paired (both models score every row), so what the two models share cancels.
+    ``entity`` (one key per row) marks rows of the same entity on several pooled holdout
+    dates: their influences are summed before squaring (a cluster-robust variance), so
+    pooling dates never counts one entity's outcome as independent evidence twice.
+    Closed form, O(n log n): the same inputs give the same figures.
     """
     y = np.asarray(y, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    points = {
-        "roc_auc_diff": roc_auc(y, p_challenger) - roc_auc(y, p_champion),
-        "lift_top_decile_diff": lift(y, p_challenger) - lift(y, p_champion),
-    }
-    centres, scale = points, 1.0
-    if len(y) > max_rows:
-        scale = float(np.sqrt(max_rows / len(y)))
-        keep = np.sort(rng.choice(len(y), size=max_rows, replace=False))
-        y = y[keep]
-        p_challenger, p_champion = np.asarray(p_challenger)[keep], np.asarray(p_champion)[keep]
-        centres = {
-            "roc_auc_diff": roc_auc(y, p_challenger) - roc_auc(y, p_champion),
-            "lift_top_decile_diff": lift(y, p_challenger) - lift(y, p_champion),
-        }
-    n = len(y)
-    models = []
-    for p in (np.asarray(p_challenger, dtype=np.float64), np.asarray(p_champion, dtype=np.float64)):
-        order = np.argsort(p, kind="mergesort")
-        groups = np.unique(p[order], return_inverse=True)[1]
-        models.append((order, groups, np.argsort(-p, kind="mergesort")))
-    auc_diff: list[np.ndarray] = []
-    lift_diff: list[np.ndarray] = []
-    done = 0
-    while done < resamples:
-        b = min(block, resamples - done)
-        idx = rng.integers(0, n, size=(b, n))
-        w = (
-            np.bincount((idx + (np.arange(b) * n)[:, None]).ravel(), minlength=b * n)
-            .reshape(b, n)
-            .astype(np.float64)
+    p_ch = np.asarray(p_challenger, dtype=np.float64)
+    p_cm = np.asarray(p_champion, dtype=np.float64)
+    groups = None if entity is None else np.unique(np.asarray(entity), return_inverse=True)[1]
+    rows = len(y)
+    entities = rows if groups is None else int(groups.max()) + 1 if rows else 0
+    auc_ch, inf_ch = _auc_influence(y, p_ch)
+    auc_cm, inf_cm = _auc_influence(y, p_cm)
+    out = {
+        "roc_auc_diff": _estimate(
+            auc_ch - auc_cm, _standard_error(inf_ch - inf_cm, groups), rows, entities
         )
-        aucs = [_weighted_auc(y, o, g, w) for o, g, _ in models]
-        lifts = [_weighted_lift(y, d, w, 0.1) for _, _, d in models]
-        auc_diff.append(aucs[0] - aucs[1])
-        lift_diff.append(lifts[0] - lifts[1])
-        done += b
-    out = {}
-    for name, draws in (
-        ("roc_auc_diff", np.concatenate(auc_diff)),
-        ("lift_top_decile_diff", np.concatenate(lift_diff)),
+    }
+    for name, loss in (
+        ("log_loss_gain", log_loss_rows),
+        ("brier_gain", lambda t, p: (t - p) ** 2),
     ):
-        low, high = points[name] + (np.nanpercentile(draws, [2.5, 97.5]) - centres[name]) * scale
-        out[name] = {
-            "estimate": float(points[name]),
-            "low": float(low),
-            "high": float(high),
-            "resamples": float(len(draws)),
-            "rows": float(n),
-        }
+        gain = loss(y, p_cm) - loss(y, p_ch)
+        mean = float(gain.mean()) if rows else float("nan")
+        out[name] = _estimate(
+            mean, _standard_error((gain - mean) / max(rows, 1), groups), rows, entities
+        )
     return out
 
 
@@ -240,27 +254,52 @@ def psi(expected: np.ndarray, actual: np.ndarray, bins: int = 10) -> float:
     return float(np.sum((a - e) * np.log(a / e)))
 
 
+def beside(value: float, limit: float, digits: int = 3, *, signed: bool = False) -> str:
+    """``value`` with at least ``digits`` decimals, and as many more as it takes to show
+    which side of ``limit`` it falls on (never ``0.250`` against a limit of 0.25)."""
+    if not np.isfinite(value):
+        return str(value)
+    places = digits
+    while places < 12 and value != limit and round(value, places) == round(limit, places):
+        places += 1
+    return f"{value:{'+' if signed else ''}.{places}f}"
+
+
+TOP_DECILE_SHARE_LIMIT = 0.2  # rows at or above the top decile's cut-off, at most
+
+
 def gate_checks(
+    gates: Gates,
     *,
-    auc_floor: float,
-    lift_floor: float,
-    noninferiority_margin: float,
-    score_psi_limit: float,
     challenger: dict[str, float],
     p_challenger: np.ndarray,
     champion: dict[str, float] | None = None,
     p_champion: np.ndarray | None = None,
-    intervals: dict[str, dict[str, float]] | None = None,
+    evidence: dict[str, dict[str, float]] | None = None,
     schema_problems: list[str] | None = None,
-    min_holdout_positives: int = 1,
+    decayed: str | None = None,
+    holdout_dates: int = 1,
 ) -> list[dict[str, object]]:
-    """Every promotion check, passed or not, with what was expected and what was found.
+    """Every promotion check, passed or not, with the config key that governs it, what
+    was expected and what was found (figures printed to the digit that decides).
 
-    Evidence (the holdout holds at least ``min_holdout_positives`` positives: fewer make
-    every interval too wide to decide on), sanity (no NaN, not constant, schema compatible
-    with tonight's scoring data, score distribution close to the champion's), absolute
-    floors, and non-inferiority: the lower bound of the paired-bootstrap AUC difference
-    must be >= -margin. Without a champion only evidence, sanity and floors apply.
+    Evidence (the pooled holdout holds ``gates.min_holdout_positives``), sanity (no NaN,
+    not constant, a distinct riskiest decile, the schema of tonight's scoring data),
+    absolute floors, and, against a champion (``evidence`` from :func:`paired_evidence`):
+
+    - ``better_than_champion``: the challenger's log loss is lower with probability at
+      least ``gates.promote_confidence``; when the champion has ``decayed`` (monitoring
+      saw its realized performance or calibration fall past its limits), the burden
+      flips: the challenger passes unless the champion is shown better, i.e. with
+      probability ``gates.decayed_promote_confidence`` or more;
+    - ``auc_not_worse``: the challenger's ranking is not shown worse beyond
+      ``gates.noninferiority_margin`` (upper one-sided 95% bound of the AUC difference);
+    - ``score_shift_vs_champion``: a score distribution far from the champion's (PSI
+      above ``gates.score_psi_limit``) is accepted when the challenger is better
+      calibrated on the holdout (lower Brier score and calibration error): a shift that
+      fixes calibration is not a fault. ``score_psi_limit: null`` turns the check off.
+
+    The defaults and their error rates at each holdout size: ``benchmarks/gates.py``.
     """
     p = np.asarray(p_challenger, dtype=np.float64)
     checks: list[dict[str, object]] = []
@@ -268,19 +307,30 @@ def gate_checks(
     def add(name: str, passed: bool, expected: str, found: str) -> None:
         checks.append({"check": name, "passed": bool(passed), "expected": expected, "found": found})
 
-    positives = round(challenger.get("rows", 0.0) * challenger.get("positive_rate", 0.0))
+    rows = int(challenger.get("rows", 0))
+    positives = round(rows * challenger.get("positive_rate", 0.0))
+    dates = f" over {holdout_dates} holdout dates" if holdout_dates > 1 else ""
     add(
         "holdout_positives",
-        positives >= min_holdout_positives,
-        f">= {min_holdout_positives} positives in the out-of-time holdout "
+        positives >= gates.min_holdout_positives,
+        f">= {gates.min_holdout_positives} positives in the out-of-time holdout "
         "(gates.min_holdout_positives)",
-        f"{positives} of {int(challenger.get('rows', 0))} rows",
+        f"{positives} positives in {rows} rows{dates}",
     )
-
     nans = int(np.isnan(p).sum())
     add("no_nan_scores", nans == 0, "0 NaN scores", f"{nans} NaN scores")
     spread = float(np.nanstd(p)) if len(p) else 0.0
     add("scores_not_constant", spread > 1e-6, "score std > 1e-6", f"std {spread:.3g}")
+    if len(p) and not nans:
+        cut = np.quantile(p, 0.9)
+        share = float(np.mean(p >= cut))
+        add(
+            "top_decile_distinct",
+            share <= TOP_DECILE_SHARE_LIMIT,
+            f"<= {TOP_DECILE_SHARE_LIMIT:.0%} of rows score at or above the top decile's "
+            "cut-off (ties must not swallow the riskiest decile)",
+            f"{share:.1%} at or above {cut:.4g}",
+        )
     problems = schema_problems or []
     add(
         "feature_schema_compatible",
@@ -289,37 +339,116 @@ def gate_checks(
         "; ".join(problems) or "compatible",
     )
     auc = challenger.get("roc_auc", float("nan"))
-    add("auc_floor", bool(auc >= auc_floor), f"ROC AUC >= {auc_floor:.2f}", f"{auc:.4f}")
+    add(
+        "auc_floor",
+        bool(auc >= gates.auc_floor),
+        f"ROC AUC >= {gates.auc_floor:g} (gates.auc_floor)",
+        beside(auc, gates.auc_floor, 4),
+    )
     lift_value = challenger.get("lift_top_decile", float("nan"))
     add(
         "lift_floor",
-        bool(lift_value >= lift_floor),
-        f"top-decile lift >= {lift_floor:.2f}",
-        f"{lift_value:.2f}",
+        bool(lift_value >= gates.lift_floor),
+        f"top-decile lift >= {gates.lift_floor:g} (gates.lift_floor)",
+        beside(lift_value, gates.lift_floor, 2),
     )
-    if champion is not None and p_champion is not None and intervals:
+    if champion is None or p_champion is None or not evidence:
+        return checks
+    gain = evidence["log_loss_gain"]
+    if decayed:
+        need, key = gates.decayed_promote_confidence, "gates.decayed_promote_confidence"
+        why = f"; the champion has decayed ({decayed}): it must be shown better to stay"
+    else:
+        need, key, why = gates.promote_confidence, "gates.promote_confidence", ""
+    add(
+        "better_than_champion",
+        gain["confidence"] >= need,
+        f"P(challenger's log loss is lower) >= {need:.1%} ({key}){why}",
+        f"{beside(100 * gain['confidence'], 100 * need, 1)}%: log-loss gain "
+        f"{gain['estimate']:+.5f} (95% CI {gain['low']:+.5f} .. {gain['high']:+.5f}) on "
+        f"{positives} positives, {int(gain['entities'])} entities{dates}",
+    )
+    auc_diff = evidence["roc_auc_diff"]
+    upper = auc_diff["estimate"] + Z95_ONE_SIDED * auc_diff["se"]
+    margin = gates.noninferiority_margin
+    add(
+        "auc_not_worse",
+        upper >= -margin,
+        f"upper 95% bound of AUC(challenger) - AUC(champion) >= -{margin:g} "
+        "(gates.noninferiority_margin)",
+        f"{auc_diff['estimate']:+.4f}, upper bound {beside(upper, -margin, 4, signed=True)}",
+    )
+    if gates.score_psi_limit is not None:
         shift = psi(p_champion, p)
-        add(
-            "score_psi_vs_champion",
-            bool(shift <= score_psi_limit),
-            f"PSI <= {score_psi_limit:.2f}",
-            f"{shift:.3f}",
-        )
-        ci = intervals["roc_auc_diff"]
-        passed = bool(ci["low"] >= -noninferiority_margin)
-        found = f"{ci['estimate']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}]"
-        if not passed and ci["estimate"] >= 0:
+        calibrated = challenger["brier"] < champion["brier"] and challenger["ece"] < champion["ece"]
+        found = f"PSI {beside(shift, gates.score_psi_limit)}"
+        if shift > gates.score_psi_limit:
             found += (
-                f": higher AUC, but with {positives} holdout positives the interval is too "
-                "wide to rule out a loss beyond the margin"
+                f"; challenger better calibrated on the holdout (Brier {challenger['brier']:.5f} "
+                f"vs {champion['brier']:.5f}, ECE {challenger['ece']:.4f} vs "
+                f"{champion['ece']:.4f}): the shift is a fix"
+                if calibrated
+                else f"; not better calibrated on the holdout (Brier {challenger['brier']:.5f} "
+                f"vs {champion['brier']:.5f}, ECE {challenger['ece']:.4f} vs {champion['ece']:.4f})"
             )
         add(
-            "auc_noninferiority",
-            passed,
-            f"lower 95% bound of AUC(challenger) - AUC(champion) >= -{noninferiority_margin}",
+            "score_shift_vs_champion",
+            shift <= gates.score_psi_limit or calibrated,
+            f"score PSI vs the champion <= {gates.score_psi_limit:g} (gates.score_psi_limit), "
+            "or better calibrated on the holdout",
             found,
         )
     return checks
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the gates found on one holdout: both models' metrics, the paired evidence
+    (empty without a champion) and every check."""
+
+    metrics: dict[str, dict[str, float] | None]
+    evidence: dict[str, dict[str, float]]
+    checks: list[dict[str, object]]
+
+    @property
+    def passed(self) -> bool:
+        return all(c["passed"] for c in self.checks)
+
+    @property
+    def failed(self) -> list[str]:
+        return [describe(c) for c in self.checks if not c["passed"]]
+
+
+def judge(
+    gates: Gates,
+    y: np.ndarray,
+    p_challenger: np.ndarray,
+    p_champion: np.ndarray | None = None,
+    *,
+    entity: np.ndarray | None = None,
+    capacity: int | None = None,
+    decayed: str | None = None,
+    schema_problems: list[str] | None = None,
+    holdout_dates: int = 1,
+) -> Verdict:
+    """Run the promotion gates on a labelled holdout scored by the challenger (and the
+    champion, when there is one): the one decision rule the nightly run and
+    ``benchmarks/gates.py`` both apply."""
+    ch = classification_metrics(y, p_challenger, capacity=capacity)
+    champ = None if p_champion is None else classification_metrics(y, p_champion, capacity=capacity)
+    evidence = {} if p_champion is None else paired_evidence(y, p_challenger, p_champion, entity)
+    checks = gate_checks(
+        gates,
+        challenger=ch,
+        p_challenger=p_challenger,
+        champion=champ,
+        p_champion=p_champion,
+        evidence=evidence,
+        schema_problems=schema_problems,
+        decayed=decayed,
+        holdout_dates=holdout_dates,
+    )
+    return Verdict({"challenger": ch, "champion": champ}, evidence, checks)
 
 
 def describe(check: dict[str, object]) -> str:
@@ -433,3 +562,88 @@ def segment_metrics(
             }
         )
     return out
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One night's champion/challenger evaluation: what was compared, on which holdout
+    dates, what the gates found and what became of the challenger. ``evaluate_challenger``
+    builds it; the report, ``ml.evaluations``, the approval form and the XCom read it.
+
+    Attributes:
+        holdouts: per pooled holdout date: as_of, rows, positives, sha256 and ``compared``
+            (the champion is judged on the dates out of time for it too).
+        verdict: the gates' findings; None when the challenger is the champion's bytes.
+        decision: ``promote``, ``awaiting_approval``, ``shadow``, ``reject`` or
+            ``identical`` (the same artifact as the champion: nothing to decide).
+        decayed: why monitoring counts the champion as decayed, if it does.
+        same_as: the version registered earlier with the challenger's bytes, if any.
+    """
+
+    use_case: str
+    challenger: str
+    champion: str | None
+    holdouts: list[dict[str, Any]]
+    verdict: Verdict | None
+    decision: str
+    reasons: list[str]
+    decayed: str | None = None
+    same_as: str | None = None
+
+    @property
+    def metrics(self) -> dict[str, dict[str, float] | None]:
+        return self.verdict.metrics if self.verdict else {"challenger": None, "champion": None}
+
+    @property
+    def evidence(self) -> dict[str, dict[str, float]]:
+        return self.verdict.evidence if self.verdict else {}
+
+    @property
+    def checks(self) -> list[dict[str, object]]:
+        return self.verdict.checks if self.verdict else []
+
+    def summary_markdown(self, report_url: str | None) -> str:
+        """The evaluation as Markdown, for the approver in the Airflow UI."""
+        lines = [
+            f"**Challenger** `{self.challenger}` vs **champion** `{self.champion or 'none'}`: "
+            f"**{self.decision}**",
+        ]
+        if self.same_as:
+            lines += [
+                "",
+                f"Identical to `{self.same_as}`: the same artifact bytes, registered before.",
+            ]
+        if self.decayed:
+            lines += [
+                "",
+                f"The champion has decayed ({self.decayed}): it must be shown better to stay.",
+            ]
+        dated = ", ".join(
+            f"{h['as_of']} ({h['positives']:,} positives of {h['rows']:,})" for h in self.holdouts
+        )
+        lines += ["", f"Holdout: {dated}."]
+        ch, champ = self.metrics["challenger"], self.metrics["champion"]
+        if ch:
+            lines += ["", "| metric | challenger | champion |", "|---|---|---|"]
+            for key in (
+                "roc_auc",
+                "log_loss",
+                "brier",
+                "ece",
+                "lift_top_decile",
+                "precision_at_capacity",
+            ):
+                if key in ch:
+                    other = f"{champ[key]:.4f}" if champ else "-"
+                    lines.append(f"| {key} | {ch[key]:.4f} | {other} |")
+        for name, e in self.evidence.items():
+            lines.append(
+                f"\n{name}: {e['estimate']:+.5f} (95% CI {e['low']:+.5f} .. {e['high']:+.5f}); "
+                f"P(challenger better) {e['confidence']:.1%}"
+            )
+        lines.append("")
+        lines += [f"- {describe(c)}" for c in self.checks]
+        lines += [f"- {r}" for r in self.reasons if not self.checks]
+        if report_url:
+            lines += ["", f"[Evaluation report]({report_url})"]
+        return "\n".join(lines)

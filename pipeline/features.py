@@ -116,27 +116,36 @@ def _strip(text: str) -> str:
 GRID_EPOCH = date(1970, 1, 1)
 
 
-def training_dates(uc: UseCase, run_date: date) -> tuple[list[date], date]:
+def training_dates(uc: UseCase, run_date: date) -> tuple[list[date], list[date]]:
     """Snapshot dates for a model trained by the run scoring ``run_date``.
 
-    The holdout is the newest snapshot whose label window closed before ``run_date``.
-    Training snapshots are older still, and their label windows close on or before the
-    holdout date, so no training label overlaps the holdout period (out-of-time).
+    The newest holdout is the newest snapshot whose label window closed before
+    ``run_date``; ``training.holdout_snapshots`` > 1 adds the grid dates before it, so the
+    gates weigh several matured dates of evidence. Training snapshots are older still, and
+    their label windows close on or before the oldest holdout date, so no training label
+    overlaps a holdout period (out-of-time).
 
-    Training dates sit on a fixed calendar grid (every ``training.step_days`` days from
-    1970-01-01), not on dates sliding with the run: a training snapshot is built once,
-    the first night its labels have matured, and reused by the nights after
-    (:func:`training_snapshot`). Only the holdout moves with the run date.
+    Training dates, and holdout dates but the newest, sit on a fixed calendar grid (every
+    ``training.step_days`` days from 1970-01-01), not on dates sliding with the run: a
+    labelled snapshot is built once, the first night its labels have matured, and reused
+    by the nights after (:func:`training_snapshot`). Only the newest holdout moves with the
+    run date.
 
     Returns:
-        (training dates, oldest first; holdout date)
+        (training dates, oldest first; holdout dates, oldest first)
     """
     horizon = timedelta(days=uc.label.horizon_days)
-    holdout = run_date - horizon
     step = uc.training.step_days
-    newest_train = _on_grid(holdout - horizon, step)
+    newest = run_date - horizon
+    holdouts = [newest]
+    if uc.training.holdout_snapshots > 1:
+        first = _on_grid(newest - timedelta(days=1), step)
+        holdouts += [
+            first - timedelta(days=i * step) for i in range(uc.training.holdout_snapshots - 1)
+        ]
+    newest_train = _on_grid(min(holdouts) - horizon, step)
     dates = [newest_train - timedelta(days=i * step) for i in range(uc.training.snapshots)]
-    return sorted(dates), holdout
+    return sorted(dates), sorted(holdouts)
 
 
 def _on_grid(day: date, step: int) -> date:
@@ -421,6 +430,20 @@ def read_snapshot(snapshot: Snapshot, columns: list[str] | None = None) -> pa.Ta
     return pq.read_table(snapshot.path, columns=columns)
 
 
+HOLDOUT_DATE = "holdout_as_of"  # the column saying which pooled holdout date a row is from
+
+
+def read_pooled(snapshots: list[Snapshot]) -> pa.Table:
+    """Labelled snapshots stacked into one table, each row with its snapshot's date in a
+    ``holdout_as_of`` column (the same entity appears once per date). Hashes verified."""
+    tables = []
+    for snap in snapshots:
+        table = read_snapshot(snap)
+        when = pa.array(np.full(table.num_rows, snap.as_of), type=pa.date32())
+        tables.append(table.append_column(HOLDOUT_DATE, when))
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
 def verify(snapshot: Snapshot) -> None:
     found = files.sha256(snapshot.path) if snapshot.path.exists() else "missing file"
     if found != snapshot.sha256:
@@ -431,7 +454,7 @@ def verify(snapshot: Snapshot) -> None:
 
 
 def feature_columns(schema: pa.Schema, uc: UseCase) -> list[str]:
-    return [n for n in schema.names if n not in (uc.entity_key, "label")]
+    return [n for n in schema.names if n not in (uc.entity_key, "label", HOLDOUT_DATE)]
 
 
 def find_snapshot(settings: Settings, uc: UseCase, as_of: date, sha256: str) -> Snapshot:

@@ -303,6 +303,7 @@ NIGHT_STAGES = (
     "train_challenger",
     "evaluate_challenger",
     "promote_challenger",
+    "record_review",
     "select_model",
     "score_partition",
     "check_scores",

@@ -28,7 +28,7 @@ from pipeline import db, evaluate, features, keys, registry
 from pipeline.config import Settings
 from pipeline.errors import DataError
 from pipeline.features import Labels
-from pipeline.usecase import UseCase
+from pipeline.usecase import Monitoring, UseCase
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,34 @@ class Realized:
     roc_auc: float
     lift_top_decile: float
     holdout_auc: float | None
+    ece: float = float("nan")
+    holdout_ece: float | None = None
+
+    def decay(self, limits: Monitoring) -> str | None:
+        """Why this night says its model has decayed (``monitoring.decay_threshold`` on the
+        ROC AUC, ``monitoring.calibration_threshold`` on the calibration error, each
+        against the model's own out-of-time holdout), or None."""
+        found = []
+        if (
+            self.holdout_auc is not None
+            and self.holdout_auc - self.roc_auc > limits.decay_threshold
+        ):
+            found.append(
+                f"realized AUC {self.roc_auc:.4f} on {self.score_date} is "
+                f"{self.holdout_auc - self.roc_auc:.4f} below {self.model_version}'s holdout AUC "
+                f"{self.holdout_auc:.4f} (monitoring.decay_threshold {limits.decay_threshold:g})"
+            )
+        if (
+            self.holdout_ece is not None
+            and self.ece - self.holdout_ece > limits.calibration_threshold
+        ):
+            found.append(
+                f"realized calibration error {self.ece:.4f} on {self.score_date} is "
+                f"{self.ece - self.holdout_ece:.4f} above {self.model_version}'s holdout "
+                f"{self.holdout_ece:.4f} (monitoring.calibration_threshold "
+                f"{limits.calibration_threshold:g})"
+            )
+        return "; ".join(found) or None
 
 
 def matured_unevaluated(settings: Settings, uc: UseCase, as_of: date) -> list[date]:
@@ -98,7 +126,8 @@ def evaluate_date(settings: Settings, uc: UseCase, score_date: date) -> list[Rea
             for d in range(1, 11)
             if (deciles[mine] == d).any()
         }
-        holdout = registry.get(settings, uc.name, version).metrics.get("roc_auc")
+        own = registry.get(settings, uc.name, version).metrics
+        holdout = own.get("roc_auc")
         _store(
             settings,
             uc,
@@ -119,6 +148,8 @@ def evaluate_date(settings: Settings, uc: UseCase, score_date: date) -> list[Rea
                 m["roc_auc"],
                 m["lift_top_decile"],
                 holdout,
+                m["ece"],
+                own.get("ece"),
             )
         )
     return out
@@ -172,6 +203,42 @@ def _num(x: float) -> float | None:
     return None if x is None or np.isnan(x) else float(x)
 
 
+def champion_decay(settings: Settings, uc: UseCase, version: str, as_of: date) -> str | None:
+    """Why ``version`` counts as decayed for a night of ``as_of`` (see :meth:`Realized.decay`),
+    from its newest realized evaluation whose labels had matured by then; None if it has
+    not decayed or was never evaluated. As of the night: a backfill never reads a
+    later night's outcome."""
+    conn = db.connect(settings.database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT score_date, rows, positives, roc_auc, lift_top_decile, holdout_auc, ece "
+                "FROM monitoring.realized_performance WHERE use_case = %s AND model_version = %s "
+                "AND score_date + %s <= %s ORDER BY score_date DESC LIMIT 1",
+                (uc.name, version, uc.label.horizon_days, as_of),
+            )
+            row = cur.fetchone()
+        conn.commit()
+    finally:
+        conn.close()
+    if row is None:
+        return None
+    day, rows, positives, auc, lift, holdout_auc, ece = row
+    nan = float("nan")
+    realized = Realized(
+        day,
+        version,
+        rows,
+        positives,
+        nan if auc is None else auc,
+        nan if lift is None else lift,
+        holdout_auc,
+        nan if ece is None else ece,
+        registry.get(settings, uc.name, version).metrics.get("ece"),
+    )
+    return realized.decay(uc.monitoring)
+
+
 def update_realized_performance(settings: Settings, uc: UseCase, as_of: date) -> dict[str, Any]:
     """Evaluate every newly matured published date; request a retrain on decay."""
     done = [
@@ -179,21 +246,9 @@ def update_realized_performance(settings: Settings, uc: UseCase, as_of: date) ->
         for day in matured_unevaluated(settings, uc, as_of)
         for r in evaluate_date(settings, uc, day)
     ]
-    decayed = [
-        r
-        for r in done
-        if r.holdout_auc is not None
-        and not np.isnan(r.roc_auc)
-        and r.holdout_auc - r.roc_auc > uc.monitoring.decay_threshold
-    ]
+    decayed = [why for r in done if (why := r.decay(uc.monitoring))]
     if decayed:
-        worst = max(decayed, key=lambda r: r.holdout_auc - r.roc_auc)  # type: ignore[operator]
-        registry.request_retrain(
-            settings,
-            uc.name,
-            f"realized AUC {worst.roc_auc:.3f} on {worst.score_date} is {worst.holdout_auc - worst.roc_auc:.3f} "  # type: ignore[operator]
-            f"below {worst.model_version}'s holdout AUC {worst.holdout_auc:.3f} (threshold {uc.monitoring.decay_threshold})",
-        )
+        registry.request_retrain(settings, uc.name, "; ".join(decayed[-3:]))
     log.info("realized performance: %d evaluations, %d decayed", len(done), len(decayed))
     return {
         "evaluated": [f"{r.score_date}:{r.model_version}" for r in done],

@@ -193,6 +193,27 @@ def promote(
     return previous
 
 
+def record_review(
+    settings: Settings,
+    uc: UseCase,
+    trained: dict[str, Any],
+    answer: dict[str, Any],
+    run_id: str | None,
+) -> dict[str, Any]:
+    """Record a person's answer to the approval of the policy ``train_challenger`` returned:
+    decision, who and when into ``ml.policies``, and one sentence for the run's note."""
+    from pipeline import registry
+
+    review = registry.Review.from_hitl(answer)
+    registry.record_review(settings, "ml.policies", uc.name, trained["version"], run_id, review)
+    note = review.text(
+        f"policy {trained['version']}",
+        "put in force" if review.approved else "not put in force; the policy in force stays",
+    )
+    log.log(logging.INFO if review.approved else logging.WARNING, "%s", note)
+    return {"decision": review.decision, "by": review.by, "note": note}
+
+
 # -- training, evidence and gates -------------------------------------------------------------
 
 
@@ -464,6 +485,9 @@ def policy_text(settings: Settings, uc: UseCase) -> str:
                 + "; ".join(_failed(newest["checks"]))
                 + ")",
                 "awaiting_approval": "passed the gates and awaits approval",
+                "approved": "was approved, then retired",
+                "rejected": "passed the gates and was rejected by "
+                + str(newest.get("reviewed_by") or "nobody (the approval timed out)"),
                 "shadow": "passed the gates; promotion_mode never keeps it out",
                 "promote": "was promoted, then retired",
             }[newest["decision"]]

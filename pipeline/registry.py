@@ -13,7 +13,7 @@ import logging
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +109,23 @@ def get(settings: Settings, use_case: str, version: str) -> ModelVersion:
     return mv
 
 
+def with_sha256(settings: Settings, use_case: str, sha256: str) -> ModelVersion | None:
+    """The registered version whose artifact has these bytes (the first registered), if any."""
+    conn = db.connect(settings.database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                f"SELECT {_COLUMNS} FROM ml.model_versions WHERE use_case = %s AND sha256 = %s "
+                "ORDER BY created_at, version LIMIT 1",
+                (use_case, sha256),
+            )
+            row = cur.fetchone()
+        conn.commit()
+    finally:
+        conn.close()
+    return None if row is None else _row_to_version(row)
+
+
 def list_versions(settings: Settings, use_case: str) -> list[ModelVersion]:
     conn = db.connect(settings.database_url)
     try:
@@ -141,6 +158,11 @@ def promote(
 ) -> str | None:
     """Make ``version`` the champion; the previous champion is retired. Logged, atomic.
 
+    The promotion takes effect on ``effective_date`` or, if the log already holds a later
+    one, on that later date: effective dates never go back, so the champion the registry
+    names is the one ``champion_on`` gives for every date from the newest effective date
+    on (approving a past-dated run's challenger cannot make them disagree).
+
     Returns:
         the previous champion's version, if any.
     """
@@ -148,8 +170,9 @@ def promote(
     def promotion(previous: str | None) -> tuple[str, tuple[Any, ...]]:
         return (
             "INSERT INTO ml.promotions (use_case, action, version, previous_version, "
-            "effective_date, actor, reason, run_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-            (use_case, action, version, previous, effective_date, actor, reason, run_id),
+            "effective_date, actor, reason, run_id) VALUES (%s, %s, %s, %s, GREATEST(%s::date, "
+            "(SELECT max(effective_date) FROM ml.promotions WHERE use_case = %s)), %s, %s, %s)",
+            (use_case, action, version, previous, effective_date, use_case, actor, reason, run_id),
         )
 
     previous = swap_champion(
@@ -311,6 +334,17 @@ def next_night(settings: Settings, use_case: str, today: date) -> date:
     return max(today, db.to_date(newest) + timedelta(days=1)) if newest else today
 
 
+def champion_since(settings: Settings, use_case: str) -> date | None:
+    """The effective date of the newest promotion or rollback (the champion's first night)."""
+    value = db.scalar(
+        settings.database_url,
+        "SELECT effective_date FROM ml.promotions WHERE use_case = %s "
+        "ORDER BY promotion_id DESC LIMIT 1",
+        (use_case,),
+    )
+    return None if value is None else db.to_date(value)
+
+
 def champion_on(settings: Settings, use_case: str, day: date) -> str | None:
     """The champion in force for score date ``day``, answered from the promotions log."""
     value = db.scalar(
@@ -357,6 +391,54 @@ def set_shadow(settings: Settings, use_case: str, version: str) -> None:
         conn.commit()
     finally:
         conn.close()
+
+
+@dataclass(frozen=True)
+class Review:
+    """A person's answer to an approval request (or the default a timeout gave)."""
+
+    approved: bool
+    by: str | None  # None: nobody answered before the timeout
+    at: datetime
+
+    @classmethod
+    def from_hitl(cls, answer: dict[str, Any]) -> Review:
+        """From the Airflow approval's response: chosen option, responder, response time."""
+        who = answer.get("responded_by_user") or {}
+        at = answer.get("responded_at")
+        return cls(
+            approved="Approve" in (answer.get("chosen_options") or []),
+            by=who.get("name") or who.get("id") or None,
+            at=datetime.fromisoformat(at) if isinstance(at, str) else (at or datetime.now(UTC)),
+        )
+
+    @property
+    def decision(self) -> str:
+        return "approved" if self.approved else "rejected"
+
+    def text(self, version: str, outcome: str) -> str:
+        """``Rejected by admin at 2026-12-06 09:04 UTC; <version> kept as shadow``."""
+        who = f"by {self.by}" if self.by else "by nobody (the approval timed out)"
+        return f"{self.decision.capitalize()} {who} at {self.at.astimezone(UTC):%Y-%m-%d %H:%M} UTC; {version} {outcome}"
+
+
+def record_review(
+    settings: Settings, table: str, use_case: str, version: str, run_id: str | None, review: Review
+) -> int:
+    """Write a person's decision on ``version`` into the evaluation record that awaited it
+    (``ml.evaluations`` for models, ``ml.policies`` for policies): decision, who, when.
+    Returns the rows updated (0 when nothing awaited approval)."""
+    column = "challenger" if table == "ml.evaluations" else "version"
+    return int(
+        db.scalar(
+            settings.database_url,
+            f"WITH done AS (UPDATE {table} SET decision = %s, reviewed_by = %s, reviewed_at = %s "
+            f"WHERE use_case = %s AND {column} = %s AND decision = 'awaiting_approval' "
+            "AND (%s::text IS NULL OR run_id = %s) RETURNING 1) SELECT count(*) FROM done",
+            (review.decision, review.by, review.at, use_case, version, run_id, run_id),
+        )
+        or 0
+    )
 
 
 def promoted_by_run(settings: Settings, use_case: str, run_id: str) -> str | None:

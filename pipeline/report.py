@@ -17,13 +17,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from pipeline.ledger import NIGHT_STAGES
+
+if TYPE_CHECKING:
+    from pipeline.evaluate import Evaluation
 
 FIG_SIZE = (5.0, 4.0)
 FIG_DPI = 90
@@ -40,6 +43,9 @@ DECISION_COLOURS: dict[str, str] = {
     "shadow": "#1f5fa8",
     "awaiting_approval": "#b26a00",
     "reject": "#b3261e",
+    "identical": "#555555",
+    "approved": "#1e7b34",
+    "rejected": "#b3261e",
 }
 UNKNOWN_DECISION_COLOUR = "#555555"
 
@@ -80,52 +86,33 @@ dl.header dd { margin: 0; }
 
 def write_evaluation_report(
     path: Path,
+    evaluation: Evaluation,
     *,
-    use_case: str,
-    challenger: str,
-    champion: str | None,
-    holdout_as_of: date,
     y: np.ndarray,
     p_challenger: np.ndarray,
     p_champion: np.ndarray | None,
-    metrics: dict[str, dict[str, float] | None],
-    intervals: dict[str, dict[str, float]],
-    decision: str,
-    reasons: list[str],
-    checks: Sequence[Mapping[str, Any]] = (),
     card: Mapping[str, Any] | None = None,
     importance: Sequence[Mapping[str, Any]] = (),
     segments: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
 ) -> Path:
     """Write a self-contained HTML report of one champion/challenger evaluation.
 
-    The report holds a header (use case, model versions, holdout date, the decision in a
-    colour keyed by its value, and the reasons), three embedded PNG plots (ROC curve,
-    cumulative gains and lift by population fraction, calibration over 10 equal-count bins;
-    the champion is drawn whenever ``p_champion`` is given), a metric table and a table of
-    the difference intervals. It references no external resource.
+    The report holds a header (use case, model versions, the pooled holdout dates with
+    their rows and positives, the decision in a colour keyed by its value, and the
+    reasons), three embedded PNG plots (ROC curve, cumulative gains and lift by population
+    fraction, calibration over 10 equal-count bins; the champion is drawn whenever
+    ``p_champion`` is given), the gate table, a metric table and the paired evidence
+    (estimate, 95% interval, probability the challenger is better). It references no
+    external resource.
 
     Args:
         path: Destination of the HTML file. Missing parent folders are created; an existing
             file is replaced atomically (temporary file in the same folder, then
             ``os.replace``), so readers never see a partial report.
-        use_case: Name of the use case, shown in the title.
-        challenger: Version string of the challenger model.
-        champion: Version string of the current champion, or ``None`` when there is none.
-        holdout_as_of: Date of the holdout snapshot the models were evaluated on.
-        y: 0/1 labels of the holdout rows.
+        evaluation: What was compared and decided (``pipeline.evaluate.Evaluation``).
+        y: 0/1 labels of the holdout rows both models were judged on.
         p_challenger: Challenger probabilities, one per row of ``y``.
         p_champion: Champion probabilities, one per row of ``y``, or ``None``.
-        metrics: ``{"challenger": {...}, "champion": {...} or None}``. The metric table has
-            one row per key of ``metrics["challenger"]`` (in its order), with the champion
-            value and the challenger-minus-champion difference when available.
-        intervals: Name to ``{"estimate", "low", "high"}`` (95% interval), e.g.
-            ``"roc_auc_diff"``; shown to 4 decimals.
-        decision: ``"promote"``, ``"shadow"``, ``"awaiting_approval"`` or ``"reject"``
-            (any other value is shown in a neutral colour).
-        reasons: Human-readable reasons for the decision, listed under it.
-        checks: The gate checks (``evaluate.gate_checks``: check, passed, expected, found),
-            shown as a table.
         card: The challenger's model card (features, training window and rows, estimator,
             parameters, seed, library and code versions).
         importance: Permutation importance (feature, importance, spread), most important first.
@@ -146,10 +133,10 @@ def write_evaluation_report(
         raise ValueError("probabilities must have one value per holdout row")
 
     series: list[tuple[str, np.ndarray, str]] = [
-        (f"challenger {challenger}", p_ch, CHALLENGER_COLOUR)
+        (f"challenger {evaluation.challenger}", p_ch, CHALLENGER_COLOUR)
     ]
     if p_cp is not None:
-        series.append((f"champion {champion or ''}".rstrip(), p_cp, CHAMPION_COLOUR))
+        series.append((f"champion {evaluation.champion or ''}".rstrip(), p_cp, CHAMPION_COLOUR))
 
     images = [
         ("ROC curve", _png_base64(_roc_figure(y_arr, series))),
@@ -157,17 +144,10 @@ def write_evaluation_report(
         ("Calibration (10 equal-count bins)", _png_base64(_calibration_figure(y_arr, series))),
     ]
     document = _render_html(
-        use_case=use_case,
-        challenger=challenger,
-        champion=champion,
-        holdout_as_of=holdout_as_of,
+        evaluation,
         y=y_arr,
-        metrics=metrics,
-        intervals=intervals,
-        decision=decision,
-        reasons=reasons,
         images=images,
-        extra=_gate_table(checks)
+        extra=_gate_table(evaluation.checks)
         + _card_html(card)
         + _importance_html(importance)
         + _segment_metrics_html(segments or {}),
@@ -492,45 +472,68 @@ def _metric_rows(metrics: Mapping[str, Mapping[str, float] | None]) -> str:
     return "\n".join(rows)
 
 
+def _evidence_value(value: float | None) -> str:
+    """A paired difference, to the digit that shows its sign (log-loss gains are small)."""
+    if value is None or math.isnan(value):
+        return "&mdash;"
+    return f"{value:+.5f}"
+
+
 def _interval_rows(intervals: Mapping[str, Mapping[str, float]]) -> str:
     rows = []
     for name, interval in intervals.items():
         estimate = interval.get("estimate")
         low = interval.get("low")
         high = interval.get("high")
+        confidence = interval.get("confidence")
         rows.append(
             "<tr>"
             f"<td>{html.escape(str(name))}</td>"
-            f'<td class="num">{_format_value(name, estimate)}</td>'
-            f'<td class="num">[{_format_value(name, low)}, {_format_value(name, high)}]</td>'
+            f'<td class="num">{_evidence_value(estimate)}</td>'
+            f'<td class="num">[{_evidence_value(low)}, {_evidence_value(high)}]</td>'
+            f'<td class="num">{"&mdash;" if confidence is None else f"{confidence:.1%}"}</td>'
             "</tr>"
         )
     if not rows:
-        rows.append('<tr><td colspan="3" class="note">no intervals computed</td></tr>')
+        rows.append(
+            '<tr><td colspan="4" class="note">no champion to compare with, or the same model</td></tr>'
+        )
     return "\n".join(rows)
 
 
+def _holdout_text(evaluation: Evaluation) -> str:
+    esc = html.escape
+    parts = [
+        f"<code>{esc(str(h['as_of']))}</code> ({int(h['rows']):,} rows, "
+        f"{int(h['positives']):,} positives"
+        + ("" if h.get("compared", True) else "; not out of time for the champion: not compared")
+        + ")"
+        for h in evaluation.holdouts
+    ]
+    return ", ".join(parts) or "none"
+
+
 def _render_html(
+    evaluation: Evaluation,
     *,
-    use_case: str,
-    challenger: str,
-    champion: str | None,
-    holdout_as_of: date,
     y: np.ndarray,
-    metrics: Mapping[str, Mapping[str, float] | None],
-    intervals: Mapping[str, Mapping[str, float]],
-    decision: str,
-    reasons: Sequence[str],
     images: Sequence[tuple[str, str]],
     extra: str = "",
 ) -> str:
     esc = html.escape
+    decision = evaluation.decision
     colour = DECISION_COLOURS.get(decision, UNKNOWN_DECISION_COLOUR)
+    champion = evaluation.champion
     champion_html = f"<code>{esc(champion)}</code>" if champion is not None else "none yet"
     positives = int(y.sum())
-    reason_items = "\n".join(f"<li>{esc(str(reason))}</li>" for reason in reasons)
+    reason_items = "\n".join(f"<li>{esc(str(reason))}</li>" for reason in evaluation.reasons)
     if not reason_items:
         reason_items = '<li class="note">no reasons given</li>'
+    if evaluation.decayed:
+        reason_items += (
+            f"\n<li>the champion has decayed ({esc(evaluation.decayed)}): the challenger needed "
+            "only not to be shown worse (gates.decayed_promote_confidence)</li>"
+        )
     figures = "\n".join(
         f'<figure><img alt="{esc(caption)}" src="data:image/png;base64,{data}">'
         f"<figcaption>{esc(caption)}</figcaption></figure>"
@@ -540,14 +543,14 @@ def _render_html(
 <html lang="en">
 <head>
 <meta charset="utf-8">
-<title>Evaluation report: {esc(use_case)} / {esc(challenger)}</title>
+<title>Evaluation report: {esc(evaluation.use_case)} / {esc(evaluation.challenger)}</title>
 <style>{STYLE}</style>
 </head>
 <body>
-<h1>Evaluation report: {esc(use_case)}</h1>
-<p class="meta">Challenger <code>{esc(challenger)}</code> &middot; champion {champion_html}
-&middot; holdout as of <code>{esc(holdout_as_of.isoformat())}</code>
-&middot; {y.size:,} rows, {positives:,} positives ({positives / y.size:.2%})</p>
+<h1>Evaluation report: {esc(evaluation.use_case)}</h1>
+<p class="meta">Challenger <code>{esc(evaluation.challenger)}</code> &middot; champion {champion_html}
+&middot; compared on {y.size:,} rows, {positives:,} positives ({positives / y.size:.2%})</p>
+<p class="meta">Holdout dates: {_holdout_text(evaluation)}</p>
 <h2>Decision</h2>
 <p><span class="decision" style="background: {colour};">{esc(decision)}</span></p>
 <ul class="reasons">
@@ -564,14 +567,15 @@ def _render_html(
 <thead><tr><th>Metric</th><th>Challenger</th><th>Champion</th>
 <th>Difference (challenger &minus; champion)</th></tr></thead>
 <tbody>
-{_metric_rows(metrics)}
+{_metric_rows(evaluation.metrics)}
 </tbody>
 </table>
-<h2>Intervals (challenger &minus; champion)</h2>
+<h2>Evidence, paired on the same rows (positive favours the challenger)</h2>
 <table class="intervals">
-<thead><tr><th>Quantity</th><th>Estimate</th><th>95% interval</th></tr></thead>
+<thead><tr><th>Quantity</th><th>Estimate</th><th>95% interval</th>
+<th>P(challenger better)</th></tr></thead>
 <tbody>
-{_interval_rows(intervals)}
+{_interval_rows(evaluation.evidence)}
 </tbody>
 </table>
 </body>
@@ -737,10 +741,17 @@ def _header_rows(context: NightContext) -> str:
     ]
     if context.evaluation:
         ev = context.evaluation
+        review = ""
+        if ev.get("reviewed_at"):
+            who = ev.get("reviewed_by") or "nobody (the approval timed out)"
+            at = ev["reviewed_at"]
+            when = at.strftime("%Y-%m-%d %H:%M %Z") if hasattr(at, "strftime") else str(at)
+            review = f"<br><strong>{esc(str(ev['decision']).capitalize())} by {esc(str(who))} at {esc(when)}</strong>"
         items.append(
             (
                 "challenger",
                 f"<code>{esc(str(ev['challenger']))}</code>: {esc(str(ev['decision']))}"
+                + review
                 + "".join(f"<br>{esc(str(reason))}" for reason in ev.get("reasons") or []),
             )
         )

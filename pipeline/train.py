@@ -34,13 +34,20 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainedModel:
+    """A trained challenger and the holdout dates it is judged on tonight.
+
+    ``registered_before``: the same artifact bytes were already registered (by an earlier
+    night or an earlier attempt), under ``version``: no new name, no new candidate.
+    """
+
     version: str
     sha256: str
     artifact_uri: str
     metrics: dict[str, float]
-    holdout: features.Snapshot
+    holdouts: list[features.Snapshot]
     card: dict[str, Any]
     snapshots_reused: int = 0  # built by earlier nights (not in the card: not the model's)
+    registered_before: bool = False
 
     def as_xcom(self) -> dict[str, Any]:
         return {
@@ -49,7 +56,8 @@ class TrainedModel:
             "artifact_uri": self.artifact_uri,
             "roc_auc": self.metrics.get("roc_auc"),
             "lift_top_decile": self.metrics.get("lift_top_decile"),
-            "holdout": self.holdout.as_xcom(),
+            "holdouts": [h.as_xcom() for h in self.holdouts],
+            "registered_before": self.registered_before,
         }
 
 
@@ -162,7 +170,7 @@ class TrainingData:
     """
 
     snapshots: list[features.Snapshot]
-    holdout: features.Snapshot
+    holdouts: list[features.Snapshot]
     table: pa.Table
     weights: np.ndarray | None = None
     uniform: np.ndarray | None = None
@@ -179,13 +187,13 @@ class TrainingData:
 
 
 def training_data(settings: Settings, uc: UseCase, run_date: date) -> TrainingData:
-    """The training snapshots (reused where an earlier night built them) and the holdout for
-    a model trained by ``run_date``'s run, capped at ``training.max_rows``.
+    """The training snapshots (reused where an earlier night built them) and the holdout
+    snapshots for a model trained by ``run_date``'s run, capped at ``training.max_rows``.
 
     Raises:
         DataError: a snapshot is empty or the training labels have a single class.
     """
-    train_dates, holdout_date = features.training_dates(uc, run_date)
+    train_dates, holdout_dates = features.training_dates(uc, run_date)
     try:
         built = [features.training_snapshot(settings, uc, d, run_date) for d in train_dates]
     except DataError as err:
@@ -197,9 +205,10 @@ def training_data(settings: Settings, uc: UseCase, run_date: date) -> TrainingDa
             f"later date; `nightscore usecase check {uc.name} --date {run_date}` shows the "
             "history the warehouse holds"
         ) from None
-    holdout, held = features.training_snapshot(settings, uc, holdout_date, run_date)
+    held = [features.training_snapshot(settings, uc, d, run_date) for d in holdout_dates]
+    holdouts = [s for s, _ in held]
     snaps = [s for s, _ in built]
-    reused = sum(r for _, r in built) + held
+    reused = sum(r for _, r in built) + sum(r for _, r in held)
     # the label column alone, to size the sample; each file's hash is checked when it is read whole
     labels = [pq.read_table(s.path, columns=["label"]).column("label").to_numpy() for s in snaps]
     y = np.concatenate(labels)
@@ -211,7 +220,7 @@ def training_data(settings: Settings, uc: UseCase, run_date: date) -> TrainingDa
     rates = sampling_rates(y, uc.training.max_rows)
     if rates is None:
         table = pa.concat_tables([features.read_snapshot(s) for s in snaps])
-        return TrainingData(snaps, holdout, table, rows_before_cap=len(y), reused=reused)
+        return TrainingData(snaps, holdouts, table, rows_before_cap=len(y), reused=reused)
     parts, weights, uniform = [], [], []
     for snap, label in zip(snaps, labels, strict=True):
         draw = np.random.default_rng([uc.model.seed, snap.as_of.toordinal()]).random(len(label))
@@ -230,7 +239,7 @@ def training_data(settings: Settings, uc: UseCase, run_date: date) -> TrainingDa
     )
     return TrainingData(
         snaps,
-        holdout,
+        holdouts,
         pa.concat_tables(parts),
         np.concatenate(weights),
         np.concatenate(uniform),
@@ -304,18 +313,40 @@ def save_and_register(
     data: TrainingData,
     code_version: str = "",
 ) -> TrainedModel:
-    """Measure on the holdout, write the artifact and its card, register it as a candidate.
+    """Measure on the (pooled) holdout, write the artifact and its card, register it as a
+    candidate.
 
     The version is ``<use case>-<run date>-<sha256 prefix>``: the same data and seed give
-    the same bytes, hence the same version.
+    the same bytes. Bytes already registered under another version (a re-run, or a night
+    whose training window did not move) keep that version: nothing is written or
+    registered again, and the model is ``registered_before``.
     """
-    hold = features.read_snapshot(data.holdout)
+    hold = features.read_pooled(data.holdouts)
     p = predict(model, hold, columns)
     metrics = evaluate.classification_metrics(
         hold.column("label").to_numpy(), p, capacity=uc.capacity
     )
     blob = pickle.dumps(model, protocol=5)
     sha = registry_sha(blob)
+    known = registry.with_sha256(settings, uc.name, sha)
+    if known is not None:
+        log.info(
+            "trained %s as of %s: the same bytes as %s (sha256 %s), not registered again",
+            uc.name,
+            run_date,
+            known.version,
+            sha[:16],
+        )
+        return TrainedModel(
+            known.version,
+            sha,
+            known.artifact_uri,
+            metrics,
+            data.holdouts,
+            registry.card(known),
+            data.reused,
+            registered_before=True,
+        )
     version = f"{uc.name}-{run_date:%Y%m%d}-{sha[:8]}"
     out_dir = settings.artifacts / uc.name / version
     private_dir(out_dir)
@@ -323,6 +354,9 @@ def save_and_register(
     artifact = out_dir / "model.pkl"
     _write_whole(artifact, blob)
     schema = data.table.schema
+    labels = hold.column("label").to_numpy()
+    dates = hold.column(features.HOLDOUT_DATE).to_numpy()
+    newest = data.holdouts[-1]
     card = {
         "use_case": uc.name,
         "version": version,
@@ -334,10 +368,19 @@ def save_and_register(
                 for s in data.snapshots
             ],
             "holdout": {
-                "as_of": data.holdout.as_of.isoformat(),
-                "sha256": data.holdout.sha256,
-                "rows": data.holdout.rows,
+                "as_of": newest.as_of.isoformat(),
+                "sha256": newest.sha256,
+                "rows": newest.rows,
             },
+            "holdouts": [
+                {
+                    "as_of": h.as_of.isoformat(),
+                    "sha256": h.sha256,
+                    "rows": h.rows,
+                    "positives": int(labels[dates == np.datetime64(h.as_of)].sum()),
+                }
+                for h in data.holdouts
+            ],
             "label_horizon_days": uc.label.horizon_days,
             "training_rows": data.table.num_rows,
             "rows_before_cap": data.rows_before_cap or data.table.num_rows,
@@ -365,7 +408,7 @@ def save_and_register(
         metrics["roc_auc"],
         metrics["lift_top_decile"],
     )
-    return TrainedModel(version, sha, str(artifact), metrics, data.holdout, card, data.reused)
+    return TrainedModel(version, sha, str(artifact), metrics, data.holdouts, card, data.reused)
 
 
 def _write_whole(path: Path, data: bytes) -> None:

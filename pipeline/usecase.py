@@ -207,15 +207,17 @@ class Label(_Section):
 class Training(_Section):
     """Labelled snapshots on a calendar grid of ``step_days``, back from the newest matured one.
 
-    A run at D holds out the snapshot D - horizon and trains on ``snapshots`` grid dates
-    ending on or before D - 2 x horizon: it needs up to ``2 x horizon + snapshots x
-    step_days - 1`` days of history before D. Each training snapshot is built once and
+    A run at D holds out the snapshot D - horizon (and, with ``holdout_snapshots`` > 1, the
+    grid dates before it: pooled evidence for the gates) and trains on ``snapshots`` grid
+    dates whose labels close by the oldest holdout date: it needs up to ``2 x horizon +
+    (holdout_snapshots - 1 + snapshots) x step_days - 1`` days of history before D. Each training snapshot is built once and
     reused by later nights. ``max_rows`` caps the rows a model is fitted on: every
     positive is kept and negatives are sampled (seeded) and weighted to stand for the rest.
     """
 
     snapshots: int = Field(default=4, ge=1, le=60)
     step_days: int = Field(default=7, ge=1, le=365)
+    holdout_snapshots: int = Field(default=1, ge=1, le=12)
     retrain_every_days: int = Field(default=1, ge=1)
     max_rows: int | None = Field(default=None, ge=1000)
 
@@ -229,14 +231,28 @@ class ModelSpec(_Section):
 
 
 class Gates(_Section):
-    """A challenger is promoted only if every check passes (``pipeline.evaluate.gate_checks``)."""
+    """A challenger is promoted only if every check passes (``pipeline.evaluate.gate_checks``).
+
+    The defaults are chosen from ``benchmarks/gates.py``, which measures how often these
+    gates promote a better, an equal, a worse and a broken challenger at each holdout size.
+    """
 
     auc_floor: float = Field(default=0.6, ge=0, le=1)
     lift_floor: float = Field(default=1.5, ge=0)
+    promote_confidence: float = Field(default=0.7, gt=0, lt=1)
+    decayed_promote_confidence: float = Field(default=0.05, gt=0, lt=1)
     noninferiority_margin: float = Field(default=0.02, ge=0, le=1)
-    score_psi_limit: float = Field(default=0.25, gt=0)
-    min_holdout_positives: int = Field(default=50, ge=1)
-    bootstrap_resamples: int = Field(default=1000, ge=100)
+    score_psi_limit: float | None = Field(default=0.25, gt=0)
+    min_holdout_positives: int = Field(default=20, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resampling_is_gone(cls, data: Any) -> Any:
+        # Configs written for the bootstrap gates name its resample count; the gates'
+        # intervals are now closed-form, so the key is read and ignored.
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if k != "bootstrap_resamples"}
+        return data
 
 
 class FeatureRule(_Section):
@@ -310,7 +326,13 @@ class Serving(_Section):
 
 
 class Monitoring(_Section):
+    """When a served model counts as decayed: its realized ROC AUC more than
+    ``decay_threshold`` below its holdout AUC, or its realized calibration error more than
+    ``calibration_threshold`` above its holdout's. A decayed model's use case retrains, and
+    its next challenger needs only not to be shown worse (``gates.decayed_promote_confidence``)."""
+
     decay_threshold: float = Field(default=0.05, ge=-1, le=1)
+    calibration_threshold: float = Field(default=0.03, ge=0, le=1)
     score_drift_limit: float = Field(default=0.25, gt=0)
 
 
@@ -483,16 +505,23 @@ class UseCase(_Section):
     def history_days(self) -> int:
         """Days of facts before a run date that the training window needs, at most: training
         dates sit on a grid of ``step_days``, so the newest is up to ``step_days - 1`` days
-        older than ``2 x horizon`` before the run."""
+        older than ``2 x horizon`` (and each extra holdout date one step more) before the run."""
         t = self.training
-        return 2 * self.label.horizon_days + t.snapshots * t.step_days - 1
+        return (
+            2 * self.label.horizon_days + (t.holdout_snapshots - 1 + t.snapshots) * t.step_days - 1
+        )
 
     def history_text(self) -> str:
         """How :meth:`history_days` is made, in the keys that set it."""
         t = self.training
+        extra = (
+            f"(training.holdout_snapshots {t.holdout_snapshots} - 1 + training.snapshots {t.snapshots})"
+            if t.holdout_snapshots > 1
+            else f"training.snapshots {t.snapshots}"
+        )
         return (
             f"{self.history_days()} days: 2 x label.horizon_days {self.label.horizon_days} + "
-            f"training.snapshots {t.snapshots} x training.step_days {t.step_days} - 1"
+            f"{extra} x training.step_days {t.step_days} - 1"
         )
 
     def files(self) -> list[Path]:

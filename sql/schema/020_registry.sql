@@ -73,3 +73,13 @@ CREATE TABLE IF NOT EXISTS ml.retrain_requests (
 -- The sha256 of each model's card (model.json: features, window, drift reference), checked
 -- when the card is read, as the artifact's sha256 is.
 ALTER TABLE ml.model_versions ADD COLUMN IF NOT EXISTS card_sha256 text;
+
+-- Evaluations judge pooled holdout dates, may find the challenger identical to the champion,
+-- know whether the champion had decayed, and record the person who approved or rejected.
+ALTER TABLE ml.evaluations ADD COLUMN IF NOT EXISTS holdout_dates jsonb NOT NULL DEFAULT '[]';
+ALTER TABLE ml.evaluations ADD COLUMN IF NOT EXISTS decayed text;
+ALTER TABLE ml.evaluations ADD COLUMN IF NOT EXISTS reviewed_by text;
+ALTER TABLE ml.evaluations ADD COLUMN IF NOT EXISTS reviewed_at timestamptz;
+ALTER TABLE ml.evaluations DROP CONSTRAINT IF EXISTS evaluations_decision_check;
+ALTER TABLE ml.evaluations ADD CONSTRAINT evaluations_decision_check CHECK (decision IN
+    ('promote', 'awaiting_approval', 'shadow', 'reject', 'identical', 'approved', 'rejected'));

@@ -40,3 +40,10 @@ CREATE TABLE IF NOT EXISTS ml.policy_promotions (
 DROP TRIGGER IF EXISTS policy_promotions_append_only ON ml.policy_promotions;
 CREATE TRIGGER policy_promotions_append_only BEFORE UPDATE OR DELETE ON ml.policy_promotions
     FOR EACH ROW EXECUTE FUNCTION ml.forbid_change();
+
+-- The person who approved or rejected a policy awaiting approval, and when.
+ALTER TABLE ml.policies ADD COLUMN IF NOT EXISTS reviewed_by text;
+ALTER TABLE ml.policies ADD COLUMN IF NOT EXISTS reviewed_at timestamptz;
+ALTER TABLE ml.policies DROP CONSTRAINT IF EXISTS policies_decision_check;
+ALTER TABLE ml.policies ADD CONSTRAINT policies_decision_check CHECK (decision IN
+    ('promote', 'awaiting_approval', 'shadow', 'reject', 'approved', 'rejected'));

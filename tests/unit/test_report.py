@@ -31,8 +31,8 @@ def _holdout(seed: int = 7, n: int = 3000) -> tuple[np.ndarray, np.ndarray, np.n
 
 def _intervals() -> dict[str, dict[str, float]]:
     return {
-        "roc_auc_diff": {"estimate": 0.041234, "low": 0.02, "high": 0.061},
-        "lift_top_decile_diff": {"estimate": 0.5, "low": -0.1, "high": 1.1},
+        "roc_auc_diff": {"estimate": 0.041234, "low": 0.02, "high": 0.061, "confidence": 0.9999},
+        "log_loss_gain": {"estimate": 0.00412, "low": 0.0011, "high": 0.0071, "confidence": 0.996},
     }
 
 
@@ -40,28 +40,39 @@ def _images(text: str) -> list[bytes]:
     return [base64.b64decode(data, validate=True) for data in IMAGE_PATTERN.findall(text)]
 
 
+def _evaluation(
+    challenger: str,
+    champion: str | None,
+    metrics: dict,
+    decision: str,
+    reasons: list[str],
+    evidence: dict | None = None,
+    use_case: str = "churn",
+    holdout: date = date(2024, 11, 20),
+) -> evaluate.Evaluation:
+    return evaluate.Evaluation(
+        use_case=use_case,
+        challenger=challenger,
+        champion=champion,
+        holdouts=[{"as_of": holdout.isoformat(), "rows": 3000, "positives": 360, "compared": True}],
+        verdict=evaluate.Verdict(metrics, evidence or {}, []),
+        decision=decision,
+        reasons=reasons,
+    )
+
+
 def test_report_with_champion(tmp_path: Path) -> None:
     y, p_ch, p_cp = _holdout()
     reasons = ["roc_auc improved by 0.04", "calibration within tolerance <script>alert(1)</script>"]
     target = tmp_path / "nested" / "folder" / "report.html"
-
-    result = write_evaluation_report(
-        target,
-        use_case="churn",
-        challenger="churn-2024-11-20-abc",
-        champion="churn-2024-10-01-xyz",
-        holdout_as_of=date(2024, 11, 20),
-        y=y,
-        p_challenger=p_ch,
-        p_champion=p_cp,
-        metrics={
-            "challenger": evaluate.classification_metrics(y, p_ch),
-            "champion": evaluate.classification_metrics(y, p_cp),
-        },
-        intervals=_intervals(),
-        decision="promote",
-        reasons=reasons,
+    metrics = {
+        "challenger": evaluate.classification_metrics(y, p_ch),
+        "champion": evaluate.classification_metrics(y, p_cp),
+    }
+    evaluation = _evaluation(
+        "churn-2024-11-20-abc", "churn-2024-10-01-xyz", metrics, "promote", reasons, _intervals()
     )
+    result = write_evaluation_report(target, evaluation, y=y, p_challenger=p_ch, p_champion=p_cp)
 
     assert result == target
     assert target.is_file()
@@ -77,10 +88,10 @@ def test_report_with_champion(tmp_path: Path) -> None:
     assert "<script>" not in text
     assert "churn-2024-11-20-abc" in text
     assert "churn-2024-10-01-xyz" in text
-    assert "2024-11-20" in text
-    # metric table rows and intervals formatted to 4 decimals
+    assert "2024-11-20" in text and "360 positives" in text
+    # metric table rows; the evidence to 5 decimals with its probability
     assert "roc_auc" in text and "lift_top_decile" in text
-    assert "0.0412" in text and "[0.0200, 0.0610]" in text
+    assert "+0.04123" in text and "[+0.02000, +0.06100]" in text and "99.6%" in text
     # no temporary file left behind
     assert [p.name for p in target.parent.iterdir()] == ["report.html"]
 
@@ -88,21 +99,15 @@ def test_report_with_champion(tmp_path: Path) -> None:
 def test_report_without_champion(tmp_path: Path) -> None:
     y, p_ch, _ = _holdout(seed=3)
     target = tmp_path / "report.html"
-
-    write_evaluation_report(
-        target,
+    evaluation = _evaluation(
+        "v<1>",
+        None,
+        {"challenger": evaluate.classification_metrics(y, p_ch), "champion": None},
+        "awaiting_approval",
+        ["no champion yet: first model needs approval"],
         use_case="upsell & cross-sell",
-        challenger="v<1>",
-        champion=None,
-        holdout_as_of=date(2024, 6, 1),
-        y=y,
-        p_challenger=p_ch,
-        p_champion=None,
-        metrics={"challenger": evaluate.classification_metrics(y, p_ch), "champion": None},
-        intervals={},
-        decision="awaiting_approval",
-        reasons=["no champion yet: first model needs approval"],
     )
+    write_evaluation_report(target, evaluation, y=y, p_challenger=p_ch, p_champion=None)
 
     text = target.read_text(encoding="utf-8")
     assert target.stat().st_size < 1_000_000
@@ -119,21 +124,15 @@ def test_report_replaces_existing_file(tmp_path: Path) -> None:
     y, p_ch, p_cp = _holdout(seed=5, n=500)
     target = tmp_path / "report.html"
     target.write_text("old", encoding="utf-8")
-
-    write_evaluation_report(
-        target,
-        use_case="churn",
-        challenger="v2",
-        champion="v1",
-        holdout_as_of=date(2024, 1, 31),
-        y=y,
-        p_challenger=p_ch,
-        p_champion=p_cp,
-        metrics={"challenger": {"roc_auc": 0.8}, "champion": {"roc_auc": 0.75}},
-        intervals=_intervals(),
-        decision="reject",
-        reasons=["worse lift"],
+    evaluation = _evaluation(
+        "v2",
+        "v1",
+        {"challenger": {"roc_auc": 0.8}, "champion": {"roc_auc": 0.75}},
+        "reject",
+        ["worse lift"],
+        _intervals(),
     )
+    write_evaluation_report(target, evaluation, y=y, p_challenger=p_ch, p_champion=p_cp)
 
     text = target.read_text(encoding="utf-8")
     assert "reject" in text and "worse lift" in text and "+0.0500" in text
@@ -143,19 +142,11 @@ def test_report_replaces_existing_file(tmp_path: Path) -> None:
 def test_report_single_class_holdout_still_renders(tmp_path: Path) -> None:
     y = np.zeros(50, dtype=np.int64)
     p = np.linspace(0.01, 0.5, 50)
+    evaluation = _evaluation(
+        "v2", None, {"challenger": {"roc_auc": float("nan")}, "champion": None}, "shadow", []
+    )
     target = write_evaluation_report(
-        tmp_path / "r.html",
-        use_case="churn",
-        challenger="v2",
-        champion=None,
-        holdout_as_of=date(2024, 1, 31),
-        y=y,
-        p_challenger=p,
-        p_champion=None,
-        metrics={"challenger": {"roc_auc": float("nan")}, "champion": None},
-        intervals={},
-        decision="shadow",
-        reasons=[],
+        tmp_path / "r.html", evaluation, y=y, p_challenger=p, p_champion=None
     )
     text = target.read_text(encoding="utf-8")
     assert len(_images(text)) == 3
@@ -163,20 +154,14 @@ def test_report_single_class_holdout_still_renders(tmp_path: Path) -> None:
 
 
 def test_report_rejects_mismatched_lengths(tmp_path: Path) -> None:
+    evaluation = _evaluation("v2", None, {"challenger": {}, "champion": None}, "reject", [])
     with pytest.raises(ValueError, match="one value per holdout row"):
         write_evaluation_report(
             tmp_path / "r.html",
-            use_case="churn",
-            challenger="v2",
-            champion=None,
-            holdout_as_of=date(2024, 1, 31),
+            evaluation,
             y=np.array([0, 1, 0]),
             p_challenger=np.array([0.1, 0.9]),
             p_champion=None,
-            metrics={"challenger": {}, "champion": None},
-            intervals={},
-            decision="reject",
-            reasons=[],
         )
     assert not (tmp_path / "r.html").exists()
 

@@ -17,21 +17,30 @@ CHURN = usecase.load("churn")
     st.integers(1, 12),
     st.integers(1, 60),
     st.integers(7, 90),
+    st.integers(1, 4),
 )
 def test_no_label_window_reaches_past_the_holdout_or_the_run(
-    run: date, n: int, step: int, horizon: int
+    run: date, n: int, step: int, horizon: int, holdouts: int
 ) -> None:
     uc = CHURN.evolve(
-        {"training": {"snapshots": n, "step_days": step}, "label": {"horizon_days": horizon}}
+        {
+            "training": {"snapshots": n, "step_days": step, "holdout_snapshots": holdouts},
+            "label": {"horizon_days": horizon},
+        }
     )
-    train, holdout = training_dates(uc, run)
+    train, held = training_dates(uc, run)
     assert len(train) == n and train == sorted(train)
-    # the holdout's labels are known before the run starts
-    assert label_end(uc, holdout) == run
-    # out-of-time: every training label window closes by the holdout date
-    assert all(label_end(uc, d) <= holdout for d in train)
-    # the newest training date is the newest grid date whose labels close by the holdout
-    assert label_end(uc, train[-1] + timedelta(days=step)) > holdout
+    assert len(held) == holdouts == len(set(held)) and held == sorted(held)
+    # the newest holdout's labels are known before the run starts; every holdout's by then
+    assert label_end(uc, held[-1]) == run
+    assert all(label_end(uc, d) <= run for d in held)
+    # older holdout dates sit on the grid, a step apart
+    assert all((d - date(1970, 1, 1)).days % step == 0 for d in held[:-1])
+    assert all((b - a).days == step for a, b in itertools.pairwise(held[:-1]))
+    # out-of-time: every training label window closes by the oldest holdout date
+    assert all(label_end(uc, d) <= held[0] for d in train)
+    # the newest training date is the newest grid date whose labels close by it
+    assert label_end(uc, train[-1] + timedelta(days=step)) > held[0]
     # evenly spaced on the calendar grid, whatever the run date
     assert all((b - a).days == step for a, b in itertools.pairwise(train))
     assert all((d - date(1970, 1, 1)).days % step == 0 for d in train)
@@ -51,8 +60,8 @@ def test_consecutive_nights_share_their_training_dates_but_one_at_most(
 
 
 def test_churn_window_for_a_known_date() -> None:
-    train, holdout = training_dates(CHURN, date(2025, 6, 1))
-    assert holdout == date(2025, 5, 2)
+    train, holdouts = training_dates(CHURN, date(2025, 6, 1))
+    assert holdouts == [date(2025, 5, 2)]
     # 2025-05-02 - 30 days = 2025-04-02, back to the 14-day grid from 1970-01-01
     assert train[-1] == date(2025, 3, 27)
     assert train[0] == date(2025, 3, 27) - timedelta(days=14 * 5)
