@@ -641,9 +641,9 @@ class Evaluation:
                 f"\n{name}: {e['estimate']:+.5f} (95% CI {e['low']:+.5f} .. {e['high']:+.5f}); "
                 f"P(challenger better) {e['confidence']:.1%}"
             )
-        lines.append("")
-        lines += [f"- {describe(c)}" for c in self.checks]
-        lines += [f"- {r}" for r in self.reasons if not self.checks]
+        lines += ["", *(f"**{r}**" for r in self.reasons)]
+        if self.checks:
+            lines += ["", *(f"- {describe(c)}" for c in self.checks)]
         if report_url:
             lines += ["", f"[Evaluation report]({report_url})"]
         return "\n".join(lines)

@@ -365,7 +365,8 @@ def shadow(settings: Settings, use_case: str) -> ModelVersion | None:
 
 
 def set_shadow(settings: Settings, use_case: str, version: str) -> None:
-    """Make ``version`` the one shadow model; the previous shadow is retired."""
+    """Make ``version`` (tonight's challenger, new or an earlier model trained again) the one
+    shadow model; the previous shadow is retired. The champion never becomes the shadow."""
     conn = db.connect(settings.database_url)
     try:
         with conn.cursor() as cur:
@@ -375,8 +376,8 @@ def set_shadow(settings: Settings, use_case: str, version: str) -> None:
                 (use_case, version),
             )
             row = cur.fetchone()
-            if row is None or row[0] not in ("candidate", "shadow"):
-                conn.rollback()  # a champion or retired model does not become the shadow
+            if row is None or row[0] == "champion":
+                conn.rollback()  # the champion is served, not shadowed
                 return
             cur.execute(
                 "UPDATE ml.model_versions SET status = 'retired' "
@@ -385,7 +386,7 @@ def set_shadow(settings: Settings, use_case: str, version: str) -> None:
             )
             cur.execute(
                 "UPDATE ml.model_versions SET status = 'shadow' "
-                "WHERE use_case = %s AND version = %s AND status IN ('candidate', 'shadow')",
+                "WHERE use_case = %s AND version = %s AND status <> 'champion'",
                 (use_case, version),
             )
         conn.commit()

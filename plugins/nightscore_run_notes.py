@@ -69,4 +69,6 @@ def on_dag_run_failed(dag_run: Any, msg: str) -> None:
 
 class NightscoreRunNotesPlugin(AirflowPlugin):
     name = "nightscore_run_notes"
-    listeners: ClassVar[list[Any]] = [sys.modules[__name__]]  # this module holds the hook implementations
+    listeners: ClassVar[list[Any]] = [
+        sys.modules[__name__]
+    ]  # this module holds the hook implementations

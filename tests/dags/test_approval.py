@@ -26,11 +26,13 @@ def api(isolated: Settings, airflow_env: dict[str, str], tmp_path_factory: pytes
         yield svc | {"env": env, "logs": logs}
 
 
-@pytest.mark.slow
-def test_approval_mode_waits_for_a_person_then_promotes(isolated: Settings, api: dict) -> None:
-    day = SCORE_DATE + timedelta(days=5)
+def answer_approval(api: dict, day, option: str) -> str:
+    """Run the night of ``day`` with ``promotion_mode=approval`` under ``airflow dags test``,
+    answer its approval with ``option`` through the REST API (the UI's call) once it waits,
+    and return the run id once the run has ended."""
     conf = {"retrain": "always", "promotion_mode": "approval"}
-    with (api["logs"] / "dags-test.log").open("w") as out:
+    log = api["logs"] / f"dags-test-{day}.log"
+    with log.open("w") as out:
         run = subprocess.Popen(
             [AIRFLOW, "dags", "test", "churn_nightly", day.isoformat(), "--conf", json.dumps(conf)],
             env=api["env"],
@@ -58,28 +60,51 @@ def test_approval_mode_waits_for_a_person_then_promotes(isolated: Settings, api:
         detail = wait_for("the approval task", pending, 600, [run])
         run_id = detail["task_instance"]["dag_run_id"]
         assert "Promote churn-" in detail["subject"] and "roc_auc" in detail["body"]
-        # while it waits nothing is promoted and nothing is published for the date
-        assert registry.champion(isolated, "churn") is None
+        assert "P(challenger better)" in detail["body"] or "first model" in detail["body"]
+        # while it waits nothing is published for the date
         assert (
             db.scalar(
-                isolated.database_url,
+                api["settings"].database_url,
                 "SELECT count(*) FROM ml.runs WHERE score_date = %s AND status = 'published'",
                 (day,),
             )
             == 0
         )
-
         answer = httpx.patch(
             f"{api['base']}/api/v2/dags/churn_nightly/dagRuns/{run_id}/taskInstances/approve_promotion/-1/hitlDetails",
             headers=api["headers"],
-            json={"chosen_options": ["Approve"]},
+            json={"chosen_options": [option]},
             timeout=30,
         )
         assert answer.status_code == 200, answer.text
-        assert run.wait(600) == 0, (api["logs"] / "dags-test.log").read_text()[-4000:]
+        assert run.wait(600) == 0, log.read_text()[-4000:]
     finally:
         if run.poll() is None:
             run.kill()
+    return run_id
+
+
+def run_note(api: dict, run_id: str) -> str:
+    r = httpx.get(
+        f"{api['base']}/api/v2/dags/churn_nightly/dagRuns/{run_id}", headers=api["headers"]
+    )
+    assert r.status_code == 200, r.text
+    return r.json().get("note") or ""
+
+
+def task_states(api: dict, run_id: str) -> dict[str, str]:
+    r = httpx.get(
+        f"{api['base']}/api/v2/dags/churn_nightly/dagRuns/{run_id}/taskInstances",
+        headers=api["headers"],
+    )
+    return {t["task_id"]: t["state"] for t in r.json()["task_instances"]}
+
+
+@pytest.mark.slow
+def test_approval_mode_waits_for_a_person_then_promotes(isolated: Settings, api: dict) -> None:
+    day = SCORE_DATE + timedelta(days=1)
+    assert registry.champion(isolated, "churn") is None
+    run_id = answer_approval(api | {"settings": isolated}, day, "Approve")
 
     champion = registry.champion(isolated, "churn")
     assert champion is not None
@@ -95,6 +120,65 @@ def test_approval_mode_waits_for_a_person_then_promotes(isolated: Settings, api:
         (day,),
     )
     assert served == [champion.version]
+    ev = db.scalar(
+        isolated.database_url,
+        "SELECT row_to_json(e) FROM ml.evaluations e WHERE run_id = %s",
+        (run_id,),
+    )
+    assert ev["decision"] == "approved" and ev["reviewed_by"] == "admin" and ev["reviewed_at"]
+    assert f"Approved by admin at {ev['reviewed_at'][:10]}" in run_note(api, run_id)
+
+
+@pytest.mark.slow
+def test_a_rejection_is_recorded_and_shown_on_the_run(isolated: Settings, api: dict) -> None:
+    from pipeline import train, usecase
+
+    # a champion without the usage features: tonight's challenger is plainly better
+    uc = usecase.load("churn")
+    trained_as_of = SCORE_DATE + timedelta(days=1)
+    data = train.training_data(isolated, uc, trained_as_of)
+    weak = ["country", "contract_type", "tenure_days", "late_payments_180d", "tickets_90d"]
+    model = train.fit(uc, data.table, weak, data.labels)
+    champion = train.save_and_register(isolated, uc, trained_as_of, model, weak, data)
+    registry.promote(
+        isolated,
+        "churn",
+        champion.version,
+        actor="test",
+        reason="weak",
+        effective_date=trained_as_of,
+    )
+    # the training window of the approval test's night: its model again, registered before
+    day = SCORE_DATE + timedelta(days=2)
+    run_id = answer_approval(api | {"settings": isolated}, day, "Reject")
+
+    assert registry.champion(isolated, "churn").version == champion.version
+    ev = db.scalar(
+        isolated.database_url,
+        "SELECT row_to_json(e) FROM ml.evaluations e WHERE run_id = %s",
+        (run_id,),
+    )
+    assert ev["decision"] == "rejected" and ev["reviewed_by"] == "admin"
+    assert registry.get(isolated, "churn", ev["challenger"]).status == "shadow"
+    note = run_note(api, run_id)
+    assert f"Rejected by admin at {ev['reviewed_at'][:10]}" in note
+    assert f"{ev['challenger']} kept as shadow; {champion.version} stays champion" in note
+    states = task_states(api, run_id)
+    assert states["promote_challenger"] == "skipped" and states["record_review"] == "success"
+    # the night went on with the champion, and its report says who rejected what
+    served = db.scalar(
+        isolated.database_url,
+        "SELECT array_agg(DISTINCT model_version) FROM predictions.churn_scores WHERE score_date = %s",
+        (day,),
+    )
+    assert served == [champion.version]
+    report = db.scalar(
+        isolated.database_url,
+        "SELECT stages->'write_report'->>'report' FROM ml.runs WHERE run_id = %s",
+        (run_id,),
+    )
+    with open(report) as fh:
+        assert "Rejected by admin at" in fh.read()
 
 
 def raw_get(base: str, path: str, headers: dict[str, str]) -> tuple[int, str]:
@@ -118,7 +202,7 @@ def test_the_plugin_serves_the_reports_behind_the_airflow_login(
 ) -> None:
     """The reports plugin in the real API server: a night's and an evaluation's report by
     URL, a run's redirect, 404s, traversal refused, the login required; the UI's links."""
-    from pipeline import ledger, nightly, report, report_site, usecase
+    from pipeline import evaluate, ledger, nightly, report, report_site, usecase
 
     uc = usecase.load("churn")
     day = SCORE_DATE + timedelta(days=9)
@@ -129,17 +213,18 @@ def test_the_plugin_serves_the_reports_behind_the_airflow_login(
     y = np.array([0, 1, 0, 1, 0, 0, 1, 0])
     report.write_evaluation_report(
         report_site.evaluation_file(isolated, "churn", version),
-        use_case="churn",
-        challenger=version,
-        champion=None,
-        holdout_as_of=day,
+        evaluate.Evaluation(
+            use_case="churn",
+            challenger=version,
+            champion=None,
+            holdouts=[{"as_of": str(day), "rows": len(y), "positives": 3}],
+            verdict=evaluate.Verdict({"challenger": {"roc_auc": 0.7}, "champion": None}, {}, []),
+            decision="reject",
+            reasons=["plugin check"],
+        ),
         y=y,
         p_challenger=np.linspace(0.1, 0.9, len(y)),
         p_champion=None,
-        metrics={"challenger": {"roc_auc": 0.7}, "champion": None},
-        intervals={},
-        decision="reject",
-        reasons=["plugin check"],
     )
     base, auth = api["base"], api["headers"]
 

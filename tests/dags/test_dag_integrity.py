@@ -96,6 +96,7 @@ def test_churn_nightly_tasks_and_edges(dagbag) -> None:
         "route_promotion",
         "approve_promotion",
         "promote_challenger",
+        "record_review",
         "keep_champion",
         "select_model",
         "score_partition",
@@ -117,10 +118,17 @@ def test_churn_nightly_tasks_and_edges(dagbag) -> None:
     assert down["check_scores"] == {"publish_scores"}
     assert down["decide_retrain"] == {"train_challenger", "select_model"}
     assert down["train_challenger"] == {"evaluate_challenger"}
-    assert down["evaluate_challenger"] == {"route_promotion", "promote_challenger", "keep_champion"}
+    assert down["evaluate_challenger"] == {
+        "route_promotion",
+        "promote_challenger",
+        "record_review",
+        "keep_champion",
+    }
     assert down["route_promotion"] == {"approve_promotion", "select_model", "keep_champion"}
+    # a rejection skips what follows the approval directly; the review is recorded after it
     assert down["approve_promotion"] == {"promote_challenger"}
-    assert down["promote_challenger"] == {"select_model"}
+    assert down["promote_challenger"] == {"record_review"}
+    assert down["record_review"] == {"select_model"}
     assert down["keep_champion"] == {"select_model"}
     assert "score_partition" in down["select_model"] and "score_partition" in down["build_features"]
     assert down["score_partition"] == {"check_scores", "publish_scores", "score_shadow"}
@@ -132,7 +140,8 @@ def test_churn_nightly_tasks_and_edges(dagbag) -> None:
     assert report.is_teardown and not report.on_failure_fail_dagrun
     assert [t.task_id for t in dag.leaves] == ["write_report"]
     assert dag.get_task("select_model").trigger_rule == "none_failed_min_one_success"
-    assert type(dag.get_task("approve_promotion")).__name__ == "ApprovalOperator"
+    assert type(dag.get_task("approve_promotion")).__name__ == "ReviewedApproval"
+    assert dag.get_task("record_review").trigger_rule == "none_failed_min_one_success"
     sensor = dag.get_task("wait_for_data")
     assert sensor.mode == "reschedule" and sensor.soft_fail
     assert sensor.timeout == 12 * 3600 and sensor.poke_interval == 600
@@ -257,6 +266,7 @@ def test_monitoring_trains_a_policy_only_where_a_campaign_is_and_asks_before_pro
         "route_policy",
         "approve_policy",
         "promote_policy",
+        "record_policy_review",
         "policy_decided",
     } == ids
     assert churn.get_task("train_policy").upstream_task_ids == {"evaluate_campaign_uplift"}
@@ -265,6 +275,10 @@ def test_monitoring_trains_a_policy_only_where_a_campaign_is_and_asks_before_pro
         "policy_decided",
     }
     assert churn.get_task("promote_policy").upstream_task_ids >= {"approve_policy"}
+    # recorded after a rejection too, which skips promote_policy
+    review = churn.get_task("record_policy_review")
+    assert review.upstream_task_ids == {"promote_policy", "train_policy"}
+    assert review.trigger_rule == "none_failed_min_one_success"
     assert churn.get_task("train_policy").retries == 0  # a gate: the same data says the same
     other = dagbag.dags["late_payment_monitoring"]
     assert not {t.task_id for t in other.tasks} & {"train_policy", "approve_policy"}
