@@ -181,6 +181,11 @@ class TrainingData:
     def labels(self) -> np.ndarray:
         return np.asarray(self.table.column("label").to_numpy())
 
+    @property
+    def holdout(self) -> features.Snapshot:
+        """The newest holdout date's snapshot."""
+        return self.holdouts[-1]
+
     def reference_table(self) -> pa.Table:
         """Rows drawn at one rate whatever their label: the training distribution."""
         return self.table if self.uniform is None else self.table.filter(pa.array(self.uniform))

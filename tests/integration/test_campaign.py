@@ -267,13 +267,9 @@ def test_control_membership_is_identical_across_model_versions_and_a_backfill(
 ) -> None:
     backfill_day = SCORE_DATE - timedelta(days=7)
     nightly.run_night(isolated, UC, backfill_day, retrain="never", run_id="campaign-backfill")
-    later = SCORE_DATE + timedelta(days=1)
-    nightly.run_night(isolated, UC, later, retrain="always", run_id="campaign-retrain")
-    challenger = db.scalar(
-        isolated.database_url,
-        "SELECT version FROM ml.model_versions WHERE trained_as_of = %s",
-        (later,),
-    )
+    later = SCORE_DATE + timedelta(days=5)  # the training grid has moved on: another model
+    retrained = nightly.run_night(isolated, UC, later, retrain="always", run_id="campaign-retrain")
+    challenger = retrained["evaluation"]["version"]
     nightly.run_night(
         isolated, UC, later, retrain="never", rescore_model=challenger, run_id="campaign-rescore"
     )
@@ -281,13 +277,13 @@ def test_control_membership_is_identical_across_model_versions_and_a_backfill(
         isolated.database_url,
         "SELECT json_object_agg(score_date || ':' || customer_id, control_group) "
         "FROM predictions.churn_scores_history WHERE score_date IN (%s, %s, %s)",
-        (backfill_day, SCORE_DATE, SCORE_DATE + timedelta(days=1)),
+        (backfill_day, SCORE_DATE, later),
     )
     versions = db.scalar(
         isolated.database_url,
         "SELECT array_agg(DISTINCT model_version) FROM predictions.churn_scores_history "
         "WHERE score_date IN (%s, %s)",
-        (SCORE_DATE, SCORE_DATE + timedelta(days=1)),
+        (SCORE_DATE, later),
     )
     assert len(versions) == 2 and challenger in versions
     by_customer: dict[str, set[bool]] = {}

@@ -400,3 +400,28 @@ def test_a_decayed_champion_is_known_as_of_the_night(isolated: Settings) -> None
     )
     why = monitor.champion_decay(isolated, UC, champion.version, day + timedelta(days=horizon))
     assert why and "monitoring.decay_threshold" in why and f"{holdout_auc - 0.08:.4f}" in why
+
+
+def test_pooled_holdout_dates_are_judged_together_counting_each_customer_once(
+    isolated: Settings,
+) -> None:
+    pooled = UC.evolve({"training": {"holdout_snapshots": 3}})
+    r = run("pooled", SCORE_DATE - timedelta(days=3))
+    nightly.start_run(isolated, pooled, r)
+    trained = nightly.train_challenger(isolated, pooled, r)
+    assert len(trained["holdouts"]) == 3
+    out = nightly.evaluate_challenger(isolated, pooled, r, trained, "never")
+    ev = db.scalar(
+        isolated.database_url,
+        "SELECT row_to_json(e) FROM ml.evaluations e WHERE run_id = %s",
+        (r.run_id,),
+    )
+    assert [h["as_of"] for h in ev["holdout_dates"]] == [h["as_of"] for h in trained["holdouts"]]
+    compared = [h for h in ev["holdout_dates"] if h["compared"]]
+    assert compared, "the champion is out of time on at least the newest date"
+    gain = ev["intervals"]["log_loss_gain"]
+    assert gain["rows"] == sum(h["rows"] for h in compared)
+    if len(compared) > 1:  # the same customers on several dates count once each
+        assert gain["entities"] < gain["rows"]
+        assert f"over {len(compared)} holdout dates" in str(ev["checks"][0]["found"])
+    assert "Holdout: " in out["summary"]

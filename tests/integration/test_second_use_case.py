@@ -90,11 +90,21 @@ def test_a_broken_use_case_fails_item_by_item_with_what_to_change(
 def test_too_few_holdout_positives_for_the_gates_is_named_with_the_knobs(
     checked_against: Settings, broken: Path
 ) -> None:
-    edit(broken / "usecase.yaml", "min_holdout_positives: 50", "min_holdout_positives: 5000")
+    edit(broken / "usecase.yaml", "\ngates:\n", "\ngates:\n  min_holdout_positives: 5000\n")
     found = items(preflight.check("churn", SCORE_DATE))
     status, detail = found["holdout positives"]
     assert status == "FAIL" and "gates.min_holdout_positives" in detail
-    assert "label.horizon_days" in detail
+    assert "label.horizon_days" in detail and "training.holdout_snapshots" in detail
+
+
+def test_a_thin_holdout_is_told_to_pool_dates(checked_against: Settings, broken: Path) -> None:
+    edit(broken / "usecase.yaml", "\ngates:\n", "\ngates:\n  min_holdout_positives: 1\n")
+    found = items(preflight.check("churn", SCORE_DATE))
+    status, detail = found["holdout positives"]
+    positives = int(detail.split()[0])
+    if positives >= preflight.POOL_BELOW:
+        pytest.skip(f"this warehouse's holdout has {positives} positives")
+    assert status == "warn" and "training.holdout_snapshots 2 or 3" in detail
 
 
 def test_a_warehouse_without_dated_history_is_refused_with_what_is_needed(

@@ -97,3 +97,20 @@ def test_the_row_cap_keeps_every_positive_and_weights_the_sampled_negatives(
     hold = features.read_snapshot(capped.holdout)
     p = train.predict(model, hold, cat + num)
     assert 0 < p.min() < p.max() < 1
+
+
+def test_pooled_holdout_dates_are_out_of_time_and_reused(seeded: Settings, tmp_path: Path) -> None:
+    s = at(seeded, tmp_path)
+    pooled_uc = UC.evolve({"training": {"holdout_snapshots": 3}})
+    data = train.training_data(s, pooled_uc, SCORE_DATE)
+    held = [h.as_of for h in data.holdouts]
+    assert len(held) == 3 and held[-1] == SCORE_DATE - timedelta(days=UC.label.horizon_days)
+    # every training label closes by the oldest holdout date
+    assert all(features.label_end(UC, t.as_of) <= held[0] for t in data.snapshots)
+    # the older holdout dates are grid dates: a later night builds none of them again
+    tomorrow = train.training_data(s, pooled_uc, SCORE_DATE + timedelta(days=1))
+    assert [h.sha256 for h in tomorrow.holdouts[:-1]] == [h.sha256 for h in data.holdouts[:-1]]
+    # stacked, each row says which date it is from
+    table = features.read_pooled(data.holdouts)
+    assert table.num_rows == sum(h.rows for h in data.holdouts)
+    assert sorted(set(table.column(features.HOLDOUT_DATE).to_pylist())) == held
