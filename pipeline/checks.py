@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from pipeline import db
 from pipeline.config import Settings
 from pipeline.errors import GateFailed
+from pipeline.figures import beside, percent, within
 from pipeline.ledger import RunContext
 from pipeline.usecase import UseCase
 
@@ -77,7 +78,7 @@ def check_features(
                     name,
                     False,
                     f"<= {rule.max_null_fraction:.0%} nulls",
-                    f"{frac:.1%}",
+                    percent(frac, rule.max_null_fraction),
                 )
             )
         trained = (reference or {}).get(name, {}).get("null_fraction")
@@ -94,7 +95,7 @@ def check_features(
                     False,
                     f"<= {trained + policy.max_null_increase:.1%} nulls (training data "
                     f"{trained:.1%} + feature_checks.max_null_increase {policy.max_null_increase:.0%})",
-                    f"{frac:.1%}",
+                    percent(frac, trained + policy.max_null_increase),
                 )
             )
         if pa.types.is_floating(col.type):
@@ -130,7 +131,7 @@ def check_features(
                 "population",
                 lo <= ratio <= hi,
                 f"{lo}..{hi} x the previous run ({previous_rows:,})",
-                f"{len(keys):,} ({ratio:.2f} x)",
+                f"{len(keys):,} ({within(ratio, lo, hi)} x)",
             )
         )
     for name, share in unseen_shares(table, reference).items():
@@ -141,7 +142,7 @@ def check_features(
                 name,
                 share <= policy.unseen_share_limit,
                 f"<= {policy.unseen_share_limit:.1%} of rows with a value never seen in training",
-                f"{share:.2%}",
+                percent(share, policy.unseen_share_limit, 2),
                 severity="warn",
             )
         )
@@ -153,7 +154,7 @@ def check_features(
                 name,
                 psi_value <= policy.psi_limit,
                 f"PSI <= {policy.psi_limit}",
-                f"{psi_value:.3f}",
+                beside(psi_value, policy.psi_limit),
                 severity="warn",
             )
         )
@@ -270,7 +271,7 @@ def score_psi_check(
                 uc.probability_column,
                 value <= uc.monitoring.score_drift_limit,
                 f"PSI vs previous night <= {uc.monitoring.score_drift_limit}",
-                f"{value:.3f}",
+                beside(value, uc.monitoring.score_drift_limit),
                 severity="warn",
             )
         )

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.figures import beside
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -252,17 +254,6 @@ def psi(expected: np.ndarray, actual: np.ndarray, bins: int = 10) -> float:
     e = np.clip(e, 1e-4, None)
     a = np.clip(a, 1e-4, None)
     return float(np.sum((a - e) * np.log(a / e)))
-
-
-def beside(value: float, limit: float, digits: int = 3, *, signed: bool = False) -> str:
-    """``value`` with at least ``digits`` decimals, and as many more as it takes to show
-    which side of ``limit`` it falls on (never ``0.250`` against a limit of 0.25)."""
-    if not np.isfinite(value):
-        return str(value)
-    places = digits
-    while places < 12 and value != limit and round(value, places) == round(limit, places):
-        places += 1
-    return f"{value:{'+' if signed else ''}.{places}f}"
 
 
 TOP_DECILE_SHARE_LIMIT = 0.2  # rows at or above the top decile's cut-off, at most

@@ -48,6 +48,7 @@ from pipeline.contract import (
 )
 from pipeline.errors import ConfigError, SourceError
 from pipeline.faults import fault_point
+from pipeline.figures import percent, within
 
 log = logging.getLogger(__name__)
 
@@ -588,7 +589,7 @@ class _Table:
             n = counts.get(d, 0)
             ratio = n / median if median else math.inf
             if not vol.min_ratio <= ratio <= vol.max_ratio:
-                odd.append(f"{d}: {n:,} rows ({ratio:.2f} x)")
+                odd.append(f"{d}: {n:,} rows ({within(ratio, vol.min_ratio, vol.max_ratio)} x)")
         typical = statistics.median(medians)
         if not odd:
             return True, f"{len(days)} days, median {typical:,.0f} rows"
@@ -606,14 +607,15 @@ class _Table:
         ratio = rows / median if median else math.inf
         return (
             vol.min_ratio <= ratio <= vol.max_ratio,
-            f"{rows:,} rows vs a median of {median:,.0f} ({ratio:.2f} x)",
+            f"{rows:,} rows vs a median of {median:,.0f} "
+            f"({within(ratio, vol.min_ratio, vol.max_ratio)} x)",
         )
 
 
 def _null_verdict(counts: tuple[int, int], limit: float, where: str) -> tuple[bool, str]:
     total, nonnull = counts
     fraction = (total - nonnull) / total if total else 0.0
-    return fraction <= limit, f"{fraction:.1%} nulls {where}"
+    return fraction <= limit, f"{percent(fraction, limit)} nulls {where}"
 
 
 def _judge(
@@ -940,7 +942,7 @@ def rewritten_days(
                 f"past days as an earlier run counted them (changes warn; more than "
                 f"{limit:.1%} of their rows fail: max_rewritten_fraction)",
                 f"{len(changed)} of {len(compared)} days changed, {moved:,} rows "
-                f"({fraction:.2%}){': ' + shown + more if changed else ''}",
+                f"({percent(fraction, limit, 2)}){': ' + shown + more if changed else ''}",
                 severity="fail" if fraction > limit else "warn",
             )
         )

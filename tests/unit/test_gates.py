@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import evaluate, populations
+from pipeline import evaluate, figures, populations
 from pipeline.usecase import Gates
 
 WORLD = populations.World(prevalence=0.05, risk_sd=1.6)
@@ -193,4 +193,4 @@ def test_a_challenger_fitted_on_shuffled_labels_is_rejected_at_every_holdout_siz
     ],
 )
 def test_figures_show_which_side_of_the_limit_they_fall(value, limit, digits, shown) -> None:
-    assert evaluate.beside(value, limit, digits) == shown
+    assert figures.beside(value, limit, digits) == shown

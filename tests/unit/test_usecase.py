@@ -114,7 +114,7 @@ def test_an_invalid_use_case_is_listed_with_its_error_and_does_not_hide_the_othe
     folder: Path,
 ) -> None:
     shutil.copytree(REPO_USECASES / "late_payment", folder / "other")
-    edit(folder / "mine" / "usecase.yaml", "min_holdout_positives: 50", "min_holdout_positives: -3")
+    edit(folder / "mine" / "usecase.yaml", "\ngates:\n", "\ngates:\n  min_holdout_positives: -3\n")
     found = {f.source.parent.name: f for f in usecase.discover()}
     assert found["mine"].error and "gates.min_holdout_positives" in found["mine"].error
     assert found["other"].use_case is not None and usecase.names() == ["late_payment"]
