@@ -17,6 +17,11 @@ from tests.conftest import SCORE_DATE
 from tests.dags.services import AIRFLOW, airflow_services, free_port, service_env, wait_for
 
 
+# Nights of their own: the session's Airflow metadata is shared by every DAG test, and a
+# backfill skips the dates that already have a run (tests/dags/test_backfill.py).
+APPROVED_NIGHT = SCORE_DATE - timedelta(days=3)
+
+
 @pytest.fixture(scope="module")
 def api(isolated: Settings, airflow_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
     """An Airflow API server on a free port, and the environment pointing the DAG at ``isolated``."""
@@ -102,7 +107,7 @@ def task_states(api: dict, run_id: str) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_approval_mode_waits_for_a_person_then_promotes(isolated: Settings, api: dict) -> None:
-    day = SCORE_DATE + timedelta(days=1)
+    day = APPROVED_NIGHT
     assert registry.champion(isolated, "churn") is None
     run_id = answer_approval(api | {"settings": isolated}, day, "Approve")
 
@@ -135,7 +140,7 @@ def test_a_rejection_is_recorded_and_shown_on_the_run(isolated: Settings, api: d
 
     # a champion without the usage features: tonight's challenger is plainly better
     uc = usecase.load("churn")
-    trained_as_of = SCORE_DATE + timedelta(days=1)
+    trained_as_of = APPROVED_NIGHT
     data = train.training_data(isolated, uc, trained_as_of)
     weak = ["country", "contract_type", "tenure_days", "late_payments_180d", "tickets_90d"]
     model = train.fit(uc, data.table, weak, data.labels)
@@ -149,7 +154,7 @@ def test_a_rejection_is_recorded_and_shown_on_the_run(isolated: Settings, api: d
         effective_date=trained_as_of,
     )
     # the training window of the approval test's night: its model again, registered before
-    day = SCORE_DATE + timedelta(days=2)
+    day = APPROVED_NIGHT + timedelta(days=1)
     run_id = answer_approval(api | {"settings": isolated}, day, "Reject")
 
     assert registry.champion(isolated, "churn").version == champion.version

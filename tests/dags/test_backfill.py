@@ -32,7 +32,9 @@ def history(isolated: Settings) -> dict[str, str]:
     """Model A is champion from DATES[0]; model B is promoted effective PROMOTED_ON; LATER is served."""
     first = nightly.run_night(isolated, UC, DATES[0], retrain="always", run_id="history-a")
     assert first["evaluation"]["decision"] == "promote"
-    b = train.train_challenger(isolated, UC, PROMOTED_ON)
+    # another seed: another model (the same seed and window would give A's bytes, A's name)
+    b = train.train_challenger(isolated, UC.evolve({"model": {"seed": 7}}), PROMOTED_ON)
+    assert b.version != first["model_version"]
     registry.promote(
         isolated, "churn", b.version, actor="test", reason="reviewed", effective_date=PROMOTED_ON
     )
