@@ -16,7 +16,6 @@ from pipeline.config import Settings
 from tests.conftest import SCORE_DATE
 from tests.dags.services import AIRFLOW, airflow_services, free_port, service_env, wait_for
 
-
 # Nights of their own: the session's Airflow metadata is shared by every DAG test, and a
 # backfill skips the dates that already have a run (tests/dags/test_backfill.py).
 APPROVED_NIGHT = SCORE_DATE - timedelta(days=3)
