@@ -44,7 +44,8 @@ AIRFLOW_KILLS = max(2, CLI_KILLS // 4)
 STAGES = tuple(
     stage
     for name in ledger.NIGHT_STAGES
-    if name != "promote_challenger"  # an approval-mode task; automatic promotion is inside
+    # approval-mode tasks; automatic promotion happens inside evaluate_challenger
+    if name not in ("promote_challenger", "record_review")
     for stage in (
         ("score_partition_0", "score_partition_1") if name == "score_partition" else (name,)
     )
