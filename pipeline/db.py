@@ -228,3 +228,16 @@ def scalar(url: str, query: str, params: tuple[Any, ...] = ()) -> Any:
 
 def to_date(value: date | str) -> date:
     return value if isinstance(value, date) else date.fromisoformat(str(value)[:10])
+
+
+def fingerprint(columns: list[str]) -> Any:
+    """A content fingerprint of a group of rows, order-independent: the sum of a 64-bit
+    hash of each row's ``columns`` (as PostgreSQL's text of the row: a NULL differs from an
+    empty string), as text. Rows changed in place, moved between entities or replaced by
+    others with the same count change it; rows merely reordered do not."""
+    from psycopg2 import sql
+
+    row = sql.SQL(", ").join(sql.Identifier(c) for c in columns)
+    return sql.SQL(
+        "CAST(coalesce(sum(hashtextextended(CAST(ROW({}) AS text), 0)), 0) AS text)"
+    ).format(row)

@@ -44,6 +44,8 @@ class Snapshot:
     sha256: str
     rows: int
     labelled: bool
+    # how each kept window was made tonight (``windows.Built``), for the night's record
+    windows: tuple[str, ...] = ()
 
     def as_xcom(self) -> dict[str, Any]:
         return {
@@ -306,9 +308,10 @@ def build_snapshot(
     tmp = files.temporary(target_dir / "snapshot.parquet")
     rows = 0
     kept = bool(uc.windows) and windows.can_keep(settings.warehouse_url)
+    built: list[windows.Built] = []
 
     def prepare(cur: Any) -> None:
-        windows.prepare(cur, settings, uc, as_of, keep=not labelled)
+        built.extend(windows.prepare(cur, settings, uc, as_of, keep=not labelled))
 
     with (
         _naming(uc.sql.features, uc),
@@ -355,7 +358,7 @@ def build_snapshot(
     path = target_dir / f"{sha[:16]}.parquet"
     os.replace(tmp, path)
     log.info("snapshot %s as of %s: %d rows, sha256 %s", uc.name, as_of, rows, sha[:16])
-    return Snapshot(uc.name, as_of, path, sha, rows, labelled)
+    return Snapshot(uc.name, as_of, path, sha, rows, labelled, tuple(b.describe() for b in built))
 
 
 @dataclass(frozen=True)

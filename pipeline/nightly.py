@@ -111,9 +111,12 @@ def check_sources(settings: Settings, uc: UseCase, run: RunContext) -> dict[str,
 def check_features(
     settings: Settings, uc: UseCase, run: RunContext, snapshot: dict[str, Any]
 ) -> dict[str, Any]:
-    """Keys, nulls, ranges and population size of tonight's snapshot; drift vs the champion.
+    """Keys, nulls, ranges and population size of tonight's snapshot; drift vs the champion
+    in force on the night's date (``champion_on``: a backfill compares with the model of
+    its date, never with one trained later).
 
-    Features drifting beyond ``feature_psi_limit`` only warn, and request a retrain.
+    Features drifting beyond ``feature_psi_limit`` only warn, and request a retrain when
+    that model is still the champion.
     """
     with ledger.stage(settings, run, "check_features") as info:
         snap = features.Snapshot.from_xcom(snapshot)
@@ -124,22 +127,38 @@ def check_features(
             "ORDER BY score_date DESC LIMIT 1",
             (uc.name, run.score_date),
         )
-        champ = registry.champion(settings, uc.name)
+        # as of the night: the champion in force on its date (a backfill's, not today's)
+        version = registry.champion_on(settings, uc.name, run.score_date)
+        champ = registry.get(settings, uc.name, version) if version else None
         reference = registry.card(champ).get("reference") if champ else None
         results = checks.check_features(table, uc, previous, reference)
         info |= checks.record_and_gate(settings, run, results, "feature")
+        info["drift_reference"] = champ.version if champ else None
         drifted: dict[str, list[str]] = {}
         for r in results:
             if r.check in ("feature_psi", "unseen_categories") and not r.passed:
                 drifted.setdefault(r.target, []).append(r.check)
-        if drifted and champ is not None:
-            # "retrain on drift": the cadence gives way to a request the next decision honours
-            registry.request_retrain(
-                settings,
-                uc.name,
-                f"features drifted from {champ.version}'s training data on {run.score_date}: "
-                + "; ".join(f"{name} ({', '.join(found)})" for name, found in drifted.items()),
-            )
+        current = registry.champion(settings, uc.name)
+        if drifted and champ is not None and current is not None:
+            found = "; ".join(f"{name} ({', '.join(c)})" for name, c in drifted.items())
+            if current.version == champ.version:
+                # "retrain on drift": the cadence gives way to a request the next decision honours
+                registry.request_retrain(
+                    settings,
+                    uc.name,
+                    f"features drifted from {champ.version}'s training data on "
+                    f"{run.score_date}: {found}",
+                )
+            else:  # a past night's model has since been replaced: nothing to retrain now
+                log.info(
+                    "%s %s: features drifted from %s's training data (%s); %s has replaced "
+                    "it since, so no retrain is requested",
+                    uc.name,
+                    run.score_date,
+                    champ.version,
+                    found,
+                    current.version,
+                )
     return info
 
 
@@ -181,6 +200,8 @@ def build_features(settings: Settings, uc: UseCase, run: RunContext) -> dict[str
         snap = features.build_snapshot(settings, uc, run.score_date)
         counts = counting.result().to_pylist() if counting is not None else []
         info |= {"rows": snap.rows, "sha256": snap.sha256}
+        if snap.windows:
+            info["windows"] = list(snap.windows)
         ledger.update(
             settings,
             run,
@@ -922,10 +943,12 @@ def _night_report(settings: Settings, uc: UseCase, run: RunContext) -> Any:
                 (run.run_id,),
             )
             found_checks = rows(cur)
+            # matured by this night: a backfilled or rewritten report shows no later outcome
             cur.execute(
                 "SELECT score_date, model_version, roc_auc, holdout_auc, decile_rates "
-                "FROM monitoring.realized_performance WHERE use_case = %s ORDER BY score_date",
-                (uc.name,),
+                "FROM monitoring.realized_performance WHERE use_case = %s "
+                "AND score_date + %s <= %s ORDER BY score_date",
+                (uc.name, uc.label.horizon_days, run.score_date),
             )
             realized = rows(cur)
             # matured by this night: a backfilled or rewritten report shows no later campaign

@@ -10,9 +10,12 @@ reads them as a table named after the block. Recomputing them every night scans
 which reads one state row per entity and a few days of facts (O(population)). A state is
 stored per night as Parquet under its date and the hash of its definition, never rewritten
 (a snapshot as of D reads only the state as of D, built from facts dated before D), and
-trusted only while the warehouse still holds what it was built from: it records the rows
-per day of its fact table, and a state whose days no longer count the same is not used;
-the windows are then rebuilt from the facts. Labelled (training) snapshots always build
+trusted only while the warehouse still holds what it was built from: it records, per day
+of its fact table, the rows and a fingerprint of their content (``db.fingerprint`` of the
+columns the contract declares for the table, the same evidence ``check_sources`` keeps for
+``history_unchanged``); a state any of whose days differ now (rows added or removed,
+values restated in place) is not used: the windows are rebuilt from the facts, and the
+night's log and stage record say which table and days changed. Labelled (training) snapshots always build
 them from the facts: they are built once and reused.
 
 On a PostgreSQL warehouse the windows are a temporary table of the feature query's session
@@ -150,14 +153,22 @@ def can_keep(url: str) -> bool:
 @dataclass(frozen=True)
 class Built:
     """How a window table of one snapshot was made: ``stored`` (tonight's state, as kept),
-    ``rolled`` (a kept state moved forward ``days`` days), or ``facts``."""
+    ``rolled`` (a kept state moved forward ``days`` days), or ``facts``; ``changed``: the
+    days of its table that no longer hold what a kept state was built from."""
 
     name: str
     how: str
     days: int = 0
+    changed: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         return f"{self.name}: {self.how}" + (f" {self.days} day(s)" if self.how == "rolled" else "")
+
+    def describe(self) -> str:
+        """How it was made, and why a kept state was not used, for the night's record."""
+        if not self.changed:
+            return str(self)
+        return f"{self}, the kept state disagreeing with the facts: {'; '.join(self.changed)}"
 
 
 def prepare(cur: Any, settings: Settings, uc: UseCase, as_of: date, keep: bool) -> list[Built]:
@@ -179,19 +190,31 @@ def prepare(cur: Any, settings: Settings, uc: UseCase, as_of: date, keep: bool) 
         folder = _folder(settings, uc, name, w)
         state = _newest(folder, w, as_of)
         since = (state.as_of if state is not None else as_of) - timedelta(days=w.days)
+        columns = evidence_columns(uc, w)
         with ThreadPoolExecutor(1) as pool:
-            counting = pool.submit(_day_counts, settings, w, since, as_of)
+            counting = pool.submit(_day_evidence, settings, w, columns, since, as_of)
             how = (
                 _roll(cur, uc, name, w, state, as_of)
                 if state
                 else _from_facts(cur, uc, name, w, as_of)
             )
-            counts = counting.result()
-        if state is not None and not state.agrees(counts):
+            evidence = counting.result()
+        changed = state.disagreements(evidence) if state is not None else []
+        if changed:
             _execute(cur, f"DROP TABLE {_q(name)}", as_of)
-            how = _from_facts(cur, uc, name, w, as_of)
+            how = Built(name, "facts", changed=tuple(changed))
+            _from_facts(cur, uc, name, w, as_of)
+            log.warning(
+                "windows %s of %s as of %s: %s changed since the kept state was built (%s): "
+                "rebuilt from the facts",
+                name,
+                uc.name,
+                as_of,
+                w.table,
+                "; ".join(changed),
+            )
         if how.how != "stored":
-            _keep(cur, uc, name, w, folder, as_of, counts)
+            _keep(cur, uc, name, w, folder, as_of, evidence)
         log.info("windows %s as of %s: %s", uc.name, as_of, how)
         built.append(how)
     return built
@@ -252,16 +275,39 @@ def _check_columns(cur: Any, settings: Settings, uc: UseCase, name: str, w: Wind
             )
 
 
-def _day_counts(settings: Settings, w: Window, since: date, before: date) -> dict[date, int]:
-    """Rows per day of ``w.table`` in [since, before), on a connection of its own."""
-    query = sql.SQL("SELECT {d}, count(*) FROM {t} WHERE {d} >= %s AND {d} < %s GROUP BY 1").format(
-        d=sql.Identifier(w.date), t=sql.Identifier(settings.warehouse_schema, w.table)
+def evidence_columns(uc: UseCase, w: Window) -> list[str]:
+    """The columns whose content a kept state vouches for: those the source contract
+    declares for its table (the same evidence as ``check_sources`` keeps), else the entity
+    key, the date and the summed columns."""
+    from pipeline.contract import load_contract
+
+    declared = load_contract(uc.contract).tables.get(w.table)
+    if declared is not None and declared.columns:
+        return list(declared.columns)
+    summed = [a.sum for a in w.aggregates.values() if a.sum is not None]
+    return list(dict.fromkeys([uc.entity_key, w.date, *summed]))
+
+
+Evidence = dict[date, list[Any]]  # per day: [rows, content fingerprint]
+
+
+def _day_evidence(
+    settings: Settings, w: Window, columns: list[str], since: date, before: date
+) -> Evidence:
+    """Per day of ``w.table`` in [since, before): rows and a fingerprint of ``columns``, on
+    a connection of its own."""
+    query = sql.SQL(
+        "SELECT {d}, count(*), {f} FROM {t} WHERE {d} >= %s AND {d} < %s GROUP BY 1"
+    ).format(
+        d=sql.Identifier(w.date),
+        f=db.fingerprint(columns),
+        t=sql.Identifier(settings.warehouse_schema, w.table),
     )
     conn = db.connect(settings.warehouse_url)
     try:
         with conn.cursor() as c:
             c.execute(query, (since, before))
-            return {db.to_date(d): int(n) for d, n in c.fetchall()}
+            return {db.to_date(d): [int(n), str(f)] for d, n, f in c.fetchall()}
     finally:
         conn.close()
 
@@ -273,31 +319,32 @@ def _folder(settings: Settings, uc: UseCase, name: str, w: Window) -> Path:
 
 @dataclass(frozen=True)
 class Kept:
-    """A state kept by an earlier night: its date, file, and the rows per day it was built
-    from (the days of its longest window)."""
+    """A state kept by an earlier night: its date, file, and per day it was built from (the
+    days of its longest window) the rows and their content fingerprint."""
 
     as_of: date
     path: Path
-    days: dict[date, int]
+    days: Evidence
     span: int
 
-    def agrees(self, counts: dict[date, int]) -> bool:
-        """Whether the warehouse (``counts``) still holds the rows of each of its days."""
+    def disagreements(self, evidence: Evidence, shown: int = 5) -> list[str]:
+        """The days whose rows or content differ in the warehouse now (``evidence``), said
+        in words (at most ``shown``, then how many more); empty when every day agrees."""
         start = self.as_of - timedelta(days=self.span)
         days = [start + timedelta(days=i) for i in range(self.span)]
-        changed = [d for d in days if self.days.get(d, 0) != counts.get(d, 0)]
-        if changed:
-            first = changed[0]
-            log.info(
-                "kept windows %s: %d of its days count differently now (first %s: %d -> %d "
-                "rows); rebuilding from the facts",
-                self.path,
-                len(changed),
-                first,
-                self.days.get(first, 0),
-                counts.get(first, 0),
+        none = [0, "0"]
+        changed = [d for d in days if self.days.get(d, none) != evidence.get(d, none)]
+        out = []
+        for d in changed[:shown]:
+            was, now = self.days.get(d, none)[0], evidence.get(d, none)[0]
+            out.append(
+                f"{d}: {was:,} -> {now:,} rows"
+                if was != now
+                else f"{d}: {now:,} rows, content changed"
             )
-        return not changed
+        if len(changed) > shown:
+            out.append(f"and {len(changed) - shown} more days")
+        return out
 
 
 def _newest(folder: Path, w: Window, as_of: date) -> Kept | None:
@@ -310,11 +357,12 @@ def _newest(folder: Path, w: Window, as_of: date) -> Kept | None:
                 log.warning("kept windows %s do not match their content hash; not used", path)
                 continue
             meta = pq.read_schema(path).metadata or {}
-            days = json.loads(meta.get(b"nightscore_day_counts", b"{}"))
+            # a state kept before content fingerprints has none: it never agrees, once
+            days = json.loads(meta.get(b"nightscore_day_evidence", b"{}"))
             return Kept(
                 day,
                 path,
-                {date.fromisoformat(d): n for d, n in days.items()},
+                {date.fromisoformat(d): list(e) for d, e in days.items()},
                 w.days,
             )
     return None
@@ -327,15 +375,16 @@ def _keep(
     w: Window,
     folder: Path,
     as_of: date,
-    counts: dict[date, int],
+    evidence: Evidence,
 ) -> None:
-    """Write the windows as of ``as_of`` (the temporary table ``name``) to the state store."""
+    """Write the windows as of ``as_of`` (the temporary table ``name``) to the state store,
+    with the evidence of the days they were built from."""
     cur.execute(f"SELECT * FROM {_q(name)} ORDER BY {_q(uc.entity_key)}")
     table = cur.fetch_arrow_table()
     start = as_of - timedelta(days=w.days)
-    days = {str(d): n for d, n in sorted(counts.items()) if start <= d < as_of}
+    days = {str(d): e for d, e in sorted(evidence.items()) if start <= d < as_of}
     table = table.replace_schema_metadata(
-        {"nightscore_as_of": str(as_of), "nightscore_day_counts": json.dumps(days)}
+        {"nightscore_as_of": str(as_of), "nightscore_day_evidence": json.dumps(days)}
     )
     target = folder / f"as_of={as_of}"
     target.mkdir(parents=True, exist_ok=True)

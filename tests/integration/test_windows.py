@@ -116,7 +116,9 @@ def test_a_past_day_that_changed_rebuilds_the_windows_from_the_facts(
         caplog.set_level(logging.INFO, logger="pipeline.windows")
         after = features.build_snapshot(s, UC, day)
         assert _how(caplog)[-1] == "facts"
-        assert any("count differently" in r.message for r in caplog.records)
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any("usage_daily changed since the kept state was built" in m for m in warned)
+        assert any(f"{day - timedelta(days=6)}: " in m and " rows" in m for m in warned)
         fresh = features.build_snapshot(_from_facts(s, "late_fresh"), UC, day)
         assert after.sha256 == fresh.sha256
     finally:
@@ -189,3 +191,75 @@ def test_a_read_only_warehouse_gets_the_windows_from_the_facts(
     assert not (s.snapshots / UC.name / "windows").exists()
     kept = features.build_snapshot(_from_facts(wh, "read_write"), UC, FIRST + timedelta(days=1))
     assert snap.sha256 == kept.sha256
+
+
+@pytest.mark.parametrize(
+    ("restated", "back"),
+    [
+        # negative minutes written in place 40 days back: the same rows, other values
+        ("minutes = -165 * (1 + customer_id %% 3)", 40),
+        # data_mb restated on the day about to leave the 30-day window: a kept state would
+        # take away what it never added and report an impossible sum
+        ("data_mb = data_mb + 5000", 30),
+    ],
+)
+def test_a_restatement_that_keeps_the_row_counts_rebuilds_the_windows(
+    wh: Settings,
+    settings: Settings,
+    caplog: pytest.LogCaptureFixture,
+    restated: str,
+    back: int,
+) -> None:
+    schema = f"wh_windows_restated_{back}"
+    s = replace(wh, warehouse_schema=schema, home=wh.home.parent / schema)
+    day = FIRST + timedelta(days=2)
+    try:
+        db.scalar(
+            s.database_url,
+            f"CREATE SCHEMA {schema}; CREATE TABLE {schema}.usage_daily AS "
+            f"SELECT * FROM {SCHEMA}.usage_daily; "
+            + "; ".join(
+                f"CREATE VIEW {schema}.{t} AS SELECT * FROM {SCHEMA}.{t}"
+                for t in (
+                    "customers",
+                    "subscriptions",
+                    "invoices",
+                    "payments",
+                    "tickets",
+                    "cancellations",
+                )
+            )
+            + "; SELECT 1",
+        )
+        features.build_snapshot(s, UC, day - timedelta(days=1))
+        changed = day - timedelta(days=back)
+        counts = db.scalar(
+            s.database_url,
+            f"SELECT count(*) FROM {schema}.usage_daily WHERE usage_date = %s",
+            (changed,),
+        )
+        db.scalar(
+            s.database_url,
+            f"UPDATE {schema}.usage_daily SET {restated} WHERE usage_date = %s "
+            f"AND customer_id %% 4 = 0; SELECT 1",
+            (changed,),
+        )
+        assert (
+            db.scalar(
+                s.database_url,
+                f"SELECT count(*) FROM {schema}.usage_daily WHERE usage_date = %s",
+                (changed,),
+            )
+            == counts
+        )
+        caplog.set_level(logging.INFO, logger="pipeline.windows")
+        after = features.build_snapshot(s, UC, day)
+        assert _how(caplog)[-1] == "facts"
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any(f"{changed}: {counts:,} rows, content changed" in m for m in warned), warned
+        assert any("usage_windows: facts, the kept state disagreeing" in w for w in after.windows)
+        # the same snapshot, byte for byte, as a rebuild from the facts
+        fresh = features.build_snapshot(_from_facts(s, f"restated_{back}_fresh"), UC, day)
+        assert after.sha256 == fresh.sha256
+    finally:
+        db.scalar(settings.database_url, f"DROP SCHEMA IF EXISTS {schema} CASCADE; SELECT 1")
