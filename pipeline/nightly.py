@@ -943,14 +943,6 @@ def _night_report(settings: Settings, uc: UseCase, run: RunContext) -> Any:
                 (run.run_id,),
             )
             found_checks = rows(cur)
-            # matured by this night: a backfilled or rewritten report shows no later outcome
-            cur.execute(
-                "SELECT score_date, model_version, roc_auc, holdout_auc, decile_rates "
-                "FROM monitoring.realized_performance WHERE use_case = %s "
-                "AND score_date + %s <= %s ORDER BY score_date",
-                (uc.name, uc.label.horizon_days, run.score_date),
-            )
-            realized = rows(cur)
             # matured by this night: a backfilled or rewritten report shows no later campaign
             cur.execute(
                 "SELECT campaign, score_date, contacted, contacted_positives, control, control_positives, "
@@ -963,6 +955,9 @@ def _night_report(settings: Settings, uc: UseCase, run: RunContext) -> Any:
         conn.commit()
     finally:
         conn.close()
+    from pipeline import monitor
+
+    realized = monitor.matured_performance(settings, uc, run.score_date)
     segments, segment_note = _segment_scores(settings, uc, run, ledger_row, published)
     context = report.NightContext(
         run=ledger_row,
