@@ -215,3 +215,38 @@ def published_dates(context: dict[str, Any]) -> list[str]:
             if extra.get("score_date") and extra.get("published", True):
                 dates.append(str(extra["score_date"]))
     return sorted(set(dates))
+
+
+def take_turn(name: str) -> bool:
+    """The poke of ``wait_for_turn``: take the use case's turn for this run (True), or say
+    which run holds it and wait (False). A holder Airflow no longer runs loses it."""
+    import logging
+
+    from airflow.sdk import get_current_context
+
+    from pipeline import turns, usecase
+
+    context = get_current_context()
+    run, ti = context["dag_run"], context["ti"]
+
+    def alive(run_id: str) -> bool:
+        try:
+            state = ti.get_dagrun_state(run.dag_id, run_id)
+        except Exception:  # not a run of this DAG (any more): nobody to wait for
+            return False
+        return str(getattr(state, "value", state)) in ("queued", "running")
+
+    why = turns.take(settings(usecase.load(name)), name, run.run_id, alive)
+    if why:
+        logging.getLogger("nightscore.wait_for_turn").info("%s", why)
+    return why is None
+
+
+def give_turn_back(name: str) -> None:
+    """Give the use case's turn back once this run's report is written (or skipped)."""
+    from airflow.sdk import get_current_context
+
+    from pipeline import turns, usecase
+
+    run_id = get_current_context()["dag_run"].run_id
+    turns.give_back(settings(usecase.load(name)), name, run_id)

@@ -20,6 +20,8 @@ from airflow.sdk.definitions.edges import Label
 from pipeline import usecase
 
 START = datetime(2020, 1, 1)  # early, so backfills and `dags test` can reach any past date
+TURN_POKE_SECONDS = 30  # a night waiting for another of its use case looks this often
+TURN_WAIT_HOURS = 24  # and fails after this long
 IO_RETRIES = {"retries": 2, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True}
 
 
@@ -59,7 +61,8 @@ NIGHTLY_DOC = """
 
 Every night ({cron} {tz}): wait for the night's data to land (`wait_for_data`: the
 contract's fresh tables through the day before; the night is skipped after
-{wait:g} h; a past night does not wait), check the warehouse against the use case's source contract,
+{wait:g} h; a past night does not wait), wait for the use case's turn (`wait_for_turn`:
+one night of a use case at a time, backfills included), check the warehouse against the use case's source contract,
 snapshot point-in-time features of the population as of the run date (facts strictly
 before it), retrain a challenger on matured snapshots, evaluate it against the champion on
 the same out-of-time holdout (promote on pass), score the whole population in hash
@@ -142,6 +145,16 @@ def nightly_dag(uc: usecase.UseCase) -> Any:
             from _nightscore import data_landed
 
             return data_landed(name)
+
+        @task.sensor(
+            poke_interval=TURN_POKE_SECONDS, timeout=TURN_WAIT_HOURS * 3600, mode="reschedule"
+        )
+        def wait_for_turn() -> bool:
+            """One night of the use case at a time: a run waits while another (scheduled,
+            triggered or backfilled) holds the use case's turn; its log says which."""
+            from _nightscore import take_turn
+
+            return take_turn(name)
 
         @task
         def start_run(params: dict | None = None) -> dict:
@@ -314,15 +327,18 @@ def nightly_dag(uc: usecase.UseCase) -> Any:
             """The night's report, whatever happened to the night. A teardown: it runs once
             the others are done and does not decide the run's state, so a night stopped by a
             gate still shows as failed."""
-            from _nightscore import nightly_stage
+            from _nightscore import give_turn_back, nightly_stage
             from airflow.sdk.exceptions import AirflowSkipException
 
-            if get_current_context()["ti"].xcom_pull(task_ids="start_run") is None:
-                raise AirflowSkipException("the night did not start: nothing to report")
-            return nightly_stage("write_report", name)
+            try:
+                if get_current_context()["ti"].xcom_pull(task_ids="start_run") is None:
+                    raise AirflowSkipException("the night did not start: nothing to report")
+                return nightly_stage("write_report", name)
+            finally:
+                give_turn_back(name)  # the next night of the use case may start
 
         run = start_run()
-        wait_for_data() >> run
+        wait_for_data() >> wait_for_turn() >> run
         sources = check_sources()
         run >> sources
         snapshot = build_features(run)

@@ -9,6 +9,7 @@ and emails nobody (they are past dates).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -25,6 +26,7 @@ UC = usecase.load("churn")
 DATES = [SCORE_DATE + timedelta(days=i) for i in range(3)]
 PROMOTED_ON = DATES[1]
 LATER = SCORE_DATE + timedelta(days=4)
+NIGHT = SCORE_DATE - timedelta(days=5)  # a night of its own, running when the backfill starts
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +66,26 @@ def test_backfill_uses_the_champion_of_each_date_and_passes_conf_to_every_run(
     for cmd in commands:
         subprocess.run([AIRFLOW, *cmd], env=env, check=True, capture_output=True, timeout=300)
     conf = {"promotion_mode": "never", "backfill_model": "champion_on_date", "rescore_model": None}
-    with airflow_services(env, tmp_path, "scheduler") as svc:
+    with (
+        airflow_services(env, tmp_path, "scheduler") as svc,
+        (tmp_path / "night.log").open("w") as night_log,
+    ):
+        # a night runs (its own process, `dags test`) when the backfill is created
+        night = subprocess.Popen(
+            [AIRFLOW, "dags", "test", "churn_nightly", NIGHT.isoformat(), "--conf",
+             json.dumps({"retrain": "never"})],
+            env=env,
+            stdout=night_log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+        def holder():
+            return db.scalar(
+                isolated.database_url,
+                "SELECT run_id FROM ml.night_turns WHERE use_case = 'churn'",
+            )
+
+        night_run = wait_for("the night to take the use case's turn", holder, 300, [night])
         created = subprocess.run(
             [
                 AIRFLOW,
@@ -104,6 +125,7 @@ def test_backfill_uses_the_champion_of_each_date_and_passes_conf_to_every_run(
             return sum(r["s"] == "published" for r in rows) == len(DATES)
 
         wait_for("every backfilled date published", done, 900, svc["procs"])
+        assert night.wait(300) == 0, (tmp_path / "night.log").read_text()[-3000:]
 
         def audiences():
             return db.scalar(
@@ -115,10 +137,23 @@ def test_backfill_uses_the_champion_of_each_date_and_passes_conf_to_every_run(
         # data-aware scheduling: the publishes' asset events trigger churn_campaign
         built = wait_for(
             "churn_campaign to build the backfilled audiences",
-            lambda: (found := audiences()) == DATES and found,
+            lambda: (found := audiences()) == [NIGHT, *DATES] and found,
             300,
             svc["procs"],
         )
+
+    # one night of the use case at a time: the backfill's runs waited for the night that
+    # held the turn, and for one another
+    spans = db.scalar(
+        isolated.database_url,
+        "SELECT json_agg(json_build_array(run_id, started_at, finished_at) ORDER BY started_at) "
+        "FROM ml.runs WHERE run_id LIKE 'backfill__%%' OR run_id = %s",
+        (night_run,),
+    )
+    assert len(spans) == len(DATES) + 1 and spans[0][0] == night_run
+    for (_, _, ended), (later, began, _) in itertools.pairwise(spans):
+        assert ended <= began, (later, began, ended)
+    assert holder() is None  # every run gave its turn back
 
     runs = db.scalar(
         isolated.database_url,
@@ -144,7 +179,8 @@ def test_backfill_uses_the_champion_of_each_date_and_passes_conf_to_every_run(
         )
         == LATER
     )
-    assert built == DATES  # every backfilled date's audience, from the model that scored it
+    # every published date's audience (the night's too), from the model that scored it
+    assert built == [NIGHT, *DATES]
     for day in DATES:
         assert db.scalar(
             isolated.database_url,

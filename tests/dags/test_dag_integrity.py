@@ -88,6 +88,7 @@ def test_churn_nightly_tasks_and_edges(dagbag) -> None:
     dag = dagbag.dags["churn_nightly"]
     assert set(dag.task_ids) == {
         "wait_for_data",
+        "wait_for_turn",
         "start_run",
         "build_features",
         "decide_retrain",
@@ -110,7 +111,8 @@ def test_churn_nightly_tasks_and_edges(dagbag) -> None:
     down = {t.task_id: set(t.downstream_task_ids) for t in dag.tasks}
     # no task fans into a watcher: the widest fan-in is select_model (run + 4 branches)
     assert max(len(t.upstream_task_ids) for t in dag.tasks) <= 5
-    assert down["wait_for_data"] == {"start_run"}
+    assert down["wait_for_data"] == {"wait_for_turn"}
+    assert down["wait_for_turn"] == {"start_run"}
     assert down["start_run"] == {"check_sources", "build_features", "select_model"}
     assert down["check_sources"] == {"build_features"}
     assert down["build_features"] >= {"check_features"}
