@@ -32,3 +32,7 @@ class GateFailed(NightscoreError):
 
 class PublishError(NightscoreError):
     """Staged predictions failed validation or could not be swapped in."""
+
+
+class LockTimeout(NightscoreError):
+    """One of the pipeline's locks stayed held by another session past its lock timeout."""

@@ -19,7 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline import db
+from pipeline import db, locks
 from pipeline.config import REPO_ROOT, Settings
 
 if TYPE_CHECKING:
@@ -110,14 +110,20 @@ def start(
     """Create (or reset, on a retry of the same run) the ledger row; returns its attempt number.
 
     Attempts count the runs of one (use case, score date): the first run is attempt 1, a
-    re-run or backfill of the date is attempt 2, and so on.
+    re-run or backfill of the date is attempt 2, and so on. Every other attempt of the use
+    case still ``running`` (of any date) whose process is gone is marked ``abandoned``.
+    Starts of one use case are serialized by its ledger lock (``ml.locks``, writer-only).
+
+    Raises:
+        LockTimeout: another session held the use case's ledger lock past the lock timeout.
     """
     conn = db.connect(settings.database_url)
     try:
         with conn.cursor() as cur:
-            cur.execute(
-                "SELECT pg_advisory_xact_lock(hashtext(%s))",
-                (f"nightscore.ledger.{run.use_case}.{run.score_date}",),
+            locks.lock(
+                cur,
+                f"ledger.{run.use_case}",
+                what=f"start of {run.use_case} run {run.run_id} for {run.score_date}",
             )
             _abandon_dead_attempts(cur, run)
             cur.execute(
@@ -146,52 +152,74 @@ def start(
     return attempt
 
 
-def _alive_key(run_id: str) -> str:
-    return f"nightscore.run.{run_id}"
+_LEDGER_ROW = "use_case = %s AND score_date = %s AND run_id = %s"
 
 
-def _abandon_dead_attempts(cur: Any, run: RunContext) -> list[str]:
-    """Mark 'abandoned' the other attempts of the date still 'running' with no live process.
+def _abandon_dead_attempts(cur: Any, run: RunContext) -> list[tuple[date, str]]:
+    """Mark 'abandoned' the other attempts of the use case, of any date, still 'running'
+    with no live process; returns their (score date, run id).
 
-    A process working on a stage of a run holds that run's liveness lock (shared, see
-    :func:`stage`); a killed one releases it. An attempt nobody holds the lock of is dead.
+    A process working on a stage of a run holds ``FOR KEY SHARE`` on the run's ledger row
+    (see :func:`stage`), which a killed process's connection releases. ``FOR UPDATE SKIP
+    LOCKED`` therefore returns exactly the attempts no process works on. Only the writer
+    can lock ``ml.runs`` rows: a reader can neither fake a dead attempt's liveness nor
+    block a live one's. An attempt between two Airflow tasks holds nothing and counts as
+    gone; its next stage or the publish sets its status again.
     """
     cur.execute(
-        "SELECT run_id FROM ml.runs WHERE use_case = %s AND score_date = %s "
-        "AND status = 'running' AND run_id <> %s",
-        (run.use_case, run.score_date, run.run_id),
+        """
+        UPDATE ml.runs r
+        SET status = 'abandoned', finished_at = now(),
+            error = coalesce(r.error || '; ', '') || %(why)s
+        FROM (SELECT score_date, run_id FROM ml.runs
+              WHERE use_case = %(uc)s AND status = 'running'
+                AND (score_date, run_id) <> (%(d)s, %(run)s)
+              FOR UPDATE SKIP LOCKED) dead
+        WHERE r.use_case = %(uc)s AND r.score_date = dead.score_date AND r.run_id = dead.run_id
+        RETURNING r.score_date, r.run_id
+        """,
+        {
+            "why": f"abandoned: its process was gone when {run.run_id} ({run.score_date}) started",
+            "uc": run.use_case,
+            "d": run.score_date,
+            "run": run.run_id,
+        },
     )
-    dead = []
-    for (other,) in cur.fetchall():
-        cur.execute("SELECT pg_try_advisory_xact_lock(hashtext(%s))", (_alive_key(other),))
-        if cur.fetchone()[0]:
-            dead.append(other)
+    dead = sorted((row[0], row[1]) for row in cur.fetchall())
     if dead:
-        cur.execute(
-            "UPDATE ml.runs SET status = 'abandoned', finished_at = now(), error = "
-            "coalesce(error || '; ', '') || %s WHERE use_case = %s AND score_date = %s "
-            "AND run_id = ANY(%s)",
-            (
-                f"abandoned: its process was gone when {run.run_id} started",
-                run.use_case,
-                run.score_date,
-                dead,
-            ),
+        log.warning(
+            "%s: attempts %s abandoned (their process was gone) as run %s of %s started",
+            run.use_case,
+            [f"{day} {run_id}" for day, run_id in dead],
+            run.run_id,
+            run.score_date,
         )
-        log.warning("%s %s: attempts %s abandoned", run.use_case, run.score_date, dead)
     return dead
 
 
 @contextmanager
 def _alive(settings: Settings, run: RunContext) -> Iterator[None]:
-    """Hold the run's liveness lock (shared: parallel tasks of one run hold it together)."""
-    conn = db.connect(settings.database_url, autocommit=True)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT pg_advisory_lock_shared(hashtext(%s))", (_alive_key(run.run_id),))
+    """Hold the run's liveness mark: ``FOR KEY SHARE`` on its ledger row, from a connection
+    of its own (shared: parallel tasks of one run hold it together).
+
+    A run marked 'abandoned' while none of its processes worked (between two Airflow tasks,
+    or before a task's retry) is 'running' again once one does.
+    """
+    row = (run.use_case, run.score_date, run.run_id)
+    with locks.held(
+        settings.database_url,
+        "ml.runs",
+        _LEDGER_ROW,
+        row,
+        what=f"liveness mark of {run.use_case} run {run.run_id} ({run.score_date})",
+    ):
+        db_exec(
+            settings,
+            f"UPDATE ml.runs SET status = 'running', finished_at = NULL "
+            f"WHERE {_LEDGER_ROW} AND status = 'abandoned'",
+            row,
+        )
         yield
-    finally:
-        conn.close()
 
 
 def update(settings: Settings, run: RunContext, **fields: Any) -> None:
@@ -234,8 +262,8 @@ def stage(settings: Settings, run: RunContext, name: str) -> Iterator[dict[str, 
     """Time a stage and record it; the body may add counts to the yielded dict.
 
     A failing stage is recorded as failed with its error, then the error propagates. While
-    the body runs, the process holds the run's liveness lock, so a later attempt of the date
-    can tell a dead attempt (marked 'abandoned') from a live one.
+    the body runs, the process holds the run's liveness mark, so a later run of the use
+    case can tell a dead attempt (marked 'abandoned') from a live one.
     """
     info: dict[str, Any] = {}
     began = time.monotonic()

@@ -2,8 +2,8 @@
 
 The served table is partitioned by score date. A publish
 
-1. drops leftovers of killed attempts, whatever their date (staging tables nobody holds a
-   lock on),
+1. drops leftovers of killed attempts, whatever their date (staging tables no live
+   attempt marks, see :func:`drop_leftovers`),
 2. COPYs (binary, via ADBC) into a staging table unique to this attempt, then adds the
    primary key and a CHECK matching the partition bound (so ATTACH skips its scan),
 3. validates the staged rows (count equals the population, one row per key,
@@ -27,6 +27,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -37,7 +38,7 @@ import pyarrow.parquet as pq
 from psycopg2 import errors as pg_errors
 from psycopg2 import sql
 
-from pipeline import db, keys
+from pipeline import db, keys, locks
 from pipeline.campaign import control_members
 from pipeline.config import Settings
 from pipeline.errors import PublishError
@@ -272,30 +273,30 @@ def publish_scores(
     stage = f"{parent}_stage_{run.score_date:%Y%m%d}_{secrets.token_hex(4)}"
     target = partition_name(uc, run.score_date)
     drop_leftovers(settings, uc)
-    conn = db.connect(settings.database_url)
-    try:
-        with conn.cursor() as cur:
-            # Held by this session until it ends (or dies): marks the staging table as live.
-            cur.execute("SELECT pg_advisory_lock(hashtext(%s))", (_stage_lock(stage),))
-            _create_like(cur, stage, parent)
-            _add_checks(cur, uc, stage, run.score_date, model_version)
-        conn.commit()
+    # Marked live from before the staging table exists until it is attached or dropped.
+    with _staging(settings, stage):
+        conn = db.connect(settings.database_url)
+        try:
+            with conn.cursor() as cur:
+                _create_like(cur, stage, parent)
+                _add_checks(cur, uc, stage, run.score_date, model_version)
+            conn.commit()
 
-        copy_began = time.monotonic()
-        copied = _copy(settings, uc, stage, parts, run.score_date, model_version)
-        copy_seconds = time.monotonic() - copy_began
+            copy_began = time.monotonic()
+            copied = _copy(settings, uc, stage, parts, run.score_date, model_version)
+            copy_seconds = time.monotonic() - copy_began
 
-        _constrain_and_validate(
-            conn, uc, stage, run.score_date, model_version, expected_rows, copied
-        )
-        fault_point("after_validation")
-        attempts = _swap(conn, uc, run, stage, target, expected_rows, model_version)
-    except BaseException:
-        conn.rollback()
-        _drop_quietly(conn, stage)
-        raise
-    finally:
-        conn.close()
+            _constrain_and_validate(
+                conn, uc, stage, run.score_date, model_version, expected_rows, copied
+            )
+            fault_point("after_validation")
+            attempts = _swap(conn, uc, run, stage, target, expected_rows, model_version)
+        except BaseException:
+            conn.rollback()
+            _drop_quietly(conn, stage)
+            raise
+        finally:
+            conn.close()
     result = PublishResult(
         run.score_date, expected_rows, time.monotonic() - began, copy_seconds, attempts, target
     )
@@ -379,7 +380,12 @@ def _locked(conn: Any, uc: UseCase, what: str, body: Callable[[Any], None]) -> i
 
     ``lock_timeout`` keeps the transaction from queueing readers behind it; on timeout it
     is rolled back and retried. Returns the attempt that committed.
+
+    Raises:
+        PublishError: every attempt timed out; the message names the sessions holding the
+            publish lock or a lock on the served table at the last one.
     """
+    holders: list[locks.Session] = []
     for attempt in range(1, SWAP_ATTEMPTS + 1):
         try:
             with conn.cursor() as cur:
@@ -399,12 +405,25 @@ def _locked(conn: Any, uc: UseCase, what: str, body: Callable[[Any], None]) -> i
             return attempt
         except pg_errors.LockNotAvailable:
             conn.rollback()
-            log.warning("%s: lock timeout (attempt %d), retrying", what, attempt)
+            with conn.cursor() as cur:
+                holders = locks.row_holders(
+                    cur, "ml.publish_locks", "use_case = %s", (uc.name,)
+                ) + locks.table_holders(cur, f"{SCHEMA}.{uc.score_table}")
+            conn.rollback()
+            log.warning(
+                "%s: lock timeout (attempt %d), held by %s; retrying",
+                what,
+                attempt,
+                "; ".join(str(h) for h in holders) or "-",
+            )
             time.sleep(min(0.2 * attempt, 2.0))
+    blockers = "; ".join(dict.fromkeys(str(h) for h in holders)) or "a session gone since"
     raise PublishError(
-        f"{what}: lock timeout {SWAP_ATTEMPTS} times in a row (a long transaction holds a lock on "
-        f"{SCHEMA}.{uc.score_table}); nothing changed and the previous rows stay served; find the "
-        "blocker in pg_stat_activity"
+        f"{what}: lock timeout ({LOCK_TIMEOUT}) {SWAP_ATTEMPTS} times in a row on the publish "
+        f"lock (ml.publish_locks) and {SCHEMA}.{uc.score_table}, expected them free within "
+        f"that time; at the last attempt held by {blockers}; nothing changed and the previous "
+        "rows stay served; let that session finish (or end it with pg_terminate_backend) and "
+        "publish again"
     )
 
 
@@ -492,18 +511,38 @@ def _like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("_", "\\_").replace("%", "\\%")
 
 
-def _stage_lock(table: str) -> str:
-    return f"nightscore.stage.{table}"
+STAGE_MARK = "stage."  # ml.locks key of a staging table's liveness mark: prefix + table name
+# A mark older than this whose table does not exist was left by a killed process (a live
+# attempt creates its table right after marking it).
+ORPHAN_MARK_AGE = "1 hour"
+
+
+@contextmanager
+def _staging(settings: Settings, table: str) -> Iterator[None]:
+    """Mark the staging table ``table`` as a live attempt's while the block runs."""
+    with locks.mark(
+        settings.database_url,
+        STAGE_MARK + table,
+        what=f"liveness mark of staging table {SCHEMA}.{table}",
+    ):
+        yield
 
 
 def drop_leftovers(settings: Settings, uc: UseCase) -> list[str]:
     """Drop the staging tables (served and shadow) left by killed attempts, whatever their date.
 
-    A live attempt holds a session advisory lock on its staging table's name from before
-    it creates the table until its connection ends (a killed process releases it); such
-    tables are skipped. Each COPY stream commits on its own, so a leftover may hold a whole
-    night of rows.
+    A live attempt marks its staging table (its ``ml.locks`` row, held ``FOR KEY SHARE`` by
+    a connection of the attempt's, see :func:`pipeline.locks.mark`) from before it creates
+    the table until it has attached or dropped it; a killed process's mark goes with its
+    connection. A table whose row no one holds (``FOR UPDATE SKIP LOCKED`` returns it; a
+    table without a row gets one) is dropped with its row, one transaction each. Only the
+    writer can lock those rows: a reader can neither keep a leftover nor stop a publish.
+    Each COPY stream commits on its own, so a leftover may hold a whole night of rows.
+
+    Returns:
+        the staging tables dropped.
     """
+    prefixes = (f"{uc.score_table}_stage_", f"{uc.score_table}_shadow_stage_")
     conn = db.connect(settings.database_url)
     dropped = []
     try:
@@ -511,35 +550,55 @@ def drop_leftovers(settings: Settings, uc: UseCase) -> list[str]:
             cur.execute(
                 "SELECT tablename FROM pg_tables WHERE schemaname = %s "
                 "AND (tablename LIKE %s OR tablename LIKE %s)",
-                (
-                    SCHEMA,
-                    _like(f"{uc.score_table}_stage_") + "%",
-                    _like(f"{uc.score_table}_shadow_stage_") + "%",
-                ),
+                (SCHEMA, *(_like(p) + "%" for p in prefixes)),
             )
             names = [r[0] for r in cur.fetchall()]
         conn.commit()
         for name in names:
-            with conn.cursor() as cur:
-                cur.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (_stage_lock(name),))
-                if not cur.fetchone()[0]:
-                    conn.commit()
-                    continue  # a live attempt owns it
+            key = STAGE_MARK + name
             try:
                 with conn.cursor() as cur:
                     cur.execute("SET LOCAL lock_timeout = '200ms'")
+                    cur.execute(
+                        "INSERT INTO ml.locks (key) VALUES (%s) ON CONFLICT DO NOTHING", (key,)
+                    )
+                    cur.execute(
+                        "SELECT 1 FROM ml.locks WHERE key = %s FOR UPDATE SKIP LOCKED", (key,)
+                    )
+                    if cur.fetchone() is None:
+                        conn.rollback()
+                        continue  # a live attempt marks it
                     cur.execute(
                         sql.SQL("DROP TABLE IF EXISTS {}.{}").format(
                             sql.Identifier(SCHEMA), sql.Identifier(name)
                         )
                     )
+                    cur.execute("DELETE FROM ml.locks WHERE key = %s", (key,))
                 conn.commit()
                 dropped.append(name)
             except pg_errors.LockNotAvailable:
-                conn.rollback()
-            with conn.cursor() as cur:
-                cur.execute("SELECT pg_advisory_unlock(hashtext(%s))", (_stage_lock(name),))
-            conn.commit()
+                conn.rollback()  # in use after all: the next publish will try again
+        with conn.cursor() as cur:
+            # marks of attempts killed before creating their table or after attaching it
+            cur.execute(
+                """
+                DELETE FROM ml.locks WHERE key IN (
+                    SELECT key FROM ml.locks
+                    WHERE (key LIKE %(served)s OR key LIKE %(shadow)s)
+                      AND created_at < now() - %(age)s::interval
+                      AND to_regclass(format('%%I.%%I', %(schema)s::text,
+                                             substr(key, length(%(mark)s) + 1))) IS NULL
+                    FOR UPDATE SKIP LOCKED)
+                """,
+                {
+                    "served": _like(STAGE_MARK + prefixes[0]) + "%",
+                    "shadow": _like(STAGE_MARK + prefixes[1]) + "%",
+                    "age": ORPHAN_MARK_AGE,
+                    "schema": SCHEMA,
+                    "mark": STAGE_MARK,
+                },
+            )
+        conn.commit()
     finally:
         conn.close()
     if dropped:
@@ -588,40 +647,39 @@ def publish_shadow(
         }
     )
     drop_leftovers(settings, uc)
-    conn = db.connect(settings.database_url)
-    try:
-        with conn.cursor() as cur:
-            # held until this connection ends: marks the staging table as live
-            cur.execute("SELECT pg_advisory_lock(hashtext(%s))", (_stage_lock(stage),))
-            _create_like(cur, stage, shadow_table)
-        conn.commit()
-        db.ingest(settings.database_url, stage, data, SCHEMA)
-        with conn.cursor() as cur:
-            cur.execute(
-                sql.SQL("DELETE FROM {s}.{t} WHERE score_date = %s AND model_version = %s").format(
-                    s=sql.Identifier(SCHEMA), t=sql.Identifier(shadow_table)
-                ),
-                (run.score_date, shadow_version),
-            )
-            cur.execute(
-                sql.SQL("INSERT INTO {s}.{t} SELECT * FROM {s}.{stage}").format(
-                    s=sql.Identifier(SCHEMA),
-                    t=sql.Identifier(shadow_table),
-                    stage=sql.Identifier(stage),
+    with _staging(settings, stage):
+        conn = db.connect(settings.database_url)
+        try:
+            with conn.cursor() as cur:
+                _create_like(cur, stage, shadow_table)
+            conn.commit()
+            db.ingest(settings.database_url, stage, data, SCHEMA)
+            with conn.cursor() as cur:
+                cur.execute(
+                    sql.SQL(
+                        "DELETE FROM {s}.{t} WHERE score_date = %s AND model_version = %s"
+                    ).format(s=sql.Identifier(SCHEMA), t=sql.Identifier(shadow_table)),
+                    (run.score_date, shadow_version),
                 )
-            )
-            cur.execute(
-                sql.SQL("DROP TABLE {s}.{stage}").format(
-                    s=sql.Identifier(SCHEMA), stage=sql.Identifier(stage)
+                cur.execute(
+                    sql.SQL("INSERT INTO {s}.{t} SELECT * FROM {s}.{stage}").format(
+                        s=sql.Identifier(SCHEMA),
+                        t=sql.Identifier(shadow_table),
+                        stage=sql.Identifier(stage),
+                    )
                 )
-            )
-        conn.commit()
-    except BaseException:
-        conn.rollback()
-        _drop_quietly(conn, stage)
-        raise
-    finally:
-        conn.close()
+                cur.execute(
+                    sql.SQL("DROP TABLE {s}.{stage}").format(
+                        s=sql.Identifier(SCHEMA), stage=sql.Identifier(stage)
+                    )
+                )
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            _drop_quietly(conn, stage)
+            raise
+        finally:
+            conn.close()
     return n
 
 

@@ -17,7 +17,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from pipeline import db
+from pipeline import db, locks
 from pipeline.config import Settings
 from pipeline.errors import ModelError
 
@@ -182,10 +182,15 @@ def promote(
     return previous
 
 
-def _registry_lock(cur: Any, use_case: str) -> None:
+def _registry_lock(cur: Any, use_case: str, what: str) -> None:
     """Serialize the use case's registry changes (champions of models and policies, the
-    shadow model) until the transaction ends."""
-    cur.execute("SELECT pg_advisory_xact_lock(hashtext('nightscore.registry.' || %s))", (use_case,))
+    shadow model) until the transaction ends, under its writer-only lock (``ml.locks``).
+
+    Raises:
+        LockTimeout: another session held the lock past the lock timeout; the transaction
+            was rolled back and nothing changed.
+    """
+    locks.lock(cur, f"registry.{use_case}", what=f"{what} of {use_case}")
 
 
 def swap_champion(
@@ -204,11 +209,12 @@ def swap_champion(
 
     Raises:
         ModelError: ``version`` is not in ``table``.
+        LockTimeout: another session held the use case's registry lock past the lock timeout.
     """
     conn = db.connect(settings.database_url)
     try:
         with conn.cursor() as cur:
-            _registry_lock(cur, use_case)
+            _registry_lock(cur, use_case, f"champion change in {table}")
             cur.execute(
                 f"SELECT version FROM {table} WHERE use_case = %s AND status = 'champion' "
                 "FOR UPDATE",
@@ -370,7 +376,7 @@ def set_shadow(settings: Settings, use_case: str, version: str) -> None:
     conn = db.connect(settings.database_url)
     try:
         with conn.cursor() as cur:
-            _registry_lock(cur, use_case)
+            _registry_lock(cur, use_case, f"shadow change to {version}")
             cur.execute(
                 "SELECT status FROM ml.model_versions WHERE use_case = %s AND version = %s",
                 (use_case, version),

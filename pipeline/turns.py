@@ -17,12 +17,10 @@ import logging
 from collections.abc import Callable
 from datetime import datetime
 
-from pipeline import db
+from pipeline import db, locks
 from pipeline.config import Settings
 
 log = logging.getLogger(__name__)
-
-LOCK_TIMEOUT = "10s"  # taking a turn locks its row for an instant; longer means trouble
 
 
 def take(
@@ -40,14 +38,13 @@ def take(
     conn = db.connect(settings.database_url)
     try:
         with conn.cursor() as cur:
-            cur.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+            locks.lock(cur, f"turn.{use_case}", what=f"run {run_id} taking the turn of {use_case}")
             cur.execute(
                 "INSERT INTO ml.night_turns (use_case) VALUES (%s) ON CONFLICT DO NOTHING",
                 (use_case,),
             )
             cur.execute(
-                "SELECT run_id, taken_at FROM ml.night_turns WHERE use_case = %s FOR UPDATE",
-                (use_case,),
+                "SELECT run_id, taken_at FROM ml.night_turns WHERE use_case = %s", (use_case,)
             )
             holder, since = cur.fetchone()
             if holder is not None and holder != run_id and alive(holder):

@@ -47,6 +47,9 @@ ALTER FUNCTION ml.forbid_change() OWNER TO nightscore_writer;
 -- Readers: the served views only (granted per use case by sql/usecase/scores.sql).
 -- Staging tables, base tables, ml.*, campaigns.*, the warehouse: nothing.
 REVOKE ALL ON SCHEMA ml, monitoring, campaigns FROM nightscore_reader;
+-- The pipeline's locks and liveness marks are row locks on these (pipeline/locks.py): only
+-- the writer may take them, so no other role can hold up a night or keep a dead one live.
+REVOKE ALL ON ml.locks, ml.runs, ml.publish_locks FROM PUBLIC, nightscore_reader, nightscore_campaign;
 GRANT USAGE ON SCHEMA predictions TO nightscore_reader;
 
 -- The email service: each use case's audience, send log and opt-outs (granted by

@@ -15,7 +15,7 @@ from datetime import timedelta
 import psycopg2
 import pytest
 
-from pipeline import db, ledger, nightly, publish, usecase
+from pipeline import db, ledger, locks, nightly, publish, usecase
 from pipeline.config import Settings, with_role
 from pipeline.faults import FaultInjected
 from tests.conftest import SCORE_DATE
@@ -101,7 +101,7 @@ def test_staging_leftovers_of_any_date_are_dropped_but_not_a_live_one(
     isolated: Settings, champion: dict
 ) -> None:
     conn = db.connect(isolated.database_url)
-    live = db.connect(isolated.database_url)
+    live = "churn_scores_stage_20200102_1ive0000"
     try:
         with conn.cursor() as cur:
             for name in (
@@ -109,20 +109,16 @@ def test_staging_leftovers_of_any_date_are_dropped_but_not_a_live_one(
                 "churn_scores_shadow_stage_0badf00d",
             ):
                 cur.execute(f"CREATE TABLE predictions.{name} (LIKE predictions.churn_scores)")
-            cur.execute("CREATE TABLE predictions.churn_scores_stage_20200102_1ive0000 (x int)")
         conn.commit()
-        with live.cursor() as cur:  # a live attempt holds the lock on its staging table
-            cur.execute(
-                "SELECT pg_advisory_lock(hashtext('nightscore.stage.churn_scores_stage_20200102_1ive0000'))"
-            )
-        live.commit()
-        dropped = publish.drop_leftovers(isolated, UC)
+        # a live attempt marks its staging table from before creating it
+        with locks.mark(isolated.database_url, publish.STAGE_MARK + live, what="test"):
+            db.scalar(isolated.database_url, f"CREATE TABLE predictions.{live} (x int); SELECT 1")
+            dropped = publish.drop_leftovers(isolated, UC)
         assert sorted(dropped) == [
             "churn_scores_shadow_stage_0badf00d",
             "churn_scores_stage_20200101_deadbeef",
         ]
     finally:
-        live.close()
         db.scalar(
             isolated.database_url,
             "DROP TABLE IF EXISTS predictions.churn_scores_stage_20200102_1ive0000; SELECT 1",
