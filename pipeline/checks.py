@@ -11,6 +11,7 @@ Checks of severity ``warn`` are recorded and the run goes on.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import date
 from typing import Any
@@ -55,7 +56,9 @@ def check_features(
     Nulls and ranges follow the use case's feature-check policy (``feature_checks``): a
     feature's own rule, else the default. A feature with no null limit of its own may still
     not grow its null fraction by more than ``max_null_increase`` over the serving model's
-    training data.
+    training data. Rows holding a category training never saw warn above
+    ``unseen_share_limit`` and stop the night above the feature's ``max_unseen_share``,
+    naming the values that appeared and those that vanished.
     """
     policy = uc.feature_checks
     out = []
@@ -134,15 +137,32 @@ def check_features(
                 f"{len(keys):,} ({within(ratio, lo, hi)} x)",
             )
         )
-    for name, share in unseen_shares(table, reference).items():
+    for name, change in category_changes(table, reference).items():
+        stop = policy.rule(name).max_unseen_share
+        if stop is not None and change.share > stop:
+            out.append(
+                CheckResult(
+                    "features",
+                    "unseen_categories",
+                    name,
+                    False,
+                    f"<= {stop:.1%} of rows with a value never seen in training, else the night "
+                    f"stops (feature_checks max_unseen_share; above unseen_share_limit "
+                    f"{policy.unseen_share_limit:.1%} it warns and requests a retrain)",
+                    f"{percent(change.share, stop, 2)}; {change.describe()}",
+                )
+            )
+            continue
+        limit = policy.unseen_share_limit
         out.append(
             CheckResult(
                 "features",
                 "unseen_categories",
                 name,
-                share <= policy.unseen_share_limit,
-                f"<= {policy.unseen_share_limit:.1%} of rows with a value never seen in training",
-                percent(share, policy.unseen_share_limit, 2),
+                change.share <= limit,
+                f"<= {limit:.1%} of rows with a value never seen in training",
+                percent(change.share, limit, 2)
+                + (f"; {change.describe()}" if change.share > limit else ""),
                 severity="warn",
             )
         )
@@ -183,17 +203,60 @@ def reference_profile(table: pa.Table, columns: list[str], bins: int = 10) -> di
     return profile
 
 
-def unseen_shares(table: pa.Table, reference: dict[str, Any] | None) -> dict[str, float]:
-    """Per categorical feature, the share of rows whose value training never saw."""
-    out: dict[str, float] = {}
+@dataclass(frozen=True)
+class CategoryChange:
+    """How tonight's values of a categorical feature differ from its training data's."""
+
+    share: float  # of tonight's rows, those holding a value training never saw
+    appeared: list[tuple[str, int]]  # values training never saw and their rows, most first
+    vanished: list[tuple[str, float]]  # values absent tonight and their training share
+
+    def describe(self, shown: int = 5) -> str:
+        """The values that appeared and vanished, a few of each."""
+
+        def listed(items: list[str]) -> str:
+            more = f" and {len(items) - shown} more" if len(items) > shown else ""
+            return ", ".join(items[:shown]) + more if items else "none"
+
+        appeared = [f"{v!r} ({n:,} rows)" for v, n in self.appeared]
+        vanished = [f"{v!r} ({s:.1%} in training)" for v, s in self.vanished]
+        return f"appeared: {listed(appeared)}; vanished: {listed(vanished)}"
+
+
+def category_changes(
+    table: pa.Table, reference: dict[str, Any] | None
+) -> dict[str, CategoryChange]:
+    """Per categorical feature of ``reference`` (training's shares of each value), the rows
+    tonight whose value training never saw, the values that appeared and those that
+    vanished. A missing value is neither."""
+    out: dict[str, CategoryChange] = {}
     for name, ref in (reference or {}).items():
         if "categories" not in ref or name not in table.column_names:
             continue
         col = table.column(name)
-        seen = pa.array([v for v in ref["categories"] if v != "(missing)"], type=pa.string())
-        unseen = pc.sum(pc.invert(pc.is_in(col.cast(pa.string()), value_set=seen))).as_py()
-        out[name] = (unseen or 0) / max(len(col), 1)
+        counts = col.cast(pa.string()).value_counts()
+        tonight = {
+            v: int(n)
+            for v, n in zip(
+                counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True
+            )
+            if v is not None
+        }
+        trained = {v: float(s) for v, s in ref["categories"].items() if v != "(missing)"}
+        appeared = sorted(
+            ((v, n) for v, n in tonight.items() if v not in trained), key=lambda x: (-x[1], x[0])
+        )
+        vanished = sorted(
+            ((v, s) for v, s in trained.items() if v not in tonight), key=lambda x: (-x[1], x[0])
+        )
+        unseen = sum(n for _, n in appeared)
+        out[name] = CategoryChange(unseen / max(len(col), 1), appeared, vanished)
     return out
+
+
+def unseen_shares(table: pa.Table, reference: dict[str, Any] | None) -> dict[str, float]:
+    """Per categorical feature, the share of rows whose value training never saw."""
+    return {name: c.share for name, c in category_changes(table, reference).items()}
 
 
 def _category_shares(col: pa.ChunkedArray) -> dict[str, float]:
@@ -316,8 +379,9 @@ def score_histogram(settings: Settings, uc: UseCase, day: date) -> np.ndarray:
 
 def previous_source_days(
     settings: Settings, run: RunContext
-) -> tuple[date | None, dict[str, dict[date, int]]]:
-    """The rows per day the newest earlier run (score date before this run's) counted."""
+) -> tuple[date | None, dict[str, dict[date, tuple[int, str | None]]]]:
+    """What the newest earlier run (score date before this run's) saw of each dated source
+    table, per day: rows and a fingerprint of their content (None where not kept)."""
     conn = db.connect(settings.database_url)
     try:
         with conn.cursor() as cur:
@@ -332,13 +396,13 @@ def previous_source_days(
                 conn.commit()
                 return None, {}
             cur.execute(
-                "SELECT source, day, rows FROM monitoring.source_days "
+                "SELECT source, day, rows, content FROM monitoring.source_days "
                 "WHERE use_case = %s AND run_id = %s",
                 (run.use_case, found[1]),
             )
-            days: dict[str, dict[date, int]] = {}
-            for source, day, rows in cur.fetchall():
-                days.setdefault(source, {})[day] = int(rows)
+            days: dict[str, dict[date, tuple[int, str | None]]] = {}
+            for source, day, rows, content in cur.fetchall():
+                days.setdefault(source, {})[day] = (int(rows), content)
         conn.commit()
     finally:
         conn.close()
@@ -346,15 +410,17 @@ def previous_source_days(
 
 
 def store_source_days(
-    settings: Settings, run: RunContext, days: dict[str, dict[date, int]]
+    settings: Settings,
+    run: RunContext,
+    days: Mapping[str, Mapping[date, tuple[int, str | None]]],
 ) -> None:
-    """Remember the rows per day this run counted of each dated source table."""
+    """Remember what this run saw of each dated source table, per day: rows and content."""
     from psycopg2.extras import execute_values
 
     rows = [
-        (run.use_case, run.score_date, run.run_id, source, day, n)
-        for source, counts in days.items()
-        for day, n in counts.items()
+        (run.use_case, run.score_date, run.run_id, source, day, n, content)
+        for source, seen in days.items()
+        for day, (n, content) in seen.items()
     ]
     conn = db.connect(settings.database_url)
     try:
@@ -366,7 +432,7 @@ def store_source_days(
             execute_values(
                 cur,
                 "INSERT INTO monitoring.source_days (use_case, score_date, run_id, source, day, "
-                "rows) VALUES %s",
+                "rows, content) VALUES %s",
                 rows,
                 page_size=1000,
             )

@@ -2,16 +2,19 @@
 
 A contract (``usecases/<name>/contract.yaml``) names each table, its columns and their
 types (families such as ``integer`` or ``timestamp``, or exact PostgreSQL names), the
-column that dates a row, and the checks to run on it: freshness, daily volume, value
-rules, unique keys and null fractions. This module is the format (typed, validated, with
-errors naming file, key, expected and found); ``pipeline.sources`` checks a warehouse
-against it. It imports nothing heavy, so DAG parsing may validate contracts.
+column that dates a row, and the checks to run on it: freshness, daily volume (with a
+calendar of days expected to be low or high), value rules, unique keys, null fractions and
+the keys a column references in another table. This module is the format (typed,
+validated, with errors naming file, key, expected and found); ``pipeline.sources`` checks a
+warehouse against it. It imports nothing heavy, so DAG parsing may validate contracts.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -22,6 +25,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -88,7 +92,7 @@ def type_matches(declared: str, data_type: str) -> bool:
 # -- the contract ------------------------------------------------------------------------
 
 
-def _problem(expected: str, found: str, key: str | None = None) -> PydanticCustomError:
+def _problem(expected: str, found: str, key: str | int | None = None) -> PydanticCustomError:
     """A validation error that ``load_contract`` renders as key, expected and found."""
     context: dict[str, Any] = {"expected": expected, "found": found}
     if key is not None:
@@ -108,21 +112,44 @@ def _as_key(value: Any) -> Any:
 
 
 UniqueKey = Annotated[tuple[str, ...], BeforeValidator(_as_key)]
+
+ALL_HISTORY = 36_500  # ``lookback_days: all``: every day a table holds (a century)
+
+
+def _as_days(value: Any) -> Any:
+    if value == "all":
+        return ALL_HISTORY
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise _problem("a number of days (1 or more) or all", _show(value))
+
+
+Lookback = Annotated[int, BeforeValidator(_as_days)]
 _FROZEN = ConfigDict(extra="forbid", frozen=True)
+_REFERENCE = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*\.[A-Za-z_][A-Za-z0-9_$]*")
 
 
 class ColumnSpec(BaseModel):
-    """A declared column: its type and, optionally, its own null limit.
+    """A declared column: its type and, optionally, its own null limit and the key it
+    references.
 
     ``type`` is a family (``integer``, ``number``, ``text``, ``date``, ``timestamp``,
     ``timestamptz``, ``boolean``) or an exact PostgreSQL data_type (``numeric``,
     ``jsonb``, ...). The short form ``column: type`` is accepted.
+
+    ``references: <table>.<column>`` names a table of the contract whose column holds
+    every value of this one (a fact's entity key, say). The rows of the contract's new
+    days (``new_days``) whose value the referenced column lacks are orphans; more than
+    ``max_orphan_fraction`` of those rows (default 0: any orphan) fail. NULL references
+    nothing (null limits govern it).
     """
 
     model_config = _FROZEN
 
     type: str = Field(min_length=1)
     max_null_fraction: float | None = Field(default=None, ge=0, le=1)
+    references: str | None = None
+    max_orphan_fraction: float = Field(default=0.0, ge=0, le=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -133,23 +160,133 @@ class ColumnSpec(BaseModel):
             return value
         raise _problem("a type name or a mapping {type, max_null_fraction}", _show(value))
 
+    @field_validator("references")
+    @classmethod
+    def _table_dot_column(cls, value: str | None) -> str | None:
+        if value is not None and not _REFERENCE.fullmatch(value):
+            raise _problem("<table>.<column>, e.g. members.member_id", _show(value))
+        return value
+
+    @model_validator(mode="after")
+    def _limit_needs_a_reference(self) -> ColumnSpec:
+        if self.max_orphan_fraction and self.references is None:
+            raise _problem(
+                "references: <table>.<column> beside max_orphan_fraction",
+                "no references",
+                "max_orphan_fraction",
+            )
+        return self
+
+    @property
+    def referenced(self) -> tuple[str, str] | None:
+        """The (table, column) this column references, if any."""
+        if self.references is None:
+            return None
+        table, _, column = self.references.partition(".")
+        return table, column
+
     def accepts(self, data_type: str) -> bool:
         """Whether a column of ``data_type`` satisfies this declaration."""
         return type_matches(self.type, data_type)
 
 
-class VolumeSpec(BaseModel):
-    """Rows on the last complete day must be within ``[min_ratio, max_ratio]`` times the
-    median daily count of the ``trailing_days`` days before it (a day without rows counts 0),
-    and so must every day of the window against the window's median day. ``weekly``
-    compares a day with the same weekday only (weekends that are always quiet pass)."""
+def calendar_day(text: str) -> date | tuple[int, int]:
+    """A calendar entry's day: a date (``YYYY-MM-DD``), or (month, day) every year
+    (``MM-DD``).
+
+    Raises:
+        ValueError: ``text`` is neither.
+    """
+    if re.fullmatch(r"\d{2}-\d{2}", text):
+        every_year = date.fromisoformat(f"2000-{text}")  # a leap year: 02-29 is a day
+        return every_year.month, every_year.day
+    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+        return date.fromisoformat(text)
+    raise ValueError(text)
+
+
+class VolumeDays(BaseModel):
+    """Days of a table's volume calendar: expected to be low or high, with their own bounds.
+
+    ``days`` are ``MM-DD`` (every year: ``12-25``) or ``YYYY-MM-DD`` (one date: a moving
+    holiday such as Good Friday, a sale). A bound left out is the table's own.
+    """
 
     model_config = _FROZEN
 
-    min_ratio: float = Field(ge=0)
-    max_ratio: float = Field(gt=0)
+    days: tuple[str, ...]
+    min_ratio: float | None = Field(default=None, ge=0)
+    max_ratio: float | None = Field(default=None, gt=0)
+
+    @field_validator("days", mode="before")
+    @classmethod
+    def _one_or_more(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
+
+    @field_validator("days")
+    @classmethod
+    def _days(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise _problem("at least one day", "[]")
+        for i, text in enumerate(value):
+            try:
+                calendar_day(text)
+            except ValueError:
+                raise _problem(
+                    "a day as MM-DD (every year) or YYYY-MM-DD (that date)", _show(text), i
+                ) from None
+        return value
+
+    @model_validator(mode="after")
+    def _bounded(self) -> VolumeDays:
+        if self.min_ratio is None and self.max_ratio is None:
+            raise _problem("min_ratio or max_ratio (the bounds of these days)", "neither")
+        if (
+            self.min_ratio is not None
+            and self.max_ratio is not None
+            and self.max_ratio < self.min_ratio
+        ):
+            raise _problem(
+                f"a number >= min_ratio ({self.min_ratio})", _show(self.max_ratio), "max_ratio"
+            )
+        return self
+
+
+_Bounds = tuple[float | None, float | None]
+_CalendarIndex = tuple[dict[date, _Bounds], dict[tuple[int, int], _Bounds]]
+
+# The calendar of a table that declares none: the Christmas and New Year days, when shops,
+# offices and B2B products run low (24, 25 Dec, 1 Jan) or sales run high (26 Dec). Off with
+# ``calendar: []``; a calendar of one's own replaces it.
+DEFAULT_CALENDAR = (
+    VolumeDays(days=("12-24", "12-25", "12-26", "12-31", "01-01"), min_ratio=0.0, max_ratio=3.0),
+)
+
+
+class VolumeSpec(BaseModel):
+    """How many rows a day should hold. ``daily_volume`` judges the last complete day and
+    ``days_complete`` every other day of the window (``pipeline.sources.judge_day``).
+
+    A day's expected rows are the median of its peers: the same weekday in the
+    ``trailing_days`` before it (``weekly``; else every one of those days), and, for a day
+    of the window, the window's other days of its weekday; days of the calendar are no
+    peers. A day passes within ``[min_ratio, max_ratio]`` x expected, or within
+    ``noise_sd`` standard deviations of counting noise of it (so a table of a few rows a
+    day is not stopped by chance; 0 turns this off). ``calendar`` lists the days expected
+    to be low or high, with their own bounds: ``DEFAULT_CALENDAR`` unless given. The
+    defaults are chosen from ``benchmarks/volume.py`` (README, "Daily volume")."""
+
+    model_config = _FROZEN
+
+    min_ratio: float = Field(default=0.4, ge=0)
+    max_ratio: float = Field(default=1.7, gt=0)
     trailing_days: int = Field(default=28, ge=1)
-    weekly: bool = False
+    weekly: bool = True
+    noise_sd: float = Field(default=4.0, ge=0)
+    calendar: tuple[VolumeDays, ...] = DEFAULT_CALENDAR
+    # the calendar's days, looked up once per day judged: indexed with the calendar they
+    # index (``model_copy`` may replace it)
+    _days: tuple[tuple[VolumeDays, ...], _CalendarIndex] = PrivateAttr()
 
     @model_validator(mode="after")
     def _ordered(self) -> VolumeSpec:
@@ -157,7 +294,44 @@ class VolumeSpec(BaseModel):
             raise _problem(
                 f"a number >= min_ratio ({self.min_ratio})", _show(self.max_ratio), "max_ratio"
             )
+        if self.weekly and self.trailing_days < 7:
+            raise _problem(
+                "at least 7 days when weekly (the default) compares a day with its weekday",
+                _show(self.trailing_days),
+                "trailing_days",
+            )
         return self
+
+    def model_post_init(self, context: Any, /) -> None:
+        self._days = (self.calendar, _calendar_index(self.calendar))
+
+    def bounds(self, day: date) -> tuple[float, float] | None:
+        """The ratio bounds of ``day`` when the calendar lists it (the last entry that
+        does, a dated one before any yearly one), else None."""
+        if self._days[0] is not self.calendar:
+            self._days = (self.calendar, _calendar_index(self.calendar))
+        dated, yearly = self._days[1]
+        found = dated.get(day) or yearly.get((day.month, day.day))
+        if found is None:
+            return None
+        low, high = found
+        return (
+            self.min_ratio if low is None else low,
+            self.max_ratio if high is None else high,
+        )
+
+
+def _calendar_index(calendar: tuple[VolumeDays, ...]) -> _CalendarIndex:
+    dated: dict[date, _Bounds] = {}
+    yearly: dict[tuple[int, int], _Bounds] = {}
+    for entry in calendar:
+        for text in entry.days:
+            day = calendar_day(text)
+            if isinstance(day, date):
+                dated[day] = (entry.min_ratio, entry.max_ratio)
+            else:
+                yearly[day] = (entry.min_ratio, entry.max_ratio)
+    return dated, yearly
 
 
 class TableSpec(BaseModel):
@@ -178,6 +352,9 @@ class TableSpec(BaseModel):
     unique: tuple[UniqueKey, ...] = ()
     not_null: tuple[str, ...] = ()
     rules: tuple[Annotated[str, Field(min_length=1)], ...] = ()
+    # How far back the use case's SQL reads this table (days before the run date, or
+    # ``all``); the contract's ``lookback_days`` when unset.
+    lookback_days: Lookback | None = None
 
     @field_validator("columns")
     @classmethod
@@ -256,6 +433,21 @@ class Contract(BaseModel):
     # Past days' row counts may change between runs (late corrections) by this fraction of
     # the rows a run saw before it fails; any change at all warns.
     max_rewritten_fraction: float = Field(default=0.005, ge=0, le=1)
+    # The days a run at D reads as new: rows dated in [D - new_days, D). 1 is the day the
+    # night adds (D - 1): the references checks read those rows only.
+    new_days: int = Field(default=1, ge=1)
+    # How far back the use case's SQL reads its tables (a table may say otherwise): the days
+    # whose rows and content ``history_unchanged`` compares from one night to the next. The
+    # use case's windows and ``window_days`` count too, whichever is longest.
+    lookback_days: Lookback | None = None
+
+    def lookback(self, table: str, windows: Mapping[str, int] | None = None) -> int:
+        """Days before a run date that the use case reads of ``table``: its own
+        ``lookback_days``, else the contract's, but never fewer than ``window_days`` nor
+        than the longest window the use case keeps over it (``windows``: table -> days)."""
+        spec = self.tables[table]
+        declared = spec.lookback_days or self.lookback_days or 0
+        return max(declared, self.window_days, (windows or {}).get(table, 0))
 
     @field_validator("tables")
     @classmethod
@@ -298,6 +490,31 @@ class Contract(BaseModel):
                         )
         return self
 
+    @model_validator(mode="after")
+    def _references_name_columns(self) -> Contract:
+        for name, spec in self.tables.items():
+            for column, declared in spec.columns.items():
+                if declared.referenced is None:
+                    continue
+                key = f"tables.{name}.columns.{column}.references"
+                table, target = declared.referenced
+                if table not in self.tables:
+                    raise _problem(
+                        f"a table of the contract ({', '.join(self.tables)})", _show(table), key
+                    )
+                columns = self.tables[table].columns
+                if target not in columns:
+                    raise _problem(
+                        f"a column of {table} ({', '.join(columns)})", _show(target), key
+                    )
+                if not _comparable(declared.type, columns[target].type):
+                    raise _problem(
+                        f"a column whose type compares with {column}'s ({declared.type})",
+                        f"{table}.{target} of type {columns[target].type}",
+                        key,
+                    )
+        return self
+
     def null_limit(self, table: str, column: str, entity_key: str | None = None) -> float:
         """The largest fraction of nulls allowed in ``table.column`` (0 for ``not_null``
         columns and the entity key)."""
@@ -306,6 +523,12 @@ class Contract(BaseModel):
             return 0.0
         own = spec.columns[column].max_null_fraction
         return self.max_null_fraction if own is None else own
+
+
+def _comparable(one: str, other: str) -> bool:
+    """Whether columns of the declared types ``one`` and ``other`` compare with ``=``."""
+    a, b = (FAMILIES.get(type_name(t), frozenset({type_name(t)})) for t in (one, other))
+    return bool(a & b) or (a | b) <= FAMILIES["number"]
 
 
 def dated_tables(contract: Contract) -> list[str]:
@@ -416,6 +639,8 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel]:
     if len(parents) < 2 or parents[0] != "tables":
         return Contract
     rest = parents[2:]
+    if rest[:2] == ("volume", "calendar"):
+        return VolumeDays
     if rest[:1] == ("volume",):
         return VolumeSpec
     if rest[:1] == ("columns",) and len(rest) == 2:

@@ -81,9 +81,14 @@ def waiting_for_data(settings: Settings, uc: UseCase, day: date) -> list[str]:
 
 
 def check_sources(settings: Settings, uc: UseCase, run: RunContext) -> dict[str, Any]:
-    """Source contract, freshness, volume, value rules, keys and nulls, before featurizing."""
+    """Source contract, freshness, volume, value rules, keys and nulls, before featurizing;
+    and history: the past days each table is read back to (its lookback: the contract's
+    ``lookback_days``, the windows kept over it) as an earlier night saw them, by rows and
+    content (``history_unchanged``)."""
     with ledger.stage(settings, run, "check_sources") as info:
         spec = contract.load_contract(uc.contract)
+        kept = {w.table: w.days for w in uc.windows.values()}
+        lookback = {t: spec.lookback(t, kept) for t in spec.tables}
         seen = sources.observe(
             settings.warehouse_url,
             settings.warehouse_schema,
@@ -91,6 +96,7 @@ def check_sources(settings: Settings, uc: UseCase, run: RunContext) -> dict[str,
             run.score_date,
             uc.warehouse.timezone,
             uc.entity_key,
+            history_days=lookback,
         )
         earlier, before = checks.previous_source_days(settings, run)
         results = seen.results
@@ -101,7 +107,7 @@ def check_sources(settings: Settings, uc: UseCase, run: RunContext) -> dict[str,
                 seen.days,
                 settings.warehouse_schema,
                 spec,
-                since=run.score_date - timedelta(days=spec.window_days),
+                since={t: run.score_date - timedelta(days=n) for t, n in lookback.items()},
             )
         checks.store_source_days(settings, run, seen.days)
         info |= checks.record_and_gate(settings, run, results, "source")

@@ -3,9 +3,11 @@ before featurizing.
 
 A contract (``usecases/<name>/contract.yaml``) names each table, its columns and their
 types, the column that dates a row, and the checks to run on it: freshness, daily
-volume, value rules, unique keys and null fractions. ``check_sources`` turns a contract
-into ``CheckResult`` values for the gate in ``pipeline.checks``; the code holds no table
-or column name of any warehouse.
+volume, value rules, unique keys, null fractions and references to another table's key.
+``check_sources`` turns a contract into ``CheckResult`` values for the gate in
+``pipeline.checks``; the code holds no table or column name of any warehouse. The volume
+rule itself (``judge_day``) is a plain function of rows per day, which
+``benchmarks/volume.py`` measures on series of known truth.
 
 Time semantics: a run scores day D (``as_of``). Facts strictly before D count and the
 last complete day is D-1. The day of a row is its ``date`` column as is, the date of a
@@ -28,7 +30,7 @@ import queue
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
 from functools import partial
 from typing import Any
@@ -48,7 +50,7 @@ from pipeline.contract import (
 )
 from pipeline.errors import ConfigError, SourceError
 from pipeline.faults import fault_point
-from pipeline.figures import percent, within
+from pipeline.figures import beside, percent, within
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +201,126 @@ class _Axis:
         return sql.SQL("{} < {}").format(sql.Identifier(self.column), self.bound(name))
 
 
+# -- the volume rule: rows per day in, a verdict out (benchmarks/volume.py measures it) ---
+
+
+@dataclass(frozen=True)
+class DayVolume:
+    """A day's rows against the rows its peer days lead one to expect (``judge_day``)."""
+
+    day: date
+    rows: int
+    expected: float  # the median rows of the peer days
+    peers: int  # how many peer days (none: nothing to compare with, the day passes)
+    low: float  # the ratio bounds in force on the day: its calendar entry's, else the table's
+    high: float
+    noise_sd: float
+    calendar: bool  # the volume calendar lists the day
+
+    @property
+    def ratio(self) -> float:
+        """Rows over expected rows (1 when both are 0: a day that is always empty)."""
+        if self.expected:
+            return self.rows / self.expected
+        return 1.0 if self.rows == 0 else math.inf
+
+    @property
+    def deviation(self) -> float:
+        """How many standard deviations of counting noise the rows lie from the expected
+        rows: the square root of a Poisson count (Anscombe's, plus 3/8) has a standard
+        deviation of 1/2 whatever its mean."""
+        return 2 * abs(math.sqrt(self.rows + 0.375) - math.sqrt(self.expected + 0.375))
+
+    @property
+    def passed(self) -> bool:
+        return (
+            not self.peers or self.low <= self.ratio <= self.high or self.deviation <= self.noise_sd
+        )
+
+    def found(self) -> str:
+        """The rows, the median and the ratio, to the digit that shows its side of the
+        bounds; the deviation too when the ratio is outside them."""
+        if not self.peers:
+            return f"{self.rows:,} rows; no earlier day to compare with"
+        text = (
+            f"{self.rows:,} rows vs a median of {self.expected:,.0f} "
+            f"({within(self.ratio, self.low, self.high)} x"
+        )
+        if not self.low <= self.ratio <= self.high:
+            text += f", {beside(self.deviation, self.noise_sd, 1)} sd of counting noise"
+        if self.calendar:
+            text += f"; a calendar day: {self.low:g}..{self.high:g} x"
+        return text + ")"
+
+
+def judge_day(
+    counts: Mapping[date, int], day: date, peers: Sequence[date], spec: VolumeSpec
+) -> DayVolume:
+    """The rows of ``day`` against the median rows of ``peers`` (a day without rows counts
+    0), under the bounds ``spec`` sets for ``day`` (its calendar's, else its own). Peers the
+    calendar lists are left out, unless it lists them all."""
+    usual = [p for p in peers if spec.bounds(p) is None] or list(peers)
+    expected = float(statistics.median([counts.get(p, 0) for p in usual])) if usual else 0.0
+    bounds = spec.bounds(day)
+    low, high = bounds or (spec.min_ratio, spec.max_ratio)
+    return DayVolume(
+        day,
+        counts.get(day, 0),
+        expected,
+        len(usual),
+        low,
+        high,
+        spec.noise_sd,
+        bounds is not None,
+    )
+
+
+def daily_volume(
+    counts: Mapping[date, int], day: date, spec: VolumeSpec, since: date | None = None
+) -> DayVolume:
+    """The ``daily_volume`` check: ``day`` against the same weekday in the
+    ``spec.trailing_days`` days before it (every one of those days when not ``weekly``).
+    Days before ``since``, the table's first day of rows, are no peers."""
+    peers = [
+        day - timedelta(days=i)
+        for i in range(1, spec.trailing_days + 1)
+        if not spec.weekly or i % 7 == 0
+    ]
+    if since is not None:
+        peers = [p for p in peers if p >= since]
+    return judge_day(counts, day, peers, spec)
+
+
+def window_volume(
+    counts: Mapping[date, int],
+    first: date,
+    last: date,
+    spec: VolumeSpec,
+    since: date | None = None,
+) -> list[DayVolume]:
+    """The ``days_complete`` check: each day of ``first..last`` judged as
+    :func:`daily_volume` judges a last day. A day that passed on its own night passes
+    here unless its rows or its peers' rows have changed since (a day shifted by a time
+    zone bug, a reload), so a clean series stops no more nights here than there."""
+    days = [first + timedelta(days=i) for i in range((last - first).days + 1)]
+    return [daily_volume(counts, d, spec, since) for d in days]
+
+
+def _volume_expected(spec: VolumeSpec, day: date, peers: str) -> str:
+    bounds = spec.bounds(day)
+    low, high = bounds or (spec.min_ratio, spec.max_ratio)
+    shown = f"{low:g}..{high:g} x {peers}"
+    if bounds is not None:
+        shown += f" ({day} is a calendar day)"
+    return (
+        f"{shown}, or within {spec.noise_sd:g} sd of counting noise "
+        "(volume: min_ratio, max_ratio, noise_sd, calendar)"
+    )
+
+
 _Reader = Callable[[list[Any]], dict[str, Any]]
 _LOOK_UP = object()  # the newest day before D lies outside the scanned range
+_EXAMPLES = 5  # orphan keys a references check names
 
 
 @dataclass(frozen=True)
@@ -217,6 +337,8 @@ class _Table:
     timezone: str
     entity_key: str | None = None
     floats: tuple[str, ...] = ()  # declared columns stored as numeric, real or double
+    references: tuple[str, ...] = ()  # columns whose references are checked
+    history_days: int = 0  # days before as_of whose rows and content are kept as evidence
 
     @property
     def future_from(self) -> date:
@@ -241,9 +363,21 @@ class _Table:
         return self.as_of - timedelta(days=self.contract.window_days)
 
     @property
+    def new_start(self) -> date:
+        """The first of the contract's new days: rows dated from here to the last day."""
+        return self.as_of - timedelta(days=self.contract.new_days)
+
+    @property
     def volume_start(self) -> date:
+        """The first day the volume checks read: the trailing days of the window's first."""
         days = self.spec.volume.trailing_days if self.spec.volume else 0
-        return self.last_day - timedelta(days=days)
+        return self.window_start - timedelta(days=days)
+
+    @property
+    def history_start(self) -> date:
+        """The first day whose rows and content this run keeps as evidence (what the use
+        case reads of the table, back to its lookback), for ``history_unchanged``."""
+        return min(self.window_start, self.as_of - timedelta(days=self.history_days))
 
     @property
     def params(self) -> dict[str, Any]:
@@ -253,9 +387,11 @@ class _Table:
             "end": self.as_of,
             "start": self.window_start,
             "volume_start": self.volume_start,
+            "new_start": self.new_start,
             "tomorrow": future,
-            # one range scan covers the window, the volume days and every future row
-            "scan_start": min(self.window_start, self.volume_start, future),
+            # one range scan covers the window, the volume days, the history kept as
+            # evidence and every future row
+            "scan_start": min(self.window_start, self.volume_start, self.history_start, future),
             # days from here on are all in the future: one group is enough to count them
             "cap": max(self.as_of, future),
         }
@@ -271,6 +407,33 @@ class _Table:
         if self.axis is None:
             return sql.SQL("TRUE")
         return sql.SQL("{} AND {}").format(self.axis.since("start"), self.axis.before("end"))
+
+    def _orphans(self, column: str) -> sql.Composable:
+        """Rows of the new days (the whole table without a date column), and those whose
+        ``column`` the referenced column lacks: an anti-join that probes the referenced
+        column (which an index should serve) once per row of the new days."""
+        referenced = self.spec.columns[column].referenced
+        assert referenced is not None
+        table, target = referenced
+        new: sql.Composable = sql.SQL("TRUE")
+        if self.axis is not None:
+            new = sql.SQL("{} AND {}").format(self.axis.since("new_start"), self.axis.before("end"))
+        key = sql.Identifier("f", column)
+        return sql.SQL(
+            "WITH orphans AS MATERIALIZED (SELECT {key} AS key FROM {t} AS f "
+            "WHERE {new} AND {key} IS NOT NULL "
+            "AND NOT EXISTS (SELECT 1 FROM {ref} AS r WHERE {target} = {key})) "
+            "SELECT (SELECT count(*) FROM {t} AS f WHERE {new}), (SELECT count(*) FROM orphans), "
+            "(SELECT count(DISTINCT key) FROM orphans), "
+            "CAST(ARRAY(SELECT DISTINCT key FROM orphans ORDER BY 1 LIMIT {n}) AS text[])"
+        ).format(
+            key=key,
+            t=self.relation,
+            new=new,
+            ref=sql.Identifier(self.schema, table),
+            target=sql.Identifier("r", target),
+            n=sql.Literal(_EXAMPLES),
+        )
 
     def _distinct(self, key: tuple[str, ...]) -> sql.Composable:
         """Distinct keys, a NULL being a value like any other."""
@@ -308,6 +471,8 @@ class _Table:
         """One check's own query and how to read its rows."""
         kind, _, arg = key.partition(":")
         t = self.relation
+        if kind == "ref":
+            return self._orphans(arg), lambda rows: tuple(rows[0])
         if kind == "rule":
             return (
                 sql.SQL("SELECT count(*) FROM {} WHERE {} AND {}").format(
@@ -339,7 +504,16 @@ class _Table:
         assert self.axis is not None
         col = sql.Identifier(self.axis.column)
         if kind == "days":
-            kind = "volume"
+            return (
+                sql.SQL("SELECT {}, count(*), {} FROM {} WHERE {} AND {} GROUP BY 1").format(
+                    self.axis.day(col),
+                    db.fingerprint(list(self.spec.columns)),
+                    t,
+                    self.axis.since("scan_start"),
+                    self.axis.before("end"),
+                ),
+                lambda rows: {day: (int(n), str(content)) for day, n, content in rows},
+            )
         if kind == "future":
             return (
                 sql.SQL("SELECT count(*) FROM {} WHERE {}").format(t, self.axis.since("tomorrow")),
@@ -370,16 +544,22 @@ class _Table:
         ]
         uniques = [self._distinct(key) for key in spec.unique]
         unique_keys = [f"unique:{j}" for j in range(len(spec.unique))]
+        # one anti-join per reference, over the new days' rows only
+        references: list[tuple[list[str], sql.Composable, _Reader]] = [
+            ([f"ref:{c}"], self._orphans(c), partial(_read_orphans, f"ref:{c}"))
+            for c in self.references
+        ]
         if self.axis is None:
             query = sql.SQL("SELECT {} FROM {}").format(
                 sql.SQL(", ").join([sql.SQL("count(*)"), *nulls, *rules, *uniques]), t
             )
-            return [(self._keys(), query, self._read_whole)]
+            return [(self._keys(), query, self._read_whole), *references]
         day = sql.SQL("LEAST({}, CAST({} AS date))").format(
             self.axis.day(sql.Identifier(self.axis.column)), sql.Placeholder("cap")
         )
+        content = db.fingerprint(list(spec.columns))
         grouped = sql.SQL("SELECT {} FROM {} WHERE {} GROUP BY 1").format(
-            sql.SQL(", ").join([day, sql.SQL("count(*)"), *nulls, *rules]),
+            sql.SQL(", ").join([day, sql.SQL("count(*)"), content, *nulls, *rules]),
             t,
             self.axis.since("scan_start"),
         )
@@ -393,7 +573,7 @@ class _Table:
         if uniques:
             query = sql.SQL("SELECT count(*), {} FROM {}").format(sql.SQL(", ").join(uniques), t)
             out.append((unique_keys, query, self._read_uniques))
-        return out
+        return [*out, *references]
 
     def _read_whole(self, rows: list[Any]) -> dict[str, Any]:
         total, *rest = rows[0]
@@ -419,16 +599,18 @@ class _Table:
         nonnull = [0] * ncols
         bad = [0] * (len(self.spec.rules) + len(self.floats))
         counts: dict[date, int] = {}
-        for day, n, *rest in rows:
+        evidence: dict[date, tuple[int, str]] = {}
+        for day, n, content, *rest in rows:
             if day >= self.future_from:
                 future += n
             if day < self.as_of:
                 counts[day] = n
+                evidence[day] = (n, str(content))
                 if day >= self.window_start:
                     total += n
                     nonnull = [a + b for a, b in zip(nonnull, rest[:ncols], strict=True)]
                     bad = [a + b for a, b in zip(bad, rest[ncols:], strict=True)]
-        out: dict[str, Any] = {"future": future, "volume": counts, "days": counts}
+        out: dict[str, Any] = {"future": future, "volume": counts, "days": evidence}
         out["latest"] = max(counts) if counts else _LOOK_UP
         out |= {f"null:{c}": (total, n) for c, n in zip(self.spec.columns, nonnull, strict=True)}
         nrules = len(self.spec.rules)
@@ -471,7 +653,8 @@ class _Table:
 
     def results(self, measured: Mapping[str, Any]) -> list[CheckResult]:
         """The checks of the table, in the order: future rows, freshness, volume, value
-        rules, unique keys, then null fractions (failures only)."""
+        rules, unique keys, references, then non-finite values and null fractions
+        (failures only)."""
         out: list[CheckResult] = []
         t = self.target
         if self.axis is not None:
@@ -500,12 +683,18 @@ class _Table:
                 )
             if self.spec.volume is not None:
                 vol = self.spec.volume
+                peers = f"the {vol.trailing_days} days before"
+                if vol.weekly:
+                    peers = f"the same weekday in {peers}"
                 out.append(
                     _judge(
                         "daily_volume",
                         f"{t} on {self.last_day}",
-                        f"{vol.min_ratio}..{vol.max_ratio} x the trailing "
-                        f"{vol.trailing_days}-day median",
+                        _volume_expected(
+                            vol,
+                            self.last_day,
+                            f"the median of {peers}",
+                        ),
                         measured["volume"],
                         lambda counts: self._volume(counts, vol),
                     )
@@ -514,8 +703,11 @@ class _Table:
                     _judge(
                         "days_complete",
                         dated,
-                        f"every day {self.window_start}..{self.last_day - timedelta(days=1)} within "
-                        f"{vol.min_ratio}..{vol.max_ratio} x the median day",
+                        f"every day {self.window_start}..{self.last_day - timedelta(days=1)} "
+                        f"within {vol.min_ratio:g}..{vol.max_ratio:g} x the median of "
+                        f"{peers} it (calendar days: their own bounds), or within "
+                        f"{vol.noise_sd:g} sd of counting noise "
+                        "(volume: min_ratio, max_ratio, noise_sd, calendar)",
                         measured["volume"],
                         lambda counts: self._complete(counts, vol),
                     )
@@ -544,6 +736,29 @@ class _Table:
                     "one row per key",
                     measured[f"unique:{j}"],
                     lambda dupes: (dupes == 0, f"{dupes} duplicate rows"),
+                )
+            )
+        for column in self.references:
+            declared = self.spec.columns[column]
+            limit = declared.max_orphan_fraction
+            days = (
+                f"{self.new_start}..{self.last_day}"
+                if self.new_start < self.last_day
+                else f"{self.last_day}"
+            )
+            rows = f"rows dated {days} (new_days)" if self.axis is not None else "rows"
+            out.append(
+                _judge(
+                    "references",
+                    f"{t}.{column}",
+                    f"every {column} of the {rows} in {self.schema}.{declared.references}, "
+                    f"orphans at most {limit:.1%} of those rows (max_orphan_fraction)",
+                    measured[f"ref:{column}"],
+                    partial(
+                        _orphan_verdict,
+                        limit=limit,
+                        referenced=f"{self.schema}.{declared.references}",
+                    ),
                 )
             )
         where = (
@@ -575,41 +790,48 @@ class _Table:
         return out
 
     def _complete(self, counts: Mapping[date, int], vol: VolumeSpec) -> tuple[bool, str]:
-        """Every day of the window has rows, within the volume ratios of the window's median
-        day, or of its weekday's median (a day shifted by a time zone bug leaves a gap and a
-        double)."""
-        # the last day has its own check against the trailing median (daily_volume)
-        days = [self.window_start + timedelta(days=i) for i in range(self.contract.window_days - 1)]
-        odd = []
-        medians = []
-        for d in days:
-            peers = [p for p in days if not vol.weekly or p.weekday() == d.weekday()]
-            median = float(statistics.median([counts.get(p, 0) for p in peers]))
-            medians.append(median)
-            n = counts.get(d, 0)
-            ratio = n / median if median else math.inf
-            if not vol.min_ratio <= ratio <= vol.max_ratio:
-                odd.append(f"{d}: {n:,} rows ({within(ratio, vol.min_ratio, vol.max_ratio)} x)")
-        typical = statistics.median(medians)
+        """Every day of the window has as many rows as its own night expected (a day
+        shifted by a time zone bug leaves a gap and a double)."""
+        # the last day has its own check (daily_volume)
+        days = window_volume(
+            counts, self.window_start, self.last_day - timedelta(days=1), vol, _since(counts)
+        )
+        typical = statistics.median(d.expected for d in days)
+        odd = [f"{d.day}: {d.found()}" for d in days if not d.passed]
         if not odd:
             return True, f"{len(days)} days, median {typical:,.0f} rows"
         shown = "; ".join(odd[:5]) + (f"; and {len(odd) - 5} more days" if len(odd) > 5 else "")
         return False, f"median {typical:,.0f} rows a day; {shown}"
 
     def _volume(self, counts: Mapping[date, int], vol: VolumeSpec) -> tuple[bool, str]:
-        trailing = [
-            counts.get(self.last_day - timedelta(days=i), 0)
-            for i in range(1, vol.trailing_days + 1)
-            if not vol.weekly or i % 7 == 0
-        ] or [0]
-        median = float(statistics.median(trailing))
-        rows = counts.get(self.last_day, 0)
-        ratio = rows / median if median else math.inf
-        return (
-            vol.min_ratio <= ratio <= vol.max_ratio,
-            f"{rows:,} rows vs a median of {median:,.0f} "
-            f"({within(ratio, vol.min_ratio, vol.max_ratio)} x)",
-        )
+        judged = daily_volume(counts, self.last_day, vol, _since(counts))
+        return judged.passed, judged.found()
+
+
+def _since(counts: Mapping[date, int]) -> date | None:
+    """The first day with rows among the scanned days: the table's first, when its history
+    is shorter than the scan (no earlier day is a peer)."""
+    return min(counts, default=None)
+
+
+def _read_orphans(key: str, rows: list[Any]) -> dict[str, Any]:
+    return {key: tuple(rows[0])}
+
+
+def _orphan_verdict(
+    measured: tuple[int, int, int, list[str] | None], limit: float, referenced: str
+) -> tuple[bool, str]:
+    total, orphans, keys, examples = measured
+    fraction = orphans / total if total else 0.0
+    if not orphans:
+        return True, f"0 of {total:,} rows"
+    shown = ", ".join(examples or [])
+    more = f" and {keys - len(examples or []):,} more keys" if keys > len(examples or []) else ""
+    return (
+        fraction <= limit,
+        f"{orphans:,} of {total:,} rows ({percent(fraction, limit, 2)}) reference no "
+        f"{referenced}: {shown}{more}",
+    )
 
 
 def _null_verdict(counts: tuple[int, int], limit: float, where: str) -> tuple[bool, str]:
@@ -667,11 +889,12 @@ def _shape(target: str, spec: TableSpec, columns: Mapping[str, str] | None) -> l
 
 @dataclass(frozen=True)
 class Observation:
-    """What the source checks found, and the rows per day each dated table held before the
-    run date over the scanned days (what a later run compares to see history rewritten)."""
+    """What the source checks found, and per day each dated table held before the run date
+    (over its lookback) its rows and a fingerprint of their content: what a later run
+    compares to see history rewritten (``rewritten_days``)."""
 
     results: list[CheckResult]
-    days: dict[str, dict[date, int]]
+    days: dict[str, dict[date, tuple[int, str]]]
 
 
 def check_sources(
@@ -696,6 +919,7 @@ def observe(
     as_of: date,
     timezone: str = "UTC",
     entity_key: str | None = None,
+    history_days: Mapping[str, int] | None = None,
 ) -> Observation:
     """Check every table of ``contract`` in ``schema`` before featurizing day ``as_of``.
 
@@ -707,9 +931,14 @@ def observe(
     of the window against the window's median, value rules over rows dated in
     ``[as_of - window_days, as_of)``, unique (fact) keys over the whole table, NaN and
     infinite values in floating and numeric columns, and null fractions over the window
-    (the entity key and ``not_null`` columns: none at all; failures only). A table without
+    (the entity key and ``not_null`` columns: none at all; failures only); and each column
+    that ``references`` a key of another table: rows dated on the contract's new days
+    (``[as_of - new_days, as_of)``, by default the last day) whose key that table lacks
+    (orphans) fail above ``max_orphan_fraction``, naming a few such keys. A table without
     a date column is checked as a whole and has no time-based checks. Then each relation
-    (a rule across two joined tables).
+    (a rule across two joined tables). Per dated table it keeps, for each day of the
+    ``history_days`` (table -> days) before ``as_of`` (at least the window), the rows and a
+    fingerprint of the declared columns' content (``Observation.days``).
 
     Days of timestamp columns are counted in ``contract.timezone``, else ``timezone``.
     All checks read one consistent, read-only snapshot.
@@ -743,15 +972,32 @@ def observe(
                     axis = _Axis(spec.date_column, _DAY_KINDS[found[name][spec.date_column]])
                 floats = tuple(c for c in spec.columns if found[name][c] in _FLOATING)
                 tables[name] = _Table(
-                    schema, name, spec, contract, axis, as_of, today, zone, entity_key, floats
+                    schema,
+                    name,
+                    spec,
+                    contract,
+                    axis,
+                    as_of,
+                    today,
+                    zone,
+                    entity_key,
+                    floats,
+                    history_days=(history_days or {}).get(name, 0),
                 )
+            for name, checked in tables.items():  # references to tables whose shape matches
+                refs = tuple(
+                    c
+                    for c, declared in checked.spec.columns.items()
+                    if declared.referenced is not None and declared.referenced[0] in tables
+                )
+                tables[name] = replace(checked, references=refs)
             relations = [r for r in contract.relations if {r.table, r.join} <= tables.keys()]
             outcome = _measure_all(url, conn, cur, schema, snapshot, [*tables.values(), *relations])
     finally:
         conn.close()
     measured = dict(zip(tables, outcome, strict=False))
     results: list[CheckResult] = []
-    days: dict[str, dict[date, int]] = {}
+    days: dict[str, dict[date, tuple[int, str]]] = {}
     for name in contract.tables:
         results += shapes[name]
         table = tables.get(name)
@@ -906,43 +1152,61 @@ def _relation(conn: Any, cur: Any, schema: str, rel: Relation) -> CheckResult:
 
 
 def rewritten_days(
-    previous: Mapping[str, Mapping[date, int]],
+    previous: Mapping[str, Mapping[date, tuple[int, str | None]]],
     seen_before: date,
-    current: Mapping[str, Mapping[date, int]],
+    current: Mapping[str, Mapping[date, tuple[int, str | None]]],
     schema: str,
     contract: Contract,
-    since: date | None = None,
+    since: Mapping[str, date] | None = None,
 ) -> list[CheckResult]:
-    """Past days whose row counts changed since an earlier run counted them.
+    """Past days that changed since an earlier run saw them: rows added or removed, or the
+    same rows with other content (restated in place).
 
-    ``previous`` are the rows per day an earlier run saw of each table (days before its
-    own run date ``seen_before``); ``current`` what this run sees. A change warns; more
-    changed rows than ``contract.max_rewritten_fraction`` of what the earlier run saw on
-    the compared days fails. Days before ``since`` are not compared.
+    ``previous`` is what an earlier run saw of each table per day (rows and a content
+    fingerprint, for days before its own run date ``seen_before``); ``current`` what this
+    run sees. Days before ``since[table]`` (the lookback of what the use case reads) are not
+    compared. A change warns; more added or removed rows than
+    ``contract.max_rewritten_fraction`` of what the earlier run saw on the compared days
+    fails. A day restated with the same rows warns (the kept windows are rebuilt from the
+    facts, so nothing served relies on the old values).
     """
     out = []
     for table, before in previous.items():
         now = current.get(table)
         if now is None:
             continue
-        compared = [d for d in before if d < seen_before and (since is None or d >= since)]
-        changed = {d: (before[d], now.get(d, 0)) for d in compared if now.get(d, 0) != before[d]}
-        seen = sum(before[d] for d in compared)
-        moved = sum(abs(b - a) for a, b in changed.values())
+        first = (since or {}).get(table)
+        compared = [d for d in before if d < seen_before and (first is None or d >= first)]
+        counted: dict[date, tuple[int, int]] = {}
+        restated: list[tuple[date, int]] = []
+        for d in compared:
+            (was, was_content), (rows, content) = before[d], now.get(d, (0, None))
+            if rows != was:
+                counted[d] = (was, rows)
+            elif was_content is not None and content is not None and content != was_content:
+                restated.append((d, rows))
+        seen = sum(before[d][0] for d in compared)
+        moved = sum(abs(b - a) for a, b in counted.values())
         limit = contract.max_rewritten_fraction
         fraction = moved / seen if seen else (1.0 if moved else 0.0)
-        shown = "; ".join(f"{d}: {a:,} -> {b:,} rows" for d, (a, b) in sorted(changed.items())[:5])
-        more = f"; and {len(changed) - 5} more days" if len(changed) > 5 else ""
+        said = [(d, f"{d}: {a:,} -> {b:,} rows") for d, (a, b) in counted.items()]
+        said += [(d, f"{d}: {n:,} rows, content changed") for d, n in restated]
+        said.sort()
+        shown = "; ".join(text for _, text in said[:5])
+        more = f"; and {len(said) - 5} more days" if len(said) > 5 else ""
+        window = f" since {first}" if first is not None else ""
         out.append(
             CheckResult(
                 STAGE,
                 "history_unchanged",
                 f"{schema}.{table}",
-                not changed,
-                f"past days as an earlier run counted them (changes warn; more than "
-                f"{limit:.1%} of their rows fail: max_rewritten_fraction)",
-                f"{len(changed)} of {len(compared)} days changed, {moved:,} rows "
-                f"({percent(fraction, limit, 2)}){': ' + shown + more if changed else ''}",
+                not said,
+                f"past days{window} as an earlier run saw them, rows and content (changes "
+                f"warn; more than {limit:.1%} of their rows added or removed fail: "
+                "max_rewritten_fraction)",
+                f"{len(said)} of {len(compared)} days changed ({len(restated)} restated in "
+                f"place), {moved:,} rows added or removed ({percent(fraction, limit, 2)})"
+                f"{': ' + shown + more if said else ''}",
                 severity="fail" if fraction > limit else "warn",
             )
         )

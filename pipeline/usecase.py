@@ -256,11 +256,17 @@ class Gates(_Section):
 
 
 class FeatureRule(_Section):
-    """Limits for one feature; ``None`` means no limit."""
+    """Limits for one feature; ``None`` means no limit.
+
+    ``max_unseen_share``: a categorical feature whose rows hold a value its training data
+    never saw (a new market, a value re-spelled) stops the night above this share; below
+    it, above ``unseen_share_limit``, it warns and requests a retrain.
+    """
 
     max_null_fraction: float | None = Field(default=None, ge=0, le=1)
     min: float | None = None
     max: float | None = None
+    max_unseen_share: float | None = Field(default=0.2, ge=0, le=1)
 
 
 class FeatureChecks(_Section):
@@ -277,7 +283,8 @@ class FeatureChecks(_Section):
     population_min_ratio: float = Field(default=0.75, ge=0)
     population_max_ratio: float = Field(default=1.33, ge=1)
     psi_limit: float = Field(default=0.25, gt=0)
-    # warn (and request a retrain) when more rows than this hold a category training never saw
+    # warn (and request a retrain) when more rows than this hold a category training never
+    # saw; above a feature's max_unseen_share (default 20%) the night stops
     unseen_share_limit: float = Field(default=0.005, ge=0, le=1)
 
     def rule(self, feature: str) -> FeatureRule:

@@ -39,3 +39,7 @@ CREATE TABLE IF NOT EXISTS monitoring.source_days (
     PRIMARY KEY (use_case, run_id, source, day)
 );
 CREATE INDEX IF NOT EXISTS source_days_by_date ON monitoring.source_days (use_case, score_date);
+
+-- A fingerprint of each day's content (db.fingerprint of the contract's columns): a day
+-- restated in place, with the same row count, no longer matches.
+ALTER TABLE monitoring.source_days ADD COLUMN IF NOT EXISTS content text;

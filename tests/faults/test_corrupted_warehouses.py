@@ -117,16 +117,44 @@ CATALOGUE = {
         "history_unchanged on {s}.cancellations",
         "check_sources",
     ),
-    # deleting customers rewrites the days an earlier night counted: the first check to see it
+    # deleting customers orphans the new day's facts (the first checks the message lists)
+    # and rewrites the days an earlier night counted (history_unchanged)
     "empty_population": (
         "DELETE FROM {s}.customers",
-        "history_unchanged on {s}.customers",
+        "references on {s}.usage_daily.customer_id",
         "check_sources",
     ),
     "population_halves": (
         "DELETE FROM {s}.customers WHERE customer_id % 2 = 0",
-        "history_unchanged on {s}.customers",
+        "references on {s}.usage_daily.customer_id",
         "check_sources",
+    ),
+    "usage_of_unknown_customers": (  # 2% of the new day's facts keyed to no customer
+        f"UPDATE {{s}}.usage_daily SET customer_id = customer_id + 1000000 "
+        f"WHERE usage_date = '{LAST_DAY}' AND customer_id % 50 = 0",
+        "references on {s}.usage_daily.customer_id",
+        "check_sources",
+    ),
+    "last_day_loaded_twice": (  # 2.0 x the usual rows: inside the old 0.5..2.0 bounds
+        f"INSERT INTO {{s}}.usage_daily SELECT * FROM {{s}}.usage_daily "
+        f"WHERE usage_date = '{LAST_DAY}'",
+        "daily_volume on {s}.usage_daily",
+        "check_sources",
+    ),
+    "country_respelled": (  # every value lower-cased: 100% of rows unseen in training
+        "UPDATE {s}.customers SET country = lower(country)",
+        "unseen_categories on country",
+        "check_features",
+    ),
+    # restated in place 40 days back, the rows per day unchanged: outside the 30 days the
+    # value rules read, inside the 60 the usage windows sum. The kept windows (summed the
+    # night before from the clean facts) see the content changed and are rebuilt from the
+    # facts, whose month before goes negative.
+    "negative_minutes_restated": (
+        f"UPDATE {{s}}.usage_daily SET minutes = -5000 "
+        f"WHERE usage_date = '{NIGHT - timedelta(days=40)}' AND customer_id % 4 = 0",
+        "range on minutes_prev_30d",
+        "check_features",
     ),
 }
 
@@ -136,6 +164,13 @@ WARNINGS = {
     "unseen_country": (  # 1% of customers in a market training never saw: PSI stays low
         "UPDATE {s}.customers SET country = 'BR' WHERE customer_id % 100 = 0",
         "unseen_categories on country",
+    ),
+    # values restated in place 40 days back (rows per day unchanged), inside what the
+    # features read (the usage table's lookback_days: 61), plausible values
+    "sessions_restated_40_days_back": (
+        f"UPDATE {{s}}.usage_daily SET sessions = sessions + 1 "
+        f"WHERE usage_date = '{NIGHT - timedelta(days=40)}' AND customer_id % 4 = 0",
+        "history_unchanged on {s}.usage_daily",
     ),
 }
 
@@ -256,4 +291,4 @@ def test_a_warning_is_recorded_and_the_night_still_publishes(
         for c in out["checks"]
         if not c["passed"] and c["severity"] == "warn"
     ]
-    assert named in warned, out["checks"]
+    assert named.format(s=f"wh_{case}") in warned, out["checks"]

@@ -667,17 +667,20 @@ def test_copies_older_than_the_counted_days_fail_the_key_and_leave_the_days_alon
     url: str,
 ) -> None:
     """The unique key is checked over the whole table; the rows per day (and every other
-    check) still count only the scanned days, which start 30 days before the run."""
+    check) still count only the scanned days, which start 30 days before the run (and 28
+    days earlier for a table with a volume check: the window's first days have peers)."""
     first = AS_OF - timedelta(days=30)
     schema = broken(
         url,
         "INSERT INTO {s}.events SELECT * FROM {s}.events "
         f"WHERE occurred_at < TIMESTAMPTZ '{first - timedelta(days=5)} 00:00 {ZONE}'",
     )
-    observed = sources.observe(url, schema, contract(), AS_OF, "UTC")
+    events = {k: v for k, v in CONTRACT["tables"]["events"].items() if k != "volume"}
+    rules = contract(tables={"events": events})
+    observed = sources.observe(url, schema, rules, AS_OF, "UTC")
     bad = one(observed.results, "unique_key", f"{schema}.events.event_id")
     assert not bad.passed and bad.found == "60 duplicate rows"  # 5 days of 12 events
-    clean = sources.observe(url, "base", contract(), AS_OF, "UTC")
+    clean = sources.observe(url, "base", rules, AS_OF, "UTC")
     assert observed.days == clean.days
     assert min(observed.days["events"]) == first
 
@@ -787,19 +790,117 @@ def test_a_week_shifted_by_a_day_fails_every_day_of_the_window(url: str, table: 
     assert one(results, "daily_volume", f"{schema}.{table} on {LAST}").passed
 
 
-def test_quiet_weekends_pass_when_volume_is_weekly(url: str) -> None:
+def test_quiet_weekends_pass_as_volume_is_weekly_by_default(url: str) -> None:
     weekend = "extract(isodow FROM usage_date) IN (6, 7) AND customer_id > 4"
     schema = broken(url, f"DELETE FROM {{s}}.usage_daily WHERE {weekend}")
+    spec = CONTRACT["tables"]["usage_daily"] | {"volume": VOLUME | {"weekly": False}}
     daily = one(
-        run(url, schema, only("usage_daily")), "days_complete", f"{schema}.usage_daily.usage_date"
+        run(url, schema, contract(tables={"usage_daily": spec})),
+        "days_complete",
+        f"{schema}.usage_daily.usage_date",
     )
-    assert not daily.passed
-    weekly = only("usage_daily")
-    spec = CONTRACT["tables"]["usage_daily"] | {"volume": VOLUME | {"weekly": True}}
-    weekly = contract(tables={"usage_daily": spec})
-    results = run(url, schema, weekly)
+    assert not daily.passed and "(0.20 x" in daily.found
+    results = run(url, schema, only("usage_daily"))
     assert one(results, "days_complete", f"{schema}.usage_daily.usage_date").passed
     assert one(results, "daily_volume", f"{schema}.usage_daily on {LAST}").passed
+
+
+def test_the_window_reaches_back_for_its_first_days_peers(url: str) -> None:
+    """Each day of the window is judged against the same weekday of the 28 days before it,
+    as its own night judged it: a table whose history starts inside those days compares
+    only with the days it has."""
+    results = run(url, "base", only("usage_daily", "events"))
+    assert one(results, "days_complete", "base.usage_daily.usage_date").found == (
+        "29 days, median 20 rows"
+    )
+    assert one(results, "days_complete", "base.events.occurred_at").passed  # 40 days of rows
+    seen = sources.observe(url, "base", only("usage_daily"), AS_OF, "UTC")
+    assert min(seen.days["usage_daily"]) == AS_OF - timedelta(days=30 + 28)
+
+
+# -- references: a fact's key names a row of another table -------------------------------
+
+
+def referencing(new_days: int = 1, **column: Any) -> contracts.Contract:
+    """Events whose customer_id references the customers dimension."""
+    events = copy.deepcopy(CONTRACT["tables"]["events"])
+    events["columns"]["customer_id"] = {
+        "type": "integer",
+        "references": "customers.customer_id",
+    } | column
+    tables = {"events": events, "customers": CONTRACT["tables"]["customers"]}
+    return contract(tables=tables, new_days=new_days)
+
+
+def test_references_pass_when_every_key_names_a_row(url: str) -> None:
+    result = one(run(url, "base", referencing()), "references", "base.events.customer_id")
+    assert result.passed and result.found == "0 of 12 rows"
+    assert f"rows dated {LAST} (new_days) in base.customers.customer_id" in result.expected
+    assert "max_orphan_fraction" in result.expected
+
+
+def test_orphans_on_the_new_day_fail_naming_table_column_and_keys(url: str) -> None:
+    schema = broken(
+        url,
+        f"UPDATE {{s}}.events SET customer_id = customer_id + 100 "
+        f"WHERE {DAY_OF['events']} = '{LAST}' AND customer_id <= 3",
+    )
+    results = run(url, schema, referencing())
+    bad = one(results, "references", f"{schema}.events.customer_id")
+    assert not bad.passed
+    assert bad.found == (
+        f"3 of 12 rows (25.00%) reference no {schema}.customers.customer_id: 101, 102, 103"
+    )
+    assert failures(results) == [bad.describe()]
+    # customers deleted: their facts are orphans, the smallest keys named
+    schema = broken(url, "DELETE FROM {s}.customers WHERE customer_id > 5")
+    bad = one(run(url, schema, referencing()), "references", f"{schema}.events.customer_id")
+    assert bad.found.endswith(
+        f"7 of 12 rows (58.33%) reference no {schema}.customers.customer_id: "
+        "6, 7, 8, 9, 10 and 2 more keys"
+    )
+
+
+def test_orphans_are_read_on_the_new_days_only(url: str) -> None:
+    older = LAST - timedelta(days=3)
+    schema = broken(
+        url,
+        f"UPDATE {{s}}.events SET customer_id = customer_id + 100 "
+        f"WHERE {DAY_OF['events']} = '{older}' AND customer_id <= 2",
+    )
+    assert one(run(url, schema, referencing()), "references", f"{schema}.events.customer_id").passed
+    week = one(
+        run(url, schema, referencing(new_days=7)), "references", f"{schema}.events.customer_id"
+    )
+    assert not week.passed and week.found.startswith("2 of 84 rows (2.38%)")
+    assert f"rows dated {AS_OF - timedelta(days=7)}..{LAST}" in week.expected
+
+
+def test_orphans_under_their_limit_pass_and_nulls_are_no_orphans(url: str) -> None:
+    schema = broken(
+        url,
+        f"UPDATE {{s}}.events SET customer_id = customer_id + 100 "
+        f"WHERE {DAY_OF['events']} = '{LAST}' AND customer_id <= 3",
+    )
+    limited = one(
+        run(url, schema, referencing(max_orphan_fraction=0.25)),
+        "references",
+        f"{schema}.events.customer_id",
+    )
+    assert limited.passed and limited.found.startswith("3 of 12 rows (25.00%)")
+    nulls = broken(
+        url, f"UPDATE {{s}}.events SET customer_id = NULL WHERE {DAY_OF['events']} = '{LAST}'"
+    )
+    results = run(url, nulls, referencing())
+    assert one(results, "references", f"{nulls}.events.customer_id").passed
+    assert not one(results, "null_fraction", f"{nulls}.events.customer_id").passed
+
+
+def test_a_reference_to_a_missing_table_is_not_checked(url: str) -> None:
+    schema = broken(url, "DROP TABLE {s}.customers")
+    results = run(url, schema, referencing())
+    assert [r.check for r in results if not r.passed] == ["table_exists"]
+    assert not [r for r in results if r.check == "references"]
 
 
 def test_rows_dated_on_the_run_date_fail_a_run_of_today(url: str) -> None:
@@ -823,23 +924,44 @@ def test_rows_dated_on_the_run_date_fail_a_run_of_today(url: str) -> None:
 
 def test_rows_per_day_are_observed_and_rewritten_history_is_named() -> None:
     d = date(2024, 11, 1)
-    before = {"events": {d + timedelta(days=i): 100 for i in range(10)}}
-    same = sources.rewritten_days(before, d + timedelta(days=10), before, "wh", contract())
+    before = {"events": {d + timedelta(days=i): (100, f"c{i}") for i in range(10)}}
+    seen = d + timedelta(days=10)
+    same = sources.rewritten_days(before, seen, before, "wh", contract())
     assert [r.passed for r in same] == [True]
-    late = {"events": dict(before["events"]) | {d + timedelta(days=3): 103}}
-    warned = sources.rewritten_days(before, d + timedelta(days=10), late, "wh", contract())[0]
+    late = {"events": dict(before["events"]) | {d + timedelta(days=3): (103, "x")}}
+    warned = sources.rewritten_days(before, seen, late, "wh", contract())[0]
     assert (warned.passed, warned.severity) == (False, "warn")
     assert f"{d + timedelta(days=3)}: 100 -> 103 rows" in warned.found
-    rewritten = {"events": dict(before["events"]) | {d + timedelta(days=3): 150}}
-    failed = sources.rewritten_days(before, d + timedelta(days=10), rewritten, "wh", contract())[0]
+    rewritten = {"events": dict(before["events"]) | {d + timedelta(days=3): (150, "x")}}
+    failed = sources.rewritten_days(before, seen, rewritten, "wh", contract())[0]
     assert (failed.passed, failed.severity) == (False, "fail")
     assert "max_rewritten_fraction" in failed.expected
-    # days the earlier run had not yet seen are new facts, not rewrites
-    newer = {"events": dict(before["events"]) | {d + timedelta(days=10): 999}}
-    assert sources.rewritten_days(before, d + timedelta(days=10), newer, "wh", contract())[0].passed
+    # the same rows with other values: restated in place, named, a warning
+    restated = {"events": dict(before["events"]) | {d + timedelta(days=2): (100, "other")}}
+    found = sources.rewritten_days(before, seen, restated, "wh", contract())[0]
+    assert (found.passed, found.severity) == (False, "warn")
+    assert f"{d + timedelta(days=2)}: 100 rows, content changed" in found.found
+    assert "1 restated in place" in found.found
+    # days before the table's lookback are not compared; days the earlier run had not yet
+    # seen are new facts, not rewrites
+    since = {"events": d + timedelta(days=3)}
+    assert sources.rewritten_days(before, seen, restated, "wh", contract(), since=since)[0].passed
+    newer = {"events": dict(before["events"]) | {d + timedelta(days=10): (999, "n")}}
+    assert sources.rewritten_days(before, seen, newer, "wh", contract())[0].passed
+
+
+def test_history_is_kept_as_far_back_as_each_table_is_read(url: str) -> None:
+    short = sources.observe(url, "base", contract(), AS_OF, "UTC")
+    longer = sources.observe(
+        url, "base", contract(), AS_OF, "UTC", history_days={"usage_daily": 400}
+    )
+    assert min(longer.days["usage_daily"]) < min(short.days["usage_daily"])
+    # the evidence of a day is its rows and a fingerprint of their content
+    rows, content = longer.days["usage_daily"][LAST]
+    assert rows == 20 and isinstance(content, str) and content
 
 
 def test_observe_counts_rows_per_day_of_each_dated_table(url: str) -> None:
     seen = sources.observe(url, "base", contract(), AS_OF, "UTC")
     assert set(seen.days) == {"usage_daily", "readings", "events"}
-    assert seen.days["usage_daily"][LAST] == 20 and seen.days["events"][LAST] == 12
+    assert seen.days["usage_daily"][LAST][0] == 20 and seen.days["events"][LAST][0] == 12

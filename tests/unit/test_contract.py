@@ -4,6 +4,7 @@ name the file, the key, what was expected and what was found."""
 from __future__ import annotations
 
 import textwrap
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,58 @@ def test_contract_is_frozen(tmp_path: Path) -> None:
         contract.window_days = 3  # type: ignore[misc]
 
 
+def test_references_and_their_orphan_limit(tmp_path: Path) -> None:
+    text = REFERENCING % "{type: bigint, references: customers.customer_id}"
+    text += "      amount: {type: numeric, max_null_fraction: 0.1}\n"
+    contract = contracts.load_contract(write(tmp_path, text))
+    key = contract.tables["orders"].columns["customer_id"]
+    assert key.referenced == ("customers", "customer_id")
+    assert key.max_orphan_fraction == 0.0  # any orphan on a new day fails
+    assert contract.tables["orders"].columns["amount"].referenced is None
+    assert contract.new_days == 1
+    limited = REFERENCING % (
+        "{type: integer, references: customers.customer_id, max_orphan_fraction: 0.001}"
+    )
+    contract = contracts.load_contract(write(tmp_path, limited + "new_days: 3\n"))
+    assert contract.tables["orders"].columns["customer_id"].max_orphan_fraction == 0.001
+    assert contract.new_days == 3
+
+
+def test_volume_defaults_and_the_default_calendar(tmp_path: Path) -> None:
+    contract = contracts.load_contract(
+        write(tmp_path, VALID_TABLE.replace("date_column:", "volume: {}\n    date_column:"))
+    )
+    volume = contract.tables["usage_daily"].volume
+    assert volume is not None
+    assert (volume.min_ratio, volume.max_ratio, volume.trailing_days) == (0.4, 1.7, 28)
+    assert volume.weekly and volume.noise_sd == 4
+    # Christmas and New Year days have their own bounds every year; other days none
+    for day in (date(2024, 12, 24), date(2025, 12, 25), date(2026, 12, 26), date(2027, 1, 1)):
+        assert volume.bounds(day) == (0.0, 3.0)
+    assert volume.bounds(date(2024, 12, 23)) is None
+
+
+def test_a_calendar_of_ones_own_replaces_the_default(tmp_path: Path) -> None:
+    text = VALID_TABLE.replace(
+        "date_column:",
+        "volume:\n"
+        "      min_ratio: 0.5\n"
+        "      calendar:\n"
+        '        - {days: ["05-01", "2025-04-18"], min_ratio: 0}\n'
+        '        - {days: "2025-05-01", max_ratio: 4}\n'
+        "    date_column:",
+    )
+    volume = contracts.load_contract(write(tmp_path, text)).tables["usage_daily"].volume
+    assert volume is not None
+    assert volume.bounds(date(2025, 4, 18)) == (0.0, 1.7)  # a bound left out is the table's
+    assert volume.bounds(date(2026, 5, 1)) == (0.0, 1.7)  # every year
+    assert volume.bounds(date(2025, 5, 1)) == (0.5, 4.0)  # a dated entry beats a yearly one
+    assert volume.bounds(date(2025, 12, 25)) is None  # the default calendar is replaced
+    none = VALID_TABLE.replace("date_column:", "volume: {calendar: []}\n    date_column:")
+    volume = contracts.load_contract(write(tmp_path, none)).tables["usage_daily"].volume
+    assert volume is not None and volume.bounds(date(2025, 12, 25)) is None
+
+
 @pytest.mark.parametrize(
     ("declared", "data_type", "accepted"),
     [
@@ -150,6 +203,17 @@ tables:
   usage_daily:
     date_column: usage_date
     columns: {usage_date: date, minutes: integer}
+"""
+
+REFERENCING = """
+tables:
+  customers:
+    columns: {customer_id: integer, email: text}
+  orders:
+    date_column: ordered_on
+    columns:
+      ordered_on: date
+      customer_id: %s
 """
 
 # (file text, key path, expected, found)
@@ -292,6 +356,108 @@ CONFIG_ERRORS = {
         """,
         "tables.t.columns.a",
         "a type name or a mapping {type, max_null_fraction}",
+        "5",
+    ),
+    "reference to a table not in the contract": (
+        REFERENCING % "{type: bigint, references: clients.customer_id}",
+        "tables.orders.columns.customer_id.references",
+        "a table of the contract (customers, orders)",
+        "'clients'",
+    ),
+    "reference to a column not in the table": (
+        REFERENCING % "{type: bigint, references: customers.id}",
+        "tables.orders.columns.customer_id.references",
+        "a column of customers (customer_id, email)",
+        "'id'",
+    ),
+    "reference to a column of another type": (
+        REFERENCING % "{type: bigint, references: customers.email}",
+        "tables.orders.columns.customer_id.references",
+        "a column whose type compares with customer_id's (bigint)",
+        "customers.email of type text",
+    ),
+    "reference without a column": (
+        REFERENCING % "{type: integer, references: customers}",
+        "tables.orders.columns.customer_id.references",
+        "<table>.<column>, e.g. members.member_id",
+        "'customers'",
+    ),
+    "orphan limit without a reference": (
+        REFERENCING % "{type: integer, max_orphan_fraction: 0.01}",
+        "tables.orders.columns.customer_id.max_orphan_fraction",
+        "references: <table>.<column> beside max_orphan_fraction",
+        "no references",
+    ),
+    "orphan limit above one": (
+        REFERENCING % "{type: integer, references: customers.customer_id, max_orphan_fraction: 2}",
+        "tables.orders.columns.customer_id.max_orphan_fraction",
+        "a value less than or equal to 1",
+        "2",
+    ),
+    "new_days below one": (
+        VALID_TABLE + "new_days: 0\n",
+        "new_days",
+        "a value greater than or equal to 1",
+        "0",
+    ),
+    "calendar day not a day": (
+        """
+        tables:
+          usage_daily:
+            date_column: usage_date
+            volume: {calendar: [{days: ["12-24", "12-32"], min_ratio: 0}]}
+            columns: {usage_date: date}
+        """,
+        "tables.usage_daily.volume.calendar[0].days[1]",
+        "a day as MM-DD (every year) or YYYY-MM-DD (that date)",
+        "'12-32'",
+    ),
+    "calendar entry without bounds": (
+        """
+        tables:
+          usage_daily:
+            date_column: usage_date
+            volume: {calendar: [{days: ["2025-04-18"]}]}
+            columns: {usage_date: date}
+        """,
+        "tables.usage_daily.volume.calendar[0]",
+        "min_ratio or max_ratio (the bounds of these days)",
+        "neither",
+    ),
+    "calendar entry's bounds reversed": (
+        """
+        tables:
+          usage_daily:
+            date_column: usage_date
+            volume: {calendar: [{days: "12-26", min_ratio: 3, max_ratio: 1}]}
+            columns: {usage_date: date}
+        """,
+        "tables.usage_daily.volume.calendar[0].max_ratio",
+        "a number >= min_ratio (3.0)",
+        "1",
+    ),
+    "unknown calendar key": (
+        """
+        tables:
+          usage_daily:
+            date_column: usage_date
+            volume: {calendar: [{dates: ["12-24"], min_ratio: 0}]}
+            columns: {usage_date: date}
+        """,
+        "tables.usage_daily.volume.calendar[0].dates",
+        "one of the keys days, min_ratio, max_ratio",
+        "unknown key 'dates'",
+    ),
+    "weekly volume over less than a week": (
+        """
+        tables:
+          usage_daily:
+            date_column: usage_date
+            volume: {trailing_days: 5}
+            columns: {usage_date: date}
+        """,
+        "tables.usage_daily.volume.trailing_days",
+        "at least 7 days when weekly (the default) compares a day with its weekday",
         "5",
     ),
     "empty tables": ("tables: {}\n", "tables", "at least one table", "{}"),

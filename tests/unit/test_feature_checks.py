@@ -1,9 +1,11 @@
-"""Feature checks by policy: non-finite values, unseen categories, nulls growing past training."""
+"""Feature checks by policy: non-finite values, unseen categories (a few warn, most stop the
+night), nulls growing past training."""
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from pipeline import checks, usecase
 
@@ -48,7 +50,8 @@ def test_a_small_share_of_categories_never_seen_in_training_warns() -> None:
     psi = next(r for r in results if r.check == "feature_psi" and r.target == "country")
     assert psi.passed
     unseen = failed(results)["unseen_categories:country"]
-    assert unseen.severity == "warn" and unseen.found == "1.00%"
+    assert unseen.severity == "warn"
+    assert unseen.found == "1.00%; appeared: 'BR' (100 rows); vanished: none"
     few = country.copy()
     few[30:100] = "GB"
     ok = checks.check_features(
@@ -80,3 +83,49 @@ def test_a_population_far_from_the_previous_nights_fails() -> None:
     assert "population_size:population" not in failed(ok)
     halved = failed(checks.check_features(t, CHURN, 20_000, None))["population_size:population"]
     assert halved.found == "10,000 (0.50 x)" and "0.75..1.33" in halved.expected
+
+
+def respelled(t: pa.Table, share: float = 1.0) -> pa.Table:
+    """``t`` with the country of the first ``share`` of its rows lower-cased."""
+    country = t.column("country").to_pylist()
+    cut = round(share * len(country))
+    return t.set_column(
+        2, "country", pa.array([c.lower() for c in country[:cut]] + country[cut:], pa.string())
+    )
+
+
+def test_every_value_respelled_stops_the_night_naming_what_appeared_and_vanished() -> None:
+    reference = checks.reference_profile(table(), ["balance_trend", "country"])
+    results = checks.check_features(respelled(table()), BARE, None, reference)
+    unseen = failed(results)["unseen_categories:country"]
+    assert unseen.severity == "fail"
+    assert unseen.found.startswith("100.00%; appeared: ")
+    for value in ("'gb'", "'de'", "'fr'"):
+        assert f"{value} (" in unseen.found.split("; vanished")[0]
+    for value in ("'GB'", "'DE'", "'FR'"):
+        assert f"{value} (" in unseen.found.split("; vanished")[1]
+    assert "max_unseen_share" in unseen.expected and "<= 20.0%" in unseen.expected
+
+
+@pytest.mark.parametrize(("share", "severity"), [(0.19, "warn"), (0.21, "fail")])
+def test_the_stop_follows_the_default_share(share: float, severity: str) -> None:
+    reference = checks.reference_profile(table(), ["balance_trend", "country"])
+    results = checks.check_features(respelled(table(), share), BARE, None, reference)
+    assert failed(results)["unseen_categories:country"].severity == severity
+
+
+def test_the_stop_is_configurable_per_feature() -> None:
+    reference = checks.reference_profile(table(), ["balance_trend", "country"])
+    tonight = respelled(table())
+    never = BARE.evolve({"feature_checks": {"features": {"country": {"max_unseen_share": None}}}})
+    assert (
+        failed(checks.check_features(tonight, never, None, reference))[
+            "unseen_categories:country"
+        ].severity
+        == "warn"
+    )
+    strict = BARE.evolve({"feature_checks": {"default": {"max_unseen_share": 0.005}}})
+    few = respelled(table(), 0.01)
+    unseen = failed(checks.check_features(few, strict, None, reference))
+    assert unseen["unseen_categories:country"].severity == "fail"
+    assert unseen["unseen_categories:country"].found.startswith("1.00%")

@@ -80,7 +80,7 @@ def test_the_repository_use_cases_are_valid() -> None:
             "usage_trend: {max_null_fraction: 0.6}",
             "usage_trend: {max_nulls: 0.6}",
             "feature_checks.features.usage_trend.max_nulls",
-            "one of max, max_null_fraction, min",
+            "one of max, max_null_fraction, max_unseen_share, min",
             "unknown key 'max_nulls'",
         ),
         (
