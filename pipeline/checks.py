@@ -118,11 +118,25 @@ def check_features(
             low, high = pc.min(col).as_py(), pc.max(col).as_py()
             if rule.min is not None and low is not None and low < rule.min:
                 out.append(
-                    CheckResult("features", "range", name, False, f">= {rule.min:g}", f"min {low}")
+                    CheckResult(
+                        "features",
+                        "range",
+                        name,
+                        False,
+                        f">= {rule.min:g}",
+                        f"min {_shown(low, rule.min)}",
+                    )
                 )
             if rule.max is not None and high is not None and high > rule.max:
                 out.append(
-                    CheckResult("features", "range", name, False, f"<= {rule.max:g}", f"max {high}")
+                    CheckResult(
+                        "features",
+                        "range",
+                        name,
+                        False,
+                        f"<= {rule.max:g}",
+                        f"max {_shown(high, rule.max)}",
+                    )
                 )
     if previous_rows:
         ratio = len(keys) / previous_rows
@@ -179,6 +193,12 @@ def check_features(
             )
         )
     return out
+
+
+def _shown(value: float, limit: float) -> str:
+    """A feature's extreme against its bound: an integer as is, else to the digit that
+    shows its side of the bound."""
+    return f"{value:,}" if isinstance(value, int) else beside(value, limit, 2)
 
 
 def reference_profile(table: pa.Table, columns: list[str], bins: int = 10) -> dict[str, Any]:

@@ -34,6 +34,18 @@ def _from_facts(s: Settings, tag: str) -> Settings:
     return replace(s, home=s.home.parent / f"windows_{tag}")
 
 
+def _usage_of_its_own(s: Settings, schema: str) -> None:
+    """``schema``: a copy of the usage table that a test may restate, views of the rest."""
+    others = ("customers", "subscriptions", "invoices", "payments", "tickets", "cancellations")
+    db.scalar(
+        s.database_url,
+        f"CREATE SCHEMA {schema}; CREATE TABLE {schema}.usage_daily AS "
+        f"SELECT * FROM {SCHEMA}.usage_daily; "
+        + "; ".join(f"CREATE VIEW {schema}.{t} AS SELECT * FROM {SCHEMA}.{t}" for t in others)
+        + "; SELECT 1",
+    )
+
+
 def _how(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [
         r.getMessage().rsplit(": ", 1)[-1]
@@ -86,23 +98,7 @@ def test_a_past_day_that_changed_rebuilds_the_windows_from_the_facts(
     s = replace(wh, warehouse_schema="wh_windows_late", home=wh.home.parent / "windows_late")
     day = FIRST + timedelta(days=2)
     try:
-        db.scalar(
-            s.database_url,
-            f"CREATE SCHEMA wh_windows_late; CREATE TABLE wh_windows_late.usage_daily AS "
-            f"SELECT * FROM {SCHEMA}.usage_daily; "
-            + "; ".join(
-                f"CREATE VIEW wh_windows_late.{t} AS SELECT * FROM {SCHEMA}.{t}"
-                for t in (
-                    "customers",
-                    "subscriptions",
-                    "invoices",
-                    "payments",
-                    "tickets",
-                    "cancellations",
-                )
-            )
-            + "; SELECT 1",
-        )
+        _usage_of_its_own(s, "wh_windows_late")
         features.build_snapshot(s, UC, day - timedelta(days=1))
         # a late fact for a day the kept windows already counted (another customer's day)
         db.scalar(
@@ -214,23 +210,7 @@ def test_a_restatement_that_keeps_the_row_counts_rebuilds_the_windows(
     s = replace(wh, warehouse_schema=schema, home=wh.home.parent / schema)
     day = FIRST + timedelta(days=2)
     try:
-        db.scalar(
-            s.database_url,
-            f"CREATE SCHEMA {schema}; CREATE TABLE {schema}.usage_daily AS "
-            f"SELECT * FROM {SCHEMA}.usage_daily; "
-            + "; ".join(
-                f"CREATE VIEW {schema}.{t} AS SELECT * FROM {SCHEMA}.{t}"
-                for t in (
-                    "customers",
-                    "subscriptions",
-                    "invoices",
-                    "payments",
-                    "tickets",
-                    "cancellations",
-                )
-            )
-            + "; SELECT 1",
-        )
+        _usage_of_its_own(s, schema)
         features.build_snapshot(s, UC, day - timedelta(days=1))
         changed = day - timedelta(days=back)
         counts = db.scalar(
