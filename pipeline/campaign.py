@@ -330,6 +330,27 @@ def _ranked(band: pa.Table, rows: np.ndarray, policy: str, score: np.ndarray) ->
     )
 
 
+def choose(
+    score: np.ndarray, eligible: np.ndarray, in_control: np.ndarray, capacity: int, floor: float
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The cut of a campaign, given each band row's score (the higher, the sooner it is
+    contacted; rows at or below ``floor`` never are), eligibility and control-group flag.
+
+    Returns the rows contacted (up to ``capacity`` eligible rows outside the control group,
+    best first, ties to the earlier row), the control rows who would have made the same
+    cut (eligible members scoring at least the last one contacted; all eligible members
+    above ``floor`` when capacity is not reached), and how many eligible non-members were
+    ranked above ``floor``.
+    """
+    order = np.lexsort((np.arange(len(score)), -score))  # best first, ties to the earlier row
+    order = order[score[order] > floor]
+    wanted = eligible & ~in_control
+    chosen = order[wanted[order]][:capacity]
+    cutoff = score[chosen[-1]] if len(chosen) == capacity else floor
+    control_rows = order[(eligible & in_control)[order] & (score[order] >= cutoff)]
+    return chosen, control_rows, int(wanted[order].sum())
+
+
 def select(
     settings: Settings,
     uc: UseCase,
@@ -414,14 +435,8 @@ def select(
         frame = frame_of(uc, snapshot, entity_keys)
         score = policy.expected_uplift(settings, uc, name, frame, probs)
     floor = -np.inf if name == policy.RISK else 0.0  # uplift: never whom it expects to lose
-    order = np.lexsort((np.arange(len(score)), -score))  # best first, ties most at risk first
-    order = order[score[order] > floor]
+    chosen, control_rows, ranked = choose(score, eligible, in_control, cfg.capacity, floor)
     wanted = eligible & ~in_control
-    chosen = order[wanted[order]][: cfg.capacity]
-    # the control members who would have made the same cut (same band, eligibility, score)
-    cutoff = score[chosen[-1]] if len(chosen) == cfg.capacity else floor
-    control_rows = order[(eligible & in_control)[order] & (score[order] >= cutoff)]
-    ranked = int(wanted[order].sum())
     return Selection(
         score_date,
         campaign,

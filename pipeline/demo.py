@@ -531,8 +531,8 @@ def campaign_text(settings: Settings, use_case: str, mailbox: Path) -> str:
         if u["uplift"] is None:
             continue
         lines.append(
-            f"  uplift once matured: churn {u['contacted_rate']:.1%} of {u['contacted']:,} contacted "
-            f"vs {u['control_rate']:.1%} of {u['control']:,} in control: "
+            f"  uplift once matured (first selections): churn {u['contacted_rate']:.1%} of "
+            f"{u['contacted']:,} contacted vs {u['control_rate']:.1%} of {u['control']:,} in control: "
             f"{100 * u['uplift']:+.1f} pp (95% CI {100 * u['ci_low']:+.1f} .. {100 * u['ci_high']:+.1f})"
         )
     return "\n".join(lines)
@@ -561,12 +561,16 @@ def experiment_text(settings: Settings, start: date) -> str:
     lines = ["the campaign as an experiment (against the simulator's truth):"]
     lines.append(f"  pooled uplift: {pooled['text']}")
     horizon = uc.label.horizon_days
+    # the estimate compares first selections: the truth of the customers emailed for the
+    # first time (those emails and any the campaign sent them within the horizon)
     per_week = db.read_arrow(
         s.warehouse_url,
         "SELECT e.contact_date, avg(coalesce(e.counterfactual_cancel_date < e.contact_date + "
         f"{horizon}, false)::int - coalesce(c.cancel_date < e.contact_date + {horizon}, false)"
         f"::int) AS att, count(*) AS n FROM {truth}.exposures e "
-        f"LEFT JOIN {wh}.cancellations c USING (customer_id) GROUP BY 1",
+        f"LEFT JOIN {wh}.cancellations c USING (customer_id) WHERE NOT EXISTS (SELECT 1 "
+        f"FROM {truth}.exposures f WHERE f.customer_id = e.customer_id "
+        "AND f.contact_date < e.contact_date) GROUP BY 1",
     ).to_pylist()
     att = {experiment.week_of(db.to_date(r["contact_date"])).isoformat(): r for r in per_week}
     weights = {
@@ -579,7 +583,7 @@ def experiment_text(settings: Settings, start: date) -> str:
         )
         covered = pooled["ci_low"] <= true <= pooled["ci_high"]
         lines.append(
-            f"  true effect of those emails on the contacted: {true * 100:+.1f} pp "
+            f"  true effect of those emails on the first contacted: {true * 100:+.1f} pp "
             f"({'inside' if covered else 'OUTSIDE'} the interval; interval "
             f"{'excludes' if pooled['conclusive'] else 'includes'} 0)"
         )

@@ -285,7 +285,8 @@ def matured_campaigns(settings: Settings, uc: UseCase, as_of: date) -> list[tupl
     """Campaigns to measure as of ``as_of``, as (campaign, score_date), oldest first.
 
     A campaign qualifies once its labels matured (``score_date + label_horizon_days <=
-    as_of``) if at least one of its messages was sent and it has no uplift row yet.
+    as_of``) if at least one of its messages was sent and it has no uplift row yet (or
+    one measured before first selections were told apart: ``repeat_contacted`` NULL).
 
     Raises:
         DataError: a campaign's control band and send log disagree on its score date.
@@ -303,7 +304,8 @@ def matured_campaigns(settings: Settings, uc: UseCase, as_of: date) -> list[tupl
                       UNION ALL
                       SELECT campaign, score_date, status = 'sent' FROM {send_log}) c
                 WHERE NOT EXISTS (SELECT 1 FROM monitoring.campaign_uplift u
-                                  WHERE u.use_case = %s AND u.campaign = c.campaign)
+                                  WHERE u.use_case = %s AND u.campaign = c.campaign
+                                    AND u.repeat_contacted IS NOT NULL)
                 GROUP BY c.campaign
                 HAVING bool_or(c.sent) AND max(c.score_date) + %s <= %s
                 ORDER BY 2, 1
@@ -332,10 +334,14 @@ def update_campaign_uplift(settings: Settings, uc: UseCase, as_of: date) -> list
     """Measure each newly matured campaign: outcome of the contacted vs the control band.
 
     Contacted are the entities whose message was confirmed sent (status 'sent'; 'sending'
-    and 'failed' are left out); control is the campaign's control band. The outcome is the
-    use case's label over ``[score_date, score_date + label.horizon_days)``.
-    ``uplift = control_rate - contacted_rate`` is the outcome prevented per contacted
-    entity, with a Wald (normal approximation) 95% interval; rates, uplift and interval
+    and 'failed' are left out); control is the campaign's control band. Both count the
+    campaign's first selections only (``policy.campaign_groups``): entities an earlier
+    campaign had sent an email or put in its control band are counted apart
+    (``repeat_contacted``, ``repeat_control``) and left out. The outcome is the use case's
+    label over ``[score_date, score_date + label.horizon_days)``.
+    ``uplift = control_rate - contacted_rate`` is the outcome prevented per entity
+    contacted for the first time (by that email and any the campaign sent them within the
+    horizon), with a Wald (normal approximation) 95% interval; rates, uplift and interval
     are None where a group is empty. Campaigns already in ``monitoring.campaign_uplift``
     are not revisited, so reruns add nothing.
 
@@ -358,11 +364,15 @@ def _campaign_uplift(
 
     groups = policy.campaign_groups(settings, uc, campaign)
     contacted = groups.column("contacted").to_numpy(zero_copy_only=False).astype(bool)
+    first = groups.column("first").to_numpy(zero_copy_only=False).astype(bool)
     y = labels.of(keys.to_numpy(groups.column(uc.entity_key)))
-    n1, k1 = int(contacted.sum()), int(y[contacted].sum())
-    n0, k0 = int((~contacted).sum()), int(y[~contacted].sum())
+    treated, control = contacted & first, ~contacted & first
+    n1, k1 = int(treated.sum()), int(y[treated].sum())
+    n0, k0 = int(control.sum()), int(y[control].sum())
+    repeats = (int((contacted & ~first).sum()), int((~contacted & ~first).sum()))
     log.info(
-        "campaign %s (%s, %s): %d contacted, %d positive; %d control, %d positive",
+        "campaign %s (%s, %s), first selections: %d contacted, %d positive; %d control, "
+        "%d positive (left out, selected before: %d contacted, %d control)",
         campaign,
         uc.name,
         score_date,
@@ -370,6 +380,7 @@ def _campaign_uplift(
         k1,
         n0,
         k0,
+        *repeats,
     )
     return {
         "campaign": campaign,
@@ -378,6 +389,8 @@ def _campaign_uplift(
         "contacted_positives": k1,
         "control": n0,
         "control_positives": k0,
+        "repeat_contacted": repeats[0],
+        "repeat_control": repeats[1],
     } | _difference_of_rates(k1, n1, k0, n0)
 
 
@@ -416,6 +429,8 @@ _UPLIFT_COLUMNS = (
     "uplift",
     "ci_low",
     "ci_high",
+    "repeat_contacted",
+    "repeat_control",
 )
 
 

@@ -74,24 +74,43 @@ class Experiments:
 
 def campaign_groups(settings: Settings, uc: UseCase, campaign: str) -> pa.Table:
     """The campaign's experiment: its sent entities (``contacted``) and its control band,
-    with their served probability."""
+    with their served probability, and whether the campaign selected them for the first
+    time (``first``: no earlier campaign of the use case sent them an email or put them in
+    its control band).
+
+    Only first selections compare like with like. An earlier email changed who is still
+    there to select: it kept some customers it could persuade, who stay at risk and are
+    selected again, while their counterparts in the control group left. Among repeat
+    selections the contacted hold more customers an email keeps than the control band
+    does, and the difference of their outcome rates understates the emails' effect.
+    """
     assert uc.campaign is not None
+    c = uc.campaign
     key, p = db.quote_ident(uc.entity_key), db.quote_ident(uc.probability_column)
+    send_log, band = (
+        db.quote_ident("campaigns", c.send_log_table),
+        db.quote_ident("campaigns", c.control_table),
+    )
     return db.read_arrow(
         settings.database_url,
-        f"SELECT s.{key}, true AS contacted, a.{p} AS probability "
-        f"FROM {db.quote_ident('campaigns', uc.campaign.send_log_table)} s "
-        f"LEFT JOIN {db.quote_ident('campaigns', uc.campaign.audience_table)} a "
+        f"WITH g AS (SELECT s.{key}, true AS contacted, a.{p} AS probability, s.score_date "
+        f"FROM {send_log} s LEFT JOIN {db.quote_ident('campaigns', c.audience_table)} a "
         f"ON a.campaign = s.campaign AND a.{key} = s.{key} "
         "WHERE s.campaign = :campaign AND s.status = 'sent' "
-        f"UNION ALL SELECT {key}, false, {p} "
-        f"FROM {db.quote_ident('campaigns', uc.campaign.control_table)} WHERE campaign = :campaign",
+        f"UNION ALL SELECT {key}, false, {p}, score_date FROM {band} "
+        "WHERE campaign = :campaign) "
+        f"SELECT g.{key}, g.contacted, g.probability, "
+        f"NOT EXISTS (SELECT 1 FROM {send_log} e WHERE e.{key} = g.{key} "
+        "AND e.score_date < g.score_date AND e.status IN ('sending', 'sent')) "
+        f"AND NOT EXISTS (SELECT 1 FROM {band} b WHERE b.{key} = g.{key} "
+        "AND b.score_date < g.score_date) AS first FROM g",
         {"campaign": campaign},
     )
 
 
 def experiments(settings: Settings, uc: UseCase) -> Experiments | None:
-    """Every measured campaign's rows (None when none has matured)."""
+    """Every measured campaign's first selections (``campaign_groups``; None when none has
+    matured)."""
     from pipeline import campaign as campaigns
     from pipeline import monitor
 
@@ -105,6 +124,7 @@ def experiments(settings: Settings, uc: UseCase) -> Experiments | None:
     for m in measured:
         day = db.to_date(m["score_date"])
         groups = campaign_groups(settings, uc, m["campaign"])
+        groups = groups.filter(groups.column("first"))  # like with like: campaign_groups
         if not groups.num_rows:
             continue
         wanted = keys.to_numpy(groups.column(uc.entity_key))

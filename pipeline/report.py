@@ -929,7 +929,9 @@ Feature drift (PSI per feature vs the scoring model's training data) is the bar 
 <th>contacted outcome rate</th><th>control outcome rate</th><th>uplift, pp [95% CI]</th></tr>
 {_uplift_rows(uplift)}</table>
 <p class="note">uplift = control outcome rate &minus; contacted outcome rate: outcomes prevented per
-contacted entity, in percentage points.</p>
+contacted entity, in percentage points. Each campaign counts the entities it selected for the first
+time: those an earlier campaign had emailed or put in its control band are left out of both groups
+(an earlier email kept some of them, so they no longer compare like with like).</p>
 {_campaign_state(context.campaign)}
 </body></html>
 """

@@ -81,6 +81,7 @@ def _names(uc: UseCase) -> dict[str, Any]:
             "control_band": sql.Identifier(CAMPAIGNS, c.control_table),
             "send_log": sql.Identifier(CAMPAIGNS, c.send_log_table),
             "send_log_index": sql.Identifier(f"{c.send_log_table}_by_key"),
+            "control_band_index": sql.Identifier(f"{c.control_table}_by_key"),
             "opt_outs": sql.Identifier(CAMPAIGNS, c.opt_outs_table),
         }
     return names

@@ -28,3 +28,9 @@ BEGIN
         ALTER TABLE monitoring.campaign_uplift RENAME COLUMN control_churned TO control_positives;
     END IF;
 END $$;
+
+-- The uplift compares first selections only (pipeline.policy.campaign_groups); the contacted
+-- and control members an earlier campaign had selected are counted here, left out of it. A
+-- campaign measured before (NULL) is measured again.
+ALTER TABLE monitoring.campaign_uplift ADD COLUMN IF NOT EXISTS repeat_contacted bigint;
+ALTER TABLE monitoring.campaign_uplift ADD COLUMN IF NOT EXISTS repeat_control bigint;

@@ -57,6 +57,8 @@ ALTER TABLE {audience} ADD COLUMN IF NOT EXISTS policy text NOT NULL DEFAULT 'ri
 ALTER TABLE {audience} ADD COLUMN IF NOT EXISTS rank_score double precision;
 ALTER TABLE {control_band} ADD COLUMN IF NOT EXISTS policy text NOT NULL DEFAULT 'risk';
 ALTER TABLE {control_band} ADD COLUMN IF NOT EXISTS rank_score double precision;
+-- Who stood in a control band before a campaign (its first selections: pipeline.policy).
+CREATE INDEX IF NOT EXISTS {control_band_index} ON {control_band} ({key}, score_date);
 
 -- Unsubscribes reported by the email service; honoured when the audience is built and
 -- again just before each message is sent.

@@ -94,14 +94,24 @@ def groups(isolated: Settings) -> dict[str, list[int]]:
         [(later[60], "sent")],
     )
     earlier = _active_on(isolated, UNSENT)
+    band = earlier[:50] + [c for c in control[:20] if c in set(earlier)]
     _add_campaign(
         isolated,
         f"churn_retention_{UNSENT:%Y%m%d}",
         UNSENT,
-        earlier[:50],
+        band,
         [(earlier[60], "failed"), (earlier[61], "sending")],
     )
-    return {"contacted": contacted, "control": control}
+    # selected by that earlier campaign: its control band, and a message perhaps sent
+    # ('sending'); a 'failed' one reached no one
+    before = {*band, earlier[61]}
+    assert before & set(contacted) and before & set(control)
+    return {
+        "contacted": [c for c in contacted if c not in before],
+        "control": [c for c in control if c not in before],
+        "repeat_contacted": [c for c in contacted if c in before],
+        "repeat_control": [c for c in control if c in before],
+    }
 
 
 def test_a_matured_campaign_is_measured_once_against_actual_cancellations(
@@ -115,17 +125,22 @@ def test_a_matured_campaign_is_measured_once_against_actual_cancellations(
         "SELECT row_to_json(u) FROM monitoring.campaign_uplift u WHERE use_case = 'churn'",
     )
     assert row["campaign"] == CAMPAIGN and row["score_date"] == D.isoformat()
-    # 'failed' and 'sending' (unconfirmed) messages are not counted as contacted
-    assert row["contacted"] == 300 and row["control"] == 200
+    # 'failed' and 'sending' (unconfirmed) messages are not counted as contacted; those
+    # an earlier campaign selected are counted apart, in neither group
+    n1, n0 = len(groups["contacted"]), len(groups["control"])
+    assert (row["contacted"], row["control"]) == (n1, n0)
+    assert row["repeat_contacted"] == len(groups["repeat_contacted"]) > 0
+    assert row["repeat_control"] == len(groups["repeat_control"]) > 0
+    assert n1 + row["repeat_contacted"] == 300 and n0 + row["repeat_control"] == 200
     k1 = _churned(isolated, groups["contacted"], D)
     k0 = _churned(isolated, groups["control"], D)
     assert k1 > 0 and k0 > 0
     assert row["contacted_positives"] == k1 and row["control_positives"] == k0
-    p1, p0 = k1 / 300, k0 / 200
+    p1, p0 = k1 / n1, k0 / n0
     assert row["contacted_rate"] == pytest.approx(p1) and row["control_rate"] == pytest.approx(p0)
     assert row["uplift"] == pytest.approx(p0 - p1)
     assert row["ci_low"] < row["uplift"] < row["ci_high"]
-    half = Z95 * math.sqrt(p0 * (1 - p0) / 200 + p1 * (1 - p1) / 300)
+    half = Z95 * math.sqrt(p0 * (1 - p0) / n0 + p1 * (1 - p1) / n1)
     assert row["ci_high"] - row["ci_low"] == pytest.approx(2 * half, rel=1e-5)
     assert row["uplift"] - row["ci_low"] == pytest.approx(half, rel=1e-5)
     # the return value is the stored row, JSON-ready
@@ -140,6 +155,14 @@ def test_a_matured_campaign_is_measured_once_against_actual_cancellations(
         db.scalar(isolated.database_url, "SELECT row_to_json(u) FROM monitoring.campaign_uplift u")
         == row
     )
+    # a row measured before first selections were told apart is measured again
+    db.scalar(
+        isolated.database_url,
+        "UPDATE monitoring.campaign_uplift SET contacted = 300, control = 200, "
+        "repeat_contacted = NULL, repeat_control = NULL; SELECT 1",
+    )
+    again = monitor.update_campaign_uplift(isolated, UC, AS_OF)
+    assert [(r["campaign"], r["contacted"], r["control"]) for r in again] == [(CAMPAIGN, n1, n0)]
 
 
 def test_campaigns_wait_for_their_labels_and_for_a_sent_message(
@@ -168,7 +191,8 @@ def test_nightscore_monitor_prints_the_campaign_uplift(
     assert out["evaluated"] == []  # no published night in this database
     [measured] = out["campaign_uplift"]
     assert measured["campaign"] == CAMPAIGN and measured["score_date"] == D.isoformat()
-    assert measured["contacted"] == 300 and measured["control"] == 200
+    assert measured["contacted"] == len(groups["contacted"])
+    assert measured["control"] == len(groups["control"])
     # one matured week: no uplift policy yet, and the audience stays ranked by risk
     assert out["policy_challenger"]["decision"] is None
     assert out["policy_challenger"]["why"].startswith("1 weekly cohort has matured")
@@ -185,7 +209,7 @@ def test_the_nightly_report_shows_matured_campaigns(
     out = nightly.write_report(isolated, UC, RunContext("churn", AS_OF, "uplift-report"))
     with open(out["report"]) as fh:
         text = fh.read()
-    assert CAMPAIGN in text and f"300 ({row['contacted_positives']})" in text
+    assert CAMPAIGN in text and f"{row['contacted']} ({row['contacted_positives']})" in text
     assert f"{100 * row['uplift']:+.1f} [{100 * row['ci_low']:+.1f}," in text
     # a night before the campaign's labels matured does not show it
     out = nightly.write_report(isolated, UC, RunContext("churn", D, "uplift-report-early"))
