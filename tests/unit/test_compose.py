@@ -272,3 +272,79 @@ def test_workers_run_with_the_celery_settings_the_celery_test_runs_with(
         # task states in the metadata database, as af.celery_env keeps them
         assert env["AIRFLOW__CELERY__RESULT_BACKEND"].startswith("db+postgresql"), name
         assert env["AIRFLOW__CELERY__RESULT_BACKEND"].endswith("@postgres/airflow"), name
+
+
+CHECK_SECRETS = DOCKER_DIR / "check-secrets.sh"
+
+
+def _good_secrets() -> dict[str, str]:
+    import secrets
+
+    from cryptography.fernet import Fernet
+
+    return {
+        "AIRFLOW_FERNET_KEY": Fernet.generate_key().decode(),
+        "AIRFLOW_JWT_SECRET": secrets.token_hex(32),
+        "AIRFLOW_API_SECRET_KEY": secrets.token_hex(32),
+        "AIRFLOW_DB_PASSWORD": secrets.token_hex(24),
+        "NIGHTSCORE_DB_PASSWORD": secrets.token_hex(24),
+        "AIRFLOW_ADMIN_PASSWORD": secrets.token_hex(16),
+    }
+
+
+def _check_secrets(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["sh", str(CHECK_SECRETS)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": "/usr/bin:/bin", **env},
+    )
+
+
+def test_every_service_waits_for_the_secrets_check(services: dict[str, dict[str, Any]]) -> None:
+    check = services["check-secrets"]
+    assert check["entrypoint"] == ["sh", "/opt/nightscore/check-secrets.sh"]
+    assert check["volumes"] == ["./docker/check-secrets.sh:/opt/nightscore/check-secrets.sh:ro"]
+    assert set(check["environment"]) == set(SECRETS)
+    first = {"postgres", "nightscore-db", "redis"}
+    for name in first:
+        assert services[name]["depends_on"]["check-secrets"] == {
+            "condition": "service_completed_successfully"
+        }, name
+    # everything else starts after one of those
+    for name, service in services.items():
+        if name != "check-secrets" and name not in first:
+            assert set(service.get("depends_on", {})) & first, name
+
+
+def test_the_secrets_check_refuses_the_placeholders_naming_each_and_how_to_make_it() -> None:
+    example = dict(
+        line.split("=", 1)
+        for line in ENV_EXAMPLE.read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    done = _check_secrets({name: example[name] for name in SECRETS})
+    assert done.returncode == 1
+    for name in SECRETS:
+        assert f"{name} in .env is still the placeholder of .env.example" in done.stderr, name
+    assert "Fernet.generate_key()" in done.stderr and "openssl rand -hex 32" in done.stderr
+    assert _check_secrets(_good_secrets()).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("secret", "value", "said"),
+    [
+        ("AIRFLOW_FERNET_KEY", "", "is empty"),
+        ("AIRFLOW_FERNET_KEY", "a" * 44, "is not a Fernet key"),
+        ("AIRFLOW_JWT_SECRET", "0123456789abcdef", "has 16 characters, expected at least 32"),
+        ("AIRFLOW_DB_PASSWORD", "p@ss/word:0123456789", "a connection URL would need escaped"),
+        ("NIGHTSCORE_DB_PASSWORD", "short", "has 5 characters, expected at least 16"),
+        ("AIRFLOW_ADMIN_PASSWORD", "changeme-please", "placeholder"),
+    ],
+)
+def test_the_secrets_check_refuses_a_weak_secret(secret: str, value: str, said: str) -> None:
+    done = _check_secrets(_good_secrets() | {secret: value})
+    assert done.returncode == 1
+    [line] = [x for x in done.stderr.splitlines() if x.startswith(f"check-secrets: {secret} ")]
+    assert said in line and "generate one with: " in line
