@@ -4,7 +4,7 @@ nightscore usecase list | show NAME | init NAME | check NAME --date D
 nightscore db init | url | airflow-env
 nightscore warehouse seed | advance ...   (the synthetic demo warehouse, pipeline/demo.py)
 nightscore run --use-case NAME --date D [--retrain ...] [--promotion-mode ...]
-nightscore models [--use-case NAME] list | show VERSION | promote VERSION --reason R | rollback --reason R
+nightscore models list | show VERSION | promote VERSION --reason R | rollback --reason R [--use-case NAME]
 nightscore monitor | report | summary [--use-case NAME] ...
 nightscore demo
 
@@ -290,18 +290,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="the model registry")
     p.add_argument("--use-case", help="the use case (default: the only one)")
     msub = p.add_subparsers(dest="action", required=True)
-    msub.add_parser("list")
+    # --use-case is taken before the action or after it (models list --use-case churn)
+    m = msub.add_parser("list")
+    m.add_argument("--use-case", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     m = msub.add_parser("show")
+    m.add_argument("--use-case", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     m.add_argument("version")
     effective_help = (
         "the score date of the first night the change serves (default: the night after the "
         "newest scored night, and not before today)"
     )
     m = msub.add_parser("promote")
+    m.add_argument("--use-case", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     m.add_argument("version")
     m.add_argument("--reason", required=True)
     m.add_argument("--effective-date", type=_date, help=effective_help)
     m = msub.add_parser("rollback")
+    m.add_argument("--use-case", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     m.add_argument("--reason", required=True)
     m.add_argument("--effective-date", type=_date, help=effective_help)
     p.set_defaults(func=cmd_models)
