@@ -7,7 +7,7 @@ UV_VERSION := 0.13.9
 export NIGHTSCORE_HOME ?= $(CURDIR)/.nightscore
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format airflow bench lock clean
+.PHONY: install demo test lint format airflow stop bench lock clean
 
 install: $(VENV)/.installed
 
@@ -42,6 +42,11 @@ AIRFLOW_PORT ?= $(or $(PORT),8080)
 airflow: install
 	$(BIN)/nightscore airflow --port $(AIRFLOW_PORT)
 
+# Stops what `make airflow` and `make demo` leave running: the local Airflow, the embedded
+# PostgreSQL (any later command starts it again).
+stop: install
+	$(BIN)/nightscore stop
+
 bench: install
 	$(BIN)/python benchmarks/publish.py
 
@@ -55,4 +60,5 @@ lock: install
 	$(BIN)/uv pip compile pyproject.toml -c requirements.lock $(LOCK_FLAGS) -o requirements-runtime.lock
 
 clean:
+	@if [ -x $(BIN)/nightscore ]; then $(BIN)/nightscore stop; fi
 	rm -rf $(VENV) .nightscore .pytest_cache .mypy_cache .ruff_cache

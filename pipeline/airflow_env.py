@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import subprocess
+from pathlib import Path
 from typing import Any
 
 from pipeline.config import (
@@ -178,12 +179,13 @@ def run_local(settings: Settings, port: int = 8080, ready: Any = None) -> int:
     import signal
     import sys
     import time
-    from pathlib import Path
 
     from pipeline.config import private_by_default
 
     private_by_default()
     env = os.environ | airflow_env(settings, port)
+    pid_file = _pid_file(settings.home)
+    pid_file.write_text(str(os.getpid()))
     airflow = str(Path(sys.executable).with_name("airflow"))
     subprocess.run([airflow, "db", "migrate"], env=env, check=True, capture_output=True)
     procs = [
@@ -212,5 +214,36 @@ def run_local(settings: Settings, port: int = 8080, ready: Any = None) -> int:
             time.sleep(0.5)
     finally:
         stop_all(procs)
+        pid_file.unlink(missing_ok=True)
     failed = [p.returncode for p in procs if p.returncode not in (0, -signal.SIGTERM, None)]
     return 0 if stop["now"] or not failed else 1
+
+
+def _pid_file(home: Path) -> Path:
+    """Where a running ``nightscore airflow`` of ``home`` records its process id."""
+    return home / "airflow" / "local.pid"
+
+
+def stop_local(home: Path, grace: float = 90) -> int | None:
+    """Stop the ``nightscore airflow`` (``make airflow``) running with ``home``, as Ctrl-C
+    would: it stops its components and waits for them. Returns its process id, or None when
+    none runs (a stale record of one that died is removed)."""
+    import psutil
+
+    pid_file = _pid_file(home)
+    if not pid_file.is_file():
+        return None
+    try:
+        process = psutil.Process(int(pid_file.read_text().strip() or 0))
+        if "nightscore" not in " ".join(process.cmdline()):
+            raise psutil.NoSuchProcess(process.pid)  # the id now names another program
+        process.terminate()
+        try:
+            process.wait(grace)
+        except psutil.TimeoutExpired:
+            process.kill()
+        return process.pid
+    except (psutil.Error, ValueError):
+        return None
+    finally:
+        pid_file.unlink(missing_ok=True)

@@ -6,7 +6,7 @@ nightscore warehouse seed | advance ...   (the synthetic demo warehouse, pipelin
 nightscore run --use-case NAME --date D [--retrain ...] [--promotion-mode ...]
 nightscore models list | show VERSION | promote VERSION --reason R | rollback --reason R [--use-case NAME]
 nightscore monitor | report | summary [--use-case NAME] ...
-nightscore demo
+nightscore demo | stop
 
 ``--use-case`` may be left out when only one use case exists (or ``NIGHTSCORE_USE_CASE``
 names one). ``run``, ``warehouse`` and ``demo`` show their stages on stderr
@@ -65,6 +65,11 @@ def cmd_db(args: argparse.Namespace) -> int:
     elif args.action == "airflow-env":
         from pipeline.airflow_env import airflow_env, shell_exports
 
+        print(
+            '# Airflow from a shell with these DAGs (README): eval "$(nightscore db airflow-env)"\n'
+            "# then, once: airflow db migrate && airflow dags reserialize\n"
+            "# then: airflow dags list; airflow dags test <use case>_nightly YYYY-MM-DD"
+        )
         print(shell_exports(airflow_env(settings)))
     return 0
 
@@ -81,6 +86,28 @@ def cmd_airflow(args: argparse.Namespace) -> int:
 
     print(f"Airflow UI: http://127.0.0.1:{args.port} (starting; the login is printed when ready)")
     return run_local(settings, args.port, ready)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    """Stop what ``make airflow`` and ``make demo`` leave running for the home: the local
+    Airflow, then the embedded PostgreSQL (the next command starts it again)."""
+    from pipeline import embedded
+    from pipeline.airflow_env import stop_local
+
+    home = config.home_dir()
+    pid = stop_local(home)
+    print(
+        f"stopped the local Airflow (process {pid})"
+        if pid
+        else "no local Airflow runs for this home"
+    )
+    stopped = embedded.stop_server(home)
+    print(
+        f"stopped the embedded PostgreSQL of {home}"
+        if stopped
+        else f"no embedded PostgreSQL runs in {home}"
+    )
+    return 0
 
 
 def cmd_usecase(args: argparse.Namespace) -> int:
@@ -277,6 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("airflow", help="Airflow on 127.0.0.1 with these DAGs (the UI)")
     p.add_argument("--port", type=int, default=8080)
     p.set_defaults(func=cmd_airflow)
+
+    p = sub.add_parser(
+        "stop", help="stop the local Airflow and the embedded PostgreSQL of this home"
+    )
+    p.set_defaults(func=cmd_stop)
 
     p = sub.add_parser("run", help="run one night in-process (no Airflow)")
     p.add_argument(

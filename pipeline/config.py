@@ -2,13 +2,14 @@
 
 Settings are read on demand from environment variables (or passed explicitly), never at
 import time. With no database configured, an embedded PostgreSQL server is started under
-``$NIGHTSCORE_HOME`` (default ``./.nightscore``) and both the warehouse and the serving
+``$NIGHTSCORE_HOME`` (default: the nearest ``.nightscore``, see ``home_dir``) and both the warehouse and the serving
 schemas live in it. Use cases (``pipeline.usecase``) say which warehouse they read;
 ``Settings.for_use_case`` resolves it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass, replace
@@ -21,6 +22,8 @@ from pipeline.errors import ConfigError
 
 if TYPE_CHECKING:
     from pipeline.usecase import UseCase
+
+log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SQL_DIR = REPO_ROOT / "sql"
@@ -100,8 +103,26 @@ class Settings:
         )
 
 
+HOME_NAME = ".nightscore"
+
+
 def home_dir() -> Path:
-    return Path(os.environ.get(ENV_HOME) or (Path.cwd() / ".nightscore")).resolve()
+    """Where snapshots, models, reports and the embedded server live.
+
+    ``$NIGHTSCORE_HOME`` when set; else the nearest ``.nightscore`` folder in the working
+    directory or above it (as git finds its repository), so that a command run from a
+    subfolder reaches the project's home and its server; else, in a checkout of the project,
+    the one at its root; else ``./.nightscore``.
+    """
+    if os.environ.get(ENV_HOME):
+        return Path(os.environ[ENV_HOME]).resolve()
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / HOME_NAME).is_dir():
+            return folder / HOME_NAME
+    if (REPO_ROOT / "pyproject.toml").is_file() and os.access(REPO_ROOT, os.W_OK):
+        return REPO_ROOT / HOME_NAME
+    return here / HOME_NAME
 
 
 def private_dir(path: Path) -> Path:
@@ -149,7 +170,16 @@ def load_settings(
     ``NIGHTSCORE_WAREHOUSE_URL``, defaulting to the serving database, so that a single
     URL, or none at all, is enough to run everything.
     """
-    home = private_home(home_dir())
+    found = home_dir()
+    if not found.exists():
+        log.warning(
+            "a new nightscore home at %s (no %s folder in %s or above it; %s chooses one)",
+            found,
+            HOME_NAME,
+            Path.cwd(),
+            ENV_HOME,
+        )
+    home = private_home(found)
     db = database_url or os.environ.get(ENV_DATABASE_URL)
     if not db:
         from pipeline import embedded

