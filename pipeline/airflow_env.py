@@ -65,9 +65,14 @@ def airflow_env(settings: Settings, port: int = 8080) -> dict[str, str]:
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO_ROOT / "plugins"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        # sized to the machine: task processes and API workers, not Airflow's 32 and 4
+        # sized to the machine: task processes and API workers, not Airflow's 32 and 4. Two
+        # API workers: one serves the UI while the other answers the tasks' heartbeats
         "AIRFLOW__CORE__PARALLELISM": str(machine_slots()),
-        "AIRFLOW__API__WORKERS": "1",
+        "AIRFLOW__API__WORKERS": "2",
+        # a task is killed after this many heartbeats in a row the API server did not
+        # answer in time (one every 5 s at least): Airflow's default 3 gave up on training
+        # that kept both cores busy; 24 allow at least two minutes
+        "AIRFLOW__WORKERS__MAX_FAILED_HEARTBEATS": "24",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_url(settings),
         "AIRFLOW__API__HOST": "127.0.0.1",
         "AIRFLOW__API__PORT": str(port),

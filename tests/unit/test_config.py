@@ -60,7 +60,10 @@ def test_the_local_airflow_is_sized_to_the_machine(tmp_path, monkeypatch) -> Non
     settings = load_settings(database_url="postgresql://x@127.0.0.1:1/serving")
     env = airflow_env.airflow_env(settings, 8123)
     assert env["AIRFLOW__CORE__PARALLELISM"] == str(max(2, os.cpu_count() or 2))
-    assert env["AIRFLOW__API__WORKERS"] == "1"
+    # one API worker for the UI, one for the tasks' heartbeats, which may be late for two
+    # minutes on a machine whose cores are busy before a task is given up
+    assert env["AIRFLOW__API__WORKERS"] == "2"
+    assert env["AIRFLOW__WORKERS__MAX_FAILED_HEARTBEATS"] == "24"
     assert env["AIRFLOW__API__PORT"] == "8123" and env["AIRFLOW__API__HOST"] == "127.0.0.1"
 
 
