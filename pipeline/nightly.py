@@ -8,6 +8,7 @@ The DAG wires them; ``run_night`` chains them in-process for the CLI and the tes
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime, timedelta
@@ -932,6 +933,11 @@ def _night_report(settings: Settings, uc: UseCase, run: RunContext) -> Any:
             )
             previous_night = cur.fetchone()[0]
             cur.execute(
+                "SELECT max(attempt) FROM ml.runs WHERE use_case = %s AND score_date = %s",
+                (uc.name, run.score_date),
+            )
+            newest_attempt = cur.fetchone()[0]
+            cur.execute(
                 "SELECT shadow, champion, rows, spearman, top_decile_overlap, audience_capacity, "
                 "audience_enter, audience_leave FROM monitoring.shadow_agreement "
                 "WHERE use_case = %s AND score_date = %s ORDER BY recorded_at DESC",
@@ -978,8 +984,10 @@ def _night_report(settings: Settings, uc: UseCase, run: RunContext) -> Any:
         airflow_run=report_site.airflow_run_path(uc.name, run.run_id),
         campaign=_campaign_state(settings, uc, run.score_date),
     )
-    return report.write_run_report(
-        report_site.night_file(settings, uc.name, run.score_date),
+    # each attempt of a date keeps its report; the date's own file is its newest attempt's
+    attempt = ledger_row["attempt"] if ledger_row else None
+    written = report.write_run_report(
+        report_site.night_file(settings, uc.name, run.score_date, attempt),
         use_case=uc.name,
         score_date=run.score_date,
         model_version=ledger_row["model_version"] if ledger_row else None,
@@ -992,6 +1000,14 @@ def _night_report(settings: Settings, uc: UseCase, run: RunContext) -> Any:
         uplift=uplift,
         context=context,
     )
+    if attempt is None:  # a run outside the ledger: the date's file is its only one
+        return written
+    if attempt == newest_attempt:
+        newest = report_site.night_file(settings, uc.name, run.score_date)
+        part = newest.with_name(newest.name + ".part")
+        shutil.copyfile(written, part)
+        part.replace(newest)  # readers see the previous file or this one, never half of one
+    return written
 
 
 def _campaign_state(settings: Settings, uc: UseCase, night: date) -> dict[str, str] | None:

@@ -6,7 +6,9 @@ relative to the prefix:
 
 - ``/``: every use case with its nights (newest first, with how each run ended and what is
   served) and its evaluations;
-- ``/<use_case>/nightly/<YYYY-MM-DD>``: the nightly report of a score date;
+- ``/<use_case>/nightly/<YYYY-MM-DD>``: the nightly report of a score date (its newest
+  attempt's), and ``/<use_case>/nightly/<YYYY-MM-DD>-attempt-<n>``: the report of each
+  attempt of the date, kept when a later one runs (a re-run, a backfill);
 - ``/<use_case>/evaluation/<version>``: the evaluation report of a challenger;
 - ``/runs/<dag_id>/<run_id>`` and ``/runs/<dag_id>/<run_id>/evaluation``: a redirect to the
   report of an Airflow run (what the task links and the run's tab open).
@@ -35,7 +37,7 @@ INDEX_NIGHTS = 60  # newest nights listed per use case
 INDEX_EVALUATIONS = 30
 NIGHTLY_SUFFIX = "_nightly"
 
-_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_NIGHT = re.compile(r"^(\d{4}-\d{2}-\d{2})(?:-attempt-([1-9][0-9]{0,5}))?$")
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _USE_CASE = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
 # Airflow run ids (manual__, scheduled__, backfill__, asset_triggered__); CLI and test runs
@@ -43,14 +45,19 @@ _USE_CASE = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
 _AIRFLOW_RUN = re.compile(r"^(manual|scheduled|backfill|asset_triggered|dataset_triggered)__")
 
 
-def report_path(use_case: str, score_date: date | str) -> str:
-    """URL path of a night's report, relative to the API server's base URL (no leading '/').
+def _night_name(score_date: date | str, attempt: int | None) -> str:
+    day = score_date if isinstance(score_date, str) else score_date.isoformat()
+    return day if attempt is None else f"{day}-attempt-{int(attempt)}"
+
+
+def report_path(use_case: str, score_date: date | str, attempt: int | None = None) -> str:
+    """URL path of a night's report (its newest attempt's, or attempt ``attempt``'s),
+    relative to the API server's base URL (no leading '/').
 
     Relative, so it works behind any base URL: in the Airflow UI a relative link resolves
     against the UI's ``<base href>``; elsewhere join it to ``[api] base_url``.
     """
-    day = score_date if isinstance(score_date, str) else score_date.isoformat()
-    return f"{URL_PREFIX[1:]}/{quote(use_case)}/nightly/{quote(day)}"
+    return f"{URL_PREFIX[1:]}/{quote(use_case)}/nightly/{quote(_night_name(score_date, attempt))}"
 
 
 def evaluation_path(use_case: str, version: str) -> str:
@@ -71,9 +78,12 @@ def airflow_run_path(use_case: str, run_id: str) -> str | None:
     return f"dags/{quote(use_case + NIGHTLY_SUFFIX, safe='')}/runs/{quote(run_id, safe='')}"
 
 
-def night_file(settings: Settings, use_case: str, score_date: date) -> Path:
-    """Where a night's report is written."""
-    return settings.reports / use_case / "nights" / f"{score_date.isoformat()}.html"
+def night_file(
+    settings: Settings, use_case: str, score_date: date, attempt: int | None = None
+) -> Path:
+    """Where a night's report is written: the newest attempt's of the date, or attempt
+    ``attempt``'s (each attempt of a date keeps its own)."""
+    return settings.reports / use_case / "nights" / f"{_night_name(score_date, attempt)}.html"
 
 
 def evaluation_file(settings: Settings, use_case: str, version: str) -> Path:
@@ -93,12 +103,14 @@ def resolve(settings: Settings, known: Sequence[str], use_case: str, kind: str, 
     if kind not in KINDS:
         raise LookupError(f"no kind of report {kind!r}")
     if kind == "nightly":
-        if not _DATE.match(ident):
-            raise LookupError(f"not a date (YYYY-MM-DD): {ident!r}")
+        night = _NIGHT.match(ident)
+        if night is None:
+            raise LookupError(f"not a date (YYYY-MM-DD, or YYYY-MM-DD-attempt-N): {ident!r}")
         try:
-            path = night_file(settings, use_case, date.fromisoformat(ident))
+            day = date.fromisoformat(night[1])
         except ValueError:
             raise LookupError(f"not a date: {ident!r}") from None
+        path = night_file(settings, use_case, day, int(night[2]) if night[2] else None)
     else:
         if not _VERSION.match(ident) or ".." in ident:
             raise LookupError(f"not a model version: {ident!r}")
@@ -123,14 +135,18 @@ def run_target(
     if not dag_id.endswith(NIGHTLY_SUFFIX) or use_case not in known:
         raise LookupError(f"{dag_id!r} is not the nightly DAG of a use case")
     if kind == "nightly":
-        day = db.scalar(
+        found = db.scalar(
             settings.database_url,
-            "SELECT score_date FROM ml.runs WHERE use_case = %s AND run_id = %s "
-            "ORDER BY started_at DESC LIMIT 1",
+            "SELECT json_build_array(score_date, attempt) FROM ml.runs "
+            "WHERE use_case = %s AND run_id = %s ORDER BY started_at DESC LIMIT 1",
             (use_case, run_id),
         )
-        if day is None:
+        if found is None:
             raise LookupError(f"run {run_id} of {use_case} is not in the ledger")
+        day, attempt = date.fromisoformat(found[0]), found[1]
+        # the run's own report; a run from before reports were kept per attempt: the date's
+        if attempt is not None and night_file(settings, use_case, day, attempt).is_file():
+            return report_path(use_case, day, attempt)
         return report_path(use_case, day)
     version = db.scalar(
         settings.database_url,
@@ -210,6 +226,12 @@ def index_html(settings: Settings, use_cases: Sequence[str]) -> str:
             )
         else:
             now = "nothing published yet"
+        attempts = _rows(
+            settings,
+            "SELECT score_date, attempt, status FROM ml.runs WHERE use_case = %s "
+            "AND score_date = ANY(%s) AND attempt IS NOT NULL ORDER BY score_date, attempt",
+            (name, [n["score_date"] for n in nights]),
+        )
         night_rows = []
         for n in nights:
             has_report = night_file(settings, name, n["score_date"]).is_file()
@@ -219,11 +241,19 @@ def index_html(settings: Settings, use_cases: Sequence[str]) -> str:
                 if has_report
                 else f"{day} <span class='note'>(no report)</span>"
             )
+            # every attempt of the date with a report of its own, oldest first
+            kept = " ".join(
+                f'<a href="{esc(report_path(name, a["score_date"], a["attempt"]).split("/", 1)[1])}"'
+                f' title="{esc(a["status"])}">{a["attempt"]}</a>'
+                for a in attempts
+                if a["score_date"] == n["score_date"]
+                and night_file(settings, name, a["score_date"], a["attempt"]).is_file()
+            )
             error = esc((n["error"] or "")[:300])
             published = "" if n["rows_published"] is None else f"{n['rows_published']:,}"
             night_rows.append(
                 f"<tr><td>{link}</td><td>{_badge(n['status'])}</td>"
-                f"<td class='num'>{n['attempt'] or ''}</td>"
+                f"<td class='num'>{kept or n['attempt'] or ''}</td>"
                 f"<td><code>{esc(n['model_version'] or '')}</code></td>"
                 f"<td class='num'>{published}</td><td class='note'>{error}</td></tr>"
             )
@@ -241,7 +271,7 @@ def index_html(settings: Settings, use_cases: Sequence[str]) -> str:
             )
         sections.append(
             f"<h2 id='{esc(name)}'>{esc(name)}</h2><p class='meta'>{now}</p>"
-            "<h3>Nights</h3><table><tr><th>score date</th><th>run state</th><th>attempt</th>"
+            "<h3>Nights</h3><table><tr><th>score date</th><th>run state</th><th>attempts</th>"
             "<th>model</th><th>rows published</th><th>error</th></tr>"
             + ("".join(night_rows) or "<tr><td colspan='6' class='note'>no runs yet</td></tr>")
             + "</table><h3>Evaluations</h3><table><tr><th>challenger</th><th>decision</th>"

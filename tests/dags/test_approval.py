@@ -259,7 +259,12 @@ def test_the_plugin_serves_the_reports_behind_the_airflow_login(
         headers=auth,
         follow_redirects=True,
     )
-    assert followed.status_code == 200 and str(followed.url).endswith(f"/churn/nightly/{day}")
+    # to the run's own report (each attempt of a date keeps its own)
+    attempt = db.scalar(
+        isolated.database_url, "SELECT attempt FROM ml.runs WHERE run_id = %s", (run.run_id,)
+    )
+    assert followed.status_code == 200
+    assert str(followed.url).endswith(f"/churn/nightly/{day}-attempt-{attempt}")
 
     assert httpx.get(f"{base}/nightscore/churn/nightly/1999-01-01", headers=auth).status_code == 404
     assert httpx.get(f"{base}/nightscore/nobody/nightly/{day}", headers=auth).status_code == 404

@@ -22,6 +22,9 @@ def settings(tmp_path: Path) -> Settings:
     ev = report_site.evaluation_file(s, "churn", "churn-20241120-abcdef12")
     ev.parent.mkdir(parents=True)
     ev.write_text("<html>evaluation</html>")
+    report_site.night_file(s, "churn", date(2024, 11, 20), 2).write_text(
+        "<html>night of 2024-11-20, attempt 2</html>"
+    )
     (s.reports / "churn" / "secret.html").write_text("not a report")
     (tmp_path / "home" / "outside.html").write_text("outside")
     return s
@@ -31,6 +34,10 @@ def test_report_urls_are_relative_to_the_api_base() -> None:
     assert (
         report_site.report_path("churn", date(2024, 11, 20))
         == "nightscore/churn/nightly/2024-11-20"
+    )
+    assert (
+        report_site.report_path("churn", date(2024, 11, 20), 3)
+        == "nightscore/churn/nightly/2024-11-20-attempt-3"
     )
     assert (
         report_site.evaluation_path("churn", "churn-20241120-abcdef12")
@@ -53,6 +60,10 @@ def test_report_urls_are_relative_to_the_api_base() -> None:
         ("churn", "nightly", "2024-11-21"),  # no such night
         ("churn", "nightly", "../secret"),
         ("churn", "nightly", "2024-13-40"),
+        ("churn", "nightly", "2024-11-20-attempt-3"),  # no such attempt
+        ("churn", "nightly", "2024-11-20-attempt-0"),
+        ("churn", "nightly", "2024-11-20-attempt-2.html"),
+        ("churn", "nightly", "2024-11-20-attempt-../../secret"),
         ("churn", "evaluation", "..%2fsecret"),
         ("churn", "evaluation", "../../outside"),
         ("churn", "evaluation", ".."),
@@ -76,6 +87,8 @@ def test_the_app_serves_reports_and_refuses_traversal(settings: Settings) -> Non
     assert night.headers["content-type"].startswith("text/html")
     assert client.get("/churn/evaluation/churn-20241120-abcdef12").status_code == 200
     assert client.get("/churn/nightly/2024-11-21").status_code == 404
+    attempt = client.get("/churn/nightly/2024-11-20-attempt-2")
+    assert attempt.status_code == 200 and "attempt 2" in attempt.text
     for raw in (
         "/churn/nightly/..%2fsecret.html",
         "/churn/nightly/%2e%2e%2f%2e%2e%2foutside",
