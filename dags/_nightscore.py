@@ -107,6 +107,17 @@ def leave_note(text: str) -> None:
     get_current_context()["ti"].xcom_push(key=NOTE_KEY, value=text)
 
 
+def record_run_page(settings: Any, name: str, kind: str, days: list[Any]) -> None:
+    """Record the dates this campaign or monitoring run handled: its report tab opens the
+    page of the newest (``pipeline.run_pages``)."""
+    from airflow.sdk import get_current_context
+
+    from pipeline import db, run_pages
+
+    run = get_current_context()["dag_run"]
+    run_pages.record(settings, run.dag_id, run.run_id, name, kind, [db.to_date(d) for d in days])
+
+
 def use_case_context(name: str) -> tuple[Any, Any, date]:
     """(settings, use case, score date) of the current task's run."""
     from airflow.sdk import get_current_context

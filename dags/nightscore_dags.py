@@ -409,12 +409,14 @@ def monitoring_dag(uc: usecase.UseCase) -> Any:
     def monitoring() -> None:
         @task(**retries)
         def evaluate_realized_performance() -> dict:
-            from _nightscore import use_case_context
+            from _nightscore import record_run_page, use_case_context
 
             from pipeline import monitor
 
             settings, config, day = use_case_context(name)
-            return monitor.update_realized_performance(settings, config, day)
+            out = monitor.update_realized_performance(settings, config, day)
+            record_run_page(settings, name, "monitoring", [day])
+            return out
 
         @task(**retries)
         def evaluate_campaign_uplift() -> list[dict]:
@@ -577,7 +579,7 @@ def campaign_dag(uc: usecase.UseCase) -> Any:
     def campaign() -> None:
         @task(retries=2, retry_delay=timedelta(minutes=1))
         def build_audience(params: dict | None = None) -> dict:
-            from _nightscore import published_dates, settings
+            from _nightscore import published_dates, record_run_page, settings
 
             from pipeline import campaign, usecase
 
@@ -588,8 +590,11 @@ def campaign_dag(uc: usecase.UseCase) -> Any:
             if requested or not announced:  # by hand: that date, or the newest published one
                 day = campaign.campaign_date(s, config, requested)
                 built = campaign.build_audience(s, config, day)
-                return {"score_date": built["score_date"], "built": [built], "skipped": []}
-            return campaign.build_announced(s, config, announced)
+                out = {"score_date": built["score_date"], "built": [built], "skipped": []}
+            else:
+                out = campaign.build_announced(s, config, announced)
+            record_run_page(s, name, "campaign", [b["score_date"] for b in out["built"]])
+            return out
 
         @task(retries=3, retry_delay=timedelta(minutes=2), retry_exponential_backoff=True)
         def send_emails(audience: dict, params: dict | None = None) -> dict:

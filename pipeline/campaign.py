@@ -25,6 +25,7 @@ Email addresses never go to logs or return values (XComs): only counts and entit
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import smtplib
@@ -524,6 +525,7 @@ def build_audience(settings: Settings, uc: UseCase, score_date: date) -> dict[st
         "exports": exports,
         "seconds": round(time.monotonic() - began, 2),
     }
+    _store_counts(settings, uc, score_date, out)
     log.info(
         "%s: %d of %d in the top band selected (policy %s), %d control members comparable; "
         "excluded %s",
@@ -535,6 +537,31 @@ def build_audience(settings: Settings, uc: UseCase, score_date: date) -> dict[st
         out["excluded"],
     )
     return out
+
+
+def _store_counts(settings: Settings, uc: UseCase, score_date: date, out: dict[str, Any]) -> None:
+    """The audience's counts and exclusions by reason, for the campaign's report page."""
+    db.scalar(
+        settings.database_url,
+        "INSERT INTO monitoring.campaign_audiences (use_case, score_date, campaign, "
+        "model_version, policy, band, audience, control_band, excluded) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (use_case, score_date) DO "
+        "UPDATE SET campaign = EXCLUDED.campaign, model_version = EXCLUDED.model_version, "
+        "policy = EXCLUDED.policy, band = EXCLUDED.band, audience = EXCLUDED.audience, "
+        "control_band = EXCLUDED.control_band, excluded = EXCLUDED.excluded, built_at = now() "
+        "RETURNING 1",
+        (
+            uc.name,
+            score_date,
+            out["campaign"],
+            out["model_version"],
+            out["policy"],
+            out["band"],
+            out["audience"],
+            out["control_band"],
+            json.dumps(out["excluded"]),
+        ),
+    )
 
 
 def build_announced(settings: Settings, uc: UseCase, dates: list[str]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ FastAPI reads the route annotations at run time, so its names are imported at mo
 
 from __future__ import annotations
 
+import html
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -15,7 +16,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
-from pipeline import report_site
+from pipeline import report_site, run_pages
 from pipeline.config import Settings
 
 if TYPE_CHECKING:
@@ -64,30 +65,46 @@ def create_app(
         text = await run_in_threadpool(lambda: report_site.index_html(settings(), allowed))
         return HTMLResponse(text)
 
-    @app.get("/runs/{dag_id}/{run_id}")
-    async def run_night(request: Request, dag_id: str, run_id: str) -> RedirectResponse:
+    @app.get("/runs/{dag_id}/{run_id}", response_model=None)
+    async def run_night(
+        request: Request, dag_id: str, run_id: str
+    ) -> RedirectResponse | HTMLResponse:
         return await _redirect(request, dag_id, run_id, "nightly", levels=3)
 
-    @app.get("/runs/{dag_id}/{run_id}/evaluation")
-    async def run_evaluation(request: Request, dag_id: str, run_id: str) -> RedirectResponse:
+    @app.get("/runs/{dag_id}/{run_id}/evaluation", response_model=None)
+    async def run_evaluation(
+        request: Request, dag_id: str, run_id: str
+    ) -> RedirectResponse | HTMLResponse:
         return await _redirect(request, dag_id, run_id, "evaluation", levels=4)
 
     async def _redirect(
         request: Request, dag_id: str, run_id: str, kind: str, levels: int
-    ) -> RedirectResponse:
+    ) -> RedirectResponse | HTMLResponse:
         allowed = await readable(request, dag_id.removesuffix(report_site.NIGHTLY_SUFFIX))
         try:
             target = await run_in_threadpool(
                 lambda: report_site.run_target(settings(), allowed, dag_id, run_id, kind)
             )
         except LookupError as err:
-            raise HTTPException(404, str(err)) from None
+            return _missing(str(err))
         # relative to this URL: <prefix>/runs/<dag>/<run>[/evaluation] -> <prefix>/<uc>/...
         return RedirectResponse(up(levels - 1, target.split("/", 1)[1]), status_code=307)
 
-    @app.get("/{use_case}/{kind}/{ident}")
-    async def report(request: Request, use_case: str, kind: str, ident: str) -> FileResponse:
+    @app.get("/{use_case}/{kind}/{ident}", response_model=None)
+    async def report(
+        request: Request, use_case: str, kind: str, ident: str
+    ) -> FileResponse | HTMLResponse:
         allowed = await readable(request, use_case)
+        if kind in run_pages.KINDS:
+            try:
+                text = await run_in_threadpool(
+                    lambda: run_pages.page_html(
+                        settings(), use_cases(), allowed, use_case, kind, ident
+                    )
+                )
+            except LookupError as err:
+                return _missing(str(err))
+            return HTMLResponse(text, headers={"Cache-Control": "no-cache"})
         try:
             path = await run_in_threadpool(
                 lambda: report_site.resolve(settings(), allowed, use_case, kind, ident)
@@ -101,3 +118,16 @@ def create_app(
         )
 
     return app
+
+
+def _missing(why: str) -> HTMLResponse:
+    """A 404 as a page (a run's report tab shows it in the UI), never raw JSON."""
+    from pipeline.report import STYLE
+
+    return HTMLResponse(
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>no report</title>'
+        f"<style>{STYLE}</style></head><body><h1>No report here</h1>"
+        f"<p>{html.escape(why)}.</p><p class='note'>Every report: "
+        "<a href='/nightscore/'>nightscore reports</a>.</p></body></html>",
+        status_code=404,
+    )

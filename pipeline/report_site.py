@@ -10,8 +10,11 @@ relative to the prefix:
   attempt's), and ``/<use_case>/nightly/<YYYY-MM-DD>-attempt-<n>``: the report of each
   attempt of the date, kept when a later one runs (a re-run, a backfill);
 - ``/<use_case>/evaluation/<version>``: the evaluation report of a challenger;
+- ``/<use_case>/campaign/<YYYY-MM-DD>``, ``/<use_case>/monitoring/<YYYY-MM-DD>``: the pages
+  of the campaign and monitoring DAGs (``pipeline.run_pages``, built on request);
 - ``/runs/<dag_id>/<run_id>`` and ``/runs/<dag_id>/<run_id>/evaluation``: a redirect to the
-  report of an Airflow run (what the task links and the run's tab open).
+  report of an Airflow run (what the task links and the run's tab open): a nightly run's
+  night, a campaign or monitoring run's page.
 
 Only files under ``<home>/reports/<use_case>/{nights,evaluations}/`` are ever read: the use
 case must be a known one, the date an ISO date and the version a registry-shaped name, and
@@ -63,6 +66,11 @@ def report_path(use_case: str, score_date: date | str, attempt: int | None = Non
 def evaluation_path(use_case: str, version: str) -> str:
     """URL path of a challenger's evaluation report, relative to the API server's base URL."""
     return f"{URL_PREFIX[1:]}/{quote(use_case)}/evaluation/{quote(version, safe='')}"
+
+
+def run_page_path(use_case: str, kind: str, day: date) -> str:
+    """URL path of a campaign or monitoring page (``pipeline.run_pages``) of a date."""
+    return f"{URL_PREFIX[1:]}/{quote(use_case)}/{quote(kind)}/{day.isoformat()}"
 
 
 def run_path(dag_id: str, run_id: str, evaluation: bool = False) -> str:
@@ -131,6 +139,16 @@ def run_target(
         LookupError: the DAG is not a known use case's nightly DAG, or the run wrote no such
             report (a night that never reached its report, a run that trained no challenger).
     """
+    if kind == "nightly" and not dag_id.endswith(NIGHTLY_SUFFIX):
+        from pipeline import run_pages
+
+        page = run_pages.page_of_run(settings, dag_id, run_id)
+        if page is None or page[0] not in known:
+            raise LookupError(
+                f"run {run_id} of {dag_id} has no report yet (a campaign run has one once it "
+                "built an audience, a monitoring run once it evaluated its night)"
+            )
+        return run_page_path(*page)
     use_case = dag_id.removesuffix(NIGHTLY_SUFFIX)
     if not dag_id.endswith(NIGHTLY_SUFFIX) or use_case not in known:
         raise LookupError(f"{dag_id!r} is not the nightly DAG of a use case")

@@ -6,8 +6,8 @@ the UI.
   token) and read access to the use case's DAG.
 - ``global_operator_extra_links``: "Nightly report" on ``write_report`` and "Evaluation
   report" on ``evaluate_challenger`` / ``approve_promotion`` of every ``<use_case>_nightly``.
-- ``external_views``: a "Nightly report" tab on a DAG run, and "nightscore reports" in the
-  navigation.
+- ``external_views``: a "Run report" tab on a DAG run (a nightly run's night, a campaign or
+  monitoring run's page), and "nightscore reports" in the navigation.
 
 The logic lives in ``pipeline.report_site``; this file only adapts Airflow to it.
 """
@@ -119,7 +119,8 @@ class NightscoreReportsPlugin(AirflowPlugin):
     global_operator_extra_links: ClassVar[list[Any]] = [NightlyReportLink(), EvaluationReportLink()]
     external_views: ClassVar[list[Any]] = [
         {
-            "name": "Nightly report",
+            # a nightly run's night; a campaign or monitoring run's page (pipeline.run_pages)
+            "name": "Run report",
             # the UI fills in {DAG_ID} and {RUN_ID}; relative to its base URL
             "href": f"{report_site.URL_PREFIX[1:]}/runs/{{DAG_ID}}/{{RUN_ID}}",
             "destination": "dag_run",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import html
 import logging
 import time
 from datetime import timedelta
@@ -18,6 +19,7 @@ from tests.conftest import SCORE_DATE
 from tests.smtp_sink import smtp_sink
 
 UC = usecase.load("churn")
+LATER = SCORE_DATE + timedelta(days=40)  # a monitoring date
 
 
 def test_control_group_is_salted_stable_and_about_the_configured_fraction() -> None:
@@ -294,3 +296,54 @@ def test_control_membership_is_identical_across_model_versions_and_a_backfill(
     expected = campaign.control_group(keys, UC.campaign.control_salt, UC.campaign.control_fraction)
     assert [next(iter(by_customer[str(k)])) for k in keys] == expected.tolist()
     assert expected.sum() > 100
+
+
+def test_a_campaign_runs_report_tab_opens_its_page(isolated: Settings, audience: dict) -> None:
+    from fastapi.testclient import TestClient
+
+    from pipeline import report_app, report_site, run_pages
+
+    run_id = "manual__campaign-page"
+    run_pages.record(isolated, "churn_campaign", run_id, "churn", "campaign", [SCORE_DATE])
+    assert (
+        report_site.run_target(isolated, ["churn"], "churn_campaign", run_id, "nightly")
+        == f"nightscore/churn/campaign/{SCORE_DATE}"
+    )
+    client = TestClient(report_app.create_app(lambda: isolated, lambda: [UC]))
+    page = client.get(f"/runs/churn_campaign/{run_id}", follow_redirects=True)
+    assert page.status_code == 200 and str(page.url).endswith(f"/churn/campaign/{SCORE_DATE}")
+    text = page.text
+    assert f"churn: campaign of {SCORE_DATE}" in text
+    assert f"<td>{audience['audience']:,}</td>" in text
+    assert f"<td>{audience['control_band']:,}</td>" in text
+    for reason, n in audience["excluded"].items():  # who was left out of the band, by reason
+        assert f"<td>{reason.replace('_', ' ')}</td><td>{n:,}</td>" in text
+    sends = db.scalar(
+        isolated.database_url,
+        "SELECT coalesce(json_object_agg(status, n), '{}') FROM (SELECT status, count(*) AS n "
+        "FROM campaigns.retention_send_log WHERE campaign = %s GROUP BY 1) s",
+        (audience["campaign"],),
+    )
+    assert sends, "the send test ran first: this page shows its sends"
+    for status, n in sends.items():
+        assert f"<td>{status}</td><td>{n:,}</td>" in text
+    errors = db.scalar(
+        isolated.database_url,
+        "SELECT array_agg(DISTINCT error) FROM campaigns.retention_send_log "
+        "WHERE campaign = %s AND status = 'failed'",
+        (audience["campaign"],),
+    )
+    for error in errors or []:
+        assert html.escape(error) in text
+    assert "Power:" in text and "Targeting:" in text
+
+    # a monitoring run's page; a run that recorded nothing gets a page saying so, not JSON
+    run_pages.record(isolated, "churn_monitoring", "scheduled__m", "churn", "monitoring", [LATER])
+    monitoring = client.get("/runs/churn_monitoring/scheduled__m", follow_redirects=True)
+    assert monitoring.status_code == 200 and f"churn: monitoring as of {LATER}" in monitoring.text
+    assert "Realized performance" in monitoring.text and "Retrain requests" in monitoring.text
+    missing = client.get("/runs/churn_campaign/manual__nothing-yet")
+    assert missing.status_code == 404 and missing.headers["content-type"].startswith("text/html")
+    assert "has no report yet" in missing.text
+    assert client.get(f"/churn/campaign/{SCORE_DATE - timedelta(days=400)}").status_code == 404
+    assert client.get("/churn/campaign/not-a-date").status_code == 404

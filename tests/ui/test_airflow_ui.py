@@ -175,7 +175,7 @@ def test_open_the_nights_report_from_the_run(
     run_id = FLOWS["triggered"]
     with timings.flow("open the night's report"):
         page.goto(f"/dags/{DAG}/runs/{run_id}")
-        page.get_by_text("Nightly report").first.click()
+        page.get_by_text("Run report").first.click()
         report = page.frame_locator("iframe").first
         report.get_by_text(FLOWS["night"]).first.wait_for()
     shot(page, "05-nightly-report")
