@@ -226,6 +226,18 @@ def scalar(url: str, query: str, params: tuple[Any, ...] = ()) -> Any:
     return None if row is None else row[0]
 
 
+def records(url: str, query: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+    """The rows of ``query`` as dicts by column name (a few rows: pages, reports)."""
+    conn = connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(query, params)
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+    finally:
+        conn.close()
+
+
 def to_date(value: date | str) -> date:
     return value if isinstance(value, date) else date.fromisoformat(str(value)[:10])
 

@@ -28,7 +28,6 @@ import re
 from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 from pipeline import db
@@ -180,17 +179,6 @@ def run_target(
 # --- the index -------------------------------------------------------------------------------
 
 
-def _rows(settings: Settings, query: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
-    conn = db.connect(settings.database_url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(query, params)
-            names = [d[0] for d in cur.description]
-            return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
-    finally:
-        conn.close()
-
-
 STATUS_COLOURS = {
     "published": "#1e7b34",
     "failed": "#b3261e",
@@ -217,21 +205,21 @@ def index_html(settings: Settings, use_cases: Sequence[str]) -> str:
     esc = html.escape
     sections = []
     for name in use_cases:
-        served = _rows(
-            settings,
+        served = db.records(
+            settings.database_url,
             "SELECT score_date, model_version, run_id FROM ml.publications WHERE use_case = %s "
             "ORDER BY score_date DESC LIMIT 1",
             (name,),
         )
-        nights = _rows(
-            settings,
+        nights = db.records(
+            settings.database_url,
             "SELECT DISTINCT ON (score_date) score_date, run_id, attempt, status, model_version, "
             "rows_published, error FROM ml.runs WHERE use_case = %s "
             "ORDER BY score_date DESC, started_at DESC LIMIT %s",
             (name, INDEX_NIGHTS),
         )
-        evaluations = _rows(
-            settings,
+        evaluations = db.records(
+            settings.database_url,
             "SELECT challenger, champion, decision, holdout_as_of, run_id, created_at "
             "FROM ml.evaluations WHERE use_case = %s ORDER BY created_at DESC LIMIT %s",
             (name, INDEX_EVALUATIONS),
@@ -244,8 +232,8 @@ def index_html(settings: Settings, use_cases: Sequence[str]) -> str:
             )
         else:
             now = "nothing published yet"
-        attempts = _rows(
-            settings,
+        attempts = db.records(
+            settings.database_url,
             "SELECT score_date, attempt, status FROM ml.runs WHERE use_case = %s "
             "AND score_date = ANY(%s) AND attempt IS NOT NULL ORDER BY score_date, attempt",
             (name, [n["score_date"] for n in nights]),

@@ -59,17 +59,6 @@ def page_of_run(settings: Settings, dag_id: str, run_id: str) -> tuple[str, str,
     return None if found is None else (found[0], found[1], date.fromisoformat(found[2]))
 
 
-def _rows(settings: Settings, query: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
-    conn = db.connect(settings.database_url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(query, params)
-            names = [d[0] for d in cur.description]
-            return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
-    finally:
-        conn.close()
-
-
 def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], empty: str) -> str:
     esc = html.escape
     body = "".join(
@@ -148,8 +137,8 @@ def campaign_html(settings: Settings, uc: UseCase, day: date) -> str:
     if uc.campaign is None:
         raise LookupError(f"{uc.name} has no campaign")
     cfg = uc.campaign
-    built = _rows(
-        settings,
+    built = db.records(
+        settings.database_url,
         "SELECT * FROM monitoring.campaign_audiences WHERE use_case = %s AND score_date = %s",
         (uc.name, day),
     )
@@ -157,19 +146,19 @@ def campaign_html(settings: Settings, uc: UseCase, day: date) -> str:
         raise LookupError(f"no {uc.name} audience was built for {day}")
     a = built[0]
     send_log = db.quote_ident("campaigns", cfg.send_log_table)
-    sends = _rows(
-        settings,
+    sends = db.records(
+        settings.database_url,
         f"SELECT status, count(*) AS n FROM {send_log} WHERE campaign = %s GROUP BY 1 ORDER BY 1",
         (a["campaign"],),
     )
-    failures = _rows(
-        settings,
+    failures = db.records(
+        settings.database_url,
         f"SELECT coalesce(error, '') AS error, count(*) AS n FROM {send_log} "
         "WHERE campaign = %s AND status = 'failed' GROUP BY 1 ORDER BY 2 DESC LIMIT %s",
         (a["campaign"], RECENT),
     )
-    measured = _rows(
-        settings,
+    measured = db.records(
+        settings.database_url,
         "SELECT * FROM monitoring.campaign_uplift WHERE use_case = %s AND campaign = %s",
         (uc.name, a["campaign"]),
     )
@@ -216,15 +205,15 @@ def campaign_html(settings: Settings, uc: UseCase, day: date) -> str:
 def monitoring_html(settings: Settings, uc: UseCase, day: date) -> str:
     """The monitoring page of ``day``: what had matured and been measured by then."""
     horizon = uc.label.horizon_days
-    realized = _rows(
-        settings,
+    realized = db.records(
+        settings.database_url,
         "SELECT score_date, model_version, rows, positives, roc_auc, holdout_auc, "
         "lift_top_decile, ece FROM monitoring.realized_performance WHERE use_case = %s "
         "AND score_date + %s <= %s ORDER BY score_date DESC, model_version LIMIT %s",
         (uc.name, horizon, day, RECENT),
     )
-    requests = _rows(
-        settings,
+    requests = db.records(
+        settings.database_url,
         "SELECT requested_at, reason, consumed_by_run FROM ml.retrain_requests "
         "WHERE use_case = %s AND requested_at::date <= %s ORDER BY requested_at DESC LIMIT %s",
         (uc.name, day, RECENT),
@@ -267,8 +256,8 @@ def monitoring_html(settings: Settings, uc: UseCase, day: date) -> str:
         ),
     ]
     if uc.campaign is not None:
-        measured = _rows(
-            settings,
+        measured = db.records(
+            settings.database_url,
             "SELECT * FROM monitoring.campaign_uplift WHERE use_case = %s "
             "AND score_date + %s <= %s ORDER BY score_date DESC LIMIT %s",
             (uc.name, horizon, day, RECENT),

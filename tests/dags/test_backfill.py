@@ -11,16 +11,23 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import subprocess
 from datetime import timedelta
 
+import httpx
 import pytest
 
 from pipeline import db, nightly, registry, train, usecase
 from pipeline.config import Settings
 from tests.conftest import SCORE_DATE
-from tests.dags.services import AIRFLOW, airflow_services, free_port, service_env, wait_for
+from tests.dags.services import (
+    AIRFLOW,
+    airflow_services,
+    free_port,
+    own_metadata,
+    service_env,
+    wait_for,
+)
 
 UC = usecase.load("churn")
 DATES = [SCORE_DATE + timedelta(days=i) for i in range(3)]
@@ -46,101 +53,113 @@ def history(isolated: Settings) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_backfill_uses_the_champion_of_each_date_and_passes_conf_to_every_run(
-    isolated: Settings, history: dict[str, str], airflow_env: dict[str, str], tmp_path
+    isolated: Settings,
+    history: dict[str, str],
+    airflow_env: dict[str, str],
+    server_url: str,
+    session_id: str,
+    tmp_path,
 ) -> None:
     env = service_env(airflow_env, isolated, free_port(), tmp_path)
     # the scheduler creates asset-triggered runs only with its job schedule on; churn_nightly's
-    # own cron run (today, long after the warehouse ends) stops at check_sources, harmlessly
+    # own cron run (today, long after the warehouse ends) waits for data, harmlessly
     env["AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE"] = "True"
-    commands = (
-        ["dags", "reserialize"],
-        ["dags", "unpause", "churn_nightly"],
-        ["dags", "unpause", "churn_campaign"],
-    )
-    # the session's Airflow metadata is shared by every DAG test: forget the asset events
-    # that other tests' publishes (in other serving databases) queued for churn_campaign
-    db.scalar(
-        os.environ["NIGHTSCORE_AIRFLOW_DATABASE_URL"],
-        "DELETE FROM asset_dag_run_queue WHERE target_dag_id = 'churn_campaign'; SELECT 1",
-    )
-    for cmd in commands:
-        subprocess.run([AIRFLOW, *cmd], env=env, check=True, capture_output=True, timeout=300)
     conf = {"promotion_mode": "never", "backfill_model": "champion_on_date", "rescore_model": None}
-    with (
-        airflow_services(env, tmp_path, "scheduler") as svc,
-        (tmp_path / "night.log").open("w") as night_log,
-    ):
-        # a night runs (its own process, `dags test`) when the backfill is created
-        night = subprocess.Popen(
-            [AIRFLOW, "dags", "test", "churn_nightly", NIGHT.isoformat(), "--conf",
-             json.dumps({"retrain": "never"})],
-            env=env,
-            stdout=night_log,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-
-        def holder():
-            return db.scalar(
-                isolated.database_url,
-                "SELECT run_id FROM ml.night_turns WHERE use_case = 'churn'",
+    # a metadata database of its own: no other test's run holds churn_nightly's one active
+    # run, and no other test's publish has queued an asset event for churn_campaign
+    with own_metadata(env, server_url, f"nightscore_airflow_{session_id}_backfill") as env:
+        for dag_id in ("churn_nightly", "churn_campaign"):
+            subprocess.run(
+                [AIRFLOW, "dags", "unpause", dag_id],
+                env=env,
+                check=True,
+                capture_output=True,
+                timeout=300,
             )
+        with airflow_services(env, tmp_path, "scheduler") as svc:
+            # a night runs (by the scheduler, as a scheduled one would) when the backfill is
+            # created; run first (run_after: its own date), ahead of today's cron run, which
+            # unpausing queued and which then waits for data that never comes
+            triggered = httpx.post(
+                f"{svc['base']}/api/v2/dags/churn_nightly/dagRuns",
+                headers=svc["headers"],
+                json={
+                    "logical_date": f"{NIGHT}T00:00:00Z",
+                    "run_after": f"{NIGHT}T00:00:00Z",
+                    "conf": {"retrain": "never"},
+                },
+            )
+            assert triggered.status_code == 200, triggered.text
 
-        night_run = wait_for("the night to take the use case's turn", holder, 300, [night])
-        created = subprocess.run(
-            [
-                AIRFLOW,
-                "backfill",
-                "create",
-                "--dag-id",
-                "churn_nightly",
-                "--from-date",
-                DATES[0].isoformat(),
-                "--to-date",
-                DATES[-1].isoformat(),
-                "--dag-run-conf",
-                json.dumps(conf),
-                "--max-active-runs",
-                "2",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert created.returncode == 0, created.stdout + created.stderr
-
-        def done():
-            rows = (
-                db.scalar(
+            def holder():
+                return db.scalar(
                     isolated.database_url,
-                    "SELECT json_agg(json_build_object('d', score_date, 's', status)) FROM ml.runs "
-                    "WHERE run_id LIKE 'backfill__%%'",
+                    "SELECT run_id FROM ml.night_turns WHERE use_case = 'churn'",
                 )
-                or []
-            )
-            failed = [r for r in rows if r["s"] == "failed"]
-            assert not failed, db.scalar(
-                isolated.database_url, "SELECT json_agg(error) FROM ml.runs WHERE status = 'failed'"
-            )
-            return sum(r["s"] == "published" for r in rows) == len(DATES)
 
-        wait_for("every backfilled date published", done, 900, svc["procs"])
-        assert night.wait(300) == 0, (tmp_path / "night.log").read_text()[-3000:]
+            night_run = wait_for("the night to take the use case's turn", holder, 600, svc["procs"])
+            assert night_run == triggered.json()["dag_run_id"]
+            created = subprocess.run(
+                [
+                    AIRFLOW,
+                    "backfill",
+                    "create",
+                    "--dag-id",
+                    "churn_nightly",
+                    "--from-date",
+                    DATES[0].isoformat(),
+                    "--to-date",
+                    DATES[-1].isoformat(),
+                    "--dag-run-conf",
+                    json.dumps(conf),
+                    "--max-active-runs",
+                    "2",
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert created.returncode == 0, created.stdout + created.stderr
 
-        def audiences():
-            return db.scalar(
+            def done():
+                rows = (
+                    db.scalar(
+                        isolated.database_url,
+                        "SELECT json_agg(json_build_object('d', score_date, 's', status)) FROM ml.runs "
+                        "WHERE run_id LIKE 'backfill__%%'",
+                    )
+                    or []
+                )
+                failed = [r for r in rows if r["s"] == "failed"]
+                assert not failed, db.scalar(
+                    isolated.database_url,
+                    "SELECT json_agg(error) FROM ml.runs WHERE status = 'failed'",
+                )
+                return sum(r["s"] == "published" for r in rows) == len(DATES)
+
+            wait_for("every backfilled date published", done, 900, svc["procs"])
+            night_status = db.scalar(
                 isolated.database_url,
-                "SELECT coalesce(array_agg(DISTINCT score_date ORDER BY score_date), '{}') "
-                "FROM campaigns.retention_audience",
+                "SELECT status FROM ml.runs WHERE run_id = %s",
+                (night_run,),
             )
+            assert night_status == "published", night_status
 
-        # data-aware scheduling: the publishes' asset events trigger churn_campaign
-        built = wait_for(
-            "churn_campaign to build the backfilled audiences",
-            lambda: (found := audiences()) == [NIGHT, *DATES] and found,
-            300,
-            svc["procs"],
-        )
+            def audiences():
+                return db.scalar(
+                    isolated.database_url,
+                    "SELECT coalesce(array_agg(DISTINCT score_date ORDER BY score_date), '{}') "
+                    "FROM campaigns.retention_audience",
+                )
+
+            # data-aware scheduling: the publishes' asset events trigger churn_campaign
+            built = wait_for(
+                "churn_campaign to build the backfilled audiences",
+                lambda: (found := audiences()) == [NIGHT, *DATES] and found,
+                300,
+                svc["procs"],
+            )
 
     # one night of the use case at a time: the backfill's runs waited for the night that
     # held the turn, and for one another
