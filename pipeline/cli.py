@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="the model registry")
     p.add_argument("--use-case", help="the use case (default: the only one)")
     msub = p.add_subparsers(dest="action", required=True)
-    # --use-case is taken before the action or after it (models list --use-case churn)
+    # --use-case is taken before the action or after it (models list --use-case NAME)
     m = msub.add_parser("list")
     m.add_argument("--use-case", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     m = msub.add_parser("show")

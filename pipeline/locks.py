@@ -3,8 +3,8 @@
 Every lock the pipeline relies on is a row lock on a table of ``ml`` (``ml.locks``,
 ``ml.runs``, ``ml.publish_locks``), never an advisory lock. An advisory lock is keyed by
 a number anyone connected can compute and take: an application connected as
-``nightscore_reader`` holding ``pg_advisory_lock(hashtext('nightscore.ledger.churn.
-2026-12-03'))`` made that night hang at ``start_run``, and holding a run's liveness key
+``nightscore_reader`` holding ``pg_advisory_lock(hashtext('nightscore.ledger.<use case>.
+<date>'))`` made that night hang at ``start_run``, and holding a run's liveness key
 would have kept a dead attempt ``running`` for ever. Locking a row (``FOR UPDATE``,
 ``FOR KEY SHARE``) needs the UPDATE privilege on its table, and readers have no privilege
 on ``ml.*``, not even USAGE on the schema (``sql/schema/990_roles.sql``): they can

@@ -615,7 +615,7 @@ def record_review(
     """Record a person's answer to the approval of ``evaluation`` (what
     ``evaluate_challenger`` returned): decision, who and when into ``ml.evaluations``, and
     a sentence for the run's note, the night's report and the log, e.g. "Rejected by admin
-    at 2026-12-06 09:04 UTC; churn-... kept as shadow"."""
+    at 2026-12-06 09:04 UTC; <version> kept as shadow"."""
     review = registry.Review.from_hitl(answer)
     with ledger.stage(settings, run, "record_review") as info:
         registry.record_review(

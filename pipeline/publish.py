@@ -274,29 +274,21 @@ def publish_scores(
     target = partition_name(uc, run.score_date)
     drop_leftovers(settings, uc)
     # Marked live from before the staging table exists until it is attached or dropped.
-    with _staging(settings, stage):
-        conn = db.connect(settings.database_url)
-        try:
-            with conn.cursor() as cur:
-                _create_like(cur, stage, parent)
-                _add_checks(cur, uc, stage, run.score_date, model_version)
-            conn.commit()
+    with _staged(settings, stage) as conn:
+        with conn.cursor() as cur:
+            _create_like(cur, stage, parent)
+            _add_checks(cur, uc, stage, run.score_date, model_version)
+        conn.commit()
 
-            copy_began = time.monotonic()
-            copied = _copy(settings, uc, stage, parts, run.score_date, model_version)
-            copy_seconds = time.monotonic() - copy_began
+        copy_began = time.monotonic()
+        copied = _copy(settings, uc, stage, parts, run.score_date, model_version)
+        copy_seconds = time.monotonic() - copy_began
 
-            _constrain_and_validate(
-                conn, uc, stage, run.score_date, model_version, expected_rows, copied
-            )
-            fault_point("after_validation")
-            attempts = _swap(conn, uc, run, stage, target, expected_rows, model_version)
-        except BaseException:
-            conn.rollback()
-            _drop_quietly(conn, stage)
-            raise
-        finally:
-            conn.close()
+        _constrain_and_validate(
+            conn, uc, stage, run.score_date, model_version, expected_rows, copied
+        )
+        fault_point("after_validation")
+        attempts = _swap(conn, uc, run, stage, target, expected_rows, model_version)
     result = PublishResult(
         run.score_date, expected_rows, time.monotonic() - began, copy_seconds, attempts, target
     )
@@ -518,14 +510,23 @@ ORPHAN_MARK_AGE = "1 hour"
 
 
 @contextmanager
-def _staging(settings: Settings, table: str) -> Iterator[None]:
-    """Mark the staging table ``table`` as a live attempt's while the block runs."""
+def _staged(settings: Settings, table: str) -> Iterator[Any]:
+    """A connection for building the staging table ``table``, marked as a live attempt's
+    while the block runs; on any error the transaction is rolled back and the table dropped."""
     with locks.mark(
         settings.database_url,
         STAGE_MARK + table,
         what=f"liveness mark of staging table {SCHEMA}.{table}",
     ):
-        yield
+        conn = db.connect(settings.database_url)
+        try:
+            yield conn
+        except BaseException:
+            conn.rollback()
+            _drop_quietly(conn, table)
+            raise
+        finally:
+            conn.close()
 
 
 def drop_leftovers(settings: Settings, uc: UseCase) -> list[str]:
@@ -647,39 +648,31 @@ def publish_shadow(
         }
     )
     drop_leftovers(settings, uc)
-    with _staging(settings, stage):
-        conn = db.connect(settings.database_url)
-        try:
-            with conn.cursor() as cur:
-                _create_like(cur, stage, shadow_table)
-            conn.commit()
-            db.ingest(settings.database_url, stage, data, SCHEMA)
-            with conn.cursor() as cur:
-                cur.execute(
-                    sql.SQL(
-                        "DELETE FROM {s}.{t} WHERE score_date = %s AND model_version = %s"
-                    ).format(s=sql.Identifier(SCHEMA), t=sql.Identifier(shadow_table)),
-                    (run.score_date, shadow_version),
+    with _staged(settings, stage) as conn:
+        with conn.cursor() as cur:
+            _create_like(cur, stage, shadow_table)
+        conn.commit()
+        db.ingest(settings.database_url, stage, data, SCHEMA)
+        with conn.cursor() as cur:
+            cur.execute(
+                sql.SQL("DELETE FROM {s}.{t} WHERE score_date = %s AND model_version = %s").format(
+                    s=sql.Identifier(SCHEMA), t=sql.Identifier(shadow_table)
+                ),
+                (run.score_date, shadow_version),
+            )
+            cur.execute(
+                sql.SQL("INSERT INTO {s}.{t} SELECT * FROM {s}.{stage}").format(
+                    s=sql.Identifier(SCHEMA),
+                    t=sql.Identifier(shadow_table),
+                    stage=sql.Identifier(stage),
                 )
-                cur.execute(
-                    sql.SQL("INSERT INTO {s}.{t} SELECT * FROM {s}.{stage}").format(
-                        s=sql.Identifier(SCHEMA),
-                        t=sql.Identifier(shadow_table),
-                        stage=sql.Identifier(stage),
-                    )
+            )
+            cur.execute(
+                sql.SQL("DROP TABLE {s}.{stage}").format(
+                    s=sql.Identifier(SCHEMA), stage=sql.Identifier(stage)
                 )
-                cur.execute(
-                    sql.SQL("DROP TABLE {s}.{stage}").format(
-                        s=sql.Identifier(SCHEMA), stage=sql.Identifier(stage)
-                    )
-                )
-            conn.commit()
-        except BaseException:
-            conn.rollback()
-            _drop_quietly(conn, stage)
-            raise
-        finally:
-            conn.close()
+            )
+        conn.commit()
     return n
 
 

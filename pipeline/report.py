@@ -825,6 +825,17 @@ def _score_psi(checks: Sequence[Mapping[str, object]]) -> str:
     )
 
 
+def simple_page(title: str, body: str) -> str:
+    """A self-contained page in the reports' style: ``title`` (escaped here) as its title
+    and heading, then ``body`` (HTML, escaped by the caller)."""
+    esc = html.escape(title)
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>{esc}</title><style>{STYLE}</style></head><body><h1>{esc}</h1>{body}"
+        "</body></html>"
+    )
+
+
 def write_run_report(
     path: Path,
     *,

@@ -122,12 +122,13 @@ def create_app(
 
 def _missing(why: str) -> HTMLResponse:
     """A 404 as a page (a run's report tab shows it in the UI), never raw JSON."""
-    from pipeline.report import STYLE
+    from pipeline.report import simple_page
 
     return HTMLResponse(
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>no report</title>'
-        f"<style>{STYLE}</style></head><body><h1>No report here</h1>"
-        f"<p>{html.escape(why)}.</p><p class='note'>Every report: "
-        "<a href='/nightscore/'>nightscore reports</a>.</p></body></html>",
+        simple_page(
+            "No report here",
+            f"<p>{html.escape(why)}.</p><p class='note'>Every report: "
+            "<a href='/nightscore/'>nightscore reports</a>.</p>",
+        ),
         status_code=404,
     )

@@ -129,6 +129,18 @@ def resolve(settings: Settings, known: Sequence[str], use_case: str, kind: str, 
     return resolved
 
 
+def _run_page(settings: Settings, dag_id: str, run_id: str) -> tuple[str, str, date] | None:
+    """(use case, kind, date) of the page a campaign or monitoring run opens: the newest
+    date it recorded (``pipeline.run_pages.record``), or None when it recorded none."""
+    found = db.scalar(
+        settings.database_url,
+        "SELECT json_build_array(use_case, kind, score_date) FROM monitoring.run_pages "
+        "WHERE dag_id = %s AND run_id = %s ORDER BY score_date DESC LIMIT 1",
+        (dag_id, run_id),
+    )
+    return None if found is None else (found[0], found[1], date.fromisoformat(found[2]))
+
+
 def run_target(
     settings: Settings, known: Sequence[str], dag_id: str, run_id: str, kind: str
 ) -> str:
@@ -139,9 +151,7 @@ def run_target(
             report (a night that never reached its report, a run that trained no challenger).
     """
     if kind == "nightly" and not dag_id.endswith(NIGHTLY_SUFFIX):
-        from pipeline import run_pages
-
-        page = run_pages.page_of_run(settings, dag_id, run_id)
+        page = _run_page(settings, dag_id, run_id)
         if page is None or page[0] not in known:
             raise LookupError(
                 f"run {run_id} of {dag_id} has no report yet (a campaign run has one once it "
@@ -200,7 +210,7 @@ def index_html(settings: Settings, use_cases: Sequence[str]) -> str:
     A night shows its newest attempt's state (published, failed, ...), the model it scored
     with and, when it failed, the error; the use case's header says what readers are served.
     """
-    from pipeline.report import STYLE
+    from pipeline.report import simple_page
 
     esc = html.escape
     sections = []
@@ -286,8 +296,4 @@ def index_html(settings: Settings, use_cases: Sequence[str]) -> str:
             + "</table>"
         )
     body = "".join(sections) or "<p class='note'>no use case you may read</p>"
-    return (
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-        f"<title>nightscore reports</title><style>{STYLE}</style></head><body>"
-        f"<h1>nightscore reports</h1>{body}</body></html>"
-    )
+    return simple_page("nightscore reports", body)

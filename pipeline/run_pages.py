@@ -10,7 +10,8 @@ they are asked for (``pipeline.report_app`` serves them; a run's report tab open
   the targeting policy in force.
 
 A run of those DAGs records which dates it handled (:func:`record`), so that its report
-tab (``/runs/<dag_id>/<run_id>``) opens the page of its date.
+tab (``/runs/<dag_id>/<run_id>``, ``pipeline.report_site.run_target``) opens the page of
+its newest date.
 """
 
 from __future__ import annotations
@@ -47,18 +48,6 @@ def record(
         conn.close()
 
 
-def page_of_run(settings: Settings, dag_id: str, run_id: str) -> tuple[str, str, date] | None:
-    """(use case, kind, date) of the page a campaign or monitoring run opens, or None when
-    the run recorded none (it has not reached that point, or failed before)."""
-    found = db.scalar(
-        settings.database_url,
-        "SELECT json_build_array(use_case, kind, score_date) FROM monitoring.run_pages "
-        "WHERE dag_id = %s AND run_id = %s ORDER BY score_date DESC LIMIT 1",
-        (dag_id, run_id),
-    )
-    return None if found is None else (found[0], found[1], date.fromisoformat(found[2]))
-
-
 def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], empty: str) -> str:
     esc = html.escape
     body = "".join(
@@ -71,15 +60,10 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], empty: str) ->
 
 
 def _page(title: str, sections: Sequence[str]) -> str:
-    from pipeline.report import STYLE
+    from pipeline.report import simple_page
 
-    esc = html.escape
-    return (
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-        f"<title>{esc(title)}</title><style>{STYLE}</style></head><body>"
-        f"<p class='meta'><a href='../../'>all reports</a></p><h1>{esc(title)}</h1>"
-        + "".join(sections)
-        + "</body></html>"
+    return simple_page(
+        title, "<p class='meta'><a href='../../'>all reports</a></p>" + "".join(sections)
     )
 
 
