@@ -14,7 +14,15 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from airflow.providers.standard.operators.hitl import ApprovalOperator
-from airflow.sdk import Asset, CronTriggerTimetable, Param, dag, get_current_context, task
+from airflow.sdk import (
+    Asset,
+    CronTriggerTimetable,
+    Param,
+    TaskGroup,
+    dag,
+    get_current_context,
+    task,
+)
 from airflow.sdk.definitions.edges import Label
 
 from pipeline import usecase
@@ -181,7 +189,7 @@ def nightly_dag(uc: usecase.UseCase) -> Any:
             return nightly_stage("check_scores", name, list(parts))
 
         @task(**IO_RETRIES)
-        def build_features(run: dict) -> dict:
+        def build_features() -> dict:
             from _nightscore import nightly_stage
 
             return nightly_stage("build_features", name)
@@ -232,17 +240,6 @@ def nightly_dag(uc: usecase.UseCase) -> Any:
             for reason in evaluation["reasons"]:
                 log.warning("  %s", reason)
             return {k: evaluation[k] for k in ("version", "decision", "reasons", "report_url")}
-
-        approve_promotion = ReviewedApproval(
-            task_id="approve_promotion",
-            subject="Promote {{ ti.xcom_pull(task_ids='evaluate_challenger')['version'] }} "
-            f"to {name} champion?",
-            body=(f"{uc.description}\n\n" if uc.description else "")
-            # the summary ends with a link to the evaluation report (served by the plugin)
-            + "{{ ti.xcom_pull(task_ids='evaluate_challenger')['summary'] }}",
-            response_timeout=timedelta(hours=12),
-            defaults="Reject",
-        )
 
         @task(retries=0)
         def promote_challenger(evaluation: dict) -> dict:
@@ -337,36 +334,54 @@ def nightly_dag(uc: usecase.UseCase) -> Any:
             finally:
                 give_turn_back(name)  # the next night of the use case may start
 
-        run = start_run()
-        wait_for_data() >> wait_for_turn() >> run
-        sources = check_sources()
-        run >> sources
-        snapshot = build_features(run)
-        sources >> snapshot
-        features_ok = check_features(snapshot)
-        branch = decide_retrain()
-        features_ok >> branch
-        trained = train_challenger()
-        evaluation = evaluate_challenger(trained, snapshot)
-        route = route_promotion(evaluation)
-        promoted = promote_challenger(evaluation)
-        reviewed = record_review(evaluation)
-        kept = keep_champion(evaluation)
-        model = select_model(run)
-        branch >> Label("retrain") >> trained
-        branch >> Label("champion only") >> model
-        route >> Label("needs approval") >> approve_promotion >> Label("approved") >> promoted
-        promoted >> reviewed >> model
-        route >> Label("promoted") >> model
-        route >> Label("not promoted") >> kept >> model
-        parts = score_partition.partial(snapshot=snapshot, model=model).expand(
-            partition=list(range(uc.serving.partitions))
-        )
-        scores_ok = check_scores(parts)
-        published = publish_scores(snapshot, model, parts)
-        scores_ok >> published
-        shadow = score_shadow(snapshot, model, parts)
-        published >> shadow >> write_report().as_teardown()
+        # The groups only draw the graph (collapsed, one node each); prefix_group_id=False
+        # keeps every task id, which the branches, XCom pulls, report links and tests name.
+        with TaskGroup("sources", prefix_group_id=False, tooltip="data landed, turn, sources"):
+            run = start_run()
+            wait_for_data() >> wait_for_turn() >> run
+            sources = check_sources()
+            run >> sources
+        with TaskGroup("features", prefix_group_id=False, tooltip="snapshot and its checks"):
+            snapshot = build_features()
+            sources >> snapshot  # after start_run, through check_sources
+            features_ok = check_features(snapshot)
+        with TaskGroup("model", prefix_group_id=False, tooltip="retrain, evaluate, promote"):
+            branch = decide_retrain()
+            features_ok >> branch
+            trained = train_challenger()
+            evaluation = evaluate_challenger(trained, snapshot)
+            route = route_promotion(evaluation)
+            approve_promotion = ReviewedApproval(
+                task_id="approve_promotion",
+                subject="Promote {{ ti.xcom_pull(task_ids='evaluate_challenger')['version'] }} "
+                f"to {name} champion?",
+                body=(f"{uc.description}\n\n" if uc.description else "")
+                # the summary ends with a link to the evaluation report (served by the plugin)
+                + "{{ ti.xcom_pull(task_ids='evaluate_challenger')['summary'] }}",
+                response_timeout=timedelta(hours=12),
+                defaults="Reject",
+            )
+            promoted = promote_challenger(evaluation)
+            reviewed = record_review(evaluation)
+            kept = keep_champion(evaluation)
+            model = select_model(run)
+            branch >> Label("retrain") >> trained
+            branch >> Label("champion only") >> model
+            route >> Label("needs approval") >> approve_promotion >> Label("approved") >> promoted
+            promoted >> reviewed >> model
+            route >> Label("promoted") >> model
+            route >> Label("not promoted") >> kept >> model
+        with TaskGroup("scoring", prefix_group_id=False, tooltip="score and check partitions"):
+            parts = score_partition.partial(snapshot=snapshot, model=model).expand(
+                partition=list(range(uc.serving.partitions))
+            )
+            scores_ok = check_scores(parts)
+        with TaskGroup("publish", prefix_group_id=False, tooltip="swap in, score the shadow"):
+            published = publish_scores(snapshot, model, parts)
+            scores_ok >> published
+            shadow = score_shadow(snapshot, model, parts)
+            published >> shadow
+        shadow >> write_report().as_teardown()
 
     return nightly()
 

@@ -113,7 +113,7 @@ def test_churn_nightly_tasks_and_edges(dagbag) -> None:
     assert max(len(t.upstream_task_ids) for t in dag.tasks) <= 5
     assert down["wait_for_data"] == {"wait_for_turn"}
     assert down["wait_for_turn"] == {"start_run"}
-    assert down["start_run"] == {"check_sources", "build_features", "select_model"}
+    assert down["start_run"] == {"check_sources", "select_model"}
     assert down["check_sources"] == {"build_features"}
     assert down["build_features"] >= {"check_features"}
     assert down["check_features"] == {"decide_retrain"}
@@ -147,6 +147,40 @@ def test_churn_nightly_tasks_and_edges(dagbag) -> None:
     sensor = dag.get_task("wait_for_data")
     assert sensor.mode == "reschedule" and sensor.soft_fail
     assert sensor.timeout == 12 * 3600 and sensor.poke_interval == 600
+
+
+def test_churn_nightly_draws_its_tasks_in_groups_and_keeps_their_ids(dagbag) -> None:
+    """The graph collapses into five stages; the task ids (which branches return, XCom
+    pulls and report links name) carry no group prefix."""
+    dag = dagbag.dags["churn_nightly"]
+    groups = {t.task_id: t.task_group.group_id for t in dag.tasks}
+    assert groups == {
+        "wait_for_data": "sources",
+        "wait_for_turn": "sources",
+        "start_run": "sources",
+        "check_sources": "sources",
+        "build_features": "features",
+        "check_features": "features",
+        "decide_retrain": "model",
+        "train_challenger": "model",
+        "evaluate_challenger": "model",
+        "route_promotion": "model",
+        "approve_promotion": "model",
+        "promote_challenger": "model",
+        "record_review": "model",
+        "keep_champion": "model",
+        "select_model": "model",
+        "score_partition": "scoring",
+        "check_scores": "scoring",
+        "publish_scores": "publish",
+        "score_shadow": "publish",
+        "write_report": None,
+    }
+    # the stages follow one another: no group depends on a later one
+    order = ["sources", "features", "model", "scoring", "publish", None]
+    for t in dag.tasks:
+        for d in t.downstream_task_ids:
+            assert order.index(groups[d]) >= order.index(groups[t.task_id]), (t.task_id, d)
 
 
 def test_every_trigger_form_submits_with_its_defaults(dagbag) -> None:
