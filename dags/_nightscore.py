@@ -55,7 +55,8 @@ def score_date(context: dict[str, Any], timezone: str = "UTC") -> date:
         value = context.get(key)
         if value is not None:
             return _local_date(value, timezone)
-    return _local_date(context["dag_run"].run_after, timezone)
+    run_after = context["run_after"] if "run_after" in context else context["dag_run"].run_after
+    return _local_date(run_after, timezone)
 
 
 def _local_date(moment: Any, timezone: str) -> date:
@@ -261,3 +262,79 @@ def give_turn_back(name: str) -> None:
 
     run_id = get_current_context()["dag_run"].run_id
     turns.give_back(settings(usecase.load(name)), name, run_id)
+
+
+def _report_url(dag_id: str, run_id: str) -> str:
+    """The run's report, absolute when ``[api] base_url`` is set."""
+    from airflow.sdk.configuration import conf
+
+    from pipeline import report_site
+
+    base = (conf.get("api", "base_url", fallback="") or "").rstrip("/")
+    return f"{base}/{report_site.run_path(dag_id, run_id)}"
+
+
+def _use_case_of(dag_id: str) -> Any:
+    from pipeline import usecase
+
+    return usecase.load(dag_id.removesuffix("_nightly"))
+
+
+def alert_failed(context: dict[str, Any]) -> None:
+    """The nightly DAG's failure callback: tell the use case's alert notifier which stage
+    failed and why (``pipeline.alerts``). Run by the DAG processor (``dags test`` too)."""
+    import logging
+
+    from pipeline import alerts
+
+    run = context["dag_run"]
+    uc = _use_case_of(run.dag_id)
+    ti = context.get("ti")
+    alert = alerts.failed(
+        settings(uc),
+        uc,
+        score_date(context, uc.schedule.timezone),
+        run.run_id,
+        getattr(ti, "task_id", None),
+        _report_url(run.dag_id, run.run_id),
+    )
+    logging.getLogger("nightscore.alerts").warning("%s\n%s", alert.subject, alert.text)
+    alerts.send(uc, alert, CONN_SMTP)
+
+
+def alert_late(use_case: str, context: dict[str, Any]) -> None:
+    """The nightly DAG's deadline callback (``schedule.deadline`` after the run was
+    queued): tell the notifier the night is not published yet, unless it is by now.
+    Run by the executor with the scheduler's plain context (the run as JSON)."""
+    import logging
+    from datetime import datetime
+
+    from pipeline import alerts, usecase
+
+    uc = usecase.load(use_case)
+    run = context["dag_run"]
+    moments = {
+        key: datetime.fromisoformat(run[key]) if isinstance(run.get(key), str) else run.get(key)
+        for key in ("data_interval_end", "logical_date", "run_after")
+    }
+    deadline = context["deadline"]["deadline_time"]
+    if isinstance(deadline, str):
+        deadline = datetime.fromisoformat(deadline)
+    if str(run.get("state")) == "failed":
+        logging.getLogger("nightscore.alerts").info(
+            "%s %s failed before its deadline: its failure was alerted",
+            run["dag_id"],
+            run["run_id"],
+        )
+        return
+    alert = alerts.late(
+        settings(uc),
+        uc,
+        score_date(moments, uc.schedule.timezone),
+        run["run_id"],
+        deadline,
+        _report_url(run["dag_id"], run["run_id"]),
+    )
+    if alert is not None:
+        logging.getLogger("nightscore.alerts").warning("%s\n%s", alert.subject, alert.text)
+        alerts.send(uc, alert, CONN_SMTP)

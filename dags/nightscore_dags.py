@@ -10,6 +10,7 @@ error (and only fails), so the others keep running.
 
 from __future__ import annotations
 
+import sys
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -17,7 +18,10 @@ from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import (
     Asset,
     CronTriggerTimetable,
+    DeadlineAlert,
+    DeadlineReference,
     Param,
+    SyncCallback,
     TaskGroup,
     dag,
     get_current_context,
@@ -87,6 +91,29 @@ Configuration: `{source}`. Each task calls one function of `pipeline.nightly`.
 """
 
 
+def alert_failed(context: Any) -> None:
+    """A failed night tells the use case's alert notifier (``pipeline.alerts``)."""
+    from _nightscore import alert_failed as alert
+
+    alert(context)
+
+
+def night_deadline(uc: usecase.UseCase) -> DeadlineAlert | None:
+    """A night not published ``schedule.deadline`` after it was queued tells the alert
+    notifier (the scheduler finds the missed deadline; the executor runs the callback)."""
+    after = uc.schedule.deadline_after
+    if after is None or sys.argv[1:3] == ["dags", "test"]:
+        # `airflow dags test` (3.3) keeps the alert's definition where the end of the run
+        # expects its id, and fails a run that succeeded; no scheduler watches it there
+        return None
+    return DeadlineAlert(
+        reference=DeadlineReference.DAGRUN_QUEUED_AT,
+        interval=after,
+        callback=SyncCallback("_nightscore.alert_late", kwargs={"use_case": uc.name}),
+        name=f"{uc.name} night published within {uc.schedule.deadline}",
+    )
+
+
 def nightly_dag(uc: usecase.UseCase) -> Any:
     name, asset = uc.name, scores_asset(uc)
 
@@ -97,6 +124,8 @@ def nightly_dag(uc: usecase.UseCase) -> Any:
         catchup=False,
         max_active_runs=1,
         tags=["nightscore", name],
+        on_failure_callback=alert_failed,
+        deadline=night_deadline(uc),
         description=one_line(uc.description)
         or f"Nightly scores of {name} into predictions.{uc.score_table}",
         doc_md=NIGHTLY_DOC.format(

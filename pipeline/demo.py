@@ -393,7 +393,8 @@ def ended_stages(
 def local_mailbox(folder: Path) -> Iterator[dict[str, str]]:
     """A local SMTP server that files every message it receives under ``folder``.
 
-    Yields the environment that points Airflow's ``nightscore_smtp`` connection at it.
+    Yields the environment that points Airflow's ``nightscore_smtp`` connection at it (a
+    plain server: the extras tell Airflow's SMTP hook, which the alerts use, no SSL or TLS).
     """
     from aiosmtpd.controller import Controller
 
@@ -417,7 +418,12 @@ def local_mailbox(folder: Path) -> Iterator[dict[str, str]]:
     try:
         yield {
             "AIRFLOW_CONN_NIGHTSCORE_SMTP": json.dumps(
-                {"conn_type": "smtp", "host": "127.0.0.1", "port": port}
+                {
+                    "conn_type": "smtp",
+                    "host": "127.0.0.1",
+                    "port": port,
+                    "extra": {"disable_ssl": True, "disable_tls": True},
+                }
             )
         }
     finally:

@@ -22,6 +22,7 @@ import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -47,6 +48,8 @@ IDENTIFIER = r"^[a-z_][a-z0-9_]*$"
 # Staging tables append ``_stage_YYYYMMDD_xxxxxxxx`` (24 characters) to the served table's
 # name; PostgreSQL identifiers stop at 63.
 MAX_TABLE_NAME = 35
+# Airflow's email notifier (the smtp provider): the default of ``alerts.notifier``
+DEFAULT_NOTIFIER = "airflow.providers.smtp.notifications.smtp.SmtpNotifier"
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -303,6 +306,9 @@ class Schedule(_Section):
     # the day before) before it is skipped; checked every `data_poke_minutes`
     data_wait_hours: float = Field(default=12, gt=0, le=24 * 7)
     data_poke_minutes: float = Field(default=10, gt=0, le=24 * 60)
+    # a night not published this long after it was queued alerts (``alerts``): "6h",
+    # "90m", "1h30m", "45s"; null for no deadline
+    deadline: str | None = None
 
     @field_validator("nightly", "monitoring")
     @classmethod
@@ -317,6 +323,48 @@ class Schedule(_Section):
     @classmethod
     def _known_zone(cls, value: str) -> str:
         return _time_zone(value)
+
+    @field_validator("deadline")
+    @classmethod
+    def _duration(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_duration(value)
+        return value
+
+    @property
+    def deadline_after(self) -> timedelta | None:
+        """``deadline`` as a duration (None: no deadline)."""
+        return parse_duration(self.deadline) if self.deadline is not None else None
+
+
+_DURATION = re.compile(r"^\s*(?:(\d+)\s*h)?\s*(?:(\d+)\s*m)?\s*(?:(\d+)\s*s)?\s*$")
+
+
+def parse_duration(text: str) -> timedelta:
+    """``"6h"``, ``"90m"``, ``"1h30m"``, ``"45s"`` as a positive duration."""
+    match = _DURATION.match(str(text))
+    if not match or not any(match.groups()):
+        raise ValueError(f"a duration such as '6h', '90m', '1h30m' or '45s', found {text!r}")
+    hours, minutes, seconds = (int(g or 0) for g in match.groups())
+    duration = timedelta(hours=hours, minutes=minutes, seconds=seconds)
+    if duration <= timedelta(0):
+        raise ValueError(f"a duration longer than zero such as '6h', found {text!r}")
+    return duration
+
+
+class Alerts(_Section):
+    """Who is told when a night fails or misses ``schedule.deadline``.
+
+    By default an email through Airflow's SMTP notifier and the ``nightscore_smtp``
+    connection, to ``to``. Any Airflow notifier by its import path (``notifier``) with its
+    own arguments (``options``), where the strings ``{subject}``, ``{text}`` and ``{html}``
+    are replaced by the alert's.
+    """
+
+    to: list[str] = Field(default_factory=list)
+    notifier: str = Field(default=DEFAULT_NOTIFIER, pattern=r"^[A-Za-z_][\w.]*\.[A-Za-z_]\w*$")
+    options: dict[str, Any] = Field(default_factory=dict)
+    on_failure: bool = True
 
 
 class Serving(_Section):
@@ -461,6 +509,7 @@ class UseCase(_Section):
     serving: Serving
     monitoring: Monitoring = Monitoring()
     report: Report = Report()
+    alerts: Alerts = Alerts()
     campaign: Campaign | None = None
     # set by the loader, not by the file
     folder: Path = Field(default=Path("."), exclude=True)

@@ -318,3 +318,28 @@ def test_monitoring_trains_a_policy_only_where_a_campaign_is_and_asks_before_pro
     assert churn.get_task("train_policy").retries == 0  # a gate: the same data says the same
     other = dagbag.dags["late_payment_monitoring"]
     assert not {t.task_id for t in other.tasks} & {"train_policy", "approve_policy"}
+
+
+def test_a_nightly_dag_alerts_when_it_fails_and_when_it_misses_its_configured_deadline(
+    dagbag,
+) -> None:
+    import json
+    from datetime import timedelta
+
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    from pipeline import usecase
+
+    for uc in usecase.load_all():
+        nightly = dagbag.dags[f"{uc.name}_nightly"]
+        assert nightly.on_failure_callback is not None
+        if uc.schedule.deadline is None:
+            assert not nightly.deadline
+            continue
+        (alert,) = nightly.deadline
+        assert alert.interval == uc.schedule.deadline_after
+        serialized = json.dumps(DagSerialization.to_dict(nightly)["dag"]["deadline"])
+        assert "DagRunQueuedAtDeadline" in serialized
+        assert '"path": "_nightscore.alert_late"' in serialized
+        assert f'"use_case": "{uc.name}"' in serialized
+    assert usecase.load("churn").schedule.deadline_after == timedelta(hours=6)

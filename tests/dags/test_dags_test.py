@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import email
 import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
-from pipeline import db
+from pipeline import db, usecase
 from pipeline.config import Settings
+from pipeline.demo import local_mailbox
 from tests.conftest import SCORE_DATE
 
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))
@@ -78,11 +81,12 @@ def test_retrain_never_skips_training_and_scores_with_the_champion(
 
 @pytest.mark.slow
 def test_a_task_failing_after_the_swap_fails_the_run_and_the_night_stays_served(
-    seeded: Settings, airflow_env: dict[str, str]
+    seeded: Settings, airflow_env: dict[str, str], tmp_path: Path
 ) -> None:
     day = SCORE_DATE + timedelta(days=3)
     env = airflow_env | {"NIGHTSCORE_FAULT_RAISE": "score_shadow"}
-    dags_test(env, "churn_nightly", day, "--conf", '{"retrain": "never"}')
+    with local_mailbox(tmp_path) as smtp_env:
+        dags_test(env | smtp_env, "churn_nightly", day, "--conf", '{"retrain": "never"}')
     run = db.scalar(
         seeded.database_url,
         "SELECT json_build_object('run_id', run_id, 'status', status, 'error', error, 'rows', "
@@ -106,3 +110,16 @@ def test_a_task_failing_after_the_swap_fails_the_run_and_the_night_stays_served(
         )
         == run["run_id"]
     )
+    # the failed night told the use case's alerts, once: the stage, its error, what is served
+    (mail,) = [email.message_from_bytes(p.read_bytes()) for p in tmp_path.glob("*.eml")]
+    assert mail["Subject"] == f"[nightscore] churn: the night of {day} failed"
+    assert mail["To"] == ", ".join(usecase.load("churn").alerts.to)
+    text = "".join(
+        part.get_payload(decode=True).decode()
+        for part in mail.walk()
+        if part.get_content_maintype() == "text"
+    )
+    assert "failed at score_shadow: fault injected at score_shadow" in text
+    assert f"Its scores were published before the failure ({run['rows']:,} rows)" in text
+    assert f"holds the night of {day}" in text
+    assert f"nightscore/runs/churn_nightly/{quote(run['run_id'], safe='')}" in text
