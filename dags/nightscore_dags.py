@@ -82,6 +82,12 @@ partitions with the one pinned model, and publish to `predictions.{table}` atomi
 (COPY into staging, validate, swap the partition). Readers use
 `predictions.{table}_latest` and `predictions.{table}_history`.
 
+**Triggering a paused DAG.** A triggered run starts only once the DAG is unpaused, and the
+trigger form ticks *Unpause {name}_nightly on trigger*: unpausing also starts, at once, the
+night of the newest scheduled time already past (`{cron}` {tz}; catchup is off, so that one
+only, and none if it has run), and the triggered run may queue behind it. Untick the box to
+keep the run queued until you unpause. A run's *Run report* tab says what it waits for.
+
 Trigger options (the form, which submits as it is): **retrain**, **promotion_mode**
 (`approval` waits at `approve_promotion` for a person: pending approvals are listed under
 *Browse → Required Actions*), **rescore_model**, **dry_run**. A challenger that is not
@@ -142,7 +148,11 @@ def nightly_dag(uc: usecase.UseCase) -> Any:
                 "scheduled",
                 enum=["scheduled", "always", "never"],
                 description="scheduled: follow the use case's cadence (and retrain requests; "
-                "never in backfills); always: train tonight; never: score with the champion.",
+                "never in backfills); always: train tonight; never: score with the champion. "
+                f"If this DAG is paused: 'Unpause {name}_nightly on trigger' above also starts its "
+                f"latest scheduled night (cron {uc.schedule.nightly} {uc.schedule.timezone}) now, "
+                "unless it has run already, and this run may queue behind it; untick it to queue "
+                "this run until the DAG is unpaused.",
             ),
             "promotion_mode": Param(
                 "auto",

@@ -16,7 +16,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
-from pipeline import report_site, run_pages
+from pipeline import report_site, run_pages, run_status
 from pipeline.config import Settings
 
 if TYPE_CHECKING:
@@ -37,11 +37,14 @@ def create_app(
     settings: Callable[[], Settings],
     use_cases: Callable[[], Sequence[UseCase]],
     access: Access | None = None,
+    runs: Callable[[str, str], run_status.RunStatus | None] | None = None,
 ) -> Any:
     """The FastAPI app serving the reports (mounted at :data:`report_site.URL_PREFIX`).
 
     ``settings`` and ``use_cases`` are called per request, off the event loop (nothing is
     resolved at import or mount time; they may read files or a database). Without ``access`` every request is allowed (tests, a private machine).
+    ``runs(dag_id, run_id)`` says what Airflow knows of a run (None: no such run); with it,
+    a run's tab shows a run without a report (yet) as its state and what it waits for.
     """
     app = FastAPI(title="nightscore reports", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -81,12 +84,23 @@ def create_app(
         request: Request, dag_id: str, run_id: str, kind: str, levels: int
     ) -> RedirectResponse | HTMLResponse:
         allowed = await readable(request, dag_id.removesuffix(report_site.NIGHTLY_SUFFIX))
+        use_case = report_site.use_case_of(dag_id, allowed)
+        status = None
+        if runs is not None and kind == "nightly" and use_case is not None:
+            status = await run_in_threadpool(runs, dag_id, run_id)
+        live = status is not None and status.live
         try:
             target = await run_in_threadpool(
-                lambda: report_site.run_target(settings(), allowed, dag_id, run_id, kind)
+                lambda: report_site.run_target(settings(), allowed, dag_id, run_id, kind, live=live)
             )
         except LookupError as err:
-            return _missing(str(err))
+            if status is None or use_case is None:
+                return _missing(str(err))
+            nightly = dag_id.endswith(report_site.NIGHTLY_SUFFIX)
+            text = await run_in_threadpool(
+                lambda: run_status.page_html(settings(), status, use_case, nightly=nightly)
+            )
+            return HTMLResponse(text, headers={"Cache-Control": "no-cache"})
         # relative to this URL: <prefix>/runs/<dag>/<run>[/evaluation] -> <prefix>/<uc>/...
         return RedirectResponse(up(levels - 1, target.split("/", 1)[1]), status_code=307)
 

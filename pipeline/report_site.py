@@ -14,7 +14,8 @@ relative to the prefix:
   of the campaign and monitoring DAGs (``pipeline.run_pages``, built on request);
 - ``/runs/<dag_id>/<run_id>`` and ``/runs/<dag_id>/<run_id>/evaluation``: a redirect to the
   report of an Airflow run (what the task links and the run's tab open): a nightly run's
-  night, a campaign or monitoring run's page.
+  night, a campaign or monitoring run's page; a run without one (yet) gets a page with its
+  state and what it waits for or behind (``pipeline.run_status``).
 
 Only files under ``<home>/reports/<use_case>/{nights,evaluations}/`` are ever read: the use
 case must be a known one, the date an ISO date and the version a registry-shaped name, and
@@ -38,6 +39,7 @@ KINDS = {"nightly": ("nights", "score date"), "evaluation": ("evaluations", "mod
 INDEX_NIGHTS = 60  # newest nights listed per use case
 INDEX_EVALUATIONS = 30
 NIGHTLY_SUFFIX = "_nightly"
+DAG_SUFFIXES = (NIGHTLY_SUFFIX, "_monitoring", "_campaign")  # the DAGs of a use case
 
 _NIGHT = re.compile(r"^(\d{4}-\d{2}-\d{2})(?:-attempt-([1-9][0-9]{0,5}))?$")
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -141,10 +143,28 @@ def _run_page(settings: Settings, dag_id: str, run_id: str) -> tuple[str, str, d
     return None if found is None else (found[0], found[1], date.fromisoformat(found[2]))
 
 
+def use_case_of(dag_id: str, known: Sequence[str]) -> str | None:
+    """The use case among ``known`` whose DAG ``dag_id`` is, else None."""
+    for suffix in DAG_SUFFIXES:
+        if dag_id.endswith(suffix) and dag_id.removesuffix(suffix) in known:
+            return dag_id.removesuffix(suffix)
+    return None
+
+
 def run_target(
-    settings: Settings, known: Sequence[str], dag_id: str, run_id: str, kind: str
+    settings: Settings,
+    known: Sequence[str],
+    dag_id: str,
+    run_id: str,
+    kind: str,
+    *,
+    live: bool = False,
 ) -> str:
     """URL path (relative to the API base) of the report an Airflow run wrote.
+
+    Args:
+        live: the run is still queued or running: only its own attempt's report will do
+            (the date's newest may be another run's).
 
     Raises:
         LookupError: the DAG is not a known use case's nightly DAG, or the run wrote no such
@@ -174,6 +194,8 @@ def run_target(
         # the run's own report; a run from before reports were kept per attempt: the date's
         if attempt is not None and night_file(settings, use_case, day, attempt).is_file():
             return report_path(use_case, day, attempt)
+        if live:
+            raise LookupError(f"run {run_id} of {use_case} has not written its report yet")
         return report_path(use_case, day)
     version = db.scalar(
         settings.database_url,

@@ -67,6 +67,20 @@ def take(
     return None
 
 
+def holder(settings: Settings, use_case: str) -> tuple[str, datetime | None] | None:
+    """The run holding ``use_case``'s turn and since when, or None when nobody does.
+
+    A holder Airflow no longer runs is still named here: it loses the turn only when the
+    next run tries to take it.
+    """
+    rows = db.records(
+        settings.database_url,
+        "SELECT run_id, taken_at FROM ml.night_turns WHERE use_case = %s AND run_id IS NOT NULL",
+        (use_case,),
+    )
+    return (rows[0]["run_id"], rows[0]["taken_at"]) if rows else None
+
+
 def _waiting(use_case: str, holder: str, since: datetime | None) -> str:
     held = f" since {since:%Y-%m-%d %H:%M:%S %Z}" if since else ""
     return (

@@ -7,7 +7,8 @@ the UI.
 - ``global_operator_extra_links``: "Nightly report" on ``write_report`` and "Evaluation
   report" on ``evaluate_challenger`` / ``approve_promotion`` of every ``<use_case>_nightly``.
 - ``external_views``: a "Run report" tab on a DAG run (a nightly run's night, a campaign or
-  monitoring run's page), and "nightscore reports" in the navigation.
+  monitoring run's page; a run without one yet: its state and what it waits for, read
+  from Airflow's database), and "nightscore reports" in the navigation.
 
 The logic lives in ``pipeline.report_site``; this file only adapts Airflow to it.
 """
@@ -19,7 +20,7 @@ from typing import Any, ClassVar
 from airflow.plugins_manager import AirflowPlugin
 from airflow.sdk import BaseOperatorLink
 
-from pipeline import report_app, report_site
+from pipeline import report_app, report_site, run_status
 
 NIGHTLY_TASKS = {"write_report"}
 EVALUATION_TASKS = {"evaluate_challenger", "approve_promotion"}
@@ -86,6 +87,66 @@ class _AirflowAccess:
         )
 
 
+def _run_status(dag_id: str, run_id: str) -> run_status.RunStatus | None:
+    """What Airflow's database says of a run and of what holds it back: its DAG (or
+    backfill) paused, the runs filling its ``max_active_runs``, its waiting tasks. The API
+    server reads Airflow's database directly, as its own routes do."""
+    from airflow.models.backfill import Backfill
+    from airflow.models.dag import DagModel
+    from airflow.models.dagrun import DagRun
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        run = session.scalar(select(DagRun).where(DagRun.dag_id == dag_id, DagRun.run_id == run_id))
+        if run is None:
+            return None
+        dag = session.get(DagModel, dag_id)
+        backfill = session.get(Backfill, run.backfill_id) if run.backfill_id else None
+        limiter = backfill if backfill is not None else dag  # whose max_active_runs applies
+        paused = "DAG" if dag is not None and dag.is_paused else None
+        if backfill is not None and backfill.is_paused:
+            paused = paused or "backfill"
+        # the scheduler counts a DAG's running runs apart from each backfill's
+        same_kind = (
+            DagRun.backfill_id.is_(None) if backfill is None else DagRun.backfill_id == backfill.id
+        )
+        running = session.execute(
+            select(DagRun.run_id, DagRun.start_date)
+            .where(
+                DagRun.dag_id == dag_id,
+                DagRun.state == "running",
+                DagRun.run_id != run_id,
+                same_kind,
+            )
+            .order_by(DagRun.start_date)
+        ).all()
+        waiting = session.scalars(
+            select(TaskInstance.task_id)
+            .where(
+                TaskInstance.dag_id == dag_id,
+                TaskInstance.run_id == run_id,
+                TaskInstance.state.in_(("up_for_reschedule", "deferred")),
+            )
+            .distinct()
+            .order_by(TaskInstance.task_id)
+        ).all()
+        return run_status.RunStatus(
+            dag_id=dag_id,
+            run_id=run_id,
+            state=str(getattr(run.state, "value", run.state)),
+            run_after=run.run_after,
+            queued_at=run.queued_at,
+            started_at=run.start_date,
+            backfill=backfill is not None,
+            paused=paused,
+            max_active_runs=limiter.max_active_runs if limiter is not None else None,
+            running=tuple((r, since) for r, since in running),
+            waiting_at=tuple(waiting),
+        )
+
+
 def _settings() -> Any:
     """The serving database of the ``nightscore_db`` connection (else the env vars), the
     reports under ``$NIGHTSCORE_HOME``."""
@@ -108,7 +169,7 @@ def _use_cases() -> Any:
     return usecase.load_all()
 
 
-app = report_app.create_app(_settings, _use_cases, _AirflowAccess())
+app = report_app.create_app(_settings, _use_cases, _AirflowAccess(), _run_status)
 
 
 class NightscoreReportsPlugin(AirflowPlugin):

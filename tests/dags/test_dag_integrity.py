@@ -197,6 +197,16 @@ def test_every_trigger_form_submits_with_its_defaults(dagbag) -> None:
         assert described[0] and "\n" not in described[0], f"{dag_id}: a one-line description"
 
 
+def test_the_trigger_form_says_what_unpausing_starts(dagbag) -> None:
+    """Airflow's form ticks 'Unpause <dag> on trigger' for a paused DAG; the first field's
+    description (shown under it) and the DAG's doc say what that starts."""
+    dag = dagbag.dags["churn_nightly"]
+    first = dag.params.get_param(next(iter(dag.params)))
+    assert "'Unpause churn_nightly on trigger' above" in first.description
+    assert "latest scheduled night (cron 0 0 * * * UTC)" in first.description
+    assert "Unpause churn_nightly on trigger" in dag.doc_md and "`0 0 * * *` UTC" in dag.doc_md
+
+
 def test_schedule_and_run_policy(dagbag) -> None:
     dag = dagbag.dags["churn_nightly"]
     assert dag.catchup is False and dag.max_active_runs == 1
