@@ -1,6 +1,8 @@
-"""The Airflow UI as the front door, in a real browser: log in, approve the first model at
-the approval task, trigger a night with the default form and watch it succeed, open its
-report from the run, backfill two dates from the form.
+"""The Airflow UI as the front door, in a real browser: log in, read what unpausing on
+trigger starts (and queue a run of the paused DAG, whose report tab says why it waits),
+approve the first model at the approval task (a run queued meanwhile names the run it waits
+behind), trigger a night with the default form and watch it succeed, open its report from
+the run, backfill two dates from the form, read the nightly graph at fit view.
 
 The flows build on each other, in this order, on one warehouse and one Airflow.
 """
@@ -103,6 +105,35 @@ def submit(page: Any, world: Settings, airflow: dict[str, Any], before: set[str]
     return str(until("the run to start", lambda: newest_run_id(world, before), 180, airflow))
 
 
+def dag_api(airflow: dict[str, Any], method: str, path: str = "", **kw: Any) -> Any:
+    """Airflow's REST API on the nightly DAG (``path`` after ``/api/v2/dags/<dag>``)."""
+    import httpx
+
+    return httpx.request(
+        method,
+        f"{airflow['base']}/api/v2/dags/{DAG}{path}",
+        headers=airflow["headers"],
+        timeout=30,
+        **kw,
+    )
+
+
+def airflow_runs(airflow: dict[str, Any]) -> dict[str, str]:
+    """Every run of the nightly DAG Airflow has, with its state."""
+    r = dag_api(airflow, "GET", "/dagRuns", params={"limit": 100})
+    return {d["dag_run_id"]: d["state"] for d in r.json()["dag_runs"]}
+
+
+def open_run_report(page: Any, run_id: str, expected: str) -> Any:
+    """Click the run's *Run report* tab; the frame once it shows ``expected``."""
+    page.goto(f"/dags/{DAG}/runs/{run_id}")
+    page.get_by_text("Run report").first.wait_for()
+    page.get_by_text("Run report").first.click()
+    report = page.frame_locator("iframe").first
+    report.get_by_text(expected).first.wait_for()
+    return report
+
+
 def test_log_in(page: Any, airflow: dict[str, Any], timings: Timings) -> None:
     with timings.flow("log in"):
         page.goto("/")
@@ -115,10 +146,64 @@ def test_log_in(page: Any, airflow: dict[str, Any], timings: Timings) -> None:
     shot(page, "01-dag-list")
 
 
+def test_the_paused_dags_trigger_form_says_what_unpausing_starts(
+    page: Any, airflow: dict[str, Any], timings: Timings
+) -> None:
+    """A new user's DAG is paused: the form ticks 'Unpause ... on trigger', and says under its
+    first field what that starts. Unticked, the run queues, and its report tab says why."""
+    assert dag_api(airflow, "GET").json()["is_paused"] is True
+    before = set(airflow_runs(airflow))
+    with timings.flow("open the paused DAG's trigger form"):
+        open_trigger(page)
+        dialog = page.get_by_role("dialog")
+        unpause = dialog.get_by_text(f"Unpause {DAG} on trigger", exact=True)
+        unpause.wait_for()
+        dialog.get_by_text(
+            "also starts its latest scheduled night (cron 0 0 * * * UTC)"
+        ).first.wait_for()
+    dialog.get_by_text("also starts its latest scheduled night").first.scroll_into_view_if_needed()
+    shot(page, "paused-trigger-form")
+    unpause.click()  # untick: trigger this run only
+    page.get_by_test_id("trigger-dag-submit").click()
+    run_id = until(
+        "the run to be queued",
+        lambda: next(iter(set(airflow_runs(airflow)) - before), None),
+        60,
+        airflow,
+    )
+    try:
+        with timings.flow("a queued run's report tab (DAG paused)"):
+            report = open_run_report(page, run_id, "This run is queued")
+            report.get_by_text("is paused").first.wait_for()
+        shot(page, "paused-run-report")
+        assert airflow_runs(airflow)[run_id] == "queued"
+        assert dag_api(airflow, "GET").json()["is_paused"] is True  # nothing else started
+    finally:
+        assert dag_api(airflow, "DELETE", f"/dagRuns/{run_id}").status_code == 204
+
+
+def a_queued_run_names_the_run_it_waits_behind(
+    page: Any, airflow: dict[str, Any], running: str, timings: Timings
+) -> None:
+    """While ``running`` holds the DAG's one active run, a run triggered now stays queued and
+    its report tab names ``running`` (then the queued run is deleted, never run)."""
+    r = dag_api(airflow, "POST", "/dagRuns", json={"logical_date": None, "note": "queued"})
+    assert r.status_code == 200, r.text
+    queued = r.json()["dag_run_id"]
+    try:
+        with timings.flow("a queued run's report tab (behind a running run)"):
+            report = open_run_report(page, queued, "waits behind")
+            report.get_by_text(running).first.wait_for()
+        shot(page, "queued-run-report")
+        assert airflow_runs(airflow)[queued] == "queued"
+    finally:
+        assert dag_api(airflow, "DELETE", f"/dagRuns/{queued}").status_code == 204
+
+
 def test_approve_the_first_model_at_the_approval_task(
     page: Any, airflow: dict[str, Any], world: Settings, timings: Timings
 ) -> None:
-    with timings.flow("approve a promotion"):
+    with timings.flow("approve a promotion: trigger until it waits for a person"):
         before = {r["run_id"] for r in runs(world)}
         open_trigger(page)
         choose(page, "promotion_mode", "approval")
@@ -127,6 +212,10 @@ def test_approve_the_first_model_at_the_approval_task(
         page.goto(f"/dags/{DAG}/runs/{run_id}/tasks/approve_promotion")
         page.get_by_text("Awaiting Input").first.wait_for(timeout=600_000)
         assert registry.champion(world, "churn") is None
+    a_queued_run_names_the_run_it_waits_behind(page, airflow, run_id, timings)
+    with timings.flow("approve a promotion: answer until published"):
+        page.goto(f"/dags/{DAG}/runs/{run_id}/tasks/approve_promotion")
+        page.get_by_text("Awaiting Input").first.wait_for()
         page.get_by_text(re.compile("^Required Action")).first.click()
         approve = page.get_by_role("button", name=re.compile("^Approve"))
         approve.wait_for()
@@ -212,3 +301,33 @@ def test_backfill_two_dates_from_the_form(
     backfilled = [r for r in runs(world) if r["run_id"].startswith("backfill__")]
     # the JSON of the form reached every run the backfill created
     assert all(r["params"]["backfill_model"] == "current_champion" for r in backfilled)
+
+
+GROUPS = ("sources", "features", "model", "scoring", "publish")
+
+
+def test_the_nightly_graph_reads_at_fit_view(
+    page: Any, airflow: dict[str, Any], timings: Timings
+) -> None:
+    """The triggered night's graph: five collapsed groups and the report, at fit view; then
+    every group expanded."""
+    page.goto(f"/dags/{DAG}/runs/{FLOWS['triggered']}")
+    page.get_by_text("Run report").first.wait_for()
+    graph = page.locator(".react-flow")
+    with timings.flow("open the nightly graph"):
+        page.get_by_title("Show Graph (Press g)").first.click()
+        for group in GROUPS:
+            graph.get_by_text(group, exact=True).first.wait_for()
+        graph.get_by_text("write_report", exact=True).first.wait_for()
+    collapse = page.get_by_test_id("collapse-all-button")
+    if collapse.is_enabled():  # a group left open by an earlier visit
+        collapse.click()
+    expect_hidden = graph.get_by_text("train_challenger", exact=True)
+    expect_hidden.wait_for(state="detached")  # inside "model"
+    page.wait_for_timeout(1000)  # the fit-view animation
+    shot(page, "nightly-graph")
+    with timings.flow("expand every group of the graph"):
+        page.get_by_test_id("expand-all-button").click()
+        graph.get_by_text("train_challenger", exact=True).first.wait_for()
+    page.wait_for_timeout(1000)
+    shot(page, "nightly-graph-expanded")
