@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,83 @@ def airflow_env(settings: Settings, port: int = 8080) -> dict[str, str]:
         "NIGHTSCORE_HOME": str(settings.home),
         "NO_PROXY": "*",
     }
+
+
+# ``airflow dags test`` runs every task in its own (the command's) process and writes its log to
+# its output only: no file under [logging] base_log_folder. The TaskInstance keeps the
+# machine's hostname, so the API server, finding no file, asks that host's log server
+# (port 8793), which nothing runs: "Could not read served logs". (``--use-executor`` would
+# write the files, but needs a running API server and starts a process per task.) The
+# output marks each task's part, with its id.
+_TASK_STARTS = "[DAG TEST] starting task_id="
+_TASK_ENDS = "[DAG TEST] end task task_id="
+_TI_ID = re.compile(r"ti_id=([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
+_CONSOLE_LINE = re.compile(r"(\d{4}-\d\d-\d\dT[\d:.]+Z) \[(\w+) *\] (.*)")
+
+
+def task_log_parts(output: str) -> dict[str, list[str]]:
+    """The lines of each task in a ``dags test`` output, by task instance id (a task that
+    waited for a person or a trigger and resumed has all its parts, in order)."""
+    parts: dict[str, list[str]] = {}
+    part: list[str] | None = None
+    for line in output.splitlines():
+        if _TASK_STARTS in line:
+            part = []
+        if part is None:
+            continue
+        part.append(line)
+        if _TASK_ENDS in line:
+            found = next((m for m in map(_TI_ID.search, part) if m), None)
+            if found:
+                parts.setdefault(found[1], []).extend(part)
+            part = None
+    return parts
+
+
+def file_task_logs(output: Path, env: dict[str, str]) -> list[Path]:
+    """Write the task logs of the ``dags test`` whose output is ``output`` where the API
+    server reads them: each task's file under the ``[logging] base_log_folder`` of ``env``
+    (the environment it ran with), named by its run's log filename template. Returns the
+    files written."""
+    from datetime import UTC
+
+    import jinja2
+
+    from pipeline import db
+
+    parts = task_log_parts(output.read_text(errors="replace"))
+    if not parts:
+        return []
+    folder = Path(env["AIRFLOW__LOGGING__BASE_LOG_FOLDER"])
+    rows = db.records(
+        env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"],
+        "SELECT ti.id::text AS id, ti.dag_id, ti.run_id, ti.task_id, ti.map_index, "
+        "ti.try_number, coalesce(r.logical_date, r.run_after) AS date, t.filename "
+        "FROM task_instance ti "
+        "JOIN dag_run r ON r.dag_id = ti.dag_id AND r.run_id = ti.run_id "
+        "JOIN log_template t ON t.id = r.log_template_id WHERE ti.id = ANY(%s::uuid[])",
+        (list(parts),),
+    )
+    written = []
+    for row in rows:
+        ti = {k: row[k] for k in ("dag_id", "run_id", "task_id", "map_index", "try_number")}
+        name = jinja2.Template(row["filename"]).render(
+            ti=ti, ts=row["date"].astimezone(UTC).isoformat(), try_number=row["try_number"]
+        )
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(_log_record(line) + "\n" for line in parts[row["id"]]))
+        written.append(path)
+    return written
+
+
+def _log_record(line: str) -> str:
+    """A line of the console output as the JSON record a task's log file holds."""
+    console = _CONSOLE_LINE.fullmatch(line)
+    if console is None:
+        return json.dumps({"event": line})
+    timestamp, level, event = console.groups()
+    return json.dumps({"timestamp": timestamp, "level": level, "event": event})
 
 
 # CeleryExecutor, as docker-compose.yml runs it (tests/unit/test_compose.py holds the two

@@ -236,6 +236,8 @@ def _run_schedule(settings: Settings, logs: Path, start: date, smtp_env: dict[st
             else:
                 code, status = _airflow(settings, args, log_path, smtp_env), "done"
             like_a_real_run(settings, step.dag, night, began, f"demo step {i}: {step.why}")
+            # each task's log where the UI reads it (dags test prints them only)
+            airflow_env.file_task_logs(log_path, airflow_env.airflow_env(settings))
             if code != 0 or status not in ("published", "done"):
                 _failed(
                     shown,

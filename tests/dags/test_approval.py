@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
+from pipeline import airflow_env as af
 from pipeline import db, registry
 from pipeline.config import Settings
 from tests.conftest import SCORE_DATE
@@ -85,6 +86,7 @@ def answer_approval(api: dict, day, option: str) -> str:
     finally:
         if run.poll() is None:
             run.kill()
+    af.file_task_logs(log, api["env"])  # as make demo does after each night
     return run_id
 
 
@@ -94,6 +96,20 @@ def run_note(api: dict, run_id: str) -> str:
     )
     assert r.status_code == 200, r.text
     return r.json().get("note") or ""
+
+
+def task_log(api: dict, run_id: str, task_id: str, map_index: int = -1) -> list[str]:
+    """The lines of the task's latest log as the UI gets them from the API server."""
+    url = f"{api['base']}/api/v2/dags/churn_nightly/dagRuns/{run_id}/taskInstances/{task_id}"
+    ti = httpx.get(url + (f"/{map_index}" if map_index >= 0 else ""), headers=api["headers"])
+    r = httpx.get(
+        f"{url}/logs/{ti.json()['try_number']}",
+        params={"map_index": map_index},
+        headers=api["headers"],
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    return [line["event"] for line in r.json()["content"]]
 
 
 def task_states(api: dict, run_id: str) -> dict[str, str]:
@@ -131,6 +147,20 @@ def test_approval_mode_waits_for_a_person_then_promotes(isolated: Settings, api:
     )
     assert ev["decision"] == "approved" and ev["reviewed_by"] == "admin" and ev["reviewed_at"]
     assert f"Approved by admin at {ev['reviewed_at'][:10]}" in run_note(api, run_id)
+
+    # each task's own log in the UI, not "Could not read served logs ... 8793"
+    for task_id, map_index, own in (
+        ("build_features", -1, "Done. Returned value was"),
+        ("approve_promotion", -1, "Waiting for response"),  # before the answer
+        ("approve_promotion", -1, "Approved. Proceeding"),  # after it
+        ("score_partition", 1, "Done. Returned value was"),
+    ):
+        lines = task_log(api, run_id, task_id, map_index)
+        assert not any("served logs" in line or ":8793" in line for line in lines), lines[:5]
+        assert any(
+            f"starting task_id={task_id} map_index={map_index} " in line for line in lines
+        ), lines[:5]
+        assert any(own in line for line in lines), lines
 
 
 @pytest.mark.slow

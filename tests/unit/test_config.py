@@ -67,6 +67,35 @@ def test_the_local_airflow_is_sized_to_the_machine(tmp_path, monkeypatch) -> Non
     assert env["AIRFLOW__API__PORT"] == "8123" and env["AIRFLOW__API__HOST"] == "127.0.0.1"
 
 
+def test_a_dags_test_output_is_split_into_the_logs_of_its_tasks() -> None:
+    from pipeline import airflow_env
+
+    a, b = "01a24ea4-7a6b-790d-a286-13ac82f142e6", "01a24ea4-7a6b-790d-a286-13ac82f142e7"
+
+    def task(ti_id: str, task_id: str, *lines: str) -> list[str]:
+        return [
+            f"2026-12-07T03:55:53.150291Z [info     ] [DAG TEST] starting task_id={task_id} map_index=-1",
+            f"2026-12-07T03:55:53.150448Z [info     ] [DAG TEST] running task <TaskInstance: "
+            f"d.{task_id} manual__x [scheduled] ti_id={ti_id}>",
+            *lines,
+            f"2026-12-07T03:55:54.611299Z [info     ] [DAG TEST] end task task_id={task_id} map_index=-1",
+        ]
+
+    output = [
+        "2026-12-07T03:55:31.476998Z [info     ] Created dag run.",
+        *task(a, "approve", "Waiting for response"),
+        *task(b, "other", "a traceback line"),
+        *task(a, "approve", "Approved. Proceeding"),  # resumed after the answer
+        "2026-12-07T03:56:00.000000Z [info     ] Marking run successful",
+    ]
+    parts = airflow_env.task_log_parts("\n".join(output))
+    assert list(parts) == [a, b]
+    assert parts[a] == task(a, "approve", "Waiting for response") + task(
+        a, "approve", "Approved. Proceeding"
+    )
+    assert parts[b] == task(b, "other", "a traceback line")
+
+
 def test_the_home_is_private_but_an_embedded_server_can_reach_its_data(tmp_path) -> None:
     import stat
 
