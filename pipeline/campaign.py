@@ -47,7 +47,7 @@ from psycopg2 import sql
 
 from pipeline import db, files, keys
 from pipeline.config import Settings, private_dir, private_file
-from pipeline.errors import ConfigError, DataError
+from pipeline.errors import ConfigError, DataError, plain
 from pipeline.faults import fault_point
 from pipeline.usecase import Campaign, UseCase
 
@@ -581,7 +581,7 @@ def build_announced(settings: Settings, uc: UseCase, dates: list[str]) -> dict[s
             skipped.append(day)
     if not built:
         raise DataError(
-            f"none of the announced dates {sorted(set(dates))} has published {uc.name} scores "
+            f"none of the announced dates ({plain(sorted(set(dates)))}) has published {uc.name} scores "
             f"in ml.publications; trigger {uc.name}_campaign with score_date set to a published date"
         )
     return {"score_date": built[-1]["score_date"], "built": built, "skipped": skipped}

@@ -36,3 +36,20 @@ class PublishError(NightscoreError):
 
 class LockTimeout(NightscoreError):
     """One of the pipeline's locks stayed held by another session past its lock timeout."""
+
+
+def plain(values: object) -> str:
+    """Values as a message shows them: ``1761``, never numpy's ``np.int64(1761)``.
+
+    A numpy scalar or array, a pandas Series or a pyarrow array becomes plain Python values
+    first; a sequence is its items joined by ", " (dates as 2026-01-05, text unquoted).
+    """
+    if getattr(getattr(values, "dtype", None), "kind", None) in ("m", "M"):  # datetime64
+        values = values.astype(str)  # type: ignore[attr-defined]
+    for to_python in ("tolist", "to_pylist", "as_py"):  # numpy, pandas; pyarrow
+        if hasattr(values, to_python):
+            values = getattr(values, to_python)()
+            break
+    if isinstance(values, list | tuple):
+        return ", ".join(plain(v) for v in values)
+    return str(values)

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from pipeline import db, files, keys, windows
 from pipeline.config import Settings
-from pipeline.errors import DataError, SourceError
+from pipeline.errors import DataError, SourceError, plain
 from pipeline.usecase import UseCase
 
 log = logging.getLogger(__name__)
@@ -381,7 +381,7 @@ class Labels:
             example = wanted[~found][0]
             raise DataError(
                 f"the labels query of {uc.name} ({uc.sql.labels.name}) has no row for "
-                f"{uc.entity_key} {example!r} ({int((~found).sum())} of this batch) as of "
+                f"{uc.entity_key} {plain(example)} ({int((~found).sum())} of this batch) as of "
                 f"{as_of}, though the features query selects it: both must select the same "
                 "population"
             )
@@ -419,11 +419,14 @@ def read_labels(settings: Settings, uc: UseCase, as_of: date) -> Labels:
         )
     values = label.cast(pa.int64()).to_numpy()
     if len(values) and not np.isin(values, (0, 1)).all():
+        raise DataError(f"{where}: label should be 0 or 1, found {plain(np.unique(values)[:5])}")
+    distinct, rows = np.unique(key, return_counts=True)
+    if len(distinct) != len(key):
+        twice = distinct[rows > 1]
         raise DataError(
-            f"{where}: label should be 0 or 1, found {sorted(set(values.tolist()))[:5]}"
+            f"{where} labels {len(twice):,} {uc.entity_key} more than once (first: "
+            f"{plain(twice[:5])}); one row per entity"
         )
-    if len(np.unique(key)) != len(key):
-        raise DataError(f"{where} labels some {uc.entity_key} more than once; one row per entity")
     return Labels(key, values)
 
 

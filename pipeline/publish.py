@@ -41,7 +41,7 @@ from psycopg2 import sql
 from pipeline import db, keys, locks
 from pipeline.campaign import control_members
 from pipeline.config import Settings
-from pipeline.errors import PublishError
+from pipeline.errors import PublishError, plain
 from pipeline.faults import fault_point
 from pipeline.ledger import RunContext
 from pipeline.score import ScoredPart
@@ -739,5 +739,7 @@ def apply_retention(settings: Settings, uc: UseCase, run: RunContext, keep: int)
         )
     finally:
         conn.close()
-    log.info("retention: dropped %s (keeping the %d newest dates)", [d for d, _ in expired], keep)
+    log.info(
+        "retention: dropped %s (keeping the %d newest dates)", plain([d for d, _ in expired]), keep
+    )
     return [d for d, _ in expired]

@@ -129,7 +129,7 @@ def test_labels_must_cover_the_population_once_each(seeded: Settings, tmp_path) 
         "SELECT customer_id, 0 AS label FROM customers WHERE signup_date < :as_of "
         "UNION ALL SELECT customer_id, 1 FROM customers WHERE customer_id = 1",
     )
-    with pytest.raises(DataError, match="more than once"):
+    with pytest.raises(DataError, match=r"labels 1 customer_id more than once \(first: 1\)"):
         features.build_snapshot(seeded, twice, date(2024, 6, 1), labelled=True)
     missing = _with_sql(
         tmp_path,
@@ -137,5 +137,7 @@ def test_labels_must_cover_the_population_once_each(seeded: Settings, tmp_path) 
         "SELECT customer_id, 0 AS label FROM customers WHERE signup_date < :as_of "
         "AND customer_id % 7 <> 0",
     )
-    with pytest.raises(DataError, match="has no row for customer_id"):
+    with pytest.raises(DataError, match="has no row for customer_id") as raised:
         features.build_snapshot(seeded, missing, date(2024, 6, 1), labelled=True)
+    shown = str(raised.value).split("has no row for customer_id ")[1].split(" ")[0]
+    assert int(shown) % 7 == 0  # one of the keys left out, as written (not np.int64(...))

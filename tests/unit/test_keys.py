@@ -64,3 +64,22 @@ def test_a_key_column_of_the_wrong_type_or_with_nulls_is_refused_with_the_fix() 
         keys.conform(pa.array([1, 2]), "text", "id")
     with pytest.raises(DataError, match="NULL"):
         keys.conform(pa.array([1, None]), "bigint", "id")
+
+
+def test_keys_in_messages_print_as_plain_values() -> None:
+    import datetime
+
+    import pandas as pd
+
+    from pipeline.errors import plain
+
+    key = np.array([1761, 42])[0]
+    assert repr(key) == "np.int64(1761)"  # what a message showed before
+    message = f"no row for customer_id {plain(key)}; first: {plain(pd.Series([1761, 42]))}"
+    assert message == "no row for customer_id 1761; first: 1761, 42"
+    assert plain(np.array(["ACC-1", "ACC-2"], dtype=object)) == "ACC-1, ACC-2"
+    assert plain(pa.chunked_array([[1761]])) == plain(pa.scalar(1761)) == "1761"
+    assert (
+        plain([datetime.date(2026, 1, 5), np.datetime64("2026-01-06")]) == "2026-01-05, 2026-01-06"
+    )
+    assert plain(pd.Series(pd.to_datetime(["2026-01-05"]))) == "2026-01-05"
