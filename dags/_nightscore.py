@@ -312,7 +312,8 @@ def alert_late(use_case: str, context: dict[str, Any]) -> None:
     from pipeline import alerts, usecase
 
     uc = usecase.load(use_case)
-    run = context["dag_run"]
+    run = context["dag_run"]  # the REST API's DAGRunResponse, as JSON
+    run_id = run.get("dag_run_id") or run["run_id"]
     moments = {
         key: datetime.fromisoformat(run[key]) if isinstance(run.get(key), str) else run.get(key)
         for key in ("data_interval_end", "logical_date", "run_after")
@@ -324,16 +325,17 @@ def alert_late(use_case: str, context: dict[str, Any]) -> None:
         logging.getLogger("nightscore.alerts").info(
             "%s %s failed before its deadline: its failure was alerted",
             run["dag_id"],
-            run["run_id"],
+            run_id,
         )
         return
     alert = alerts.late(
         settings(uc),
         uc,
         score_date(moments, uc.schedule.timezone),
-        run["run_id"],
+        run_id,
         deadline,
-        _report_url(run["dag_id"], run["run_id"]),
+        _report_url(run["dag_id"], run_id),
+        airflow_state=str(run.get("state") or "queued"),
     )
     if alert is not None:
         logging.getLogger("nightscore.alerts").warning("%s\n%s", alert.subject, alert.text)

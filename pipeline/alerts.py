@@ -156,14 +156,16 @@ def late(
     run_id: str,
     deadline: datetime,
     report_url: str,
+    airflow_state: str = "queued",
 ) -> Alert | None:
     """The alert of a night not published by its deadline; None when the date is
-    published by now (the night only finishes late)."""
+    published by now (the night only finishes late). Its state is the ledger's, else
+    Airflow's (a night waiting for its data or turn has no ledger row yet)."""
     night = _night(settings, uc, run_id, score_date)
     if night["published"] is not None:
         log.info("the night of %s is published: no late alert", score_date)
         return None
-    status = str((night["run"] or {}).get("status") or "queued")
+    status = str((night["run"] or {}).get("status") or airflow_state)
     return Alert(
         use_case=uc.name,
         score_date=score_date,
