@@ -9,16 +9,23 @@ and emails nobody (they are past dates).
 
 from __future__ import annotations
 
+import email
 import itertools
 import json
+import re
+import shutil
 import subprocess
-from datetime import timedelta
+from collections.abc import Iterator
+from datetime import date, timedelta
+from email.message import Message
+from pathlib import Path
 
 import httpx
 import pytest
 
 from pipeline import db, nightly, registry, train, usecase
-from pipeline.config import Settings
+from pipeline.config import REPO_ROOT, Settings
+from pipeline.demo import local_mailbox
 from tests.conftest import SCORE_DATE
 from tests.dags.services import (
     AIRFLOW,
@@ -51,6 +58,21 @@ def history(isolated: Settings) -> dict[str, str]:
     return {"a": first["model_version"], "b": b.version}
 
 
+@pytest.fixture
+def alerting(tmp_path: Path) -> Iterator[tuple[dict[str, str], Path]]:
+    """The use cases with churn's deadline one second after a run is queued (every night not
+    published within it is late; today's cron night, which has no data, always is), and an
+    SMTP sink for the alerts: (the environment, the sink's folder)."""
+    cases = tmp_path / "usecases"
+    shutil.copytree(REPO_ROOT / "usecases", cases)
+    config = cases / "churn" / "usecase.yaml"
+    text, changed = re.subn(r"(?m)^  deadline: .*$", "  deadline: 1s", config.read_text())
+    assert changed == 1
+    config.write_text(text)
+    with local_mailbox(tmp_path / "mail") as smtp_env:
+        yield smtp_env | {usecase.ENV_USECASES: str(cases)}, tmp_path / "mail"
+
+
 @pytest.mark.slow
 def test_backfill_uses_the_champion_of_each_date_and_passes_conf_to_every_run(
     isolated: Settings,
@@ -58,9 +80,10 @@ def test_backfill_uses_the_champion_of_each_date_and_passes_conf_to_every_run(
     airflow_env: dict[str, str],
     server_url: str,
     session_id: str,
-    tmp_path,
+    tmp_path: Path,
+    alerting: tuple[dict[str, str], Path],
 ) -> None:
-    env = service_env(airflow_env, isolated, free_port(), tmp_path)
+    env = service_env(airflow_env, isolated, free_port(), tmp_path) | alerting[0]
     # the scheduler creates asset-triggered runs only with its job schedule on; churn_nightly's
     # own cron run (today, long after the warehouse ends) waits for data, harmlessly
     env["AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE"] = "True"
@@ -68,14 +91,13 @@ def test_backfill_uses_the_champion_of_each_date_and_passes_conf_to_every_run(
     # a metadata database of its own: no other test's run holds churn_nightly's one active
     # run, and no other test's publish has queued an asset event for churn_campaign
     with own_metadata(env, server_url, f"nightscore_airflow_{session_id}_backfill") as env:
-        for dag_id in ("churn_nightly", "churn_campaign"):
-            subprocess.run(
-                [AIRFLOW, "dags", "unpause", dag_id],
-                env=env,
-                check=True,
-                capture_output=True,
-                timeout=300,
-            )
+        subprocess.run(
+            [AIRFLOW, "dags", "unpause", "churn_campaign"],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
         with airflow_services(env, tmp_path, "scheduler") as svc:
             # a night runs (by the scheduler, as a scheduled one would) when the backfill is
             # created; run first (run_after: its own date), ahead of today's cron run, which
@@ -90,6 +112,15 @@ def test_backfill_uses_the_champion_of_each_date_and_passes_conf_to_every_run(
                 },
             )
             assert triggered.status_code == 200, triggered.text
+            # unpaused only now: the scheduler then queues today's cron run too, and starts
+            # the queued run of the earliest run_after (this night) first; unpaused before,
+            # the cron run could start (and wait for its data all along) ahead of it
+            unpaused = httpx.patch(
+                f"{svc['base']}/api/v2/dags/churn_nightly",
+                headers=svc["headers"],
+                json={"is_paused": False},
+            )
+            assert unpaused.status_code == 200, unpaused.text
 
             def holder():
                 return db.scalar(
@@ -160,6 +191,14 @@ def test_backfill_uses_the_champion_of_each_date_and_passes_conf_to_every_run(
                 300,
                 svc["procs"],
             )
+            # the scheduler found today's night past its deadline; the executor alerted
+            today = date.today().isoformat()
+            late = wait_for(
+                "the alert of today's late night",
+                lambda: [m for m in mails(alerting[1]) if today in m["Subject"]],
+                300,
+                svc["procs"],
+            )
 
     # one night of the use case at a time: the backfill's runs waited for the night that
     # held the turn, and for one another
@@ -211,3 +250,29 @@ def test_backfill_uses_the_champion_of_each_date_and_passes_conf_to_every_run(
         db.scalar(isolated.database_url, "SELECT count(*) FROM campaigns.retention_send_log") == 0
     )
     assert not (isolated.home / "outbox").exists()  # not even a dry run for past dates
+
+    # one message per late night, each naming the use case, its date, what is served
+    # (LATER, by the history) and the run's report; today's night never started its work
+    subjects = [m["Subject"] for m in mails(alerting[1])]
+    assert len(subjects) == len(set(subjects)), subjects
+    assert all(s.startswith("[nightscore] churn: the night of ") for s in subjects), subjects
+    (message,) = late
+    assert message["Subject"].endswith(f"{today} is not published by its deadline")
+    text = message_text(message)
+    assert "schedule.deadline 1s after it was queued" in text
+    # queued behind the other nights, or waiting for its data: Airflow's state, no ledger row
+    assert re.search(r"; it is (queued|running)\.", text) and "never started its work" in text
+    assert f"holds the night of {LATER}" in text
+    assert "/nightscore/runs/churn_nightly/scheduled__" in text
+
+
+def mails(folder: Path) -> list[Message]:
+    return [email.message_from_bytes(p.read_bytes()) for p in sorted(folder.glob("*.eml"))]
+
+
+def message_text(message: Message) -> str:
+    return "".join(
+        part.get_payload(decode=True).decode()
+        for part in message.walk()
+        if part.get_content_maintype() == "text"
+    )

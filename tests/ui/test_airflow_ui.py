@@ -229,6 +229,7 @@ def test_approve_the_first_model_at_the_approval_task(
         "SELECT row_to_json(p) FROM ml.promotions p ORDER BY promotion_id DESC LIMIT 1",
     )
     assert log["version"] == champion.version and log["actor"].startswith("approval:admin")
+    FLOWS["approved"] = run_id
 
 
 def test_trigger_with_the_default_form_and_watch_it_succeed(
@@ -259,7 +260,7 @@ def test_trigger_with_the_default_form_and_watch_it_succeed(
 
 
 def test_open_the_nights_report_from_the_run(
-    page: Any, airflow: dict[str, Any], timings: Timings
+    page: Any, airflow: dict[str, Any], world: Settings, timings: Timings
 ) -> None:
     run_id = FLOWS["triggered"]
     with timings.flow("open the night's report"):
@@ -268,6 +269,42 @@ def test_open_the_nights_report_from_the_run(
         report = page.frame_locator("iframe").first
         report.get_by_text(FLOWS["night"]).first.wait_for()
     shot(page, "05-nightly-report")
+    # each run's tab shows its own attempt, also when a later run scored the same date
+    attempts = {r["run_id"]: r["attempt"] for r in runs(world)}
+    for run in (FLOWS["approved"], run_id):
+        with timings.flow("open an earlier attempt's report"):
+            report = open_run_report(page, run, f"attempt {attempts[run]}")
+            report.get_by_text(run).first.wait_for()
+    shot(page, "05b-earlier-attempt-report")
+
+
+def test_a_monitoring_runs_tab_shows_its_page(
+    page: Any, airflow: dict[str, Any], timings: Timings
+) -> None:
+    import httpx
+
+    dag = "churn_monitoring"
+    api = f"{airflow['base']}/api/v2/dags/{dag}"
+    assert httpx.patch(api, json={"is_paused": False}, headers=airflow["headers"]).is_success
+    started = httpx.post(
+        f"{api}/dagRuns", json={"logical_date": None}, headers=airflow["headers"], timeout=30
+    )
+    assert started.is_success, started.text
+    run_id = started.json()["dag_run_id"]
+
+    def state() -> str:
+        r = httpx.get(f"{api}/dagRuns/{run_id}", headers=airflow["headers"])
+        assert r.json()["state"] != "failed", r.text
+        return str(r.json()["state"])
+
+    until("the monitoring run to succeed", lambda: state() == "success", 600, airflow)
+    with timings.flow("open a monitoring run's report"):
+        page.goto(f"/dags/{dag}/runs/{run_id}")
+        page.get_by_text("Run report").first.click()
+        report = page.frame_locator("iframe").first
+        report.get_by_text(re.compile("^Realized performance")).first.wait_for()
+    assert "detail" not in report.locator("body").inner_text()[:200]  # a page, not JSON
+    shot(page, "07-monitoring-report")
 
 
 def test_backfill_two_dates_from_the_form(
