@@ -274,31 +274,21 @@ def _report_url(dag_id: str, run_id: str) -> str:
     return f"{base}/{report_site.run_path(dag_id, run_id)}"
 
 
-def _use_case_of(dag_id: str) -> Any:
-    from pipeline import usecase
-
-    return usecase.load(dag_id.removesuffix("_nightly"))
-
-
-def alert_failed(context: dict[str, Any]) -> None:
+def alert_failed(use_case: str, context: dict[str, Any]) -> None:
     """The nightly DAG's failure callback: tell the use case's alert notifier which stage
     failed and why (``pipeline.alerts``). Run by the DAG processor (``dags test`` too)."""
-    import logging
+    from pipeline import alerts, usecase
 
-    from pipeline import alerts
-
+    uc = usecase.load(use_case)
     run = context["dag_run"]
-    uc = _use_case_of(run.dag_id)
-    ti = context.get("ti")
     alert = alerts.failed(
         settings(uc),
         uc,
         score_date(context, uc.schedule.timezone),
         run.run_id,
-        getattr(ti, "task_id", None),
+        getattr(context.get("ti"), "task_id", None),
         _report_url(run.dag_id, run.run_id),
     )
-    logging.getLogger("nightscore.alerts").warning("%s\n%s", alert.subject, alert.text)
     alerts.send(uc, alert, CONN_SMTP)
 
 
@@ -338,5 +328,4 @@ def alert_late(use_case: str, context: dict[str, Any]) -> None:
         airflow_state=str(run.get("state") or "queued"),
     )
     if alert is not None:
-        logging.getLogger("nightscore.alerts").warning("%s\n%s", alert.subject, alert.text)
         alerts.send(uc, alert, CONN_SMTP)

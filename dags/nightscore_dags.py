@@ -10,6 +10,7 @@ error (and only fails), so the others keep running.
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -96,11 +97,11 @@ Configuration: `{source}`. Each task calls one function of `pipeline.nightly`.
 """
 
 
-def alert_failed(context: Any) -> None:
+def alert_failed(use_case: str, context: Any) -> None:
     """A failed night tells the use case's alert notifier (``pipeline.alerts``)."""
     from _nightscore import alert_failed as alert
 
-    alert(context)
+    alert(use_case, context)
 
 
 def night_deadline(uc: usecase.UseCase) -> DeadlineAlert | None:
@@ -147,7 +148,7 @@ def nightly_dag(uc: usecase.UseCase) -> Any:
         catchup=False,
         max_active_runs=1,
         tags=["nightscore", name],
-        on_failure_callback=alert_failed,
+        on_failure_callback=functools.partial(alert_failed, name),
         deadline=night_deadline(uc),
         description=one_line(uc.description)
         or f"Nightly scores of {name} into predictions.{uc.score_table}",

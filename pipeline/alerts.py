@@ -70,30 +70,25 @@ class Alert:
 
 
 def _night(settings: Settings, uc: UseCase, run_id: str, score_date: date) -> dict[str, Any]:
-    """The ledger row of the run, the newest publication and the date's own publication."""
-    url = settings.database_url
-    ledger = db.records(
-        url,
-        "SELECT status, error, stages FROM ml.runs WHERE use_case = %s AND run_id = %s "
-        "ORDER BY started_at DESC LIMIT 1",
-        (uc.name, run_id),
+    """The ledger row of the run, the newest publication and the date's own publication,
+    in one query (each None when there is none)."""
+    (row,) = db.records(
+        settings.database_url,
+        """
+        SELECT (SELECT row_to_json(r) FROM (
+                    SELECT status, error, stages FROM ml.runs
+                    WHERE use_case = %s AND run_id = %s
+                    ORDER BY started_at DESC LIMIT 1) r) AS run,
+               (SELECT row_to_json(p) FROM (
+                    SELECT score_date, model_version, run_id FROM ml.publications
+                    WHERE use_case = %s ORDER BY score_date DESC LIMIT 1) p) AS served,
+               (SELECT row_to_json(p) FROM (
+                    SELECT run_id, rows FROM ml.publications
+                    WHERE use_case = %s AND score_date = %s) p) AS published
+        """,
+        (uc.name, run_id, uc.name, uc.name, score_date),
     )
-    served = db.records(
-        url,
-        "SELECT score_date, model_version, run_id FROM ml.publications "
-        "WHERE use_case = %s ORDER BY score_date DESC LIMIT 1",
-        (uc.name,),
-    )
-    published = db.records(
-        url,
-        "SELECT run_id, rows FROM ml.publications WHERE use_case = %s AND score_date = %s",
-        (uc.name, score_date),
-    )
-    return {
-        "run": ledger[0] if ledger else None,
-        "served": served[0] if served else None,
-        "published": published[0] if published else None,
-    }
+    return row
 
 
 def served_text(uc: UseCase, served: Mapping[str, Any] | None) -> str:
@@ -219,7 +214,8 @@ def notifier_arguments(uc: UseCase, alert: Alert, smtp_conn_id: str) -> dict[str
 
 def send(uc: UseCase, alert: Alert, smtp_conn_id: str) -> bool:
     """Send ``alert`` through the use case's notifier; False (and a log line saying why)
-    when nobody is configured to hear it."""
+    when nobody is configured to hear it. The alert is logged either way."""
+    log.warning("%s\n%s", alert.subject, alert.text)
     if not uc.alerts.on_failure and alert.kind == "failed":
         log.info("alerts.on_failure is false: no alert for %s", alert.subject)
         return False
