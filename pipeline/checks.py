@@ -429,6 +429,26 @@ def previous_source_days(
     return found[0], days
 
 
+def source_days(settings: Settings, run: RunContext) -> dict[str, dict[date, tuple[int, str]]]:
+    """What this run's source checks saw of each dated source table, per day: rows and a
+    fingerprint of their content (days without one left out)."""
+    days: dict[str, dict[date, tuple[int, str]]] = {}
+    conn = db.connect(settings.database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT source, day, rows, content FROM monitoring.source_days "
+                "WHERE use_case = %s AND run_id = %s AND content IS NOT NULL",
+                (run.use_case, run.run_id),
+            )
+            for source, day, rows, content in cur.fetchall():
+                days.setdefault(source, {})[day] = (int(rows), content)
+        conn.commit()
+    finally:
+        conn.close()
+    return days
+
+
 def store_source_days(
     settings: Settings,
     run: RunContext,

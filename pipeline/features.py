@@ -278,6 +278,7 @@ def build_snapshot(
     *,
     labelled: bool = False,
     known_through: date | None = None,
+    seen: windows.Seen | None = None,
 ) -> Snapshot:
     """Compute the features as of ``as_of`` in the warehouse and write them to Parquet.
 
@@ -285,6 +286,8 @@ def build_snapshot(
         as_of: features use facts dated strictly before this day.
         labelled: also attach the label ([as_of, as_of + horizon)).
         known_through: the run's own date; labels must have matured before it.
+        seen: what the night's source checks counted per day of each table (rows and
+            content): the kept blocks' evidence, not counted again (``windows.prepare``).
 
     Raises:
         DataError: labels not matured yet, the population is empty, or the label query
@@ -307,11 +310,11 @@ def build_snapshot(
     files.sweep(target_dir)
     tmp = files.temporary(target_dir / "snapshot.parquet")
     rows = 0
-    kept = bool(uc.windows) and windows.can_keep(settings.warehouse_url)
+    kept = bool(uc.windows or uc.states) and windows.can_keep(settings.warehouse_url)
     built: list[windows.Built] = []
 
     def prepare(cur: Any) -> None:
-        built.extend(windows.prepare(cur, settings, uc, as_of, keep=not labelled))
+        built.extend(windows.prepare(cur, settings, uc, as_of, keep=not labelled, seen=seen))
 
     with (
         _naming(uc.sql.features, uc),

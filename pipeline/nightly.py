@@ -30,6 +30,7 @@ from pipeline import (
     serving,
     sources,
     train,
+    windows,
 )
 from pipeline.config import Settings
 from pipeline.errors import GateFailed, ModelError
@@ -81,6 +82,13 @@ def waiting_for_data(settings: Settings, uc: UseCase, day: date) -> list[str]:
     )
 
 
+def source_lookback(uc: UseCase, spec: contract.Contract) -> dict[str, int]:
+    """Per source table, the days before the run date whose rows and content the source
+    checks keep: its lookback, and every day a kept block (windows, states) reads."""
+    kept = windows.spans(uc)
+    return {t: spec.lookback(t, kept) for t in spec.tables}
+
+
 def check_sources(settings: Settings, uc: UseCase, run: RunContext) -> dict[str, Any]:
     """Source contract, freshness, volume, value rules, keys and nulls, before featurizing;
     and history: the past days each table is read back to (its lookback: the contract's
@@ -88,8 +96,7 @@ def check_sources(settings: Settings, uc: UseCase, run: RunContext) -> dict[str,
     content (``history_unchanged``)."""
     with ledger.stage(settings, run, "check_sources") as info:
         spec = contract.load_contract(uc.contract)
-        kept = {w.table: w.days for w in uc.windows.values()}
-        lookback = {t: spec.lookback(t, kept) for t in spec.tables}
+        lookback = source_lookback(uc, spec)
         seen = sources.observe(
             settings.warehouse_url,
             settings.warehouse_schema,
@@ -204,7 +211,7 @@ def build_features(settings: Settings, uc: UseCase, run: RunContext) -> dict[str
                 {"as_of": run.score_date},
                 schema=settings.warehouse_schema,
             )
-        snap = features.build_snapshot(settings, uc, run.score_date)
+        snap = features.build_snapshot(settings, uc, run.score_date, seen=_seen(settings, uc, run))
         counts = counting.result().to_pylist() if counting is not None else []
         info |= {"rows": snap.rows, "sha256": snap.sha256}
         if snap.windows:
@@ -219,6 +226,17 @@ def build_features(settings: Settings, uc: UseCase, run: RunContext) -> dict[str
             },
         )
     return snap.as_xcom()
+
+
+def _seen(settings: Settings, uc: UseCase, run: RunContext) -> windows.Seen:
+    """What this run's source checks counted per day of each table, from the first day
+    they keep (``source_lookback``)."""
+    lookback = source_lookback(uc, contract.load_contract(uc.contract))
+    return {
+        table: (run.score_date - timedelta(days=lookback[table]), days)
+        for table, days in checks.source_days(settings, run).items()
+        if table in lookback
+    }
 
 
 def decide_retrain(

@@ -203,6 +203,41 @@ class Window(_Section):
         return max(a.days for a in self.aggregates.values())
 
 
+class StateTable(_Section):
+    """A table a kept state is built from: its date column, and how many days before the
+    snapshot date the state reads (none: every day, e.g. the newest row ever)."""
+
+    date: str = _identifier()
+    days: int | None = Field(default=None, ge=1, le=36500)
+
+
+class State(_Section):
+    """Per-entity state kept from one night to the next by SQL the use case writes
+    (``pipeline.windows``): ``facts`` computes it as of ``:as_of`` from the facts; ``step``
+    computes it as of ``:as_of`` from the state as of the day before (read under the
+    block's own name) and the facts that changed that day. The features query reads it as
+    a table named after the block. A kept state is used only while the days of ``tables``
+    it was built from are unchanged, and each night a slice of its entities is recomputed
+    from the facts and compared (a step that disagrees is not used)."""
+
+    facts: Path
+    step: Path
+    tables: dict[str, StateTable] = Field(min_length=1)
+
+    @field_validator("facts", "step", mode="before")
+    @classmethod
+    def _exists(cls, value: str | Path, info: ValidationInfo) -> Path:
+        return _file(value, info)
+
+    @field_validator("tables")
+    @classmethod
+    def _table_names(cls, value: dict[str, StateTable]) -> dict[str, StateTable]:
+        bad = [n for n in value if not re.match(IDENTIFIER, n)]
+        if bad:
+            raise ValueError(f"table names are SQL identifiers, found {', '.join(map(repr, bad))}")
+        return value
+
+
 class Label(_Section):
     horizon_days: int = Field(default=30, ge=1, le=3650)
 
@@ -499,6 +534,7 @@ class UseCase(_Section):
     warehouse: Warehouse = Warehouse()
     sql: SqlFiles
     windows: dict[str, Window] = Field(default_factory=dict)
+    states: dict[str, State] = Field(default_factory=dict)
     contract: Path
     label: Label = Label()
     training: Training = Training()
@@ -520,16 +556,30 @@ class UseCase(_Section):
     def _exists(cls, value: str | Path, info: ValidationInfo) -> Path:
         return _file(value, info)
 
-    @field_validator("windows")
+    @field_validator("windows", "states")
     @classmethod
-    def _window_names(cls, value: dict[str, Window]) -> dict[str, Window]:
-        bad = [n for n in value if not re.match(IDENTIFIER, n) or n == "population"]
+    def _window_names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        bad = [
+            n
+            for n in value
+            if not re.match(IDENTIFIER, n) or n == "population" or n.startswith("nightscore_")
+        ]
         if bad:
             raise ValueError(
-                "window names are lower-case SQL identifiers other than population, found "
-                + ", ".join(map(repr, bad))
+                "block names are lower-case SQL identifiers other than population, not "
+                "starting with nightscore_, found " + ", ".join(map(repr, bad))
             )
         return value
+
+    @model_validator(mode="after")
+    def _blocks_apart(self) -> UseCase:
+        both = sorted(set(self.windows) & set(self.states))
+        if both:
+            raise ValueError(
+                f"{', '.join(both)}: named both under windows and under states; "
+                "a block's name is the table the features query reads, so it names one"
+            )
+        return self
 
     @model_validator(mode="after")
     def _names_do_not_collide(self) -> UseCase:

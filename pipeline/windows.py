@@ -1,4 +1,4 @@
-"""Rolling per-entity windows kept from one night to the next (the use case's ``windows``).
+"""Per-entity state kept from one night to the next: the use case's ``windows`` and ``states``.
 
 A window block declares aggregates of one dated fact table per entity: sums, row counts
 and the newest day, each over the ``days`` before the snapshot date D. The features query
@@ -18,6 +18,16 @@ values restated in place) is not used: the windows are rebuilt from the facts, a
 night's log and stage record say which table and days changed. Labelled (training) snapshots always build
 them from the facts: they are built once and reused.
 
+A ``states`` block is the same idea with SQL the use case writes: ``facts`` (the block
+as of ``:as_of`` from the facts) and ``step`` (the block as of ``:as_of`` from the block as
+of the day before, which it reads under the block's own name, and the facts that changed
+that day), for aggregates a rolling sum cannot express (the newest row per entity, an
+invoice's status as of D). It is kept and trusted by the same rules, over the days of each
+table it names; and since its step is the use case's, not generated, every night that
+rolls one recomputes a slice of its entities (1 in ``SLICES``, a different slice each
+night) from the facts and compares: a step that disagrees is not used (the block is rebuilt
+from the facts, and the log and the night's record name the entity and column).
+
 On a PostgreSQL warehouse the windows are a temporary table of the feature query's session
 (the warehouse needs no write access, only PostgreSQL's default TEMP privilege); on another
 warehouse they are a common table expression computed from the facts.
@@ -30,6 +40,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -124,18 +135,90 @@ def step_sql(w: Window, key: str, previous: str) -> str:
     )
 
 
+@dataclass(frozen=True)
+class Source:
+    """A table a block is built from: its date column and the days before the snapshot
+    date it reads (``None``: every day); ``sums``: columns that must be integers."""
+
+    table: str
+    date: str
+    days: int | None
+    sums: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Block:
+    """One kept block: its SQL as of ``:as_of`` from the facts, its step from the block as
+    of the day before (read under its own name), the tables it is built from, and whether
+    a slice of it is recomputed each night (a step the use case wrote)."""
+
+    name: str
+    facts: str
+    step: str
+    sources: tuple[Source, ...]
+    verified: bool
+
+    @property
+    def definition(self) -> str:
+        """What the block is made of (its state folder, part of a snapshot's hash)."""
+        spans = ", ".join(f"{s.table}.{s.date} {s.days or 'all'} days" for s in self.sources)
+        return f"{self.facts}\n{self.step}\n{spans}"
+
+
+def blocks(uc: UseCase) -> list[Block]:
+    """The use case's windows and states, as blocks."""
+    key = uc.entity_key
+    out = [
+        Block(
+            n,
+            facts_sql(w, key),
+            step_sql(w, key, _q(n)),
+            (
+                Source(
+                    w.table, w.date, w.days, tuple(a.sum for a in w.aggregates.values() if a.sum)
+                ),
+            ),
+            verified=False,  # generated: tests/integration/test_windows.py holds it to the facts
+        )
+        for n, w in uc.windows.items()
+    ]
+    for n, st in uc.states.items():
+        out.append(
+            Block(
+                n,
+                _strip(st.facts.read_text()),
+                _strip(st.step.read_text()),
+                tuple(Source(t, spec.date, spec.days) for t, spec in st.tables.items()),
+                verified=True,
+            )
+        )
+    return out
+
+
+def spans(uc: UseCase) -> dict[str, int]:
+    """Per table the blocks are built from, the most days before a run date they read
+    (every day a table holds: ``contract.ALL_HISTORY``)."""
+    from pipeline.contract import ALL_HISTORY
+
+    out: dict[str, int] = {}
+    for b in blocks(uc):
+        for src in b.sources:
+            out[src.table] = max(out.get(src.table, 0), src.days or ALL_HISTORY)
+    return out
+
+
+def _strip(text: str) -> str:
+    return text.rstrip().rstrip(";").rstrip()
+
+
 def inline(uc: UseCase) -> list[str]:
-    """``name AS (...)`` of each window, from the facts, for a WITH clause."""
-    return [f"{_q(n)} AS (\n{facts_sql(w, uc.entity_key)}\n)" for n, w in uc.windows.items()]
+    """``name AS (...)`` of each block, from the facts, for a WITH clause."""
+    return [f"{_q(b.name)} AS (\n{b.facts}\n)" for b in blocks(uc)]
 
 
 def definition(uc: UseCase) -> str:
-    """What the windows are made of (part of a snapshot's definition hash)."""
-    return "\n".join(_definition(w, uc.entity_key) for w in uc.windows.values())
-
-
-def _definition(w: Window, key: str) -> str:
-    return facts_sql(w, key) + "\n" + step_sql(w, key, "previous")
+    """What the blocks are made of (part of a snapshot's definition hash)."""
+    return "\n".join(b.definition for b in blocks(uc))
 
 
 def can_keep(url: str) -> bool:
@@ -152,9 +235,10 @@ def can_keep(url: str) -> bool:
 
 @dataclass(frozen=True)
 class Built:
-    """How a window table of one snapshot was made: ``stored`` (tonight's state, as kept),
-    ``rolled`` (a kept state moved forward ``days`` days), or ``facts``; ``changed``: the
-    days of its table that no longer hold what a kept state was built from."""
+    """How a block of one snapshot was made: ``stored`` (tonight's state, as kept),
+    ``rolled`` (a kept state moved forward ``days`` days), or ``facts``; ``changed``: why a
+    kept state was not used (the days of its tables that no longer hold what it was built
+    from, or the entities where its step disagreed with the facts)."""
 
     name: str
     how: str
@@ -171,73 +255,108 @@ class Built:
         return f"{self}, the kept state disagreeing with the facts: {'; '.join(self.changed)}"
 
 
-def prepare(cur: Any, settings: Settings, uc: UseCase, as_of: date, keep: bool) -> list[Built]:
-    """Create each window of ``uc`` as a temporary table as of ``as_of`` in the session of
-    ``cur`` (an ADBC cursor on the warehouse, search path set).
+Evidence = dict[date, list[Any]]  # per day: [rows, content fingerprint]
+# What an earlier stage of the night saw of each table: since which day, and per day.
+Seen = Mapping[str, tuple[date, Mapping[date, Sequence[Any]]]]
+
+
+def prepare(
+    cur: Any,
+    settings: Settings,
+    uc: UseCase,
+    as_of: date,
+    keep: bool,
+    seen: Seen | None = None,
+) -> list[Built]:
+    """Create each block of ``uc`` (windows and states) as a temporary table as of
+    ``as_of`` in the session of ``cur`` (an ADBC cursor on the warehouse, search path set).
 
     With ``keep``, the newest state kept by an earlier night (up to ``ROLL_LIMIT`` days
-    old) is rolled forward if the warehouse still counts its days the same (counted on a
-    second connection meanwhile), else the windows come from the facts; tonight's state
-    is kept for the next night. Without ``keep``, from the facts, and nothing is kept.
+    old) is rolled forward if the warehouse still holds the days it was built from
+    (counted on a second connection meanwhile) and, for a state, a slice of it agrees with
+    the facts; else the block comes from the facts. Tonight's state is kept for the next
+    night. Without ``keep``, from the facts, and nothing is kept.
+
+    ``seen``: the rows and content per day of the tables as the night's source checks
+    counted them (``check_sources`` keeps the same evidence, of the same columns): used
+    instead of counting again where it covers the days a block needs.
     """
     built = []
-    for name, w in uc.windows.items():
-        _check_columns(cur, settings, uc, name, w)
+    for block in blocks(uc):
+        columns = _check_columns(cur, settings, uc, block)
         if not keep:
-            _from_facts(cur, uc, name, w, as_of)
-            built.append(Built(name, "facts"))
+            _from_facts(cur, block, as_of)
+            built.append(Built(block.name, "facts"))
             continue
-        folder = _folder(settings, uc, name, w)
-        state = _newest(folder, w, as_of)
-        since = (state.as_of if state is not None else as_of) - timedelta(days=w.days)
-        columns = evidence_columns(uc, w)
+        folder = _folder(settings, uc, block)
+        state = _newest(folder, block, as_of)
+        since = state.as_of if state is not None else as_of
+        given = _given(block, seen, since, as_of)
         with ThreadPoolExecutor(1) as pool:
-            counting = pool.submit(_day_evidence, settings, w, columns, since, as_of)
-            how = (
-                _roll(cur, uc, name, w, state, as_of)
-                if state
-                else _from_facts(cur, uc, name, w, as_of)
-            )
-            evidence = counting.result()
+            counting = None
+            if given is None:
+                counting = pool.submit(_evidence, settings, block, columns, since, as_of)
+            how = _roll(cur, block, state, as_of) if state else _from_facts(cur, block, as_of)
+            evidence = counting.result() if counting is not None else given or {}
         changed = state.disagreements(evidence) if state is not None else []
         if changed:
-            _execute(cur, f"DROP TABLE {_q(name)}", as_of)
-            how = Built(name, "facts", changed=tuple(changed))
-            _from_facts(cur, uc, name, w, as_of)
             log.warning(
-                "windows %s of %s as of %s: %s changed since the kept state was built (%s): "
+                "%s %s of %s as of %s: %s changed since the kept state was built (%s): "
                 "rebuilt from the facts",
-                name,
+                _kind(block),
+                block.name,
                 uc.name,
                 as_of,
-                w.table,
+                ", ".join(s.table for s in block.sources),
                 "; ".join(changed),
             )
+        elif block.verified and how.how == "rolled":
+            changed = _verify(cur, uc, block, as_of)
+            if changed:
+                log.warning(
+                    "state %s of %s as of %s: its step disagrees with its facts SQL on the "
+                    "slice of entities checked tonight (%s): rebuilt from the facts; fix %s",
+                    block.name,
+                    uc.name,
+                    as_of,
+                    "; ".join(changed),
+                    uc.states[block.name].step.name,
+                )
+        if changed:
+            _execute(cur, f"DROP TABLE {_q(block.name)}", as_of)
+            how = Built(block.name, "facts", changed=tuple(changed))
+            _from_facts(cur, block, as_of)
         if how.how != "stored":
-            _keep(cur, uc, name, w, folder, as_of, evidence)
+            _keep(cur, uc, block, folder, as_of, evidence)
         log.info("windows %s as of %s: %s", uc.name, as_of, how)
         built.append(how)
     return built
 
 
-def _from_facts(cur: Any, uc: UseCase, name: str, w: Window, as_of: date) -> Built:
-    _execute(cur, f"CREATE TEMP TABLE {_q(name)} AS {facts_sql(w, uc.entity_key)}", as_of)
-    return Built(name, "facts")
+def _kind(block: Block) -> str:
+    return "state" if block.verified else "windows"
 
 
-def _roll(cur: Any, uc: UseCase, name: str, w: Window, state: Kept, as_of: date) -> Built:
-    """The temporary table ``name``: the kept ``state``, rolled forward to ``as_of``."""
-    cur.adbc_ingest(
-        f"nightscore_{name}_0", pq.read_table(state.path), mode="create", temporary=True
-    )
+def _from_facts(cur: Any, block: Block, as_of: date) -> Built:
+    _execute(cur, f"CREATE TEMP TABLE {_q(block.name)} AS {block.facts}", as_of)
+    _execute(cur, f"ANALYZE {_q(block.name)}", as_of)
+    return Built(block.name, "facts")
+
+
+def _roll(cur: Any, block: Block, state: Kept, as_of: date) -> Built:
+    """The temporary table of ``block``: the kept ``state``, rolled forward to ``as_of``;
+    each step reads the table as of the day before under the block's name."""
+    name = _q(block.name)
+    cur.adbc_ingest(block.name, pq.read_table(state.path), mode="create", temporary=True)
     steps = (as_of - state.as_of).days
     for i in range(1, steps + 1):
-        target, previous = f"nightscore_{name}_{i}", f"nightscore_{name}_{i - 1}"
-        step = f"CREATE TEMP TABLE {target} AS {step_sql(w, uc.entity_key, previous)}"
+        _execute(cur, f"ANALYZE {name}", as_of)
+        step = f"CREATE TEMP TABLE nightscore_next AS {block.step}"
         _execute(cur, step, state.as_of + timedelta(days=i))
-        _execute(cur, f"DROP TABLE {previous}", as_of)
-    _execute(cur, f"ALTER TABLE nightscore_{name}_{steps} RENAME TO {_q(name)}", as_of)
-    return Built(name, "stored") if steps == 0 else Built(name, "rolled", steps)
+        _execute(cur, f"DROP TABLE {name}", as_of)
+        _execute(cur, f"ALTER TABLE nightscore_next RENAME TO {name}", as_of)
+    _execute(cur, f"ANALYZE {name}", as_of)
+    return Built(block.name, "stored") if steps == 0 else Built(block.name, "rolled", steps)
 
 
 def _execute(cur: Any, text: str, as_of: date) -> None:
@@ -245,146 +364,243 @@ def _execute(cur: Any, text: str, as_of: date) -> None:
     cur.execute(query, parameters=values or None)
 
 
-def _check_columns(cur: Any, settings: Settings, uc: UseCase, name: str, w: Window) -> None:
-    """The date column is a date; summed columns are integers (so a kept sum stays exact)."""
-    cur.execute(
-        "SELECT column_name, data_type FROM information_schema.columns "
-        "WHERE table_schema = $1 AND table_name = $2",
-        parameters=(settings.warehouse_schema, w.table),
+SLICES = 64  # a rolled state's step is checked against the facts on 1 entity in SLICES
+
+
+def _slice(key: str, as_of: date) -> str:
+    """The entities whose state is recomputed from the facts tonight: a hash slice of the
+    keys, a different one each night (every entity within ``SLICES`` nights)."""
+    return (
+        f"(hashtextextended(CAST({key} AS text), 0) & {SLICES - 1}) = {as_of.toordinal() % SLICES}"
     )
-    found = dict(cur.fetchall())
-    where = f"windows.{name} of {uc.source}"
-    schema = settings.warehouse_schema
-    if not found:
-        raise db.missing_table(w.table, schema, f"{where} reads it")
-    wanted = {w.date: {"date"}} | {
-        a.sum: _INTEGERS for a in w.aggregates.values() if a.sum is not None
-    }
-    for column, kinds in wanted.items():
-        if column not in found:
-            raise SourceError(
-                f"source column {column!r} not found in {schema}.{w.table}: {where} reads "
-                f"it; the table has {', '.join(sorted(found))}"
-            )
-        if found[column] not in kinds:
-            raise DataError(
-                f"{where}: {settings.warehouse_schema}.{w.table}.{column} should be "
-                f"{' or '.join(sorted(kinds))}, found {found[column]}; "
-                "windows sum integer columns by calendar date (cast others in the features "
-                "SQL, from the facts)"
-            )
 
 
-def evidence_columns(uc: UseCase, w: Window) -> list[str]:
+def _verify(cur: Any, uc: UseCase, block: Block, as_of: date, shown: int = 3) -> list[str]:
+    """Where tonight's slice of the rolled ``block`` differs from its facts SQL, in words;
+    empty when they agree row for row."""
+    key = _q(uc.entity_key)
+    ordered = f"ORDER BY {key}"
+    _execute(
+        cur, f"SELECT * FROM {_q(block.name)} s WHERE {_slice('s.' + key, as_of)} {ordered}", as_of
+    )
+    rolled = cur.fetch_arrow_table()
+    _execute(
+        cur, f"SELECT * FROM ({block.facts}) f WHERE {_slice('f.' + key, as_of)} {ordered}", as_of
+    )
+    facts = cur.fetch_arrow_table()
+    where = f"{rolled.num_rows:,} entities checked"
+    if rolled.schema.names != facts.schema.names or rolled.schema.types != facts.schema.types:
+        return [
+            f"its step gives the columns {_columns(rolled)}, its facts SQL {_columns(facts)} "
+            f"({where})"
+        ]
+    a, b = rolled.to_pydict(), facts.to_pydict()
+    if a[uc.entity_key] != b[uc.entity_key]:
+        only = sorted(set(a[uc.entity_key]) ^ set(b[uc.entity_key]))
+        return [
+            f"{len(only):,} {uc.entity_key} in one and not the other, e.g. "
+            f"{', '.join(map(str, only[:shown]))} ({where})"
+        ]
+    out = []
+    for column in rolled.schema.names:
+        wrong = [i for i, (x, y) in enumerate(zip(a[column], b[column], strict=True)) if x != y]
+        if wrong:
+            i = wrong[0]
+            out.append(
+                f"{column} differs for {len(wrong):,} of {where}, e.g. {uc.entity_key} "
+                f"{a[uc.entity_key][i]}: {a[column][i]!r} rolled, {b[column][i]!r} from the facts"
+            )
+    return out
+
+
+def _columns(table: Any) -> str:
+    return ", ".join(f"{f.name} {f.type}" for f in table.schema)
+
+
+def _check_columns(cur: Any, settings: Settings, uc: UseCase, block: Block) -> dict[str, list[str]]:
+    """Each table of ``block`` exists with its date column a date and its summed columns
+    integers (so a kept sum stays exact). Returns, per table, the columns whose content a
+    kept state vouches for."""
+    out = {}
+    for src in block.sources:
+        cur.execute(
+            "SELECT column_name, data_type FROM information_schema.columns "
+            "WHERE table_schema = $1 AND table_name = $2 ORDER BY ordinal_position",
+            parameters=(settings.warehouse_schema, src.table),
+        )
+        found = dict(cur.fetchall())
+        where = f"{'states' if block.verified else 'windows'}.{block.name} of {uc.source}"
+        schema = settings.warehouse_schema
+        if not found:
+            raise db.missing_table(src.table, schema, f"{where} reads it")
+        wanted = {src.date: {"date"}} | {c: _INTEGERS for c in src.sums}
+        for column, kinds in wanted.items():
+            if column not in found:
+                raise SourceError(
+                    f"source column {column!r} not found in {schema}.{src.table}: {where} "
+                    f"reads it; the table has {', '.join(sorted(found))}"
+                )
+            if found[column] not in kinds:
+                raise DataError(
+                    f"{where}: {schema}.{src.table}.{column} should be "
+                    f"{' or '.join(sorted(kinds))}, found {found[column]}; "
+                    "kept blocks count days by calendar date and sum integer columns (cast "
+                    "others in the features SQL, from the facts)"
+                )
+        out[src.table] = evidence_columns(uc, src, list(found))
+    return out
+
+
+def evidence_columns(uc: UseCase, src: Source, columns: list[str]) -> list[str]:
     """The columns whose content a kept state vouches for: those the source contract
-    declares for its table (the same evidence as ``check_sources`` keeps), else the entity
-    key, the date and the summed columns."""
+    declares for its table (the same evidence as ``check_sources`` keeps), else all of the
+    table's ``columns``."""
     from pipeline.contract import load_contract
 
-    declared = load_contract(uc.contract).tables.get(w.table)
+    declared = load_contract(uc.contract).tables.get(src.table)
     if declared is not None and declared.columns:
         return list(declared.columns)
-    summed = [a.sum for a in w.aggregates.values() if a.sum is not None]
-    return list(dict.fromkeys([uc.entity_key, w.date, *summed]))
+    return columns
 
 
-Evidence = dict[date, list[Any]]  # per day: [rows, content fingerprint]
+def _given(
+    block: Block, seen: Seen | None, since: date, before: date
+) -> dict[str, Evidence] | None:
+    """The evidence of ``block``'s tables from ``seen``, if it covers the days the block
+    needs (each table's days before ``since``, or every day, up to ``before``); else None."""
+    from pipeline.contract import ALL_HISTORY
+
+    if seen is None:
+        return None
+    out = {}
+    for src in block.sources:
+        if src.table not in seen:
+            return None
+        start, days = seen[src.table]
+        if src.days is None:
+            needed = before - timedelta(days=ALL_HISTORY)
+        else:
+            needed = since - timedelta(days=src.days)
+        if start > needed:
+            return None
+        out[src.table] = {d: [int(e[0]), str(e[1])] for d, e in days.items() if d < before}
+    return out
 
 
-def _day_evidence(
-    settings: Settings, w: Window, columns: list[str], since: date, before: date
-) -> Evidence:
-    """Per day of ``w.table`` in [since, before): rows and a fingerprint of ``columns``, on
-    a connection of its own."""
-    query = sql.SQL(
-        "SELECT {d}, count(*), {f} FROM {t} WHERE {d} >= %s AND {d} < %s GROUP BY 1"
-    ).format(
-        d=sql.Identifier(w.date),
-        f=db.fingerprint(columns),
-        t=sql.Identifier(settings.warehouse_schema, w.table),
-    )
+def _evidence(
+    settings: Settings, block: Block, columns: dict[str, list[str]], since: date, before: date
+) -> dict[str, Evidence]:
+    """Per table of ``block``, per day it reads as of ``since`` or after, before ``before``:
+    rows and a fingerprint of its evidence ``columns``, on a connection of its own."""
     conn = db.connect(settings.warehouse_url)
     try:
-        with conn.cursor() as c:
-            c.execute(query, (since, before))
-            return {db.to_date(d): [int(n), str(f)] for d, n, f in c.fetchall()}
+        out = {}
+        for src in block.sources:
+            bound: sql.Composable = sql.SQL("")
+            params: tuple[Any, ...] = (before,)
+            if src.days is not None:
+                bound = sql.SQL(" AND {d} >= %s").format(d=sql.Identifier(src.date))
+                params = (before, since - timedelta(days=src.days))
+            query = sql.SQL(
+                "SELECT {d}, count(*), {f} FROM {t} WHERE {d} < %s{b} GROUP BY 1"
+            ).format(
+                d=sql.Identifier(src.date),
+                f=db.fingerprint(columns[src.table]),
+                t=sql.Identifier(settings.warehouse_schema, src.table),
+                b=bound,
+            )
+            with conn.cursor() as c:
+                c.execute(query, params)
+                out[src.table] = {db.to_date(d): [int(n), str(f)] for d, n, f in c.fetchall()}
+        return out
     finally:
         conn.close()
 
 
-def _folder(settings: Settings, uc: UseCase, name: str, w: Window) -> Path:
-    sha = hashlib.sha256(_definition(w, uc.entity_key).encode()).hexdigest()
-    return settings.snapshots / uc.name / "windows" / name / sha[:12]
+def _folder(settings: Settings, uc: UseCase, block: Block) -> Path:
+    sha = hashlib.sha256(block.definition.encode()).hexdigest()
+    return settings.snapshots / uc.name / "windows" / block.name / sha[:12]
 
 
 @dataclass(frozen=True)
 class Kept:
-    """A state kept by an earlier night: its date, file, and per day it was built from (the
-    days of its longest window) the rows and their content fingerprint."""
+    """A state kept by an earlier night: its date, file, and per table and day it was built
+    from the rows and their content fingerprint."""
 
     as_of: date
     path: Path
-    days: Evidence
-    span: int
+    days: dict[str, Evidence]
+    sources: tuple[Source, ...]
 
-    def disagreements(self, evidence: Evidence, shown: int = 5) -> list[str]:
+    def disagreements(self, evidence: dict[str, Evidence], shown: int = 5) -> list[str]:
         """The days whose rows or content differ in the warehouse now (``evidence``), said
         in words (at most ``shown``, then how many more); empty when every day agrees."""
-        start = self.as_of - timedelta(days=self.span)
-        days = [start + timedelta(days=i) for i in range(self.span)]
         none = [0, "0"]
-        changed = [d for d in days if self.days.get(d, none) != evidence.get(d, none)]
+        changed: list[tuple[str, date]] = []
+        for src in self.sources:
+            was, now = self.days.get(src.table, {}), evidence.get(src.table, {})
+            if src.days is None:
+                days = sorted(d for d in set(was) | set(now) if d < self.as_of)
+            else:
+                start = self.as_of - timedelta(days=src.days)
+                days = [start + timedelta(days=i) for i in range(src.days)]
+            changed += [(src.table, d) for d in days if was.get(d, none) != now.get(d, none)]
+        named = len(self.sources) > 1
         out = []
-        for d in changed[:shown]:
-            was, now = self.days.get(d, none)[0], evidence.get(d, none)[0]
+        for table, d in changed[:shown]:
+            was_n = self.days.get(table, {}).get(d, none)[0]
+            now_n = evidence.get(table, {}).get(d, none)[0]
+            what = f"{table} {d}" if named else f"{d}"
             out.append(
-                f"{d}: {was:,} -> {now:,} rows"
-                if was != now
-                else f"{d}: {now:,} rows, content changed"
+                f"{what}: {was_n:,} -> {now_n:,} rows"
+                if was_n != now_n
+                else f"{what}: {now_n:,} rows, content changed"
             )
         if len(changed) > shown:
             out.append(f"and {len(changed) - shown} more days")
         return out
 
 
-def _newest(folder: Path, w: Window, as_of: date) -> Kept | None:
+def _newest(folder: Path, block: Block, as_of: date) -> Kept | None:
     """The newest kept state as of ``as_of`` or up to ``ROLL_LIMIT`` days before whose
     bytes match their hash."""
     for back in range(ROLL_LIMIT + 1):
         day = as_of - timedelta(days=back)
         for path in sorted((folder / f"as_of={day}").glob("*.parquet")):
             if files.sha256(path)[:16] != path.stem:
-                log.warning("kept windows %s do not match their content hash; not used", path)
+                log.warning("kept state %s does not match its content hash; not used", path)
                 continue
             meta = pq.read_schema(path).metadata or {}
-            # a state kept before content fingerprints has none: it never agrees, once
-            days = json.loads(meta.get(b"nightscore_day_evidence", b"{}"))
-            return Kept(
-                day,
-                path,
-                {date.fromisoformat(d): list(e) for d, e in days.items()},
-                w.days,
-            )
+            # a state kept without its evidence (an earlier format) never agrees, once
+            kept = json.loads(meta.get(b"nightscore_evidence", b"{}"))
+            days = {
+                table: {date.fromisoformat(d): list(e) for d, e in per_day.items()}
+                for table, per_day in kept.items()
+            }
+            return Kept(day, path, days, block.sources)
     return None
 
 
 def _keep(
     cur: Any,
     uc: UseCase,
-    name: str,
-    w: Window,
+    block: Block,
     folder: Path,
     as_of: date,
-    evidence: Evidence,
+    evidence: dict[str, Evidence],
 ) -> None:
-    """Write the windows as of ``as_of`` (the temporary table ``name``) to the state store,
-    with the evidence of the days they were built from."""
-    cur.execute(f"SELECT * FROM {_q(name)} ORDER BY {_q(uc.entity_key)}")
+    """Write the block as of ``as_of`` (its temporary table) to the state store, with the
+    evidence of the days it was built from."""
+    cur.execute(f"SELECT * FROM {_q(block.name)} ORDER BY {_q(uc.entity_key)}")
     table = cur.fetch_arrow_table()
-    start = as_of - timedelta(days=w.days)
-    days = {str(d): e for d, e in sorted(evidence.items()) if start <= d < as_of}
+    days = {}
+    for src in block.sources:
+        start = date.min if src.days is None else as_of - timedelta(days=src.days)
+        days[src.table] = {
+            str(d): e for d, e in sorted(evidence.get(src.table, {}).items()) if start <= d < as_of
+        }
     table = table.replace_schema_metadata(
-        {"nightscore_as_of": str(as_of), "nightscore_day_evidence": json.dumps(days)}
+        {"nightscore_as_of": str(as_of), "nightscore_evidence": json.dumps(days)}
     )
     target = folder / f"as_of={as_of}"
     target.mkdir(parents=True, exist_ok=True)

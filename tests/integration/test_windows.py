@@ -4,9 +4,11 @@ facts gives, and are not used once the warehouse no longer counts their days the
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import date, timedelta
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -34,23 +36,35 @@ def _from_facts(s: Settings, tag: str) -> Settings:
     return replace(s, home=s.home.parent / f"windows_{tag}")
 
 
-def _usage_of_its_own(s: Settings, schema: str) -> None:
-    """``schema``: a copy of the usage table that a test may restate, views of the rest."""
-    others = ("customers", "subscriptions", "invoices", "payments", "tickets", "cancellations")
+TABLES = (
+    "customers",
+    "subscriptions",
+    "usage_daily",
+    "invoices",
+    "payments",
+    "tickets",
+    "cancellations",
+)
+
+
+def _usage_of_its_own(s: Settings, schema: str, table: str = "usage_daily") -> None:
+    """``schema``: a copy of ``table`` that a test may restate, views of the rest."""
+    others = [t for t in TABLES if t != table]
     db.scalar(
         s.database_url,
-        f"CREATE SCHEMA {schema}; CREATE TABLE {schema}.usage_daily AS "
-        f"SELECT * FROM {SCHEMA}.usage_daily; "
+        f"CREATE SCHEMA {schema}; CREATE TABLE {schema}.{table} AS "
+        f"SELECT * FROM {SCHEMA}.{table}; "
         + "; ".join(f"CREATE VIEW {schema}.{t} AS SELECT * FROM {SCHEMA}.{t}" for t in others)
         + "; SELECT 1",
     )
 
 
-def _how(caplog: pytest.LogCaptureFixture) -> list[str]:
+def _how(caplog: pytest.LogCaptureFixture, block: str = "usage_windows") -> list[str]:
+    """How each snapshot made ``block``, in order (the windows module's log)."""
     return [
         r.getMessage().rsplit(": ", 1)[-1]
         for r in caplog.records
-        if r.getMessage().startswith("windows ")
+        if r.getMessage().startswith("windows ") and f": {block}: " in r.getMessage()
     ]
 
 
@@ -60,7 +74,9 @@ def test_kept_windows_give_the_snapshots_of_a_rebuild(
     caplog.set_level(logging.INFO, logger="pipeline.windows")
     nights = [FIRST + timedelta(days=i) for i in range(5)]
     kept = [features.build_snapshot(wh, UC, d) for d in nights]
-    assert _how(caplog) == ["facts"] + ["rolled 1 day(s)"] * 4
+    for block in ("usage_windows", "plan_state", "billing_state"):  # windows and states
+        assert _how(caplog, block) == ["facts"] + ["rolled 1 day(s)"] * 4, block
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     for night, snap in zip(nights, kept, strict=True):
         rebuilt = features.build_snapshot(_from_facts(wh, str(night)), UC, night)
         assert rebuilt.sha256 == snap.sha256, night
@@ -240,6 +256,70 @@ def test_a_restatement_that_keeps_the_row_counts_rebuilds_the_windows(
         assert any("usage_windows: facts, the kept state disagreeing" in w for w in after.windows)
         # the same snapshot, byte for byte, as a rebuild from the facts
         fresh = features.build_snapshot(_from_facts(s, f"restated_{back}_fresh"), UC, day)
+        assert after.sha256 == fresh.sha256
+    finally:
+        db.scalar(settings.database_url, f"DROP SCHEMA IF EXISTS {schema} CASCADE; SELECT 1")
+
+
+def test_a_state_whose_step_disagrees_with_its_facts_is_rebuilt_from_the_facts(
+    wh: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Tonight's slice of a rolled state is recomputed from its facts SQL: a step that
+    drifts (here: one late payment too many each day) is caught and not used."""
+    step = UC.states["billing_state"].step
+    wrong = tmp_path / "billing_state_step.sql"
+    good = "coalesce(b.late_payments_180d, 0) + coalesce(m.late, 0)"
+    assert good in step.read_text()
+    wrong.write_text(step.read_text().replace(good, f"{good} + 1"))
+    uc = UC.evolve({"states": {"billing_state": {"step": str(wrong)}}})
+    s = _from_facts(wh, "wrong_step")
+    features.build_snapshot(s, uc, FIRST)
+    caplog.set_level(logging.INFO, logger="pipeline.windows")
+    after = features.build_snapshot(s, uc, FIRST + timedelta(days=1))
+    assert _how(caplog, "billing_state") == ["facts"]
+    assert _how(caplog, "plan_state") == ["rolled 1 day(s)"]
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1, warned
+    assert "state billing_state of churn" in warned[0]
+    assert "its step disagrees with its facts SQL" in warned[0]
+    assert re.search(r"late_payments_180d differs for [\d,]+ of [\d,]+ entities checked", warned[0])
+    assert "fix billing_state_step.sql" in warned[0]
+    assert any("billing_state: facts, the kept state disagreeing" in w for w in after.windows)
+    fresh = features.build_snapshot(
+        _from_facts(wh, "wrong_step_fresh"), UC, FIRST + timedelta(days=1)
+    )
+    assert after.sha256 == fresh.sha256
+
+
+def test_a_state_over_every_day_is_rebuilt_when_its_oldest_day_is_restated(
+    wh: Settings, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """plan_state reads every day of subscriptions (the plan in force may date from the
+    first): a fee restated on the very first day is seen, though no window covers it."""
+    schema = "wh_windows_plans"
+    s = replace(wh, warehouse_schema=schema, home=wh.home.parent / schema)
+    day = FIRST + timedelta(days=2)
+    try:
+        _usage_of_its_own(s, schema, "subscriptions")
+        features.build_snapshot(s, UC, day - timedelta(days=1))
+        first = db.scalar(s.database_url, f"SELECT min(valid_from) FROM {schema}.subscriptions")
+        assert (day - first).days > 100
+        db.scalar(
+            s.database_url,
+            f"UPDATE {schema}.subscriptions SET monthly_fee = monthly_fee + 1 "
+            "WHERE valid_from = %s; SELECT 1",
+            (first,),
+        )
+        caplog.set_level(logging.INFO, logger="pipeline.windows")
+        after = features.build_snapshot(s, UC, day)
+        assert _how(caplog, "plan_state") == ["facts"]
+        assert _how(caplog, "billing_state") == ["rolled 1 day(s)"]
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any(
+            "state plan_state of churn" in m and f"{first}: " in m and "content changed" in m
+            for m in warned
+        ), warned
+        fresh = features.build_snapshot(_from_facts(s, "plans_fresh"), UC, day)
         assert after.sha256 == fresh.sha256
     finally:
         db.scalar(settings.database_url, f"DROP SCHEMA IF EXISTS {schema} CASCADE; SELECT 1")

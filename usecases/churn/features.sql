@@ -2,6 +2,8 @@
 -- before :as_of (the as-of day itself is not yet complete when the run starts).
 -- Active as of D: signed up before D and not cancelled before D.
 -- Every output column is cast to a fixed type: the result is the feature contract.
+-- usage_windows, plan_state and billing_state are kept night to night by nightscore
+-- (usecase.yaml: windows and states).
 WITH population AS (
     SELECT c.customer_id, c.signup_date, c.country, c.channel, c.contract_type,
            c.marketing_opt_in
@@ -12,25 +14,6 @@ WITH population AS (
           WHERE x.customer_id = c.customer_id AND x.cancel_date < :as_of
       )
 ),
-fee_now AS (
-    SELECT DISTINCT ON (s.customer_id) s.customer_id, s.plan_id, s.monthly_fee
-    FROM subscriptions s
-    WHERE s.valid_from < :as_of
-    ORDER BY s.customer_id, s.valid_from DESC, s.subscription_id DESC
-),
-fee_90d_ago AS (
-    SELECT DISTINCT ON (s.customer_id) s.customer_id, s.monthly_fee
-    FROM subscriptions s
-    WHERE s.valid_from < CAST(:as_of AS date) - 90
-    ORDER BY s.customer_id, s.valid_from DESC, s.subscription_id DESC
-),
-price_rises AS (
-    SELECT s.customer_id, count(*) AS price_rises_180d
-    FROM subscriptions s
-    WHERE s.change_reason = 'price_rise'
-      AND s.valid_from >= CAST(:as_of AS date) - 180 AND s.valid_from < :as_of
-    GROUP BY s.customer_id
-),
 usage AS (  -- from the windows of usecase.yaml, kept night to night by nightscore
     SELECT w.customer_id,
            w.minutes_7d / 7.0 AS minutes_7d,
@@ -40,17 +23,6 @@ usage AS (  -- from the windows of usecase.yaml, kept night to night by nightsco
            w.active_days_30d,
            w.last_usage_date
     FROM usage_windows w
-),
-billing AS (
-    SELECT i.customer_id,
-           count(*) FILTER (WHERE p.payment_date > i.due_date
-                            OR (p.payment_date IS NULL AND i.due_date < :as_of)) AS late_payments_180d,
-           count(*) FILTER (WHERE p.payment_date IS NULL AND i.due_date < :as_of) AS overdue_invoices
-    FROM invoices i
-    LEFT JOIN payments p
-           ON p.invoice_id = i.invoice_id AND p.payment_date < :as_of
-    WHERE i.issue_date >= CAST(:as_of AS date) - 180 AND i.issue_date < :as_of
-    GROUP BY i.customer_id
 ),
 support AS (
     SELECT t.customer_id,
@@ -70,10 +42,10 @@ SELECT
     CAST(CAST(:as_of AS date) - p.signup_date AS integer)                AS tenure_days,
     CAST(f.plan_id AS integer)                                           AS plan_id,
     CAST(f.monthly_fee AS double precision)                              AS monthly_fee,
-    CAST(CASE WHEN f90.monthly_fee > 0
-              THEN (f.monthly_fee - f90.monthly_fee) / f90.monthly_fee
+    CAST(CASE WHEN f.monthly_fee_90d_ago > 0
+              THEN (f.monthly_fee - f.monthly_fee_90d_ago) / f.monthly_fee_90d_ago
               ELSE 0 END AS double precision)                            AS fee_change_90d,
-    CAST(coalesce(r.price_rises_180d, 0) AS integer)                     AS price_rises_180d,
+    CAST(coalesce(f.price_rises_180d, 0) AS integer)                     AS price_rises_180d,
     CAST(coalesce(u.minutes_7d, 0) AS double precision)                  AS minutes_7d,
     CAST(coalesce(u.minutes_30d, 0) AS double precision)                 AS minutes_30d,
     CAST(coalesce(u.minutes_prev_30d, 0) AS double precision)            AS minutes_prev_30d,
@@ -89,10 +61,8 @@ SELECT
     CAST(coalesce(s.tickets_90d, 0) AS integer)                          AS tickets_90d,
     CAST(coalesce(s.complaints_90d, 0) AS integer)                       AS complaints_90d
 FROM population p
-LEFT JOIN fee_now f      ON f.customer_id = p.customer_id
-LEFT JOIN fee_90d_ago f90 ON f90.customer_id = p.customer_id
-LEFT JOIN price_rises r  ON r.customer_id = p.customer_id
-LEFT JOIN usage u        ON u.customer_id = p.customer_id
-LEFT JOIN billing b      ON b.customer_id = p.customer_id
+LEFT JOIN plan_state f    ON f.customer_id = p.customer_id
+LEFT JOIN usage u         ON u.customer_id = p.customer_id
+LEFT JOIN billing_state b ON b.customer_id = p.customer_id
 LEFT JOIN support s      ON s.customer_id = p.customer_id
 ORDER BY p.customer_id
