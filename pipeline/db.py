@@ -96,6 +96,26 @@ def set_search_path(cur: Any, schema: str | None) -> None:
         cur.execute(f"SET search_path TO {quote_ident(schema)}, public")
 
 
+def apply_settings(cur: Any, settings: Mapping[str, str], where: str) -> None:
+    """``SET`` each of ``settings`` for the session of ``cur`` (an ADBC cursor).
+
+    Raises:
+        ConfigError: PostgreSQL refuses a name or a value (``where`` names the config key).
+    """
+    import adbc_driver_manager
+
+    for name, value in settings.items():
+        try:
+            cur.execute("SELECT set_config($1, $2, false)", parameters=(name, value))
+            cur.fetchall()
+        except adbc_driver_manager.Error as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ConfigError(
+                f"{where}.{name}: PostgreSQL refused {value!r} ({first}); give a setting "
+                "this server knows, with a value it takes (SHOW ALL lists them)"
+            ) from exc
+
+
 @contextmanager
 def arrow_reader(
     url: str,

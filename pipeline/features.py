@@ -314,7 +314,9 @@ def build_snapshot(
     built: list[windows.Built] = []
 
     def prepare(cur: Any) -> None:
-        built.extend(windows.prepare(cur, settings, uc, as_of, keep=not labelled, seen=seen))
+        db.apply_settings(cur, uc.warehouse.settings, f"{uc.source}: warehouse.session")
+        if kept:
+            built.extend(windows.prepare(cur, settings, uc, as_of, keep=not labelled, seen=seen))
 
     with (
         _naming(uc.sql.features, uc),
@@ -323,7 +325,7 @@ def build_snapshot(
             query(uc, "features", inline_windows=not kept),
             {"as_of": as_of},
             schema=settings.warehouse_schema,
-            prepare=prepare if kept else None,
+            prepare=prepare,
         ) as reader,
     ):
         feature_schema = _feature_schema(reader.schema, uc)

@@ -105,11 +105,41 @@ class Warehouse(_Section):
         default="public", alias="schema", pattern=r"^[A-Za-z_][A-Za-z0-9_$]*$", max_length=63
     )
     timezone: str = "UTC"
+    # PostgreSQL settings of the session that builds the features and the kept blocks,
+    # over these defaults: no JIT (its compilation costs more than it saves on a query run
+    # once a night) and the memory for the aggregates' sorts and hashes not to spill.
+    session: dict[str, str | int | float | bool] = Field(default_factory=dict)
 
     @field_validator("timezone")
     @classmethod
     def _known_zone(cls, value: str) -> str:
         return _time_zone(value)
+
+    @field_validator("session")
+    @classmethod
+    def _setting_names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        bad = [n for n in value if not re.fullmatch(r"[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)?", n)]
+        if bad:
+            raise ValueError(
+                "PostgreSQL setting names such as work_mem or jit, found "
+                + ", ".join(map(repr, bad))
+            )
+        return value
+
+    @property
+    def settings(self) -> dict[str, str]:
+        """The session's settings: the defaults, then the use case's, as PostgreSQL text."""
+        given = {k: _setting_text(v) for k, v in self.session.items()}
+        return DEFAULT_SESSION | given
+
+
+DEFAULT_SESSION = {"jit": "off", "work_mem": "128MB"}
+
+
+def _setting_text(value: str | int | float | bool) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
 
 
 class SqlFiles(_Section):

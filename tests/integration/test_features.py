@@ -10,7 +10,7 @@ import pytest
 
 from pipeline import db, features, usecase, warehouse
 from pipeline.config import Settings
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 from tests.conftest import SCORE_DATE
 
 UC = usecase.load("churn")
@@ -141,3 +141,27 @@ def test_labels_must_cover_the_population_once_each(seeded: Settings, tmp_path) 
         features.build_snapshot(seeded, missing, date(2024, 6, 1), labelled=True)
     shown = str(raised.value).split("has no row for customer_id ")[1].split(" ")[0]
     assert int(shown) % 7 == 0  # one of the keys left out, as written (not np.int64(...))
+
+
+def test_the_feature_session_takes_the_use_case_settings_over_the_defaults(
+    settings: Settings,
+) -> None:
+    uc = UC.evolve({"warehouse": {"session": {"work_mem": "64MB", "enable_nestloop": False}}})
+    assert uc.warehouse.settings == {"jit": "off", "work_mem": "64MB", "enable_nestloop": "off"}
+    conn = db.adbc_connect(settings.warehouse_url)
+    try:
+        cur = conn.cursor()
+        db.apply_settings(cur, uc.warehouse.settings, "churn: warehouse.session")
+        shown = {}
+        for name in ("jit", "work_mem", "enable_nestloop"):
+            cur.execute("SELECT current_setting($1)", parameters=(name,))
+            shown[name] = cur.fetchone()[0]
+        assert shown == {"jit": "off", "work_mem": "64MB", "enable_nestloop": "off"}
+        with pytest.raises(ConfigError) as refused:
+            db.apply_settings(cur, {"work_mem": "lots"}, "churn: warehouse.session")
+        assert "churn: warehouse.session.work_mem: PostgreSQL refused 'lots'" in str(refused.value)
+        cur.close()
+    finally:
+        conn.close()
+    with pytest.raises(ConfigError, match="PostgreSQL setting names such as work_mem"):
+        UC.evolve({"warehouse": {"session": {"work mem; DROP TABLE x": "1"}}})
