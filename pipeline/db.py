@@ -262,14 +262,68 @@ def to_date(value: date | str) -> date:
     return value if isinstance(value, date) else date.fromisoformat(str(value)[:10])
 
 
-def fingerprint(columns: list[str]) -> Any:
+# Column types (information_schema names) PostgreSQL hashes as they are; any other column
+# of a fingerprint is hashed as its text.
+HASHED_AS_IS = frozenset(
+    {
+        "smallint",
+        "integer",
+        "bigint",
+        "numeric",
+        "real",
+        "double precision",
+        "text",
+        "character varying",
+        "character",
+        "date",
+        "timestamp without time zone",
+        "timestamp with time zone",
+        "boolean",
+        "uuid",
+        "bytea",
+        "jsonb",
+        "interval",
+    }
+)
+RECORD_HASH = "r"  # starts a fingerprint of hash_record_extended (PostgreSQL 14 and later)
+
+
+def fingerprint(columns: list[str], types: Mapping[str, str], record_hash: bool = True) -> Any:
     """A content fingerprint of a group of rows, order-independent: the sum of a 64-bit
-    hash of each row's ``columns`` (as PostgreSQL's text of the row: a NULL differs from an
-    empty string), as text. Rows changed in place, moved between entities or replaced by
-    others with the same count change it; rows merely reordered do not."""
+    hash of each row's ``columns``, as text. Rows changed in place, moved between entities
+    or replaced by others with the same count change it; rows merely reordered do not; a
+    NULL differs from an empty string or a zero.
+
+    With ``record_hash`` (PostgreSQL 14 and later) each row is hashed as a record of its
+    values (``hash_record_extended``; a column whose type ``types`` does not list in
+    ``HASHED_AS_IS`` as its text): half the cost of hashing the row's text. Such a
+    fingerprint starts with ``RECORD_HASH``; without, the row's text is hashed. Two
+    fingerprints compare only if made the same way (:func:`same_kind`)."""
     from psycopg2 import sql
 
-    row = sql.SQL(", ").join(sql.Identifier(c) for c in columns)
-    return sql.SQL(
-        "CAST(coalesce(sum(hashtextextended(CAST(ROW({}) AS text), 0)), 0) AS text)"
-    ).format(row)
+    if not record_hash:
+        row = sql.SQL(", ").join(sql.Identifier(c) for c in columns)
+        return sql.SQL(
+            "CAST(coalesce(sum(hashtextextended(CAST(ROW({}) AS text), 0)), 0) AS text)"
+        ).format(row)
+    values = sql.SQL(", ").join(
+        sql.Identifier(c)
+        if types.get(c) in HASHED_AS_IS
+        else sql.SQL("CAST({} AS text)").format(sql.Identifier(c))
+        for c in columns
+    )
+    return sql.SQL("{} || CAST(coalesce(sum(hash_record_extended(ROW({}), 0)), 0) AS text)").format(
+        sql.Literal(RECORD_HASH), values
+    )
+
+
+def same_kind(a: str | None, b: str | None) -> bool:
+    """Whether two fingerprints are known and were made the same way (comparable)."""
+    return (
+        a is not None and b is not None and a.startswith(RECORD_HASH) == b.startswith(RECORD_HASH)
+    )
+
+
+def hashes_records(conn: Any) -> bool:
+    """Whether the server of ``conn`` (psycopg2) has ``hash_record_extended`` (14 and later)."""
+    return int(conn.server_version) >= 140000

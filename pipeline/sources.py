@@ -30,7 +30,7 @@ import queue
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from functools import partial
 from typing import Any
@@ -339,6 +339,13 @@ class _Table:
     floats: tuple[str, ...] = ()  # declared columns stored as numeric, real or double
     references: tuple[str, ...] = ()  # columns whose references are checked
     history_days: int = 0  # days before as_of whose rows and content are kept as evidence
+    column_types: Mapping[str, str] = field(default_factory=dict)  # information_schema's
+    record_hash: bool = True  # fingerprints by hash_record_extended (PostgreSQL 14+)
+
+    @property
+    def content(self) -> sql.Composable:
+        """The fingerprint of a group of rows' declared columns (``db.fingerprint``)."""
+        return db.fingerprint(list(self.spec.columns), self.column_types, self.record_hash)
 
     @property
     def future_from(self) -> date:
@@ -507,7 +514,7 @@ class _Table:
             return (
                 sql.SQL("SELECT {}, count(*), {} FROM {} WHERE {} AND {} GROUP BY 1").format(
                     self.axis.day(col),
-                    db.fingerprint(list(self.spec.columns)),
+                    self.content,
                     t,
                     self.axis.since("scan_start"),
                     self.axis.before("end"),
@@ -557,7 +564,7 @@ class _Table:
         day = sql.SQL("LEAST({}, CAST({} AS date))").format(
             self.axis.day(sql.Identifier(self.axis.column)), sql.Placeholder("cap")
         )
-        content = db.fingerprint(list(spec.columns))
+        content = self.content
         grouped = sql.SQL("SELECT {} FROM {} WHERE {} GROUP BY 1").format(
             sql.SQL(", ").join([day, sql.SQL("count(*)"), content, *nulls, *rules]),
             t,
@@ -983,6 +990,8 @@ def observe(
                     entity_key,
                     floats,
                     history_days=(history_days or {}).get(name, 0),
+                    column_types=found[name],
+                    record_hash=db.hashes_records(conn),
                 )
             for name, checked in tables.items():  # references to tables whose shape matches
                 refs = tuple(
@@ -1183,7 +1192,7 @@ def rewritten_days(
             (was, was_content), (rows, content) = before[d], now.get(d, (0, None))
             if rows != was:
                 counted[d] = (was, rows)
-            elif was_content is not None and content is not None and content != was_content:
+            elif db.same_kind(was_content, content) and content != was_content:
                 restated.append((d, rows))
         seen = sum(before[d][0] for d in compared)
         moved = sum(abs(b - a) for a, b in counted.values())

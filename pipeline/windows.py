@@ -417,7 +417,16 @@ def _columns(table: Any) -> str:
     return ", ".join(f"{f.name} {f.type}" for f in table.schema)
 
 
-def _check_columns(cur: Any, settings: Settings, uc: UseCase, block: Block) -> dict[str, list[str]]:
+@dataclass(frozen=True)
+class Columns:
+    """The columns of a table whose content a kept state vouches for, and the table's
+    column types (information_schema's names)."""
+
+    names: list[str]
+    types: dict[str, str]
+
+
+def _check_columns(cur: Any, settings: Settings, uc: UseCase, block: Block) -> dict[str, Columns]:
     """Each table of ``block`` exists with its date column a date and its summed columns
     integers (so a kept sum stays exact). Returns, per table, the columns whose content a
     kept state vouches for."""
@@ -447,7 +456,7 @@ def _check_columns(cur: Any, settings: Settings, uc: UseCase, block: Block) -> d
                     "kept blocks count days by calendar date and sum integer columns (cast "
                     "others in the features SQL, from the facts)"
                 )
-        out[src.table] = evidence_columns(uc, src, list(found))
+        out[src.table] = Columns(evidence_columns(uc, src, list(found)), found)
     return out
 
 
@@ -488,7 +497,7 @@ def _given(
 
 
 def _evidence(
-    settings: Settings, block: Block, columns: dict[str, list[str]], since: date, before: date
+    settings: Settings, block: Block, columns: dict[str, Columns], since: date, before: date
 ) -> dict[str, Evidence]:
     """Per table of ``block``, per day it reads as of ``since`` or after, before ``before``:
     rows and a fingerprint of its evidence ``columns``, on a connection of its own."""
@@ -505,7 +514,9 @@ def _evidence(
                 "SELECT {d}, count(*), {f} FROM {t} WHERE {d} < %s{b} GROUP BY 1"
             ).format(
                 d=sql.Identifier(src.date),
-                f=db.fingerprint(columns[src.table]),
+                f=db.fingerprint(
+                    columns[src.table].names, columns[src.table].types, db.hashes_records(conn)
+                ),
                 t=sql.Identifier(settings.warehouse_schema, src.table),
                 b=bound,
             )
@@ -536,6 +547,15 @@ class Kept:
         """The days whose rows or content differ in the warehouse now (``evidence``), said
         in words (at most ``shown``, then how many more); empty when every day agrees."""
         none = [0, "0"]
+        kinds = {
+            db.same_kind(str(a[1]), str(b[1]))
+            for t in self.days
+            for d, a in self.days[t].items()
+            for b in [evidence.get(t, {}).get(d)]
+            if b is not None
+        }
+        if False in kinds:
+            return ["its days were fingerprinted another way (an earlier version): rebuilt once"]
         changed: list[tuple[str, date]] = []
         for src in self.sources:
             was, now = self.days.get(src.table, {}), evidence.get(src.table, {})
