@@ -53,6 +53,9 @@ SCHEMA = "predictions"
 LOCK_TIMEOUT = "1s"  # the longest a reader may queue behind a waiting swap
 SWAP_ATTEMPTS = 60
 COPY_STREAMS = 2  # parallel COPY connections into the staging table
+# Session settings of the primary key's build (benchmarks/publish.py gives its baseline the
+# same).
+KEY_BUILD_SETTINGS = (("maintenance_work_mem", "256MB"),)
 
 
 @dataclass(frozen=True)
@@ -343,7 +346,8 @@ def _constrain_and_validate(
     """Add the primary key (one row per key) and check the row count against the population."""
     ident = sql.Identifier(SCHEMA, stage)
     with conn.cursor() as cur:
-        cur.execute("SET LOCAL maintenance_work_mem = '256MB'")
+        for name, value in KEY_BUILD_SETTINGS:
+            cur.execute("SELECT set_config(%s, %s, true)", (name, value))
         try:
             cur.execute(
                 sql.SQL("ALTER TABLE {t} ADD PRIMARY KEY (score_date, {key})").format(
