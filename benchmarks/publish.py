@@ -4,8 +4,22 @@ and pandas to_sql.
 
     .venv/bin/python benchmarks/publish.py [--rows 1000000 5000000] [--to-sql-rows 50000]
 
-Each variant runs in its own process (so its peak RSS is its own) against a fresh
-database on NIGHTSCORE_DATABASE_URL's server, or the embedded server.
+What each variant times:
+
+- ``raw_copy``: one binary COPY (``db.ingest``, ADBC) of the night's rows, already in
+  memory, into an empty table shaped like the served table (``LIKE`` it: the same six
+  columns and NOT NULLs, no key, no CHECKs).
+- ``raw_copy+key``: the same, then the same primary key publish builds, in a session with
+  publish's key-build settings (``publish.KEY_BUILD_SETTINGS``, e.g. maintenance_work_mem;
+  everything else is the server's default for both).
+- ``nightscore``: ``publish_scores`` from the Parquet parts: reading them, the deciles,
+  the staging table with its CHECKs and key, the validation and the swap.
+
+Both ratios (vs COPY, vs COPY+key) are printed per population. Each variant runs in its
+own process (so its peak RSS is its own) against a fresh database on
+NIGHTSCORE_DATABASE_URL's server, or the embedded server; the variants take turns, round
+after round (``--repeat``), and the median of the rounds is reported, so load from other
+processes falls on all of them alike.
 """
 
 from __future__ import annotations
@@ -15,6 +29,7 @@ import json
 import os
 import resource
 import secrets
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -81,11 +96,9 @@ def variant(name: str, url: str, parts: list[Path], rows: int) -> dict:
         conn = db.connect(url)
         with conn.cursor() as cur:
             cur.execute(
-                "CREATE TABLE bench_raw (score_date date, customer_id bigint, model_version text, "
-                "churn_probability double precision, risk_decile smallint)"
+                f"CREATE TABLE bench_raw (LIKE {publish.SCHEMA}.{uc.score_table} INCLUDING DEFAULTS)"
             )
         conn.commit()
-        conn.close()
         table = pa.concat_tables([pq.read_table(p) for p in parts])
         n = table.num_rows
         full = pa.table(
@@ -99,16 +112,18 @@ def variant(name: str, url: str, parts: list[Path], rows: int) -> dict:
                 ),
                 "churn_probability": table.column("churn_probability"),
                 "risk_decile": pa.array(np.ones(n, dtype=np.int16)),
+                "control_group": pa.array(np.zeros(n, dtype=bool)),
             }
         )
         began = time.monotonic()
         db.ingest(url, "bench_raw", full, "public")
-        if name == "raw_copy+key":  # as publish builds it: after the COPY, same memory
-            db.scalar(
-                url,
-                "SET maintenance_work_mem = '256MB'; "
-                "ALTER TABLE bench_raw ADD PRIMARY KEY (score_date, customer_id); SELECT 1",
-            )
+        if name == "raw_copy+key":  # as publish builds it: after the COPY, same settings
+            with conn.cursor() as cur:
+                for setting, value in publish.KEY_BUILD_SETTINGS:
+                    cur.execute("SELECT set_config(%s, %s, true)", (setting, value))
+                cur.execute("ALTER TABLE bench_raw ADD PRIMARY KEY (score_date, customer_id)")
+            conn.commit()
+        conn.close()
     elif name == "to_sql":
         import pandas as pd
         import sqlalchemy as sa
@@ -138,7 +153,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 5_000_000])
     ap.add_argument("--to-sql-rows", type=int, default=50_000)
-    ap.add_argument("--repeat", type=int, default=2, help="runs per variant; the best is kept")
+    ap.add_argument(
+        "--repeat", type=int, default=3, help="rounds of all variants; the median is reported"
+    )
     ap.add_argument(
         "--child", nargs=4, metavar=("VARIANT", "URL", "FOLDER", "ROWS"), help=argparse.SUPPRESS
     )
@@ -158,14 +175,15 @@ def main() -> int:
     for rows in args.rows:
         with fresh_database() as url, tempfile.TemporaryDirectory() as folder:
             make_parts(rows, Path(folder))
-            for v, n in (
+            variants = (
                 ("raw_copy", rows),
                 ("raw_copy+key", rows),
                 ("nightscore", rows),
                 ("to_sql", min(rows, args.to_sql_rows)),
-            ):
-                best = None
-                for _ in range(args.repeat):
+            )
+            runs: dict[str, list[dict]] = {v: [] for v, _ in variants}
+            for _ in range(args.repeat):
+                for v, n in variants:
                     # each timed run starts from a clean slate: no checkpoint debt from the last
                     db.scalar(
                         url, "DROP TABLE IF EXISTS bench_raw, bench_to_sql; CHECKPOINT; SELECT 1"
@@ -177,10 +195,18 @@ def main() -> int:
                         check=True,
                         env=os.environ,
                     )
-                    res = json.loads(out.stdout.strip().splitlines()[-1])
-                    if best is None or res["rows_per_second"] > best["rows_per_second"]:
-                        best = res
-                results.append({"population": rows} | best)
+                    runs[v].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            for v, n in variants:
+                seconds = statistics.median(r["seconds"] for r in runs[v])
+                median = {
+                    "variant": v,
+                    "rows": n,
+                    "seconds": round(seconds, 3),
+                    "rows_per_second": round(n / seconds),
+                    "peak_rss_mb": max(r["peak_rss_mb"] for r in runs[v]),
+                    "runs_seconds": [r["seconds"] for r in runs[v]],
+                }
+                results.append({"population": rows} | median)
                 print(json.dumps(results[-1]), flush=True)
     print()
     print(

@@ -4,11 +4,12 @@ The served table is partitioned by score date. A publish
 
 1. drops leftovers of killed attempts, whatever their date (staging tables no live
    attempt marks, see :func:`drop_leftovers`),
-2. COPYs (binary, via ADBC) into a staging table unique to this attempt, then adds the
-   primary key and a CHECK matching the partition bound (so ATTACH skips its scan),
-3. validates the staged rows (count equals the population, one row per key,
-   probabilities in [0, 1], deciles 1..10, model version is the run's),
-4. in one short transaction with a lock timeout and the use case's publish lock (a row of
+2. in one transaction: creates a staging table unique to this attempt with CHECKs (the
+   partition bound, so ATTACH skips its scan; probabilities in [0, 1], deciles 1..10, the
+   run's model version), binary COPYs the rows into it with FREEZE, in key order, adds the
+   primary key (one row per key) and checks the row count against the population; it
+   commits only if all of that holds,
+3. in one short transaction with a lock timeout and the use case's publish lock (a row of
    ``ml.publish_locks`` locked FOR UPDATE, which only the writer can take), holding the
    served table in ACCESS EXCLUSIVE mode (so no read is planned on one side of the swap
    and run on the other): detaches and drops the date's old partition if any, attaches
@@ -23,6 +24,7 @@ set or two copies.
 from __future__ import annotations
 
 import logging
+import queue
 import secrets
 import threading
 import time
@@ -34,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from psycopg2 import errors as pg_errors
 from psycopg2 import sql
@@ -52,7 +55,9 @@ log = logging.getLogger(__name__)
 SCHEMA = "predictions"
 LOCK_TIMEOUT = "1s"  # the longest a reader may queue behind a waiting swap
 SWAP_ATTEMPTS = 60
-COPY_STREAMS = 2  # parallel COPY connections into the staging table
+# Session settings of the primary key's build, in the publishing transaction
+# (benchmarks/publish.py gives its baseline the same).
+KEY_BUILD_SETTINGS = (("maintenance_work_mem", "256MB"),)
 
 
 @dataclass(frozen=True)
@@ -165,93 +170,211 @@ def deciles_from_thresholds(
     return d
 
 
-def _batches(
-    uc: UseCase,
-    parts: list[ScoredPart],
-    thresholds: list[tuple[float, Any]],
-    score_date: date,
-    model_version: str,
-    schema: pa.Schema,
-    pause: bool,
+def _key_ordered(
+    parts: list[ScoredPart], columns: list[str], batch_rows: int
 ) -> Iterator[pa.RecordBatch]:
-    """The rows to COPY, batch by batch, with their global risk decile."""
-    day = (score_date - date(1970, 1, 1)).days
-    for i, batch in enumerate(
-        _part_batches(parts, [uc.entity_key, uc.probability_column], uc.serving.batch_rows * 4)
-    ):
-        entity_keys = keys.to_numpy(batch.column(0))
-        probs = batch.column(1).to_numpy()
-        n = len(entity_keys)
-        yield pa.RecordBatch.from_arrays(
-            [
-                pa.array(np.full(n, day, dtype=np.int32)).cast(pa.date32()),
-                batch.column(0),
-                pa.DictionaryArray.from_arrays(
-                    pa.array(np.zeros(n, dtype=np.int32)), pa.array([model_version])
-                ).cast(pa.string()),
-                pa.array(probs),
-                pa.array(deciles_from_thresholds(probs, entity_keys, thresholds)),
-                pa.array(control_members(entity_keys, uc)),
-            ],
-            schema=schema,
-        )
-        if i == 0 and pause:  # the first batch is on its way: the COPY is in progress
-            fault_point("during_copy")
+    """The rows of the parts (key first in ``columns``), merged into ascending key order.
+
+    Scoring writes each part in key order; merging them fills the staging heap in key order,
+    so building the primary key finds its input sorted. Any input order still yields every
+    row exactly once, only unsorted. Memory: one batch per part.
+    """
+    sources = [_part_batches([p], columns, batch_rows) for p in parts]
+    buffers: list[pa.RecordBatch | None] = [None] * len(parts)
+    exhausted = [False] * len(parts)
+    while True:
+        for i, source in enumerate(sources):
+            while not exhausted[i] and _empty(buffers[i]):
+                buffers[i] = next(source, None)
+                exhausted[i] = buffers[i] is None
+        live = [(i, b) for i, b in enumerate(buffers) if b is not None and b.num_rows]
+        if not live:
+            return
+        # every buffered row up to the smallest buffer maximum: at least one buffer drains
+        cutoff = min(pc.max(b.column(0)).as_py() for _, b in live)
+        taken = []
+        for i, b in live:
+            mask = pc.less_equal(b.column(0), cutoff)
+            taken.append(b.filter(mask))
+            buffers[i] = b.filter(pc.invert(mask))
+        merged = pa.Table.from_batches(taken).combine_chunks()
+        yield from merged.take(pc.sort_indices(merged.column(0))).to_batches()
 
 
-def _copy(
-    settings: Settings,
-    uc: UseCase,
-    stage: str,
-    parts: list[ScoredPart],
+def _empty(batch: pa.RecordBatch | None) -> bool:
+    return batch is None or batch.num_rows == 0
+
+
+COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # signature, flags, header extension
+COPY_TRAILER = b"\xff\xff"
+
+
+def copy_columns(uc: UseCase) -> list[str]:
+    """The staged columns in the order :func:`copy_rows` encodes them (the key last)."""
+    return [
+        "score_date",
+        "model_version",
+        uc.probability_column,
+        "risk_decile",
+        "control_group",
+        uc.entity_key,
+    ]
+
+
+def copy_rows(
     score_date: date,
     model_version: str,
-) -> int:
-    """COPY the parts into the staging table over up to ``COPY_STREAMS`` connections at once.
+    entity_keys: pa.Array,
+    probs: np.ndarray,
+    deciles: np.ndarray,
+    control: np.ndarray,
+) -> bytes:
+    """Rows in PostgreSQL's binary COPY format, columns as :func:`copy_columns` lists them.
 
-    Returns the row count the server reported for the COPYs.
+    Vectorized: the fixed-width fields of all rows are one numpy record array (big-endian,
+    each field after its length); a text key's bytes are appended to each record by Arrow.
+    ``entity_keys`` holds no nulls (the caller checks).
     """
-    schema = pa.schema(
-        [
-            ("score_date", pa.date32()),
-            (uc.entity_key, keys.arrow_type(uc.entity.type)),
-            ("model_version", pa.string()),
-            (uc.probability_column, pa.float64()),
-            ("risk_decile", pa.int16()),
-            ("control_group", pa.bool_()),
-        ]
-    )
-    thresholds = decile_thresholds(uc, parts, uc.serving.batch_rows * 4)
-    streams = [parts[i::COPY_STREAMS] for i in range(min(COPY_STREAMS, len(parts)))]
-    counts: list[int] = [0] * len(streams)
-    errors: list[BaseException] = []
-
-    def run(i: int) -> None:
-        try:
-            reader = pa.RecordBatchReader.from_batches(
-                schema,
-                _batches(uc, streams[i], thresholds, score_date, model_version, schema, i == 0),
-            )
-            counts[i] = db.ingest(settings.database_url, stage, reader, SCHEMA)
-        except BaseException as exc:  # re-raised in the calling thread
-            errors.append(exc)
-
-    threads = [
-        threading.Thread(target=run, args=(i,), name=f"copy-{i}") for i in range(len(streams))
+    n = len(entity_keys)
+    version = model_version.encode()
+    text = not pa.types.is_integer(entity_keys.type)
+    fields = [
+        ("fields", ">i2"),
+        ("date_len", ">i4"),
+        ("date", ">i4"),
+        ("version_len", ">i4"),
+        ("version", f"S{len(version)}"),
+        ("prob_len", ">i4"),
+        ("prob", ">f8"),
+        ("decile_len", ">i4"),
+        ("decile", ">i2"),
+        ("control_len", ">i4"),
+        ("control", "u1"),
+        ("key_len", ">i4"),
     ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        if "violates check constraint" in str(errors[0]):
-            raise PublishError(
-                f"scored rows for {score_date} violate the contract of {SCHEMA}.{uc.score_table} "
-                f"({uc.probability_column} in [0, 1], decile 1..10, score_date = {score_date}, "
-                f"model_version = {model_version}): {str(errors[0]).splitlines()[0]}; nothing was published"
-            ) from errors[0]
-        raise errors[0]
-    return -1 if any(c < 0 for c in counts) else sum(counts)
+    if not text:
+        fields.append(("key", ">i8"))
+    row = np.empty(n, dtype=np.dtype(fields))
+    row["fields"] = 6
+    row["date_len"], row["date"] = 4, (score_date - date(2000, 1, 1)).days
+    row["version_len"], row["version"] = len(version), version
+    row["prob_len"], row["prob"] = 8, probs
+    row["decile_len"], row["decile"] = 2, deciles
+    row["control_len"], row["control"] = 1, control
+    if not text:
+        row["key_len"], row["key"] = 8, keys.to_numpy(entity_keys)
+        return row.tobytes()
+    utf8 = entity_keys.cast(pa.binary())
+    row["key_len"] = pc.binary_length(utf8).to_numpy(zero_copy_only=False)
+    fixed = pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(row.itemsize), n, [None, pa.py_buffer(row)]
+    ).cast(pa.binary())
+    joined = pc.binary_join_element_wise(fixed, utf8, b"")
+    offsets = np.frombuffer(joined.buffers()[1], dtype=np.int32)
+    first, last = int(offsets[joined.offset]), int(offsets[joined.offset + n])
+    return joined.buffers()[2].to_pybytes()[first:last]
+
+
+class _CopyStream:
+    """The night's rows as a file-like object for ``copy_expert``: binary COPY data, batch by
+    batch, in key order, each row with its global risk decile and control-group flag.
+
+    A thread reads and encodes up to ``AHEAD`` batches ahead while the server takes the
+    previous ones (Parquet, numpy and Arrow release the GIL), so reading the parts overlaps
+    the COPY. Call :meth:`close` when the COPY is over, however it ended.
+    """
+
+    AHEAD = 2
+
+    def __init__(
+        self,
+        uc: UseCase,
+        parts: list[ScoredPart],
+        thresholds: list[tuple[float, Any]],
+        score_date: date,
+        model_version: str,
+    ) -> None:
+        # psycopg2 turns an exception raised in read() into QueryCanceled: keep the original
+        self.error: BaseException | None = None
+        self._queue: queue.Queue[bytes | BaseException | None] = queue.Queue(self.AHEAD)
+        self._closing = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(
+            target=self._produce,
+            args=(self._encode(uc, parts, thresholds, score_date, model_version),),
+            name="copy-encode",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def _produce(self, chunks: Iterator[bytes]) -> None:
+        try:
+            for chunk in chunks:
+                if not self._put(chunk):
+                    return
+            self._put(None)
+        except BaseException as exc:  # raised again by read(), in the COPY's thread
+            self._put(exc)
+
+    def _put(self, item: bytes | BaseException | None) -> bool:
+        while not self._closing.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    @staticmethod
+    def _encode(
+        uc: UseCase,
+        parts: list[ScoredPart],
+        thresholds: list[tuple[float, Any]],
+        score_date: date,
+        model_version: str,
+    ) -> Iterator[bytes]:
+        yield COPY_HEADER
+        columns = [uc.entity_key, uc.probability_column]
+        for i, batch in enumerate(_key_ordered(parts, columns, uc.serving.batch_rows * 4)):
+            key_column, prob_column = batch.column(0), batch.column(1)
+            if key_column.null_count or prob_column.null_count:
+                raise PublishError(
+                    f"scored rows for {score_date} hold a null {uc.entity_key} or "
+                    f"{uc.probability_column} ({SCHEMA}.{uc.score_table} allows none); "
+                    "re-score the night; nothing was published"
+                )
+            entity_keys = keys.to_numpy(key_column)
+            probs = prob_column.to_numpy()
+            yield copy_rows(
+                score_date,
+                model_version,
+                key_column,
+                probs,
+                deciles_from_thresholds(probs, entity_keys, thresholds),
+                control_members(entity_keys, uc),
+            )
+            if i == 0:  # the first batch is on its way: the COPY is in progress
+                fault_point("during_copy")
+        yield COPY_TRAILER
+
+    def read(self, size: int = -1) -> bytes:
+        if self._done:
+            return b""
+        try:
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+        except BaseException as exc:
+            self.error = exc
+            raise
+        if item is None:
+            self._done = True
+            return b""
+        return item
+
+    def close(self) -> None:
+        self._closing.set()
+        self._thread.join()
 
 
 def publish_scores(
@@ -269,24 +392,14 @@ def publish_scores(
             is published in that case and the previous rows stay served.
     """
     began = time.monotonic()
-    parent = uc.score_table
-    stage = f"{parent}_stage_{run.score_date:%Y%m%d}_{secrets.token_hex(4)}"
+    stage = f"{uc.score_table}_stage_{run.score_date:%Y%m%d}_{secrets.token_hex(4)}"
     target = partition_name(uc, run.score_date)
     drop_leftovers(settings, uc)
     # Marked live from before the staging table exists until it is attached or dropped.
     with _staged(settings, stage) as conn:
-        with conn.cursor() as cur:
-            _create_like(cur, stage, parent)
-            _add_checks(cur, uc, stage, run.score_date, model_version)
-        conn.commit()
-
         copy_began = time.monotonic()
-        copied = _copy(settings, uc, stage, parts, run.score_date, model_version)
+        _stage(conn, uc, stage, parts, run.score_date, model_version, expected_rows)
         copy_seconds = time.monotonic() - copy_began
-
-        _constrain_and_validate(
-            conn, uc, stage, run.score_date, model_version, expected_rows, copied
-        )
         fault_point("after_validation")
         attempts = _swap(conn, uc, run, stage, target, expected_rows, model_version)
     result = PublishResult(
@@ -294,6 +407,71 @@ def publish_scores(
     )
     log.info("published %s %s: %s", uc.name, run.score_date, result.as_xcom())
     return result
+
+
+def _stage(
+    conn: Any,
+    uc: UseCase,
+    stage: str,
+    parts: list[ScoredPart],
+    score_date: date,
+    model_version: str,
+    expected_rows: int,
+) -> None:
+    """Create, fill and validate the staging table in one transaction, committed only valid.
+
+    The table is created in the transaction that COPYs into it, so the COPY can FREEZE its
+    rows (nothing else sees the table before the commit): neither the key build nor a later
+    vacuum has to revisit the pages to mark them committed or frozen. The CHECKs are in
+    place before the COPY, which verifies each row as it arrives; the primary key is built
+    after it, in one sorted pass over the heap.
+    """
+    ident = sql.Identifier(SCHEMA, stage)
+    thresholds = decile_thresholds(uc, parts, uc.serving.batch_rows * 4)
+    with conn.cursor() as cur:
+        _create_like(cur, stage, uc.score_table)
+        _add_checks(cur, uc, stage, score_date, model_version)
+        rows_in = _CopyStream(uc, parts, thresholds, score_date, model_version)
+        try:
+            cur.copy_expert(
+                sql.SQL("COPY {t} ({cols}) FROM STDIN WITH (FORMAT binary, FREEZE)")
+                .format(t=ident, cols=sql.SQL(", ").join(map(sql.Identifier, copy_columns(uc))))
+                .as_string(conn),
+                rows_in,
+                size=1 << 20,
+            )
+        except pg_errors.QueryCanceled:
+            if rows_in.error is not None:
+                raise rows_in.error from None
+            raise
+        except pg_errors.CheckViolation as exc:
+            raise PublishError(
+                f"scored rows for {score_date} violate the contract of {SCHEMA}.{uc.score_table} "
+                f"({uc.probability_column} in [0, 1], decile 1..10, score_date = {score_date}, "
+                f"model_version = {model_version}): {str(exc).splitlines()[0]}; nothing was published"
+            ) from exc
+        finally:
+            rows_in.close()
+        rows = cur.rowcount
+        if rows != expected_rows:
+            raise PublishError(
+                f"staged {SCHEMA}.{uc.score_table} for {score_date} has {rows} rows, expected "
+                f"{expected_rows} (the population as of that date); nothing was published"
+            )
+        for name, value in KEY_BUILD_SETTINGS:
+            cur.execute("SELECT set_config(%s, %s, true)", (name, value))
+        try:
+            cur.execute(
+                sql.SQL("ALTER TABLE {t} ADD PRIMARY KEY (score_date, {key})").format(
+                    t=ident, key=sql.Identifier(uc.entity_key)
+                )
+            )
+        except pg_errors.UniqueViolation as exc:
+            raise PublishError(
+                f"staged {SCHEMA}.{uc.score_table} rows for {score_date} are not one row per "
+                f"{uc.entity_key}: {exc.pgerror.strip() if exc.pgerror else exc}; nothing was published"
+            ) from exc
+    conn.commit()
 
 
 def _create_like(cur: Any, table: str, template: str) -> None:
@@ -329,42 +507,6 @@ def _add_checks(cur: Any, uc: UseCase, stage: str, score_date: date, model_versi
             v=sql.Literal(model_version),
         )
     )
-
-
-def _constrain_and_validate(
-    conn: Any,
-    uc: UseCase,
-    stage: str,
-    score_date: date,
-    model_version: str,
-    expected_rows: int,
-    copied: int,
-) -> None:
-    """Add the primary key (one row per key) and check the row count against the population."""
-    ident = sql.Identifier(SCHEMA, stage)
-    with conn.cursor() as cur:
-        cur.execute("SET LOCAL maintenance_work_mem = '256MB'")
-        try:
-            cur.execute(
-                sql.SQL("ALTER TABLE {t} ADD PRIMARY KEY (score_date, {key})").format(
-                    t=ident, key=sql.Identifier(uc.entity_key)
-                )
-            )
-        except pg_errors.UniqueViolation as exc:
-            raise PublishError(
-                f"staged {SCHEMA}.{uc.score_table} rows for {score_date} are not one row per "
-                f"{uc.entity_key}: {exc.pgerror.strip() if exc.pgerror else exc}; nothing was published"
-            ) from exc
-        rows = copied
-        if rows < 0:  # the driver did not report the COPY count: count the rows
-            cur.execute(sql.SQL("SELECT count(*) FROM {t}").format(t=ident))
-            rows = cur.fetchone()[0]
-    conn.commit()
-    if rows != expected_rows:
-        raise PublishError(
-            f"staged {SCHEMA}.{uc.score_table} for {score_date} has {rows} rows, expected "
-            f"{expected_rows} (the population as of that date); nothing was published"
-        )
 
 
 def _locked(conn: Any, uc: UseCase, what: str, body: Callable[[Any], None]) -> int:
@@ -522,8 +664,9 @@ def _staged(settings: Settings, table: str) -> Iterator[Any]:
         try:
             yield conn
         except BaseException:
-            conn.rollback()
-            _drop_quietly(conn, table)
+            if not conn.closed:  # a terminated backend takes its transaction with it
+                conn.rollback()
+                _drop_quietly(conn, table)
             raise
         finally:
             conn.close()

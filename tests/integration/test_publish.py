@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from collections import Counter
@@ -343,3 +344,73 @@ def test_readers_never_see_an_empty_night_while_new_nights_are_published(
     seen, worst = read_during(isolated, publishing)
     assert len(seen) > 100 and set(seen) == {night["rows"]}, Counter(seen)
     print(f"\n{len(seen)} reads during 8 new nights' publishes, worst {worst * 1000:.0f} ms")
+
+
+@pytest.mark.parametrize("key_type", ["bigint", "text"])
+def test_binary_copy_rows_read_back_as_written(database_url: str, key_type: str) -> None:
+    import pyarrow as pa
+
+    entity_keys = (
+        pa.array([1, 2**40, 7], pa.int64())
+        if key_type == "bigint"
+        else pa.array(["a", "", "kéy-ü"], pa.string())
+    )
+    probs = np.array([0.0, 0.5, 1.0])
+    deciles = np.array([1, 5, 10], dtype=np.int16)
+    control = np.array([True, False, True])
+    payload = (
+        publish.COPY_HEADER
+        + publish.copy_rows(SCORE_DATE, "v-1", entity_keys, probs, deciles, control)
+        + publish.COPY_TRAILER
+    )
+    conn = db.connect(database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                f"CREATE TEMP TABLE staged (score_date date, model_version text, "
+                f"churn_probability float8, risk_decile smallint, control_group boolean, "
+                f"customer_id {key_type})"
+            )
+            cur.copy_expert(
+                "COPY staged FROM STDIN WITH (FORMAT binary)",
+                io.BytesIO(payload),
+            )
+            cur.execute("SELECT * FROM staged")
+            got = cur.fetchall()
+    finally:
+        conn.close()
+    assert got == [
+        (SCORE_DATE, "v-1", p, d, c, k)
+        for p, d, c, k in zip(
+            probs.tolist(), deciles.tolist(), control.tolist(), entity_keys.to_pylist(), strict=True
+        )
+    ]
+
+
+@pytest.mark.parametrize("in_key_order", [True, False])
+def test_parts_are_merged_into_key_order_every_row_once(tmp_path, in_key_order: bool) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(5)
+    keys = np.arange(1, 20_001, dtype=np.int64)
+    which = rng.integers(0, 3, len(keys))
+    parts = []
+    for i in range(3):
+        mine = keys[which == i] if in_key_order else rng.permutation(keys[which == i])
+        path = tmp_path / f"part-{i}.parquet"
+        pq.write_table(
+            pa.table({"customer_id": mine, "churn_probability": mine / len(keys)}),
+            path,
+            row_group_size=1500,
+        )
+        parts.append(ScoredPart(i, path, len(mine)))
+    merged = np.concatenate(
+        [
+            b.column(0).to_numpy()
+            for b in publish._key_ordered(parts, ["customer_id", "churn_probability"], 1000)
+        ]
+    )
+    assert sorted(merged.tolist()) == keys.tolist()
+    if in_key_order:
+        assert (merged == keys).all()
