@@ -196,14 +196,16 @@ def blocks(uc: UseCase) -> list[Block]:
 
 
 def spans(uc: UseCase) -> dict[str, int]:
-    """Per table the blocks are built from, the most days before a run date they read
-    (every day a table holds: ``contract.ALL_HISTORY``)."""
+    """Per table the blocks are built from, the most days before a run date whose evidence
+    they compare: the days they read, and the day before them (which last night's state
+    read), or every day a table holds (``contract.ALL_HISTORY``)."""
     from pipeline.contract import ALL_HISTORY
 
     out: dict[str, int] = {}
     for b in blocks(uc):
         for src in b.sources:
-            out[src.table] = max(out.get(src.table, 0), src.days or ALL_HISTORY)
+            days = src.days + 1 if src.days is not None else ALL_HISTORY
+            out[src.table] = max(out.get(src.table, 0), days)
     return out
 
 
@@ -292,6 +294,12 @@ def prepare(
         state = _newest(folder, block, as_of)
         since = state.as_of if state is not None else as_of
         given = _given(block, seen, since, as_of)
+        log.info(
+            "kept %s as of %s: the evidence of its days %s",
+            block.name,
+            as_of,
+            "counted" if given is None else "from the night's source checks",
+        )
         with ThreadPoolExecutor(1) as pool:
             counting = None
             if given is None:

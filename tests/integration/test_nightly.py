@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 from pathlib import Path
 
@@ -86,12 +87,17 @@ def test_the_card_records_how_the_model_was_made(isolated: Settings, first_night
 
 
 def test_rerunning_a_date_replaces_its_rows_with_identical_ones(
-    isolated: Settings, first_night: dict
+    isolated: Settings, first_night: dict, caplog: pytest.LogCaptureFixture
 ) -> None:
     before = served(isolated, SCORE_DATE)
+    caplog.set_level(logging.INFO, logger="pipeline.windows")
     for i in range(2):
         nightly.run_night(isolated, UC, SCORE_DATE, retrain=False, run_id=f"test-rerun-{i}")
     assert served(isolated, SCORE_DATE) == before
+    # the kept blocks check their days against what the night's source checks counted
+    evidence = [r.getMessage() for r in caplog.records if r.getMessage().startswith("kept ")]
+    assert len(evidence) == 2 * 3, evidence
+    assert all(m.endswith("from the night's source checks") for m in evidence), evidence
 
 
 def test_a_tampered_artifact_is_refused(isolated: Settings, first_night: dict) -> None:
