@@ -109,11 +109,15 @@ def apply_settings(cur: Any, settings: Mapping[str, str], where: str) -> None:
             cur.execute("SELECT set_config($1, $2, false)", parameters=(name, value))
             cur.fetchall()
         except adbc_driver_manager.Error as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise ConfigError(
-                f"{where}.{name}: PostgreSQL refused {value!r} ({first}); give a setting "
-                "this server knows, with a value it takes (SHOW ALL lists them)"
-            ) from exc
+            raise refused_setting(where, name, value, str(exc).strip().splitlines()[0]) from exc
+
+
+def refused_setting(where: str, name: str, value: str, error: str) -> ConfigError:
+    """The error of a PostgreSQL setting the server refused (``where``: its config key)."""
+    return ConfigError(
+        f"{where}.{name}: PostgreSQL refused {value!r} ({error}); give a setting this "
+        "server knows, with a value it takes (SHOW ALL lists them)"
+    )
 
 
 @contextmanager

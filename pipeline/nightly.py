@@ -105,6 +105,7 @@ def check_sources(settings: Settings, uc: UseCase, run: RunContext) -> dict[str,
             uc.warehouse.timezone,
             uc.entity_key,
             history_days=lookback,
+            session=uc.warehouse.settings,
         )
         earlier, before = checks.previous_source_days(settings, run)
         results = seen.results

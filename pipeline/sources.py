@@ -110,14 +110,15 @@ def _run(conn: Any, cur: Any, query: sql.Composable, params: Mapping[str, Any]) 
     return rows
 
 
-def _begin(conn: Any, cur: Any, timezone: str) -> date:
-    """Start a read-only snapshot (rules are SQL text: they must not write) and return
-    today in ``timezone`` from the server's clock.
+def _begin(conn: Any, cur: Any, timezone: str, session: Mapping[str, str] | None = None) -> date:
+    """Start a read-only snapshot (rules are SQL text: they must not write) with the
+    settings ``session``, and return today in ``timezone`` from the server's clock.
 
     Raises:
         ConfigError: PostgreSQL does not know ``timezone``.
     """
     cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+    _settle(cur, session)
     try:
         rows = _run(
             conn, cur, sql.SQL("SELECT CAST(now() AT TIME ZONE %(tz)s AS date)"), {"tz": timezone}
@@ -129,6 +130,19 @@ def _begin(conn: Any, cur: Any, timezone: str) -> date:
             f"found {exc.message}"
         ) from exc
     return date.fromisoformat(str(rows[0][0]))
+
+
+def _settle(cur: Any, session: Mapping[str, str] | None) -> None:
+    """The transaction's PostgreSQL settings.
+
+    Raises:
+        ConfigError: PostgreSQL refuses a name or a value.
+    """
+    for name, value in (session or {}).items():
+        try:
+            cur.execute("SELECT set_config(%s, %s, true)", (name, value))
+        except psycopg2.Error as exc:
+            raise db.refused_setting("warehouse.session", name, value, _first_line(exc)) from exc
 
 
 # information_schema.columns.data_type, computed from pg_catalog: information_schema
@@ -927,6 +941,7 @@ def observe(
     timezone: str = "UTC",
     entity_key: str | None = None,
     history_days: Mapping[str, int] | None = None,
+    session: Mapping[str, str] | None = None,
 ) -> Observation:
     """Check every table of ``contract`` in ``schema`` before featurizing day ``as_of``.
 
@@ -948,7 +963,8 @@ def observe(
     fingerprint of the declared columns' content (``Observation.days``).
 
     Days of timestamp columns are counted in ``contract.timezone``, else ``timezone``.
-    All checks read one consistent, read-only snapshot.
+    All checks read one consistent, read-only snapshot, each connection with the PostgreSQL
+    settings ``session`` (the use case's ``warehouse.session``).
 
     Returns:
         One ``CheckResult`` per check (stage ``sources``); a check whose query PostgreSQL
@@ -963,10 +979,10 @@ def observe(
     conn = db.connect(url)
     try:
         with conn.cursor() as cur:
-            today = _begin(conn, cur, zone)
+            today = _begin(conn, cur, zone, session)
             snapshot = _export(conn, cur)
             if snapshot is None:  # the failed export ended the transaction: a new one
-                today = _begin(conn, cur, zone)
+                today = _begin(conn, cur, zone, session)
             found = _catalog(conn, cur, schema, list(contract.tables))
             shapes: dict[str, list[CheckResult]] = {}
             tables: dict[str, _Table] = {}
@@ -1001,7 +1017,8 @@ def observe(
                 )
                 tables[name] = replace(checked, references=refs)
             relations = [r for r in contract.relations if {r.table, r.join} <= tables.keys()]
-            outcome = _measure_all(url, conn, cur, schema, snapshot, [*tables.values(), *relations])
+            work: list[_Table | Relation] = [*tables.values(), *relations]
+            outcome = _measure_all(url, conn, cur, schema, snapshot, work, session)
     finally:
         conn.close()
     measured = dict(zip(tables, outcome, strict=False))
@@ -1042,6 +1059,7 @@ def _measure_all(
     schema: str,
     snapshot: str | None,
     work: Sequence[_Table | Relation],
+    session: Mapping[str, str] | None = None,
 ) -> list[Any]:
     """Each table's measurements and each relation's result, in the order of ``work``, over
     up to ``CHECK_CONNECTIONS`` connections that share the first one's ``snapshot``
@@ -1079,6 +1097,7 @@ def _measure_all(
                 try:
                     k.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                     k.execute("SET TRANSACTION SNAPSHOT %s", (snapshot,))
+                    _settle(k, session)
                 except psycopg2.Error as exc:
                     log.info("a source check connection cannot share the snapshot: %s", exc)
                     return

@@ -105,9 +105,9 @@ class Warehouse(_Section):
         default="public", alias="schema", pattern=r"^[A-Za-z_][A-Za-z0-9_$]*$", max_length=63
     )
     timezone: str = "UTC"
-    # PostgreSQL settings of the session that builds the features and the kept blocks,
-    # over these defaults: no JIT (its compilation costs more than it saves on a query run
-    # once a night) and the memory for the aggregates' sorts and hashes not to spill.
+    # PostgreSQL settings of the sessions that read the warehouse (the source checks, the
+    # features and the kept blocks), over the defaults: no JIT (its compilation costs more
+    # than it saves on queries run once a night) and memory for sorts and hashes.
     session: dict[str, str | int | float | bool] = Field(default_factory=dict)
 
     @field_validator("timezone")

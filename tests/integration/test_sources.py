@@ -965,3 +965,15 @@ def test_observe_counts_rows_per_day_of_each_dated_table(url: str) -> None:
     seen = sources.observe(url, "base", contract(), AS_OF, "UTC")
     assert set(seen.days) == {"usage_daily", "readings", "events"}
     assert seen.days["usage_daily"][LAST][0] == 20 and seen.days["events"][LAST][0] == 12
+
+
+def test_the_checks_take_the_use_case_session_settings_and_name_a_refused_one(url: str) -> None:
+    plain = sources.observe(url, "base", contract(), AS_OF).results
+    settled = sources.observe(
+        url, "base", contract(), AS_OF, session={"jit": "off", "work_mem": "64MB"}
+    ).results
+    assert [(r.check, r.target, r.passed, r.found) for r in settled] == [
+        (r.check, r.target, r.passed, r.found) for r in plain
+    ]
+    with pytest.raises(ConfigError, match=r"warehouse.session.work_mem: PostgreSQL refused 'lots'"):
+        sources.observe(url, "base", contract(), AS_OF, session={"work_mem": "lots"})
