@@ -102,7 +102,8 @@ class CompiledForest:
         uniques: dict[str, pa.Array] = {}
         indices: dict[str, np.ndarray] = {}
         for name in names:
-            encoded = pc.dictionary_encode(table.column(name)).combine_chunks()
+            # one array first: chunks encoded apart could each get a dictionary of their own
+            encoded = pc.dictionary_encode(table.column(name).combine_chunks())
             dictionary = encoded.dictionary
             uniques[name] = dictionary
             # a missing value takes the code of the missing entry placed after the uniques

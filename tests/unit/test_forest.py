@@ -92,10 +92,11 @@ def test_the_encoded_matrix_is_what_the_pipeline_hands_its_trees(many_trees: obj
     assert np.nanmax(found[:, handset]) == 253  # the rare ones grouped in the last code
 
 
-def test_categories_seen_nowhere_but_in_a_batch_and_a_batch_of_one_row(many_trees: object) -> None:
+def test_unseen_categories_one_row_and_a_batch_of_several_chunks(many_trees: object) -> None:
     fast = forest.compile_model(many_trees, COLUMNS)
     table, _ = rows(3_000, seed=4, unseen=0.5)
-    for part in (table, table.slice(0, 1), table.slice(7, 2)):
+    chunked = pa.concat_tables([table.slice(0, 1000), rows(500, seed=8, unseen=0.3)[0]])
+    for part in (table, table.slice(0, 1), table.slice(7, 2), chunked):
         assert np.array_equal(fast.predict(part), train.predict(many_trees, part, COLUMNS))
 
 
