@@ -10,7 +10,9 @@ the encoder keeps), nineteen numbers with missing values. Every candidate starts
 same Arrow table, so its rows/s includes getting to the matrix it reads:
 
 - ``sklearn``: ``train.predict`` (Arrow -> pandas -> Pipeline.predict_proba), the baseline;
-- ``forest``: ``pipeline.forest`` (Arrow -> encoded matrix -> compiled walk, numba);
+- ``forest``: ``pipeline.forest`` as it serves (Arrow -> encoded matrix -> the compiled
+  bitvector kernel, numba); ``forest-walk``: the same with its per-tree walk (what serves
+  trees of more than 64 leaves);
 - ``onnxruntime``: the classifier converted by skl2onnx, fed the encoded matrix;
 - ``tl2cgen``: the classifier imported by treelite 4 and compiled to C by TL2cgen (gcc),
   fed the encoded matrix.
@@ -25,6 +27,7 @@ The best of ``--repeat`` runs is reported: the machine is shared.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from collections.abc import Callable
@@ -174,6 +177,9 @@ def main() -> None:
     print(f"forest: compiled (or loaded from numba's cache) in {fast.compile_seconds:.2f} s")
     candidates["sklearn"] = (lambda t: train.predict(model, t, COLUMNS), "")
     candidates["forest"] = (lambda t: fast.predict(t, threads=threads), "")
+    walk = dataclasses.replace(fast, masks=None)
+    prepared["forest-walk"] = prepared["forest"]
+    candidates["forest-walk"] = (lambda t: walk.predict(t, threads=threads), "")
     with tempfile.TemporaryDirectory() as tmp:
         for name, build in [
             ("onnxruntime", lambda: onnx_candidate(model, fast, threads)),

@@ -18,6 +18,7 @@ HistGradientBoostingClassifier. :func:`compile_model` says why anything else is 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -59,6 +60,61 @@ class Trees:
         """The nodes' second words as doubles (thresholds, leaf values)."""
         return self.words.view(np.float64)
 
+    def args(self) -> tuple[Any, ...]:
+        """What ``forest_kernel.raw_sums`` reads besides the rows."""
+        return (
+            self.roots,
+            self.words,
+            self.numbers,
+            self.bitset,
+            self.left_bits,
+            self.known_bits,
+            self.known_row,
+            self.baseline,
+        )
+
+
+@dataclass(frozen=True)
+class Masks:
+    """The model's splits as ``forest_kernel.bitvector_sums`` reads them: per feature, the
+    numeric splits by threshold and those sending missing values right; per categorical
+    feature and code (256: missing), the splits sending it right; each with its tree and the
+    mask clearing its left subtree's leaves. ``leaf_values``: per tree, left to right."""
+
+    bounds: np.ndarray
+    thresholds: np.ndarray
+    split_tree: np.ndarray
+    split_mask: np.ndarray
+    missing_bounds: np.ndarray
+    missing_tree: np.ndarray
+    missing_mask: np.ndarray
+    categorical: np.ndarray
+    code_bounds: np.ndarray
+    code_tree: np.ndarray
+    code_mask: np.ndarray
+    leaf_values: np.ndarray
+    lowest_bit: np.ndarray
+    baseline: float
+
+    def args(self) -> tuple[Any, ...]:
+        """What ``forest_kernel.bitvector_sums`` reads besides the rows."""
+        return (
+            self.bounds,
+            self.thresholds,
+            self.split_tree,
+            self.split_mask,
+            self.missing_bounds,
+            self.missing_tree,
+            self.missing_mask,
+            self.categorical,
+            self.code_bounds,
+            self.code_tree,
+            self.code_mask,
+            self.leaf_values,
+            self.lowest_bit,
+            self.baseline,
+        )
+
 
 @dataclass(frozen=True)
 class Column:
@@ -76,8 +132,14 @@ class CompiledForest:
     columns: list[str]  # the model's input features, as scoring passes them
     matrix: list[Column]  # the trees' feature order
     trees: Trees
-    kernel: Callable[..., None]
+    masks: Masks | None  # None: a tree has more than 64 leaves, and the walk serves
+    walk: Callable[..., None]
+    bitvectors: Callable[..., None]
     compile_seconds: float
+
+    @property
+    def method(self) -> str:
+        return "walk" if self.masks is None else "bitvectors"
 
     def encode(self, table: pa.Table) -> np.ndarray:
         """The matrix the trees read for ``table``'s rows (float64, a row's values together)."""
@@ -137,31 +199,23 @@ class CompiledForest:
         """The sum of the leaves from the baseline, per row of the encoded matrix."""
         n = x.shape[0]
         out = np.empty(n, dtype=np.float64)
-        t = self.trees
-        args = (
-            t.roots,
-            t.words,
-            t.numbers,
-            t.bitset,
-            t.left_bits,
-            t.known_bits,
-            t.known_row,
-            t.baseline,
-            out,
-        )
+        if self.masks is None:
+            kernel, args = self.walk, (*self.trees.args(), out)
+        else:
+            kernel, args = self.bitvectors, (*self.masks.args(), out)
         blocks = [(s, min(n, s + ROW_BLOCK)) for s in range(0, n, ROW_BLOCK)]
         threads = max(1, min(threads, len(blocks)))
         if threads == 1:
-            self.kernel(x, 0, n, *args)
+            kernel(x, 0, n, *args)
             return out
-        # the kernel releases the GIL: plain threads, each walking contiguous row blocks
+        # the kernels release the GIL: plain threads, each scoring contiguous row blocks
         share = -(-len(blocks) // threads)
         spans = [
             (blocks[i][0], blocks[min(len(blocks), i + share) - 1][1])
             for i in range(0, len(blocks), share)
         ]
         with ThreadPoolExecutor(len(spans), thread_name_prefix="forest") as pool:
-            for done in [pool.submit(self.kernel, x, a, b, *args) for a, b in spans]:
+            for done in [pool.submit(kernel, x, a, b, *args) for a, b in spans]:
                 done.result()
         return out
 
@@ -300,9 +354,138 @@ def flatten(model: Any) -> Trees:
     )
 
 
-def load_kernel(cache_dir: Path | None = None) -> Callable[..., None]:
-    """The compiled walk; numba caches its machine code under ``cache_dir`` (unless
-    ``NUMBA_CACHE_DIR`` says where) so that later processes skip the compilation."""
+def bitvectors(model: Any) -> Masks | None:
+    """The fitted estimator's splits as :class:`Masks`; None when a tree has more than 64
+    leaves (a mask has 64 bits)."""
+    from pipeline import forest_kernel as k
+
+    est = model[-1]
+    known_bits, f_idx_map = est._bin_mapper.make_known_categories_bitsets()
+    known_bits = np.asarray(known_bits, dtype=np.uint32).reshape(-1, 8)
+    predictors = [p for iteration in est._predictors for p in iteration]
+    features = est.n_features_in_
+    numeric: list[
+        tuple[int, float, int, int, bool]
+    ] = []  # feature, threshold, tree, mask, nan right
+    categorical: list[tuple[int, int, int, bool, np.ndarray]] = []  # ..., missing left, bitset
+    leaf_values = np.zeros((len(predictors), 64), dtype=np.float64)
+    for t, predictor in enumerate(predictors):
+        nodes = predictor.nodes
+        bits = np.asarray(predictor.raw_left_cat_bitsets, dtype=np.uint32).reshape(-1, 8)
+        leaves = _leaves_in_order(nodes)
+        if len(leaves) > 64:
+            return None
+        bit_of = {leaf: 1 << i for i, leaf in enumerate(leaves)}
+        leaf_values[t, : len(leaves)] = nodes["value"][leaves]
+        below = dict(bit_of)  # node -> the bits of the leaves under it
+        for i in _inner_nodes_children_first(nodes):
+            below[i] = below[int(nodes["left"][i])] | below[int(nodes["right"][i])]
+        for node in np.flatnonzero(~nodes["is_leaf"].astype(bool)):
+            mask = ~below[int(nodes["left"][node])] & (2**64 - 1)
+            f, left = int(nodes["feature_idx"][node]), bool(nodes["missing_go_to_left"][node])
+            if nodes["is_categorical"][node]:
+                categorical.append((f, t, mask, left, bits[int(nodes["bitset_idx"][node])]))
+            else:
+                numeric.append((f, float(nodes["num_threshold"][node]), t, mask, not left))
+    numeric.sort(key=lambda s: (s[0], s[1]))
+    missing = [s for s in numeric if s[4]]
+    code_bounds, code_tree, code_mask = _code_lists(categorical, known_bits, f_idx_map, features)
+    is_categorical = np.zeros(features, dtype=np.bool_)
+    is_categorical[[c[0] for c in categorical]] = True
+    lowest_bit = np.zeros(64, dtype=np.int64)
+    for i in range(64):
+        lowest_bit[(((1 << i) * int(k.DE_BRUIJN)) & (2**64 - 1)) >> 58] = i
+    return Masks(
+        bounds=_bounds([s[0] for s in numeric], features),
+        thresholds=np.array([s[1] for s in numeric], dtype=np.float64),
+        split_tree=np.array([s[2] for s in numeric], dtype=np.int64),
+        split_mask=np.array([s[3] for s in numeric], dtype=np.uint64),
+        missing_bounds=_bounds([s[0] for s in missing], features),
+        missing_tree=np.array([s[2] for s in missing], dtype=np.int64),
+        missing_mask=np.array([s[3] for s in missing], dtype=np.uint64),
+        categorical=is_categorical,
+        code_bounds=code_bounds,
+        code_tree=code_tree,
+        code_mask=code_mask,
+        leaf_values=leaf_values,
+        lowest_bit=lowest_bit,
+        baseline=float(np.asarray(est._baseline_prediction).reshape(-1)[0]),
+    )
+
+
+def _leaves_in_order(nodes: np.ndarray) -> list[int]:
+    """The tree's leaves from left to right."""
+    leaves, stack = [], [0]
+    while stack:
+        i = stack.pop()
+        if nodes["is_leaf"][i]:
+            leaves.append(i)
+        else:
+            stack += [int(nodes["right"][i]), int(nodes["left"][i])]
+    return leaves
+
+
+def _inner_nodes_children_first(nodes: np.ndarray) -> list[int]:
+    order, stack = [], [0]
+    while stack:
+        i = stack.pop()
+        if not nodes["is_leaf"][i]:
+            order.append(i)
+            stack += [int(nodes["left"][i]), int(nodes["right"][i])]
+    return order[::-1]  # every node after the nodes below it
+
+
+def _bounds(features: list[int], count: int) -> np.ndarray:
+    """CSR bounds of entries sorted by feature: entries of feature f at [b[f], b[f+1])."""
+    return np.concatenate(
+        [[0], np.cumsum(np.bincount(np.asarray(features, dtype=np.int64), minlength=count))]
+    ).astype(np.int64)
+
+
+def _code_lists(
+    splits: list[tuple[int, int, int, bool, np.ndarray]],
+    known_bits: np.ndarray,
+    known_row: np.ndarray,
+    features: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per (feature, code 0..256), the trees and masks of the categorical splits sending
+    that code right: a code in the split's bitset goes left; a code the fit knew, right; an
+    unknown code, and a missing value (code 256), where missing values go."""
+    from pipeline import forest_kernel as k
+
+    codes = np.arange(256)
+    bounds = np.zeros((features, k.MISSING_CODE + 2), dtype=np.int64)
+    trees, masks = [], []
+    position = 0
+    for f in range(features):
+        mine = [s for s in splits if s[0] == f]
+        bounds[f, :] = position
+        if not mine:
+            continue
+        bits = np.stack([s[4] for s in mine])  # (splits, 8)
+        word, bit = codes >> 5, (codes & 31).astype(np.uint32)
+        in_left = ((bits[:, word] >> bit) & 1).astype(bool)  # (splits, 256)
+        known = ((known_bits[known_row[f]][word] >> bit) & 1).astype(bool)  # (256,)
+        missing_left = np.array([s[3] for s in mine])
+        goes_left = in_left | (~known[None, :] & missing_left[:, None])
+        goes_left = np.concatenate([goes_left, missing_left[:, None]], axis=1)
+        code, split = np.nonzero(~goes_left.T)  # by code, then split
+        trees.append(np.array([mine[j][1] for j in split], dtype=np.int64))
+        masks.append(np.array([mine[j][2] for j in split], dtype=np.uint64))
+        counts = np.bincount(code, minlength=k.MISSING_CODE + 1)
+        bounds[f, 1:] = position + np.cumsum(counts)
+        position += len(split)
+    return (
+        bounds,
+        np.concatenate(trees) if trees else np.zeros(0, dtype=np.int64),
+        np.concatenate(masks) if masks else np.zeros(0, dtype=np.uint64),
+    )
+
+
+def load_kernels(cache_dir: Path | None = None) -> tuple[Callable[..., None], Callable[..., None]]:
+    """The walk and the bitvector kernels; numba caches their machine code under
+    ``cache_dir`` (unless ``NUMBA_CACHE_DIR`` says where) so that later processes skip the
+    compilation."""
     import numba
 
     if cache_dir is not None and not os.environ.get("NUMBA_CACHE_DIR"):
@@ -310,8 +493,9 @@ def load_kernel(cache_dir: Path | None = None) -> Callable[..., None]:
         config.CACHE_DIR = str(cache_dir)
     from pipeline import forest_kernel
 
-    kernel: Callable[..., None] = forest_kernel.raw_sums
-    return kernel
+    walk: Callable[..., None] = forest_kernel.raw_sums
+    bits: Callable[..., None] = forest_kernel.bitvector_sums
+    return walk, bits
 
 
 def compile_model(model: Any, columns: list[str], cache_dir: Path | None = None) -> CompiledForest:
@@ -323,11 +507,9 @@ def compile_model(model: Any, columns: list[str], cache_dir: Path | None = None)
         ImportError: numba is not installed.
     """
     matrix = supported_shape(model, columns)
-    trees = flatten(model)
     started = time.perf_counter()
-    kernel = load_kernel(cache_dir)
-    forest = CompiledForest(model, list(columns), matrix, trees, kernel, 0.0)
+    walk, bits = load_kernels(cache_dir)
+    trees, masks = flatten(model), bitvectors(model)
+    forest = CompiledForest(model, list(columns), matrix, trees, masks, walk, bits, 0.0)
     forest.raw(np.zeros((2, len(matrix)), dtype=np.float64))
-    return CompiledForest(
-        model, list(columns), matrix, trees, kernel, time.perf_counter() - started
-    )
+    return dataclasses.replace(forest, compile_seconds=time.perf_counter() - started)

@@ -52,8 +52,8 @@ def rows(n: int, seed: int, unseen: float = 0.0) -> tuple[pa.Table, np.ndarray]:
     return table, y
 
 
-def fitted(trees: int, estimator: str = "hist_gradient_boosting") -> object:
-    params = {"max_iter": trees, "max_leaf_nodes": 31, "min_samples_leaf": 20}
+def fitted(trees: int, estimator: str = "hist_gradient_boosting", leaves: int = 31) -> object:
+    params = {"max_iter": trees, "max_leaf_nodes": leaves, "min_samples_leaf": 20}
     if estimator != "hist_gradient_boosting":
         params = {}
     uc = UC.model_copy(
@@ -68,10 +68,16 @@ def many_trees() -> object:
     return fitted(150)
 
 
-@pytest.mark.parametrize("trees", [1, 3, 40])
-def test_the_fast_predictor_gives_scikit_learns_probabilities_to_the_bit(trees: int) -> None:
-    model = fitted(trees)
+@pytest.mark.parametrize(
+    ("trees", "leaves", "method"),
+    [(1, 31, "bitvectors"), (3, 31, "bitvectors"), (40, 31, "bitvectors"), (8, 200, "walk")],
+)
+def test_the_fast_predictor_gives_scikit_learns_probabilities_to_the_bit(
+    trees: int, leaves: int, method: str
+) -> None:
+    model = fitted(trees, leaves=leaves)
     fast = forest.compile_model(model, COLUMNS)
+    assert fast.method == method  # more than 64 leaves in a tree: the walk serves
     table, _ = rows(20_000, seed=2, unseen=0.03)
     expected = train.predict(model, table, COLUMNS)
     assert np.array_equal(fast.predict(table), expected)
@@ -120,8 +126,9 @@ def test_a_fast_predictor_that_disagrees_hands_the_partition_to_scikit_learn(
     assert ok.name == "forest" and ok.checked_rows == score.CHECK_ROWS
     assert ok.max_abs_diff == 0.0
 
+    assert fast.masks is not None
     shifted = dataclasses.replace(
-        fast, trees=dataclasses.replace(fast.trees, baseline=fast.trees.baseline + 1e-6)
+        fast, masks=dataclasses.replace(fast.masks, baseline=fast.masks.baseline + 1e-6)
     )
     with caplog.at_level(logging.WARNING, logger="pipeline.score"):
         bad = score.agreement(shifted, many_trees, table, COLUMNS, "v-shifted")
