@@ -4,12 +4,13 @@ scikit-learn's ``predict_proba`` on a :func:`pipeline.train.build_model` pipelin
 the Arrow batch into pandas, encodes every string through the OrdinalEncoder, then walks
 each tree over all rows, one tree after the other. Here a batch goes from Arrow straight to
 the encoded matrix (each string column's distinct values are encoded through the fitted
-transformers themselves, then taken by index), and one compiled pass (numba) walks every
-tree for a block of rows while the row is in cache, in threads over row blocks. The walk
-reads the fitted trees' own node arrays and makes scikit-learn's decisions (missing
-values, category bitsets, unknown categories); the leaves are summed in tree order from
-the baseline and the probability is the model's own link, so the result is the same double
-``predict_proba`` gives.
+transformers themselves, then taken by index), and one compiled pass (numba) scores every
+tree for a row, in threads over row blocks: by bitvectors when every tree has at most 64
+leaves, else by walking each tree (:mod:`pipeline.forest_kernel`). Both read the fitted
+trees' own splits and make scikit-learn's decisions (missing values, category bitsets,
+unknown categories); the leaves are summed in tree order from the baseline and the
+probability is the model's own link, so the result is the same double ``predict_proba``
+gives.
 
 Only the shape ``build_model`` makes is served: a Pipeline of a ColumnTransformer
 (OrdinalEncoder on string columns, numbers passed through) and a binary
@@ -499,8 +500,8 @@ def load_kernels(cache_dir: Path | None = None) -> tuple[Callable[..., None], Ca
 
 
 def compile_model(model: Any, columns: list[str], cache_dir: Path | None = None) -> CompiledForest:
-    """``model`` made ready to score; the kernel is compiled (or loaded from the cache) on
-    a one-row call, timed in ``compile_seconds``.
+    """``model`` made ready to score; its kernel is compiled (or loaded from numba's cache)
+    by a two-row call, timed with the model's preparation in ``compile_seconds``.
 
     Raises:
         Unsupported: the model's shape (the message says how).
