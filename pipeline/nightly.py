@@ -750,7 +750,7 @@ def score_partition(
             uc.serving.partitions,
             run.run_id,
         )
-        info |= {"rows": part.rows}
+        info |= {"rows": part.rows} | part.predictor.as_info()
     return part.as_xcom()
 
 

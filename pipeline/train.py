@@ -289,7 +289,12 @@ def threads(share: int = 1) -> Any:
     ``share`` tasks running at once): oversubscribed OpenMP makes trees many times slower."""
     from threadpoolctl import threadpool_limits
 
-    return threadpool_limits(limits=max(1, cpu_allowance() // max(1, share)), user_api="openmp")
+    return threadpool_limits(limits=thread_count(share), user_api="openmp")
+
+
+def thread_count(share: int = 1) -> int:
+    """Threads for one of ``share`` tasks running at once: its part of the CPU allowance."""
+    return max(1, cpu_allowance() // max(1, share))
 
 
 def fit(

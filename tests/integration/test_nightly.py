@@ -86,6 +86,20 @@ def test_the_card_records_how_the_model_was_made(isolated: Settings, first_night
     assert {"build_features", "train_challenger", "publish_scores"} <= set(run["stages"])
 
 
+def test_the_run_records_which_predictor_served_each_partition(
+    isolated: Settings, first_night: dict
+) -> None:
+    stages = db.scalar(
+        isolated.database_url, "SELECT stages FROM ml.runs WHERE run_id = 'test-night-1'"
+    )
+    for p in range(UC.serving.partitions):
+        stage = stages[f"score_partition_{p}"]
+        # the fast predictor served, having agreed with scikit-learn to the bit on its sample
+        assert stage["predictor"] == "forest" and stage["fallback"] is None
+        assert stage["checked_rows"] > 0 and stage["max_abs_diff"] == 0
+        assert stage["compile_seconds"] >= 0
+
+
 def test_rerunning_a_date_replaces_its_rows_with_identical_ones(
     isolated: Settings, first_night: dict, caplog: pytest.LogCaptureFixture
 ) -> None:
