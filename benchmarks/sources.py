@@ -123,12 +123,14 @@ def _usage_parts(table: Any, sql: Any) -> list[tuple[str, Any]]:
     counts = sql.SQL("SELECT {d}, count(*) FROM {t} WHERE {w} GROUP BY 1").format(
         d=day, t=table.relation, w=where
     )
-    content = sql.SQL("SELECT {d}, count(*), {f} FROM {t} WHERE {w} GROUP BY 1").format(
-        d=day, t=table.relation, w=where, f=db.fingerprint(list(table.spec.columns))
-    )
+    grouped = sql.SQL("SELECT {d}, count(*), {f} FROM {t} WHERE {w} GROUP BY 1")
+    content = grouped.format(d=day, t=table.relation, w=where, f=table.content)
+    as_text = db.fingerprint(list(table.spec.columns), table.column_types, record_hash=False)
+    earlier = grouped.format(d=day, t=table.relation, w=where, f=as_text)
     return [
         ("  of which: rows per day only", counts),
-        ("  of which: rows and content fingerprint per day", content),
+        ("  of which: rows and content fingerprint per day (each row as a record)", content),
+        ("  of which: the same, each row's text hashed (the earlier fingerprint)", earlier),
     ]
 
 
