@@ -36,20 +36,9 @@ def _from_facts(s: Settings, tag: str) -> Settings:
     return replace(s, home=s.home.parent / f"windows_{tag}")
 
 
-TABLES = (
-    "customers",
-    "subscriptions",
-    "usage_daily",
-    "invoices",
-    "payments",
-    "tickets",
-    "cancellations",
-)
-
-
 def _usage_of_its_own(s: Settings, schema: str, table: str = "usage_daily") -> None:
     """``schema``: a copy of ``table`` that a test may restate, views of the rest."""
-    others = [t for t in TABLES if t != table]
+    others = [t for t in warehouse.TABLE_ORDER if t != table]
     db.scalar(
         s.database_url,
         f"CREATE SCHEMA {schema}; CREATE TABLE {schema}.{table} AS "
