@@ -106,8 +106,9 @@ class Warehouse(_Section):
     )
     timezone: str = "UTC"
     # PostgreSQL settings of the sessions that read the warehouse (the source checks, the
-    # features and the kept blocks), over the defaults: no JIT (its compilation costs more
-    # than it saves on queries run once a night) and memory for sorts and hashes.
+    # features and the kept blocks). None by default: at 1M customers, JIT off and a
+    # work_mem of 128MB each made the source checks and the kept windows slower, and the
+    # feature query no faster (docs/scaling.md, "Session settings").
     session: dict[str, str | int | float | bool] = Field(default_factory=dict)
 
     @field_validator("timezone")
@@ -128,12 +129,8 @@ class Warehouse(_Section):
 
     @property
     def settings(self) -> dict[str, str]:
-        """The session's settings: the defaults, then the use case's, as PostgreSQL text."""
-        given = {k: _setting_text(v) for k, v in self.session.items()}
-        return DEFAULT_SESSION | given
-
-
-DEFAULT_SESSION = {"jit": "off", "work_mem": "128MB"}
+        """The session's settings, as PostgreSQL text."""
+        return {k: _setting_text(v) for k, v in self.session.items()}
 
 
 def _setting_text(value: str | int | float | bool) -> str:

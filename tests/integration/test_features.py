@@ -143,10 +143,13 @@ def test_labels_must_cover_the_population_once_each(seeded: Settings, tmp_path) 
     assert int(shown) % 7 == 0  # one of the keys left out, as written (not np.int64(...))
 
 
-def test_the_feature_session_takes_the_use_case_settings_over_the_defaults(
+def test_the_feature_session_takes_the_use_case_settings(
     settings: Settings,
 ) -> None:
-    uc = UC.evolve({"warehouse": {"session": {"work_mem": "64MB", "enable_nestloop": False}}})
+    assert UC.warehouse.settings == {}  # the server's own, unless the use case says
+    uc = UC.evolve(
+        {"warehouse": {"session": {"jit": False, "work_mem": "64MB", "enable_nestloop": False}}}
+    )
     assert uc.warehouse.settings == {"jit": "off", "work_mem": "64MB", "enable_nestloop": "off"}
     conn = db.adbc_connect(settings.warehouse_url)
     try:
