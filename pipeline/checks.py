@@ -415,14 +415,7 @@ def previous_source_days(
             if found is None:
                 conn.commit()
                 return None, {}
-            cur.execute(
-                "SELECT source, day, rows, content FROM monitoring.source_days "
-                "WHERE use_case = %s AND run_id = %s",
-                (run.use_case, found[1]),
-            )
-            days: dict[str, dict[date, tuple[int, str | None]]] = {}
-            for source, day, rows, content in cur.fetchall():
-                days.setdefault(source, {})[day] = (int(rows), content)
+            days = _run_days(cur, run.use_case, found[1])
         conn.commit()
     finally:
         conn.close()
@@ -432,20 +425,31 @@ def previous_source_days(
 def source_days(settings: Settings, run: RunContext) -> dict[str, dict[date, tuple[int, str]]]:
     """What this run's source checks saw of each dated source table, per day: rows and a
     fingerprint of their content (days without one left out)."""
-    days: dict[str, dict[date, tuple[int, str]]] = {}
     conn = db.connect(settings.database_url)
     try:
         with conn.cursor() as cur:
-            cur.execute(
-                "SELECT source, day, rows, content FROM monitoring.source_days "
-                "WHERE use_case = %s AND run_id = %s AND content IS NOT NULL",
-                (run.use_case, run.run_id),
-            )
-            for source, day, rows, content in cur.fetchall():
-                days.setdefault(source, {})[day] = (int(rows), content)
+            days = _run_days(cur, run.use_case, run.run_id)
         conn.commit()
     finally:
         conn.close()
+    return {
+        source: {d: (n, c) for d, (n, c) in seen.items() if c is not None}
+        for source, seen in days.items()
+    }
+
+
+def _run_days(
+    cur: Any, use_case: str, run_id: str
+) -> dict[str, dict[date, tuple[int, str | None]]]:
+    """The rows and content per day of each source table that run ``run_id`` kept."""
+    cur.execute(
+        "SELECT source, day, rows, content FROM monitoring.source_days "
+        "WHERE use_case = %s AND run_id = %s",
+        (use_case, run_id),
+    )
+    days: dict[str, dict[date, tuple[int, str | None]]] = {}
+    for source, day, rows, content in cur.fetchall():
+        days.setdefault(source, {})[day] = (int(rows), content)
     return days
 
 

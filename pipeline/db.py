@@ -331,3 +331,8 @@ def same_kind(a: str | None, b: str | None) -> bool:
 def hashes_records(conn: Any) -> bool:
     """Whether the server of ``conn`` (psycopg2) has ``hash_record_extended`` (14 and later)."""
     return int(conn.server_version) >= 140000
+
+
+def statement(text: str) -> str:
+    """A statement without trailing whitespace and semicolons (it becomes a subquery)."""
+    return text.rstrip().rstrip(";").rstrip()

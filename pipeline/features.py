@@ -83,7 +83,7 @@ def query(uc: UseCase, role: str, *, inline_windows: bool = True) -> str:
     ``inline_windows`` is false (they are then temporary tables: :mod:`pipeline.windows`).
     """
     path = getattr(uc.sql, role)
-    text = _strip(path.read_text())
+    text = db.statement(path.read_text())
     key = uc.entity_key
     ctes = []
     if role == "features":
@@ -91,7 +91,7 @@ def query(uc: UseCase, role: str, *, inline_windows: bool = True) -> str:
         if inline_windows:
             ctes += windows.inline(uc)
     if uc.sql.population is not None and role in ("features", "labels"):
-        ctes.append(f"population AS (\n{_strip(uc.sql.population.read_text())}\n)")
+        ctes.append(f"population AS (\n{db.statement(uc.sql.population.read_text())}\n)")
     return f"WITH {', '.join(ctes)}\n{text}" if ctes else text
 
 
@@ -108,11 +108,6 @@ def _naming(path: Path, uc: UseCase) -> Iterator[None]:
                 "file (sql.population in usecase.yaml)"
             )
         raise SourceError(f"{path.name}: {err}{hint}") from err
-
-
-def _strip(text: str) -> str:
-    """A statement without trailing whitespace and semicolons (it becomes a subquery)."""
-    return text.rstrip().rstrip(";").rstrip()
 
 
 GRID_EPOCH = date(1970, 1, 1)

@@ -186,8 +186,8 @@ def blocks(uc: UseCase) -> list[Block]:
         out.append(
             Block(
                 n,
-                _strip(st.facts.read_text()),
-                _strip(st.step.read_text()),
+                db.statement(st.facts.read_text()),
+                db.statement(st.step.read_text()),
                 tuple(Source(t, spec.date, spec.days) for t, spec in st.tables.items()),
                 verified=True,
             )
@@ -207,10 +207,6 @@ def spans(uc: UseCase) -> dict[str, int]:
             days = src.days + 1 if src.days is not None else ALL_HISTORY
             out[src.table] = max(out.get(src.table, 0), days)
     return out
-
-
-def _strip(text: str) -> str:
-    return text.rstrip().rstrip(";").rstrip()
 
 
 def inline(uc: UseCase) -> list[str]:
