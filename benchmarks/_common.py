@@ -14,8 +14,10 @@ FIRST_DAY = date(2025, 1, 1)  # the benchmark warehouses' first day of history
 @contextmanager
 def fresh_database(prefix: str = "nightscore_bench") -> Iterator[str]:
     """Create a uniquely named database with the serving schema; drop it afterwards."""
-    from pipeline import db, serving, usecase
-    from pipeline.config import load_settings, with_database
+    from pipeline.conf import usecase
+    from pipeline.conf.config import load_settings
+    from pipeline.conf.urls import with_database
+    from pipeline.store import db, serving
 
     server = load_settings().init_url
     name = f"{prefix}_{secrets.token_hex(3)}"
@@ -42,8 +44,10 @@ def warehouse_database(customers: int, days: int, seed: int, keep: bool) -> Iter
     dropped afterwards unless ``keep``."""
     from dataclasses import replace
 
-    from pipeline import db, warehouse
-    from pipeline.config import load_settings, with_database
+    from pipeline.conf.config import load_settings
+    from pipeline.conf.urls import with_database
+    from pipeline.store import db
+    from pipeline.synthetic import warehouse
 
     settings = load_settings()
     server = settings.init_url

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 PROBE = """
 import json, sys, time
 from airflow.dag_processing.dagbag import DagBag
-from pipeline import usecase
+from pipeline.conf import usecase
 repeat = int(sys.argv[1])
 parse, config = [], []
 for _ in range(repeat):

@@ -27,8 +27,10 @@ def main() -> int:
 
     from _common import fresh_database
 
-    from pipeline import evaluate, features, train, usecase, warehouse
-    from pipeline.config import Settings
+    from pipeline.conf import usecase
+    from pipeline.conf.config import Settings
+    from pipeline.stages import evaluate, features, train
+    from pipeline.synthetic import warehouse
 
     start = date(2024, 1, 1)
     uc = usecase.load("churn")

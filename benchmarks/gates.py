@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/gates.py [--draws 200] [--shared 0.8] [--decayed]
 
 Draws champion/challenger pairs of known relative quality from a labelled population of
-known truth (``pipeline.populations``: a true probability per row, 5% positives, a
+known truth (``pipeline.synthetic.populations``: a true probability per row, 5% positives, a
 champion whose true ROC AUC is 0.75) at holdouts of 25 to 5,000 positives, runs the
-shipped gates (``pipeline.evaluate.judge`` with the defaults of ``gates:``) on each draw
+shipped gates (``pipeline.stages.evaluate.judge`` with the defaults of ``gates:``) on each draw
 and prints the share promoted per cell. The challengers: better by 0.05, 0.02 and 0.01
 AUC; equal; worse by 0.01 and 0.03; as good at ranking but miscalibrated (+0.5 log-odds);
 as good at ranking while the champion is the miscalibrated one; broken (fitted on
@@ -34,8 +34,9 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import numpy as np  # noqa: E402
 
-from pipeline import evaluate, populations  # noqa: E402
-from pipeline.usecase import Gates  # noqa: E402
+from pipeline.conf.usecase import Gates  # noqa: E402
+from pipeline.stages import evaluate  # noqa: E402
+from pipeline.synthetic import populations  # noqa: E402
 
 SIZES = (25, 50, 100, 200, 1000, 5000)
 CHAMPION_AUC = 0.75

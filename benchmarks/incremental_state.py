@@ -39,8 +39,10 @@ def main() -> int:
     import pyarrow.parquet as pq
     from _common import FIRST_DAY, warehouse_database
 
-    from pipeline import db, features, usecase
-    from pipeline.config import load_settings
+    from pipeline.conf import usecase
+    from pipeline.conf.config import load_settings
+    from pipeline.stages import features
+    from pipeline.store import db
 
     logging.basicConfig(level=logging.WARNING)
     uc = usecase.load("churn")

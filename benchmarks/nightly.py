@@ -5,7 +5,7 @@
 
 Seeds a warehouse of N customers (``--days`` of history) in a fresh database on the
 configured (or embedded) server, then runs three nights through the stage functions the
-DAG calls (``pipeline.nightly.run_night``): the first with retrain from an empty snapshot
+DAG calls (``pipeline.run.nightly.run_night``): the first with retrain from an empty snapshot
 store (every training snapshot built), the next with retrain as every later night (the
 earlier snapshots reused, only newly matured ones built), the third without retrain. For
 each stage it prints seconds and the process's peak RSS within the stage (the kernel's
@@ -88,7 +88,7 @@ class Stages:
 
 def night(settings: Any, uc: Any, day: date, retrain: str) -> Stages:
     """One night through ``run_night``: the DAG's stage functions in the DAG's order."""
-    from pipeline import nightly
+    from pipeline.run import nightly
 
     stages = Stages()
     nightly.run_night(
@@ -99,7 +99,7 @@ def night(settings: Any, uc: Any, day: date, retrain: str) -> Stages:
 
 def training_study(settings: Any, uc: Any, day: date) -> None:
     """Holdout AUC and fit seconds of the night's training data: whole, capped, early stopped."""
-    from pipeline import evaluate, features, train
+    from pipeline.stages import evaluate, features, train
 
     whole = train.training_data(settings, uc.evolve({"training": {"max_rows": None}}), day)
     hold = features.read_snapshot(whole.holdout)
@@ -151,8 +151,9 @@ def naive(settings: Any, uc: Any, day: date, version: str) -> tuple[float, int]:
     import pandas as pd
     import sqlalchemy
 
-    from pipeline import features, registry
-    from pipeline.config import sqlalchemy_url
+    from pipeline.conf.urls import sqlalchemy_url
+    from pipeline.stages import features
+    from pipeline.store import registry
 
     model, mv = registry.load_model(settings, uc.name, version)
     columns = [f["name"] for f in mv.feature_schema]
@@ -195,8 +196,10 @@ def main() -> int:
 
     from _common import FIRST_DAY, fresh_database, warehouse_database
 
-    from pipeline import registry, train, usecase
-    from pipeline.config import load_settings
+    from pipeline.conf import usecase
+    from pipeline.conf.config import load_settings
+    from pipeline.stages import train
+    from pipeline.store import registry
 
     uc = usecase.load(args.use_case)
     night_1 = FIRST_DAY + timedelta(days=args.days)
@@ -284,7 +287,7 @@ class Targets:
 def copy_and_key(settings: Any, uc: Any, day: date) -> float:
     """Seconds to COPY the night's published rows (binary, ADBC) into a new table and build
     the same primary key, in the serving database: the ceiling publishing is held to."""
-    from pipeline import db
+    from pipeline.store import db
 
     table = db.read_arrow(
         settings.database_url,

@@ -10,7 +10,7 @@ the encoder keeps), nineteen numbers with missing values. Every candidate starts
 same Arrow table, so its rows/s includes getting to the matrix it reads:
 
 - ``sklearn``: ``train.predict`` (Arrow -> pandas -> Pipeline.predict_proba), the baseline;
-- ``forest``: ``pipeline.forest`` as it serves (Arrow -> encoded matrix -> the compiled
+- ``forest``: ``pipeline.stages.forest`` as it serves (Arrow -> encoded matrix -> the compiled
   bitvector kernel, numba); ``forest-walk``: the same with its per-tree walk (what serves
   trees of more than 64 leaves);
 - ``onnxruntime``: the classifier converted by skl2onnx, fed the encoded matrix;
@@ -152,7 +152,8 @@ def main() -> None:
 
     from threadpoolctl import threadpool_limits
 
-    from pipeline import forest, train, usecase
+    from pipeline.conf import usecase
+    from pipeline.stages import forest, train
 
     threads = args.threads or train.cpu_allowance()
     uc = usecase.load("churn")

@@ -46,7 +46,7 @@ SCORE_DATE = date(2025, 6, 1)
 
 def make_parts(rows: int, folder: Path, partitions: int = 2) -> list[Path]:
     """Scored parts as the pipeline writes them: hash partitions, each in key order."""
-    from pipeline.score import partition_of
+    from pipeline.stages.score import partition_of
 
     rng = np.random.default_rng(0)
     keys = np.arange(1, rows + 1, dtype=np.int64)
@@ -77,9 +77,11 @@ def peak_rss_kb() -> int:
 
 
 def variant(name: str, url: str, parts: list[Path], rows: int) -> dict:
-    from pipeline import db, ledger, publish, usecase
-    from pipeline.config import Settings
-    from pipeline.score import ScoredPart
+    from pipeline.conf import usecase
+    from pipeline.conf.config import Settings
+    from pipeline.stages import publish
+    from pipeline.stages.score import ScoredPart
+    from pipeline.store import db, ledger
 
     uc = usecase.load("churn")
     began = time.monotonic()
@@ -128,7 +130,7 @@ def variant(name: str, url: str, parts: list[Path], rows: int) -> dict:
         import pandas as pd
         import sqlalchemy as sa
 
-        from pipeline.config import sqlalchemy_url
+        from pipeline.conf.urls import sqlalchemy_url
 
         frame = pq.read_table(parts[0]).slice(0, rows).to_pandas()
         frame.insert(0, "score_date", SCORE_DATE)
@@ -169,7 +171,7 @@ def main() -> int:
 
     from _common import fresh_database
 
-    from pipeline import db
+    from pipeline.store import db
 
     results = []
     for rows in args.rows:

@@ -24,8 +24,9 @@ def main() -> int:
     ap.add_argument("--insert-rows", type=int, default=50_000)
     args = ap.parse_args()
 
-    from pipeline import db, warehouse
-    from pipeline.config import load_settings
+    from pipeline.conf.config import load_settings
+    from pipeline.store import db
+    from pipeline.synthetic import warehouse
 
     schema = f"bench_wh_{secrets.token_hex(3)}"
     settings = replace(load_settings(), warehouse_schema=schema)

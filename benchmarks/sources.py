@@ -43,8 +43,10 @@ def main() -> int:
     from _common import FIRST_DAY, warehouse_database
     from psycopg2 import sql
 
-    from pipeline import contract, db, sources, usecase
-    from pipeline.contract import _DAY_KINDS
+    from pipeline.conf import contract, usecase
+    from pipeline.conf.contract import _DAY_KINDS
+    from pipeline.stages import sources
+    from pipeline.store import db
 
     logging.basicConfig(level=logging.WARNING)
     uc = usecase.load("churn")
@@ -116,7 +118,7 @@ _LABELS = {
 
 def _usage_parts(table: Any, sql: Any) -> list[tuple[str, Any]]:
     """The usage table's grouped scan reduced to rows per day, then with the fingerprint."""
-    from pipeline import db
+    from pipeline.store import db
 
     day = sql.Identifier(table.axis.column)
     where = sql.SQL("{} >= CAST(%(scan_start)s AS date)").format(day)

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/uplift_calibration.py [--worlds 30] [--customers 40000] [--noise 0.5] [--zero-effect-only] [--seed N] [--jobs 2]   # 6 min on 2 cores
 
 Runs the churn retention campaign the way the demo runs it, in memory (no database), on
-seeded worlds of the warehouse's simulator (``pipeline.warehouse``): each world is
+seeded worlds of the warehouse's simulator (``pipeline.synthetic.warehouse``): each world is
 simulated from its start (price rise on day 240, launch on day 300) through the demo's
 eight weekly campaign nights (days 360 to 409) until the last cohort's outcome window has
 closed. On each night the customers active that morning are scored by a stand-in for the
@@ -61,7 +61,12 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import numpy as np  # noqa: E402
 
-from pipeline import campaign, demo, experiment, figures, publish, usecase, warehouse  # noqa: E402
+from pipeline.campaigns import campaign, experiment  # noqa: E402
+from pipeline.conf import usecase  # noqa: E402
+from pipeline.core import figures  # noqa: E402
+from pipeline.core.keys import control_group  # noqa: E402
+from pipeline.stages import publish  # noqa: E402
+from pipeline.synthetic import demo, warehouse  # noqa: E402
 
 START = date(2025, 1, 1)  # the worlds' first day (it sets the seasons)
 PRICE_RISE_DAY = 240  # as warehouse.seed and the demo
@@ -164,7 +169,7 @@ def select(sim: warehouse._Sim, setup: Setup, noise_seed: int, earlier: list[Coh
     people = act[band]  # the band, most at risk first
     recent = [c for c in earlier if t - setup.suppression_days <= c.night]
     eligible = a["opt_in"][people] & ~np.isin(people, selected(recent))
-    in_control = campaign.control_group(keys[band], setup.control_salt, setup.control_fraction)
+    in_control = control_group(keys[band], setup.control_salt, setup.control_fraction)
     chosen, control_rows, _ = campaign.choose(
         prob[band], eligible, in_control, setup.capacity, -np.inf
     )

@@ -16,7 +16,7 @@ def _conn_url(conn_id: str | None) -> str | None:
     from airflow.sdk import BaseHook
     from airflow.sdk.exceptions import AirflowNotFoundException
 
-    from pipeline.config import url_from_parts
+    from pipeline.conf.urls import url_from_parts
 
     if not conn_id:
         return None
@@ -34,8 +34,8 @@ def settings(uc: Any, *, require_serving: bool = False) -> Any:
     ``require_serving`` refuses (naming ``nightscore db init``) when the use case's serving
     objects do not exist yet.
     """
-    from pipeline import serving
-    from pipeline.config import load_settings, private_by_default
+    from pipeline.conf.config import load_settings, private_by_default
+    from pipeline.store import serving
 
     private_by_default()
     resolved = load_settings(
@@ -68,7 +68,7 @@ def _local_date(moment: Any, timezone: str) -> date:
 
 
 def run_context(context: dict[str, Any], uc: Any) -> Any:
-    from pipeline.ledger import RunContext
+    from pipeline.store.ledger import RunContext
 
     return RunContext(uc.name, score_date(context, uc.schedule.timezone), context["dag_run"].run_id)
 
@@ -110,10 +110,11 @@ def leave_note(text: str) -> None:
 
 def record_run_page(settings: Any, name: str, kind: str, days: list[Any]) -> None:
     """Record the dates this campaign or monitoring run handled: its report tab opens the
-    page of the newest (``pipeline.run_pages``)."""
+    page of the newest (``pipeline.reports.run_pages``)."""
     from airflow.sdk import get_current_context
 
-    from pipeline import db, run_pages
+    from pipeline.reports import run_pages
+    from pipeline.store import db
 
     run = get_current_context()["dag_run"]
     run_pages.record(settings, run.dag_id, run.run_id, name, kind, [db.to_date(d) for d in days])
@@ -123,7 +124,7 @@ def use_case_context(name: str) -> tuple[Any, Any, date]:
     """(settings, use case, score date) of the current task's run."""
     from airflow.sdk import get_current_context
 
-    from pipeline import usecase
+    from pipeline.conf import usecase
 
     uc = usecase.load(name)
     ready = settings(uc, require_serving=True)
@@ -131,7 +132,7 @@ def use_case_context(name: str) -> tuple[Any, Any, date]:
 
 
 def nightly_stage(stage: str, name: str, *args: Any, **kwargs: Any) -> Any:
-    """The body of a nightly task: ``pipeline.nightly.<stage>(settings, use case, run, ...)``.
+    """The body of a nightly task: ``pipeline.run.nightly.<stage>(settings, use case, run, ...)``.
 
     Bad data, bad config or a gate saying no (``DataError``, ``ConfigError``,
     ``GateFailed``) fails the task at once: a retry would read the same data and config
@@ -141,8 +142,9 @@ def nightly_stage(stage: str, name: str, *args: Any, **kwargs: Any) -> Any:
     from airflow.sdk import get_current_context
     from airflow.sdk.exceptions import AirflowFailException
 
-    from pipeline import nightly, usecase
-    from pipeline.errors import ConfigError, DataError, GateFailed
+    from pipeline.conf import usecase
+    from pipeline.core.errors import ConfigError, DataError, GateFailed
+    from pipeline.run import nightly
 
     try:
         uc = usecase.load(name)
@@ -163,8 +165,9 @@ def data_landed(name: str) -> bool:
 
     from airflow.sdk import get_current_context
 
-    from pipeline import nightly, usecase
-    from pipeline.config import today_in
+    from pipeline.conf import usecase
+    from pipeline.conf.config import today_in
+    from pipeline.run import nightly
 
     log = logging.getLogger("nightscore.wait_for_data")
     uc = usecase.load(name)
@@ -195,7 +198,7 @@ def smtp_target() -> Any:
     from airflow.sdk import BaseHook
     from airflow.sdk.exceptions import AirflowNotFoundException
 
-    from pipeline.campaign import DEFAULT_SENDER, SmtpTarget
+    from pipeline.campaigns.campaign import DEFAULT_SENDER, SmtpTarget
 
     try:
         conn = BaseHook.get_connection(CONN_SMTP)
@@ -236,7 +239,8 @@ def take_turn(name: str) -> bool:
 
     from airflow.sdk import get_current_context
 
-    from pipeline import turns, usecase
+    from pipeline.conf import usecase
+    from pipeline.store import turns
 
     context = get_current_context()
     run, ti = context["dag_run"], context["ti"]
@@ -258,7 +262,8 @@ def give_turn_back(name: str) -> None:
     """Give the use case's turn back once this run's report is written (or skipped)."""
     from airflow.sdk import get_current_context
 
-    from pipeline import turns, usecase
+    from pipeline.conf import usecase
+    from pipeline.store import turns
 
     run_id = get_current_context()["dag_run"].run_id
     turns.give_back(settings(usecase.load(name)), name, run_id)
@@ -268,7 +273,7 @@ def _report_url(dag_id: str, run_id: str) -> str:
     """The run's report, absolute when ``[api] base_url`` is set."""
     from airflow.sdk.configuration import conf
 
-    from pipeline import report_site
+    from pipeline.reports import report_site
 
     base = (conf.get("api", "base_url", fallback="") or "").rstrip("/")
     return f"{base}/{report_site.run_path(dag_id, run_id)}"
@@ -276,8 +281,9 @@ def _report_url(dag_id: str, run_id: str) -> str:
 
 def alert_failed(use_case: str, context: dict[str, Any]) -> None:
     """The nightly DAG's failure callback: tell the use case's alert notifier which stage
-    failed and why (``pipeline.alerts``). Run by the DAG processor (``dags test`` too)."""
-    from pipeline import alerts, usecase
+    failed and why (``pipeline.run.alerts``). Run by the DAG processor (``dags test`` too)."""
+    from pipeline.conf import usecase
+    from pipeline.run import alerts
 
     uc = usecase.load(use_case)
     run = context["dag_run"]
@@ -299,7 +305,8 @@ def alert_late(use_case: str, context: dict[str, Any]) -> None:
     import logging
     from datetime import datetime
 
-    from pipeline import alerts, usecase
+    from pipeline.conf import usecase
+    from pipeline.run import alerts
 
     uc = usecase.load(use_case)
     run = context["dag_run"]  # the REST API's DAGRunResponse, as JSON

@@ -29,7 +29,7 @@ from airflow.sdk import (
 )
 from airflow.sdk.definitions.edges import Label
 
-from pipeline import usecase
+from pipeline.conf import usecase
 
 START = datetime(2020, 1, 1)  # early, so backfills and `dags test` can reach any past date
 TURN_POKE_SECONDS = 30  # a night waiting for another of its use case looks this often
@@ -93,12 +93,12 @@ Trigger options (the form, which submits as it is): **retrain**, **promotion_mod
 *Browse → Required Actions*), **rescore_model**, **dry_run**. A challenger that is not
 promoted goes through `keep_champion`, whose log says why, and is scored every night into
 `predictions.{table}_shadow` (`score_shadow`). `write_report` runs whatever happened.
-Configuration: `{source}`. Each task calls one function of `pipeline.nightly`.
+Configuration: `{source}`. Each task calls one function of `pipeline.run.nightly`.
 """
 
 
 def alert_failed(use_case: str, context: Any) -> None:
-    """A failed night tells the use case's alert notifier (``pipeline.alerts``)."""
+    """A failed night tells the use case's alert notifier (``pipeline.run.alerts``)."""
     from _nightscore import alert_failed as alert
 
     alert(use_case, context)
@@ -483,7 +483,7 @@ def monitoring_dag(uc: usecase.UseCase) -> Any:
         def evaluate_realized_performance() -> dict:
             from _nightscore import record_run_page, use_case_context
 
-            from pipeline import monitor
+            from pipeline.campaigns import monitor
 
             settings, config, day = use_case_context(name)
             out = monitor.update_realized_performance(settings, config, day)
@@ -494,7 +494,7 @@ def monitoring_dag(uc: usecase.UseCase) -> Any:
         def evaluate_campaign_uplift() -> list[dict]:
             from _nightscore import use_case_context
 
-            from pipeline import monitor
+            from pipeline.campaigns import monitor
 
             settings, config, day = use_case_context(name)
             return monitor.update_campaign_uplift(settings, config, day)
@@ -506,14 +506,14 @@ def monitoring_dag(uc: usecase.UseCase) -> Any:
 
         @task(retries=0)
         def train_policy(measured: list[dict]) -> dict:
-            """An uplift policy from the matured campaigns, checked out of time (pipeline.policy)."""
+            """An uplift policy from the matured campaigns, checked out of time (pipeline.campaigns.policy_learning)."""
             from _nightscore import use_case_context
 
-            from pipeline import policy
+            from pipeline.campaigns import policy_learning
 
             settings, config, day = use_case_context(name)
             run_id = get_current_context()["dag_run"].run_id
-            return policy.train_challenger(settings, config, day, run_id)
+            return policy_learning.train_challenger(settings, config, day, run_id)
 
         @task.branch
         def route_policy(trained: dict) -> str:
@@ -524,9 +524,9 @@ def monitoring_dag(uc: usecase.UseCase) -> Any:
         @task(retries=0)
         def policy_decided(trained: dict) -> dict:
             """Say what became of the challenger (or why none was trained) where the run shows it."""
-            from pipeline import policy
+            from pipeline.campaigns import policy_learning
 
-            policy.log_outcome(trained)
+            policy_learning.log_outcome(trained)
             return {k: trained.get(k) for k in ("version", "decision", "why")}
 
         approve_policy = ReviewedApproval(
@@ -542,7 +542,7 @@ def monitoring_dag(uc: usecase.UseCase) -> Any:
         def promote_policy(trained: dict) -> dict:
             from _nightscore import approver, use_case_context
 
-            from pipeline import policy
+            from pipeline.campaigns import policy
 
             settings, config, _ = use_case_context(name)
             previous = policy.promote(
@@ -560,7 +560,7 @@ def monitoring_dag(uc: usecase.UseCase) -> Any:
             """Approved or rejected: who and when, into ml.policies and the run's note."""
             from _nightscore import leave_note, review_answer, use_case_context
 
-            from pipeline import policy
+            from pipeline.campaigns import policy
 
             settings, config, _ = use_case_context(name)
             recorded = policy.record_review(
@@ -653,7 +653,8 @@ def campaign_dag(uc: usecase.UseCase) -> Any:
         def build_audience(params: dict | None = None) -> dict:
             from _nightscore import published_dates, record_run_page, settings
 
-            from pipeline import campaign, usecase
+            from pipeline.campaigns import campaign
+            from pipeline.conf import usecase
 
             config = usecase.load(name)
             s = settings(config, require_serving=True)
@@ -672,7 +673,9 @@ def campaign_dag(uc: usecase.UseCase) -> Any:
         def send_emails(audience: dict, params: dict | None = None) -> dict:
             from _nightscore import settings, smtp_target
 
-            from pipeline import campaign, db, usecase
+            from pipeline.campaigns import campaign
+            from pipeline.conf import usecase
+            from pipeline.store import db
 
             config = usecase.load(name)
             p = params or {}

@@ -1,7 +1,7 @@
 """Airflow plugin: the nightscore HTML reports, served by Airflow's API server and linked from
 the UI.
 
-- ``fastapi_apps``: ``pipeline.report_site``'s app at ``/nightscore`` (index, nightly and
+- ``fastapi_apps``: ``pipeline.reports.report_site``'s app at ``/nightscore`` (index, nightly and
   evaluation reports); a request needs the Airflow login (the UI's cookie or a bearer
   token) and read access to the use case's DAG.
 - ``global_operator_extra_links``: "Nightly report" on ``write_report`` and "Evaluation
@@ -10,7 +10,7 @@ the UI.
   monitoring run's page; a run without one yet: its state and what it waits for, read
   from Airflow's database), and "nightscore reports" in the navigation.
 
-The logic lives in ``pipeline.report_site``; this file only adapts Airflow to it.
+The logic lives in ``pipeline.reports.report_site``; this file only adapts Airflow to it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 from airflow.plugins_manager import AirflowPlugin
 from airflow.sdk import BaseOperatorLink
 
-from pipeline import report_app, report_site, run_status
+from pipeline.reports import report_app, report_site, run_status
 
 NIGHTLY_TASKS = {"write_report"}
 EVALUATION_TASKS = {"evaluate_challenger", "approve_promotion"}
@@ -153,7 +153,8 @@ def _settings() -> Any:
     from airflow.exceptions import AirflowNotFoundException
     from airflow.models.connection import Connection
 
-    from pipeline.config import load_settings, url_from_parts
+    from pipeline.conf.config import load_settings
+    from pipeline.conf.urls import url_from_parts
 
     try:
         conn = Connection.get_connection_from_secrets("nightscore_db")
@@ -164,7 +165,7 @@ def _settings() -> Any:
 
 
 def _use_cases() -> Any:
-    from pipeline import usecase
+    from pipeline.conf import usecase
 
     return usecase.load_all()
 
@@ -180,7 +181,7 @@ class NightscoreReportsPlugin(AirflowPlugin):
     global_operator_extra_links: ClassVar[list[Any]] = [NightlyReportLink(), EvaluationReportLink()]
     external_views: ClassVar[list[Any]] = [
         {
-            # a nightly run's night; a campaign or monitoring run's page (pipeline.run_pages)
+            # a nightly run's night; a campaign or monitoring run's page (pipeline.reports.run_pages)
             "name": "Run report",
             # the UI fills in {DAG_ID} and {RUN_ID}; relative to its base URL
             "href": f"{report_site.URL_PREFIX[1:]}/runs/{{DAG_ID}}/{{RUN_ID}}",

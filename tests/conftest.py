@@ -36,8 +36,10 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 os.environ["NIGHTSCORE_HOME"] = str(_SESSION_HOME / "home")
 
-from pipeline import db, embedded, serving, usecase  # noqa: E402
-from pipeline.config import Settings, with_database  # noqa: E402
+from pipeline.conf import embedded, usecase  # noqa: E402
+from pipeline.conf.config import Settings  # noqa: E402
+from pipeline.conf.urls import with_database  # noqa: E402
+from pipeline.store import db, serving  # noqa: E402
 
 WAREHOUSE_START = date(2024, 1, 1)
 WAREHOUSE_DAYS = 330
@@ -105,7 +107,7 @@ def settings(database_url: str) -> Settings:
 @pytest.fixture(scope="session")
 def seeded(settings: Settings) -> Settings:
     """A small synthetic warehouse (seeded once per session) in schema ``warehouse``."""
-    from pipeline import warehouse
+    from pipeline.synthetic import warehouse
 
     warehouse.seed(settings, WAREHOUSE_CUSTOMERS, WAREHOUSE_START, WAREHOUSE_DAYS, seed=11)
     return settings
@@ -119,7 +121,7 @@ def isolated(
 
     For tests that change the registry (promotions, rollbacks) without touching others.
     """
-    from pipeline import warehouse
+    from pipeline.synthetic import warehouse
 
     name = f"nightscore_test_{session_id}_{request.module.__name__.rsplit('.', 1)[-1][:20]}"
     url = create_database(server_url, name)
@@ -148,7 +150,7 @@ def fresh_schema(settings: Settings) -> Iterator[Settings]:
 @pytest.fixture(scope="session")
 def airflow_env(settings: Settings, server_url: str, session_id: str) -> Iterator[dict[str, str]]:
     """Environment for ``airflow`` subprocesses: its own metadata database, migrated once."""
-    from pipeline import airflow_env as af
+    from pipeline.faces import airflow_env as af
 
     name = f"nightscore_airflow_{session_id}"
     meta = create_database(server_url, name)

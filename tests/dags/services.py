@@ -18,8 +18,9 @@ from typing import Any
 import httpx
 import psutil
 
-from pipeline import airflow_env as af
-from pipeline.config import Settings, sqlalchemy_url
+from pipeline.conf.config import Settings
+from pipeline.conf.urls import sqlalchemy_url
+from pipeline.faces import airflow_env as af
 from tests.conftest import create_database, drop_database
 
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))

@@ -11,9 +11,9 @@ import httpx
 import numpy as np
 import pytest
 
-from pipeline import airflow_env as af
-from pipeline import db, registry
-from pipeline.config import Settings
+from pipeline.conf.config import Settings
+from pipeline.faces import airflow_env as af
+from pipeline.store import db, registry
 from tests.conftest import SCORE_DATE
 from tests.dags.services import AIRFLOW, airflow_services, free_port, service_env, wait_for
 
@@ -165,7 +165,8 @@ def test_approval_mode_waits_for_a_person_then_promotes(isolated: Settings, api:
 
 @pytest.mark.slow
 def test_a_rejection_is_recorded_and_shown_on_the_run(isolated: Settings, api: dict) -> None:
-    from pipeline import train, usecase
+    from pipeline.conf import usecase
+    from pipeline.stages import train
 
     # a champion without the usage features: tonight's challenger is plainly better
     uc = usecase.load("churn")
@@ -236,7 +237,11 @@ def test_the_plugin_serves_the_reports_behind_the_airflow_login(
 ) -> None:
     """The reports plugin in the real API server: a night's and an evaluation's report by
     URL, a run's redirect, 404s, traversal refused, the login required; the UI's links."""
-    from pipeline import evaluate, ledger, nightly, report, report_site, usecase
+    from pipeline.conf import usecase
+    from pipeline.reports import report, report_site
+    from pipeline.run import nightly
+    from pipeline.stages import evaluate
+    from pipeline.store import ledger
 
     uc = usecase.load("churn")
     day = SCORE_DATE + timedelta(days=9)

@@ -23,9 +23,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pipeline import db, nightly, registry, train, usecase
-from pipeline.config import REPO_ROOT, Settings
-from pipeline.demo import local_mailbox
+from pipeline.conf import usecase
+from pipeline.conf.config import Settings
+from pipeline.core.paths import REPO_ROOT
+from pipeline.run import nightly
+from pipeline.stages import train
+from pipeline.store import db, registry
+from pipeline.synthetic.demo import local_mailbox
 from tests.conftest import SCORE_DATE
 from tests.dags.services import (
     AIRFLOW,

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import airflow_env as af
-from pipeline import db, nightly, usecase
-from pipeline.config import Settings
+from pipeline.conf import usecase
+from pipeline.conf.config import Settings
+from pipeline.faces import airflow_env as af
+from pipeline.run import nightly
+from pipeline.store import db
 from tests.conftest import SCORE_DATE
 from tests.smtp_sink import smtp_sink
 

@@ -34,9 +34,12 @@ import pyarrow.parquet as pq
 import pytest
 import redis
 
-from pipeline import airflow_env as af
-from pipeline import db, nightly, usecase
-from pipeline.config import REPO_ROOT, Settings
+from pipeline.conf import usecase
+from pipeline.conf.config import Settings
+from pipeline.core.paths import REPO_ROOT
+from pipeline.faces import airflow_env as af
+from pipeline.run import nightly
+from pipeline.store import db
 from tests.conftest import SCORE_DATE
 from tests.dags.services import (
     AIRFLOW,

@@ -39,7 +39,7 @@ def test_no_import_errors(dagbag) -> None:
 
 
 def test_one_factory_emits_every_use_case_and_a_campaign_only_where_configured(dagbag) -> None:
-    from pipeline import usecase
+    from pipeline.conf import usecase
 
     for uc in usecase.load_all():
         assert {f"{uc.name}_nightly", f"{uc.name}_monitoring"} <= set(dagbag.dag_ids)
@@ -261,7 +261,7 @@ def test_parsing_the_use_cases_imports_no_heavy_library() -> None:
     import sys
 
     probe = (
-        "import sys; from pipeline import usecase; usecase.load_all(); "
+        "import sys; from pipeline.conf import usecase; usecase.load_all(); "
         "print(','.join(m for m in ('pandas', 'sklearn', 'numpy', 'pyarrow', 'psycopg2') "
         "if m in sys.modules))"
     )
@@ -338,7 +338,7 @@ def test_a_nightly_dag_alerts_when_it_fails_and_when_it_misses_its_configured_de
 
     from airflow.serialization.serialized_objects import DagSerialization
 
-    from pipeline import usecase
+    from pipeline.conf import usecase
 
     for uc in usecase.load_all():
         nightly = dagbag.dags[f"{uc.name}_nightly"]

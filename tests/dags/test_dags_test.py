@@ -11,9 +11,10 @@ from urllib.parse import quote
 
 import pytest
 
-from pipeline import db, usecase
-from pipeline.config import Settings
-from pipeline.demo import local_mailbox
+from pipeline.conf import usecase
+from pipeline.conf.config import Settings
+from pipeline.store import db
+from pipeline.synthetic.demo import local_mailbox
 from tests.conftest import SCORE_DATE
 
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))

@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipeline.config import Settings
+from pipeline.conf.config import Settings
 from tests.dags.services import free_port, ok, wait_for
 
 NIGHTSCORE = str(Path(sys.executable).with_name("nightscore"))
@@ -59,7 +59,7 @@ def test_the_local_airflow_listens_on_loopback_only(
         assert all(ip in ("127.0.0.1", "::1") for ip, _, _ in sockets), sockets
         assert not [s for s in sockets if s[1] in (8793, 8794)]  # no log servers
         assert "login: admin" in (tmp_path / "airflow.log").read_text()
-        # sized to the machine (pipeline.airflow_env.machine_slots task processes, one API
+        # sized to the machine (pipeline.faces.airflow_env.machine_slots task processes, one API
         # worker), not Airflow's 32 and 4
         assert len(tree.children(recursive=True)) <= 16, [
             p.cmdline()[:3] for p in tree.children(recursive=True)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import airflow_env as af
-from pipeline import db
-from pipeline.config import Settings
+from pipeline.conf.config import Settings
+from pipeline.faces import airflow_env as af
+from pipeline.store import db
 from tests.conftest import SCORE_DATE, create_database, drop_database
 from tests.data import accounts_warehouse
 from tests.smtp_sink import smtp_sink

@@ -15,7 +15,7 @@ from datetime import date, datetime, timedelta
 
 import numpy as np
 
-from pipeline import db
+from pipeline.store import db
 
 SCHEMA = "crm"
 ZONE = "America/New_York"

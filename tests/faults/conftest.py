@@ -14,8 +14,10 @@ from typing import Any
 
 import pytest
 
-from pipeline import db, nightly, usecase
-from pipeline.config import Settings
+from pipeline.conf import usecase
+from pipeline.conf.config import Settings
+from pipeline.run import nightly
+from pipeline.store import db
 from tests.conftest import SCORE_DATE
 
 REPO = Path(__file__).resolve().parents[2]

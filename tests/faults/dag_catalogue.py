@@ -20,8 +20,8 @@ from pathlib import Path
 def main(spec_path: str, out_path: str) -> None:
     from airflow.utils.cli import get_bagged_dag
 
-    from pipeline import db
-    from pipeline.config import load_settings
+    from pipeline.conf.config import load_settings
+    from pipeline.store import db
 
     spec = json.loads(Path(spec_path).read_text())
     night = datetime.fromisoformat(spec["night"]).replace(tzinfo=UTC)

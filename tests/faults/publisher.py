@@ -10,9 +10,11 @@ import sys
 from datetime import date
 from pathlib import Path
 
-from pipeline import ledger, publish, usecase
-from pipeline.config import Settings
-from pipeline.score import ScoredPart
+from pipeline.conf import usecase
+from pipeline.conf.config import Settings
+from pipeline.stages import publish
+from pipeline.stages.score import ScoredPart
+from pipeline.store import ledger
 
 
 def child_settings(args: dict) -> Settings:

@@ -9,7 +9,8 @@ import json
 import sys
 from datetime import date
 
-from pipeline import campaign, usecase
+from pipeline.campaigns import campaign
+from pipeline.conf import usecase
 from tests.faults.publisher import child_settings
 
 

@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import campaign, db, nightly, usecase
-from pipeline.config import Settings
+from pipeline.campaigns import campaign
+from pipeline.conf import usecase
+from pipeline.conf.config import Settings
+from pipeline.run import nightly
+from pipeline.store import db
 from tests.conftest import SCORE_DATE
 from tests.faults.conftest import kill, spawn
 from tests.smtp_sink import Sink, smtp_sink

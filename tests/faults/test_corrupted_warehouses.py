@@ -13,9 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import airflow_env as af
-from pipeline import db, nightly, usecase, warehouse
-from pipeline.config import Settings
+from pipeline.conf import usecase
+from pipeline.conf.config import Settings
+from pipeline.faces import airflow_env as af
+from pipeline.run import nightly
+from pipeline.store import db
+from pipeline.synthetic import warehouse
 from tests.conftest import SCORE_DATE
 
 UC = usecase.load("churn")

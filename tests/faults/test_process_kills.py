@@ -29,9 +29,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import airflow_env as af
-from pipeline import db, ledger, nightly, usecase
-from pipeline.config import Settings
+from pipeline.conf import usecase
+from pipeline.conf.config import Settings
+from pipeline.faces import airflow_env as af
+from pipeline.run import nightly
+from pipeline.store import db, ledger
 from tests.conftest import SCORE_DATE
 
 UC = usecase.load("churn")

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from pipeline import db
-from pipeline.config import Settings
+from pipeline.conf.config import Settings
+from pipeline.store import db
 from tests.conftest import SCORE_DATE
 from tests.faults.conftest import Publisher
 

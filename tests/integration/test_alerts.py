@@ -11,10 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import alerts, demo, ledger, serving, usecase
-from pipeline.config import Settings
-from pipeline.errors import DataError
-from pipeline.ledger import RunContext
+from pipeline.conf import usecase
+from pipeline.conf.config import Settings
+from pipeline.core.errors import DataError
+from pipeline.run import alerts
+from pipeline.store import ledger, serving
+from pipeline.store.ledger import RunContext
+from pipeline.synthetic import demo
 from tests.conftest import create_database, drop_database
 
 UC = usecase.load("churn").evolve({"alerts": {"to": ["oncall@example.com"]}})

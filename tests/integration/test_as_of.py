@@ -6,8 +6,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from pipeline import db, nightly, registry, train, usecase
-from pipeline.config import Settings
+from pipeline.conf import usecase
+from pipeline.conf.config import Settings
+from pipeline.run import nightly
+from pipeline.stages import train
+from pipeline.store import db, registry
 from tests.conftest import SCORE_DATE
 
 UC = usecase.load("churn")
@@ -63,7 +66,7 @@ def test_a_nights_report_reads_only_outcomes_matured_by_its_date(isolated: Setti
         conn.commit()
     finally:
         conn.close()
-    from pipeline import monitor
+    from pipeline.campaigns import monitor
 
     night = SCORE_DATE - timedelta(days=2)
     shown = monitor.matured_performance(isolated, UC, night)

@@ -12,9 +12,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import campaign, db, nightly, usecase
-from pipeline.campaign import SmtpTarget
-from pipeline.config import Settings, with_role
+from pipeline.campaigns import campaign
+from pipeline.campaigns.campaign import SmtpTarget
+from pipeline.conf import usecase
+from pipeline.conf.config import Settings
+from pipeline.conf.urls import with_role
+from pipeline.core.keys import control_group
+from pipeline.run import nightly
+from pipeline.store import db
 from tests.conftest import SCORE_DATE
 from tests.smtp_sink import smtp_sink
 
@@ -25,18 +30,18 @@ LATER = SCORE_DATE + timedelta(days=40)  # a monitoring date
 def test_control_group_is_salted_stable_and_about_the_configured_fraction() -> None:
     keys = np.arange(1, 200_001, dtype=np.int64)
     fraction = UC.campaign.control_fraction
-    members = campaign.control_group(keys, UC.campaign.control_salt, fraction)
+    members = control_group(keys, UC.campaign.control_salt, fraction)
     assert abs(members.mean() - fraction) < 0.004
     # membership depends on the key alone, not on which other keys are scored with it
     shuffled = np.random.default_rng(1).permutation(keys)[:5000]
-    again = campaign.control_group(shuffled, UC.campaign.control_salt, UC.campaign.control_fraction)
+    again = control_group(shuffled, UC.campaign.control_salt, UC.campaign.control_fraction)
     assert np.array_equal(again, members[shuffled - 1])
-    other_salt = campaign.control_group(keys, "another-salt", fraction)
+    other_salt = control_group(keys, "another-salt", fraction)
     assert abs(other_salt.mean() - fraction) < 0.004
     # a new salt, a new group: overlapping only by chance (fraction of the members)
     assert (members & other_salt).sum() < members.sum() * (fraction + 0.02)
     # raising the fraction keeps every member and adds some
-    raised = campaign.control_group(keys, UC.campaign.control_salt, fraction + 0.1)
+    raised = control_group(keys, UC.campaign.control_salt, fraction + 0.1)
     assert raised[members].all() and raised.sum() > members.sum()
 
 
@@ -100,7 +105,7 @@ def test_audience_is_the_top_band_opted_in_outside_control_with_reasons(
         (SCORE_DATE,),
     )
     assert control and not set(control) & set(ids)
-    assert campaign.control_group(
+    assert control_group(
         np.array(control), UC.campaign.control_salt, UC.campaign.control_fraction
     ).all()
     assert audience["control_band"] == len(control)
@@ -232,7 +237,7 @@ def test_each_person_receives_exactly_one_message_and_a_rerun_sends_nothing(
     assert log == {"sent": len(expected), "failed": 1}
     # no email address in the logs, nor in what the task returns (its XCom)
     ours = "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith("mail."))
-    assert "pipeline.campaign" in {r.name for r in caplog.records}
+    assert "pipeline.campaigns.campaign" in {r.name for r in caplog.records}
     assert "@" not in ours and "@" not in str(first) + str(again)
 
 
@@ -293,7 +298,7 @@ def test_control_membership_is_identical_across_model_versions_and_a_backfill(
         by_customer.setdefault(key.split(":")[1], set()).add(flag)
     assert all(len(f) == 1 for f in by_customer.values())  # one answer per customer
     keys = np.array([int(k) for k in by_customer])
-    expected = campaign.control_group(keys, UC.campaign.control_salt, UC.campaign.control_fraction)
+    expected = control_group(keys, UC.campaign.control_salt, UC.campaign.control_fraction)
     assert [next(iter(by_customer[str(k)])) for k in keys] == expected.tolist()
     assert expected.sum() > 100
 
@@ -301,7 +306,7 @@ def test_control_membership_is_identical_across_model_versions_and_a_backfill(
 def test_a_campaign_runs_report_tab_opens_its_page(isolated: Settings, audience: dict) -> None:
     from fastapi.testclient import TestClient
 
-    from pipeline import report_app, report_site, run_pages
+    from pipeline.reports import report_app, report_site, run_pages
 
     run_id = "manual__campaign-page"
     run_pages.record(isolated, "churn_campaign", run_id, "churn", "campaign", [SCORE_DATE])

@@ -7,9 +7,12 @@ from datetime import date
 
 import pytest
 
-from pipeline import db, features, usecase, warehouse
-from pipeline.config import Settings
-from pipeline.errors import DataError, SourceError
+from pipeline.conf import usecase
+from pipeline.conf.config import Settings
+from pipeline.core.errors import DataError, SourceError
+from pipeline.stages import features
+from pipeline.store import db
+from pipeline.synthetic import warehouse
 
 UC = usecase.load("churn")
 

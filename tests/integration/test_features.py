@@ -8,9 +8,12 @@ from datetime import date, timedelta
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import db, features, usecase, warehouse
-from pipeline.config import Settings
-from pipeline.errors import ConfigError, DataError
+from pipeline.conf import usecase
+from pipeline.conf.config import Settings
+from pipeline.core.errors import ConfigError, DataError
+from pipeline.stages import features
+from pipeline.store import db
+from pipeline.synthetic import warehouse
 from tests.conftest import SCORE_DATE
 
 UC = usecase.load("churn")

@@ -7,8 +7,9 @@ from datetime import date
 import psycopg2
 from psycopg2 import sql
 
-from pipeline import db, sources
-from pipeline.config import Settings
+from pipeline.conf.config import Settings
+from pipeline.stages import sources
+from pipeline.store import db
 
 TYPES = {"k": "integer", "t": "text", "j": "json", "p": "point"}
 
@@ -57,8 +58,8 @@ def test_a_fingerprint_sees_a_value_changed_a_null_and_a_type_without_a_hash(
 
 
 def test_history_compares_content_only_between_fingerprints_made_the_same_way() -> None:
-    from pipeline.contract import load_contract
-    from pipeline.usecase import load
+    from pipeline.conf.contract import load_contract
+    from pipeline.conf.usecase import load
 
     contract = load_contract(load("churn").contract)
     day = date(2025, 3, 1)

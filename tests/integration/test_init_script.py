@@ -18,7 +18,8 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-from pipeline.config import REPO_ROOT, sqlalchemy_url, with_database
+from pipeline.conf.urls import sqlalchemy_url, with_database
+from pipeline.core.paths import REPO_ROOT
 from tests.conftest import create_database, drop_database
 
 pytestmark = pytest.mark.slow

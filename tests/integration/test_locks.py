@@ -25,9 +25,13 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg2
 import pytest
 
-from pipeline import cli, db, ledger, locks, nightly, publish, registry, usecase
-from pipeline.config import Settings
-from pipeline.errors import LockTimeout
+from pipeline.conf import usecase
+from pipeline.conf.config import Settings
+from pipeline.core.errors import LockTimeout
+from pipeline.faces import cli
+from pipeline.run import nightly
+from pipeline.stages import publish
+from pipeline.store import db, ledger, locks, registry
 from tests.conftest import SCORE_DATE
 
 UC = usecase.load("churn")
@@ -204,7 +208,7 @@ def working_in_a_stage(settings: Settings, run: ledger.RunContext) -> subprocess
     mark) until killed."""
     code = (
         "import sys, time; from datetime import date; from pathlib import Path\n"
-        "from pipeline import ledger; from pipeline.config import Settings\n"
+        "from pipeline.store import ledger; from pipeline.conf.config import Settings\n"
         "s = Settings(database_url=sys.argv[1], warehouse_url=sys.argv[1], home=Path(sys.argv[2]))\n"
         "run = ledger.RunContext('churn', date.fromisoformat(sys.argv[3]), sys.argv[4])\n"
         "ledger.start(s, run)\n"

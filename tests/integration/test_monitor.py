@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from pipeline import db, monitor, nightly, registry, usecase
-from pipeline.config import Settings
+from pipeline.campaigns import monitor
+from pipeline.conf import usecase
+from pipeline.conf.config import Settings
+from pipeline.run import nightly
+from pipeline.store import db, registry
 from tests.conftest import SCORE_DATE
 
 UC = usecase.load("churn")
@@ -62,7 +65,7 @@ def test_decay_beyond_the_threshold_requests_a_retrain_the_next_night_honours(
 def test_the_nightly_report_shows_scores_drift_checks_and_realized_performance(
     isolated: Settings, monkeypatch, capsys
 ) -> None:
-    from pipeline import cli
+    from pipeline.faces import cli
 
     monkeypatch.setenv("NIGHTSCORE_DATABASE_URL", isolated.database_url)
     monkeypatch.setenv("NIGHTSCORE_HOME", str(isolated.home))

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import db, nightly, registry, serving, usecase
-from pipeline.config import Settings
-from pipeline.errors import ConfigError, ModelError
+from pipeline.conf import usecase
+from pipeline.conf.config import Settings
+from pipeline.core.errors import ConfigError, ModelError
+from pipeline.run import nightly
+from pipeline.store import db, registry, serving
 from tests.conftest import SCORE_DATE
 
 UC = usecase.load("churn")
@@ -104,7 +106,7 @@ def test_rerunning_a_date_replaces_its_rows_with_identical_ones(
     isolated: Settings, first_night: dict, caplog: pytest.LogCaptureFixture
 ) -> None:
     before = served(isolated, SCORE_DATE)
-    caplog.set_level(logging.INFO, logger="pipeline.windows")
+    caplog.set_level(logging.INFO, logger="pipeline.stages.windows")
     for i in range(2):
         nightly.run_night(isolated, UC, SCORE_DATE, retrain=False, run_id=f"test-rerun-{i}")
     assert served(isolated, SCORE_DATE) == before

@@ -10,10 +10,14 @@ from datetime import date, timedelta
 import numpy as np
 import pytest
 
-from pipeline import campaign, db, experiment, monitor, nightly, policy, serving, usecase, warehouse
-from pipeline.campaign import SmtpTarget
-from pipeline.config import Settings
-from pipeline.errors import ModelError
+from pipeline.campaigns import campaign, experiment, monitor, policy, policy_learning
+from pipeline.campaigns.campaign import SmtpTarget
+from pipeline.conf import usecase
+from pipeline.conf.config import Settings
+from pipeline.core.errors import ModelError
+from pipeline.run import nightly
+from pipeline.store import db, serving
+from pipeline.synthetic import warehouse
 from tests.conftest import _SESSION_HOME, WAREHOUSE_START, create_database, drop_database
 from tests.smtp_sink import smtp_sink
 
@@ -110,7 +114,7 @@ def test_too_few_weeks_train_no_policy(world: Settings) -> None:
             )
         }
     )
-    out = policy.train_challenger(world, strict, MATURED)
+    out = policy_learning.train_challenger(world, strict, MATURED)
     assert (
         out["decision"] is None and "4 weekly cohorts have matured; a policy needs 5" in out["why"]
     )
@@ -121,7 +125,7 @@ def test_too_few_weeks_train_no_policy(world: Settings) -> None:
             )
         }
     )
-    assert policy.train_challenger(world, risk, MATURED)["decision"] is None
+    assert policy_learning.train_challenger(world, risk, MATURED)["decision"] is None
 
 
 def test_in_approval_mode_a_policy_waits_for_a_person(world: Settings) -> None:
@@ -134,7 +138,7 @@ def test_in_approval_mode_a_policy_waits_for_a_person(world: Settings) -> None:
             )
         }
     )
-    out = policy.train_challenger(world, asking, MATURED, run_id="approval-run")
+    out = policy_learning.train_challenger(world, asking, MATURED, run_id="approval-run")
     try:
         passed = all(c["passed"] for c in out["checks"])
         assert out["decision"] == ("awaiting_approval" if passed else "reject")
@@ -152,7 +156,7 @@ def test_in_approval_mode_a_policy_waits_for_a_person(world: Settings) -> None:
 
 @pytest.fixture(scope="module")
 def trained(world: Settings) -> dict:
-    return policy.train_challenger(world, UC, MATURED, run_id="policy-run")
+    return policy_learning.train_challenger(world, UC, MATURED, run_id="policy-run")
 
 
 def test_a_policy_is_trained_out_of_time_and_registered_with_its_evidence(
@@ -181,7 +185,7 @@ def test_a_policy_is_trained_out_of_time_and_registered_with_its_evidence(
     assert row["trained_through"] == experiment.week_of(NIGHTS[-1]).isoformat()
     assert row["status"] == ("champion" if passed else "candidate")
     # nothing newer has matured: a second run trains nothing
-    again = policy.train_challenger(world, UC, MATURED)
+    again = policy_learning.train_challenger(world, UC, MATURED)
     assert again["decision"] is None and "no cohort newer" in again["why"]
 
 

@@ -14,9 +14,13 @@ import numpy as np
 import psycopg2
 import pytest
 
-from pipeline import db, ledger, nightly, publish, usecase
-from pipeline.config import Settings, with_role
-from pipeline.score import ScoredPart
+from pipeline.conf import usecase
+from pipeline.conf.config import Settings
+from pipeline.conf.urls import with_role
+from pipeline.run import nightly
+from pipeline.stages import publish
+from pipeline.stages.score import ScoredPart
+from pipeline.store import db, ledger
 from tests.conftest import SCORE_DATE
 
 UC = usecase.load("churn")

@@ -8,9 +8,13 @@ import numpy as np
 import psycopg2
 import pytest
 
-from pipeline import cli, config, db, nightly, registry, train, usecase
-from pipeline.config import Settings
-from pipeline.ledger import RunContext
+from pipeline.conf import config, usecase
+from pipeline.conf.config import Settings
+from pipeline.faces import cli
+from pipeline.run import nightly
+from pipeline.stages import train
+from pipeline.store import db, registry
+from pipeline.store.ledger import RunContext
 from tests.conftest import SCORE_DATE
 
 UC = usecase.load("churn")
@@ -390,7 +394,7 @@ def test_a_decayed_champion_is_known_as_of_the_night(isolated: Settings) -> None
         ledger_exec.commit()
     finally:
         ledger_exec.close()
-    from pipeline import monitor
+    from pipeline.campaigns import monitor
 
     horizon = UC.label.horizon_days
     # labels of that night mature 30 days later: a night before then does not know it yet

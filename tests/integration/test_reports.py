@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from pipeline import db, ledger, nightly, report_site, usecase
-from pipeline.config import Settings
+from pipeline.conf import usecase
+from pipeline.conf.config import Settings
+from pipeline.reports import report_site
+from pipeline.run import nightly
+from pipeline.store import db, ledger
 from tests.conftest import SCORE_DATE
 
 UC = usecase.load("churn")
@@ -56,8 +59,9 @@ def test_a_run_without_its_report_shows_what_it_waits_for(isolated: Settings) ->
     state and the run it waits behind, never another run's report or raw JSON."""
     from fastapi.testclient import TestClient
 
-    from pipeline import report_app, turns
-    from pipeline.run_status import RunStatus
+    from pipeline.reports import report_app
+    from pipeline.reports.run_status import RunStatus
+    from pipeline.store import turns
 
     holder = "manual__report-holder"
     assert turns.take(isolated, "churn", holder, alive=lambda run_id: True) is None

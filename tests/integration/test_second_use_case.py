@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import db, nightly, preflight, usecase
-from pipeline.config import Settings
+from pipeline.conf import usecase
+from pipeline.conf.config import Settings
+from pipeline.faces import preflight
+from pipeline.run import nightly
+from pipeline.store import db
 from tests.conftest import SCORE_DATE
 
 REPO_USECASES = Path(__file__).resolve().parents[2] / "usecases"

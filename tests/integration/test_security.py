@@ -11,10 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import campaign, db, features, nightly, registry, usecase, warehouse
-from pipeline.campaign import SmtpTarget
-from pipeline.config import Settings
-from pipeline.errors import ConfigError, ModelError, SourceError
+from pipeline.campaigns import campaign
+from pipeline.campaigns.campaign import SmtpTarget
+from pipeline.conf import usecase
+from pipeline.conf.config import Settings
+from pipeline.core.errors import ConfigError, ModelError, SourceError
+from pipeline.run import nightly
+from pipeline.stages import features
+from pipeline.store import db, registry
+from pipeline.synthetic import warehouse
 from tests.conftest import SCORE_DATE
 from tests.smtp_sink import smtp_sink
 
@@ -99,7 +104,7 @@ def test_the_cli_makes_every_file_under_its_home_private(
         "NIGHTSCORE_HOME": str(home),
         "NIGHTSCORE_DB_ROLE": "",
     }
-    code = "import os, sys; os.umask(0o022); from pipeline import cli; sys.exit(cli.main(sys.argv[1:]))"
+    code = "import os, sys; os.umask(0o022); from pipeline.faces import cli; sys.exit(cli.main(sys.argv[1:]))"
     result = subprocess.run(
         [sys.executable, "-c", code, "report", "--use-case", "churn", "--date", str(SCORE_DATE)],
         env=env,

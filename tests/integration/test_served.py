@@ -15,9 +15,13 @@ from datetime import timedelta
 import psycopg2
 import pytest
 
-from pipeline import db, ledger, locks, nightly, publish, usecase
-from pipeline.config import Settings, with_role
-from pipeline.faults import FaultInjected
+from pipeline.conf import usecase
+from pipeline.conf.config import Settings
+from pipeline.conf.urls import with_role
+from pipeline.core.faults import FaultInjected
+from pipeline.run import nightly
+from pipeline.stages import publish
+from pipeline.store import db, ledger, locks
 from tests.conftest import SCORE_DATE
 
 UC = usecase.load("churn")
@@ -156,7 +160,7 @@ def test_the_report_of_a_failed_night_says_why_and_what_stays_served(
 ) -> None:
     """A night stopped before publishing: its report (written whatever happened, as the
     DAG's ``write_report`` is) names the failed stage and the night readers still get."""
-    from pipeline.errors import ModelError
+    from pipeline.core.errors import ModelError
 
     day = SCORE_DATE + timedelta(days=3)
     run = ledger.RunContext("churn", day, "served-failed-night")

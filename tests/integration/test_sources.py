@@ -22,11 +22,12 @@ from urllib.parse import quote
 import pytest
 from psycopg2 import sql
 
-from pipeline import contract as contracts
-from pipeline import db, sources
-from pipeline.checks import CheckResult
-from pipeline.config import with_database, with_role
-from pipeline.errors import ConfigError, SourceError
+from pipeline.conf import contract as contracts
+from pipeline.conf.urls import with_database, with_role
+from pipeline.core.errors import ConfigError, SourceError
+from pipeline.stages import sources
+from pipeline.stages.checks import CheckResult
+from pipeline.store import db
 
 AS_OF = date(2024, 11, 20)  # the run scores this day: facts strictly before it count
 LAST = AS_OF - timedelta(days=1)

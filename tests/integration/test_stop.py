@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import cli, config, embedded
-from pipeline.airflow_env import _pid_file
+from pipeline.conf import config, embedded
+from pipeline.core import paths
+from pipeline.faces import cli
+from pipeline.faces.airflow_env import _pid_file
 
 
 def _sleeper(*argv: str) -> subprocess.Popen[bytes]:
@@ -71,6 +73,6 @@ def test_the_home_is_found_from_a_subfolder(
     assert config.home_dir() == tmp_path / "project" / ".nightscore"
     # none above: the checkout's own
     monkeypatch.chdir(tmp_path)
-    assert config.home_dir() == config.REPO_ROOT / ".nightscore"
+    assert config.home_dir() == paths.REPO_ROOT / ".nightscore"
     monkeypatch.setenv(config.ENV_HOME, str(tmp_path / "chosen"))
     assert config.home_dir() == tmp_path / "chosen"

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import features, train, usecase
-from pipeline.config import Settings
+from pipeline.conf import usecase
+from pipeline.conf.config import Settings
+from pipeline.stages import features, train
 from tests.conftest import SCORE_DATE
 
 UC = usecase.load("churn").evolve({"training": {"snapshots": 3, "step_days": 7}})

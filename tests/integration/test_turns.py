@@ -1,4 +1,4 @@
-"""One night of a use case at a time (``pipeline.turns``), on a real PostgreSQL."""
+"""One night of a use case at a time (``pipeline.store.turns``), on a real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import logging
 import psycopg2
 import pytest
 
-from pipeline import turns
-from pipeline.config import Settings, with_role
+from pipeline.conf.config import Settings
+from pipeline.conf.urls import with_role
+from pipeline.store import turns
 
 
 def test_a_second_run_waits_for_the_first_and_follows_it(isolated: Settings) -> None:
@@ -27,7 +28,7 @@ def test_a_run_that_died_holding_the_turn_loses_it(
     isolated: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     assert turns.take(isolated, "dead_case", "run-killed", lambda r: True) is None
-    caplog.set_level(logging.WARNING, logger="pipeline.turns")
+    caplog.set_level(logging.WARNING, logger="pipeline.store.turns")
     assert turns.take(isolated, "dead_case", "run-next", lambda r: r != "run-killed") is None
     assert any("took the turn of run run-killed" in r.getMessage() for r in caplog.records)
     turns.give_back(isolated, "dead_case", "run-next")

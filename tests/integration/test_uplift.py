@@ -9,9 +9,12 @@ from datetime import date, timedelta
 
 import pytest
 
-from pipeline import db, monitor, nightly, usecase
-from pipeline.config import Settings
-from pipeline.ledger import RunContext
+from pipeline.campaigns import monitor
+from pipeline.conf import usecase
+from pipeline.conf.config import Settings
+from pipeline.run import nightly
+from pipeline.store import db
+from pipeline.store.ledger import RunContext
 
 UC = usecase.load("churn")
 D = date(2024, 10, 1)  # labels [D, D+30) matured by 2024-10-31, inside the warehouse
@@ -181,7 +184,7 @@ def test_campaigns_wait_for_their_labels_and_for_a_sent_message(
 def test_nightscore_monitor_prints_the_campaign_uplift(
     isolated: Settings, groups: dict[str, list[int]], monkeypatch, capsys
 ) -> None:
-    from pipeline import cli
+    from pipeline.faces import cli
 
     db.scalar(isolated.database_url, "DELETE FROM monitoring.campaign_uplift; SELECT 1")
     monkeypatch.setenv("NIGHTSCORE_DATABASE_URL", isolated.database_url)
@@ -221,7 +224,7 @@ def test_the_nightly_report_shows_matured_campaigns(
 def test_a_campaign_with_two_score_dates_fails_loudly(
     isolated: Settings, groups: dict[str, list[int]]
 ) -> None:
-    from pipeline.errors import DataError
+    from pipeline.core.errors import DataError
 
     ids = _active_on(isolated, UNSENT)
     _add_campaign(isolated, "churn_retention_mixed", UNSENT, ids[100:101], [(ids[102], "sent")])

@@ -7,9 +7,10 @@ from datetime import date, timedelta
 
 import pytest
 
-from pipeline import db, warehouse
-from pipeline.config import Settings
-from pipeline.errors import ConfigError
+from pipeline.conf.config import Settings
+from pipeline.core.errors import ConfigError
+from pipeline.store import db
+from pipeline.synthetic import warehouse
 from tests.conftest import SCORE_DATE, WAREHOUSE_CUSTOMERS, WAREHOUSE_START
 
 TABLES = warehouse.TABLE_ORDER

@@ -1,4 +1,4 @@
-"""Windows kept night to night (``pipeline.windows``) give the snapshots a rebuild from the
+"""Windows kept night to night (``pipeline.stages.windows``) give the snapshots a rebuild from the
 facts gives, and are not used once the warehouse no longer counts their days the same."""
 
 from __future__ import annotations
@@ -13,9 +13,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import db, features, usecase, warehouse
-from pipeline.config import Settings
-from pipeline.errors import ConfigError, DataError
+from pipeline.conf import usecase
+from pipeline.conf.config import Settings
+from pipeline.core.errors import ConfigError, DataError
+from pipeline.stages import features
+from pipeline.store import db
+from pipeline.synthetic import warehouse
 
 UC = usecase.load("churn")
 START = date(2024, 1, 1)
@@ -60,7 +63,7 @@ def _how(caplog: pytest.LogCaptureFixture, block: str = "usage_windows") -> list
 def test_kept_windows_give_the_snapshots_of_a_rebuild(
     wh: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="pipeline.windows")
+    caplog.set_level(logging.INFO, logger="pipeline.stages.windows")
     nights = [FIRST + timedelta(days=i) for i in range(5)]
     kept = [features.build_snapshot(wh, UC, d) for d in nights]
     for block in ("usage_windows", "plan_state", "billing_state"):  # windows and states
@@ -87,7 +90,7 @@ def test_a_gap_of_nights_rolls_several_days_and_a_rerun_reads_the_kept_state(
     wh: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     s = _from_facts(wh, "gap")
-    caplog.set_level(logging.INFO, logger="pipeline.windows")
+    caplog.set_level(logging.INFO, logger="pipeline.stages.windows")
     features.build_snapshot(s, UC, FIRST)
     later = features.build_snapshot(s, UC, FIRST + timedelta(days=3))
     again = features.build_snapshot(s, UC, FIRST + timedelta(days=3))
@@ -114,7 +117,7 @@ def test_a_past_day_that_changed_rebuilds_the_windows_from_the_facts(
             "wh_windows_late.usage_daily WHERE usage_date = %s - 6) LIMIT 1; SELECT 1",
             (day, day),
         )
-        caplog.set_level(logging.INFO, logger="pipeline.windows")
+        caplog.set_level(logging.INFO, logger="pipeline.stages.windows")
         after = features.build_snapshot(s, UC, day)
         assert _how(caplog)[-1] == "facts"
         warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -186,7 +189,7 @@ def test_a_read_only_warehouse_gets_the_windows_from_the_facts(
     url = wh.warehouse_url
     url += ("&" if "?" in url else "?") + "options=-c%20default_transaction_read_only%3Don"
     s = replace(_from_facts(wh, "read_only"), warehouse_url=url)
-    caplog.set_level(logging.INFO, logger="pipeline.windows")
+    caplog.set_level(logging.INFO, logger="pipeline.stages.windows")
     snap = features.build_snapshot(s, UC, FIRST + timedelta(days=1))
     assert "the warehouse is read-only" in caplog.text
     assert not (s.snapshots / UC.name / "windows").exists()
@@ -237,7 +240,7 @@ def test_a_restatement_that_keeps_the_row_counts_rebuilds_the_windows(
             )
             == counts
         )
-        caplog.set_level(logging.INFO, logger="pipeline.windows")
+        caplog.set_level(logging.INFO, logger="pipeline.stages.windows")
         after = features.build_snapshot(s, UC, day)
         assert _how(caplog)[-1] == "facts"
         warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -263,7 +266,7 @@ def test_a_state_whose_step_disagrees_with_its_facts_is_rebuilt_from_the_facts(
     uc = UC.evolve({"states": {"billing_state": {"step": str(wrong)}}})
     s = _from_facts(wh, "wrong_step")
     features.build_snapshot(s, uc, FIRST)
-    caplog.set_level(logging.INFO, logger="pipeline.windows")
+    caplog.set_level(logging.INFO, logger="pipeline.stages.windows")
     caplog.clear()  # what the next night logs only, whatever earlier tests set the root to
     after = features.build_snapshot(s, uc, FIRST + timedelta(days=1))
     assert _how(caplog, "billing_state") == ["facts"]
@@ -300,7 +303,7 @@ def test_a_state_over_every_day_is_rebuilt_when_its_oldest_day_is_restated(
             "WHERE valid_from = %s; SELECT 1",
             (first,),
         )
-        caplog.set_level(logging.INFO, logger="pipeline.windows")
+        caplog.set_level(logging.INFO, logger="pipeline.stages.windows")
         caplog.clear()
         after = features.build_snapshot(s, UC, day)
         assert _how(caplog, "plan_state") == ["facts"]

@@ -16,8 +16,11 @@ from typing import Any
 
 import pytest
 
-from pipeline import serving, usecase, warehouse
-from pipeline.config import REPO_ROOT, Settings
+from pipeline.conf import usecase
+from pipeline.conf.config import Settings
+from pipeline.core.paths import REPO_ROOT
+from pipeline.store import serving
+from pipeline.synthetic import warehouse
 from tests.conftest import create_database, drop_database
 from tests.dags.services import Timings, airflow_services, free_port, own_metadata, service_env
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from pipeline import db, registry
-from pipeline.config import Settings
+from pipeline.conf.config import Settings
+from pipeline.store import db, registry
 from tests.dags.services import Timings
 from tests.ui.conftest import ARTIFACTS
 

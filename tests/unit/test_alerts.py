@@ -6,8 +6,9 @@ from datetime import date, timedelta
 
 import pytest
 
-from pipeline import alerts, usecase
-from pipeline.errors import ConfigError
+from pipeline.conf import usecase
+from pipeline.core.errors import ConfigError
+from pipeline.run import alerts
 
 UC = usecase.load("churn")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import cli
+from pipeline.faces import cli
 
 COMMANDS = [
     ["models", "list"],

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import embedded, ledger
-from pipeline.config import REPO_ROOT
-from pipeline.errors import ConfigError
+from pipeline.conf import embedded
+from pipeline.core.errors import ConfigError
+from pipeline.core.paths import REPO_ROOT
+from pipeline.store import ledger
 
 
 @pytest.fixture
@@ -49,7 +50,7 @@ def test_adding_a_dag_file_changes_the_version(dags: Path) -> None:
 def test_a_use_case_file_changes_the_version(
     dags: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline import usecase
+    from pipeline.conf import usecase
 
     copy = tmp_path / "usecases"
     shutil.copytree(REPO_ROOT / "usecases", copy)

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline import cli
-from pipeline.config import REPO_ROOT
+from pipeline.core.paths import REPO_ROOT
+from pipeline.faces import cli
 
 DOCKER_DIR = REPO_ROOT / "docker"
 COMPOSE = REPO_ROOT / "docker-compose.yml"
@@ -259,7 +259,7 @@ def test_missing_requirements_keeps_only_what_is_not_installed() -> None:
 def test_workers_run_with_the_celery_settings_the_celery_test_runs_with(
     services: dict[str, dict[str, Any]],
 ) -> None:
-    from pipeline import airflow_env as af
+    from pipeline.faces import airflow_env as af
 
     # tests/dags/test_celery.py runs its scheduler and workers with af.celery_env
     worker = services["airflow-worker"]

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import config
-from pipeline.errors import ConfigError
+from pipeline.conf import config, urls
+from pipeline.core.errors import ConfigError
 
 
 @pytest.mark.parametrize(
@@ -16,12 +16,12 @@ from pipeline.errors import ConfigError
     ],
 )
 def test_normalize_url(given: str, expected: str) -> None:
-    assert config.normalize_url(given) == expected
+    assert urls.normalize_url(given) == expected
 
 
 def test_url_without_scheme_is_refused_and_password_hidden() -> None:
     with pytest.raises(ConfigError, match="no scheme") as err:
-        config.normalize_url("//alice:secret@h/d")
+        urls.normalize_url("//alice:secret@h/d")
     assert "secret" not in str(err.value)
 
 
@@ -34,26 +34,26 @@ def test_url_without_scheme_is_refused_and_password_hidden() -> None:
     ],
 )
 def test_url_parts_round_trip(url: str) -> None:
-    p = config.url_parts(url)
-    rebuilt = config.url_from_parts(p["host"], p["port"], p["login"], p["password"], p["database"])  # type: ignore[arg-type]
-    assert config.url_parts(rebuilt) == p
+    p = urls.url_parts(url)
+    rebuilt = urls.url_from_parts(p["host"], p["port"], p["login"], p["password"], p["database"])  # type: ignore[arg-type]
+    assert urls.url_parts(rebuilt) == p
 
 
 def test_redact_hides_the_password() -> None:
-    shown = config.redact("postgresql://alice:hunter2@h/d")
+    shown = urls.redact("postgresql://alice:hunter2@h/d")
     assert "hunter2" not in shown and "***" in shown
 
 
 def test_with_database_keeps_the_socket() -> None:
-    url = config.with_database("postgresql://postgres:@/postgres?host=/tmp/x", "airflow")
+    url = urls.with_database("postgresql://postgres:@/postgres?host=/tmp/x", "airflow")
     assert url == "postgresql://postgres:@/airflow?host=/tmp/x"
 
 
 def test_the_local_airflow_is_sized_to_the_machine(tmp_path, monkeypatch) -> None:
     import os
 
-    from pipeline import airflow_env
-    from pipeline.config import load_settings
+    from pipeline.conf.config import load_settings
+    from pipeline.faces import airflow_env
 
     monkeypatch.setenv("NIGHTSCORE_AIRFLOW_DATABASE_URL", "postgresql://x@127.0.0.1:1/airflow")
     monkeypatch.setenv("NIGHTSCORE_HOME", str(tmp_path / "home"))
@@ -68,7 +68,7 @@ def test_the_local_airflow_is_sized_to_the_machine(tmp_path, monkeypatch) -> Non
 
 
 def test_a_dags_test_output_is_split_into_the_logs_of_its_tasks() -> None:
-    from pipeline import airflow_env
+    from pipeline.faces import airflow_env
 
     a, b = "01a24ea4-7a6b-790d-a286-13ac82f142e6", "01a24ea4-7a6b-790d-a286-13ac82f142e7"
 

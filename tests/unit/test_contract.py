@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from pipeline import contract as contracts
-from pipeline.errors import ConfigError
+from pipeline.conf import contract as contracts
+from pipeline.core.errors import ConfigError
 
 CONTRACT = """
 # The warehouse tables the use case's SQL reads.

@@ -4,8 +4,10 @@ from datetime import date
 
 import pytest
 
-from pipeline import db, features, usecase
-from pipeline.errors import ConfigError
+from pipeline.conf import usecase
+from pipeline.core.errors import ConfigError
+from pipeline.stages import features
+from pipeline.store import db
 
 
 def test_named_parameters_become_positional_and_casts_survive() -> None:

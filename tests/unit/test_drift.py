@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pipeline import checks, usecase
+from pipeline.conf import usecase
+from pipeline.stages import checks
 
 UC = usecase.load("churn")
 COUNTRIES = ["GB", "DE", "FR", "ES", "IT"]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from pipeline import evaluate
+from pipeline.stages import evaluate
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

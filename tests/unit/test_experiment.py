@@ -7,7 +7,7 @@ from datetime import date, timedelta
 
 import numpy as np
 
-from pipeline import experiment
+from pipeline.campaigns import experiment
 
 
 def test_the_minimum_detectable_effect_is_the_textbook_one() -> None:

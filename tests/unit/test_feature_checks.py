@@ -7,7 +7,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline import checks, usecase
+from pipeline.conf import usecase
+from pipeline.stages import checks
 
 CHURN = usecase.load("churn")
 BARE = CHURN.evolve({"feature_checks": {"default": {"max_null_fraction": None, "min": None}}})

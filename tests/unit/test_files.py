@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline import files
+from pipeline.core import files
 
 
 def dead_pid() -> int:

@@ -14,7 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline import forest, score, train, usecase
+from pipeline.conf import usecase
+from pipeline.stages import forest, score, train
 
 UC = usecase.load("churn")
 NUMBERS = [f"n{i}" for i in range(8)]
@@ -130,7 +131,7 @@ def test_a_fast_predictor_that_disagrees_hands_the_partition_to_scikit_learn(
     shifted = dataclasses.replace(
         fast, masks=dataclasses.replace(fast.masks, baseline=fast.masks.baseline + 1e-6)
     )
-    with caplog.at_level(logging.WARNING, logger="pipeline.score"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.stages.score"):
         bad = score.agreement(shifted, many_trees, table, COLUMNS, "v-shifted")
     assert bad.name == "sklearn"
     assert bad.max_abs_diff is not None and 1e-9 < bad.max_abs_diff < 1e-6

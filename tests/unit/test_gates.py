@@ -3,8 +3,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import evaluate, figures, populations
-from pipeline.usecase import Gates
+from pipeline.conf.usecase import Gates
+from pipeline.core import figures
+from pipeline.stages import evaluate
+from pipeline.synthetic import populations
 
 WORLD = populations.World(prevalence=0.05, risk_sd=1.6)
 GATES = Gates()

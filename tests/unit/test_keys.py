@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import keys
-from pipeline.campaign import control_group
-from pipeline.errors import DataError
-from pipeline.publish import risk_deciles
-from pipeline.score import partition_of
+from pipeline.core import keys
+from pipeline.core.errors import DataError
+from pipeline.core.keys import control_group
+from pipeline.stages.publish import risk_deciles
+from pipeline.stages.score import partition_of
 
 TEXT = np.array([f"ACC-{i:06d}" for i in range(1, 60_001)], dtype=object)
 
@@ -71,7 +71,7 @@ def test_keys_in_messages_print_as_plain_values() -> None:
 
     import pandas as pd
 
-    from pipeline.errors import plain
+    from pipeline.core.errors import plain
 
     key = np.array([1761, 42])[0]
     assert repr(key) == "np.int64(1761)"  # what a message showed before

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.publish import risk_deciles
-from pipeline.score import partition_of
+from pipeline.stages.publish import risk_deciles
+from pipeline.stages.score import partition_of
 
 
 @pytest.mark.parametrize("partitions", [1, 2, 3, 8])

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import contract, usecase
+from pipeline.conf import contract, usecase
 
 REPO = Path(__file__).resolve().parents[2]
-SIMULATED = {"warehouse.py", "demo.py"}
+SIMULATED = REPO / "pipeline" / "synthetic"
 USE_CASE_FOLDERS = [REPO / "usecases", REPO / "tests" / "data" / "usecases"]
 
 
 def product_files() -> list[Path]:
-    files = [p for p in (REPO / "pipeline").glob("*.py") if p.name not in SIMULATED]
+    files = [p for p in (REPO / "pipeline").rglob("*.py") if SIMULATED not in p.parents]
     files += list((REPO / "dags").glob("*.py"))
     files += list((REPO / "sql" / "schema").glob("*.sql"))
     files += list((REPO / "sql" / "usecase").glob("*.sql"))

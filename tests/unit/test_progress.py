@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from pipeline import progress
-from pipeline.demo import ended_stages
+from pipeline.core import progress
+from pipeline.synthetic.demo import ended_stages
 
 
 class Clock:

@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import evaluate
-from pipeline.report import (
+from pipeline.reports.report import (
     NightContext,
     failed_stage,
     night_banner,
     write_evaluation_report,
     write_run_report,
 )
+from pipeline.stages import evaluate
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 IMAGE_PATTERN = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
@@ -189,7 +189,7 @@ def _run_report(
 def test_run_report_states_the_experiment_its_power_and_the_policy_in_force(
     tmp_path: Path,
 ) -> None:
-    from pipeline import experiment
+    from pipeline.campaigns import experiment
 
     rows = [
         {"score_date": date(2024, 9, 2) + timedelta(weeks=w), "contacted": 1000,

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 from fastapi.testclient import TestClient
 
-from pipeline import report_app, report_site
-from pipeline.config import Settings
+from pipeline.conf.config import Settings
+from pipeline.reports import report_app, report_site
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from pipeline.registry import Review
+from pipeline.store.registry import Review
 
 
 def test_an_answer_from_the_approval_form_becomes_a_sentence() -> None:

@@ -1,4 +1,4 @@
-"""What a run without a report says holds it back (pipeline.run_status.why)."""
+"""What a run without a report says holds it back (pipeline.reports.run_status.why)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.run_status import RunStatus, why
+from pipeline.reports.run_status import RunStatus, why
 
 NOW = datetime(2026, 12, 7, 3, 0, tzinfo=UTC)
 BEHIND = "scheduled__2026-12-07T00:00:00+00:00"

@@ -11,8 +11,9 @@ import pyarrow as pa
 import pytest
 from threadpoolctl import threadpool_limits
 
-from pipeline import train, usecase
-from pipeline.errors import ConfigError
+from pipeline.conf import usecase
+from pipeline.core.errors import ConfigError
+from pipeline.stages import train
 
 UC = usecase.load("churn")
 

@@ -6,8 +6,8 @@ from datetime import date, timedelta
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline import usecase
-from pipeline.features import label_end, training_dates
+from pipeline.conf import usecase
+from pipeline.stages.features import label_end, training_dates
 
 CHURN = usecase.load("churn")
 

@@ -17,8 +17,15 @@ from hypothesis import strategies as st
 from scipy.stats import spearmanr
 from threadpoolctl import threadpool_limits
 
-from pipeline import uplift
-from pipeline.uplift import TwoModel, auuc, bootstrap, compare, qini_coefficient, qini_curve
+from pipeline.campaigns import uplift
+from pipeline.campaigns.uplift import (
+    TwoModel,
+    auuc,
+    bootstrap,
+    compare,
+    qini_coefficient,
+    qini_curve,
+)
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import config, preflight, usecase
-from pipeline.errors import ConfigError
+from pipeline.conf import config, usecase
+from pipeline.core.errors import ConfigError
+from pipeline.faces import preflight
 
 REPO_USECASES = Path(__file__).resolve().parents[2] / "usecases"
 

@@ -7,8 +7,8 @@ from datetime import date, timedelta
 
 import pytest
 
-from pipeline.contract import VolumeDays, VolumeSpec
-from pipeline.sources import daily_volume, window_volume
+from pipeline.conf.contract import VolumeDays, VolumeSpec
+from pipeline.stages.sources import daily_volume, window_volume
 
 SHIPPED = VolumeSpec()
 OLD = VolumeSpec(
