@@ -132,7 +132,7 @@ def use_case_context(name: str) -> tuple[Any, Any, date]:
 
 
 def nightly_stage(stage: str, name: str, *args: Any, **kwargs: Any) -> Any:
-    """The body of a nightly task: ``pipeline.run.nightly.<stage>(settings, use case, run, ...)``.
+    """The body of a nightly task: ``pipeline.run.nightly.stage(stage)(settings, use case, run, ...)``.
 
     Bad data, bad config or a gate saying no (``DataError``, ``ConfigError``,
     ``GateFailed``) fails the task at once: a retry would read the same data and config
@@ -149,7 +149,7 @@ def nightly_stage(stage: str, name: str, *args: Any, **kwargs: Any) -> Any:
     try:
         uc = usecase.load(name)
         run = run_context(get_current_context(), uc)
-        return getattr(nightly, stage)(settings(uc), uc, run, *args, **kwargs)
+        return nightly.stage(stage)(settings(uc), uc, run, *args, **kwargs)
     except (DataError, GateFailed, ConfigError) as err:
         raise AirflowFailException(str(err)) from err
 

@@ -138,8 +138,53 @@ def tested_without_deadline(built: Any) -> Any:
     return built
 
 
+def nightly_params(uc: usecase.UseCase) -> dict[str, Param]:
+    """The trigger form of ``<name>_nightly``: typed, described, with the run's defaults."""
+    name = uc.name
+    return {
+        "retrain": Param(
+            "scheduled",
+            enum=["scheduled", "always", "never"],
+            description="scheduled: follow the use case's cadence (and retrain requests; "
+            "never in backfills); always: train tonight; never: score with the champion. "
+            f"If this DAG is paused: 'Unpause {name}_nightly on trigger' above also starts its "
+            f"latest scheduled night (cron {uc.schedule.nightly} {uc.schedule.timezone}) now, "
+            "unless it has run already, and this run may queue behind it; untick it to queue "
+            "this run until the DAG is unpaused.",
+        ),
+        "promotion_mode": Param(
+            "auto",
+            enum=["auto", "approval", "never"],
+            description="auto: promote a challenger that passes the gates; approval: ask a "
+            "person in this UI; never: keep it as the shadow model.",
+        ),
+        "rescore_model": Param(
+            None,
+            type=["null", "string"],
+            description="Score with this registered model version instead of the champion "
+            "(empty: the champion).",
+        ),
+        "dry_run": Param(
+            False, type="boolean", description="Score and validate, but publish nothing."
+        ),
+        "backfill_model": Param(
+            "champion_on_date",
+            enum=["champion_on_date", "current_champion"],
+            description="In backfills: score each date with the model that was champion on "
+            "that date (from the promotions log), or rescore every date with the current "
+            "champion. In the Backfill form, tick 'Override parameters on existing runs' or "
+            "Airflow sends none of these values (every run gets the defaults).",
+        ),
+    }
+
+
 def nightly_dag(uc: usecase.UseCase) -> Any:
-    name, asset = uc.name, scores_asset(uc)
+    """``<name>_nightly``: the night's tasks in five groups, the report as its teardown.
+
+    The groups only draw the graph (collapsed, one node each); ``prefix_group_id=False``
+    keeps every task id, which the branches, XCom pulls, report links and tests name.
+    """
+    name = uc.name
 
     @dag(
         dag_id=f"{name}_nightly",
@@ -161,286 +206,296 @@ def nightly_dag(uc: usecase.UseCase) -> Any:
             source=uc.source,
             wait=uc.schedule.data_wait_hours,
         ),
-        params={
-            "retrain": Param(
-                "scheduled",
-                enum=["scheduled", "always", "never"],
-                description="scheduled: follow the use case's cadence (and retrain requests; "
-                "never in backfills); always: train tonight; never: score with the champion. "
-                f"If this DAG is paused: 'Unpause {name}_nightly on trigger' above also starts its "
-                f"latest scheduled night (cron {uc.schedule.nightly} {uc.schedule.timezone}) now, "
-                "unless it has run already, and this run may queue behind it; untick it to queue "
-                "this run until the DAG is unpaused.",
-            ),
-            "promotion_mode": Param(
-                "auto",
-                enum=["auto", "approval", "never"],
-                description="auto: promote a challenger that passes the gates; approval: ask a "
-                "person in this UI; never: keep it as the shadow model.",
-            ),
-            "rescore_model": Param(
-                None,
-                type=["null", "string"],
-                description="Score with this registered model version instead of the champion "
-                "(empty: the champion).",
-            ),
-            "dry_run": Param(
-                False, type="boolean", description="Score and validate, but publish nothing."
-            ),
-            "backfill_model": Param(
-                "champion_on_date",
-                enum=["champion_on_date", "current_champion"],
-                description="In backfills: score each date with the model that was champion on "
-                "that date (from the promotions log), or rescore every date with the current "
-                "champion. In the Backfill form, tick 'Override parameters on existing runs' or "
-                "Airflow sends none of these values (every run gets the defaults).",
-            ),
-        },
+        params=nightly_params(uc),
     )
     def nightly() -> None:
-        @task.sensor(
-            poke_interval=uc.schedule.data_poke_minutes * 60,
-            timeout=uc.schedule.data_wait_hours * 3600,
-            mode="reschedule",
-            soft_fail=True,
-        )
-        def wait_for_data() -> bool:
-            """A night of today waits for its data (the contract's fresh tables through the
-            day before), then is skipped if it never lands; a past night goes on at once."""
-            from _nightscore import data_landed
-
-            return data_landed(name)
-
-        @task.sensor(
-            poke_interval=TURN_POKE_SECONDS, timeout=TURN_WAIT_HOURS * 3600, mode="reschedule"
-        )
-        def wait_for_turn() -> bool:
-            """One night of the use case at a time: a run waits while another (scheduled,
-            triggered or backfilled) holds the use case's turn; its log says which."""
-            from _nightscore import take_turn
-
-            return take_turn(name)
-
-        @task
-        def start_run(params: dict | None = None) -> dict:
-            from _nightscore import nightly_stage
-
-            return nightly_stage("start_run", name, dict(params or {}))
-
-        @task(retries=0)
-        def check_sources() -> dict:
-            from _nightscore import nightly_stage
-
-            return nightly_stage("check_sources", name)
-
-        @task(retries=0)
-        def check_features(snapshot: dict) -> dict:
-            from _nightscore import nightly_stage
-
-            return nightly_stage("check_features", name, snapshot)
-
-        @task(retries=0)
-        def check_scores(parts: list[dict]) -> dict:
-            from _nightscore import nightly_stage
-
-            return nightly_stage("check_scores", name, list(parts))
-
-        @task(**IO_RETRIES)
-        def build_features() -> dict:
-            from _nightscore import nightly_stage
-
-            return nightly_stage("build_features", name)
-
-        @task.branch
-        def decide_retrain(params: dict | None = None) -> str:
-            from _nightscore import is_backfill, nightly_stage
-
-            mode = (params or {}).get("retrain", "scheduled")
-            decision = nightly_stage("decide_retrain", name, mode, backfill=is_backfill())
-            return "train_challenger" if decision["retrain"] else "select_model"
-
-        @task(**IO_RETRIES)
-        def train_challenger() -> dict:
-            from _nightscore import nightly_stage
-
-            return nightly_stage("train_challenger", name)
-
-        @task(retries=0)
-        def evaluate_challenger(trained: dict, snapshot: dict, params: dict | None = None) -> dict:
-            from _nightscore import nightly_stage
-
-            mode = (params or {}).get("promotion_mode", "auto")
-            return nightly_stage("evaluate_challenger", name, trained, mode, snapshot)
-
-        @task.branch
-        def route_promotion(evaluation: dict) -> str:
-            return {"awaiting_approval": "approve_promotion", "promote": "select_model"}.get(
-                evaluation["decision"], "keep_champion"
-            )
-
-        @task(retries=0)
-        def keep_champion(evaluation: dict) -> dict:
-            """The challenger was not promoted: say why where the run shows it."""
-            import logging
-
-            log = logging.getLogger("nightscore.keep_champion")
-            if evaluation["decision"] == "identical":
-                log.warning("challenger identical to the champion %s", evaluation["champion"])
-            else:
-                log.warning(
-                    "challenger %s not promoted (%s); %s stays champion and %s is the shadow model",
-                    evaluation["version"],
-                    evaluation["decision"],
-                    evaluation["champion"] or "no model",
-                    evaluation["version"],
-                )
-            for reason in evaluation["reasons"]:
-                log.warning("  %s", reason)
-            return {k: evaluation[k] for k in ("version", "decision", "reasons", "report_url")}
-
-        @task(retries=0)
-        def promote_challenger(evaluation: dict) -> dict:
-            from _nightscore import approver, nightly_stage
-
-            return nightly_stage(
-                "promote_challenger",
-                name,
-                evaluation["version"],
-                actor=f"approval:{approver('approve_promotion')}",
-                reason="approved in the Airflow UI after: " + "; ".join(evaluation["reasons"]),
-            )
-
-        @task(retries=0, trigger_rule="none_failed_min_one_success")
-        def record_review(evaluation: dict) -> dict:
-            """Approved or rejected: who and when, into ml.evaluations, the night's report and
-            the run's note. Runs after a rejection too (which skips promote_challenger)."""
-            from _nightscore import leave_note, nightly_stage, review_answer
-
-            recorded = nightly_stage(
-                "record_review", name, evaluation, review_answer("approve_promotion")
-            )
-            leave_note(recorded["note"])
-            return recorded
-
-        @task(retries=0, trigger_rule="none_failed_min_one_success")
-        def select_model(run: dict, params: dict | None = None) -> dict:
-            from _nightscore import is_backfill, nightly_stage
-
-            p = params or {}
-            return nightly_stage(
-                "select_model",
-                name,
-                p.get("rescore_model") or None,
-                run["champion_at_start"],
-                backfill=is_backfill(),
-                backfill_model=p.get("backfill_model", "champion_on_date"),
-            )
-
-        @task(pool=uc.serving.pool, **IO_RETRIES)
-        def score_partition(partition: int, snapshot: dict, model: dict) -> dict:
-            from _nightscore import nightly_stage
-
-            return nightly_stage(
-                "score_partition", name, snapshot, model["model_version"], partition
-            )
-
-        @task(outlets=[asset], **IO_RETRIES)
-        def publish_scores(
-            snapshot: dict, model: dict, parts: list[dict], params: dict | None = None
-        ) -> dict:
-            from _nightscore import is_backfill, nightly_stage
-
-            dry_run = bool((params or {}).get("dry_run"))
-            result = nightly_stage(
-                "publish_scores",
-                name,
-                snapshot,
-                model["model_version"],
-                list(parts),
-                dry_run=dry_run,
-            )
-            # what the campaign (scheduled on this asset) needs to know about the publish
-            get_current_context()["outlet_events"][asset].extra = {
-                "score_date": snapshot["as_of"],
-                "model_version": model["model_version"],
-                "published": not dry_run,
-                "backfill": is_backfill(),
-            }
-            return result
-
-        @task(**IO_RETRIES)
-        def score_shadow(snapshot: dict, model: dict, parts: list[dict]) -> dict:
-            from _nightscore import nightly_stage
-
-            return nightly_stage(
-                "score_shadow", name, snapshot, model["model_version"], list(parts)
-            )
-
-        @task(retries=1)
-        def write_report() -> dict:
-            """The night's report, whatever happened to the night. A teardown: it runs once
-            the others are done and does not decide the run's state, so a night stopped by a
-            gate still shows as failed."""
-            from _nightscore import give_turn_back, nightly_stage
-            from airflow.sdk.exceptions import AirflowSkipException
-
-            try:
-                if get_current_context()["ti"].xcom_pull(task_ids="start_run") is None:
-                    raise AirflowSkipException("the night did not start: nothing to report")
-                return nightly_stage("write_report", name)
-            finally:
-                give_turn_back(name)  # the next night of the use case may start
-
-        # The groups only draw the graph (collapsed, one node each); prefix_group_id=False
-        # keeps every task id, which the branches, XCom pulls, report links and tests name.
-        with TaskGroup("sources", prefix_group_id=False, tooltip="data landed, turn, sources"):
-            run = start_run()
-            wait_for_data() >> wait_for_turn() >> run
-            sources = check_sources()
-            run >> sources
-        with TaskGroup("features", prefix_group_id=False, tooltip="snapshot and its checks"):
-            snapshot = build_features()
-            sources >> snapshot  # after start_run, through check_sources
-            features_ok = check_features(snapshot)
-        with TaskGroup("model", prefix_group_id=False, tooltip="retrain, evaluate, promote"):
-            branch = decide_retrain()
-            features_ok >> branch
-            trained = train_challenger()
-            evaluation = evaluate_challenger(trained, snapshot)
-            route = route_promotion(evaluation)
-            approve_promotion = ReviewedApproval(
-                task_id="approve_promotion",
-                subject="Promote {{ ti.xcom_pull(task_ids='evaluate_challenger')['version'] }} "
-                f"to {name} champion?",
-                body=(f"{uc.description}\n\n" if uc.description else "")
-                # the summary ends with a link to the evaluation report (served by the plugin)
-                + "{{ ti.xcom_pull(task_ids='evaluate_challenger')['summary'] }}",
-                response_timeout=timedelta(hours=12),
-                defaults="Reject",
-            )
-            promoted = promote_challenger(evaluation)
-            reviewed = record_review(evaluation)
-            kept = keep_champion(evaluation)
-            model = select_model(run)
-            branch >> Label("retrain") >> trained
-            branch >> Label("champion only") >> model
-            route >> Label("needs approval") >> approve_promotion >> Label("approved") >> promoted
-            promoted >> reviewed >> model
-            route >> Label("promoted") >> model
-            route >> Label("not promoted") >> kept >> model
-        with TaskGroup("scoring", prefix_group_id=False, tooltip="score and check partitions"):
-            parts = score_partition.partial(snapshot=snapshot, model=model).expand(
-                partition=list(range(uc.serving.partitions))
-            )
-            scores_ok = check_scores(parts)
-        with TaskGroup("publish", prefix_group_id=False, tooltip="swap in, score the shadow"):
-            published = publish_scores(snapshot, model, parts)
-            scores_ok >> published
-            shadow = score_shadow(snapshot, model, parts)
-            published >> shadow
-        shadow >> write_report().as_teardown()
+        run, sources = sources_group(uc)
+        snapshot, features_ok = features_group(uc, sources)
+        model = model_group(uc, run, snapshot, features_ok)
+        parts, scores_ok = scoring_group(uc, snapshot, model)
+        shadow = publish_group(uc, snapshot, model, parts, scores_ok)
+        shadow >> write_report_task(uc).as_teardown()
 
     return tested_without_deadline(nightly())
+
+
+def sources_group(uc: usecase.UseCase) -> tuple[Any, Any]:
+    """Wait for the data and the use case's turn, start the run, check the sources."""
+    name = uc.name
+
+    @task.sensor(
+        poke_interval=uc.schedule.data_poke_minutes * 60,
+        timeout=uc.schedule.data_wait_hours * 3600,
+        mode="reschedule",
+        soft_fail=True,
+    )
+    def wait_for_data() -> bool:
+        """A night of today waits for its data (the contract's fresh tables through the
+        day before), then is skipped if it never lands; a past night goes on at once."""
+        from _nightscore import data_landed
+
+        return data_landed(name)
+
+    @task.sensor(poke_interval=TURN_POKE_SECONDS, timeout=TURN_WAIT_HOURS * 3600, mode="reschedule")
+    def wait_for_turn() -> bool:
+        """One night of the use case at a time: a run waits while another (scheduled,
+        triggered or backfilled) holds the use case's turn; its log says which."""
+        from _nightscore import take_turn
+
+        return take_turn(name)
+
+    @task
+    def start_run(params: dict | None = None) -> dict:
+        from _nightscore import nightly_stage
+
+        return nightly_stage("start_run", name, dict(params or {}))
+
+    @task(retries=0)
+    def check_sources() -> dict:
+        from _nightscore import nightly_stage
+
+        return nightly_stage("check_sources", name)
+
+    with TaskGroup("sources", prefix_group_id=False, tooltip="data landed, turn, sources"):
+        run = start_run()
+        wait_for_data() >> wait_for_turn() >> run
+        sources = check_sources()
+        run >> sources
+    return run, sources
+
+
+def features_group(uc: usecase.UseCase, sources: Any) -> tuple[Any, Any]:
+    """Snapshot the features (after the sources' checks) and check them."""
+    name = uc.name
+
+    @task(**IO_RETRIES)
+    def build_features() -> dict:
+        from _nightscore import nightly_stage
+
+        return nightly_stage("build_features", name)
+
+    @task(retries=0)
+    def check_features(snapshot: dict) -> dict:
+        from _nightscore import nightly_stage
+
+        return nightly_stage("check_features", name, snapshot)
+
+    with TaskGroup("features", prefix_group_id=False, tooltip="snapshot and its checks"):
+        snapshot = build_features()
+        sources >> snapshot  # after start_run, through check_sources
+        features_ok = check_features(snapshot)
+    return snapshot, features_ok
+
+
+def model_group(uc: usecase.UseCase, run: Any, snapshot: Any, features_ok: Any) -> Any:
+    """Retrain or not; a challenger is evaluated, then promoted, approved first, or kept
+    as the shadow; the night's model is selected. Returns ``select_model``."""
+    name = uc.name
+
+    @task.branch
+    def decide_retrain(params: dict | None = None) -> str:
+        from _nightscore import is_backfill, nightly_stage
+
+        mode = (params or {}).get("retrain", "scheduled")
+        decision = nightly_stage("decide_retrain", name, mode, backfill=is_backfill())
+        return "train_challenger" if decision["retrain"] else "select_model"
+
+    @task(**IO_RETRIES)
+    def train_challenger() -> dict:
+        from _nightscore import nightly_stage
+
+        return nightly_stage("train_challenger", name)
+
+    @task(retries=0)
+    def evaluate_challenger(trained: dict, snapshot: dict, params: dict | None = None) -> dict:
+        from _nightscore import nightly_stage
+
+        mode = (params or {}).get("promotion_mode", "auto")
+        return nightly_stage("evaluate_challenger", name, trained, mode, snapshot)
+
+    @task.branch
+    def route_promotion(evaluation: dict) -> str:
+        return {"awaiting_approval": "approve_promotion", "promote": "select_model"}.get(
+            evaluation["decision"], "keep_champion"
+        )
+
+    @task(retries=0, trigger_rule="none_failed_min_one_success")
+    def select_model(run: dict, params: dict | None = None) -> dict:
+        from _nightscore import is_backfill, nightly_stage
+
+        p = params or {}
+        return nightly_stage(
+            "select_model",
+            name,
+            p.get("rescore_model") or None,
+            run["champion_at_start"],
+            backfill=is_backfill(),
+            backfill_model=p.get("backfill_model", "champion_on_date"),
+        )
+
+    with TaskGroup("model", prefix_group_id=False, tooltip="retrain, evaluate, promote"):
+        branch = decide_retrain()
+        features_ok >> branch
+        trained = train_challenger()
+        evaluation = evaluate_challenger(trained, snapshot)
+        route = route_promotion(evaluation)
+        approve_promotion = ReviewedApproval(
+            task_id="approve_promotion",
+            subject="Promote {{ ti.xcom_pull(task_ids='evaluate_challenger')['version'] }} "
+            f"to {name} champion?",
+            body=(f"{uc.description}\n\n" if uc.description else "")
+            # the summary ends with a link to the evaluation report (served by the plugin)
+            + "{{ ti.xcom_pull(task_ids='evaluate_challenger')['summary'] }}",
+            response_timeout=timedelta(hours=12),
+            defaults="Reject",
+        )
+        promoted, reviewed, kept = decision_tasks(uc, evaluation)
+        model = select_model(run)
+        branch >> Label("retrain") >> trained
+        branch >> Label("champion only") >> model
+        route >> Label("needs approval") >> approve_promotion >> Label("approved") >> promoted
+        promoted >> reviewed >> model
+        route >> Label("promoted") >> model
+        route >> Label("not promoted") >> kept >> model
+    return model
+
+
+def decision_tasks(uc: usecase.UseCase, evaluation: Any) -> tuple[Any, Any, Any]:
+    """What follows the evaluation's decision: an approved promotion, the review's record,
+    or the champion kept (with why in the log)."""
+    name = uc.name
+
+    @task(retries=0)
+    def promote_challenger(evaluation: dict) -> dict:
+        from _nightscore import approver, nightly_stage
+
+        return nightly_stage(
+            "promote_challenger",
+            name,
+            evaluation["version"],
+            actor=f"approval:{approver('approve_promotion')}",
+            reason="approved in the Airflow UI after: " + "; ".join(evaluation["reasons"]),
+        )
+
+    @task(retries=0, trigger_rule="none_failed_min_one_success")
+    def record_review(evaluation: dict) -> dict:
+        """Approved or rejected: who and when, into ml.evaluations, the night's report and
+        the run's note. Runs after a rejection too (which skips promote_challenger)."""
+        from _nightscore import leave_note, nightly_stage, review_answer
+
+        recorded = nightly_stage(
+            "record_review", name, evaluation, review_answer("approve_promotion")
+        )
+        leave_note(recorded["note"])
+        return recorded
+
+    @task(retries=0)
+    def keep_champion(evaluation: dict) -> dict:
+        """The challenger was not promoted: say why where the run shows it."""
+        import logging
+
+        log = logging.getLogger("nightscore.keep_champion")
+        if evaluation["decision"] == "identical":
+            log.warning("challenger identical to the champion %s", evaluation["champion"])
+        else:
+            log.warning(
+                "challenger %s not promoted (%s); %s stays champion and %s is the shadow model",
+                evaluation["version"],
+                evaluation["decision"],
+                evaluation["champion"] or "no model",
+                evaluation["version"],
+            )
+        for reason in evaluation["reasons"]:
+            log.warning("  %s", reason)
+        return {k: evaluation[k] for k in ("version", "decision", "reasons", "report_url")}
+
+    return promote_challenger(evaluation), record_review(evaluation), keep_champion(evaluation)
+
+
+def scoring_group(uc: usecase.UseCase, snapshot: Any, model: Any) -> tuple[Any, Any]:
+    """Score the hash partitions (mapped, in the serving pool) and check the scores."""
+    name = uc.name
+
+    @task(pool=uc.serving.pool, **IO_RETRIES)
+    def score_partition(partition: int, snapshot: dict, model: dict) -> dict:
+        from _nightscore import nightly_stage
+
+        return nightly_stage("score_partition", name, snapshot, model["model_version"], partition)
+
+    @task(retries=0)
+    def check_scores(parts: list[dict]) -> dict:
+        from _nightscore import nightly_stage
+
+        return nightly_stage("check_scores", name, list(parts))
+
+    with TaskGroup("scoring", prefix_group_id=False, tooltip="score and check partitions"):
+        parts = score_partition.partial(snapshot=snapshot, model=model).expand(
+            partition=list(range(uc.serving.partitions))
+        )
+        scores_ok = check_scores(parts)
+    return parts, scores_ok
+
+
+def publish_group(
+    uc: usecase.UseCase, snapshot: Any, model: Any, parts: Any, scores_ok: Any
+) -> Any:
+    """Publish the checked scores (updating the use case's asset), then score the shadow
+    model. Returns ``score_shadow``."""
+    name, asset = uc.name, scores_asset(uc)
+
+    @task(outlets=[asset], **IO_RETRIES)
+    def publish_scores(
+        snapshot: dict, model: dict, parts: list[dict], params: dict | None = None
+    ) -> dict:
+        from _nightscore import is_backfill, nightly_stage
+
+        dry_run = bool((params or {}).get("dry_run"))
+        result = nightly_stage(
+            "publish_scores", name, snapshot, model["model_version"], list(parts), dry_run=dry_run
+        )
+        # what the campaign (scheduled on this asset) needs to know about the publish
+        get_current_context()["outlet_events"][asset].extra = {
+            "score_date": snapshot["as_of"],
+            "model_version": model["model_version"],
+            "published": not dry_run,
+            "backfill": is_backfill(),
+        }
+        return result
+
+    @task(**IO_RETRIES)
+    def score_shadow(snapshot: dict, model: dict, parts: list[dict]) -> dict:
+        from _nightscore import nightly_stage
+
+        return nightly_stage("score_shadow", name, snapshot, model["model_version"], list(parts))
+
+    with TaskGroup("publish", prefix_group_id=False, tooltip="swap in, score the shadow"):
+        published = publish_scores(snapshot, model, parts)
+        scores_ok >> published
+        shadow = score_shadow(snapshot, model, parts)
+        published >> shadow
+    return shadow
+
+
+def write_report_task(uc: usecase.UseCase) -> Any:
+    """The night's report, whatever happened to the night (the DAG's teardown)."""
+    name = uc.name
+
+    @task(retries=1)
+    def write_report() -> dict:
+        """The night's report, whatever happened to the night. A teardown: it runs once
+        the others are done and does not decide the run's state, so a night stopped by a
+        gate still shows as failed."""
+        from _nightscore import give_turn_back, nightly_stage
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        try:
+            if get_current_context()["ti"].xcom_pull(task_ids="start_run") is None:
+                raise AirflowSkipException("the night did not start: nothing to report")
+            return nightly_stage("write_report", name)
+        finally:
+            give_turn_back(name)  # the next night of the use case may start
+
+    return write_report()
 
 
 MONITORING_DOC = """
@@ -501,91 +556,95 @@ def monitoring_dag(uc: usecase.UseCase) -> Any:
 
         evaluate_realized_performance()
         measured = evaluate_campaign_uplift()
-        if uc.campaign is None:
-            return
-
-        @task(retries=0)
-        def train_policy(measured: list[dict]) -> dict:
-            """An uplift policy from the matured campaigns, checked out of time (pipeline.campaigns.policy_learning)."""
-            from _nightscore import use_case_context
-
-            from pipeline.campaigns import policy_learning
-
-            settings, config, day = use_case_context(name)
-            run_id = get_current_context()["dag_run"].run_id
-            return policy_learning.train_challenger(settings, config, day, run_id)
-
-        @task.branch
-        def route_policy(trained: dict) -> str:
-            return (
-                "approve_policy" if trained["decision"] == "awaiting_approval" else "policy_decided"
-            )
-
-        @task(retries=0)
-        def policy_decided(trained: dict) -> dict:
-            """Say what became of the challenger (or why none was trained) where the run shows it."""
-            from pipeline.campaigns import policy_learning
-
-            policy_learning.log_outcome(trained)
-            return {k: trained.get(k) for k in ("version", "decision", "why")}
-
-        approve_policy = ReviewedApproval(
-            task_id="approve_policy",
-            subject="Rank " + name + "'s audience by uplift policy "
-            "{{ ti.xcom_pull(task_ids='train_policy')['version'] }}?",
-            body="{{ ti.xcom_pull(task_ids='train_policy')['summary'] }}",
-            response_timeout=timedelta(hours=12),
-            defaults="Reject",
-        )
-
-        @task(retries=0)
-        def promote_policy(trained: dict) -> dict:
-            from _nightscore import approver, use_case_context
-
-            from pipeline.campaigns import policy
-
-            settings, config, _ = use_case_context(name)
-            previous = policy.promote(
-                settings,
-                config,
-                trained["version"],
-                actor=f"approval:{approver('approve_policy')}",
-                reason="approved in the Airflow UI after: " + trained["summary"],
-                run_id=get_current_context()["dag_run"].run_id,
-            )
-            return {"version": trained["version"], "previous": previous}
-
-        @task(retries=0, trigger_rule="none_failed_min_one_success")
-        def record_policy_review(trained: dict) -> dict:
-            """Approved or rejected: who and when, into ml.policies and the run's note."""
-            from _nightscore import leave_note, review_answer, use_case_context
-
-            from pipeline.campaigns import policy
-
-            settings, config, _ = use_case_context(name)
-            recorded = policy.record_review(
-                settings,
-                config,
-                trained,
-                review_answer("approve_policy"),
-                get_current_context()["dag_run"].run_id,
-            )
-            leave_note(recorded["note"])
-            return recorded
-
-        trained = train_policy(measured)
-        route = route_policy(trained)
-        (
-            route
-            >> Label("needs approval")
-            >> approve_policy
-            >> Label("approved")
-            >> promote_policy(trained)
-            >> record_policy_review(trained)
-        )
-        route >> Label("decided") >> policy_decided(trained)
+        if uc.campaign is not None:
+            policy_tasks(uc, measured)
 
     return monitoring()
+
+
+def policy_tasks(uc: usecase.UseCase, measured: Any) -> None:
+    """Train an uplift policy from the measured campaigns; promote it, or ask a person
+    first, as the campaign's ``policy.promotion_mode`` says."""
+    name = uc.name
+
+    @task(retries=0)
+    def train_policy(measured: list[dict]) -> dict:
+        """An uplift policy from the matured campaigns, checked out of time (pipeline.campaigns.policy_learning)."""
+        from _nightscore import use_case_context
+
+        from pipeline.campaigns import policy_learning
+
+        settings, config, day = use_case_context(name)
+        run_id = get_current_context()["dag_run"].run_id
+        return policy_learning.train_challenger(settings, config, day, run_id)
+
+    @task.branch
+    def route_policy(trained: dict) -> str:
+        return "approve_policy" if trained["decision"] == "awaiting_approval" else "policy_decided"
+
+    @task(retries=0)
+    def policy_decided(trained: dict) -> dict:
+        """Say what became of the challenger (or why none was trained) where the run shows it."""
+        from pipeline.campaigns import policy_learning
+
+        policy_learning.log_outcome(trained)
+        return {k: trained.get(k) for k in ("version", "decision", "why")}
+
+    approve_policy = ReviewedApproval(
+        task_id="approve_policy",
+        subject="Rank " + name + "'s audience by uplift policy "
+        "{{ ti.xcom_pull(task_ids='train_policy')['version'] }}?",
+        body="{{ ti.xcom_pull(task_ids='train_policy')['summary'] }}",
+        response_timeout=timedelta(hours=12),
+        defaults="Reject",
+    )
+
+    @task(retries=0)
+    def promote_policy(trained: dict) -> dict:
+        from _nightscore import approver, use_case_context
+
+        from pipeline.campaigns import policy
+
+        settings, config, _ = use_case_context(name)
+        previous = policy.promote(
+            settings,
+            config,
+            trained["version"],
+            actor=f"approval:{approver('approve_policy')}",
+            reason="approved in the Airflow UI after: " + trained["summary"],
+            run_id=get_current_context()["dag_run"].run_id,
+        )
+        return {"version": trained["version"], "previous": previous}
+
+    @task(retries=0, trigger_rule="none_failed_min_one_success")
+    def record_policy_review(trained: dict) -> dict:
+        """Approved or rejected: who and when, into ml.policies and the run's note."""
+        from _nightscore import leave_note, review_answer, use_case_context
+
+        from pipeline.campaigns import policy
+
+        settings, config, _ = use_case_context(name)
+        recorded = policy.record_review(
+            settings,
+            config,
+            trained,
+            review_answer("approve_policy"),
+            get_current_context()["dag_run"].run_id,
+        )
+        leave_note(recorded["note"])
+        return recorded
+
+    trained = train_policy(measured)
+    route = route_policy(trained)
+    (
+        route
+        >> Label("needs approval")
+        >> approve_policy
+        >> Label("approved")
+        >> promote_policy(trained)
+        >> record_policy_review(trained)
+    )
+    route >> Label("decided") >> policy_decided(trained)
 
 
 CAMPAIGN_DOC = """

@@ -242,7 +242,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pipeline.run import nightly
+    from pipeline.run import night_report
     from pipeline.store import db
     from pipeline.store.ledger import RunContext
 
@@ -256,7 +256,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if run_id is None:
         print(f"nightscore: error: no {uc.name} run for {args.date} in ml.runs", file=sys.stderr)
         return 2
-    out = nightly.write_report(settings, uc, RunContext(uc.name, args.date, run_id))
+    out = night_report.write_report(settings, uc, RunContext(uc.name, args.date, run_id))
     print(out["report"])
     return 0
 

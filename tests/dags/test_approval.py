@@ -239,7 +239,7 @@ def test_the_plugin_serves_the_reports_behind_the_airflow_login(
     URL, a run's redirect, 404s, traversal refused, the login required; the UI's links."""
     from pipeline.conf import usecase
     from pipeline.reports import report, report_site
-    from pipeline.run import nightly
+    from pipeline.run import night_report
     from pipeline.stages import evaluate
     from pipeline.store import ledger
 
@@ -247,7 +247,7 @@ def test_the_plugin_serves_the_reports_behind_the_airflow_login(
     day = SCORE_DATE + timedelta(days=9)
     run = ledger.RunContext("churn", day, "manual__plugin-check")
     ledger.start(isolated, run)
-    nightly.write_report(isolated, uc, run)
+    night_report.write_report(isolated, uc, run)
     version = "churn-20241129-plugin00"
     y = np.array([0, 1, 0, 1, 0, 0, 1, 0])
     report.write_evaluation_report(

@@ -11,7 +11,7 @@ import pytest
 from pipeline.conf import config, usecase
 from pipeline.conf.config import Settings
 from pipeline.faces import cli
-from pipeline.run import nightly
+from pipeline.run import challenger, night_report, nightly
 from pipeline.stages import train
 from pipeline.store import db, registry
 from pipeline.store.ledger import RunContext
@@ -59,7 +59,9 @@ def weak_champion(isolated: Settings) -> str:
     model = train.fit(UC, data.table, WEAK_FEATURES, data.labels)
     weak = train.save_and_register(isolated, UC, SCORE_DATE, model, WEAK_FEATURES, data)
     nightly.start_run(isolated, UC, run("weak"))
-    decision = nightly.evaluate_challenger(isolated, LENIENT, run("weak"), weak.as_xcom(), "auto")
+    decision = challenger.evaluate_challenger(
+        isolated, LENIENT, run("weak"), weak.as_xcom(), "auto"
+    )
     assert decision["decision"] == "promote", decision["reasons"]
     return weak.version
 
@@ -70,7 +72,7 @@ def test_a_better_challenger_is_promoted_with_its_evidence(
     r = run("better")
     nightly.start_run(isolated, UC, r)
     trained = nightly.train_challenger(isolated, UC, r)
-    out = nightly.evaluate_challenger(isolated, LENIENT, r, trained, "auto")
+    out = challenger.evaluate_challenger(isolated, LENIENT, r, trained, "auto")
     assert out["decision"] == "promote", out["reasons"]
     assert registry.champion(isolated, "churn").version == trained["version"]
     ev = evaluation_row(isolated, trained["version"])
@@ -128,7 +130,7 @@ def test_a_challenger_trained_on_shuffled_labels_is_rejected(
     noise = train.save_and_register(isolated, UC, SCORE_DATE, model, cat + num, data)
     r = run("shuffled")
     nightly.start_run(isolated, UC, r)
-    out = nightly.evaluate_challenger(isolated, UC, r, noise.as_xcom(), "auto")
+    out = challenger.evaluate_challenger(isolated, UC, r, noise.as_xcom(), "auto")
     assert out["decision"] == "reject"
     ev = evaluation_row(isolated, noise.version)
     assert ev["decision"] == "reject"
@@ -146,7 +148,7 @@ def test_same_data_and_seed_give_identical_metrics_and_decision(isolated: Settin
     outs = []
     for tag in ("det-a", "det-b"):
         nightly.start_run(isolated, UC, run(tag, day))
-        outs.append(nightly.evaluate_challenger(isolated, UC, run(tag, day), first, "never"))
+        outs.append(challenger.evaluate_challenger(isolated, UC, run(tag, day), first, "never"))
     assert outs[0]["decision"] == outs[1]["decision"]
     rows = db.scalar(
         isolated.database_url,
@@ -313,7 +315,7 @@ def test_the_champions_own_bytes_are_not_a_new_model_nor_a_first_one(isolated: S
     assert trained["sha256"] == first["sha256"] and trained["version"] == first["version"]
     assert trained["registered_before"]
     assert {v.version for v in registry.list_versions(isolated, "churn")} == before
-    out = nightly.evaluate_challenger(isolated, UC, r, trained, "approval")
+    out = challenger.evaluate_challenger(isolated, UC, r, trained, "approval")
     assert out["decision"] == "identical"
     assert f"identical to {first['version']}, the champion" in out["reasons"][0]
     assert "first model" not in out["summary"] and "Identical to" in out["summary"]
@@ -328,7 +330,7 @@ def test_a_rejection_is_recorded_with_who_and_when(isolated: Settings) -> None:
     r = run("review", SCORE_DATE - timedelta(days=2))
     nightly.start_run(isolated, UC, r)
     trained = nightly.train_challenger(isolated, LENIENT, r)
-    out = nightly.evaluate_challenger(isolated, LENIENT, r, trained, "approval")
+    out = challenger.evaluate_challenger(isolated, LENIENT, r, trained, "approval")
     assert out["decision"] in ("awaiting_approval", "identical"), out["reasons"]
     if out["decision"] == "identical":
         pytest.skip("the training window gave the champion's bytes")
@@ -337,7 +339,7 @@ def test_a_rejection_is_recorded_with_who_and_when(isolated: Settings) -> None:
         "responded_by_user": {"id": "admin", "name": "admin"},
         "responded_at": "2026-12-06T09:04:00+00:00",
     }
-    recorded = nightly.record_review(isolated, UC, r, out, answer)
+    recorded = challenger.record_review(isolated, UC, r, out, answer)
     assert recorded["note"] == (
         f"Rejected by admin at 2026-12-06 09:04 UTC; {out['version']} kept as shadow; "
         f"{out['champion']} stays champion"
@@ -352,7 +354,7 @@ def test_a_rejection_is_recorded_with_who_and_when(isolated: Settings) -> None:
         == 0
     )
     # the night's report says so
-    report = nightly.write_report(isolated, UC, r)["report"]
+    report = night_report.write_report(isolated, UC, r)["report"]
     with open(report) as fh:
         assert "Rejected by admin at 2026-12-06 09:04" in fh.read()
 
@@ -414,7 +416,7 @@ def test_pooled_holdout_dates_are_judged_together_counting_each_customer_once(
     nightly.start_run(isolated, pooled, r)
     trained = nightly.train_challenger(isolated, pooled, r)
     assert len(trained["holdouts"]) == 3
-    out = nightly.evaluate_challenger(isolated, pooled, r, trained, "never")
+    out = challenger.evaluate_challenger(isolated, pooled, r, trained, "never")
     ev = db.scalar(
         isolated.database_url,
         "SELECT row_to_json(e) FROM ml.evaluations e WHERE run_id = %s",

@@ -8,7 +8,7 @@ from datetime import timedelta
 from pipeline.conf import usecase
 from pipeline.conf.config import Settings
 from pipeline.reports import report_site
-from pipeline.run import nightly
+from pipeline.run import night_report
 from pipeline.store import db, ledger
 from tests.conftest import SCORE_DATE
 
@@ -26,10 +26,10 @@ def test_each_attempt_keeps_its_report_and_the_date_shows_the_newest(isolated: S
     first = ledger.RunContext("churn", DAY, "manual__report-first")
     ledger.start(isolated, first)
     ledger.update(isolated, first, status="failed", error="check_sources: a check failed")
-    written = nightly.write_report(isolated, UC, first)
+    written = night_report.write_report(isolated, UC, first)
     second = ledger.RunContext("churn", DAY, "manual__report-second")
     ledger.start(isolated, second)
-    nightly.write_report(isolated, UC, second)
+    night_report.write_report(isolated, UC, second)
     one, two = _attempt(isolated, first), _attempt(isolated, second)
     assert two == one + 1
 
@@ -41,7 +41,7 @@ def test_each_attempt_keeps_its_report_and_the_date_shows_the_newest(isolated: S
     newest = report_site.night_file(isolated, "churn", DAY)
     assert newest.read_bytes() == own[two].read_bytes()
     # the first attempt's report written again later: the date still shows the newest
-    nightly.write_report(isolated, UC, first)
+    night_report.write_report(isolated, UC, first)
     assert "manual__report-second" in newest.read_text()
 
     # each run's link (the Nightly report tab) opens its own report

@@ -19,7 +19,7 @@ from pipeline.conf import usecase
 from pipeline.conf.config import Settings
 from pipeline.conf.urls import with_role
 from pipeline.core.faults import FaultInjected
-from pipeline.run import nightly
+from pipeline.run import night_report, nightly
 from pipeline.stages import publish
 from pipeline.store import db, ledger, locks
 from tests.conftest import SCORE_DATE
@@ -173,7 +173,7 @@ def test_the_report_of_a_failed_night_says_why_and_what_stays_served(
         "SELECT row_to_json(p) FROM ml.publications p WHERE use_case = 'churn' "
         "ORDER BY score_date DESC LIMIT 1",
     )
-    out = nightly.write_report(isolated, UC, run)
+    out = night_report.write_report(isolated, UC, run)
     with open(out["report"]) as fh:
         text = fh.read()
     banner = text[text.index('<div class="banner') : text.index("</div>")]

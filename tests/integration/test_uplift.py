@@ -12,7 +12,7 @@ import pytest
 from pipeline.campaigns import monitor
 from pipeline.conf import usecase
 from pipeline.conf.config import Settings
-from pipeline.run import nightly
+from pipeline.run import night_report
 from pipeline.store import db
 from pipeline.store.ledger import RunContext
 
@@ -209,13 +209,13 @@ def test_the_nightly_report_shows_matured_campaigns(
     row = db.scalar(
         isolated.database_url, "SELECT row_to_json(u) FROM monitoring.campaign_uplift u"
     )
-    out = nightly.write_report(isolated, UC, RunContext("churn", AS_OF, "uplift-report"))
+    out = night_report.write_report(isolated, UC, RunContext("churn", AS_OF, "uplift-report"))
     with open(out["report"]) as fh:
         text = fh.read()
     assert CAMPAIGN in text and f"{row['contacted']} ({row['contacted_positives']})" in text
     assert f"{100 * row['uplift']:+.1f} [{100 * row['ci_low']:+.1f}," in text
     # a night before the campaign's labels matured does not show it
-    out = nightly.write_report(isolated, UC, RunContext("churn", D, "uplift-report-early"))
+    out = night_report.write_report(isolated, UC, RunContext("churn", D, "uplift-report-early"))
     with open(out["report"]) as fh:
         text = fh.read()
     assert CAMPAIGN not in text and "no campaign has matured yet" in text
