@@ -13,7 +13,7 @@ logit scale, drawn afresh each night, so that the ranking is model-like, not an 
 The cut is the campaign's own: the top ``audience_deciles`` risk deciles
 (``publish.risk_deciles``), opted in and not suppressed (emailed by another campaign, or
 in its control band, in the ``suppression_days`` before), the permanent control group
-(``campaign.control_group``) left out, ``campaign.choose`` up to the capacity (2.5% of
+(``keys.control_group``) left out, ``campaign.choose`` up to the capacity (2.5% of
 the customers, as 1,000 of the demo's 40,000). The chosen are emailed that day (the
 email counts from that day's cancellation draw on) and the control members who made the
 same cut are the control band. The outcome is a cancellation in [night, night + 30).

@@ -93,7 +93,8 @@ Trigger options (the form, which submits as it is): **retrain**, **promotion_mod
 *Browse → Required Actions*), **rescore_model**, **dry_run**. A challenger that is not
 promoted goes through `keep_champion`, whose log says why, and is scored every night into
 `predictions.{table}_shadow` (`score_shadow`). `write_report` runs whatever happened.
-Configuration: `{source}`. Each task calls one function of `pipeline.run.nightly`.
+Configuration: `{source}`. Each task calls one function of `pipeline.run` (`nightly`,
+`challenger`, `night_report`), found by its task id.
 """
 
 
