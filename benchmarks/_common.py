@@ -48,6 +48,7 @@ def warehouse_database(customers: int, days: int, seed: int, keep: bool) -> Iter
     from pipeline.conf.urls import with_database
     from pipeline.store import db
     from pipeline.synthetic import warehouse
+    from pipeline.synthetic.world import World
 
     settings = load_settings()
     server = settings.init_url
@@ -73,7 +74,7 @@ def warehouse_database(customers: int, days: int, seed: int, keep: bool) -> Iter
         else:
             began = time.monotonic()
             seeded = warehouse.seed(
-                replace(settings, warehouse_url=url), customers, FIRST_DAY, days, seed=seed
+                replace(settings, warehouse_url=url), World(customers, FIRST_DAY, seed=seed), days
             )
             print(
                 f"seeded {customers:,} customers x {days} days in "

@@ -31,12 +31,13 @@ def main() -> int:
     from pipeline.conf.config import Settings
     from pipeline.stages import evaluate, features, train
     from pipeline.synthetic import warehouse
+    from pipeline.synthetic.world import World
 
     start = date(2024, 1, 1)
     uc = usecase.load("churn")
     with fresh_database() as url:
         settings = Settings(database_url=url, warehouse_url=url, home=Path(tempfile.mkdtemp()))
-        warehouse.seed(settings, args.customers, start, args.days, seed=7)
+        warehouse.seed(settings, World(args.customers, start, seed=7), args.days)
         end = start + timedelta(days=args.days)
         frozen = train.train_challenger(settings, uc, start + timedelta(days=args.frozen_day))
         model, _ = _load(frozen.artifact_uri)

@@ -34,7 +34,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import numpy as np  # noqa: E402
 
-from pipeline.conf.usecase import Gates  # noqa: E402
+from pipeline.conf.sections import Gates  # noqa: E402
 from pipeline.stages import evaluate  # noqa: E402
 from pipeline.synthetic import populations  # noqa: E402
 

@@ -27,11 +27,14 @@ def main() -> int:
     from pipeline.conf.config import load_settings
     from pipeline.store import db
     from pipeline.synthetic import warehouse
+    from pipeline.synthetic.world import World
 
     schema = f"bench_wh_{secrets.token_hex(3)}"
     settings = replace(load_settings(), warehouse_schema=schema)
     try:
-        result = warehouse.seed(settings, args.customers, date(2024, 1, 1), args.days, seed=7)
+        result = warehouse.seed(
+            settings, World(args.customers, date(2024, 1, 1), seed=7), args.days
+        )
         total = sum(result.rows.values())
         print(
             f"seed {args.customers:,} customers x {args.days} days: {result.seconds:.1f}s, "

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/uplift_calibration.py [--worlds 30] [--customers 40000] [--noise 0.5] [--zero-effect-only] [--seed N] [--jobs 2]   # 6 min on 2 cores
 
 Runs the churn retention campaign the way the demo runs it, in memory (no database), on
-seeded worlds of the warehouse's simulator (``pipeline.synthetic.warehouse``): each world is
+seeded worlds of the warehouse's simulator (``pipeline.synthetic.simulation``): each world is
 simulated from its start (price rise on day 240, launch on day 300) through the demo's
 eight weekly campaign nights (days 360 to 409) until the last cohort's outcome window has
 closed. On each night the customers active that morning are scored by a stand-in for the
@@ -30,7 +30,7 @@ over its contacted of [cancelled within 30 days without any email from the night
 (the simulator's counterfactual) minus [cancelled within 30 days], the cohorts combined
 with the estimate's weights (``experiment.cohort_weight``). Each world runs twice from its
 state on the first campaign night: with the emails' real effect, and with emails that do
-nothing (``warehouse.PERSUADED`` and ``SLEEPING_DOG`` set to 0: the truth is 0, and an
+nothing (``simulation.PERSUADED`` and ``SLEEPING_DOG`` set to 0: the truth is 0, and an
 interval excluding 0 is a false conclusion). Tables per cohort (all contacts, first
 contacts, repeat selections) show where an estimate's error comes from: who is selected
 again, how persuadable (an email's effect < 0) the contacted and the control band are,
@@ -66,10 +66,12 @@ from pipeline.conf import usecase  # noqa: E402
 from pipeline.core import figures  # noqa: E402
 from pipeline.core.keys import control_group  # noqa: E402
 from pipeline.stages import publish  # noqa: E402
-from pipeline.synthetic import demo, warehouse  # noqa: E402
+from pipeline.synthetic import demo, simulation  # noqa: E402
+from pipeline.synthetic.facts import Buffers  # noqa: E402
+from pipeline.synthetic.world import NEVER, Sim, World  # noqa: E402
 
 START = date(2025, 1, 1)  # the worlds' first day (it sets the seasons)
-PRICE_RISE_DAY = 240  # as warehouse.seed and the demo
+PRICE_RISE_DAY = 240  # as world.World and the demo
 NIGHTS = tuple(
     s.day
     for s in demo.SCHEDULE
@@ -135,13 +137,13 @@ def setup_of(args: argparse.Namespace) -> Setup:
 @contextmanager
 def emails_with(effect: str) -> Iterator[None]:
     """The simulator's email effects as they are (``real``) or all 0 (``zero``)."""
-    saved = warehouse.PERSUADED, warehouse.SLEEPING_DOG
+    saved = simulation.PERSUADED, simulation.SLEEPING_DOG
     if effect == "zero":
-        warehouse.PERSUADED = warehouse.SLEEPING_DOG = 0.0
+        simulation.PERSUADED = simulation.SLEEPING_DOG = 0.0
     try:
         yield
     finally:
-        warehouse.PERSUADED, warehouse.SLEEPING_DOG = saved
+        simulation.PERSUADED, simulation.SLEEPING_DOG = saved
 
 
 def selected(cohorts: list[Cohort]) -> np.ndarray:
@@ -151,18 +153,17 @@ def selected(cohorts: list[Cohort]) -> np.ndarray:
     )
 
 
-def select(sim: warehouse._Sim, setup: Setup, noise_seed: int, earlier: list[Cohort]) -> Cohort:
+def select(sim: Sim, setup: Setup, noise_seed: int, earlier: list[Cohort]) -> Cohort:
     """Tonight's campaign (``sim.day``): score the active customers, cut, and email the chosen."""
     t, a = sim.day, sim.a
     act = np.flatnonzero(a["active"][: sim.n])
-    doy = (START + timedelta(days=t)).timetuple().tm_yday
     p = sim.p
     overdue = np.bincount(p["cust"][p["due_day"] < t], minlength=sim.n)[act]
-    logit, disengaged, _, _ = warehouse._cancel_logit(sim, act, t, doy, overdue)
-    risk = -np.expm1(setup.horizon * np.log1p(-warehouse._sigmoid(logit)))
+    logit, disengaged, _, _ = simulation.cancel_logit(sim, act, simulation.Day.of(sim), overdue)
+    risk = -np.expm1(setup.horizon * np.log1p(-simulation.sigmoid(logit)))
     # drawn for every customer and picked by index, from a stream the simulator never uses
     noise = np.random.default_rng([noise_seed, t, 2]).normal(0.0, setup.noise, sim.n)[act]
-    prob = warehouse._sigmoid(np.log(risk) - np.log1p(-risk) + noise)
+    prob = simulation.sigmoid(np.log(risk) - np.log1p(-risk) + noise)
     keys = a["customer_id"][act].astype(np.int64)
     order = np.lexsort((keys, -prob))
     band = order[publish.risk_deciles(prob, keys)[order] <= setup.audience_deciles]
@@ -175,7 +176,7 @@ def select(sim: warehouse._Sim, setup: Setup, noise_seed: int, earlier: list[Coh
     )
     sim.sends[t] = a["customer_id"][people[chosen]]
     before = selected(earlier)
-    effect = warehouse.email_effect(sim, people, disengaged[band])
+    effect = simulation.email_effect(sim, people, disengaged[band])
     return Cohort(
         night=t,
         contacted=people[chosen],
@@ -189,12 +190,10 @@ def select(sim: warehouse._Sim, setup: Setup, noise_seed: int, earlier: list[Coh
     )
 
 
-def run_campaigns(
-    sim: warehouse._Sim, setup: Setup, noise_seed: int
-) -> tuple[list[Cohort], np.ndarray]:
+def run_campaigns(sim: Sim, setup: Setup, noise_seed: int) -> tuple[list[Cohort], np.ndarray]:
     """The weekly campaigns from ``sim.day`` (the first night) until the last cohort's
     outcome window has closed; returns the cohorts and each customer's cancellation day
-    (``warehouse.NEVER`` if not by then)."""
+    (``world.NEVER`` if not by then)."""
     cohorts: list[Cohort] = []
     cancelled: list[tuple[np.ndarray, int]] = []
     while sim.day < NIGHTS[-1] + setup.horizon:
@@ -202,9 +201,9 @@ def run_campaigns(
             cohorts.append(select(sim, setup, noise_seed, cohorts))
         was = sim.a["active"][: sim.n].copy()
         day = sim.day
-        warehouse._simulate_day(sim, warehouse._Buffers())
+        simulation.simulate_day(sim, Buffers())
         cancelled.append((np.flatnonzero(was & ~sim.a["active"][: len(was)]), day))
-    cancel_day = np.full(sim.n, warehouse.NEVER, dtype=np.int64)
+    cancel_day = np.full(sim.n, NEVER, dtype=np.int64)
     for idx, day in cancelled:
         cancel_day[idx] = day
     return cohorts, cancel_day
@@ -229,9 +228,7 @@ class Run:
     cohorts: list[dict[str, float]]
 
 
-def cohort_counts(
-    sim: warehouse._Sim, c: Cohort, cancel_day: np.ndarray, horizon: int
-) -> dict[str, float]:
+def cohort_counts(sim: Sim, c: Cohort, cancel_day: np.ndarray, horizon: int) -> dict[str, float]:
     """A cohort's counts per subset: contacted ``n1`` and control ``n0``, their
     cancellations ``k1`` and ``k0``; of the contacted exposed to the email (``xn``), the
     cancellations without it (``xcf``, the simulator's counterfactual) and with it (``xk``);
@@ -299,14 +296,22 @@ def run_world(task: tuple[int, Setup]) -> dict[str, Run]:
     """One world: simulated to its first campaign night, then once per email effect."""
     index, setup = task
     world_seed = int(np.random.SeedSequence([setup.seed, index]).generate_state(1)[0])
-    sim = warehouse._Sim(world_seed, START, setup.customers, PRICE_RISE_DAY, demo.LAUNCH_DAY)
-    warehouse._initial_population(sim, warehouse._Buffers())
+    sim = Sim(
+        World(
+            setup.customers,
+            START,
+            seed=world_seed,
+            price_rise_day=PRICE_RISE_DAY,
+            launch_day=demo.LAUNCH_DAY,
+        )
+    )
+    simulation.initial_population(sim, Buffers())
     while sim.day < NIGHTS[0]:
-        warehouse._simulate_day(sim, warehouse._Buffers())
+        simulation.simulate_day(sim, Buffers())
     state = sim.dumps()
     out = {}
     for effect in setup.effects:
-        branch = warehouse._Sim.loads(state)
+        branch = Sim.loads(state)
         with emails_with(effect):
             cohorts, cancel_day = run_campaigns(branch, setup, world_seed)
         counts = [cohort_counts(branch, c, cancel_day, setup.horizon) for c in cohorts]

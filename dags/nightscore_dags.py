@@ -29,7 +29,7 @@ from airflow.sdk import (
 )
 from airflow.sdk.definitions.edges import Label
 
-from pipeline.conf import usecase
+from pipeline.conf import sections, usecase
 
 START = datetime(2020, 1, 1)  # early, so backfills and `dags test` can reach any past date
 TURN_POKE_SECONDS = 30  # a night waiting for another of its use case looks this often
@@ -763,7 +763,7 @@ def invalid_dag(found: usecase.Found) -> Any:
     """
     import re
 
-    name = found.name if re.fullmatch(usecase.IDENTIFIER, found.name) else "invalid_use_case"
+    name = found.name if re.fullmatch(sections.IDENTIFIER, found.name) else "invalid_use_case"
 
     @dag(
         dag_id=f"{name}_nightly",

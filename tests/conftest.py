@@ -108,8 +108,9 @@ def settings(database_url: str) -> Settings:
 def seeded(settings: Settings) -> Settings:
     """A small synthetic warehouse (seeded once per session) in schema ``warehouse``."""
     from pipeline.synthetic import warehouse
+    from pipeline.synthetic.world import World
 
-    warehouse.seed(settings, WAREHOUSE_CUSTOMERS, WAREHOUSE_START, WAREHOUSE_DAYS, seed=11)
+    warehouse.seed(settings, World(WAREHOUSE_CUSTOMERS, WAREHOUSE_START, seed=11), WAREHOUSE_DAYS)
     return settings
 
 
@@ -122,12 +123,13 @@ def isolated(
     For tests that change the registry (promotions, rollbacks) without touching others.
     """
     from pipeline.synthetic import warehouse
+    from pipeline.synthetic.world import World
 
     name = f"nightscore_test_{session_id}_{request.module.__name__.rsplit('.', 1)[-1][:20]}"
     url = create_database(server_url, name)
     serving.init(url, usecase.load_all())
     s = Settings(database_url=url, warehouse_url=url, home=_SESSION_HOME / name)
-    warehouse.seed(s, WAREHOUSE_CUSTOMERS, WAREHOUSE_START, WAREHOUSE_DAYS, seed=11)
+    warehouse.seed(s, World(WAREHOUSE_CUSTOMERS, WAREHOUSE_START, seed=11), WAREHOUSE_DAYS)
     yield s
     drop_database(server_url, name)
 

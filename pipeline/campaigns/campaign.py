@@ -46,7 +46,8 @@ import pyarrow.compute as pc
 from psycopg2 import sql
 
 from pipeline.conf.config import Settings, private_dir, private_file
-from pipeline.conf.usecase import Campaign, UseCase
+from pipeline.conf.sections import Campaign
+from pipeline.conf.usecase import UseCase
 from pipeline.core import files, keys
 from pipeline.core.errors import ConfigError, DataError, plain
 from pipeline.core.faults import fault_point

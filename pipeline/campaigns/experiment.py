@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.store import db
 
 if TYPE_CHECKING:
-    from pipeline.conf.usecase import Campaign
+    from pipeline.conf.sections import Campaign
 
 ALPHA = 0.05
 POWER = 0.8

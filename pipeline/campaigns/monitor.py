@@ -25,7 +25,8 @@ import numpy as np
 from psycopg2 import sql
 
 from pipeline.conf.config import Settings
-from pipeline.conf.usecase import Monitoring, UseCase
+from pipeline.conf.sections import Monitoring
+from pipeline.conf.usecase import UseCase
 from pipeline.core import keys
 from pipeline.core.errors import DataError
 from pipeline.stages import evaluate, features

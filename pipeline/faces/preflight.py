@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.conf import contract as contracts
-from pipeline.conf import usecase
+from pipeline.conf import sections, usecase
 from pipeline.conf.config import Settings, load_settings
 from pipeline.conf.urls import redact
 from pipeline.conf.usecase import UseCase
@@ -326,7 +326,7 @@ def init_skeleton(name: str, parent: Path | None = None) -> Path:
     """
     import re
 
-    if not re.fullmatch(usecase.IDENTIFIER, name) or len(name) > 28:
+    if not re.fullmatch(sections.IDENTIFIER, name) or len(name) > 28:
         raise ConfigError(
             f"use case name: expected lower-case letters, digits and _ (at most 28, starting "
             f"with a letter), found {name!r}"

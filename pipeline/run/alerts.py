@@ -18,7 +18,8 @@ from datetime import date, datetime
 from typing import Any, Literal
 
 from pipeline.conf.config import Settings
-from pipeline.conf.usecase import DEFAULT_NOTIFIER, UseCase
+from pipeline.conf.sections import DEFAULT_NOTIFIER
+from pipeline.conf.usecase import UseCase
 from pipeline.reports.report import failed_stage
 from pipeline.store import db
 from pipeline.store.ledger import NIGHT_STAGES

@@ -17,7 +17,7 @@ from pipeline.core.figures import beside
 if TYPE_CHECKING:
     import pandas as pd
 
-    from pipeline.conf.usecase import Gates
+    from pipeline.conf.sections import Gates
 
 
 def roc_auc(y: np.ndarray, p: np.ndarray) -> float:

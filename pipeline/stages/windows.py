@@ -51,7 +51,8 @@ import pyarrow.parquet as pq
 from psycopg2 import sql
 
 from pipeline.conf.config import Settings
-from pipeline.conf.usecase import UseCase, Window
+from pipeline.conf.sections import Window
+from pipeline.conf.usecase import UseCase
 from pipeline.core import files
 from pipeline.core.errors import DataError, SourceError
 from pipeline.store import db

@@ -129,11 +129,12 @@ def add_commands(sub: Any, parse_date: Any) -> None:
 
 def cmd_warehouse(args: Any) -> int:
     from pipeline.synthetic import warehouse
+    from pipeline.synthetic.world import World
 
     settings = load_settings()
     if args.action == "seed":
         start = args.start or world_start()
-        result = warehouse.seed(settings, args.customers, start, args.days, args.seed)
+        result = warehouse.seed(settings, World(args.customers, start, seed=args.seed), args.days)
     else:
         result = warehouse.advance(settings, args.to)
     rows = ", ".join(f"{k} {v:,}" for k, v in result.rows.items())
@@ -161,6 +162,7 @@ def reset_serving(settings: Settings) -> None:
 def run(customers: int, seed: int) -> int:
     """The demo: its steps are shown as stages on stderr; the summary goes to stdout."""
     from pipeline.synthetic import warehouse
+    from pipeline.synthetic.world import World
 
     began = time.monotonic()
     settings = load_settings()
@@ -175,7 +177,7 @@ def run(customers: int, seed: int) -> int:
             f"{start + timedelta(days=LAUNCH_DAY)}: launch in Poland, a rival's "
             "unlimited-data offer"
         )
-        seeded = warehouse.seed(settings, customers, start, SCHEDULE[0].day, seed)
+        seeded = warehouse.seed(settings, World(customers, start, seed=seed), SCHEDULE[0].day)
         progress.note(f"{sum(seeded.rows.values()):,} rows")
     with progress.stage("db_init"):
         reset_serving(settings)

@@ -13,6 +13,7 @@ from pipeline.core.errors import DataError, SourceError
 from pipeline.stages import features
 from pipeline.store import db
 from pipeline.synthetic import warehouse
+from pipeline.synthetic.world import World
 
 UC = usecase.load("churn")
 
@@ -37,7 +38,7 @@ def test_missing_source_table_is_named(fresh_schema: Settings) -> None:
 
 
 def test_missing_source_column_is_named(fresh_schema: Settings) -> None:
-    warehouse.seed(fresh_schema, 300, date(2024, 1, 1), 40, seed=3)
+    warehouse.seed(fresh_schema, World(300, date(2024, 1, 1), seed=3), 40)
     db.scalar(
         fresh_schema.database_url,
         f"ALTER TABLE {fresh_schema.warehouse_schema}.tickets RENAME COLUMN category TO kind; SELECT 1",

@@ -14,6 +14,7 @@ from pipeline.core.errors import ConfigError, DataError
 from pipeline.stages import features
 from pipeline.store import db
 from pipeline.synthetic import warehouse
+from pipeline.synthetic.world import World
 from tests.conftest import SCORE_DATE
 
 UC = usecase.load("churn")
@@ -27,7 +28,7 @@ def test_features_as_of_d_ignore_everything_appended_later(settings: Settings) -
     try:
         # the warehouse holds facts through D - 1, as on the night of D
         warehouse.seed(
-            s, 1500, start, (as_of - start).days, seed=21, price_rise_day=120, launch_day=140
+            s, World(1500, start, seed=21, price_rise_day=120, launch_day=140), (as_of - start).days
         )
         before = features.build_snapshot(s, UC, as_of)
         # 60 more days arrive: usage, payments of old invoices, tickets, cancellations, sign-ups

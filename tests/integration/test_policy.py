@@ -18,6 +18,7 @@ from pipeline.core.errors import ModelError
 from pipeline.run import nightly
 from pipeline.store import db, serving
 from pipeline.synthetic import warehouse
+from pipeline.synthetic.world import World
 from tests.conftest import _SESSION_HOME, WAREHOUSE_START, create_database, drop_database
 from tests.smtp_sink import smtp_sink
 
@@ -56,7 +57,7 @@ def world(server_url: str, session_id: str) -> Iterator[Settings]:
     url = create_database(server_url, name)
     serving.init(url, usecase.load_all())
     s = Settings(database_url=url, warehouse_url=url, home=_SESSION_HOME / name)
-    warehouse.seed(s, 8000, WAREHOUSE_START, (FIRST - WAREHOUSE_START).days, seed=11)
+    warehouse.seed(s, World(8000, WAREHOUSE_START, seed=11), (FIRST - WAREHOUSE_START).days)
     try:
         with smtp_sink() as sink:
             target = SmtpTarget("127.0.0.1", sink.port)

@@ -20,6 +20,7 @@ from pipeline.run import nightly
 from pipeline.stages import features
 from pipeline.store import db, registry
 from pipeline.synthetic import warehouse
+from pipeline.synthetic.world import World
 from tests.conftest import SCORE_DATE
 from tests.smtp_sink import smtp_sink
 
@@ -144,7 +145,7 @@ def test_a_changed_model_card_is_refused_like_a_changed_artifact(
 )
 def test_a_configured_schema_never_reaches_sql_unquoted(settings: Settings, schema: str) -> None:
     with pytest.raises(ConfigError, match="plain identifier"):
-        warehouse.seed(replace(settings, warehouse_schema=schema), 200, date(2024, 1, 1), 3)
+        warehouse.seed(replace(settings, warehouse_schema=schema), World(200, date(2024, 1, 1)), 3)
     with pytest.raises(ConfigError, match="schema"):
         UC.evolve({"warehouse": {"schema": schema}})
 

@@ -10,7 +10,8 @@ import pytest
 from pipeline.conf.config import Settings
 from pipeline.core.errors import ConfigError
 from pipeline.store import db
-from pipeline.synthetic import warehouse
+from pipeline.synthetic import simulation, warehouse
+from pipeline.synthetic.world import World
 from tests.conftest import SCORE_DATE, WAREHOUSE_CUSTOMERS, WAREHOUSE_START
 
 TABLES = warehouse.TABLE_ORDER
@@ -27,9 +28,13 @@ def test_same_seed_same_warehouse_and_advance_equals_longer_seed(settings: Setti
     a = replace(settings, warehouse_schema="wh_det_a")
     b = replace(settings, warehouse_schema="wh_det_b")
     try:
-        warehouse.seed(a, 600, date(2024, 1, 1), 50, seed=5, price_rise_day=20, launch_day=30)
+        warehouse.seed(
+            a, World(600, date(2024, 1, 1), seed=5, price_rise_day=20, launch_day=30), 50
+        )
         warehouse.advance(a, date(2024, 1, 1) + timedelta(days=79))
-        warehouse.seed(b, 600, date(2024, 1, 1), 80, seed=5, price_rise_day=20, launch_day=30)
+        warehouse.seed(
+            b, World(600, date(2024, 1, 1), seed=5, price_rise_day=20, launch_day=30), 80
+        )
         for table in TABLES:
             assert table_digest(a, table) == table_digest(b, table), table
         assert warehouse.data_through(a) == date(2024, 3, 20)
@@ -41,7 +46,7 @@ def test_same_seed_same_warehouse_and_advance_equals_longer_seed(settings: Setti
 
 
 def test_another_seed_gives_another_warehouse(fresh_schema: Settings, seeded: Settings) -> None:
-    warehouse.seed(fresh_schema, WAREHOUSE_CUSTOMERS, WAREHOUSE_START, 30, seed=12)
+    warehouse.seed(fresh_schema, World(WAREHOUSE_CUSTOMERS, WAREHOUSE_START, seed=12), 30)
     assert table_digest(fresh_schema, "customers") != table_digest(seeded, "customers")
 
 
@@ -117,7 +122,7 @@ def test_an_email_changes_its_customer_only_and_the_truth_is_hidden(settings: Se
     log = "campaigns.simtest_send_log"
     try:
         for s in (mailed, unmailed):
-            warehouse.seed(s, 600, start, 50, seed=5, price_rise_day=20, launch_day=30)
+            warehouse.seed(s, World(600, start, seed=5, price_rise_day=20, launch_day=30), 50)
         conn = db.connect(settings.database_url, autocommit=True)
         with conn.cursor() as cur:
             cur.execute("CREATE SCHEMA IF NOT EXISTS campaigns")
@@ -166,9 +171,9 @@ def test_an_email_changes_its_customer_only_and_the_truth_is_hidden(settings: Se
         effects = {round(r["effect"], 3) for r in truth}
         assert effects <= {
             0.0,
-            warehouse.PERSUADED,
-            warehouse.SLEEPING_DOG,
-            round(warehouse.PERSUADED + warehouse.SLEEPING_DOG, 3),
+            simulation.PERSUADED,
+            simulation.SLEEPING_DOG,
+            round(simulation.PERSUADED + simulation.SLEEPING_DOG, 3),
         }
         assert len(effects) >= 2, effects  # heterogeneous
         for r in truth:

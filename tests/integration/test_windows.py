@@ -19,6 +19,7 @@ from pipeline.core.errors import ConfigError, DataError
 from pipeline.stages import features
 from pipeline.store import db
 from pipeline.synthetic import warehouse
+from pipeline.synthetic.world import World
 
 UC = usecase.load("churn")
 START = date(2024, 1, 1)
@@ -29,7 +30,7 @@ SCHEMA = "wh_windows"
 @pytest.fixture(scope="module")
 def wh(settings: Settings) -> Iterator[Settings]:
     s = replace(settings, warehouse_schema=SCHEMA, home=settings.home / "windows")
-    warehouse.seed(s, 1200, START, (FIRST - START).days + 6, seed=5, price_rise_day=80)
+    warehouse.seed(s, World(1200, START, seed=5, price_rise_day=80), (FIRST - START).days + 6)
     yield s
     db.scalar(s.database_url, f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE; SELECT 1")
 

@@ -21,6 +21,7 @@ from pipeline.conf.config import Settings
 from pipeline.core.paths import REPO_ROOT
 from pipeline.store import serving
 from pipeline.synthetic import warehouse
+from pipeline.synthetic.world import World
 from tests.conftest import create_database, drop_database
 from tests.dags.services import Timings, airflow_services, free_port, own_metadata, service_env
 
@@ -40,7 +41,7 @@ def world(server_url: str, session_id: str) -> Iterator[Settings]:
     serving.init(url, usecase.load_all())
     s = Settings(database_url=url, warehouse_url=url, home=ARTIFACTS.parent / f"home-{session_id}")
     start = date.today() - timedelta(days=WORLD_DAYS)
-    warehouse.seed(s, CUSTOMERS, start, WORLD_DAYS, seed=11)
+    warehouse.seed(s, World(CUSTOMERS, start, seed=11), WORLD_DAYS)
     yield s
     drop_database(server_url, name)
 

@@ -6,7 +6,7 @@ from datetime import date, timedelta
 
 import pytest
 
-from pipeline.conf import usecase
+from pipeline.conf import sections, usecase
 from pipeline.core.errors import ConfigError
 from pipeline.run import alerts
 
@@ -36,7 +36,7 @@ def alert(kind: str = "failed", what: str = "failed at check_sources: 3 orphans"
     ],
 )
 def test_durations(text: str, expected: timedelta) -> None:
-    assert usecase.parse_duration(text) == expected
+    assert sections.parse_duration(text) == expected
 
 
 @pytest.mark.parametrize("text", ["soon", "", "0h", "6", "-1h"])

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.conf.usecase import Gates
+from pipeline.conf.sections import Gates
 from pipeline.core import figures
 from pipeline.stages import evaluate
 from pipeline.synthetic import populations

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 from threadpoolctl import threadpool_limits
 
-from pipeline.conf import usecase
+from pipeline.conf import sections, usecase
 from pipeline.core.errors import ConfigError
 from pipeline.stages import train
 
@@ -50,7 +50,7 @@ def test_same_data_and_seed_give_the_same_model_bytes_with_one_or_two_threads() 
 
 def test_logistic_regression_is_a_model_spec_too() -> None:
     uc = UC.model_copy(
-        update={"model": usecase.ModelSpec(estimator="logistic_regression", params={"C": 0.5})}
+        update={"model": sections.ModelSpec(estimator="logistic_regression", params={"C": 0.5})}
     )
     t, y = table()
     model = train.fit(uc, t, ["country", "f0", "f1", "f2", "f3"], y)

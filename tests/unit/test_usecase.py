@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.conf import config, usecase
+from pipeline.conf import config, sections, usecase
 from pipeline.core.errors import ConfigError
 from pipeline.faces import preflight
 
@@ -174,8 +174,8 @@ def test_feature_rules_fall_back_to_the_default_key_by_key() -> None:
     assert policy.rule("fee_change_90d").min == -1
     assert policy.rule("anything").max_null_fraction == 0.01
     # with nothing configured, any natural feature passes: nullable, any sign
-    bare = usecase.FeatureChecks()
-    assert bare.rule("balance_trend") == usecase.FeatureRule()
+    bare = sections.FeatureChecks()
+    assert bare.rule("balance_trend") == sections.FeatureRule()
 
 
 def test_each_use_case_reads_its_own_warehouse(monkeypatch: pytest.MonkeyPatch) -> None:
