@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.campaigns import campaign as campaigns
-from pipeline.campaigns import experiment, monitor, policy, uplift
+from pipeline.campaigns import experiment, monitor, policy, selection, uplift
+from pipeline.campaigns.campaign import published_run
 from pipeline.conf.config import Settings, private_dir
 from pipeline.conf.usecase import UseCase
 from pipeline.core import keys
@@ -65,8 +65,8 @@ def experiments(settings: Settings, uc: UseCase) -> Experiments | None:
         if not groups.num_rows:
             continue
         wanted = keys.to_numpy(groups.column(uc.entity_key))
-        run = campaigns.published_run(settings, uc, day)
-        frame = campaigns.features_for(settings, uc, day, run, wanted)
+        run = published_run(settings, uc, day)
+        frame = selection.features_for(settings, uc, day, run, wanted)
         columns = columns or list(frame.columns)
         frame["_treated"] = groups.column("contacted").to_numpy(zero_copy_only=False)
         frame["_y"] = monitor.matured_labels(settings, uc, day).of(wanted)
