@@ -515,9 +515,9 @@ def _write_report(
     p_champ: Any,
     extras: dict[str, Any],
 ) -> Any:
-    from pipeline.reports import report
+    from pipeline.reports import evaluation_report
 
-    return report.write_evaluation_report(
+    return evaluation_report.write_evaluation_report(
         report_site.evaluation_file(settings, evaluation.use_case, evaluation.challenger),
         evaluation,
         y=y,
@@ -894,7 +894,7 @@ def write_report(settings: Settings, uc: UseCase, run: RunContext) -> dict[str, 
 
 
 def _night_report(settings: Settings, uc: UseCase, run: RunContext) -> Any:
-    from pipeline.reports import report
+    from pipeline.reports import run_report
 
     def rows(cur: Any) -> list[dict[str, Any]]:
         names = [d[0] for d in cur.description]
@@ -977,7 +977,7 @@ def _night_report(settings: Settings, uc: UseCase, run: RunContext) -> Any:
 
     realized = monitor.matured_performance(settings, uc, run.score_date)
     segments, segment_note = _segment_scores(settings, uc, run, ledger_row, published)
-    context = report.NightContext(
+    context = run_report.NightContext(
         run=ledger_row,
         served=served,
         published=published,
@@ -992,7 +992,7 @@ def _night_report(settings: Settings, uc: UseCase, run: RunContext) -> Any:
     )
     # each attempt of a date keeps its report; the date's own file is its newest attempt's
     attempt = ledger_row["attempt"] if ledger_row else None
-    written = report.write_run_report(
+    written = run_report.write_run_report(
         report_site.night_file(settings, uc.name, run.score_date, attempt),
         use_case=uc.name,
         score_date=run.score_date,
