@@ -13,7 +13,7 @@ logit scale, drawn afresh each night, so that the ranking is model-like, not an 
 The cut is the campaign's own: the top ``audience_deciles`` risk deciles
 (``publish.risk_deciles``), opted in and not suppressed (emailed by another campaign, or
 in its control band, in the ``suppression_days`` before), the permanent control group
-(``keys.control_group``) left out, ``campaign.choose`` up to the capacity (2.5% of
+(``keys.control_group``) left out, ``selection.choose`` up to the capacity (2.5% of
 the customers, as 1,000 of the demo's 40,000). The chosen are emailed that day (the
 email counts from that day's cancellation draw on) and the control members who made the
 same cut are the control band. The outcome is a cancellation in [night, night + 30).
@@ -61,7 +61,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import numpy as np  # noqa: E402
 
-from pipeline.campaigns import campaign, experiment  # noqa: E402
+from pipeline.campaigns import experiment, selection  # noqa: E402
 from pipeline.conf import usecase  # noqa: E402
 from pipeline.core import figures  # noqa: E402
 from pipeline.core.keys import control_group  # noqa: E402
@@ -171,7 +171,7 @@ def select(sim: Sim, setup: Setup, noise_seed: int, earlier: list[Cohort]) -> Co
     recent = [c for c in earlier if t - setup.suppression_days <= c.night]
     eligible = a["opt_in"][people] & ~np.isin(people, selected(recent))
     in_control = control_group(keys[band], setup.control_salt, setup.control_fraction)
-    chosen, control_rows, _ = campaign.choose(
+    chosen, control_rows, _ = selection.choose(
         prob[band], eligible, in_control, setup.capacity, -np.inf
     )
     sim.sends[t] = a["customer_id"][people[chosen]]

@@ -198,7 +198,7 @@ def smtp_target() -> Any:
     from airflow.sdk import BaseHook
     from airflow.sdk.exceptions import AirflowNotFoundException
 
-    from pipeline.campaigns.campaign import DEFAULT_SENDER, SmtpTarget
+    from pipeline.campaigns.sending import DEFAULT_SENDER, SmtpTarget
 
     try:
         conn = BaseHook.get_connection(CONN_SMTP)

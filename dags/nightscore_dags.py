@@ -713,7 +713,7 @@ def campaign_dag(uc: usecase.UseCase) -> Any:
         def build_audience(params: dict | None = None) -> dict:
             from _nightscore import published_dates, record_run_page, settings
 
-            from pipeline.campaigns import campaign
+            from pipeline.campaigns import audience, campaign
             from pipeline.conf import usecase
 
             config = usecase.load(name)
@@ -722,10 +722,10 @@ def campaign_dag(uc: usecase.UseCase) -> Any:
             announced = published_dates(get_current_context())
             if requested or not announced:  # by hand: that date, or the newest published one
                 day = campaign.campaign_date(s, config, requested)
-                built = campaign.build_audience(s, config, day)
+                built = audience.build_audience(s, config, day)
                 out = {"score_date": built["score_date"], "built": [built], "skipped": []}
             else:
-                out = campaign.build_announced(s, config, announced)
+                out = audience.build_announced(s, config, announced)
             record_run_page(s, name, "campaign", [b["score_date"] for b in out["built"]])
             return out
 
@@ -733,14 +733,14 @@ def campaign_dag(uc: usecase.UseCase) -> Any:
         def send_emails(audience: dict, params: dict | None = None) -> dict:
             from _nightscore import settings, smtp_target
 
-            from pipeline.campaigns import campaign
+            from pipeline.campaigns import sending
             from pipeline.conf import usecase
             from pipeline.store import db
 
             config = usecase.load(name)
             p = params or {}
             dry_run = bool(p.get("dry_run", True))
-            return campaign.send_campaign(
+            return sending.send_campaign(
                 settings(config),
                 config,
                 db.to_date(audience["score_date"]),

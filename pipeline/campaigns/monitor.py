@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from statistics import NormalDist
 from typing import Any
@@ -40,6 +40,8 @@ UPLIFT_CONFIDENCE = 0.95
 
 @dataclass(frozen=True)
 class Realized:
+    """How one model version's scores of one night did once its labels matured."""
+
     score_date: date
     model_version: str
     rows: int
@@ -49,6 +51,8 @@ class Realized:
     holdout_auc: float | None
     ece: float = float("nan")
     holdout_ece: float | None = None
+    brier: float = float("nan")
+    decile_rates: dict[int, float] = field(default_factory=dict)  # positive rate by risk decile
 
     def decay(self, limits: Monitoring) -> str | None:
         """Why this night says its model has decayed (``monitoring.decay_threshold`` on the
@@ -130,45 +134,25 @@ def evaluate_date(settings: Settings, uc: UseCase, score_date: date) -> list[Rea
             if (deciles[mine] == d).any()
         }
         own = registry.get(settings, uc.name, version).metrics
-        holdout = own.get("roc_auc")
-        _store(
-            settings,
-            uc,
-            score_date,
-            version,
-            int(mine.sum()),
-            int(y[mine].sum()),
-            m,
-            rates,
-            holdout,
+        realized = Realized(
+            score_date=score_date,
+            model_version=version,
+            rows=int(mine.sum()),
+            positives=int(y[mine].sum()),
+            roc_auc=m["roc_auc"],
+            lift_top_decile=m["lift_top_decile"],
+            holdout_auc=own.get("roc_auc"),
+            ece=m["ece"],
+            holdout_ece=own.get("ece"),
+            brier=m["brier"],
+            decile_rates=rates,
         )
-        out.append(
-            Realized(
-                score_date,
-                version,
-                int(mine.sum()),
-                int(y[mine].sum()),
-                m["roc_auc"],
-                m["lift_top_decile"],
-                holdout,
-                m["ece"],
-                own.get("ece"),
-            )
-        )
+        _store(settings, uc, realized)
+        out.append(realized)
     return out
 
 
-def _store(
-    settings: Settings,
-    uc: UseCase,
-    day: date,
-    version: str,
-    rows: int,
-    positives: int,
-    m: dict[str, float],
-    rates: dict[int, float],
-    holdout: float | None,
-) -> None:
+def _store(settings: Settings, uc: UseCase, realized: Realized) -> None:
     conn = db.connect(settings.database_url)
     try:
         with conn.cursor() as cur:
@@ -185,16 +169,16 @@ def _store(
                 """,
                 (
                     uc.name,
-                    day,
-                    version,
-                    rows,
-                    positives,
-                    _num(m["roc_auc"]),
-                    _num(m["lift_top_decile"]),
-                    _num(m["brier"]),
-                    _num(m["ece"]),
-                    json.dumps(rates),
-                    holdout,
+                    realized.score_date,
+                    realized.model_version,
+                    realized.rows,
+                    realized.positives,
+                    _num(realized.roc_auc),
+                    _num(realized.lift_top_decile),
+                    _num(realized.brier),
+                    _num(realized.ece),
+                    json.dumps(realized.decile_rates),
+                    realized.holdout_auc,
                 ),
             )
         conn.commit()
@@ -250,15 +234,15 @@ def champion_decay(settings: Settings, uc: UseCase, version: str, as_of: date) -
     day, rows, positives, auc, lift, holdout_auc, ece = row
     nan = float("nan")
     realized = Realized(
-        day,
-        version,
-        rows,
-        positives,
-        nan if auc is None else auc,
-        nan if lift is None else lift,
-        holdout_auc,
-        nan if ece is None else ece,
-        registry.get(settings, uc.name, version).metrics.get("ece"),
+        score_date=day,
+        model_version=version,
+        rows=rows,
+        positives=positives,
+        roc_auc=nan if auc is None else auc,
+        lift_top_decile=nan if lift is None else lift,
+        holdout_auc=holdout_auc,
+        ece=nan if ece is None else ece,
+        holdout_ece=registry.get(settings, uc.name, version).metrics.get("ece"),
     )
     return realized.decay(uc.monitoring)
 

@@ -21,7 +21,7 @@ control band of the same nights show whom an email *changes*. From them an uplif
    ``never`` records it. Versions, evidence, checks and promotions are in ``ml.policies``
    and ``ml.policy_promotions``.
 
-With ``rank_by: uplift`` the policy in force ranks the audience (``campaign.build_audience``);
+With ``rank_by: uplift`` the policy in force ranks the audience (``audience.build_audience``);
 until one is promoted, risk does.
 """
 

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.campaigns import campaign as campaigns
-from pipeline.campaigns import experiment, monitor, policy, uplift
+from pipeline.campaigns import experiment, monitor, policy, selection, uplift
+from pipeline.campaigns.campaign import published_run
 from pipeline.conf.config import Settings, private_dir
 from pipeline.conf.usecase import UseCase
 from pipeline.core import keys
@@ -65,8 +65,8 @@ def experiments(settings: Settings, uc: UseCase) -> Experiments | None:
         if not groups.num_rows:
             continue
         wanted = keys.to_numpy(groups.column(uc.entity_key))
-        run = campaigns.published_run(settings, uc, day)
-        frame = campaigns.features_for(settings, uc, day, run, wanted)
+        run = published_run(settings, uc, day)
+        frame = selection.features_for(settings, uc, day, run, wanted)
         columns = columns or list(frame.columns)
         frame["_treated"] = groups.column("contacted").to_numpy(zero_copy_only=False)
         frame["_y"] = monitor.matured_labels(settings, uc, day).of(wanted)
@@ -143,27 +143,7 @@ def train_challenger(
         )
         for metric in (uplift.qini_coefficient, uplift.auuc)
     )
-    control_positives = int(test.y[~test.treated].sum())
-    checks = [
-        {
-            "name": "holdout_control_positives",
-            "passed": control_positives >= cfg.min_holdout_control_positives,
-            "expected": f">= {cfg.min_holdout_control_positives}",
-            "found": str(control_positives),
-        },
-        {
-            "name": "qini_better",
-            "passed": qini["difference"]["estimate"] > 0,
-            "expected": f"Qini above {inc_name}'s",
-            "found": f"{qini['difference']['estimate']:+.4f}",
-        },
-        {
-            "name": "qini_noninferior",
-            "passed": qini["difference"]["low"] >= -cfg.qini_margin,
-            "expected": f"difference's lower bound >= {0 - cfg.qini_margin:+.4f}",
-            "found": f"{qini['difference']['low']:+.4f}",
-        },
-    ]
+    checks = _checks(cfg, test, qini, inc_name)
     passed = all(c["passed"] for c in checks)
     decision = evaluate.DECISIONS[cfg.promotion_mode] if passed else "reject"
     evidence = {
@@ -178,7 +158,15 @@ def train_challenger(
             "incumbent": uplift.uplift_at(s_inc, test.treated, test.y, 0.5),
         },
     }
-    version = _register(settings, uc, model, through, learn, evidence, checks, decision, run_id)
+    challenger = Challenger(
+        model=model,
+        through=through,
+        learn=learn,
+        evidence=evidence,
+        checks=checks,
+        decision=decision,
+    )
+    version = _register(settings, uc, challenger, run_id)
     held_out = ", ".join(w.isoformat() for w in weeks[-cfg.holdout_weeks :])
     failed = policy.failed_checks(checks)
     out: dict[str, Any] = {
@@ -201,6 +189,34 @@ def train_challenger(
         )
     log.info("%s policy %s: %s (%s)", uc.name, version, decision, "; ".join(out["reasons"]))
     return out
+
+
+def _checks(
+    cfg: Any, test: Experiments, qini: dict[str, Any], inc_name: str
+) -> list[dict[str, Any]]:
+    """The gates of a challenger whose Qini against the incumbent ``inc_name`` on the held
+    out ``test`` is ``qini``."""
+    control_positives = int(test.y[~test.treated].sum())
+    return [
+        {
+            "name": "holdout_control_positives",
+            "passed": control_positives >= cfg.min_holdout_control_positives,
+            "expected": f">= {cfg.min_holdout_control_positives}",
+            "found": str(control_positives),
+        },
+        {
+            "name": "qini_better",
+            "passed": qini["difference"]["estimate"] > 0,
+            "expected": f"Qini above {inc_name}'s",
+            "found": f"{qini['difference']['estimate']:+.4f}",
+        },
+        {
+            "name": "qini_noninferior",
+            "passed": qini["difference"]["low"] >= -cfg.qini_margin,
+            "expected": f"difference's lower bound >= {0 - cfg.qini_margin:+.4f}",
+            "found": f"{qini['difference']['low']:+.4f}",
+        },
+    ]
 
 
 def log_outcome(trained: dict[str, Any]) -> None:
@@ -252,25 +268,29 @@ def _counts(data: Experiments) -> dict[str, int]:
     }
 
 
-def _register(
-    settings: Settings,
-    uc: UseCase,
-    model: policy.Model,
-    through: date,
-    learn: Experiments,
-    evidence: dict[str, Any],
-    checks: list[dict[str, Any]],
-    decision: str,
-    run_id: str | None,
-) -> str:
-    blob = pickle.dumps(model, protocol=5)
+@dataclass(frozen=True)
+class Challenger:
+    """A trained uplift policy with its out-of-time evidence and verdict, to register."""
+
+    model: policy.Model
+    through: date  # the newest weekly cohort it learned from or was tested on
+    learn: Experiments  # what it learned from
+    evidence: dict[str, Any]
+    checks: list[dict[str, Any]]
+    decision: str
+
+
+def _register(settings: Settings, uc: UseCase, challenger: Challenger, run_id: str | None) -> str:
+    """Write the challenger's artifact and its row of ``ml.policies``; returns its version."""
+    blob = pickle.dumps(challenger.model, protocol=5)
     sha = train.registry_sha(blob)
-    version = f"{uc.name}-uplift-{through:%Y%m%d}-{sha[:8]}"
+    version = f"{uc.name}-uplift-{challenger.through:%Y%m%d}-{sha[:8]}"
     folder = private_dir(settings.artifacts / uc.name / "policies")
     artifact = folder / f"{version}.pkl"
     train._write_whole(artifact, blob)
+    learn = challenger.learn
     schema = [{"name": c, "dtype": str(learn.frame[c].dtype)} for c in learn.columns]
-    training = {"weeks": evidence["training_weeks"], **_counts(learn)}
+    training = {"weeks": challenger.evidence["training_weeks"], **_counts(learn)}
     conn = db.connect(settings.database_url)
     try:
         with conn.cursor() as cur:
@@ -283,14 +303,14 @@ def _register(
                 (
                     uc.name,
                     version,
-                    through,
+                    challenger.through,
                     str(artifact),
                     sha,
                     json.dumps(schema),
                     json.dumps(training),
-                    json.dumps(evidence, default=float),
-                    json.dumps(checks),
-                    decision,
+                    json.dumps(challenger.evidence, default=float),
+                    json.dumps(challenger.checks),
+                    challenger.decision,
                     run_id,
                 ),
             )

@@ -275,14 +275,14 @@ def _positives(uc: UseCase, state: dict[str, Any]) -> tuple[str, str]:
 def _campaign(settings: Settings, uc: UseCase) -> tuple[str, str]:
     import numpy as np
 
-    from pipeline.campaigns import campaign
+    from pipeline.campaigns import campaign, reasons, selection, sending
 
     cfg = campaign.configured(uc)
-    campaign.reason_templates(uc)
-    campaign.render(uc, "Alex", ["a reason"])
+    reasons.reason_templates(uc)
+    sending.render(uc, "Alex", ["a reason"])
     c = cfg.contacts
     empty = np.array([], dtype=np.int64 if uc.entity.type == "bigint" else object)
-    campaign.contacts(settings, uc, empty)
+    selection.contacts(settings, uc, empty)
     return "ok", (
         f"contacts {c.table}({c.key}, {c.first_name}, {c.email}, {c.opt_in}); template "
         f"{cfg.template.name}; {len(cfg.reasons)} reason phrases"

@@ -1,8 +1,11 @@
-"""The reports' pages: one style, and a plain page in it (titles escaped here)."""
+"""The reports' pages: one style, a plain page in it (titles escaped here), their
+numbers, and writing a page atomically."""
 
 from __future__ import annotations
 
 import html
+import os
+from pathlib import Path
 
 STYLE = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em;
@@ -45,3 +48,31 @@ def simple_page(title: str, body: str) -> str:
         f"<title>{esc}</title><style>{STYLE}</style></head><body><h1>{esc}</h1>{body}"
         "</body></html>"
     )
+
+
+def percent(value: object) -> str:
+    """A fraction as a percentage; a dash where there is none (an empty group)."""
+    return f"{100 * value:.1f}%" if isinstance(value, int | float) else "&mdash;"
+
+
+def write_atomically(path: Path, text: str) -> Path:
+    """Write the page ``text`` to ``path``, readable by its owner only; readers never see a
+    partial page (a temporary file in the same folder, then ``os.replace``). Missing parent
+    folders are created. Returns ``path``."""
+    from pipeline.core import files
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    files.sweep(path.parent)
+    tmp_name = files.temporary(path)
+    fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp_name, 0o600)  # its owner only, like everything under the home
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pipeline.conf.config import Settings
 from pipeline.conf.sections import DEFAULT_NOTIFIER
 from pipeline.conf.usecase import UseCase
-from pipeline.reports.report import failed_stage
+from pipeline.reports.run_report import failed_stage
 from pipeline.store import db
 from pipeline.store.ledger import NIGHT_STAGES
 

@@ -269,9 +269,9 @@ def _passed_text(
 def _write_report(
     settings: Settings, evaluation: evaluate.Evaluation, scored: Scored, extras: dict[str, Any]
 ) -> Any:
-    from pipeline.reports import report
+    from pipeline.reports import evaluation_report
 
-    return report.write_evaluation_report(
+    return evaluation_report.write_evaluation_report(
         report_site.evaluation_file(settings, evaluation.use_case, evaluation.challenger),
         evaluation,
         y=scored.y,

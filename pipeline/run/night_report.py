@@ -154,14 +154,14 @@ def _recorded(settings: Settings, uc: UseCase, run: RunContext) -> _Recorded:
 
 
 def _night_report(settings: Settings, uc: UseCase, run: RunContext) -> Any:
-    from pipeline.reports import report
+    from pipeline.reports import run_report
 
     found = _recorded(settings, uc, run)
     from pipeline.campaigns import monitor
 
     realized = monitor.matured_performance(settings, uc, run.score_date)
     segments, segment_note = _segment_scores(settings, uc, run, found.run, found.published)
-    context = report.NightContext(
+    context = run_report.NightContext(
         run=found.run,
         served=found.served,
         published=found.published,
@@ -176,7 +176,7 @@ def _night_report(settings: Settings, uc: UseCase, run: RunContext) -> Any:
     )
     # each attempt of a date keeps its report; the date's own file is its newest attempt's
     attempt = found.run["attempt"] if found.run else None
-    written = report.write_run_report(
+    written = run_report.write_run_report(
         report_site.night_file(settings, uc.name, run.score_date, attempt),
         use_case=uc.name,
         score_date=run.score_date,

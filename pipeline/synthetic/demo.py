@@ -256,7 +256,7 @@ def _run_schedule(settings: Settings, logs: Path, start: date, smtp_env: dict[st
 def _week(settings: Settings, night: date, smtp_env: dict[str, str]) -> None:
     """One week of the experiment in-process: the night (champion only), then its campaign
     sent for real to the local mailbox; the same functions the DAGs' tasks call."""
-    from pipeline.campaigns import campaign
+    from pipeline.campaigns import audience, sending
     from pipeline.conf import config
     from pipeline.run import nightly
 
@@ -266,14 +266,14 @@ def _week(settings: Settings, night: date, smtp_env: dict[str, str]) -> None:
     with progress.stage("nightly (in-process)"):
         nightly.run_night(s, uc, night, retrain="never", run_id=run_id)
     with progress.stage("campaign (in-process)"):
-        built = campaign.build_audience(s, uc, night)
+        built = audience.build_audience(s, uc, night)
         smtp = json.loads(smtp_env["AIRFLOW_CONN_NIGHTSCORE_SMTP"])
-        sent = campaign.send_campaign(
+        sent = sending.send_campaign(
             s,
             uc,
             night,
             run_id,
-            target=campaign.SmtpTarget(smtp["host"], int(smtp["port"])),
+            target=sending.SmtpTarget(smtp["host"], int(smtp["port"])),
             dry_run=False,
             rate_per_second=1000,
         )
@@ -571,7 +571,7 @@ def experiment_text(settings: Settings, start: date) -> str:
     """
     import numpy as np
 
-    from pipeline.campaigns import campaign, experiment, monitor, policy
+    from pipeline.campaigns import experiment, monitor, policy, selection
     from pipeline.conf import config
     from pipeline.synthetic import warehouse
 
@@ -623,8 +623,8 @@ def experiment_text(settings: Settings, start: date) -> str:
             f"SELECT customer_id, saved FROM {truth}.effects WHERE as_of = :d",
             {"d": night},
         )
-        by_risk = campaign.select(s, uc, night, rank_by=policy.RISK)
-        by_uplift = campaign.select(s, uc, night, version=newest)
+        by_risk = selection.select(s, uc, night, rank_by=policy.RISK)
+        by_uplift = selection.select(s, uc, night, version=newest)
         key = uc.entity_key
         totals["risk"].append(_saved(truth_of, by_risk.audience.column(key)))
         totals["uplift"].append(_saved(truth_of, by_uplift.audience.column(key)))

@@ -238,7 +238,7 @@ def test_the_plugin_serves_the_reports_behind_the_airflow_login(
     """The reports plugin in the real API server: a night's and an evaluation's report by
     URL, a run's redirect, 404s, traversal refused, the login required; the UI's links."""
     from pipeline.conf import usecase
-    from pipeline.reports import report, report_site
+    from pipeline.reports import evaluation_report, report_site
     from pipeline.run import night_report
     from pipeline.stages import evaluate
     from pipeline.store import ledger
@@ -250,7 +250,7 @@ def test_the_plugin_serves_the_reports_behind_the_airflow_login(
     night_report.write_report(isolated, uc, run)
     version = "churn-20241129-plugin00"
     y = np.array([0, 1, 0, 1, 0, 0, 1, 0])
-    report.write_evaluation_report(
+    evaluation_report.write_evaluation_report(
         report_site.evaluation_file(isolated, "churn", version),
         evaluate.Evaluation(
             use_case="churn",

@@ -9,7 +9,7 @@ import json
 import sys
 from datetime import date
 
-from pipeline.campaigns import campaign
+from pipeline.campaigns import sending
 from pipeline.conf import usecase
 from tests.faults.publisher import child_settings
 
@@ -17,12 +17,12 @@ from tests.faults.publisher import child_settings
 def main() -> int:
     args = json.loads(sys.argv[1])
     settings = child_settings(args)
-    out = campaign.send_campaign(
+    out = sending.send_campaign(
         settings,
         usecase.load("churn"),
         date.fromisoformat(args["score_date"]),
         args["run_id"],
-        target=campaign.SmtpTarget("127.0.0.1", int(args["smtp_port"])),
+        target=sending.SmtpTarget("127.0.0.1", int(args["smtp_port"])),
         dry_run=False,
     )
     print(json.dumps(out))

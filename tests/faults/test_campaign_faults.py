@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.campaigns import campaign
+from pipeline.campaigns.audience import build_audience
 from pipeline.conf import usecase
 from pipeline.conf.config import Settings
 from pipeline.run import nightly
@@ -24,7 +24,7 @@ UC = usecase.load("churn")
 @pytest.fixture(scope="module")
 def audience(isolated: Settings) -> list[str]:
     nightly.run_night(isolated, UC, SCORE_DATE, retrain="always", run_id="send-faults")
-    campaign.build_audience(isolated, UC, SCORE_DATE)
+    build_audience(isolated, UC, SCORE_DATE)
     return db.scalar(
         isolated.database_url,
         "SELECT array_agg(email ORDER BY audience_rank) FROM campaigns.retention_audience "

@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.campaigns import campaign
-from pipeline.campaigns.campaign import SmtpTarget
+from pipeline.campaigns.audience import build_audience
+from pipeline.campaigns.sending import SmtpTarget, send_campaign
 from pipeline.conf import usecase
 from pipeline.conf.config import Settings
 from pipeline.conf.urls import with_role
@@ -62,7 +63,7 @@ def audience_rows(settings: Settings, day=SCORE_DATE) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def audience(isolated: Settings, night: dict) -> dict:
-    return campaign.build_audience(isolated, UC, SCORE_DATE)
+    return build_audience(isolated, UC, SCORE_DATE)
 
 
 def test_audience_is_the_top_band_opted_in_outside_control_with_reasons(
@@ -139,7 +140,7 @@ def test_opt_outs_and_suppression_are_honoured(isolated: Settings, audience: dic
         ),
     )
     try:
-        rebuilt = campaign.build_audience(isolated, UC, SCORE_DATE)
+        rebuilt = build_audience(isolated, UC, SCORE_DATE)
         ids = {r["customer_id"] for r in audience_rows(isolated)}
         assert unsubscribed not in ids and contacted_lately not in ids
         assert contacted_long_ago in ids
@@ -150,7 +151,7 @@ def test_opt_outs_and_suppression_are_honoured(isolated: Settings, audience: dic
             "DELETE FROM campaigns.retention_opt_outs; DELETE FROM campaigns.retention_send_log "
             "WHERE campaign LIKE 'churn_retention_%%er'; SELECT 1",
         )
-        campaign.build_audience(isolated, UC, SCORE_DATE)
+        build_audience(isolated, UC, SCORE_DATE)
 
 
 def test_a_control_member_is_held_back_as_a_contacted_one_would_be(
@@ -175,7 +176,7 @@ def test_a_control_member_is_held_back_as_a_contacted_one_would_be(
         ),
     )
     try:
-        rebuilt = campaign.build_audience(isolated, UC, SCORE_DATE)
+        rebuilt = build_audience(isolated, UC, SCORE_DATE)
         held = set(db.scalar(isolated.database_url, band, (name,)))
         assert lately not in held and long_ago in held
         assert rebuilt["control_band"] == audience["control_band"] - 1
@@ -185,12 +186,12 @@ def test_a_control_member_is_held_back_as_a_contacted_one_would_be(
             "DELETE FROM campaigns.retention_control_band WHERE campaign LIKE "
             "'churn_retention_%%er'; SELECT 1",
         )
-        campaign.build_audience(isolated, UC, SCORE_DATE)
+        build_audience(isolated, UC, SCORE_DATE)
 
 
 def test_dry_run_renders_files_and_records_nothing(isolated: Settings, audience: dict) -> None:
     with smtp_sink() as sink:
-        out = campaign.send_campaign(
+        out = send_campaign(
             isolated, UC, SCORE_DATE, "dry", target=SmtpTarget("127.0.0.1", sink.port)
         )
     assert out["dry_run"] and out["rendered"] == audience["audience"] and not sink.received
@@ -213,13 +214,11 @@ def test_each_person_receives_exactly_one_message_and_a_rerun_sends_nothing(
         sink.refuse.add(refused)
         target = SmtpTarget("127.0.0.1", sink.port)
         began = time.monotonic()
-        first = campaign.send_campaign(
+        first = send_campaign(
             isolated, UC, SCORE_DATE, "send-1", target=target, dry_run=False, rate_per_second=400
         )
         seconds = time.monotonic() - began
-        again = campaign.send_campaign(
-            isolated, UC, SCORE_DATE, "send-2", target=target, dry_run=False
-        )
+        again = send_campaign(isolated, UC, SCORE_DATE, "send-2", target=target, dry_run=False)
     expected = sorted(r["email"] for r in rows if r["email"] != refused)
     assert sorted(sink.recipients()) == expected  # exactly one message each
     assert first["sent"] == len(expected) and first["failed"] == 1
@@ -237,7 +236,7 @@ def test_each_person_receives_exactly_one_message_and_a_rerun_sends_nothing(
     assert log == {"sent": len(expected), "failed": 1}
     # no email address in the logs, nor in what the task returns (its XCom)
     ours = "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith("mail."))
-    assert "pipeline.campaigns.campaign" in {r.name for r in caplog.records}
+    assert "pipeline.campaigns.sending" in {r.name for r in caplog.records}
     assert "@" not in ours and "@" not in str(first) + str(again)
 
 
@@ -257,7 +256,7 @@ def test_past_dates_are_never_emailed(isolated: Settings, audience: dict) -> Non
     newer = SCORE_DATE + timedelta(days=2)
     nightly.run_night(isolated, UC, newer, retrain="never", run_id="campaign-newer")
     with smtp_sink() as sink:
-        out = campaign.send_campaign(
+        out = send_campaign(
             isolated,
             UC,
             SCORE_DATE - timedelta(days=7),

@@ -10,8 +10,9 @@ from datetime import date, timedelta
 import numpy as np
 import pytest
 
-from pipeline.campaigns import campaign, experiment, monitor, policy, policy_learning
-from pipeline.campaigns.campaign import SmtpTarget
+from pipeline.campaigns import campaign, experiment, monitor, policy, policy_learning, selection
+from pipeline.campaigns.audience import build_audience
+from pipeline.campaigns.sending import SmtpTarget, send_campaign
 from pipeline.conf import usecase
 from pipeline.conf.config import Settings
 from pipeline.core.errors import ModelError
@@ -66,9 +67,9 @@ def world(server_url: str, session_id: str) -> Iterator[Settings]:
                     warehouse.advance(s, night - timedelta(days=1))
                 retrain = "always" if i == 0 else "never"
                 nightly.run_night(s, UC, night, retrain=retrain, run_id=f"policy-{night}")
-                built = campaign.build_audience(s, UC, night)
+                built = build_audience(s, UC, night)
                 assert built["policy"] == policy.RISK  # no policy yet
-                campaign.send_campaign(
+                send_campaign(
                     s,
                     UC,
                     night,
@@ -198,7 +199,7 @@ def test_the_policy_in_force_ranks_the_audience_and_its_control_band(
             world, UC, trained["version"], actor="test", reason="ranking test", run_id=None
         )
     night = NIGHTS[-1]
-    built = campaign.build_audience(world, UC, night)
+    built = build_audience(world, UC, night)
     assert built["policy"] == trained["version"]
     rows = db.scalar(
         world.database_url,
@@ -217,7 +218,7 @@ def test_the_policy_in_force_ranks_the_audience_and_its_control_band(
     cutoff = scores[-1] if len(scores) == UC.campaign.capacity else 0
     assert control and all(c >= cutoff for c in control)
     # the same night ranked by risk chooses others
-    risk = campaign.select(world, UC, night, rank_by=policy.RISK)
+    risk = selection.select(world, UC, night, rank_by=policy.RISK)
     risky = set(risk.audience.column("customer_id").to_pylist())
     assert risk.policy == policy.RISK
     assert len(risky - {r for r in _audience_keys(world, night)}) > 0
@@ -244,8 +245,8 @@ def test_a_tampered_policy_artifact_is_refused(world: Settings, trained: dict) -
         with open(path, "wb") as fh:
             fh.write(original)
     model, _ = policy.load(world, UC, trained["version"])
-    band = campaign.select(world, UC, NIGHTS[-1], rank_by=policy.RISK).band
-    frame = campaign.features_for(
+    band = selection.select(world, UC, NIGHTS[-1], rank_by=policy.RISK).band
+    frame = selection.features_for(
         world,
         UC,
         NIGHTS[-1],

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.campaigns import campaign
-from pipeline.campaigns.campaign import SmtpTarget
+from pipeline.campaigns.audience import build_audience
+from pipeline.campaigns.sending import SmtpTarget, send_campaign
 from pipeline.conf import usecase
 from pipeline.conf.config import Settings
 from pipeline.core.errors import ConfigError, ModelError, SourceError
@@ -32,7 +33,7 @@ def night(isolated: Settings) -> dict:
     old = os.umask(0o022)  # a permissive environment: the pipeline must not rely on it
     try:
         out = nightly.run_night(isolated, UC, SCORE_DATE, retrain="always", run_id="sec-night")
-        built = campaign.build_audience(isolated, UC, SCORE_DATE)
+        built = build_audience(isolated, UC, SCORE_DATE)
     finally:
         os.umask(old)
     return {"version": out["model_version"], "audience": built}
@@ -56,7 +57,7 @@ def test_a_carriage_return_or_a_bad_address_stops_only_that_message(
         (crlf, bad),
     )
     with smtp_sink() as sink:
-        out = campaign.send_campaign(
+        out = send_campaign(
             isolated,
             UC,
             SCORE_DATE,

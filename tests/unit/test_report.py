@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.reports.report import (
+from pipeline.reports.evaluation_report import write_evaluation_report
+from pipeline.reports.run_report import (
     NightContext,
     failed_stage,
     night_banner,
-    write_evaluation_report,
     write_run_report,
 )
 from pipeline.stages import evaluate
