@@ -21,7 +21,17 @@ from pipeline.core import keys, progress
 from pipeline.core.errors import GateFailed, ModelError
 from pipeline.core.faults import fault_point
 from pipeline.reports import report_site
-from pipeline.stages import checks, evaluate, features, publish, score, sources, train, windows
+from pipeline.stages import (
+    checks,
+    evaluate,
+    features,
+    publish,
+    score,
+    source_days,
+    sources,
+    train,
+    windows,
+)
 from pipeline.store import db, ledger, registry, serving
 from pipeline.store.ledger import RunContext
 
@@ -97,7 +107,7 @@ def check_sources(settings: Settings, uc: UseCase, run: RunContext) -> dict[str,
         earlier, before = checks.previous_source_days(settings, run)
         results = seen.results
         if earlier is not None:
-            results += sources.rewritten_days(
+            results += source_days.rewritten_days(
                 before,
                 earlier,
                 seen.days,
