@@ -45,7 +45,8 @@ def main() -> int:
 
     from pipeline.conf import contract, usecase
     from pipeline.conf.contract import _DAY_KINDS
-    from pipeline.stages import sources
+    from pipeline.stages import source_queries, sources
+    from pipeline.stages.table_checks import Scope, TableChecks
     from pipeline.store import db
 
     logging.basicConfig(level=logging.WARNING)
@@ -58,25 +59,23 @@ def main() -> int:
         conn = db.connect(wh)
         try:
             with conn.cursor() as cur:
-                found = sources._catalog(conn, cur, "warehouse", list(spec.tables))
+                found = source_queries.catalog(conn, cur, "warehouse", list(spec.tables))
+                scope = Scope("warehouse", spec, day, day, "UTC", uc.entity_key)
                 rows = []
                 for name, table_spec in spec.tables.items():
                     if table_spec.date_column is None:
                         continue
                     columns = found[name]
-                    table = sources._Table(
-                        "warehouse",
+                    table = TableChecks(
+                        scope,
                         name,
                         table_spec,
-                        spec,
-                        sources._Axis(
+                        source_queries.Axis(
                             table_spec.date_column, _DAY_KINDS[columns[table_spec.date_column]]
                         ),
-                        day,
-                        day,
-                        "UTC",
-                        uc.entity_key,
-                        tuple(c for c in table_spec.columns if columns[c] in sources._FLOATING),
+                        tuple(
+                            c for c in table_spec.columns if columns[c] in source_queries.FLOATING
+                        ),
                         tuple(c for c, d in table_spec.columns.items() if d.referenced),
                         lookback.get(name, 0),
                     )

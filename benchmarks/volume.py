@@ -12,7 +12,7 @@ day-to-day factor (3% to 10%), at 50 to 50,000 rows on an ordinary day; each yea
 different calendar year, so that holidays fall on different weekdays.
 
 On every day of a year (each day in turn the last day of a night) it runs the shipped
-rule, ``pipeline.stages.sources.daily_volume`` with the defaults of ``VolumeSpec`` (and the
+rule, ``pipeline.stages.source_days.daily_volume`` with the defaults of ``VolumeSpec`` (and the
 B2B product's own calendar where it declares one): on the clean series it counts the
 nights ``daily_volume`` stops (false alarms per year) and those ``days_complete`` stops
 (``window_volume`` applies the same rule to each earlier day of the 30-day window, so
@@ -42,7 +42,7 @@ from datetime import date, timedelta
 import numpy as np
 
 from pipeline.conf.contract import VolumeDays, VolumeSpec
-from pipeline.stages.sources import daily_volume
+from pipeline.stages.source_days import daily_volume
 
 SIZES = (50, 500, 5_000, 50_000)
 WINDOW_DAYS = 30  # the contract's window: days_complete judges its days before the last

@@ -265,7 +265,7 @@ DEFAULT_CALENDAR = (
 
 class VolumeSpec(BaseModel):
     """How many rows a day should hold. ``daily_volume`` judges the last complete day and
-    ``days_complete`` every other day of the window (``pipeline.stages.sources.judge_day``).
+    ``days_complete`` every other day of the window (``pipeline.stages.source_days.judge_day``).
 
     A day's expected rows are the median of its peers: the same weekday in the
     ``trailing_days`` before it (``weekly``; else every one of those days), and, for a day

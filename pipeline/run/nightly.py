@@ -22,7 +22,17 @@ from pipeline.core import keys, progress
 from pipeline.core.errors import GateFailed, ModelError
 from pipeline.core.faults import fault_point
 from pipeline.run import challenger, night_report
-from pipeline.stages import checks, evaluate, features, publish, score, sources, train, windows
+from pipeline.stages import (
+    checks,
+    evaluate,
+    features,
+    publish,
+    score,
+    source_days,
+    sources,
+    train,
+    windows,
+)
 from pipeline.store import db, ledger, registry, serving
 from pipeline.store.ledger import RunContext
 
@@ -94,7 +104,7 @@ def check_sources(settings: Settings, uc: UseCase, run: RunContext) -> dict[str,
         earlier, before = checks.previous_source_days(settings, run)
         results = seen.results
         if earlier is not None:
-            results += sources.rewritten_days(
+            results += source_days.rewritten_days(
                 before,
                 earlier,
                 seen.days,

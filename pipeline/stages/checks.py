@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.conf.config import Settings
-from pipeline.conf.usecase import UseCase
+from pipeline.conf.usecase import FeatureChecks, FeatureRule, UseCase
 from pipeline.core.errors import GateFailed
 from pipeline.core.figures import beside, percent, within
 from pipeline.store import db
@@ -61,96 +61,124 @@ def check_features(
     naming the values that appeared and those that vanished.
     """
     policy = uc.feature_checks
-    out = []
-    keys = table.column(uc.entity_key)
-    dupes = len(keys) - pc.count_distinct(keys).as_py()
-    out.append(
-        CheckResult("features", "duplicate_keys", uc.entity_key, dupes == 0, "0", str(dupes))
-    )
+    out = [_duplicate_keys(table, uc.entity_key)]
     for name in table.column_names:
-        if name == uc.entity_key:
-            continue
-        col = table.column(name)
-        rule = policy.rule(name)
-        frac = col.null_count / max(len(col), 1)
-        if rule.max_null_fraction is not None and frac > rule.max_null_fraction:
-            out.append(
-                CheckResult(
-                    "features",
-                    "null_fraction",
-                    name,
-                    False,
-                    f"<= {rule.max_null_fraction:.0%} nulls",
-                    percent(frac, rule.max_null_fraction),
-                )
-            )
-        trained = (reference or {}).get(name, {}).get("null_fraction")
-        if (
-            rule.max_null_fraction is None
-            and trained is not None
-            and frac > trained + policy.max_null_increase
-        ):
-            out.append(
-                CheckResult(
-                    "features",
-                    "null_increase",
-                    name,
-                    False,
-                    f"<= {trained + policy.max_null_increase:.1%} nulls (training data "
-                    f"{trained:.1%} + feature_checks.max_null_increase {policy.max_null_increase:.0%})",
-                    percent(frac, trained + policy.max_null_increase),
-                )
-            )
-        if pa.types.is_floating(col.type):
-            bad = pc.sum(pc.invert(pc.is_finite(col))).as_py() or 0
-            if bad:
-                out.append(
-                    CheckResult(
-                        "features",
-                        "finite",
-                        name,
-                        False,
-                        "no NaN or infinite values",
-                        f"{bad} rows",
-                    )
-                )
-        if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
-            low, high = pc.min(col).as_py(), pc.max(col).as_py()
-            if rule.min is not None and low is not None and low < rule.min:
-                out.append(
-                    CheckResult(
-                        "features",
-                        "range",
-                        name,
-                        False,
-                        f">= {rule.min:g}",
-                        f"min {_shown(low, rule.min)}",
-                    )
-                )
-            if rule.max is not None and high is not None and high > rule.max:
-                out.append(
-                    CheckResult(
-                        "features",
-                        "range",
-                        name,
-                        False,
-                        f"<= {rule.max:g}",
-                        f"max {_shown(high, rule.max)}",
-                    )
-                )
+        if name != uc.entity_key:
+            out += _column_checks(name, table.column(name), policy, reference)
     if previous_rows:
-        ratio = len(keys) / previous_rows
-        lo, hi = policy.population_min_ratio, policy.population_max_ratio
+        out.append(_population_size(table.num_rows, previous_rows, policy))
+    out += _unseen_categories(table, reference, policy)
+    out += _feature_psi(table, reference, policy)
+    return out
+
+
+def _duplicate_keys(table: pa.Table, entity_key: str) -> CheckResult:
+    keys = table.column(entity_key)
+    dupes = len(keys) - pc.count_distinct(keys).as_py()
+    return CheckResult("features", "duplicate_keys", entity_key, dupes == 0, "0", str(dupes))
+
+
+def _column_checks(
+    name: str, col: pa.ChunkedArray, policy: FeatureChecks, reference: dict[str, Any] | None
+) -> list[CheckResult]:
+    """A feature's failed null, finite and range checks under its rule of ``policy``."""
+    rule = policy.rule(name)
+    frac = col.null_count / max(len(col), 1)
+    out = []
+    if rule.max_null_fraction is not None and frac > rule.max_null_fraction:
         out.append(
             CheckResult(
                 "features",
-                "population_size",
-                "population",
-                lo <= ratio <= hi,
-                f"{lo}..{hi} x the previous run ({previous_rows:,})",
-                f"{len(keys):,} ({within(ratio, lo, hi)} x)",
+                "null_fraction",
+                name,
+                False,
+                f"<= {rule.max_null_fraction:.0%} nulls",
+                percent(frac, rule.max_null_fraction),
             )
         )
+    trained = (reference or {}).get(name, {}).get("null_fraction")
+    if (
+        rule.max_null_fraction is None
+        and trained is not None
+        and frac > trained + policy.max_null_increase
+    ):
+        out.append(
+            CheckResult(
+                "features",
+                "null_increase",
+                name,
+                False,
+                f"<= {trained + policy.max_null_increase:.1%} nulls (training data "
+                f"{trained:.1%} + feature_checks.max_null_increase {policy.max_null_increase:.0%})",
+                percent(frac, trained + policy.max_null_increase),
+            )
+        )
+    if pa.types.is_floating(col.type):
+        bad = pc.sum(pc.invert(pc.is_finite(col))).as_py() or 0
+        if bad:
+            out.append(
+                CheckResult(
+                    "features",
+                    "finite",
+                    name,
+                    False,
+                    "no NaN or infinite values",
+                    f"{bad} rows",
+                )
+            )
+    if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
+        out += _range_checks(name, col, rule)
+    return out
+
+
+def _range_checks(name: str, col: pa.ChunkedArray, rule: FeatureRule) -> list[CheckResult]:
+    """A numeric feature's minimum and maximum outside its rule's bounds."""
+    low, high = pc.min(col).as_py(), pc.max(col).as_py()
+    out = []
+    if rule.min is not None and low is not None and low < rule.min:
+        out.append(
+            CheckResult(
+                "features",
+                "range",
+                name,
+                False,
+                f">= {rule.min:g}",
+                f"min {_shown(low, rule.min)}",
+            )
+        )
+    if rule.max is not None and high is not None and high > rule.max:
+        out.append(
+            CheckResult(
+                "features",
+                "range",
+                name,
+                False,
+                f"<= {rule.max:g}",
+                f"max {_shown(high, rule.max)}",
+            )
+        )
+    return out
+
+
+def _population_size(rows: int, previous_rows: int, policy: FeatureChecks) -> CheckResult:
+    ratio = rows / previous_rows
+    lo, hi = policy.population_min_ratio, policy.population_max_ratio
+    return CheckResult(
+        "features",
+        "population_size",
+        "population",
+        lo <= ratio <= hi,
+        f"{lo}..{hi} x the previous run ({previous_rows:,})",
+        f"{rows:,} ({within(ratio, lo, hi)} x)",
+    )
+
+
+def _unseen_categories(
+    table: pa.Table, reference: dict[str, Any] | None, policy: FeatureChecks
+) -> list[CheckResult]:
+    """Per categorical feature, its rows holding a value training never saw: a failure
+    above the feature's ``max_unseen_share``, else a warning above ``unseen_share_limit``."""
+    out = []
     for name, change in category_changes(table, reference).items():
         stop = policy.rule(name).max_unseen_share
         if stop is not None and change.share > stop:
@@ -180,19 +208,24 @@ def check_features(
                 severity="warn",
             )
         )
-    for name, psi_value in feature_psi(table, reference).items():
-        out.append(
-            CheckResult(
-                "features",
-                "feature_psi",
-                name,
-                psi_value <= policy.psi_limit,
-                f"PSI <= {policy.psi_limit}",
-                beside(psi_value, policy.psi_limit),
-                severity="warn",
-            )
-        )
     return out
+
+
+def _feature_psi(
+    table: pa.Table, reference: dict[str, Any] | None, policy: FeatureChecks
+) -> list[CheckResult]:
+    return [
+        CheckResult(
+            "features",
+            "feature_psi",
+            name,
+            psi_value <= policy.psi_limit,
+            f"PSI <= {policy.psi_limit}",
+            beside(psi_value, policy.psi_limit),
+            severity="warn",
+        )
+        for name, psi_value in feature_psi(table, reference).items()
+    ]
 
 
 def _shown(value: float, limit: float) -> str:

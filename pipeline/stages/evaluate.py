@@ -293,65 +293,96 @@ def gate_checks(
     The defaults and their error rates at each holdout size: ``benchmarks/gates.py``.
     """
     p = np.asarray(p_challenger, dtype=np.float64)
-    checks: list[dict[str, object]] = []
-
-    def add(name: str, passed: bool, expected: str, found: str) -> None:
-        checks.append({"check": name, "passed": bool(passed), "expected": expected, "found": found})
-
     rows = int(challenger.get("rows", 0))
     positives = round(rows * challenger.get("positive_rate", 0.0))
     dates = f" over {holdout_dates} holdout dates" if holdout_dates > 1 else ""
-    add(
-        "holdout_positives",
-        positives >= gates.min_holdout_positives,
-        f">= {gates.min_holdout_positives} positives in the out-of-time holdout "
-        "(gates.min_holdout_positives)",
-        f"{positives} positives in {rows} rows{dates}",
-    )
+    checks = [
+        _check(
+            "holdout_positives",
+            positives >= gates.min_holdout_positives,
+            f">= {gates.min_holdout_positives} positives in the out-of-time holdout "
+            "(gates.min_holdout_positives)",
+            f"{positives} positives in {rows} rows{dates}",
+        ),
+        *_sanity_checks(p, schema_problems or []),
+        *_floor_checks(gates, challenger),
+    ]
+    if champion is None or p_champion is None or not evidence:
+        return checks
+    return [
+        *checks,
+        _better_than_champion(gates, evidence["log_loss_gain"], decayed, positives, dates),
+        _auc_not_worse(gates, evidence["roc_auc_diff"]),
+        *_score_shift(gates, challenger, champion, p_champion, p),
+    ]
+
+
+def _check(name: str, passed: bool, expected: str, found: str) -> dict[str, object]:
+    return {"check": name, "passed": bool(passed), "expected": expected, "found": found}
+
+
+def _sanity_checks(p: np.ndarray, problems: list[str]) -> list[dict[str, object]]:
+    """No NaN, not constant, a distinct riskiest decile, the scoring data's schema."""
     nans = int(np.isnan(p).sum())
-    add("no_nan_scores", nans == 0, "0 NaN scores", f"{nans} NaN scores")
     spread = float(np.nanstd(p)) if len(p) else 0.0
-    add("scores_not_constant", spread > 1e-6, "score std > 1e-6", f"std {spread:.3g}")
+    checks = [
+        _check("no_nan_scores", nans == 0, "0 NaN scores", f"{nans} NaN scores"),
+        _check("scores_not_constant", spread > 1e-6, "score std > 1e-6", f"std {spread:.3g}"),
+    ]
     if len(p) and not nans:
         cut = np.quantile(p, 0.9)
         share = float(np.mean(p >= cut))
-        add(
-            "top_decile_distinct",
-            share <= TOP_DECILE_SHARE_LIMIT,
-            f"<= {TOP_DECILE_SHARE_LIMIT:.0%} of rows score at or above the top decile's "
-            "cut-off (ties must not swallow the riskiest decile)",
-            f"{share:.1%} at or above {cut:.4g}",
+        checks.append(
+            _check(
+                "top_decile_distinct",
+                share <= TOP_DECILE_SHARE_LIMIT,
+                f"<= {TOP_DECILE_SHARE_LIMIT:.0%} of rows score at or above the top decile's "
+                "cut-off (ties must not swallow the riskiest decile)",
+                f"{share:.1%} at or above {cut:.4g}",
+            )
         )
-    problems = schema_problems or []
-    add(
-        "feature_schema_compatible",
-        not problems,
-        "scoring data has every model feature, same types",
-        "; ".join(problems) or "compatible",
+    checks.append(
+        _check(
+            "feature_schema_compatible",
+            not problems,
+            "scoring data has every model feature, same types",
+            "; ".join(problems) or "compatible",
+        )
     )
+    return checks
+
+
+def _floor_checks(gates: Gates, challenger: dict[str, float]) -> list[dict[str, object]]:
+    """The challenger's ROC AUC and top-decile lift against their absolute floors."""
     auc = challenger.get("roc_auc", float("nan"))
-    add(
-        "auc_floor",
-        bool(auc >= gates.auc_floor),
-        f"ROC AUC >= {gates.auc_floor:g} (gates.auc_floor)",
-        beside(auc, gates.auc_floor, 4),
-    )
     lift_value = challenger.get("lift_top_decile", float("nan"))
-    add(
-        "lift_floor",
-        bool(lift_value >= gates.lift_floor),
-        f"top-decile lift >= {gates.lift_floor:g} (gates.lift_floor)",
-        beside(lift_value, gates.lift_floor, 2),
-    )
-    if champion is None or p_champion is None or not evidence:
-        return checks
-    gain = evidence["log_loss_gain"]
+    return [
+        _check(
+            "auc_floor",
+            bool(auc >= gates.auc_floor),
+            f"ROC AUC >= {gates.auc_floor:g} (gates.auc_floor)",
+            beside(auc, gates.auc_floor, 4),
+        ),
+        _check(
+            "lift_floor",
+            bool(lift_value >= gates.lift_floor),
+            f"top-decile lift >= {gates.lift_floor:g} (gates.lift_floor)",
+            beside(lift_value, gates.lift_floor, 2),
+        ),
+    ]
+
+
+def _better_than_champion(
+    gates: Gates, gain: dict[str, float], decayed: str | None, positives: int, dates: str
+) -> dict[str, object]:
+    """The challenger's log loss lower with the confidence the gates ask (the champion's,
+    when it has decayed)."""
     if decayed:
         need, key = gates.decayed_promote_confidence, "gates.decayed_promote_confidence"
         why = f"; the champion has decayed ({decayed}): it must be shown better to stay"
     else:
         need, key, why = gates.promote_confidence, "gates.promote_confidence", ""
-    add(
+    return _check(
         "better_than_champion",
         gain["confidence"] >= need,
         f"P(challenger's log loss is lower) >= {need:.1%} ({key}){why}",
@@ -359,37 +390,52 @@ def gate_checks(
         f"{gain['estimate']:+.5f} (95% CI {gain['low']:+.5f} .. {gain['high']:+.5f}) on "
         f"{positives} positives, {int(gain['entities'])} entities{dates}",
     )
-    auc_diff = evidence["roc_auc_diff"]
+
+
+def _auc_not_worse(gates: Gates, auc_diff: dict[str, float]) -> dict[str, object]:
     upper = auc_diff["estimate"] + Z95_ONE_SIDED * auc_diff["se"]
     margin = gates.noninferiority_margin
-    add(
+    return _check(
         "auc_not_worse",
         upper >= -margin,
         f"upper 95% bound of AUC(challenger) - AUC(champion) >= -{margin:g} "
         "(gates.noninferiority_margin)",
         f"{auc_diff['estimate']:+.4f}, upper bound {beside(upper, -margin, 4, signed=True)}",
     )
-    if gates.score_psi_limit is not None:
-        shift = psi(p_champion, p)
-        calibrated = challenger["brier"] < champion["brier"] and challenger["ece"] < champion["ece"]
-        found = f"PSI {beside(shift, gates.score_psi_limit)}"
-        if shift > gates.score_psi_limit:
-            found += (
-                f"; challenger better calibrated on the holdout (Brier {challenger['brier']:.5f} "
-                f"vs {champion['brier']:.5f}, ECE {challenger['ece']:.4f} vs "
-                f"{champion['ece']:.4f}): the shift is a fix"
-                if calibrated
-                else f"; not better calibrated on the holdout (Brier {challenger['brier']:.5f} "
-                f"vs {champion['brier']:.5f}, ECE {challenger['ece']:.4f} vs {champion['ece']:.4f})"
-            )
-        add(
+
+
+def _score_shift(
+    gates: Gates,
+    challenger: dict[str, float],
+    champion: dict[str, float],
+    p_champion: np.ndarray,
+    p: np.ndarray,
+) -> list[dict[str, object]]:
+    """The score distribution's shift from the champion's, accepted when the challenger
+    is better calibrated (none when ``gates.score_psi_limit`` is null)."""
+    if gates.score_psi_limit is None:
+        return []
+    shift = psi(p_champion, p)
+    calibrated = challenger["brier"] < champion["brier"] and challenger["ece"] < champion["ece"]
+    found = f"PSI {beside(shift, gates.score_psi_limit)}"
+    if shift > gates.score_psi_limit:
+        found += (
+            f"; challenger better calibrated on the holdout (Brier {challenger['brier']:.5f} "
+            f"vs {champion['brier']:.5f}, ECE {challenger['ece']:.4f} vs "
+            f"{champion['ece']:.4f}): the shift is a fix"
+            if calibrated
+            else f"; not better calibrated on the holdout (Brier {challenger['brier']:.5f} "
+            f"vs {champion['brier']:.5f}, ECE {challenger['ece']:.4f} vs {champion['ece']:.4f})"
+        )
+    return [
+        _check(
             "score_shift_vs_champion",
             shift <= gates.score_psi_limit or calibrated,
             f"score PSI vs the champion <= {gates.score_psi_limit:g} (gates.score_psi_limit), "
             "or better calibrated on the holdout",
             found,
         )
-    return checks
+    ]
 
 
 @dataclass(frozen=True)

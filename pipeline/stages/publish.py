@@ -18,7 +18,7 @@ The served table is partitioned by score date. A publish
    transaction is retried, so readers never queue behind a publish for long.
 
 Readers therefore see the old rows or the new rows for a date, never a mix, a partial
-set or two copies.
+set or two copies. The rows' COPY data and their deciles are ``pipeline.stages.binary_copy``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from psycopg2 import errors as pg_errors
 from psycopg2 import sql
@@ -47,6 +46,15 @@ from pipeline.conf.usecase import UseCase
 from pipeline.core import keys
 from pipeline.core.errors import PublishError, plain
 from pipeline.core.faults import fault_point
+from pipeline.stages.binary_copy import (
+    COPY_HEADER,
+    COPY_TRAILER,
+    copy_columns,
+    copy_rows,
+    decile_thresholds,
+    deciles_from_thresholds,
+    key_ordered,
+)
 from pipeline.stages.score import ScoredPart
 from pipeline.store import db, locks
 from pipeline.store.ledger import RunContext
@@ -82,6 +90,24 @@ class PublishResult:
         }
 
 
+@dataclass(frozen=True)
+class _Publication:
+    """What one attempt publishes: the use case's rows of ``run``, scored by
+    ``model_version``, ``rows`` of them (the population as of the date), staged in the table
+    ``stage`` (unique to the attempt) that becomes the partition ``target``."""
+
+    uc: UseCase
+    run: RunContext
+    model_version: str
+    rows: int
+    stage: str
+    target: str
+
+    @property
+    def score_date(self) -> date:
+        return self.run.score_date
+
+
 def risk_deciles(probabilities: np.ndarray, entity_keys: np.ndarray) -> np.ndarray:
     """Decile 1 = the 10% highest probabilities; ties broken by key so it is reproducible."""
     n = len(probabilities)
@@ -93,187 +119,6 @@ def risk_deciles(probabilities: np.ndarray, entity_keys: np.ndarray) -> np.ndarr
 
 def partition_name(uc: UseCase, score_date: date) -> str:
     return f"{uc.score_table}_p{score_date:%Y%m%d}"
-
-
-HISTOGRAM_BINS = 1 << 16
-
-
-def _part_batches(
-    parts: list[ScoredPart], columns: list[str], rows: int
-) -> Iterator[pa.RecordBatch]:
-    """Batches of the parts, read one row group at a time (memory bounded by a row group)."""
-    for part in parts:
-        pf = pq.ParquetFile(part.path)
-        for i in range(pf.num_row_groups):
-            yield from pf.read_row_group(i, columns=columns, use_threads=False).to_batches(
-                max_chunksize=rows
-            )
-
-
-def decile_thresholds(
-    uc: UseCase, parts: list[ScoredPart], batch_rows: int
-) -> list[tuple[float, Any]]:
-    """The (probability, key) of the first row of deciles 2..10, in bounded memory.
-
-    Rows are ranked by probability descending, then key ascending. Pass 1 counts rows per
-    histogram bin of the probability; pass 2 keeps only the rows falling in the few bins
-    that hold a decile boundary and sorts those. Memory is the batch plus those bins,
-    whatever the population.
-    """
-    pcol, key = uc.probability_column, uc.entity_key
-    counts = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
-    n = 0
-    for batch in _part_batches(parts, [pcol], batch_rows):
-        p = batch.column(0).to_numpy()
-        counts += np.bincount(_bins(p), minlength=HISTOGRAM_BINS)
-        n += len(p)
-    if n == 0:
-        return []
-    # descending order: rank range of bin b is [above[b], above[b] + counts[b])
-    above = np.cumsum(counts[::-1])[::-1] - counts
-    boundaries = [-(-j * n // 10) for j in range(1, 10)]  # ceil(j * n / 10)
-    wanted: dict[int, list[int]] = {}
-    for r in boundaries:
-        b = int(np.flatnonzero((above <= r) & (r < above + counts))[0])
-        wanted.setdefault(b, []).append(r)
-    keep_bins = np.array(sorted(wanted))
-    probs, kept = [], []
-    for batch in _part_batches(parts, [pcol, key], batch_rows):
-        p = batch.column(0).to_numpy()
-        mask = np.isin(_bins(p), keep_bins)
-        probs.append(p[mask])
-        kept.append(keys.to_numpy(batch.column(1))[mask])
-    bp, bk = np.concatenate(probs), np.concatenate(kept)
-    bb = _bins(bp)
-    out = []
-    for b in keep_bins:
-        sel = bb == b
-        order = np.lexsort((bk[sel], -bp[sel]))
-        for r in wanted[int(b)]:
-            i = order[r - int(above[b])]
-            out.append(
-                (float(bp[sel][i]), bk[sel][i].item() if bk.dtype.kind in "iu" else bk[sel][i])
-            )
-    return sorted(out, key=lambda t: (-t[0], t[1]))
-
-
-def _bins(p: np.ndarray) -> np.ndarray:
-    return np.minimum((np.asarray(p) * HISTOGRAM_BINS).astype(np.int64), HISTOGRAM_BINS - 1)
-
-
-def deciles_from_thresholds(
-    p: np.ndarray, entity_keys: np.ndarray, thresholds: list[tuple[float, Any]]
-) -> np.ndarray:
-    """Decile of each row: 1 + the number of boundaries it sorts at or after."""
-    d = np.ones(len(p), dtype=np.int16)
-    for tp, tk in thresholds:
-        d += ((p < tp) | ((p == tp) & (entity_keys >= tk))).astype(np.int16)
-    return d
-
-
-def _key_ordered(
-    parts: list[ScoredPart], columns: list[str], batch_rows: int
-) -> Iterator[pa.RecordBatch]:
-    """The rows of the parts (key first in ``columns``), merged into ascending key order.
-
-    Scoring writes each part in key order; merging them fills the staging heap in key order,
-    so building the primary key finds its input sorted. Any input order still yields every
-    row exactly once, only unsorted. Memory: one batch per part.
-    """
-    sources = [_part_batches([p], columns, batch_rows) for p in parts]
-    buffers: list[pa.RecordBatch | None] = [None] * len(parts)
-    exhausted = [False] * len(parts)
-    while True:
-        for i, source in enumerate(sources):
-            while not exhausted[i] and _empty(buffers[i]):
-                buffers[i] = next(source, None)
-                exhausted[i] = buffers[i] is None
-        live = [(i, b) for i, b in enumerate(buffers) if b is not None and b.num_rows]
-        if not live:
-            return
-        # every buffered row up to the smallest buffer maximum: at least one buffer drains
-        cutoff = min(pc.max(b.column(0)).as_py() for _, b in live)
-        taken = []
-        for i, b in live:
-            mask = pc.less_equal(b.column(0), cutoff)
-            taken.append(b.filter(mask))
-            buffers[i] = b.filter(pc.invert(mask))
-        merged = pa.Table.from_batches(taken).combine_chunks()
-        yield from merged.take(pc.sort_indices(merged.column(0))).to_batches()
-
-
-def _empty(batch: pa.RecordBatch | None) -> bool:
-    return batch is None or batch.num_rows == 0
-
-
-COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # signature, flags, header extension
-COPY_TRAILER = b"\xff\xff"
-
-
-def copy_columns(uc: UseCase) -> list[str]:
-    """The staged columns in the order :func:`copy_rows` encodes them (the key last)."""
-    return [
-        "score_date",
-        "model_version",
-        uc.probability_column,
-        "risk_decile",
-        "control_group",
-        uc.entity_key,
-    ]
-
-
-def copy_rows(
-    score_date: date,
-    model_version: str,
-    entity_keys: pa.Array,
-    probs: np.ndarray,
-    deciles: np.ndarray,
-    control: np.ndarray,
-) -> bytes:
-    """Rows in PostgreSQL's binary COPY format, columns as :func:`copy_columns` lists them.
-
-    Vectorized: the fixed-width fields of all rows are one numpy record array (big-endian,
-    each field after its length); a text key's bytes are appended to each record by Arrow.
-    ``entity_keys`` holds no nulls (the caller checks).
-    """
-    n = len(entity_keys)
-    version = model_version.encode()
-    text = not pa.types.is_integer(entity_keys.type)
-    fields = [
-        ("fields", ">i2"),
-        ("date_len", ">i4"),
-        ("date", ">i4"),
-        ("version_len", ">i4"),
-        ("version", f"S{len(version)}"),
-        ("prob_len", ">i4"),
-        ("prob", ">f8"),
-        ("decile_len", ">i4"),
-        ("decile", ">i2"),
-        ("control_len", ">i4"),
-        ("control", "u1"),
-        ("key_len", ">i4"),
-    ]
-    if not text:
-        fields.append(("key", ">i8"))
-    row = np.empty(n, dtype=np.dtype(fields))
-    row["fields"] = 6
-    row["date_len"], row["date"] = 4, (score_date - date(2000, 1, 1)).days
-    row["version_len"], row["version"] = len(version), version
-    row["prob_len"], row["prob"] = 8, probs
-    row["decile_len"], row["decile"] = 2, deciles
-    row["control_len"], row["control"] = 1, control
-    if not text:
-        row["key_len"], row["key"] = 8, keys.to_numpy(entity_keys)
-        return row.tobytes()
-    utf8 = entity_keys.cast(pa.binary())
-    row["key_len"] = pc.binary_length(utf8).to_numpy(zero_copy_only=False)
-    fixed = pa.FixedSizeBinaryArray.from_buffers(
-        pa.binary(row.itemsize), n, [None, pa.py_buffer(row)]
-    ).cast(pa.binary())
-    joined = pc.binary_join_element_wise(fixed, utf8, b"")
-    offsets = np.frombuffer(joined.buffers()[1], dtype=np.int32)
-    first, last = int(offsets[joined.offset]), int(offsets[joined.offset + n])
-    return joined.buffers()[2].to_pybytes()[first:last]
 
 
 class _CopyStream:
@@ -288,12 +133,7 @@ class _CopyStream:
     AHEAD = 2
 
     def __init__(
-        self,
-        uc: UseCase,
-        parts: list[ScoredPart],
-        thresholds: list[tuple[float, Any]],
-        score_date: date,
-        model_version: str,
+        self, pub: _Publication, parts: list[ScoredPart], thresholds: list[tuple[float, Any]]
     ) -> None:
         # psycopg2 turns an exception raised in read() into QueryCanceled: keep the original
         self.error: BaseException | None = None
@@ -302,7 +142,7 @@ class _CopyStream:
         self._done = False
         self._thread = threading.Thread(
             target=self._produce,
-            args=(self._encode(uc, parts, thresholds, score_date, model_version),),
+            args=(self._encode(pub, parts, thresholds),),
             name="copy-encode",
             daemon=True,
         )
@@ -328,15 +168,12 @@ class _CopyStream:
 
     @staticmethod
     def _encode(
-        uc: UseCase,
-        parts: list[ScoredPart],
-        thresholds: list[tuple[float, Any]],
-        score_date: date,
-        model_version: str,
+        pub: _Publication, parts: list[ScoredPart], thresholds: list[tuple[float, Any]]
     ) -> Iterator[bytes]:
+        uc, score_date = pub.uc, pub.score_date
         yield COPY_HEADER
         columns = [uc.entity_key, uc.probability_column]
-        for i, batch in enumerate(_key_ordered(parts, columns, uc.serving.batch_rows * 4)):
+        for i, batch in enumerate(key_ordered(parts, columns, uc.serving.batch_rows * 4)):
             key_column, prob_column = batch.column(0), batch.column(1)
             if key_column.null_count or prob_column.null_count:
                 raise PublishError(
@@ -348,7 +185,7 @@ class _CopyStream:
             probs = prob_column.to_numpy()
             yield copy_rows(
                 score_date,
-                model_version,
+                pub.model_version,
                 key_column,
                 probs,
                 deciles_from_thresholds(probs, entity_keys, thresholds),
@@ -393,32 +230,30 @@ def publish_scores(
             is published in that case and the previous rows stay served.
     """
     began = time.monotonic()
-    stage = f"{uc.score_table}_stage_{run.score_date:%Y%m%d}_{secrets.token_hex(4)}"
-    target = partition_name(uc, run.score_date)
+    pub = _Publication(
+        uc,
+        run,
+        model_version,
+        expected_rows,
+        stage=f"{uc.score_table}_stage_{run.score_date:%Y%m%d}_{secrets.token_hex(4)}",
+        target=partition_name(uc, run.score_date),
+    )
     drop_leftovers(settings, uc)
     # Marked live from before the staging table exists until it is attached or dropped.
-    with _staged(settings, stage) as conn:
+    with _staged(settings, pub.stage) as conn:
         copy_began = time.monotonic()
-        _stage(conn, uc, stage, parts, run.score_date, model_version, expected_rows)
+        _stage(conn, pub, parts)
         copy_seconds = time.monotonic() - copy_began
         fault_point("after_validation")
-        attempts = _swap(conn, uc, run, stage, target, expected_rows, model_version)
+        attempts = _swap(conn, pub)
     result = PublishResult(
-        run.score_date, expected_rows, time.monotonic() - began, copy_seconds, attempts, target
+        run.score_date, expected_rows, time.monotonic() - began, copy_seconds, attempts, pub.target
     )
     log.info("published %s %s: %s", uc.name, run.score_date, result.as_xcom())
     return result
 
 
-def _stage(
-    conn: Any,
-    uc: UseCase,
-    stage: str,
-    parts: list[ScoredPart],
-    score_date: date,
-    model_version: str,
-    expected_rows: int,
-) -> None:
+def _stage(conn: Any, pub: _Publication, parts: list[ScoredPart]) -> None:
     """Create, fill and validate the staging table in one transaction, committed only valid.
 
     The table is created in the transaction that COPYs into it, so the COPY can FREEZE its
@@ -427,12 +262,13 @@ def _stage(
     place before the COPY, which verifies each row as it arrives; the primary key is built
     after it, in one sorted pass over the heap.
     """
-    ident = sql.Identifier(SCHEMA, stage)
+    uc, score_date, model_version = pub.uc, pub.score_date, pub.model_version
+    ident = sql.Identifier(SCHEMA, pub.stage)
     thresholds = decile_thresholds(uc, parts, uc.serving.batch_rows * 4)
     with conn.cursor() as cur:
-        _create_like(cur, stage, uc.score_table)
-        _add_checks(cur, uc, stage, score_date, model_version)
-        rows_in = _CopyStream(uc, parts, thresholds, score_date, model_version)
+        _create_like(cur, pub.stage, uc.score_table)
+        _add_checks(cur, pub)
+        rows_in = _CopyStream(pub, parts, thresholds)
         try:
             cur.copy_expert(
                 sql.SQL("COPY {t} ({cols}) FROM STDIN WITH (FORMAT binary, FREEZE)")
@@ -454,10 +290,10 @@ def _stage(
         finally:
             rows_in.close()
         rows = cur.rowcount
-        if rows != expected_rows:
+        if rows != pub.rows:
             raise PublishError(
                 f"staged {SCHEMA}.{uc.score_table} for {score_date} has {rows} rows, expected "
-                f"{expected_rows} (the population as of that date); nothing was published"
+                f"{pub.rows} (the population as of that date); nothing was published"
             )
         for name, value in KEY_BUILD_SETTINGS:
             cur.execute("SELECT set_config(%s, %s, true)", (name, value))
@@ -484,11 +320,12 @@ def _create_like(cur: Any, table: str, template: str) -> None:
     )
 
 
-def _add_checks(cur: Any, uc: UseCase, stage: str, score_date: date, model_version: str) -> None:
+def _add_checks(cur: Any, pub: _Publication) -> None:
     """CHECKs on the empty staging table, so COPY verifies every row as it arrives.
 
     The partition-bound CHECK also lets ATTACH PARTITION skip its validation scan.
     """
+    stage = pub.stage
     cur.execute(
         sql.SQL(
             "ALTER TABLE {t} "
@@ -502,10 +339,10 @@ def _add_checks(cur: Any, uc: UseCase, stage: str, score_date: date, model_versi
             prob=sql.Identifier(f"{stage}_prob"),
             dec=sql.Identifier(f"{stage}_decile"),
             ver=sql.Identifier(f"{stage}_version"),
-            p=sql.Identifier(uc.probability_column),
-            lo=sql.Literal(score_date),
-            hi=sql.Literal(score_date + timedelta(days=1)),
-            v=sql.Literal(model_version),
+            p=sql.Identifier(pub.uc.probability_column),
+            lo=sql.Literal(pub.score_date),
+            hi=sql.Literal(pub.score_date + timedelta(days=1)),
+            v=sql.Literal(pub.model_version),
         )
     )
 
@@ -562,15 +399,11 @@ def _locked(conn: Any, uc: UseCase, what: str, body: Callable[[Any], None]) -> i
     )
 
 
-def _swap(
-    conn: Any,
-    uc: UseCase,
-    run: RunContext,
-    stage: str,
-    target: str,
-    rows: int,
-    model_version: str,
-) -> int:
+def _swap(conn: Any, pub: _Publication) -> int:
+    """Put the staged table in the place of the date's partition, record the publication
+    and mark the run published, in one transaction holding the publish lock (``_locked``).
+    Returns the attempt that committed."""
+    uc, run, stage, target, rows = pub.uc, pub.run, pub.stage, pub.target, pub.rows
     schema = sql.Identifier(SCHEMA)
     parent = sql.Identifier(SCHEMA, uc.score_table)
 
@@ -630,7 +463,7 @@ def _swap(
                 "uc": run.use_case,
                 "d": run.score_date,
                 "run": run.run_id,
-                "version": model_version,
+                "version": pub.model_version,
                 "rows": rows,
             },
         )

@@ -8,7 +8,7 @@ import psycopg2
 from psycopg2 import sql
 
 from pipeline.conf.config import Settings
-from pipeline.stages import sources
+from pipeline.stages import source_days
 from pipeline.store import db
 
 TYPES = {"k": "integer", "t": "text", "j": "json", "p": "point"}
@@ -65,9 +65,9 @@ def test_history_compares_content_only_between_fingerprints_made_the_same_way() 
     day = date(2025, 3, 1)
     earlier = {"usage_daily": {day: (100, "12345")}}  # an earlier version's fingerprint
     same_rows = {"usage_daily": {day: (100, "r999")}}
-    out = sources.rewritten_days(earlier, date(2025, 3, 5), same_rows, "wh", contract)
+    out = source_days.rewritten_days(earlier, date(2025, 3, 5), same_rows, "wh", contract)
     assert [r.passed for r in out] == [True]
     restated = {"usage_daily": {day: (100, "r1")}}
-    again = sources.rewritten_days(same_rows, date(2025, 3, 5), restated, "wh", contract)
+    again = source_days.rewritten_days(same_rows, date(2025, 3, 5), restated, "wh", contract)
     assert [r.passed for r in again] == [False]
     assert "content changed" in again[0].found

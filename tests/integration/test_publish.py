@@ -18,7 +18,7 @@ from pipeline.conf import usecase
 from pipeline.conf.config import Settings
 from pipeline.conf.urls import with_role
 from pipeline.run import nightly
-from pipeline.stages import publish
+from pipeline.stages import binary_copy, publish
 from pipeline.stages.score import ScoredPart
 from pipeline.store import db, ledger
 from tests.conftest import SCORE_DATE
@@ -324,8 +324,8 @@ def test_exact_deciles_in_bounded_memory_match_a_full_sort(tmp_path) -> None:
             row_group_size=7000,
         )
         parts.append(ScoredPart(i, path, len(sl)))
-    thresholds = publish.decile_thresholds(UC, parts, batch_rows=5000)
-    streamed = publish.deciles_from_thresholds(probs, keys, thresholds)
+    thresholds = binary_copy.decile_thresholds(UC, parts, batch_rows=5000)
+    streamed = binary_copy.deciles_from_thresholds(probs, keys, thresholds)
     assert (streamed == publish.risk_deciles(probs, keys)).all()
 
 
@@ -363,9 +363,9 @@ def test_binary_copy_rows_read_back_as_written(database_url: str, key_type: str)
     deciles = np.array([1, 5, 10], dtype=np.int16)
     control = np.array([True, False, True])
     payload = (
-        publish.COPY_HEADER
-        + publish.copy_rows(SCORE_DATE, "v-1", entity_keys, probs, deciles, control)
-        + publish.COPY_TRAILER
+        binary_copy.COPY_HEADER
+        + binary_copy.copy_rows(SCORE_DATE, "v-1", entity_keys, probs, deciles, control)
+        + binary_copy.COPY_TRAILER
     )
     conn = db.connect(database_url)
     try:
@@ -412,7 +412,7 @@ def test_parts_are_merged_into_key_order_every_row_once(tmp_path, in_key_order: 
     merged = np.concatenate(
         [
             b.column(0).to_numpy()
-            for b in publish._key_ordered(parts, ["customer_id", "churn_probability"], 1000)
+            for b in binary_copy.key_ordered(parts, ["customer_id", "churn_probability"], 1000)
         ]
     )
     assert sorted(merged.tolist()) == keys.tolist()

@@ -25,7 +25,7 @@ from psycopg2 import sql
 from pipeline.conf import contract as contracts
 from pipeline.conf.urls import with_database, with_role
 from pipeline.core.errors import ConfigError, SourceError
-from pipeline.stages import sources
+from pipeline.stages import source_days, sources
 from pipeline.stages.checks import CheckResult
 from pipeline.store import db
 
@@ -927,28 +927,30 @@ def test_rows_per_day_are_observed_and_rewritten_history_is_named() -> None:
     d = date(2024, 11, 1)
     before = {"events": {d + timedelta(days=i): (100, f"c{i}") for i in range(10)}}
     seen = d + timedelta(days=10)
-    same = sources.rewritten_days(before, seen, before, "wh", contract())
+    same = source_days.rewritten_days(before, seen, before, "wh", contract())
     assert [r.passed for r in same] == [True]
     late = {"events": dict(before["events"]) | {d + timedelta(days=3): (103, "x")}}
-    warned = sources.rewritten_days(before, seen, late, "wh", contract())[0]
+    warned = source_days.rewritten_days(before, seen, late, "wh", contract())[0]
     assert (warned.passed, warned.severity) == (False, "warn")
     assert f"{d + timedelta(days=3)}: 100 -> 103 rows" in warned.found
     rewritten = {"events": dict(before["events"]) | {d + timedelta(days=3): (150, "x")}}
-    failed = sources.rewritten_days(before, seen, rewritten, "wh", contract())[0]
+    failed = source_days.rewritten_days(before, seen, rewritten, "wh", contract())[0]
     assert (failed.passed, failed.severity) == (False, "fail")
     assert "max_rewritten_fraction" in failed.expected
     # the same rows with other values: restated in place, named, a warning
     restated = {"events": dict(before["events"]) | {d + timedelta(days=2): (100, "other")}}
-    found = sources.rewritten_days(before, seen, restated, "wh", contract())[0]
+    found = source_days.rewritten_days(before, seen, restated, "wh", contract())[0]
     assert (found.passed, found.severity) == (False, "warn")
     assert f"{d + timedelta(days=2)}: 100 rows, content changed" in found.found
     assert "1 restated in place" in found.found
     # days before the table's lookback are not compared; days the earlier run had not yet
     # seen are new facts, not rewrites
     since = {"events": d + timedelta(days=3)}
-    assert sources.rewritten_days(before, seen, restated, "wh", contract(), since=since)[0].passed
+    assert source_days.rewritten_days(before, seen, restated, "wh", contract(), since=since)[
+        0
+    ].passed
     newer = {"events": dict(before["events"]) | {d + timedelta(days=10): (999, "n")}}
-    assert sources.rewritten_days(before, seen, newer, "wh", contract())[0].passed
+    assert source_days.rewritten_days(before, seen, newer, "wh", contract())[0].passed
 
 
 def test_history_is_kept_as_far_back_as_each_table_is_read(url: str) -> None:

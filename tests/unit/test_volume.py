@@ -8,7 +8,7 @@ from datetime import date, timedelta
 import pytest
 
 from pipeline.conf.contract import VolumeDays, VolumeSpec
-from pipeline.stages.sources import daily_volume, window_volume
+from pipeline.stages.source_days import daily_volume, window_volume
 
 SHIPPED = VolumeSpec()
 OLD = VolumeSpec(
