@@ -21,7 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.conf.config import Settings
-from pipeline.conf.usecase import FeatureChecks, FeatureRule, UseCase
+from pipeline.conf.sections import FeatureChecks, FeatureRule
+from pipeline.conf.usecase import UseCase
 from pipeline.core.errors import GateFailed
 from pipeline.core.figures import beside, percent, within
 from pipeline.store import db
