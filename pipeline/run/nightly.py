@@ -374,8 +374,10 @@ def score_partition(
     snapshot: dict[str, Any],
     model_version: str,
     partition: int,
+    loaded: score.Loaded | None = None,
 ) -> dict[str, Any]:
-    """Score one hash partition of the population."""
+    """Score one hash partition of the population (``loaded``: the model already read and
+    its fast predictor built, by ``score_partitions`` for all of the process's partitions)."""
     with ledger.stage(settings, run, f"score_partition_{partition}") as info:
         fault_point("score_partition", partition)
         part = score.score_partition(
@@ -386,6 +388,7 @@ def score_partition(
             partition,
             uc.serving.partitions,
             run.run_id,
+            loaded,
         )
         info |= {"rows": part.rows} | part.predictor.as_info()
     return part.as_xcom()
@@ -399,15 +402,17 @@ def score_partitions(
     model_version: str,
 ) -> list[dict[str, Any]]:
     """Score every partition in this process (the CLI's night): as many at once as the CPU
-    allowance has cores (each takes its share of the OpenMP threads, as a mapped task does)."""
+    allowance has cores (each takes its share of the OpenMP threads, as a mapped task does),
+    all with the one model read and fast predictor built here."""
     n = uc.serving.partitions
     workers = max(1, min(n, train.cpu_allowance()))
+    loaded = score.load(settings, uc, model_version)
     with (
         progress.stage("score_partitions", total=n, unit="partitions") as shown,
         ThreadPoolExecutor(workers, thread_name_prefix="score") as pool,
     ):
         futures = [
-            pool.submit(score_partition, settings, uc, run, snapshot, model_version, p)
+            pool.submit(score_partition, settings, uc, run, snapshot, model_version, p, loaded)
             for p in range(n)
         ]
         parts = []

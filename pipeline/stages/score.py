@@ -110,6 +110,30 @@ def check_schema(
         )
 
 
+@dataclass(frozen=True)
+class Loaded:
+    """A model version ready to score: the fitted pipeline, its registry row and feature
+    columns, and its fast predictor (None, with why in ``built``, when scikit-learn serves).
+    Partitions scored in one process share it: the model is read and the fast predictor
+    built once, and each partition still checks the two agree on its own first rows."""
+
+    version: str
+    model: Any
+    mv: registry.ModelVersion
+    columns: list[str]
+    fast: forest.CompiledForest | None
+    built: Predictor
+
+
+def load(settings: Settings, uc: UseCase, model_version: str) -> Loaded:
+    """Read ``model_version`` from the registry (its sha256 verified) and build its fast
+    predictor, compiled code cached under the home's ``cache/numba``."""
+    model, mv = registry.load_model(settings, uc.name, model_version)
+    columns = [f["name"] for f in mv.feature_schema]
+    fast, built = fast_predictor(model, columns, model_version, settings.home / "cache" / "numba")
+    return Loaded(model_version, model, mv, columns, fast, built)
+
+
 def score_partition(
     settings: Settings,
     uc: UseCase,
@@ -118,11 +142,14 @@ def score_partition(
     partition: int,
     partitions: int,
     run_id: str,
+    loaded: Loaded | None = None,
 ) -> ScoredPart:
-    """Score the snapshot rows of one hash partition with ``model_version``."""
+    """Score the snapshot rows of one hash partition with ``model_version`` (``loaded``:
+    that version already read, when the process scores several partitions)."""
     features.verify(snapshot)
-    model, mv = registry.load_model(settings, uc.name, model_version)
-    columns = [f["name"] for f in mv.feature_schema]
+    if loaded is None or loaded.version != model_version:
+        loaded = load(settings, uc, model_version)
+    model, mv, columns = loaded.model, loaded.mv, loaded.columns
     source = pq.ParquetFile(snapshot.path)
     check_schema(source.schema_arrow, mv.feature_schema, model_version, snapshot.path)
     out_dir = settings.scores / uc.name / snapshot.as_of.isoformat() / _safe(run_id)
@@ -137,7 +164,7 @@ def score_partition(
         ]
     )
     rows = 0
-    fast, served = fast_predictor(model, columns, model_version, settings.home / "cache" / "numba")
+    fast, served = loaded.fast, loaded.built
     # partitions run side by side (mapped tasks, or the CLI's threads): each its share of cores
     share = min(partitions, train.cpu_allowance())
     with (

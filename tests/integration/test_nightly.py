@@ -100,6 +100,27 @@ def test_the_run_records_which_predictor_served_each_partition(
         assert stage["predictor"] == "forest" and stage["fallback"] is None
         assert stage["checked_rows"] > 0 and stage["max_abs_diff"] == 0
         assert stage["compile_seconds"] >= 0
+    # the in-process night read the model and built its predictor once for every partition
+    assert len({stages[f"score_partition_{p}"]["compile_seconds"] for p in range(2)}) == 1
+
+
+def test_a_partition_scored_with_the_shared_model_is_the_one_scored_alone(
+    isolated: Settings, first_night: dict, tmp_path: Path
+) -> None:
+    import pyarrow.parquet as pq
+
+    from pipeline.stages import features, score
+
+    sha256 = db.scalar(
+        isolated.database_url, "SELECT snapshot_sha256 FROM ml.runs WHERE run_id = 'test-night-1'"
+    )
+    snapshot = features.find_snapshot(isolated, UC, SCORE_DATE, sha256)
+    version = first_night["model_version"]
+    shared = score.load(isolated, UC, version)
+    alone = score.score_partition(isolated, UC, snapshot, version, 1, 2, "alone")
+    together = score.score_partition(isolated, UC, snapshot, version, 1, 2, "shared", shared)
+    assert alone.rows == together.rows > 0 and together.predictor.name == "forest"
+    assert pq.read_table(alone.path).equals(pq.read_table(together.path))
 
 
 def test_rerunning_a_date_replaces_its_rows_with_identical_ones(
