@@ -4,7 +4,10 @@ and under ``TYPE_CHECKING`` too:
 
 - a module imports from its own package or a lower one, never a higher one;
 - nothing imports ``pipeline.synthetic`` but itself (and the tests and benchmarks);
-- no import closes a cycle between modules.
+- no import closes a cycle between modules;
+- no module of ``pipeline/``, ``dags/`` or ``plugins/`` is over ``MODULE_LINES`` lines and
+  no function over ``FUNCTION_LINES``, but those ``SIZE_EXCEPTIONS`` names (the README's
+  "Layout" names them too, and why).
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ import pipeline
 
 REPO = Path(__file__).resolve().parents[2]
 SYNTHETIC = "synthetic"
+MODULE_LINES = 800
+FUNCTION_LINES = 120
+SIZE_EXCEPTIONS: frozenset[str] = frozenset()  # "path" or "path:function"
 
 
 @dataclass(frozen=True)
@@ -166,6 +172,41 @@ def outside_files() -> list[Path]:
 def test_the_package_keeps_its_layers_and_has_no_import_cycle() -> None:
     found = problems(REPO / "pipeline", pipeline.LAYERS, outside_files())
     assert not found, "the layering is broken:\n" + "\n".join(found)
+
+
+def oversized(paths: list[Path], root: Path = REPO) -> list[str]:
+    """Modules over ``MODULE_LINES`` lines and functions over ``FUNCTION_LINES``."""
+    found = []
+    for path in paths:
+        text = path.read_text()
+        name = path.relative_to(root).as_posix()
+        if len(text.splitlines()) > MODULE_LINES:
+            found.append(name)
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                assert node.end_lineno is not None
+                if node.end_lineno - node.lineno + 1 > FUNCTION_LINES:
+                    found.append(f"{name}:{node.name}")
+    return found
+
+
+def test_no_module_or_function_outgrows_a_reading() -> None:
+    paths = [*sorted((REPO / "pipeline").rglob("*.py")), *outside_files()]
+    found = set(oversized(paths))
+    assert found <= SIZE_EXCEPTIONS, (
+        f"over {MODULE_LINES} lines (a module) or {FUNCTION_LINES} (a function): "
+        f"{sorted(found - SIZE_EXCEPTIONS)}; split it by what it computes, or name it in "
+        "SIZE_EXCEPTIONS and in the README's Layout, with why"
+    )
+    assert found >= SIZE_EXCEPTIONS, f"no longer oversized: {sorted(SIZE_EXCEPTIONS - found)}"
+
+
+def test_the_size_check_finds_a_long_function(tmp_path: Path) -> None:
+    long = tmp_path / "long.py"
+    long.write_text("def f():\n" + "    x = 1\n" * FUNCTION_LINES)
+    short = tmp_path / "short.py"
+    short.write_text("def g():\n" + "    x = 1\n" * (FUNCTION_LINES - 1))
+    assert oversized([long, short], tmp_path) == ["long.py:f"]
 
 
 def test_every_layer_is_a_package_with_modules() -> None:
