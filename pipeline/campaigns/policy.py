@@ -28,7 +28,6 @@ until one is promoted, risk does.
 from __future__ import annotations
 
 import logging
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +124,7 @@ def load(settings: Settings, uc: UseCase, version: str) -> tuple[Model, dict[str
         "restore the original, or let the next matured campaign train another policy",
         "restore the artifact store, or let the next matured campaign train another policy",
     )
-    return pickle.loads(raw), row
+    return registry.unpickle(raw), row
 
 
 def promote(

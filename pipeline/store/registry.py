@@ -8,6 +8,7 @@ missing artifact is refused and nothing unverified is ever unpickled.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import pickle
@@ -267,6 +268,37 @@ def verified(path: Path, expected: str, what: str, fix: str, missing_fix: str) -
     return raw
 
 
+# Where each module of the package lived before it was laid out in layers: an artifact
+# pickled then (an uplift policy names its model's class, ``pipeline.uplift.EffectModel``)
+# still loads. Artifacts keep their bytes, so their sha256 and version stay what they were.
+FORMER_MODULES = {
+    f"pipeline.{name}": f"pipeline.{layer}.{name}"
+    for layer, names in {
+        "core": "errors faults figures files keys progress",
+        "conf": "config contract embedded usecase",
+        "store": "db ledger locks registry serving turns",
+        "stages": "checks evaluate features forest forest_kernel publish score sources train windows",
+        "campaigns": "campaign experiment monitor policy uplift",
+        "reports": "report_app report_site run_pages run_status",
+        "run": "alerts nightly",
+        "faces": "airflow_env cli preflight",
+        "synthetic": "demo populations warehouse",
+    }.items()
+    for name in names.split()
+}
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        return super().find_class(FORMER_MODULES.get(module, module), name)
+
+
+def unpickle(raw: bytes) -> Any:
+    """The object pickled in ``raw`` (a verified artifact), classes of the package's
+    former flat modules (``FORMER_MODULES``) found where they live now."""
+    return _Unpickler(io.BytesIO(raw)).load()
+
+
 def load_model(settings: Settings, use_case: str, version: str) -> tuple[Any, ModelVersion]:
     """Load a registered model after checking its artifact's sha256 against the registry.
 
@@ -282,7 +314,7 @@ def load_model(settings: Settings, use_case: str, version: str) -> tuple[Any, Mo
         "restore the original artifact or retrain",
         _RESTORE_STORE,
     )
-    return pickle.loads(raw), mv
+    return unpickle(raw), mv
 
 
 def rollback(

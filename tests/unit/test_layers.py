@@ -276,3 +276,21 @@ def test_a_layered_package_passes(tmp_path: Path) -> None:
         },
     )
     assert problems(root, ("low", "high", SYNTHETIC), []) == []
+
+
+def test_an_artifact_pickled_before_the_layers_still_loads() -> None:
+    """A policy registered before the layout names its model's class by its former module
+    (``pipeline.uplift``): it loads, found where the class lives now."""
+    import pickle
+
+    from pipeline.campaigns import uplift
+    from pipeline.store import registry
+
+    model = uplift.TwoModel("treated", "control", ("tenure_days",), ())  # type: ignore[arg-type]
+    raw = pickle.dumps(model, protocol=0)  # names its classes as text: "pipeline.campaigns.uplift"
+    former = raw.replace(b"pipeline.campaigns.uplift", b"pipeline.uplift")
+    assert former != raw
+    with pytest.raises(ModuleNotFoundError):
+        pickle.loads(former)
+    assert registry.unpickle(former) == model
+    assert set(registry.FORMER_MODULES.values()) <= set(modules(REPO / "pipeline"))
