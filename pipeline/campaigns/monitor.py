@@ -194,21 +194,13 @@ def matured_performance(settings: Settings, uc: UseCase, night: date) -> list[di
     """Realized performance of every night whose labels had matured by ``night`` (score
     date + horizon on or before it), oldest first: what a report of ``night`` may show, a
     backfilled or rewritten one included."""
-    conn = db.connect(settings.database_url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(
-                "SELECT score_date, model_version, roc_auc, holdout_auc, decile_rates "
-                "FROM monitoring.realized_performance WHERE use_case = %s "
-                "AND score_date + %s <= %s ORDER BY score_date, model_version",
-                (uc.name, uc.label.horizon_days, night),
-            )
-            names = [d[0] for d in cur.description]
-            found = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
-        conn.commit()
-    finally:
-        conn.close()
-    return found
+    return db.records(
+        settings.database_url,
+        "SELECT score_date, model_version, roc_auc, holdout_auc, decile_rates "
+        "FROM monitoring.realized_performance WHERE use_case = %s "
+        "AND score_date + %s <= %s ORDER BY score_date, model_version",
+        (uc.name, uc.label.horizon_days, night),
+    )
 
 
 def champion_decay(settings: Settings, uc: UseCase, version: str, as_of: date) -> str | None:

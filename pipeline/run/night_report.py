@@ -60,14 +60,9 @@ class _Recorded:
     uplift: list[dict[str, Any]]
 
 
-def _rows(cur: Any) -> list[dict[str, Any]]:
-    names = [d[0] for d in cur.description]
-    return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
-
-
 def _first(cur: Any, query: str, params: tuple[Any, ...]) -> dict[str, Any] | None:
     cur.execute(query, params)
-    return next(iter(_rows(cur)), None)
+    return next(iter(db.dict_rows(cur)), None)
 
 
 def _recorded(settings: Settings, uc: UseCase, run: RunContext) -> _Recorded:
@@ -115,7 +110,7 @@ def _recorded(settings: Settings, uc: UseCase, run: RunContext) -> _Recorded:
                 "WHERE use_case = %s AND score_date = %s ORDER BY recorded_at DESC",
                 (uc.name, run.score_date),
             )
-            shadow = _rows(cur)
+            shadow = db.dict_rows(cur)
             cur.execute(
                 "SELECT feature, psi, within_limit FROM monitoring.drift WHERE run_id = %s",
                 (run.run_id,),
@@ -126,7 +121,7 @@ def _recorded(settings: Settings, uc: UseCase, run: RunContext) -> _Recorded:
                 "WHERE run_id = %s",
                 (run.run_id,),
             )
-            found_checks = _rows(cur)
+            found_checks = db.dict_rows(cur)
             # matured by this night: a backfilled or rewritten report shows no later campaign
             cur.execute(
                 "SELECT campaign, score_date, contacted, contacted_positives, control, control_positives, "
@@ -135,7 +130,7 @@ def _recorded(settings: Settings, uc: UseCase, run: RunContext) -> _Recorded:
                 "ORDER BY score_date DESC, campaign DESC LIMIT %s",
                 (uc.name, uc.label.horizon_days, run.score_date, REPORT_CAMPAIGNS),
             )
-            uplift = _rows(cur)
+            uplift = db.dict_rows(cur)
         conn.commit()
     finally:
         conn.close()

@@ -257,10 +257,15 @@ def records(url: str, query: str, params: tuple[Any, ...] = ()) -> list[dict[str
     try:
         with conn.cursor() as cur:
             cur.execute(query, params)
-            names = [d[0] for d in cur.description]
-            return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+            return dict_rows(cur)
     finally:
         conn.close()
+
+
+def dict_rows(cur: Any) -> list[dict[str, Any]]:
+    """The rest of the rows of ``cur``'s last query, as dicts by column name."""
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
 
 def to_date(value: date | str) -> date:

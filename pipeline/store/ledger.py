@@ -300,26 +300,20 @@ def db_exec(settings: Settings, query: str, params: tuple[Any, ...]) -> None:
 
 def runs(settings: Settings, use_case: str, since: date | None = None) -> list[dict[str, Any]]:
     """Ledger rows, oldest first, as dicts (for summaries and reports)."""
-    conn = db.connect(settings.database_url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(
-                """
-                SELECT r.score_date, r.run_id, r.status, r.model_version, r.rows_published,
-                       r.stages, r.snapshot_sha256, r.code_version, r.error,
-                       (m.metrics ->> 'roc_auc')::float8 AS model_auc
-                FROM ml.runs r
-                LEFT JOIN ml.model_versions m
-                       ON m.use_case = r.use_case AND m.version = r.model_version
-                WHERE r.use_case = %s AND (%s::date IS NULL OR r.score_date >= %s::date)
-                ORDER BY r.score_date, r.started_at
-                """,
-                (use_case, since, since),
-            )
-            names = [d[0] for d in cur.description]
-            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
-    finally:
-        conn.close()
+    return db.records(
+        settings.database_url,
+        """
+        SELECT r.score_date, r.run_id, r.status, r.model_version, r.rows_published,
+               r.stages, r.snapshot_sha256, r.code_version, r.error,
+               (m.metrics ->> 'roc_auc')::float8 AS model_auc
+        FROM ml.runs r
+        LEFT JOIN ml.model_versions m
+               ON m.use_case = r.use_case AND m.version = r.model_version
+        WHERE r.use_case = %s AND (%s::date IS NULL OR r.score_date >= %s::date)
+        ORDER BY r.score_date, r.started_at
+        """,
+        (use_case, since, since),
+    )
 
 
 # The stages a night records, in the order it runs them (score_partition_<n>: one per partition).
