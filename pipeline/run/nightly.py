@@ -29,6 +29,7 @@ from pipeline.stages import (
     publish,
     score,
     source_days,
+    source_scans,
     sources,
     train,
     windows,
@@ -91,6 +92,7 @@ def check_sources(settings: Settings, uc: UseCase, run: RunContext) -> dict[str,
     with ledger.stage(settings, run, "check_sources") as info:
         spec = contract.load_contract(uc.contract)
         lookback = source_lookback(uc, spec)
+        earlier, before, kept = source_scans.previous(settings, run)
         seen = sources.observe(
             settings.warehouse_url,
             settings.warehouse_schema,
@@ -100,8 +102,8 @@ def check_sources(settings: Settings, uc: UseCase, run: RunContext) -> dict[str,
             uc.entity_key,
             history_days=lookback,
             session=uc.warehouse.settings,
+            kept=kept,
         )
-        earlier, before = checks.previous_source_days(settings, run)
         results = seen.results
         if earlier is not None:
             results += source_days.rewritten_days(
@@ -112,7 +114,10 @@ def check_sources(settings: Settings, uc: UseCase, run: RunContext) -> dict[str,
                 spec,
                 since={t: run.score_date - timedelta(days=n) for t, n in lookback.items()},
             )
-        checks.store_source_days(settings, run, seen.days)
+        source_scans.store(settings, run, seen.days, seen.kept)
+        # per dated table, the first day its scan read: the run date of the night before
+        # when the earlier days were proved unchanged (``source_scans``), else its lookback
+        info["read_from"] = {t: str(k.read_from) for t, k in seen.kept.items()}
         info |= checks.record_and_gate(settings, run, results, "source")
     return info
 
@@ -229,7 +234,7 @@ def _seen(settings: Settings, uc: UseCase, run: RunContext) -> windows.Seen:
     lookback = source_lookback(uc, contract.load_contract(uc.contract))
     return {
         table: (run.score_date - timedelta(days=lookback[table]), days)
-        for table, days in checks.source_days(settings, run).items()
+        for table, days in source_scans.run_days(settings, run).items()
         if table in lookback
     }
 

@@ -11,7 +11,6 @@ Checks of severity ``warn`` are recorded and the run goes on.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import date
 from typing import Any
@@ -429,94 +428,6 @@ def score_histogram(settings: Settings, uc: UseCase, day: date) -> np.ndarray:
 
 
 # -- storage and the gate ----------------------------------------------------------------
-
-
-def previous_source_days(
-    settings: Settings, run: RunContext
-) -> tuple[date | None, dict[str, dict[date, tuple[int, str | None]]]]:
-    """What the newest earlier run (score date before this run's) saw of each dated source
-    table, per day: rows and a fingerprint of their content (None where not kept)."""
-    conn = db.connect(settings.database_url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(
-                "SELECT score_date, run_id FROM monitoring.source_days "
-                "WHERE use_case = %s AND score_date < %s "
-                "ORDER BY score_date DESC, run_id DESC LIMIT 1",
-                (run.use_case, run.score_date),
-            )
-            found = cur.fetchone()
-            if found is None:
-                conn.commit()
-                return None, {}
-            days = _run_days(cur, run.use_case, found[1])
-        conn.commit()
-    finally:
-        conn.close()
-    return found[0], days
-
-
-def source_days(settings: Settings, run: RunContext) -> dict[str, dict[date, tuple[int, str]]]:
-    """What this run's source checks saw of each dated source table, per day: rows and a
-    fingerprint of their content (days without one left out)."""
-    conn = db.connect(settings.database_url)
-    try:
-        with conn.cursor() as cur:
-            days = _run_days(cur, run.use_case, run.run_id)
-        conn.commit()
-    finally:
-        conn.close()
-    return {
-        source: {d: (n, c) for d, (n, c) in seen.items() if c is not None}
-        for source, seen in days.items()
-    }
-
-
-def _run_days(
-    cur: Any, use_case: str, run_id: str
-) -> dict[str, dict[date, tuple[int, str | None]]]:
-    """The rows and content per day of each source table that run ``run_id`` kept."""
-    cur.execute(
-        "SELECT source, day, rows, content FROM monitoring.source_days "
-        "WHERE use_case = %s AND run_id = %s",
-        (use_case, run_id),
-    )
-    days: dict[str, dict[date, tuple[int, str | None]]] = {}
-    for source, day, rows, content in cur.fetchall():
-        days.setdefault(source, {})[day] = (int(rows), content)
-    return days
-
-
-def store_source_days(
-    settings: Settings,
-    run: RunContext,
-    days: Mapping[str, Mapping[date, tuple[int, str | None]]],
-) -> None:
-    """Remember what this run saw of each dated source table, per day: rows and content."""
-    from psycopg2.extras import execute_values
-
-    rows = [
-        (run.use_case, run.score_date, run.run_id, source, day, n, content)
-        for source, seen in days.items()
-        for day, (n, content) in seen.items()
-    ]
-    conn = db.connect(settings.database_url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(
-                "DELETE FROM monitoring.source_days WHERE use_case = %s AND run_id = %s",
-                (run.use_case, run.run_id),
-            )
-            execute_values(
-                cur,
-                "INSERT INTO monitoring.source_days (use_case, score_date, run_id, source, day, "
-                "rows, content) VALUES %s",
-                rows,
-                page_size=1000,
-            )
-        conn.commit()
-    finally:
-        conn.close()
 
 
 def record_and_gate(

@@ -29,7 +29,7 @@ import logging
 import queue
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import date
 from typing import Any
 
@@ -55,6 +55,7 @@ from pipeline.stages.source_queries import (
     run_query,
     settle,
 )
+from pipeline.stages.source_scans import Kept, read_counters
 from pipeline.stages.table_checks import Scope, TableChecks
 from pipeline.store import db
 
@@ -96,6 +97,7 @@ class Observation:
 
     results: list[CheckResult]
     days: dict[str, dict[date, tuple[int, str]]]
+    kept: dict[str, Kept] = field(default_factory=dict)  # for the next night (``source_scans``)
 
 
 def check_sources(
@@ -122,6 +124,7 @@ def observe(
     entity_key: str | None = None,
     history_days: Mapping[str, int] | None = None,
     session: Mapping[str, str] | None = None,
+    kept: Mapping[str, Kept] | None = None,
 ) -> Observation:
     """Check every table of ``contract`` in ``schema`` before featurizing day ``as_of``.
 
@@ -146,6 +149,10 @@ def observe(
     All checks read one consistent, read-only snapshot, each connection with the PostgreSQL
     settings ``session`` (the use case's ``warehouse.session``).
 
+    ``kept`` is what an earlier night's scans found per dated table (``Observation.kept``):
+    a table whose change counters show no earlier day changed since is read from that
+    night's run date on (``pipeline.stages.source_scans``).
+
     Returns:
         One ``CheckResult`` per check (stage ``sources``); a check whose query PostgreSQL
         rejected is a failed result whose ``found`` starts with "the check's query failed".
@@ -158,6 +165,7 @@ def observe(
     zone = contract.timezone or timezone
     conn = db.connect(url)
     try:
+        counters = read_counters(conn, schema, dated_tables(contract))
         with conn.cursor() as cur:
             today = begin(conn, cur, zone, session)
             exported = _export(conn, cur)
@@ -169,6 +177,10 @@ def observe(
             }
             scope = Scope(schema, contract, as_of, today, zone, entity_key)
             tables = _tables(scope, found, shapes, history_days or {}, db.hashes_records(conn))
+            for name, table in tables.items():
+                tables[name] = replace(
+                    table, counters=counters.get(name), kept=(kept or {}).get(name)
+                )
             relations = [r for r in contract.relations if {r.table, r.join} <= tables.keys()]
             snapshot = _Snapshot(url, schema, exported, session)
             outcome = _measure_all(conn, cur, snapshot, [*tables.values(), *relations])
@@ -226,6 +238,7 @@ def _observation(
     measured = dict(zip(tables, outcome, strict=False))
     results: list[CheckResult] = []
     days: dict[str, dict[date, tuple[int, str]]] = {}
+    kept: dict[str, Kept] = {}
     for name in contract.tables:
         results += shapes[name]
         table = tables.get(name)
@@ -234,8 +247,10 @@ def _observation(
         results += table.results(measured[name])
         if table.axis is not None and not isinstance(measured[name].get("days"), Failure):
             days[name] = dict(measured[name]["days"])
+        if "kept" in measured[name]:
+            kept[name] = measured[name]["kept"]
     results += outcome[len(tables) :]
-    return Observation(results, days)
+    return Observation(results, days, kept)
 
 
 CHECK_CONNECTIONS = 2  # the source checks' queries run over this many connections at once

@@ -11,6 +11,7 @@ so that the failure is pinned on the check and column that caused it.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import statistics
 from collections.abc import Callable, Mapping
@@ -26,6 +27,7 @@ from pipeline.core.figures import percent
 from pipeline.stages.checks import CheckResult
 from pipeline.stages.source_days import daily_volume, volume_expected, window_volume
 from pipeline.stages.source_queries import Axis, Failure, QueryFailed, judge, run_query
+from pipeline.stages.source_scans import Counters, Kept, accounts_for, usable_from
 from pipeline.store import db
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,8 @@ class TableChecks:
     history_days: int = 0  # days before as_of whose rows and content are kept as evidence
     column_types: Mapping[str, str] = field(default_factory=dict)  # information_schema's
     record_hash: bool = True  # fingerprints by hash_record_extended (PostgreSQL 14+)
+    counters: Counters | None = None  # the table's change counters, read before the snapshot
+    kept: Kept | None = None  # what an earlier night's scan of its days found
 
     @property
     def content(self) -> sql.Composable:
@@ -362,7 +366,11 @@ class TableChecks:
         out: dict[str, Any] = {}
         for keys, query, read in self.fast_queries():
             try:
-                measured = read(run_query(conn, cur, query, params))
+                if "days" in keys:  # the grouped scan of the days, read where they changed
+                    rows, out["kept"] = self._scan_days(conn, cur, query, params)
+                else:
+                    rows = run_query(conn, cur, query, params)
+                measured = read(rows)
                 out |= {k: measured[k] for k in keys}
             except QueryFailed as exc:
                 if exc.timed_out:
@@ -374,6 +382,52 @@ class TableChecks:
         if out.get("latest") is _LOOK_UP:
             out["latest"] = self.measure_one(conn, cur, "latest", params)
         return out
+
+    def _scan_days(
+        self, conn: Any, cur: Any, query: sql.Composable, params: Mapping[str, Any]
+    ) -> tuple[list[Any], Kept]:
+        """The grouped rows per day from ``scan_start`` on, and what to keep of them.
+
+        When the earlier night's scan (``kept``) and the change counters show that no day
+        before its run date can have changed (``source_scans``), only the days from there on
+        are read and the earlier ones are taken from ``kept``; the whole range is read when
+        the rows inserted since are not all among the days read.
+        """
+        shape = hashlib.md5(query.as_string(conn).encode()).hexdigest()
+        first: date = params["scan_start"]
+        start = usable_from(self.kept, self.counters, shape, first, self.scope.as_of)
+        rows, read_from = None, first
+        if start is not None:
+            assert self.kept is not None and self.counters is not None
+            scanned = run_query(conn, cur, query, {**params, "scan_start": start})
+            if accounts_for(self.kept, self.counters, sum(int(r[1]) for r in scanned)):
+                earlier = [
+                    (d, n, content, *tallies)
+                    for d, (n, content, tallies) in sorted(self.kept.days.items())
+                    if first <= d < start
+                ]
+                rows, read_from = [*earlier, *scanned], start
+            else:
+                log.info(
+                    "%s: rows were added before %s since the night of %s; every day from %s read",
+                    self.target,
+                    start,
+                    start,
+                    first,
+                )
+        if rows is None:
+            rows = run_query(conn, cur, query, params)
+        as_of = self.scope.as_of
+        kept = Kept(
+            as_of,
+            first,
+            shape,
+            self.counters,
+            sum(int(n) for day, n, *_ in rows if day >= as_of),
+            {d: (int(n), str(c), tuple(int(x) for x in t)) for d, n, c, *t in rows if d < as_of},
+            read_from,
+        )
+        return rows, kept
 
     def measure_one(self, conn: Any, cur: Any, key: str, params: Mapping[str, Any]) -> Any:
         """One check's measurement by its own query, or a ``Failure`` when that failed."""

@@ -43,3 +43,29 @@ CREATE INDEX IF NOT EXISTS source_days_by_date ON monitoring.source_days (use_ca
 -- A fingerprint of each day's content (db.fingerprint of the contract's columns): a day
 -- restated in place, with the same row count, no longer matches.
 ALTER TABLE monitoring.source_days ADD COLUMN IF NOT EXISTS content text;
+
+-- Per day, what the source checks' grouped scan counted besides rows and content: non-null
+-- values per declared column, then rows breaking each value rule, then NaN and infinite
+-- values per floating column (pipeline.stages.source_scans): a later night reads only the
+-- days that may have changed and takes the others from here.
+ALTER TABLE monitoring.source_days ADD COLUMN IF NOT EXISTS tallies bigint[];
+
+-- Per dated source table, what a run's scan keeps for the next night: the first day it
+-- covers, the query it ran (shape), the rows it saw dated on or after its run date, and the
+-- table's change counters and file read before its snapshot (NULL: none to trust).
+CREATE TABLE IF NOT EXISTS monitoring.source_scans (
+    use_case     text    NOT NULL,
+    score_date   date    NOT NULL,
+    run_id       text    NOT NULL,
+    source       text    NOT NULL,
+    first_day    date    NOT NULL,
+    shape        text    NOT NULL,
+    beyond       bigint  NOT NULL,
+    relid        bigint,
+    filenode     bigint,
+    inserted     bigint,
+    updated      bigint,
+    deleted      bigint,
+    stats_epoch  text,
+    PRIMARY KEY (use_case, run_id, source)
+);

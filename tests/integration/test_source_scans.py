@@ -1,0 +1,122 @@
+"""The source checks read only the days that may have changed, against a real PostgreSQL.
+
+Night 1 checks a warehouse whose newest day has not landed; the day lands; night 2 checks
+it again with what night 1 kept. Whatever happened in between, night 2 must find exactly
+what a night reading every day finds (results and evidence per day); ``read_from`` shows
+which days it read: from night 1's run date when PostgreSQL's change counters prove the
+earlier days unchanged, else the whole lookback.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from pipeline.stages import source_scans, sources
+from pipeline.stages.source_scans import Kept
+from pipeline.store import db
+from tests.integration.test_sources import (
+    AS_OF,
+    CONTRACT,
+    DAY_OF,
+    LAST,
+    broken,
+    contract,
+    execute,
+    url,
+)
+
+__all__ = ["url"]  # the module's database, shared with test_sources
+
+NIGHT1 = LAST  # night 1 runs before the last day has landed
+TABLES = list(DAY_OF)
+
+
+def night(url: str, schema: str, as_of: Any, kept: dict[str, Kept] | None = None, **changes: Any):
+    return sources.observe(
+        url, schema, contract(**changes), as_of, history_days={t: 45 for t in TABLES}, kept=kept
+    )
+
+
+def settled(url: str, schema: str, kept: dict[str, Kept]) -> None:
+    """Wait until the statistics show the writes since ``kept`` (a writer's counters reach
+    the shared statistics shortly after its commit)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        conn = db.connect(url)
+        try:
+            now = source_scans.read_counters(conn, schema, TABLES)
+        finally:
+            conn.close()
+        if all(now.get(t) != kept[t].counters for t in TABLES):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the change counters of {schema} did not move in 30 s")
+
+
+def two_nights(url: str, *between: str, **changes: Any) -> tuple[Any, Any]:
+    """Night 2 observed with what night 1 kept, and a night that reads every day, after
+    the last day lands and ``between`` runs (``{s}``: the schema)."""
+    held = [
+        f"CREATE TABLE {{s}}.held_{t} AS SELECT * FROM {{s}}.{t} WHERE {DAY_OF[t]} = '{LAST}'"
+        for t in TABLES
+    ]
+    held += [f"DELETE FROM {{s}}.{t} WHERE {DAY_OF[t]} = '{LAST}'" for t in TABLES]
+    schema = broken(url, *held)
+    first = night(url, schema, NIGHT1)
+    assert set(first.kept) == set(TABLES)
+    lands = [f"INSERT INTO {{s}}.{t} SELECT * FROM {{s}}.held_{t}" for t in TABLES]
+    execute(url, ";\n".join(s.format(s=schema) for s in lands))
+    for statement in between:
+        execute(url, statement.format(s=schema))
+    settled(url, schema, first.kept)
+    second = night(url, schema, AS_OF, first.kept, **changes)
+    full = night(url, schema, AS_OF, **changes)
+    assert [r.describe() for r in second.results] == [r.describe() for r in full.results]
+    assert second.days == full.days
+    for t in TABLES:
+        assert second.kept[t].days == full.kept[t].days
+        assert second.kept[t].beyond == full.kept[t].beyond
+    return second, full
+
+
+def test_a_night_after_a_clean_load_reads_only_the_new_days(url: str) -> None:
+    second, full = two_nights(url)
+    for t in TABLES:
+        assert second.kept[t].read_from == NIGHT1
+        assert full.kept[t].read_from == AS_OF - timedelta(days=58)  # 30 days + 28 trailing
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        # restated in place: the same rows, other values
+        "UPDATE {s}.usage_daily SET minutes = minutes + 1 WHERE usage_date = '2024-10-30'",
+        # a late row on an old day (inserted: only the proof can see where it went)
+        "INSERT INTO {s}.usage_daily SELECT * FROM {s}.usage_daily "
+        "WHERE usage_date = '2024-10-30' LIMIT 1",
+        "DELETE FROM {s}.usage_daily WHERE usage_date = '2024-10-30' AND customer_id = 3",
+        # reloaded whole: a new file, the same rows
+        "CREATE TABLE {s}.copied AS TABLE {s}.usage_daily; TRUNCATE {s}.usage_daily; "
+        "INSERT INTO {s}.usage_daily SELECT * FROM {s}.copied",
+        # rolled back: PostgreSQL counts attempted changes, so the proof fails safe
+        "BEGIN; UPDATE {s}.usage_daily SET minutes = 0 WHERE usage_date = '2024-10-30'; ROLLBACK",
+    ],
+    ids=["restated", "late_row", "deleted", "reloaded", "rolled_back"],
+)
+def test_a_night_after_past_days_changed_reads_every_day(url: str, change: str) -> None:
+    second, full = two_nights(url, change)
+    assert second.kept["usage_daily"].read_from == full.kept["usage_daily"].read_from
+    assert second.kept["usage_daily"].read_from < NIGHT1
+    assert second.kept["events"].read_from == NIGHT1  # the other tables: only the new days
+
+
+def test_a_changed_contract_reads_every_day(url: str) -> None:
+    tables = copy.deepcopy(CONTRACT["tables"])
+    tables["usage_daily"]["rules"] = [*tables["usage_daily"]["rules"], "minutes < 1000"]
+    second, full = two_nights(url, tables=tables)
+    assert second.kept["usage_daily"].read_from == full.kept["usage_daily"].read_from < NIGHT1
