@@ -8,8 +8,9 @@ last day of data, with the lookback the nightly stage passes) run each query of
 ``observe`` alone, best of ``--repeat``, then ``observe`` whole (two connections, as the
 stage runs it). The grouped scan of the usage table is split into what each part of it
 costs: rows per day only, and with the content fingerprint ``history_unchanged`` compares
-night to night (which it must read for every day of the lookback, every night: a day
-restated in place shows only in its content).
+night to night (a day restated in place shows only in its content). These are the costs
+of a night that reads every day; a night after one that kept its scans reads only the
+days that may have changed (``pipeline.stages.source_scans``).
 """
 
 from __future__ import annotations

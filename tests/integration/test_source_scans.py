@@ -16,9 +16,13 @@ from typing import Any
 
 import pytest
 
+from pipeline.conf import usecase
+from pipeline.conf.config import Settings
+from pipeline.run import nightly
 from pipeline.stages import source_scans, sources
 from pipeline.stages.source_scans import Kept
-from pipeline.store import db
+from pipeline.store import db, ledger
+from tests.conftest import SCORE_DATE
 from tests.integration.test_sources import (
     AS_OF,
     CONTRACT,
@@ -42,17 +46,17 @@ def night(url: str, schema: str, as_of: Any, kept: dict[str, Kept] | None = None
     )
 
 
-def settled(url: str, schema: str, kept: dict[str, Kept]) -> None:
+def settled(url: str, schema: str, kept: dict[str, Kept], tables: list[str] = TABLES) -> None:
     """Wait until the statistics show the writes since ``kept`` (a writer's counters reach
     the shared statistics shortly after its commit)."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         conn = db.connect(url)
         try:
-            now = source_scans.read_counters(conn, schema, TABLES)
+            now = source_scans.read_counters(conn, schema, tables)
         finally:
             conn.close()
-        if all(now.get(t) != kept[t].counters for t in TABLES):
+        if all(now.get(t) != kept[t].counters for t in tables):
             return
         time.sleep(0.2)
     raise AssertionError(f"the change counters of {schema} did not move in 30 s")
@@ -120,3 +124,57 @@ def test_a_changed_contract_reads_every_day(url: str) -> None:
     tables["usage_daily"]["rules"] = [*tables["usage_daily"]["rules"], "minutes < 1000"]
     second, full = two_nights(url, tables=tables)
     assert second.kept["usage_daily"].read_from == full.kept["usage_daily"].read_from < NIGHT1
+
+
+def test_the_night_keeps_its_scans_and_the_next_reads_from_its_date(isolated: Settings) -> None:
+    """Through the nightly stage: what a night keeps (tallies, counters, the rows beyond
+    its date) comes back whole from the serving database, and the next night reads every
+    dated table from the earlier night's date; after a restatement, every day, and the
+    restated day is named."""
+    uc = usecase.load("churn")
+    days = [SCORE_DATE - timedelta(days=2), SCORE_DATE - timedelta(days=1)]
+    runs = [ledger.RunContext("churn", d, f"scans-{i}") for i, d in enumerate(days)]
+    ledger.start(isolated, runs[0])
+    first = nightly.check_sources(isolated, uc, runs[0])
+    ledger.start(isolated, runs[1])
+    _, _, kept = source_scans.previous(isolated, runs[1])
+    dated = set(kept)
+    assert dated == {
+        "customers",
+        "subscriptions",
+        "usage_daily",
+        "invoices",
+        "payments",
+        "tickets",
+        "cancellations",
+    }
+    assert all(k.as_of == days[0] and k.counters is not None for k in kept.values())
+    assert all(set(k.days) == set(first_days(isolated, runs[0])[t]) for t, k in kept.items())
+    second = nightly.check_sources(isolated, uc, runs[1])
+    assert second["read_from"] == {t: str(days[0]) for t in dated}
+    assert first["read_from"]["usage_daily"] < str(days[0])
+
+    restated = days[0] - timedelta(days=20)
+    db.scalar(
+        isolated.warehouse_url,
+        "UPDATE warehouse.usage_daily SET minutes = minutes + 1 WHERE usage_date = %s "
+        "AND customer_id %% 7 = 0; SELECT 1",
+        (restated,),
+    )
+    _, _, kept = source_scans.previous(isolated, ledger.RunContext("churn", SCORE_DATE, "x"))
+    settled(isolated.warehouse_url, "warehouse", kept, ["usage_daily"])
+    third_run = ledger.RunContext("churn", SCORE_DATE, "scans-2")
+    ledger.start(isolated, third_run)
+    third = nightly.check_sources(isolated, uc, third_run)
+    assert third["read_from"]["usage_daily"] < str(days[1])
+    assert third["read_from"]["invoices"] == str(days[1])
+    warned = db.scalar(
+        isolated.database_url,
+        "SELECT found FROM monitoring.checks WHERE run_id = 'scans-2' "
+        "AND check_name = 'history_unchanged' AND target = 'warehouse.usage_daily'",
+    )
+    assert f"{restated}: " in warned and "content changed" in warned, warned
+
+
+def first_days(settings: Settings, run: ledger.RunContext) -> dict[str, set]:
+    return {t: set(d) for t, d in source_scans.run_days(settings, run).items()}
