@@ -22,6 +22,7 @@ from pipeline.run import nightly
 from pipeline.stages import source_scans, sources
 from pipeline.stages.source_scans import Kept
 from pipeline.store import db, ledger
+from pipeline.synthetic import warehouse
 from tests.conftest import SCORE_DATE
 from tests.integration.test_sources import (
     AS_OF,
@@ -139,15 +140,7 @@ def test_the_night_keeps_its_scans_and_the_next_reads_from_its_date(isolated: Se
     ledger.start(isolated, runs[1])
     _, _, kept = source_scans.previous(isolated, runs[1])
     dated = set(kept)
-    assert dated == {
-        "customers",
-        "subscriptions",
-        "usage_daily",
-        "invoices",
-        "payments",
-        "tickets",
-        "cancellations",
-    }
+    assert dated == set(warehouse.TABLE_ORDER)
     assert all(k.as_of == days[0] and k.counters is not None for k in kept.values())
     assert all(set(k.days) == set(first_days(isolated, runs[0])[t]) for t, k in kept.items())
     second = nightly.check_sources(isolated, uc, runs[1])
