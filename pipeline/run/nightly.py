@@ -92,7 +92,7 @@ def check_sources(settings: Settings, uc: UseCase, run: RunContext) -> dict[str,
     with ledger.stage(settings, run, "check_sources") as info:
         spec = contract.load_contract(uc.contract)
         lookback = source_lookback(uc, spec)
-        earlier, before, kept = source_scans.previous(settings, run)
+        earlier = source_scans.previous(settings, run)
         seen = sources.observe(
             settings.warehouse_url,
             settings.warehouse_schema,
@@ -102,19 +102,20 @@ def check_sources(settings: Settings, uc: UseCase, run: RunContext) -> dict[str,
             uc.entity_key,
             history_days=lookback,
             session=uc.warehouse.settings,
-            kept=kept,
+            kept=earlier.kept,
+            counts=earlier.counts,
         )
         results = seen.results
-        if earlier is not None:
+        if earlier.as_of is not None:
             results += source_days.rewritten_days(
-                before,
-                earlier,
+                earlier.days,
+                earlier.as_of,
                 seen.days,
                 settings.warehouse_schema,
                 spec,
                 since={t: run.score_date - timedelta(days=n) for t, n in lookback.items()},
             )
-        source_scans.store(settings, run, seen.days, seen.kept)
+        source_scans.store(settings, run, seen.days, seen.kept, seen.counts)
         # per dated table, the first day its scan read: the run date of the night before
         # when the earlier days were proved unchanged (``source_scans``), else its lookback
         info["read_from"] = {t: str(k.read_from) for t, k in seen.kept.items()}

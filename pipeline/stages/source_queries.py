@@ -156,6 +156,42 @@ def catalog(conn: Any, cur: Any, schema: str, tables: Sequence[str]) -> dict[str
     return found
 
 
+# Unique indexes whose key columns are all NOT NULL: valid, ready, neither partial nor on
+# expressions; their key columns only (not INCLUDE columns).
+_UNIQUE_INDEXES = sql.SQL(
+    """
+    SELECT c.relname, x.relname, array_agg(a.attname::text)
+    FROM pg_index i
+    JOIN pg_class c ON c.oid = i.indrelid
+    JOIN pg_class x ON x.oid = i.indexrelid
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+    CROSS JOIN LATERAL unnest(CAST(i.indkey AS int2[])) WITH ORDINALITY AS k(attnum, pos)
+    JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+    WHERE n.nspname = %(schema)s AND c.relname = ANY(%(tables)s) AND c.relkind IN ('r', 'p')
+      AND i.indisunique AND i.indisvalid AND i.indisready AND i.indislive
+      AND i.indpred IS NULL AND i.indexprs IS NULL AND k.pos <= i.indnkeyatts
+    GROUP BY c.relname, x.relname
+    HAVING bool_and(a.attnotnull)
+    """
+)
+
+
+def unique_indexes(
+    conn: Any, cur: Any, schema: str, tables: Sequence[str]
+) -> dict[str, list[tuple[str, frozenset[str]]]]:
+    """Per table of ``schema`` (among ``tables``), its unique indexes on NOT NULL columns
+    (name, key columns): each proves that no two rows share those columns. None when the
+    catalog cannot be read."""
+    try:
+        rows = run_query(conn, cur, _UNIQUE_INDEXES, {"schema": schema, "tables": list(tables)})
+    except QueryFailed:
+        return {}
+    found: dict[str, list[tuple[str, frozenset[str]]]] = {}
+    for table, index, columns in rows:
+        found.setdefault(table, []).append((index, frozenset(columns)))
+    return found
+
+
 @dataclass(frozen=True)
 class Axis:
     """The date column of a table: how to compute a row's day and bound the raw column."""

@@ -34,6 +34,7 @@ import psycopg2
 
 from pipeline.conf.config import Settings
 from pipeline.stages.source_queries import raise_if_lost
+from pipeline.stages.source_relations import KeptCount
 from pipeline.store import db
 from pipeline.store.ledger import RunContext
 
@@ -137,10 +138,20 @@ def accounts_for(kept: Kept, now: Counters, scanned_rows: int) -> bool:
 Evidence = dict[str, dict[date, tuple[int, str | None]]]  # per table, per day: rows, content
 
 
-def previous(settings: Settings, run: RunContext) -> tuple[date | None, Evidence, dict[str, Kept]]:
-    """The newest earlier run's (score date before this run's) run date, what it saw of each
-    dated source table per day (rows and content, None where not kept), and what its scans
-    kept for this night (``Kept``, per table)."""
+@dataclass(frozen=True)
+class Previous:
+    """The newest earlier run's run date (None: no earlier run), what it saw of each dated
+    source table per day (rows and content, None where not kept), what its scans kept for
+    this night (per table) and what it counted of each relation."""
+
+    as_of: date | None = None
+    days: Evidence = field(default_factory=dict)
+    kept: dict[str, Kept] = field(default_factory=dict)
+    counts: dict[str, KeptCount] = field(default_factory=dict)
+
+
+def previous(settings: Settings, run: RunContext) -> Previous:
+    """What the newest earlier run (score date before this run's) kept (``Previous``)."""
     conn = db.connect(settings.database_url)
     try:
         with conn.cursor() as cur:
@@ -153,7 +164,7 @@ def previous(settings: Settings, run: RunContext) -> tuple[date | None, Evidence
             found = cur.fetchone()
             if found is None:
                 conn.commit()
-                return None, {}, {}
+                return Previous()
             score_date, run_id = found
             days, tallies = _run_days(cur, run.use_case, run_id)
             cur.execute(
@@ -163,19 +174,25 @@ def previous(settings: Settings, run: RunContext) -> tuple[date | None, Evidence
                 (run.use_case, run_id),
             )
             scans = cur.fetchall()
+            cur.execute(
+                "SELECT relation, shape, broken FROM monitoring.source_relations "
+                "WHERE use_case = %s AND run_id = %s",
+                (run.use_case, run_id),
+            )
+            counts = {name: KeptCount(shape, int(n)) for name, shape, n in cur.fetchall()}
         conn.commit()
     finally:
         conn.close()
     kept = {}
-    for source, first, shape, beyond, relid, *counts in scans:
+    for source, first, shape, beyond, relid, *changes in scans:
         seen = {
             d: (n, content, tallies[source][d])
             for d, (n, content) in days.get(source, {}).items()
             if content is not None and d in tallies.get(source, {})
         }
-        counters = None if relid is None else Counters(relid, *counts)
+        counters = None if relid is None else Counters(relid, *changes)
         kept[source] = Kept(score_date, first, shape, counters, int(beyond), seen)
-    return score_date, days, kept
+    return Previous(score_date, days, kept, counts)
 
 
 def run_days(settings: Settings, run: RunContext) -> dict[str, dict[date, tuple[int, str]]]:
@@ -218,9 +235,11 @@ def store(
     run: RunContext,
     days: Mapping[str, Mapping[date, tuple[int, str | None]]],
     kept: Mapping[str, Kept],
+    counts: Mapping[str, KeptCount],
 ) -> None:
     """Remember what this run saw of each dated source table, per day (rows, content and,
-    where its scan kept them, tallies), and what each scan keeps for the next night."""
+    where its scan kept them, tallies), what each scan keeps for the next night and what it
+    counted of each relation."""
     from psycopg2.extras import execute_values
 
     rows = [
@@ -258,7 +277,7 @@ def store(
     conn = db.connect(settings.database_url)
     try:
         with conn.cursor() as cur:
-            for table in ("source_days", "source_scans"):
+            for table in ("source_days", "source_scans", "source_relations"):
                 cur.execute(
                     f"DELETE FROM monitoring.{table} WHERE use_case = %s AND run_id = %s",
                     (run.use_case, run.run_id),
@@ -276,6 +295,15 @@ def store(
                 "first_day, shape, beyond, relid, filenode, inserted, updated, deleted, "
                 "stats_epoch) VALUES %s",
                 scans,
+            )
+            execute_values(
+                cur,
+                "INSERT INTO monitoring.source_relations (use_case, score_date, run_id, "
+                "relation, shape, broken) VALUES %s",
+                [
+                    (run.use_case, run.score_date, run.run_id, name, c.shape, c.broken)
+                    for name, c in counts.items()
+                ],
             )
         conn.commit()
     finally:

@@ -50,11 +50,12 @@ from pipeline.stages.source_queries import (
     begin,
     catalog,
     first_line,
-    judge,
     raise_if_lost,
     run_query,
     settle,
+    unique_indexes,
 )
+from pipeline.stages.source_relations import Counted, KeptCount, RelationCheck
 from pipeline.stages.source_scans import Kept, read_counters
 from pipeline.stages.table_checks import Scope, TableChecks
 from pipeline.store import db
@@ -98,6 +99,7 @@ class Observation:
     results: list[CheckResult]
     days: dict[str, dict[date, tuple[int, str]]]
     kept: dict[str, Kept] = field(default_factory=dict)  # for the next night (``source_scans``)
+    counts: dict[str, KeptCount] = field(default_factory=dict)  # each relation's, the same
 
 
 def check_sources(
@@ -125,6 +127,7 @@ def observe(
     history_days: Mapping[str, int] | None = None,
     session: Mapping[str, str] | None = None,
     kept: Mapping[str, Kept] | None = None,
+    counts: Mapping[str, KeptCount] | None = None,
 ) -> Observation:
     """Check every table of ``contract`` in ``schema`` before featurizing day ``as_of``.
 
@@ -151,7 +154,9 @@ def observe(
 
     ``kept`` is what an earlier night's scans found per dated table (``Observation.kept``):
     a table whose change counters show no earlier day changed since is read from that
-    night's run date on (``pipeline.stages.source_scans``).
+    night's run date on (``pipeline.stages.source_scans``); ``counts`` (``Observation.counts``)
+    what it counted of each relation, so that tonight counts only the pairs with a newer
+    row (``pipeline.stages.source_relations``).
 
     Returns:
         One ``CheckResult`` per check (stage ``sources``); a check whose query PostgreSQL
@@ -177,16 +182,71 @@ def observe(
             }
             scope = Scope(schema, contract, as_of, today, zone, entity_key)
             tables = _tables(scope, found, shapes, history_days or {}, db.hashes_records(conn))
+            indexes = unique_indexes(conn, cur, schema, list(tables))
             for name, table in tables.items():
                 tables[name] = replace(
-                    table, counters=counters.get(name), kept=(kept or {}).get(name)
+                    table,
+                    counters=counters.get(name),
+                    kept=(kept or {}).get(name),
+                    proven=_proven(table.spec, indexes.get(name, [])),
                 )
-            relations = [r for r in contract.relations if {r.table, r.join} <= tables.keys()]
+            relations = [
+                _relation_check(r, tables, schema, zone, counts or {})
+                for r in contract.relations
+                if {r.table, r.join} <= tables.keys()
+            ]
             snapshot = _Snapshot(url, schema, exported, session)
             outcome = _measure_all(conn, cur, snapshot, [*tables.values(), *relations])
+            measured = dict(zip(tables, outcome, strict=False))
+            counted = [
+                _recounted(conn, cur, check, measured, c)
+                for check, c in zip(relations, outcome[len(tables) :], strict=True)
+            ]
     finally:
         conn.close()
-    return _observation(contract, shapes, tables, outcome)
+    return _observation(
+        contract, shapes, tables, measured, list(zip(relations, counted, strict=True))
+    )
+
+
+def _relation_check(
+    rel: Relation,
+    tables: Mapping[str, TableChecks],
+    schema: str,
+    zone: str,
+    counts: Mapping[str, KeptCount],
+) -> RelationCheck:
+    """The check of ``rel``: over the pairs with a row from a day read tonight when both
+    tables are to be read from a day on (their counters hold) and its count was kept."""
+    check = RelationCheck(rel, schema, zone)
+    mine, theirs = tables[rel.table], tables[rel.join]
+    starts = (mine.unchanged_before, theirs.unchanged_before)
+    if mine.axis is None or theirs.axis is None or starts[0] is None or starts[1] is None:
+        return check
+    return replace(
+        check,
+        axes=(mine.axis, theirs.axis),
+        starts=(starts[0], starts[1]),
+        kept=counts.get(rel.name),
+    )
+
+
+def _recounted(
+    conn: Any,
+    cur: Any,
+    check: RelationCheck,
+    measured: Mapping[str, Mapping[str, Any]],
+    counted: Counted,
+) -> Counted:
+    """``counted``, or the relation counted over the whole tables when it counted from days
+    on that either table's scan did not prove (it read every day after all)."""
+    if counted.starts is None:
+        return counted
+    tables = (check.rel.table, check.rel.join)
+    read = [getattr(measured[t].get("kept"), "read_from", None) for t in tables]
+    if read == list(counted.starts):
+        return counted
+    return replace(check, starts=None).measure(conn, cur)
 
 
 def _tables(
@@ -225,17 +285,30 @@ def _tables(
     return tables
 
 
+def _proven(spec: TableSpec, indexes: Sequence[tuple[str, frozenset[str]]]) -> dict[int, str]:
+    """The unique keys of ``spec`` (by position) that a unique index proves: one whose
+    columns, all NOT NULL, are among the key's (rows unique on fewer columns are unique on
+    more)."""
+    proven = {}
+    for j, key in enumerate(spec.unique):
+        for index, columns in sorted(indexes):
+            if columns <= set(key):
+                proven[j] = index
+                break
+    return proven
+
+
 def _observation(
     contract: Contract,
     shapes: Mapping[str, list[CheckResult]],
     tables: Mapping[str, TableChecks],
-    outcome: Sequence[Any],
+    measured: Mapping[str, Mapping[str, Any]],
+    relations: Sequence[tuple[RelationCheck, Counted]],
 ) -> Observation:
     """The results in the contract's order of tables (each table's shape failures, then its
     checks), then the relations'; and the rows and content per day of each dated table
-    whose days were measured. ``outcome`` holds each table's measurements, in the order of
-    ``tables``, then each relation's result."""
-    measured = dict(zip(tables, outcome, strict=False))
+    whose days were measured, and what to keep for the next night. ``measured`` holds each
+    table's measurements, ``relations`` each relation's count."""
     results: list[CheckResult] = []
     days: dict[str, dict[date, tuple[int, str]]] = {}
     kept: dict[str, Kept] = {}
@@ -249,8 +322,13 @@ def _observation(
             days[name] = dict(measured[name]["days"])
         if "kept" in measured[name]:
             kept[name] = measured[name]["kept"]
-    results += outcome[len(tables) :]
-    return Observation(results, days, kept)
+    results += [check.result(counted) for check, counted in relations]
+    counts = {
+        check.rel.name: KeptCount(counted.shape, counted.broken)
+        for check, counted in relations
+        if isinstance(counted.broken, int)
+    }
+    return Observation(results, days, kept, counts)
 
 
 CHECK_CONNECTIONS = 2  # the source checks' queries run over this many connections at once
@@ -282,22 +360,20 @@ class _Snapshot:
 
 
 def _measure_all(
-    conn: Any, cur: Any, snapshot: _Snapshot, work: Sequence[TableChecks | Relation]
+    conn: Any, cur: Any, snapshot: _Snapshot, work: Sequence[TableChecks | RelationCheck]
 ) -> list[Any]:
     """Each table's measurements and each relation's result, in the order of ``work``, over
     up to ``CHECK_CONNECTIONS`` connections that share the first one's exported snapshot
     (imported): every check sees the same data. Without one, one connection does all."""
 
-    def one(c: Any, k: Any, item: TableChecks | Relation) -> Any:
-        if isinstance(item, TableChecks):
-            return item.measure(c, k)
-        return _relation(c, k, snapshot.schema, item)
+    def one(c: Any, k: Any, item: TableChecks | RelationCheck) -> Any:
+        return item.measure(c, k)
 
     if snapshot.exported is None or len(work) < 2 or CHECK_CONNECTIONS < 2:
         return [one(conn, cur, item) for item in work]
     fault_point("source_snapshot_exported")  # tests write to the warehouse here
 
-    pending: queue.SimpleQueue[tuple[int, TableChecks | Relation]] = queue.SimpleQueue()
+    pending: queue.SimpleQueue[tuple[int, TableChecks | RelationCheck]] = queue.SimpleQueue()
     for i, item in enumerate(work):
         pending.put((i, item))
     done: list[Any] = [None] * len(work)
@@ -372,31 +448,6 @@ def waiting_for(
     finally:
         conn.close()
     return waiting
-
-
-def _relation(conn: Any, cur: Any, schema: str, rel: Relation) -> CheckResult:
-    """Rows of ``rel.table`` joined to ``rel.join`` that break ``rel.rule``."""
-    query = sql.SQL(
-        "SELECT count(*) FROM {} AS {} JOIN {} AS {} USING ({}) WHERE NOT ({}\n)"
-    ).format(
-        sql.Identifier(schema, rel.table),
-        sql.Identifier(rel.table),
-        sql.Identifier(schema, rel.join),
-        sql.Identifier(rel.join),
-        sql.SQL(", ").join(sql.Identifier(c) for c in rel.using),
-        sql.SQL(rel.rule.replace("%", "%%")),
-    )
-    try:
-        measured: Any = int(run_query(conn, cur, query, {})[0][0])
-    except QueryFailed as exc:
-        measured = Failure(exc.message)
-    return judge(
-        "cross_rule",
-        f"{schema}.{rel.table} x {schema}.{rel.join}: {rel.name}",
-        f"every row of {rel.table} joined to {rel.join} on {', '.join(rel.using)} has {rel.rule}",
-        measured,
-        lambda bad: (bad == 0, f"{bad} rows break it"),
-    )
 
 
 def history_start(

@@ -26,7 +26,7 @@ from pipeline.conf.contract import Contract, TableSpec, VolumeSpec
 from pipeline.core.figures import percent
 from pipeline.stages.checks import CheckResult
 from pipeline.stages.source_days import daily_volume, volume_expected, window_volume
-from pipeline.stages.source_queries import Axis, Failure, QueryFailed, judge, run_query
+from pipeline.stages.source_queries import STAGE, Axis, Failure, QueryFailed, judge, run_query
 from pipeline.stages.source_scans import Counters, Kept, accounts_for, usable_from
 from pipeline.store import db
 
@@ -65,6 +65,8 @@ class TableChecks:
     record_hash: bool = True  # fingerprints by hash_record_extended (PostgreSQL 14+)
     counters: Counters | None = None  # the table's change counters, read before the snapshot
     kept: Kept | None = None  # what an earlier night's scan of its days found
+    # unique keys (positions in spec.unique) a unique index proves, with the index's name
+    proven: Mapping[int, str] = field(default_factory=dict)
 
     @property
     def content(self) -> sql.Composable:
@@ -197,7 +199,7 @@ class TableChecks:
                 keys.append("volume")
             keys.append("days")
         keys += [f"rule:{i}" for i in range(len(self.spec.rules))]
-        keys += [f"unique:{j}" for j in range(len(self.spec.unique))]
+        keys += [f"unique:{j}" for j in self._unproven]
         keys += [f"null:{c}" for c in self.spec.columns]
         keys += [f"finite:{c}" for c in self.floats]
         return keys
@@ -277,8 +279,8 @@ class TableChecks:
         rules += [
             sql.SQL("count(*) FILTER (WHERE {})").format(self._nonfinite(c)) for c in self.floats
         ]
-        uniques = [self._distinct(key) for key in spec.unique]
-        unique_keys = [f"unique:{j}" for j in range(len(spec.unique))]
+        uniques = [self._distinct(spec.unique[j]) for j in self._unproven]
+        unique_keys = [f"unique:{j}" for j in self._unproven]
         # one anti-join per reference, over the new days' rows only
         references: list[tuple[list[str], sql.Composable, _Reader]] = [
             ([f"ref:{c}"], self._orphans(c), partial(_read_orphans, f"ref:{c}"))
@@ -326,7 +328,15 @@ class TableChecks:
 
     def _read_uniques(self, rows: list[Any]) -> dict[str, Any]:
         total, *distinct = rows[0]
-        return {f"unique:{j}": int(total) - int(d) for j, d in enumerate(distinct)}
+        return {
+            f"unique:{j}": int(total) - int(d)
+            for j, d in zip(self._unproven, distinct, strict=True)
+        }
+
+    @property
+    def _unproven(self) -> list[int]:
+        """The unique keys no unique index proves: those a query counts."""
+        return [j for j in range(len(self.spec.unique)) if j not in self.proven]
 
     def _read_days(self, rows: list[Any]) -> dict[str, Any]:
         ncols = len(self.spec.columns)
@@ -382,6 +392,15 @@ class TableChecks:
         if out.get("latest") is _LOOK_UP:
             out["latest"] = self.measure_one(conn, cur, "latest", params)
         return out
+
+    @property
+    def unchanged_before(self) -> date | None:
+        """The first day the scan of the days will read when the change counters hold
+        (``usable_from``; the scan proves it, ``Kept.read_from``), None: every day."""
+        shape = self.kept.shape if self.kept is not None else ""
+        return usable_from(
+            self.kept, self.counters, shape, self.params["scan_start"], self.scope.as_of
+        )
 
     def _scan_days(
         self, conn: Any, cur: Any, query: sql.Composable, params: Mapping[str, Any]
@@ -538,10 +557,15 @@ class TableChecks:
         out = []
         for j, key in enumerate(self.spec.unique):
             label = key[0] if len(key) == 1 else f"({', '.join(key)})"
+            target = f"{self.target}.{label}"
+            if j in self.proven:
+                found = f"0 duplicate rows: unique index {self.proven[j]} on NOT NULL columns"
+                out.append(CheckResult(STAGE, "unique_key", target, True, "one row per key", found))
+                continue
             out.append(
                 judge(
                     "unique_key",
-                    f"{self.target}.{label}",
+                    target,
                     "one row per key",
                     measured[f"unique:{j}"],
                     lambda dupes: (dupes == 0, f"{dupes} duplicate rows"),

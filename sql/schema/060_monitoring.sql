@@ -69,3 +69,16 @@ CREATE TABLE IF NOT EXISTS monitoring.source_scans (
     stats_epoch  text,
     PRIMARY KEY (use_case, run_id, source)
 );
+
+-- Per relation of a contract (a rule across two joined tables), the rows a run found
+-- breaking it and its query (shape): a later night counts only the pairs holding a row
+-- from a day it reads (pipeline.stages.source_relations).
+CREATE TABLE IF NOT EXISTS monitoring.source_relations (
+    use_case     text    NOT NULL,
+    score_date   date    NOT NULL,
+    run_id       text    NOT NULL,
+    relation     text    NOT NULL,
+    shape        text    NOT NULL,
+    broken       bigint  NOT NULL,
+    PRIMARY KEY (use_case, run_id, relation)
+);

@@ -10,6 +10,7 @@ earlier days unchanged, else the whole lookback.
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from datetime import timedelta
 from typing import Any
@@ -41,9 +42,25 @@ NIGHT1 = LAST  # night 1 runs before the last day has landed
 TABLES = list(DAY_OF)
 
 
-def night(url: str, schema: str, as_of: Any, kept: dict[str, Kept] | None = None, **changes: Any):
+# a rule across two dated tables that many joined rows break, on every day
+RELATION = {
+    "name": "long_use_logs_in",
+    "table": "usage_daily",
+    "join": "events",
+    "using": "customer_id",
+    "rule": "usage_daily.minutes < 90 OR events.kind = 'logout'",
+}
+
+
+def night(url: str, schema: str, as_of: Any, earlier: Any = None, **changes: Any) -> Any:
     return sources.observe(
-        url, schema, contract(**changes), as_of, history_days={t: 45 for t in TABLES}, kept=kept
+        url,
+        schema,
+        contract(**({"relations": [RELATION]} | changes)),
+        as_of,
+        history_days={t: 45 for t in TABLES},
+        kept=earlier.kept if earlier else None,
+        counts=earlier.counts if earlier else None,
     )
 
 
@@ -79,7 +96,7 @@ def two_nights(url: str, *between: str, **changes: Any) -> tuple[Any, Any]:
     for statement in between:
         execute(url, statement.format(s=schema))
     settled(url, schema, first.kept)
-    second = night(url, schema, AS_OF, first.kept, **changes)
+    second = night(url, schema, AS_OF, first, **changes)
     full = night(url, schema, AS_OF, **changes)
     assert [r.describe() for r in second.results] == [r.describe() for r in full.results]
     assert second.days == full.days
@@ -89,11 +106,23 @@ def two_nights(url: str, *between: str, **changes: Any) -> tuple[Any, Any]:
     return second, full
 
 
-def test_a_night_after_a_clean_load_reads_only_the_new_days(url: str) -> None:
+def test_a_night_after_a_clean_load_reads_only_the_new_days(
+    url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="pipeline.stages.source_relations")
+    caplog.clear()
     second, full = two_nights(url)
     for t in TABLES:
         assert second.kept[t].read_from == NIGHT1
         assert full.kept[t].read_from == AS_OF - timedelta(days=58)  # 30 days + 28 trailing
+    # the rule across tables: the pairs with a newer row only, added to the kept count
+    counted = [r.getMessage() for r in caplog.records if r.name.endswith("source_relations")]
+    assert len(counted) == 1, counted
+    assert f"usage_daily from {NIGHT1} or of events from {NIGHT1} counted" in counted[0]
+    broken = second.counts["long_use_logs_in"].broken
+    assert broken == full.counts["long_use_logs_in"].broken > 0
+    added = int(counted[0].split(" counted (")[1].split()[0])
+    assert 0 < added < broken and counted[0].endswith(f"the others kept ({broken - added})")
 
 
 @pytest.mark.parametrize(
@@ -138,7 +167,7 @@ def test_the_night_keeps_its_scans_and_the_next_reads_from_its_date(isolated: Se
     ledger.start(isolated, runs[0])
     first = nightly.check_sources(isolated, uc, runs[0])
     ledger.start(isolated, runs[1])
-    _, _, kept = source_scans.previous(isolated, runs[1])
+    kept = source_scans.previous(isolated, runs[1]).kept
     dated = set(kept)
     assert dated == set(warehouse.TABLE_ORDER)
     assert all(k.as_of == days[0] and k.counters is not None for k in kept.values())
@@ -154,7 +183,7 @@ def test_the_night_keeps_its_scans_and_the_next_reads_from_its_date(isolated: Se
         "AND customer_id %% 7 = 0; SELECT 1",
         (restated,),
     )
-    _, _, kept = source_scans.previous(isolated, ledger.RunContext("churn", SCORE_DATE, "x"))
+    kept = source_scans.previous(isolated, ledger.RunContext("churn", SCORE_DATE, "x")).kept
     settled(isolated.warehouse_url, "warehouse", kept, ["usage_daily"])
     third_run = ledger.RunContext("churn", SCORE_DATE, "scans-2")
     ledger.start(isolated, third_run)
@@ -171,3 +200,67 @@ def test_the_night_keeps_its_scans_and_the_next_reads_from_its_date(isolated: Se
 
 def first_days(settings: Settings, run: ledger.RunContext) -> dict[str, set]:
     return {t: set(d) for t, d in source_scans.run_days(settings, run).items()}
+
+
+def unique_found(url: str, schema: str, target: str) -> str:
+    results = sources.check_sources(url, schema, contract(), AS_OF)
+    found = [r for r in results if r.check == "unique_key" and r.target == f"{schema}.{target}"]
+    assert len(found) == 1, [r.describe() for r in results]
+    return ("passed: " if found[0].passed else "FAILED: ") + found[0].found
+
+
+def test_a_unique_index_on_not_null_columns_proves_the_key_without_counting(url: str) -> None:
+    schema = broken(
+        url,
+        "ALTER TABLE {s}.customers ALTER COLUMN customer_id SET NOT NULL",
+        "CREATE UNIQUE INDEX customers_key ON {s}.customers (customer_id)",
+        # unique on (customer_id, usage_date) follows from a unique index on fewer columns
+        "ALTER TABLE {s}.usage_daily ALTER COLUMN customer_id SET NOT NULL",
+        "ALTER TABLE {s}.usage_daily ALTER COLUMN usage_date SET NOT NULL",
+        "CREATE UNIQUE INDEX usage_key ON {s}.usage_daily (usage_date, customer_id) "
+        "INCLUDE (minutes)",
+    )
+    assert unique_found(url, schema, "customers.customer_id") == (
+        "passed: 0 duplicate rows: unique index customers_key on NOT NULL columns"
+    )
+    assert unique_found(url, schema, "usage_daily.(customer_id, usage_date)") == (
+        "passed: 0 duplicate rows: unique index usage_key on NOT NULL columns"
+    )
+
+
+NOT_NULL = "ALTER TABLE {s}.customers ALTER COLUMN customer_id SET NOT NULL"
+
+
+@pytest.mark.parametrize(
+    ("statements", "found"),
+    [
+        # NULL is a key value like any other for the check, never for the index
+        (
+            [
+                "CREATE UNIQUE INDEX k ON {s}.customers (customer_id)",
+                "INSERT INTO {s}.customers (customer_id) VALUES (NULL), (NULL)",
+            ],
+            "FAILED: 1 duplicate rows",
+        ),
+        # a partial index proves nothing of the rows it leaves out
+        (
+            [
+                NOT_NULL,
+                "INSERT INTO {s}.customers (customer_id, segment) VALUES (3, 'other')",
+                "CREATE UNIQUE INDEX k ON {s}.customers (customer_id) WHERE segment = 'retail'",
+            ],
+            "FAILED: 1 duplicate rows",
+        ),
+        # nor does an index on an expression: the key is counted
+        (
+            [NOT_NULL, "CREATE UNIQUE INDEX k ON {s}.customers ((customer_id + 0))"],
+            "passed: 0 duplicate rows",
+        ),
+    ],
+    ids=["nullable", "partial", "expression"],
+)
+def test_an_index_that_proves_nothing_leaves_the_key_counted(
+    url: str, statements: list[str], found: str
+) -> None:
+    schema = broken(url, *statements)
+    assert unique_found(url, schema, "customers.customer_id") == found
