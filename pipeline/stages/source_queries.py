@@ -180,7 +180,7 @@ def unique_indexes(
     conn: Any, cur: Any, schema: str, tables: Sequence[str]
 ) -> dict[str, list[tuple[str, frozenset[str]]]]:
     """Per table of ``schema`` (among ``tables``), its unique indexes on NOT NULL columns
-    (name, key columns): each proves that no two rows share those columns. None when the
+    (name, key columns): each proves that no two rows share those columns. Empty when the
     catalog cannot be read."""
     try:
         rows = run_query(conn, cur, _UNIQUE_INDEXES, {"schema": schema, "tables": list(tables)})

@@ -428,9 +428,9 @@ class TableChecks:
                 rows, read_from = [*earlier, *scanned], start
             else:
                 log.info(
-                    "%s: rows were added before %s since the night of %s; every day from %s read",
+                    "%s: rows were added on days before %s since the night of that date; "
+                    "every day from %s read",
                     self.target,
-                    start,
                     start,
                     first,
                 )
