@@ -63,6 +63,7 @@ class Stages:
     def __init__(self) -> None:
         self.rows: list[tuple[str, float, float]] = []
         self.population = 0
+        self.read_from: dict[str, str] = {}  # check_sources: the first day read per table
 
     def __call__(self, fn: Callable[..., Any], *args: Any) -> Any:
         reset_peak_rss()
@@ -71,6 +72,8 @@ class Stages:
         self.rows.append((fn.__name__, time.monotonic() - began, peak_rss_mb()))
         if fn.__name__ == "build_features":
             self.population = int(out["rows"])
+        if fn.__name__ == "check_sources":
+            self.read_from = dict(out.get("read_from", {}))
         return out
 
     def seconds(self, *names: str) -> float:
@@ -83,6 +86,9 @@ class Stages:
         for name, seconds, rss in self.rows:
             rate = f"  {self.population / seconds:,.0f} rows/s" if name in self.RATED else ""
             print(f"  {name:<22} {seconds:>8.2f} {rss:>13,.0f}{rate}")
+        if self.read_from:
+            firsts = ", ".join(f"{t} {d}" for t, d in sorted(self.read_from.items()))
+            print(f"  check_sources read from: {firsts}")
         return total
 
 
