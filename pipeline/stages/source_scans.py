@@ -26,7 +26,7 @@ change committed within that time of the night's read is seen the night after.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field, fields
 from datetime import date
 from typing import Any
 
@@ -104,22 +104,21 @@ def read_counters(conn: Any, schema: str, tables: list[str]) -> dict[str, Counte
     }
 
 
-def usable_from(
-    kept: Kept | None, now: Counters | None, shape: str, first: date, as_of: date
-) -> date | None:
+def usable_from(kept: Kept | None, now: Counters | None, first: date, as_of: date) -> date | None:
     """The first day tonight's scan must read when ``kept`` (an earlier night's) and the
     counters ``now`` show that no day before it can have changed; None: read from ``first``.
 
     Tonight (run date ``as_of``) needs the days from ``first``: ``kept`` must cover them,
-    with the same query ``shape``, from an earlier or the same run date, and the counters
-    must show no row updated or deleted and the same file and statistics epoch."""
+    from an earlier or the same run date, and the counters must show no row updated or
+    deleted and the same file and statistics epoch. (Whether ``kept`` was counted by the
+    same query is the scan's to check: ``Kept.shape``.)"""
     if kept is None or now is None or kept.counters is None:
         return None
     then = kept.counters
     same = (then.relid, then.filenode, then.epoch) == (now.relid, now.filenode, now.epoch)
     if not same or now.updated != then.updated or now.deleted != then.deleted:
         return None
-    if now.inserted < then.inserted or kept.shape != shape:
+    if now.inserted < then.inserted:
         return None
     if not kept.first <= first < kept.as_of <= as_of:
         return None
@@ -166,7 +165,7 @@ def previous(settings: Settings, run: RunContext) -> Previous:
                 conn.commit()
                 return Previous()
             score_date, run_id = found
-            days, tallies = _run_days(cur, run.use_case, run_id)
+            days = _run_days(cur, run.use_case, run_id)
             cur.execute(
                 "SELECT source, first_day, shape, beyond, relid, filenode, inserted, updated, "
                 "deleted, stats_epoch FROM monitoring.source_scans "
@@ -186,13 +185,14 @@ def previous(settings: Settings, run: RunContext) -> Previous:
     kept = {}
     for source, first, shape, beyond, relid, *changes in scans:
         seen = {
-            d: (n, content, tallies[source][d])
-            for d, (n, content) in days.get(source, {}).items()
-            if content is not None and d in tallies.get(source, {})
+            d: (n, content, tallies)
+            for d, (n, content, tallies) in days.get(source, {}).items()
+            if content is not None and tallies is not None
         }
         counters = None if relid is None else Counters(relid, *changes)
         kept[source] = Kept(score_date, first, shape, counters, int(beyond), seen)
-    return Previous(score_date, days, kept, counts)
+    evidence = {t: {d: (n, c) for d, (n, c, _) in seen.items()} for t, seen in days.items()}
+    return Previous(score_date, evidence, kept, counts)
 
 
 def run_days(settings: Settings, run: RunContext) -> dict[str, dict[date, tuple[int, str]]]:
@@ -201,33 +201,31 @@ def run_days(settings: Settings, run: RunContext) -> dict[str, dict[date, tuple[
     conn = db.connect(settings.database_url)
     try:
         with conn.cursor() as cur:
-            days, _ = _run_days(cur, run.use_case, run.run_id)
+            days = _run_days(cur, run.use_case, run.run_id)
         conn.commit()
     finally:
         conn.close()
     return {
-        source: {d: (n, c) for d, (n, c) in seen.items() if c is not None}
+        source: {d: (n, c) for d, (n, c, _) in seen.items() if c is not None}
         for source, seen in days.items()
     }
 
 
 def _run_days(
     cur: Any, use_case: str, run_id: str
-) -> tuple[Evidence, dict[str, dict[date, Tallies]]]:
-    """The rows and content per day of each source table that run ``run_id`` kept, and the
-    tallies of the days that have them."""
+) -> dict[str, dict[date, tuple[int, str | None, Tallies | None]]]:
+    """The rows, content and tallies (None where not kept) per day of each source table
+    that run ``run_id`` kept."""
     cur.execute(
         "SELECT source, day, rows, content, tallies FROM monitoring.source_days "
         "WHERE use_case = %s AND run_id = %s",
         (use_case, run_id),
     )
-    days: Evidence = {}
-    tallies: dict[str, dict[date, Tallies]] = {}
+    days: dict[str, dict[date, tuple[int, str | None, Tallies | None]]] = {}
     for source, day, rows, content, counts in cur.fetchall():
-        days.setdefault(source, {})[day] = (int(rows), content)
-        if counts is not None:
-            tallies.setdefault(source, {})[day] = tuple(int(x) for x in counts)
-    return days, tallies
+        tallies = None if counts is None else tuple(int(x) for x in counts)
+        days.setdefault(source, {})[day] = (int(rows), content, tallies)
+    return days
 
 
 def store(
@@ -260,18 +258,7 @@ def store(
     ]
     scans = [
         (run.use_case, run.score_date, run.run_id, source, k.first, k.shape, k.beyond)
-        + (
-            (None,) * 6
-            if k.counters is None
-            else (
-                k.counters.relid,
-                k.counters.filenode,
-                k.counters.inserted,
-                k.counters.updated,
-                k.counters.deleted,
-                k.counters.epoch,
-            )
-        )
+        + (astuple(k.counters) if k.counters else (None,) * len(fields(Counters)))
         for source, k in kept.items()
     ]
     conn = db.connect(settings.database_url)

@@ -397,10 +397,7 @@ class TableChecks:
     def unchanged_before(self) -> date | None:
         """The first day the scan of the days will read when the change counters hold
         (``usable_from``; the scan proves it, ``Kept.read_from``), None: every day."""
-        shape = self.kept.shape if self.kept is not None else ""
-        return usable_from(
-            self.kept, self.counters, shape, self.params["scan_start"], self.scope.as_of
-        )
+        return usable_from(self.kept, self.counters, self.params["scan_start"], self.scope.as_of)
 
     def _scan_days(
         self, conn: Any, cur: Any, query: sql.Composable, params: Mapping[str, Any]
@@ -414,7 +411,8 @@ class TableChecks:
         """
         shape = hashlib.md5(query.as_string(conn).encode()).hexdigest()
         first: date = params["scan_start"]
-        start = usable_from(self.kept, self.counters, shape, first, self.scope.as_of)
+        same_query = self.kept is not None and self.kept.shape == shape
+        start = self.unchanged_before if same_query else None
         rows, read_from = None, first
         if start is not None:
             assert self.kept is not None and self.counters is not None
