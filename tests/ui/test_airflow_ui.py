@@ -39,7 +39,11 @@ def shot(page: Any, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=False)
 
 
-def until(what: str, probe: Any, timeout: float, airflow: dict[str, Any]) -> Any:
+def until(
+    what: str, probe: Any, timeout: float, airflow: dict[str, Any], explain: Any = None
+) -> Any:
+    """``probe()`` once it is truthy; fails after ``timeout`` seconds (saying what
+    ``explain()`` finds then), or as soon as an Airflow process exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for p in airflow["procs"]:
@@ -48,7 +52,8 @@ def until(what: str, probe: Any, timeout: float, airflow: dict[str, Any]) -> Any
         if found:
             return found
         time.sleep(2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    found = f" ({explain()})" if explain is not None else ""
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}{found}")
 
 
 def runs(world: Settings) -> list[dict[str, Any]]:
@@ -122,6 +127,49 @@ def airflow_runs(airflow: dict[str, Any]) -> dict[str, str]:
     """Every run of the nightly DAG Airflow has, with its state."""
     r = dag_api(airflow, "GET", "/dagRuns", params={"limit": 100})
     return {d["dag_run_id"]: d["state"] for d in r.json()["dag_runs"]}
+
+
+def task_states(airflow: dict[str, Any], run_id: str) -> str:
+    """The run's tasks and their states, as Airflow has them (for a failure's message)."""
+    r = dag_api(airflow, "GET", f"/dagRuns/{run_id}/taskInstances", params={"limit": 100})
+    tis = r.json().get("task_instances", [])
+    return "tasks: " + ", ".join(
+        f"{t['task_id']}{'' if t['map_index'] < 0 else [t['map_index']]} {t['state']}" for t in tis
+    )
+
+
+def answered(airflow: dict[str, Any], run_id: str, task_id: str) -> bool:
+    """Whether Airflow has recorded a person's response to the run's ``task_id``."""
+    r = dag_api(airflow, "GET", f"/dagRuns/{run_id}/taskInstances/{task_id}/-1/hitlDetails")
+    return r.status_code == 200 and bool(r.json().get("response_received"))
+
+
+def approve_at_the_task(page: Any, airflow: dict[str, Any], run_id: str, tries: int = 3) -> None:
+    """Open the run's approval task, answer *Approve* in its form, and return once Airflow
+    has recorded the answer. A click the page dropped while still loading on a busy machine
+    (no response recorded within a minute) is made again, up to ``tries`` times."""
+    for attempt in range(1, tries + 1):
+        page.goto(f"/dags/{DAG}/runs/{run_id}/tasks/approve_promotion")
+        page.get_by_text("Awaiting Input").first.wait_for()
+        page.get_by_text(re.compile("^Required Action")).first.click()
+        approve = page.get_by_role("button", name=re.compile("^Approve"))
+        approve.wait_for()
+        if attempt == 1:
+            shot(page, "02-approval-form")
+        approve.click()
+        try:
+            until(
+                "Airflow to record the approval",
+                lambda: answered(airflow, run_id, "approve_promotion"),
+                60,
+                airflow,
+                explain=lambda: task_states(airflow, run_id),
+            )
+            return
+        except AssertionError:
+            if attempt == tries:
+                raise
+            print(f"the approval was not recorded after click {attempt}: answering again")
 
 
 def open_run_report(page: Any, run_id: str, expected: str) -> Any:
@@ -214,14 +262,14 @@ def test_approve_the_first_model_at_the_approval_task(
         assert registry.champion(world, "churn") is None
     a_queued_run_names_the_run_it_waits_behind(page, airflow, run_id, timings)
     with timings.flow("approve a promotion: answer until published"):
-        page.goto(f"/dags/{DAG}/runs/{run_id}/tasks/approve_promotion")
-        page.get_by_text("Awaiting Input").first.wait_for()
-        page.get_by_text(re.compile("^Required Action")).first.click()
-        approve = page.get_by_role("button", name=re.compile("^Approve"))
-        approve.wait_for()
-        shot(page, "02-approval-form")
-        approve.click()
-        until("the approved night to publish", lambda: published(world, run_id), 600, airflow)
+        approve_at_the_task(page, airflow, run_id)
+        until(
+            "the approved night to publish",
+            lambda: published(world, run_id),
+            600,
+            airflow,
+            explain=lambda: task_states(airflow, run_id),
+        )
     champion = registry.champion(world, "churn")
     assert champion is not None
     log = db.scalar(
