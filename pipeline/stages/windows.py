@@ -28,9 +28,10 @@ rolls one recomputes a slice of its entities (1 in ``SLICES``, a different slice
 night) from the facts and compares: a step that disagrees is not used (the block is rebuilt
 from the facts, and the log and the night's record name the entity and column).
 
-On a PostgreSQL warehouse the windows are a temporary table of the feature query's session
-(the warehouse needs no write access, only PostgreSQL's default TEMP privilege); on another
-warehouse they are a common table expression computed from the facts.
+On a PostgreSQL warehouse each block is built on a connection of its own, the blocks at
+once, and handed to the feature query's session as a temporary table (the warehouse needs no
+write access, only PostgreSQL's default TEMP privilege); on another warehouse they are a
+common table expression computed from the facts.
 """
 
 from __future__ import annotations
@@ -41,12 +42,13 @@ import logging
 import os
 import shutil
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from psycopg2 import sql
 
@@ -260,6 +262,9 @@ Evidence = dict[date, list[Any]]  # per day: [rows, content fingerprint]
 Seen = Mapping[str, tuple[date, Mapping[date, Sequence[Any]]]]
 
 
+WORKERS = 3  # blocks built at once, each on a warehouse connection of its own
+
+
 def prepare(
     cur: Any,
     settings: Settings,
@@ -271,6 +276,10 @@ def prepare(
     """Create each block of ``uc`` (windows and states) as a temporary table as of
     ``as_of`` in the session of ``cur`` (an ADBC cursor on the warehouse, search path set).
 
+    The blocks are built at once (up to ``WORKERS``), each on a warehouse connection of its
+    own, and each handed to the session of ``cur`` as soon as it is ready: rolling one
+    block no longer waits for the others, and the two cores share the work.
+
     With ``keep``, the newest state kept by an earlier night (up to ``ROLL_LIMIT`` days
     old) is rolled forward if the warehouse still holds the days it was built from
     (counted on a second connection meanwhile) and, for a state, a slice of it agrees with
@@ -281,62 +290,112 @@ def prepare(
     counted them (``check_sources`` keeps the same evidence, of the same columns): used
     instead of counting again where it covers the days a block needs.
     """
-    built = []
-    for block in blocks(uc):
-        columns = _check_columns(cur, settings, uc, block)
-        if not keep:
-            _from_facts(cur, block, as_of)
-            built.append(Built(block.name, "facts"))
-            continue
-        folder = _folder(settings, uc, block)
-        state = _newest(folder, block, as_of)
-        since = state.as_of if state is not None else as_of
-        given = _given(block, seen, since, as_of)
-        log.info(
-            "kept %s as of %s: the evidence of its days %s",
+    todo = blocks(uc)
+    made: dict[str, Built] = {}
+    with ThreadPoolExecutor(max(1, min(WORKERS, len(todo)))) as pool:
+        building = {pool.submit(_build, settings, uc, b, as_of, keep, seen): b for b in todo}
+        try:
+            for done in as_completed(building):
+                if done.exception() is not None:
+                    break
+                block = building[done]
+                how, table = done.result()
+                cur.adbc_ingest(block.name, table, mode="create", temporary=True)
+                _execute(cur, f"ANALYZE {_q(block.name)}", as_of)
+                made[block.name] = how
+        finally:
+            for f in building:
+                f.cancel()
+    for f in building:  # the error of the first block, in the use case's order, that failed
+        error = None if f.cancelled() else f.exception()
+        if error is not None:
+            raise error
+    return [made[b.name] for b in todo]
+
+
+def _build(
+    settings: Settings, uc: UseCase, block: Block, as_of: date, keep: bool, seen: Seen | None
+) -> tuple[Built, pa.Table]:
+    """``block`` as of ``as_of``, made on a warehouse connection of its own (and kept, with
+    ``keep``): how it was made, and its rows in key order."""
+    import adbc_driver_manager
+
+    conn = db.adbc_connect(settings.warehouse_url)
+    try:
+        cur = conn.cursor()
+        db.set_search_path(cur, settings.warehouse_schema)
+        db.apply_settings(cur, uc.warehouse.settings, f"{uc.source}: warehouse.session")
+        how, evidence = _make(cur, settings, uc, block, as_of, keep, seen)
+        cur.execute(f"SELECT * FROM {_q(block.name)} ORDER BY {_q(uc.entity_key)}")
+        table = cur.fetch_arrow_table()
+        if keep and how.how != "stored":
+            _keep(table, block, _folder(settings, uc, block), as_of, evidence)
+        log.info("windows %s as of %s: %s", uc.name, as_of, how)
+        return how, table
+    except adbc_driver_manager.Error as exc:
+        raise db.source_error(exc, settings.warehouse_schema) from exc
+    finally:
+        conn.close()
+
+
+def _make(
+    cur: Any,
+    settings: Settings,
+    uc: UseCase,
+    block: Block,
+    as_of: date,
+    keep: bool,
+    seen: Seen | None,
+) -> tuple[Built, dict[str, Evidence]]:
+    """Create ``block`` as a temporary table of ``cur``'s session (:func:`prepare`'s rules):
+    how it was made, and the evidence of the days it was built from (none without ``keep``)."""
+    columns = _check_columns(cur, settings, uc, block)
+    if not keep:
+        return _from_facts(cur, block, as_of), {}
+    state = _newest(_folder(settings, uc, block), block, as_of)
+    since = state.as_of if state is not None else as_of
+    given = _given(block, seen, since, as_of)
+    log.info(
+        "kept %s as of %s: the evidence of its days %s",
+        block.name,
+        as_of,
+        "counted" if given is None else "from the night's source checks",
+    )
+    with ThreadPoolExecutor(1) as pool:
+        counting = None
+        if given is None:
+            counting = pool.submit(_evidence, settings, block, columns, since, as_of)
+        how = _roll(cur, block, state, as_of) if state else _from_facts(cur, block, as_of)
+        evidence = counting.result() if counting is not None else given or {}
+    changed = state.disagreements(evidence) if state is not None else []
+    if changed:
+        log.warning(
+            "%s %s of %s as of %s: %s changed since the kept state was built (%s): "
+            "rebuilt from the facts",
+            _kind(block),
             block.name,
+            uc.name,
             as_of,
-            "counted" if given is None else "from the night's source checks",
+            ", ".join(s.table for s in block.sources),
+            "; ".join(changed),
         )
-        with ThreadPoolExecutor(1) as pool:
-            counting = None
-            if given is None:
-                counting = pool.submit(_evidence, settings, block, columns, since, as_of)
-            how = _roll(cur, block, state, as_of) if state else _from_facts(cur, block, as_of)
-            evidence = counting.result() if counting is not None else given or {}
-        changed = state.disagreements(evidence) if state is not None else []
+    elif block.verified and how.how == "rolled":
+        changed = _verify(cur, uc, block, as_of)
         if changed:
             log.warning(
-                "%s %s of %s as of %s: %s changed since the kept state was built (%s): "
-                "rebuilt from the facts",
-                _kind(block),
+                "state %s of %s as of %s: its step disagrees with its facts SQL on the "
+                "slice of entities checked tonight (%s): rebuilt from the facts; fix %s",
                 block.name,
                 uc.name,
                 as_of,
-                ", ".join(s.table for s in block.sources),
                 "; ".join(changed),
+                uc.states[block.name].step.name,
             )
-        elif block.verified and how.how == "rolled":
-            changed = _verify(cur, uc, block, as_of)
-            if changed:
-                log.warning(
-                    "state %s of %s as of %s: its step disagrees with its facts SQL on the "
-                    "slice of entities checked tonight (%s): rebuilt from the facts; fix %s",
-                    block.name,
-                    uc.name,
-                    as_of,
-                    "; ".join(changed),
-                    uc.states[block.name].step.name,
-                )
-        if changed:
-            _execute(cur, f"DROP TABLE {_q(block.name)}", as_of)
-            how = Built(block.name, "facts", changed=tuple(changed))
-            _from_facts(cur, block, as_of)
-        if how.how != "stored":
-            _keep(cur, uc, block, folder, as_of, evidence)
-        log.info("windows %s as of %s: %s", uc.name, as_of, how)
-        built.append(how)
-    return built
+    if changed:
+        _execute(cur, f"DROP TABLE {_q(block.name)}", as_of)
+        _from_facts(cur, block, as_of)
+        how = Built(block.name, "facts", changed=tuple(changed))
+    return how, evidence
 
 
 def _kind(block: Block) -> str:
@@ -608,17 +667,10 @@ def _newest(folder: Path, block: Block, as_of: date) -> Kept | None:
 
 
 def _keep(
-    cur: Any,
-    uc: UseCase,
-    block: Block,
-    folder: Path,
-    as_of: date,
-    evidence: dict[str, Evidence],
+    table: pa.Table, block: Block, folder: Path, as_of: date, evidence: dict[str, Evidence]
 ) -> None:
-    """Write the block as of ``as_of`` (its temporary table) to the state store, with the
+    """Write the block as of ``as_of`` (its rows, in key order) to the state store, with the
     evidence of the days it was built from."""
-    cur.execute(f"SELECT * FROM {_q(block.name)} ORDER BY {_q(uc.entity_key)}")
-    table = cur.fetch_arrow_table()
     days = {}
     for src in block.sources:
         start = date.min if src.days is None else as_of - timedelta(days=src.days)
