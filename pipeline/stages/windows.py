@@ -276,9 +276,12 @@ def prepare(
     """Create each block of ``uc`` (windows and states) as a temporary table as of
     ``as_of`` in the session of ``cur`` (an ADBC cursor on the warehouse, search path set).
 
-    The blocks are built at once (up to ``WORKERS``), each on a warehouse connection of its
-    own, and each handed to the session of ``cur`` as soon as it is ready: rolling one
-    block no longer waits for the others, and the two cores share the work.
+    With ``keep``, the blocks are built at once (up to ``WORKERS``), each on a warehouse
+    connection of its own, and each handed to the session of ``cur`` as soon as it is
+    ready: rolling one block does not wait for the others. Without it they are built from
+    the facts in the session of ``cur``, one after the other: those scans already run on
+    the server's parallel workers, and at once they only contend (45 s against 54 s for a
+    training snapshot at 1M, docs/scaling.md).
 
     With ``keep``, the newest state kept by an earlier night (up to ``ROLL_LIMIT`` days
     old) is rolled forward if the warehouse still holds the days it was built from
@@ -291,9 +294,11 @@ def prepare(
     instead of counting again where it covers the days a block needs.
     """
     todo = blocks(uc)
+    if not keep:
+        return [_made(uc, as_of, _make(cur, settings, uc, b, as_of, keep, seen)[0]) for b in todo]
     made: dict[str, Built] = {}
     with ThreadPoolExecutor(max(1, min(WORKERS, len(todo)))) as pool:
-        building = {pool.submit(_build, settings, uc, b, as_of, keep, seen): b for b in todo}
+        building = {pool.submit(_build, settings, uc, b, as_of, seen): b for b in todo}
         try:
             for done in as_completed(building):
                 if done.exception() is not None:
@@ -314,10 +319,10 @@ def prepare(
 
 
 def _build(
-    settings: Settings, uc: UseCase, block: Block, as_of: date, keep: bool, seen: Seen | None
+    settings: Settings, uc: UseCase, block: Block, as_of: date, seen: Seen | None
 ) -> tuple[Built, pa.Table]:
-    """``block`` as of ``as_of``, made on a warehouse connection of its own (and kept, with
-    ``keep``): how it was made, and its rows in key order."""
+    """``block`` as of ``as_of``, made on a warehouse connection of its own and kept: how it
+    was made, and its rows in key order."""
     import adbc_driver_manager
 
     conn = db.adbc_connect(settings.warehouse_url)
@@ -325,17 +330,21 @@ def _build(
         cur = conn.cursor()
         db.set_search_path(cur, settings.warehouse_schema)
         db.apply_settings(cur, uc.warehouse.settings, f"{uc.source}: warehouse.session")
-        how, evidence = _make(cur, settings, uc, block, as_of, keep, seen)
+        how, evidence = _make(cur, settings, uc, block, as_of, True, seen)
         cur.execute(f"SELECT * FROM {_q(block.name)} ORDER BY {_q(uc.entity_key)}")
         table = cur.fetch_arrow_table()
-        if keep and how.how != "stored":
+        if how.how != "stored":
             _keep(table, block, _folder(settings, uc, block), as_of, evidence)
-        log.info("windows %s as of %s: %s", uc.name, as_of, how)
-        return how, table
+        return _made(uc, as_of, how), table
     except adbc_driver_manager.Error as exc:
         raise db.source_error(exc, settings.warehouse_schema) from exc
     finally:
         conn.close()
+
+
+def _made(uc: UseCase, as_of: date, how: Built) -> Built:
+    log.info("windows %s as of %s: %s", uc.name, as_of, how)
+    return how
 
 
 def _make(
