@@ -28,10 +28,10 @@ rolls one recomputes a slice of its entities (1 in ``SLICES``, a different slice
 night) from the facts and compares: a step that disagrees is not used (the block is rebuilt
 from the facts, and the log and the night's record name the entity and column).
 
-On a PostgreSQL warehouse each block is built on a connection of its own, the blocks at
-once, and handed to the feature query's session as a temporary table (the warehouse needs no
-write access, only PostgreSQL's default TEMP privilege); on another warehouse they are a
-common table expression computed from the facts.
+On a PostgreSQL warehouse each block is a temporary table of the feature query's session (the
+warehouse needs no write access, only PostgreSQL's default TEMP privilege); kept blocks are
+rolled at once, each on a connection of its own, and handed to that session. On another
+warehouse they are a common table expression computed from the facts.
 """
 
 from __future__ import annotations
@@ -295,7 +295,11 @@ def prepare(
     """
     todo = blocks(uc)
     if not keep:
-        return [_made(uc, as_of, _make(cur, settings, uc, b, as_of, keep, seen)[0]) for b in todo]
+        built = []
+        for block in todo:
+            _check_columns(cur, settings, uc, block)
+            built.append(_made(uc, as_of, _from_facts(cur, block, as_of)))
+        return built
     made: dict[str, Built] = {}
     with ThreadPoolExecutor(max(1, min(WORKERS, len(todo)))) as pool:
         building = {pool.submit(_build, settings, uc, b, as_of, seen): b for b in todo}
@@ -330,7 +334,7 @@ def _build(
         cur = conn.cursor()
         db.set_search_path(cur, settings.warehouse_schema)
         db.apply_settings(cur, uc.warehouse.settings, f"{uc.source}: warehouse.session")
-        how, evidence = _make(cur, settings, uc, block, as_of, True, seen)
+        how, evidence = _make(cur, settings, uc, block, as_of, seen)
         cur.execute(f"SELECT * FROM {_q(block.name)} ORDER BY {_q(uc.entity_key)}")
         table = cur.fetch_arrow_table()
         if how.how != "stored":
@@ -353,14 +357,12 @@ def _make(
     uc: UseCase,
     block: Block,
     as_of: date,
-    keep: bool,
     seen: Seen | None,
 ) -> tuple[Built, dict[str, Evidence]]:
-    """Create ``block`` as a temporary table of ``cur``'s session (:func:`prepare`'s rules):
-    how it was made, and the evidence of the days it was built from (none without ``keep``)."""
+    """Create ``block`` as a temporary table of ``cur``'s session from the state an earlier
+    night kept, else from the facts (:func:`prepare`'s rules): how it was made, and the
+    evidence of the days it was built from."""
     columns = _check_columns(cur, settings, uc, block)
-    if not keep:
-        return _from_facts(cur, block, as_of), {}
     state = _newest(_folder(settings, uc, block), block, as_of)
     since = state.as_of if state is not None else as_of
     given = _given(block, seen, since, as_of)
