@@ -7,7 +7,8 @@ this or ``benchmarks/nightly.py``), tonight's scoring snapshot (as of D) three w
 through ``features.build_snapshot``:
 
 - kept: the windows of the night before (as of D-1, built first, untimed) rolled one day
-  forward: one state row per customer and a few days of facts;
+  forward: one state row per customer and a few days of facts; the blocks rolled at once,
+  then again one after the other;
 - rebuilt: an empty state store, so the windows come from 60 days of facts (and are kept);
 - inline: the features query with the windows as CTEs over the facts, as a pipeline
   without kept state runs it (nothing kept, read whole).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 import tempfile
 import time
@@ -41,12 +43,13 @@ def main() -> int:
 
     from pipeline.conf import usecase
     from pipeline.conf.config import load_settings
-    from pipeline.stages import features
+    from pipeline.stages import features, windows
     from pipeline.store import db
 
     logging.basicConfig(level=logging.WARNING)
     uc = usecase.load("churn")
     day = FIRST_DAY + timedelta(days=args.days + 2)  # benchmarks/nightly.py's third night
+    workers = windows.WORKERS
     with (
         warehouse_database(args.customers, args.days + 2, args.seed, args.keep) as wh,
         tempfile.TemporaryDirectory(prefix="nightscore_windows_") as home,
@@ -59,6 +62,15 @@ def main() -> int:
         kept = features.build_snapshot(kept_home, uc, day)
         kept_s = time.monotonic() - began
 
+        # the same roll with the blocks one after the other (tonight's kept states removed)
+        for tonight in (kept_home.snapshots / uc.name / "windows").glob(f"*/*/as_of={day}"):
+            shutil.rmtree(tonight)
+        windows.WORKERS = 1
+        began = time.monotonic()
+        one_by_one = features.build_snapshot(kept_home, uc, day)
+        one_by_one_s = time.monotonic() - began
+        windows.WORKERS = workers
+
         began = time.monotonic()
         rebuilt = features.build_snapshot(replace(base, home=Path(home) / "rebuilt"), uc, day)
         rebuilt_s = time.monotonic() - began
@@ -69,12 +81,18 @@ def main() -> int:
         )
         inline_s = time.monotonic() - began
         same_values = inline.cast(pq.read_schema(kept.path)).equals(pq.read_table(kept.path))
-    same = kept.sha256 == rebuilt.sha256
+    same = kept.sha256 == rebuilt.sha256 == one_by_one.sha256
     print(f"tonight's churn snapshot as of {day}, {kept.rows:,} customers:")
-    print(f"  windows kept, rolled one day       {kept_s:7.2f} s")
+    print(f"  windows kept, rolled one day       {kept_s:7.2f} s   ({workers} blocks at once)")
+    print(
+        f"  the same, one block at a time      {one_by_one_s:7.2f} s   {one_by_one_s / kept_s:.2f}x"
+    )
     print(f"  windows rebuilt from the facts     {rebuilt_s:7.2f} s   {rebuilt_s / kept_s:.2f}x")
     print(f"  inline CTEs, nothing kept          {inline_s:7.2f} s   {inline_s / kept_s:.2f}x")
-    print(f"  same snapshot bytes (kept, rebuilt): {same}; same values (inline): {same_values}")
+    print(
+        f"  same snapshot bytes (kept, one at a time, rebuilt): {same}; "
+        f"same values (inline): {same_values}"
+    )
     return 0 if same and same_values else 1
 
 
