@@ -420,8 +420,9 @@ def _from_facts(cur: Any, block: Block, as_of: date) -> Built:
 
 
 def _roll(cur: Any, block: Block, state: Kept, as_of: date) -> Built:
-    """The temporary table of ``block``: the kept ``state``, rolled forward to ``as_of``;
-    each step reads the table as of the day before under the block's name."""
+    """The temporary table of ``block`` in a worker's session: the kept ``state``, rolled
+    forward to ``as_of``; each step reads the table as of the day before under the block's
+    name. Not analyzed at the end: the feature session analyzes its own copy."""
     name = _q(block.name)
     cur.adbc_ingest(block.name, pq.read_table(state.path), mode="create", temporary=True)
     steps = (as_of - state.as_of).days
@@ -431,7 +432,6 @@ def _roll(cur: Any, block: Block, state: Kept, as_of: date) -> Built:
         _execute(cur, step, state.as_of + timedelta(days=i))
         _execute(cur, f"DROP TABLE {name}", as_of)
         _execute(cur, f"ALTER TABLE nightscore_next RENAME TO {name}", as_of)
-    _execute(cur, f"ANALYZE {name}", as_of)
     return Built(block.name, "stored") if steps == 0 else Built(block.name, "rolled", steps)
 
 
