@@ -77,22 +77,22 @@ class Trees:
 
 @dataclass(frozen=True)
 class Masks:
-    """The model's splits as ``forest_kernel.bitvector_sums`` reads them: per feature, the
-    numeric splits by threshold and those sending missing values right; per categorical
-    feature and code (256: missing), the splits sending it right; each with its tree and the
-    mask clearing its left subtree's leaves. ``leaf_values``: per tree, left to right."""
+    """The model's splits as ``forest_kernel.bitvector_sums`` reads them, tree after tree:
+    the numeric splits of tree t at ``split_bounds[t]:split_bounds[t + 1]``, each with its
+    feature, threshold, the mask clearing its left subtree's leaves, and 1 if a missing
+    value goes right; the categorical features tree t splits on at
+    ``table_bounds[t]:table_bounds[t + 1]``, each with a table of 257 masks (per code, 256:
+    missing), the AND of the masks of the tree's splits on that feature the code fails.
+    ``leaf_values``: per tree, left to right."""
 
-    bounds: np.ndarray
+    split_bounds: np.ndarray
+    split_feature: np.ndarray
     thresholds: np.ndarray
-    split_tree: np.ndarray
     split_mask: np.ndarray
-    missing_bounds: np.ndarray
-    missing_tree: np.ndarray
-    missing_mask: np.ndarray
-    categorical: np.ndarray
-    code_bounds: np.ndarray
-    code_tree: np.ndarray
-    code_mask: np.ndarray
+    missing_right: np.ndarray
+    table_bounds: np.ndarray
+    table_feature: np.ndarray
+    tables: np.ndarray
     leaf_values: np.ndarray
     lowest_bit: np.ndarray
     baseline: float
@@ -100,17 +100,14 @@ class Masks:
     def args(self) -> tuple[Any, ...]:
         """What ``forest_kernel.bitvector_sums`` reads besides the rows."""
         return (
-            self.bounds,
+            self.split_bounds,
+            self.split_feature,
             self.thresholds,
-            self.split_tree,
             self.split_mask,
-            self.missing_bounds,
-            self.missing_tree,
-            self.missing_mask,
-            self.categorical,
-            self.code_bounds,
-            self.code_tree,
-            self.code_mask,
+            self.missing_right,
+            self.table_bounds,
+            self.table_feature,
+            self.tables,
             self.leaf_values,
             self.lowest_bit,
             self.baseline,
@@ -364,11 +361,9 @@ def bitvectors(model: Any) -> Masks | None:
     known_bits, f_idx_map = est._bin_mapper.make_known_categories_bitsets()
     known_bits = np.asarray(known_bits, dtype=np.uint32).reshape(-1, 8)
     predictors = [p for iteration in est._predictors for p in iteration]
-    features = est.n_features_in_
-    numeric: list[
-        tuple[int, float, int, int, bool]
-    ] = []  # feature, threshold, tree, mask, nan right
-    categorical: list[tuple[int, int, int, bool, np.ndarray]] = []  # ..., missing left, bitset
+    numeric: list[tuple[int, float, int, bool]] = []  # feature, threshold, mask, nan right
+    tables: list[tuple[int, np.ndarray]] = []  # feature, the masks per code
+    split_bounds, table_bounds = [0], [0]
     leaf_values = np.zeros((len(predictors), 64), dtype=np.float64)
     for t, predictor in enumerate(predictors):
         nodes = predictor.nodes
@@ -381,37 +376,55 @@ def bitvectors(model: Any) -> Masks | None:
         below = dict(bit_of)  # node -> the bits of the leaves under it
         for i in _inner_nodes_children_first(nodes):
             below[i] = below[int(nodes["left"][i])] | below[int(nodes["right"][i])]
+        by_feature: dict[int, np.ndarray] = {}
         for node in np.flatnonzero(~nodes["is_leaf"].astype(bool)):
             mask = ~below[int(nodes["left"][node])] & (2**64 - 1)
             f, left = int(nodes["feature_idx"][node]), bool(nodes["missing_go_to_left"][node])
             if nodes["is_categorical"][node]:
-                categorical.append((f, t, mask, left, bits[int(nodes["bitset_idx"][node])]))
+                fails = _codes_failing(
+                    bits[int(nodes["bitset_idx"][node])], known_bits, f_idx_map[f], left
+                )
+                masks = np.where(fails, np.uint64(mask), ~np.uint64(0))
+                by_feature[f] = masks if f not in by_feature else by_feature[f] & masks
             else:
-                numeric.append((f, float(nodes["num_threshold"][node]), t, mask, not left))
-    numeric.sort(key=lambda s: (s[0], s[1]))
-    missing = [s for s in numeric if s[4]]
-    code_bounds, code_tree, code_mask = _code_lists(categorical, known_bits, f_idx_map, features)
-    is_categorical = np.zeros(features, dtype=np.bool_)
-    is_categorical[[c[0] for c in categorical]] = True
+                numeric.append((f, float(nodes["num_threshold"][node]), mask, not left))
+        tables += sorted(by_feature.items())
+        split_bounds.append(len(numeric))
+        table_bounds.append(len(tables))
     lowest_bit = np.zeros(64, dtype=np.int64)
     for i in range(64):
         lowest_bit[(((1 << i) * int(k.DE_BRUIJN)) & (2**64 - 1)) >> 58] = i
     return Masks(
-        bounds=_bounds([s[0] for s in numeric], features),
+        split_bounds=np.asarray(split_bounds, dtype=np.int64),
+        split_feature=np.array([s[0] for s in numeric], dtype=np.int64),
         thresholds=np.array([s[1] for s in numeric], dtype=np.float64),
-        split_tree=np.array([s[2] for s in numeric], dtype=np.int64),
-        split_mask=np.array([s[3] for s in numeric], dtype=np.uint64),
-        missing_bounds=_bounds([s[0] for s in missing], features),
-        missing_tree=np.array([s[2] for s in missing], dtype=np.int64),
-        missing_mask=np.array([s[3] for s in missing], dtype=np.uint64),
-        categorical=is_categorical,
-        code_bounds=code_bounds,
-        code_tree=code_tree,
-        code_mask=code_mask,
+        split_mask=np.array([s[2] for s in numeric], dtype=np.uint64),
+        missing_right=np.array([s[3] for s in numeric], dtype=np.uint64),
+        table_bounds=np.asarray(table_bounds, dtype=np.int64),
+        table_feature=np.array([f for f, _ in tables], dtype=np.int64),
+        tables=(
+            np.stack([m for _, m in tables])
+            if tables
+            else np.zeros((0, k.MISSING_CODE + 1), dtype=np.uint64)
+        ),
         leaf_values=leaf_values,
         lowest_bit=lowest_bit,
         baseline=float(np.asarray(est._baseline_prediction).reshape(-1)[0]),
     )
+
+
+def _codes_failing(
+    left_bits: np.ndarray, known_bits: np.ndarray, known_row: int, missing_left: bool
+) -> np.ndarray:
+    """Per code 0..256 (256: missing), whether a categorical split sends it right: a code in
+    the split's bitset goes left; a code the fit knew, right; an unknown code, and a missing
+    value, where missing values go."""
+    codes = np.arange(256)
+    word, bit = codes >> 5, (codes & 31).astype(np.uint32)
+    in_left = ((left_bits[word] >> bit) & 1).astype(bool)
+    known = ((known_bits[known_row][word] >> bit) & 1).astype(bool)
+    goes_left = in_left | (~known & missing_left)
+    return np.append(~goes_left, not missing_left)
 
 
 def _leaves_in_order(nodes: np.ndarray) -> list[int]:
@@ -434,53 +447,6 @@ def _inner_nodes_children_first(nodes: np.ndarray) -> list[int]:
             order.append(i)
             stack += [int(nodes["left"][i]), int(nodes["right"][i])]
     return order[::-1]  # every node after the nodes below it
-
-
-def _bounds(features: list[int], count: int) -> np.ndarray:
-    """CSR bounds of entries sorted by feature: entries of feature f at [b[f], b[f+1])."""
-    return np.concatenate(
-        [[0], np.cumsum(np.bincount(np.asarray(features, dtype=np.int64), minlength=count))]
-    ).astype(np.int64)
-
-
-def _code_lists(
-    splits: list[tuple[int, int, int, bool, np.ndarray]],
-    known_bits: np.ndarray,
-    known_row: np.ndarray,
-    features: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per (feature, code 0..256), the trees and masks of the categorical splits sending
-    that code right: a code in the split's bitset goes left; a code the fit knew, right; an
-    unknown code, and a missing value (code 256), where missing values go."""
-    from pipeline.stages import forest_kernel as k
-
-    codes = np.arange(256)
-    bounds = np.zeros((features, k.MISSING_CODE + 2), dtype=np.int64)
-    trees, masks = [], []
-    position = 0
-    for f in range(features):
-        mine = [s for s in splits if s[0] == f]
-        bounds[f, :] = position
-        if not mine:
-            continue
-        bits = np.stack([s[4] for s in mine])  # (splits, 8)
-        word, bit = codes >> 5, (codes & 31).astype(np.uint32)
-        in_left = ((bits[:, word] >> bit) & 1).astype(bool)  # (splits, 256)
-        known = ((known_bits[known_row[f]][word] >> bit) & 1).astype(bool)  # (256,)
-        missing_left = np.array([s[3] for s in mine])
-        goes_left = in_left | (~known[None, :] & missing_left[:, None])
-        goes_left = np.concatenate([goes_left, missing_left[:, None]], axis=1)
-        code, split = np.nonzero(~goes_left.T)  # by code, then split
-        trees.append(np.array([mine[j][1] for j in split], dtype=np.int64))
-        masks.append(np.array([mine[j][2] for j in split], dtype=np.uint64))
-        counts = np.bincount(code, minlength=k.MISSING_CODE + 1)
-        bounds[f, 1:] = position + np.cumsum(counts)
-        position += len(split)
-    return (
-        bounds,
-        np.concatenate(trees) if trees else np.zeros(0, dtype=np.int64),
-        np.concatenate(masks) if masks else np.zeros(0, dtype=np.uint64),
-    )
 
 
 def load_kernels(cache_dir: Path | None = None) -> tuple[Callable[..., None], Callable[..., None]]:

@@ -1,15 +1,17 @@
 """The compiled kernels of :mod:`pipeline.stages.forest` (numba), kept apart so that importing
 them is the one step that needs numba and its cache directory.
 
-``bitvector_sums`` (QuickScorer, Lucchese et al., SIGIR 2015) serves trees of up to 64
-leaves: every tree keeps a 64-bit set of the leaves a row can still reach, leaves numbered
-left to right; every split the row fails (it goes right) clears the leaves of its left
-subtree, and the row's leaf in a tree is the lowest bit left. The splits a row fails are
-found per feature without walking: numeric splits sorted by threshold (those below the
-row's value fail; a missing value fails those that send missing values right), and for a
-categorical feature the splits each code fails, listed once per model. No branch depends
-on the path through a tree, which is what makes a walk slow. The leaves are added in tree
-order from the baseline, as in the walk.
+``bitvector_sums`` (QuickScorer, Lucchese et al., SIGIR 2015, scored a block of rows at a
+time as in its vectorized form) serves trees of up to 64 leaves: every tree keeps a 64-bit
+set of the leaves a row can still reach, leaves numbered left to right; every split the
+row fails (it goes right) clears the leaves of its left subtree, and the row's leaf in a
+tree is the lowest bit left. A block of ``ROWS`` rows goes through the trees in order: each
+numeric split of a tree is compared with the block's values of its feature side by side
+(a missing value fails the splits that send missing values right), with no branch, which
+is what makes a walk slow; each categorical feature a tree splits on is one lookup per row,
+the row's code into a table of the masks of every split of that tree on that feature the
+code fails. The leaves are added to each row in tree order from the baseline, as in the
+walk.
 
 ``raw_sums`` walks each tree; it serves trees of more than 64 leaves. A node is one row of two 64-bit words, so a step of the walk reads one cache line: word 0
 packs the left child (bits 0-23), the right child (24-47), the feature (48-55) and the
@@ -85,52 +87,61 @@ def _bitvector_sums(
     x: np.ndarray,
     start: int,
     stop: int,
-    bounds: np.ndarray,
+    split_bounds: np.ndarray,
+    split_feature: np.ndarray,
     thresholds: np.ndarray,
-    split_tree: np.ndarray,
     split_mask: np.ndarray,
-    missing_bounds: np.ndarray,
-    missing_tree: np.ndarray,
-    missing_mask: np.ndarray,
-    categorical: np.ndarray,
-    code_bounds: np.ndarray,
-    code_tree: np.ndarray,
-    code_mask: np.ndarray,
+    missing_right: np.ndarray,
+    table_bounds: np.ndarray,
+    table_feature: np.ndarray,
+    tables: np.ndarray,
     leaf_values: np.ndarray,
     lowest_bit: np.ndarray,
     baseline: float,
     out: np.ndarray,
 ) -> None:  # pragma: no cover - compiled
-    trees = leaf_values.shape[0]
-    reachable = np.empty(trees, dtype=np.uint64)
-    everything = ~np.uint64(0)
-    for i in range(start, stop):
-        reachable[:] = everything
-        for f in range(bounds.shape[0] - 1):
-            v = x[i, f]
-            if v != v:
-                for k in range(missing_bounds[f], missing_bounds[f + 1]):
-                    reachable[missing_tree[k]] &= missing_mask[k]
-            else:
-                k = bounds[f]
-                end = bounds[f + 1]
-                while k < end and thresholds[k] < v:  # v > threshold: the split sends v right
-                    reachable[split_tree[k]] &= split_mask[k]
-                    k += 1
-            if categorical[f]:
-                # missing, or outside the codes: as a missing value (the last list)
-                c = MISSING_CODE if (v != v or v < 0.0 or v >= 256.0) else np.int64(v)
-                for k in range(code_bounds[f, c], code_bounds[f, c + 1]):
-                    reachable[code_tree[k]] &= code_mask[k]
-        acc = 0.0
-        acc += baseline
-        for t in range(trees):
-            bits = reachable[t]
-            lowest = bits & (~bits + np.uint64(1))
-            acc += leaf_values[t, lowest_bit[(lowest * DE_BRUIJN) >> np.uint64(58)]]
-        out[i] = acc
+    features = x.shape[1]
+    values = np.empty((features, ROWS), dtype=np.float64)  # the block's rows, a feature's together
+    missing = np.empty((features, ROWS), dtype=np.uint64)  # 1: the value is missing
+    codes = np.empty((features, ROWS), dtype=np.int64)  # as a category: MISSING_CODE if not one
+    reachable = np.empty(ROWS, dtype=np.uint64)
+    sums = np.empty(ROWS, dtype=np.float64)
+    one = np.uint64(1)
+    for first in range(start, stop, ROWS):
+        n = min(ROWS, stop - first)
+        for r in range(n):
+            for f in range(features):
+                v = x[first + r, f]
+                values[f, r] = v
+                missing[f, r] = np.uint64(v != v)
+                # missing, or outside the codes: as a missing value (the last entry)
+                codes[f, r] = MISSING_CODE if (v != v or v < 0.0 or v >= 256.0) else np.int64(v)
+        for r in range(n):
+            sums[r] = baseline
+        for t in range(split_bounds.shape[0] - 1):
+            for r in range(n):
+                reachable[r] = ~np.uint64(0)
+            for k in range(split_bounds[t], split_bounds[t + 1]):
+                f = split_feature[k]
+                threshold = thresholds[k]
+                mask = split_mask[k]
+                nan_right = missing_right[k]
+                for r in range(n):  # no branch: the rows of the block side by side
+                    fails = np.uint64(values[f, r] > threshold) | (missing[f, r] & nan_right)
+                    reachable[r] &= mask | (fails - one)
+            for k in range(table_bounds[t], table_bounds[t + 1]):
+                f = table_feature[k]
+                for r in range(n):
+                    reachable[r] &= tables[k, codes[f, r]]
+            for r in range(n):
+                bits = reachable[r]
+                lowest = bits & (~bits + one)
+                sums[r] += leaf_values[t, lowest_bit[(lowest * DE_BRUIJN) >> np.uint64(58)]]
+        for r in range(n):
+            out[first + r] = sums[r]
 
 
+ROWS = 64  # rows a bitvector pass scores side by side
 MISSING_CODE = 256
 DE_BRUIJN = np.uint64(0x03F79D71B4CB0A89)
 

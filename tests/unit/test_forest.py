@@ -71,7 +71,13 @@ def many_trees() -> object:
 
 @pytest.mark.parametrize(
     ("trees", "leaves", "method"),
-    [(1, 31, "bitvectors"), (3, 31, "bitvectors"), (40, 31, "bitvectors"), (8, 200, "walk")],
+    [
+        (1, 31, "bitvectors"),
+        (3, 31, "bitvectors"),
+        (40, 31, "bitvectors"),
+        (3, 64, "bitvectors"),  # every bit of the masks
+        (8, 200, "walk"),
+    ],
 )
 def test_the_fast_predictor_gives_scikit_learns_probabilities_to_the_bit(
     trees: int, leaves: int, method: str
@@ -79,6 +85,10 @@ def test_the_fast_predictor_gives_scikit_learns_probabilities_to_the_bit(
     model = fitted(trees, leaves=leaves)
     fast = forest.compile_model(model, COLUMNS)
     assert fast.method == method  # more than 64 leaves in a tree: the walk serves
+    trees_leaves = [len(forest._leaves_in_order(p.nodes)) for i in model[-1]._predictors for p in i]
+    assert (
+        max(trees_leaves) == min(leaves, 64) if method == "bitvectors" else max(trees_leaves) > 64
+    )
     table, _ = rows(20_000, seed=2, unseen=0.03)
     expected = train.predict(model, table, COLUMNS)
     assert np.array_equal(fast.predict(table), expected)
