@@ -26,13 +26,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 ROW_BLOCK = 2048  # rows a thread walks at a time
+KNOWN_VALUES = 100_000  # string values whose codes a predictor remembers, per column
 
 
 class Unsupported(Exception):
@@ -134,15 +135,20 @@ class CompiledForest:
     walk: Callable[..., None]
     bitvectors: Callable[..., None]
     compile_seconds: float
+    # string value -> code, per column, as the model encoded it (see ``_string_codes``)
+    known: dict[str, dict[Any, float]] = dataclasses.field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @property
     def method(self) -> str:
         return "walk" if self.masks is None else "bitvectors"
 
-    def encode(self, table: pa.Table) -> np.ndarray:
-        """The matrix the trees read for ``table``'s rows (float64, a row's values together)."""
+    def encode(self, table: pa.Table, order: Literal["C", "F"] = "C") -> np.ndarray:
+        """The matrix the trees read for ``table``'s rows (float64; ``order`` "C": a row's
+        values together, "F": a column's)."""
         n = table.num_rows
-        x = np.empty((n, len(self.matrix)), dtype=np.float64)
+        x = np.empty((n, len(self.matrix)), dtype=np.float64, order=order)
         strings = [c.name for c in self.matrix if c.kind == "string"]
         codes = self._string_codes(table, strings)
         for j, col in enumerate(self.matrix):
@@ -154,44 +160,54 @@ class CompiledForest:
         return x
 
     def _string_codes(self, table: pa.Table, names: list[str]) -> dict[str, np.ndarray]:
-        """Each string column's values as the fitted transformers encode them: the batch's
-        distinct values (and a missing one) go through the model's own ``transform``; every
-        row takes its value's code."""
-        if not names:
-            return {}
-        uniques: dict[str, pa.Array] = {}
+        """Each string column's values as the fitted transformers encode them: every row
+        takes its value's code, and a value (or a missing one) goes through the model's own
+        ``transform`` the first time this predictor meets it."""
         indices: dict[str, np.ndarray] = {}
+        uniques: dict[str, list[Any]] = {}
         for name in names:
             # one array first: chunks encoded apart could each get a dictionary of their own
             encoded = pc.dictionary_encode(table.column(name).combine_chunks())
-            dictionary = encoded.dictionary
-            uniques[name] = dictionary
-            # a missing value takes the code of the missing entry placed after the uniques
+            uniques[name] = [*encoded.dictionary.to_pylist(), None]  # None: a missing value
             indices[name] = (
-                encoded.indices.fill_null(len(dictionary)).to_numpy().astype(np.intp, copy=False)
+                encoded.indices.fill_null(len(uniques[name]) - 1)
+                .to_numpy()
+                .astype(np.intp, copy=False)
             )
-        size = max(len(u) for u in uniques.values()) + 1
+        self._learn(uniques)
+        out = {}
+        for name in names:
+            known = self.known[name]
+            lookup = np.array([known[v] for v in uniques[name]], dtype=np.float64)
+            out[name] = lookup[indices[name]]
+        return out
+
+    def _learn(self, values: dict[str, list[Any]]) -> None:
+        """Encode through the model the values of ``values`` (per string column) not met
+        before, and remember their codes (at most ``KNOWN_VALUES`` per column: past that,
+        the column's memory starts again)."""
+        new = {}
+        for name, those in values.items():
+            known = self.known.setdefault(name, {})
+            if len(known) + len(those) > KNOWN_VALUES:
+                known.clear()
+            new[name] = [v for v in those if v not in known]
+        size = max((len(v) for v in new.values()), default=0)
+        if size == 0:
+            return
         import pandas as pd
 
         frame = pd.DataFrame(
             {
-                name: (
-                    _padded(uniques[name].to_pylist(), size)
-                    if name in uniques
-                    else np.zeros(size, dtype=np.float64)
-                )
+                name: _padded(new[name], size) if name in new else np.zeros(size, dtype=np.float64)
                 for name in self.columns
             }
         )
         looked_up = _transformed(self.model, frame)
         position = {c.name: j for j, c in enumerate(self.matrix)}
-        out = {}
-        for name in names:
-            table_of_codes = np.asarray(looked_up[:, position[name]], dtype=np.float64)
-            missing = table_of_codes[len(uniques[name])]
-            lookup = np.append(table_of_codes[: len(uniques[name])], missing)
-            out[name] = lookup[indices[name]]
-        return out
+        for name, those in new.items():
+            codes = np.asarray(looked_up[: len(those), position[name]], dtype=np.float64)
+            self.known[name].update(zip(those, codes.tolist(), strict=True))
 
     def raw(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
         """The sum of the leaves from the baseline, per row of the encoded matrix."""
@@ -219,7 +235,7 @@ class CompiledForest:
 
     def predict(self, table: pa.Table, threads: int = 1) -> np.ndarray:
         """Probabilities of the positive class for ``table``'s rows (as ``train.predict``)."""
-        raw = self.raw(self.encode(table), threads)
+        raw = self.raw(self.encode(table, "C" if self.masks is None else "F"), threads)
         estimator = self.model[-1]
         return np.asarray(estimator._loss.predict_proba(raw.reshape(-1, 1))[:, 1], dtype=np.float64)
 

@@ -109,8 +109,8 @@ def _bitvector_sums(
     one = np.uint64(1)
     for first in range(start, stop, ROWS):
         n = min(ROWS, stop - first)
-        for r in range(n):
-            for f in range(features):
+        for f in range(features):  # a column's values together: x is best in "F" order
+            for r in range(n):
                 v = x[first + r, f]
                 values[f, r] = v
                 missing[f, r] = np.uint64(v != v)

@@ -117,6 +117,22 @@ def test_unseen_categories_one_row_and_a_batch_of_several_chunks(many_trees: obj
         assert np.array_equal(fast.predict(part), train.predict(many_trees, part, COLUMNS))
 
 
+def test_string_codes_remembered_across_batches_and_past_the_memory_limit(
+    many_trees: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fast = forest.compile_model(many_trees, COLUMNS)
+    for seed in (10, 11):  # the second batch meets values the first did not
+        part = rows(2_000, seed=seed, unseen=0.2)[0]
+        assert np.array_equal(fast.predict(part), train.predict(many_trees, part, COLUMNS))
+    assert len(fast.known["handset"]) > 50
+    monkeypatch.setattr(forest, "KNOWN_VALUES", 10)  # each batch starts the memory again
+    small = forest.compile_model(many_trees, COLUMNS)
+    for seed in (12, 13):
+        part = rows(2_000, seed=seed, unseen=0.2)[0]
+        assert np.array_equal(small.predict(part), train.predict(many_trees, part, COLUMNS))
+        assert len(small.known["handset"]) <= 10 + 320 + 2
+
+
 def test_a_model_of_another_shape_is_served_by_scikit_learn_and_says_why() -> None:
     model = fitted(0, estimator="logistic_regression")
     fast, served = score.fast_predictor(model, COLUMNS, "v-logistic")
