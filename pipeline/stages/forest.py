@@ -4,9 +4,10 @@ scikit-learn's ``predict_proba`` on a :func:`pipeline.stages.train.build_model` 
 the Arrow batch into pandas, encodes every string through the OrdinalEncoder, then walks
 each tree over all rows, one tree after the other. Here a batch goes from Arrow straight to
 the encoded matrix (each string column's distinct values are encoded through the fitted
-transformers themselves, then taken by index), and one compiled pass (numba) scores every
-tree for a row, in threads over row blocks: by bitvectors when every tree has at most 64
-leaves, else by walking each tree (:mod:`pipeline.stages.forest_kernel`). Both read the fitted
+transformers themselves the first time they are met, then taken by index), and compiled
+code (numba) scores every tree, in threads over row blocks: by bitvectors, 64 rows side by
+side, when every tree has at most 64 leaves, else by walking each tree for a row
+(:mod:`pipeline.stages.forest_kernel`). Both read the fitted
 trees' own splits and make scikit-learn's decisions (missing values, category bitsets,
 unknown categories); the leaves are summed in tree order from the baseline and the
 probability is the model's own link, so the result is the same double ``predict_proba``
