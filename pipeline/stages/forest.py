@@ -175,40 +175,44 @@ class CompiledForest:
                 .to_numpy()
                 .astype(np.intp, copy=False)
             )
-        self._learn(uniques)
-        out = {}
-        for name in names:
-            known = self.known[name]
-            lookup = np.array([known[v] for v in uniques[name]], dtype=np.float64)
-            out[name] = lookup[indices[name]]
-        return out
+        codes = self._codes_of(uniques)
+        return {name: codes[name][indices[name]] for name in names}
 
-    def _learn(self, values: dict[str, list[Any]]) -> None:
-        """Encode through the model the values of ``values`` (per string column) not met
-        before, and remember their codes (at most ``KNOWN_VALUES`` per column: past that,
-        the column's memory starts again)."""
-        new = {}
+    def _codes_of(self, values: dict[str, list[Any]]) -> dict[str, np.ndarray]:
+        """The code of each of ``values`` (per string column), as the model encodes it: a
+        value not met before goes through the model's ``transform``, and is remembered (at
+        most ``KNOWN_VALUES`` per column: past that, the column's memory starts again)."""
+        found: dict[str, list[float | None]] = {}
+        new: dict[str, list[Any]] = {}
         for name, those in values.items():
             known = self.known.setdefault(name, {})
             if len(known) + len(those) > KNOWN_VALUES:
                 known.clear()
-            new[name] = [v for v in those if v not in known]
+            found[name] = [known.get(v) for v in those]  # read once: threads share the memory
+            new[name] = [v for v, code in zip(those, found[name], strict=True) if code is None]
         size = max((len(v) for v in new.values()), default=0)
-        if size == 0:
-            return
-        import pandas as pd
+        if size:
+            import pandas as pd
 
-        frame = pd.DataFrame(
-            {
-                name: _padded(new[name], size) if name in new else np.zeros(size, dtype=np.float64)
-                for name in self.columns
-            }
-        )
-        looked_up = _transformed(self.model, frame)
-        position = {c.name: j for j, c in enumerate(self.matrix)}
-        for name, those in new.items():
-            codes = np.asarray(looked_up[: len(those), position[name]], dtype=np.float64)
-            self.known[name].update(zip(those, codes.tolist(), strict=True))
+            frame = pd.DataFrame(
+                {
+                    name: _padded(new[name], size)
+                    if name in new
+                    else np.zeros(size, dtype=np.float64)
+                    for name in self.columns
+                }
+            )
+            looked_up = _transformed(self.model, frame)
+            position = {c.name: j for j, c in enumerate(self.matrix)}
+            for name, those in new.items():
+                codes = np.asarray(looked_up[: len(those), position[name]], dtype=np.float64)
+                learned = dict(zip(those, codes.tolist(), strict=True))
+                self.known[name].update(learned)
+                found[name] = [
+                    learned[v] if c is None else c
+                    for v, c in zip(values[name], found[name], strict=True)
+                ]
+        return {name: np.asarray(codes, dtype=np.float64) for name, codes in found.items()}
 
     def raw(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
         """The sum of the leaves from the baseline, per row of the encoded matrix."""

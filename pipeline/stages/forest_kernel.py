@@ -7,8 +7,8 @@ set of the leaves a row can still reach, leaves numbered left to right; every sp
 row fails (it goes right) clears the leaves of its left subtree, and the row's leaf in a
 tree is the lowest bit left. A block of ``ROWS`` rows goes through the trees in order: each
 numeric split of a tree is compared with the block's values of its feature side by side
-(a missing value fails the splits that send missing values right), with no branch, which
-is what makes a walk slow; each categorical feature a tree splits on is one lookup per row,
+(a missing value fails the splits that send missing values right), with no branch on the
+data (such branches are what make a walk slow); each categorical feature a tree splits on is one lookup per row,
 the row's code into a table of the masks of every split of that tree on that feature the
 code fails. The leaves are added to each row in tree order from the baseline, as in the
 walk.

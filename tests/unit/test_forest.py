@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -127,10 +128,12 @@ def test_string_codes_remembered_across_batches_and_past_the_memory_limit(
     assert len(fast.known["handset"]) > 50
     monkeypatch.setattr(forest, "KNOWN_VALUES", 10)  # each batch starts the memory again
     small = forest.compile_model(many_trees, COLUMNS)
-    for seed in (12, 13):
-        part = rows(2_000, seed=seed, unseen=0.2)[0]
-        assert np.array_equal(small.predict(part), train.predict(many_trees, part, COLUMNS))
-        assert len(small.known["handset"]) <= 10 + 320 + 2
+    parts = [rows(2_000, seed=seed, unseen=0.2)[0] for seed in range(12, 18)]
+    with ThreadPoolExecutor(2) as pool:  # partitions share a predictor, and its memory
+        found = list(pool.map(small.predict, parts))
+    for part, probabilities in zip(parts, found, strict=True):
+        assert np.array_equal(probabilities, train.predict(many_trees, part, COLUMNS))
+    assert len(small.known["handset"]) <= 320 + 2
 
 
 def test_a_model_of_another_shape_is_served_by_scikit_learn_and_says_why() -> None:
