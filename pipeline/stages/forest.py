@@ -182,14 +182,15 @@ class CompiledForest:
         """The code of each of ``values`` (per string column), as the model encodes it: a
         value not met before goes through the model's ``transform``, and is remembered (at
         most ``KNOWN_VALUES`` per column: past that, the column's memory starts again)."""
-        found: dict[str, list[float | None]] = {}
+        mine: dict[str, dict[Any, float]] = {}  # this call's codes, per column
         new: dict[str, list[Any]] = {}
         for name, those in values.items():
             known = self.known.setdefault(name, {})
             if len(known) + len(those) > KNOWN_VALUES:
                 known.clear()
-            found[name] = [known.get(v) for v in those]  # read once: threads share the memory
-            new[name] = [v for v, code in zip(those, found[name], strict=True) if code is None]
+            # each code read once: partitions in threads share the memory, and may clear it
+            mine[name] = {v: code for v in those if (code := known.get(v)) is not None}
+            new[name] = [v for v in those if v not in mine[name]]
         size = max((len(v) for v in new.values()), default=0)
         if size:
             import pandas as pd
@@ -208,11 +209,11 @@ class CompiledForest:
                 codes = np.asarray(looked_up[: len(those), position[name]], dtype=np.float64)
                 learned = dict(zip(those, codes.tolist(), strict=True))
                 self.known[name].update(learned)
-                found[name] = [
-                    learned[v] if c is None else c
-                    for v, c in zip(values[name], found[name], strict=True)
-                ]
-        return {name: np.asarray(codes, dtype=np.float64) for name, codes in found.items()}
+                mine[name].update(learned)
+        return {
+            name: np.array([mine[name][v] for v in those], dtype=np.float64)
+            for name, those in values.items()
+        }
 
     def raw(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
         """The sum of the leaves from the baseline, per row of the encoded matrix."""
