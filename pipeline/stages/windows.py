@@ -48,7 +48,9 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from psycopg2 import sql
 
@@ -96,47 +98,20 @@ def facts_sql(w: Window, key: str) -> str:
     )
 
 
-def step_sql(w: Window, key: str, previous: str) -> str:
-    """The windows as of ``:as_of`` from ``previous`` (the windows as of the day before):
-    the day entering every window added, the day leaving each window taken away."""
-    d, k = _q(w.date), _q(key)
+def moved_sql(w: Window, key: str) -> str:
+    """The facts that move the windows as of ``:as_of``: those of the day before it (they
+    enter every window) and of the day each window of ``n`` days leaves behind (``:as_of``
+    minus ``n + 1``). Their key, day and summed columns, in that order, ungrouped:
+    :func:`roll` counts and sums them per entity."""
+    d = _q(w.date)
     leaving = sorted({a.days for a in w.aggregates.values()} | {w.days})
     days = ", ".join([_day(1)] + [_day(n + 1) for n in leaving])
-    moved = [
-        f"count(*) FILTER (WHERE {d} = {_day(1)}) AS in_rows",
-        *(f"count(*) FILTER (WHERE {d} = {_day(n + 1)}) AS out_rows_{n}" for n in leaving),
-    ]
-    out = []
-    for i, (agg_name, a) in enumerate(w.aggregates.items()):
-        if a.kind == "sum":
-            col = _q(a.sum or "")
-            moved += [
-                f"sum({col}) FILTER (WHERE {d} = {_day(1)}) AS in_{i}",
-                f"sum({col}) FILTER (WHERE {d} = {_day(a.days + 1)}) AS out_{i}",
-            ]
-            expr = (
-                f"CAST(coalesce(s.{_q(agg_name)}, 0) + coalesce(k.in_{i}, 0) "
-                f"- coalesce(k.out_{i}, 0) AS bigint)"
-            )
-        elif a.kind == "count":
-            expr = (
-                f"coalesce(s.{_q(agg_name)}, 0) + coalesce(k.in_rows, 0) "
-                f"- coalesce(k.out_rows_{a.days}, 0)"
-            )
-        else:
-            expr = (
-                f"CASE WHEN k.in_rows > 0 THEN CAST({_day(1)} AS date) "
-                f"WHEN s.{_q(agg_name)} >= {_day(a.days)} THEN s.{_q(agg_name)} END"
-            )
-        out.append(f"{expr} AS {_q(agg_name)}")
-    rows = f"coalesce(s.{ROWS}, 0) + coalesce(k.in_rows, 0) - coalesce(k.out_rows_{w.days}, 0)"
-    return (
-        f"WITH k AS (\n  SELECT {k}, {', '.join(moved)}\n  FROM {_q(w.table)}\n"
-        f"  WHERE {d} IN ({days})\n  GROUP BY {k}\n)\n"
-        f"SELECT coalesce(s.{k}, k.{k}) AS {k}, {', '.join(out)}, {rows} AS {ROWS}\n"
-        f"FROM {previous} s FULL JOIN k ON k.{k} = s.{k}\n"
-        f"WHERE {rows} > 0"
-    )
+    columns = ", ".join(_q(c) for c in [key, w.date, *_summed(w)])
+    return f"SELECT {columns}\nFROM {_q(w.table)}\nWHERE {d} IN ({days})"
+
+
+def _summed(w: Window) -> list[str]:
+    return sorted({a.sum for a in w.aggregates.values() if a.sum})
 
 
 @dataclass(frozen=True)
@@ -152,8 +127,9 @@ class Source:
 
 @dataclass(frozen=True)
 class Block:
-    """One kept block: its SQL as of ``:as_of`` from the facts, its step from the block as
-    of the day before (read under its own name), the tables it is built from, and whether
+    """One kept block: its SQL as of ``:as_of`` from the facts, its step (a state's: the
+    block as of ``:as_of`` from the block as of the day before, read under its own name;
+    windows': :func:`moved_sql`), the tables it is built from, and whether
     a slice of it is recomputed each night (a step the use case wrote)."""
 
     name: str
@@ -161,6 +137,7 @@ class Block:
     step: str
     sources: tuple[Source, ...]
     verified: bool
+    window: Window | None = None  # a generated block's spec: rolled in Arrow (roll_in_arrow)
 
     @property
     def definition(self) -> str:
@@ -176,13 +153,14 @@ def blocks(uc: UseCase) -> list[Block]:
         Block(
             n,
             facts_sql(w, key),
-            step_sql(w, key, _q(n)),
+            moved_sql(w, key),
             (
                 Source(
                     w.table, w.date, w.days, tuple(a.sum for a in w.aggregates.values() if a.sum)
                 ),
             ),
             verified=False,  # generated: tests/integration/test_windows.py holds it to the facts
+            window=w,
         )
         for n, w in uc.windows.items()
     ]
@@ -334,9 +312,10 @@ def _build(
         cur = conn.cursor()
         db.set_search_path(cur, settings.warehouse_schema)
         db.apply_settings(cur, uc.warehouse.settings, f"{uc.source}: warehouse.session")
-        how, evidence = _make(cur, settings, uc, block, as_of, seen)
-        cur.execute(f"SELECT * FROM {_q(block.name)} ORDER BY {_q(uc.entity_key)}")
-        table = cur.fetch_arrow_table()
+        how, evidence, table = _make(cur, settings, uc, block, as_of, seen)
+        if table is None:  # made in the worker's session
+            cur.execute(f"SELECT * FROM {_q(block.name)} ORDER BY {_q(uc.entity_key)}")
+            table = cur.fetch_arrow_table()
         if how.how != "stored":
             _keep(table, block, _folder(settings, uc, block), as_of, evidence)
         return _made(uc, as_of, how), table
@@ -358,10 +337,14 @@ def _make(
     block: Block,
     as_of: date,
     seen: Seen | None,
-) -> tuple[Built, dict[str, Evidence]]:
-    """Create ``block`` as a temporary table of ``cur``'s session from the state an earlier
-    night kept, else from the facts (:func:`prepare`'s rules): how it was made, and the
-    evidence of the days it was built from."""
+) -> tuple[Built, dict[str, Evidence], pa.Table | None]:
+    """``block`` from the state an earlier night kept, else from the facts (:func:`prepare`'s
+    rules): how it was made, the evidence of the days it was built from, and its rows when
+    they were made outside ``cur``'s session (None: a temporary table there holds them).
+
+    A state kept tonight is read as it is; generated windows are rolled in Arrow
+    (:func:`roll_in_arrow`: only the days that move are read from the warehouse); a state
+    the use case steps is rolled in ``cur``'s session, where its step SQL runs."""
     columns = _check_columns(cur, settings, uc, block)
     state = _newest(_folder(settings, uc, block), block, as_of)
     since = state.as_of if state is not None else as_of
@@ -376,7 +359,16 @@ def _make(
         counting = None
         if given is None:
             counting = pool.submit(_evidence, settings, block, columns, since, as_of)
-        how = _roll(cur, block, state, as_of) if state else _from_facts(cur, block, as_of)
+        table = None
+        if state is None:
+            how = _from_facts(cur, block, as_of)
+        elif state.as_of == as_of:
+            how, table = Built(block.name, "stored"), pq.read_table(state.path)
+        elif block.window is not None:
+            table = roll_in_arrow(cur, block.window, uc.entity_key, state, as_of)
+            how = Built(block.name, "rolled", (as_of - state.as_of).days)
+        else:
+            how = _roll(cur, block, state, as_of)
         evidence = counting.result() if counting is not None else given or {}
     changed = state.disagreements(evidence) if state is not None else []
     if changed:
@@ -403,10 +395,11 @@ def _make(
                 uc.states[block.name].step.name,
             )
     if changed:
-        _execute(cur, f"DROP TABLE {_q(block.name)}", as_of)
+        if table is None:
+            _execute(cur, f"DROP TABLE {_q(block.name)}", as_of)
         _from_facts(cur, block, as_of)
-        how = Built(block.name, "facts", changed=tuple(changed))
-    return how, evidence
+        how, table = Built(block.name, "facts", changed=tuple(changed)), None
+    return how, evidence, table
 
 
 def _kind(block: Block) -> str:
@@ -432,7 +425,91 @@ def _roll(cur: Any, block: Block, state: Kept, as_of: date) -> Built:
         _execute(cur, step, state.as_of + timedelta(days=i))
         _execute(cur, f"DROP TABLE {name}", as_of)
         _execute(cur, f"ALTER TABLE nightscore_next RENAME TO {name}", as_of)
-    return Built(block.name, "stored") if steps == 0 else Built(block.name, "rolled", steps)
+    return Built(block.name, "rolled", steps)
+
+
+def roll_in_arrow(cur: Any, w: Window, key: str, state: Kept, as_of: date) -> pa.Table:
+    """The kept windows ``state`` rolled forward to ``as_of`` outside the warehouse: per
+    day, the facts of the days entering and leaving the windows, grouped by entity there
+    (:func:`moved_sql`), added to and taken from the kept sums, counts and newest days
+    (:func:`roll`). The kept rows never go to the warehouse and back: at 1M entities that
+    round trip cost more than reading the days that moved."""
+    table = pq.read_table(state.path).replace_schema_metadata(None)
+    for i in range(1, (as_of - state.as_of).days + 1):
+        day = state.as_of + timedelta(days=i)
+        _execute(cur, moved_sql(w, key), day)
+        table = roll(w, key, table, cur.fetch_arrow_table(), day)
+    return table
+
+
+EPOCH = date(1970, 1, 1)  # a date32 counts days from it
+_NO_DAY = np.iinfo(np.int32).min
+
+
+def roll(w: Window, key: str, state: pa.Table, moved: pa.Table, day: date) -> pa.Table:
+    """The windows as of ``day`` from ``state`` (as of the day before) and ``moved``
+    (:func:`moved_sql` as of ``day``), in key order: each sum and count plus what entered
+    minus what left its window; the newest day, the day before ``day`` if the entity has a
+    fact then, else the kept one while it is inside its window; an entity whose rows all
+    left the longest window leaves. Sums are added as integers: they stay exact."""
+    was, now = _keys(state.column(key)), _keys(moved.column(0))
+    keys = np.concatenate([was, now])
+    keys.sort(kind="stable")  # two runs each in key order: merged in one pass
+    keys = keys[np.concatenate([[True], keys[1:] != keys[:-1]])]
+    at_was, at_now = np.searchsorted(keys, was), np.searchsorted(keys, now)
+    on = moved.column(1).cast(pa.int32()).to_numpy()
+    summed = {
+        c: pc.fill_null(moved.column(2 + j), 0).cast(pa.int64()).to_numpy()
+        for j, c in enumerate(_summed(w))
+    }
+
+    def kept(name: str, absent: int = 0) -> np.ndarray:
+        out = np.full(len(keys), absent, np.int64)
+        column = state.column(name)
+        if pa.types.is_date(column.type):
+            column = column.cast(pa.int32())
+        out[at_was] = pc.fill_null(column, absent).to_numpy()
+        return out
+
+    def facts(back: int, column: str | None = None) -> np.ndarray:
+        """Per key, the rows (or the sum of ``column``) of the day ``back`` days before."""
+        that_day = on == (day - timedelta(days=back) - EPOCH).days
+        out = np.zeros(len(keys), np.int64)
+        np.add.at(out, at_now[that_day], 1 if column is None else summed[column][that_day])
+        return out
+
+    entered = facts(1)
+    columns: dict[str, Any] = {}
+    for name, a in w.aggregates.items():
+        if a.kind == "sum":
+            columns[name] = kept(name) + facts(1, a.sum) - facts(a.days + 1, a.sum)
+        elif a.kind == "count":
+            columns[name] = kept(name) + entered - facts(a.days + 1)
+        else:
+            newest = kept(name, _NO_DAY)
+            newest[entered > 0] = (day - timedelta(days=1) - EPOCH).days
+            inside = newest >= (day - timedelta(days=a.days) - EPOCH).days
+            columns[name] = (newest.astype(np.int32), ~inside)
+    columns[ROWS] = kept(ROWS) + entered - facts(w.days + 1)
+    stays = columns[ROWS] > 0
+    arrays = {key: pa.array(keys[stays], state.schema.field(key).type)}
+    for name, values in columns.items():
+        target = state.schema.field(name).type
+        if isinstance(values, tuple):  # days, and where there is none
+            days, none = values
+            arrays[name] = pa.array(days[stays], pa.int32(), mask=none[stays]).cast(target)
+        else:
+            arrays[name] = pa.array(values[stays]).cast(target)
+    return pa.table([arrays[n] for n in state.column_names], names=state.column_names)
+
+
+def _keys(column: pa.ChunkedArray) -> np.ndarray:
+    """A block's entity keys as numpy (text as objects); the key checks refuse null keys."""
+    return (
+        column.to_numpy()
+        if pa.types.is_integer(column.type)
+        else np.asarray(column.to_pylist(), dtype=object)
+    )
 
 
 def _execute(cur: Any, text: str, as_of: date) -> None:

@@ -84,7 +84,7 @@ def test_the_card_records_how_the_model_was_made(isolated: Settings, first_night
     )
     assert run["status"] == "published" and run["model_version"] == mv.version
     assert run["snapshot_sha256"] and run["code_version"]
-    assert run["source_counts"]["usage_daily"]["rows"] > 0
+    assert run["source_counts"]["invoices"]["rows"] > 0
     assert {"build_features", "train_challenger", "publish_scores"} <= set(run["stages"])
 
 

@@ -16,7 +16,7 @@ import pytest
 from pipeline.conf import usecase
 from pipeline.conf.config import Settings
 from pipeline.core.errors import ConfigError, DataError
-from pipeline.stages import features
+from pipeline.stages import features, windows
 from pipeline.store import db
 from pipeline.synthetic import warehouse
 from pipeline.synthetic.world import World
@@ -70,6 +70,9 @@ def test_kept_windows_give_the_snapshots_of_a_rebuild(
     for block in ("usage_windows", "plan_state", "billing_state"):  # windows and states
         assert _how(caplog, block) == ["facts"] + ["rolled 1 day(s)"] * 4, block
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert _kept(wh, "usage_windows", nights[-1]) == _kept_from_facts(
+        wh, "usage_windows", nights[-1]
+    )
     for night, snap in zip(nights, kept, strict=True):
         rebuilt = features.build_snapshot(_from_facts(wh, str(night)), UC, night)
         assert rebuilt.sha256 == snap.sha256, night
@@ -99,6 +102,28 @@ def test_a_gap_of_nights_rolls_several_days_and_a_rerun_reads_the_kept_state(
     assert again.sha256 == later.sha256
     fresh = features.build_snapshot(_from_facts(wh, "gap_fresh"), UC, FIRST + timedelta(days=3))
     assert fresh.sha256 == later.sha256
+    # the kept rows themselves, entities outside the population and leaving ones included
+    first, rolled = (_kept(s, "usage_windows", d) for d in (FIRST, FIRST + timedelta(days=3)))
+    assert rolled == _kept_from_facts(s, "usage_windows", FIRST + timedelta(days=3))
+    assert set(first["customer_id"]) - set(rolled["customer_id"]), "no entity left the windows"
+    assert None in rolled["last_usage_date"] or len(set(rolled["last_usage_date"])) > 1
+
+
+def _kept(s: Settings, block: str, day: date) -> dict[str, list]:
+    """The rows of ``block`` the state store keeps as of ``day``."""
+    b = next(b for b in windows.blocks(UC) if b.name == block)
+    (path,) = (windows._folder(s, UC, b) / f"as_of={day}").glob("*.parquet")
+    return pq.read_table(path).to_pydict()
+
+
+def _kept_from_facts(s: Settings, block: str, day: date) -> dict[str, list]:
+    b = next(b for b in windows.blocks(UC) if b.name == block)
+    return db.read_arrow(
+        s.warehouse_url,
+        f"SELECT * FROM ({b.facts}) AS f ORDER BY customer_id",
+        {"as_of": day},
+        schema=s.warehouse_schema,
+    ).to_pydict()
 
 
 def test_a_past_day_that_changed_rebuilds_the_windows_from_the_facts(

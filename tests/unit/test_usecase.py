@@ -70,8 +70,8 @@ def test_the_repository_use_cases_are_valid() -> None:
             "'Churn-Scores'",
         ),
         (
-            "  timezone: UTC\n\nsql",
-            "  timezone: Mars/Olympus\n\nsql",
+            "  timezone: UTC\n  session:",
+            "  timezone: Mars/Olympus\n  session:",
             "warehouse.timezone",
             "IANA time zone",
             "'Mars/Olympus'",
