@@ -34,6 +34,10 @@ from pipeline.store import db
 log = logging.getLogger(__name__)
 
 ROW_GROUP_ROWS = 65_536
+# A night's features are read in two parts at once, the keys below the kept blocks' middle
+# key and the rest, each in a session of its own (each with the blocks): PostgreSQL does
+# not scan temporary tables in parallel workers.
+PARTS = ("below", "from")
 
 
 @dataclass(frozen=True)
@@ -76,20 +80,22 @@ def label_end(uc: UseCase, as_of: date) -> date:
     return as_of + timedelta(days=uc.label.horizon_days)
 
 
-def query(uc: UseCase, role: str, *, inline_windows: bool = True) -> str:
+def query(uc: UseCase, role: str, *, inline_windows: bool = True, part: str = "") -> str:
     """The text of the use case's ``sql.<role>`` file, ready to run.
 
-    Features come ordered by the entity key (stable snapshot bytes). With a population
+    Features come ordered by the entity key (stable snapshot bytes); ``part``: only the
+    keys ``< :split`` (``"below"``) or ``>= :split`` (``"from"``). With a population
     file, it is provided to the query as a CTE named ``population``. The use case's
     ``windows`` are provided to the features query as CTEs computed from the facts, unless
     ``inline_windows`` is false (they are then temporary tables: :mod:`pipeline.stages.windows`).
     """
     path = getattr(uc.sql, role)
     text = db.statement(path.read_text())
-    key = uc.entity_key
+    key = f"features.{db.quote_ident(uc.entity_key)}"
     ctes = []
     if role == "features":
-        text = f"SELECT * FROM (\n{text}\n) AS features ORDER BY features.{db.quote_ident(key)}"
+        where = {"": "", "below": f" WHERE {key} < :split", "from": f" WHERE {key} >= :split"}
+        text = f"SELECT * FROM (\n{text}\n) AS features{where[part]} ORDER BY {key}"
         if inline_windows:
             ctes += windows.inline(uc)
     if uc.sql.population is not None and role in ("features", "labels"):
@@ -310,19 +316,29 @@ def build_snapshot(
     kept = bool(uc.windows or uc.states) and windows.can_keep(settings.warehouse_url)
     built: list[windows.Built] = []
 
-    def prepare(cur: Any) -> None:
-        db.apply_settings(cur, uc.warehouse.settings, f"{uc.source}: warehouse.session")
-        if kept:
-            built.extend(windows.prepare(cur, settings, uc, as_of, keep=not labelled, seen=seen))
+    def prepare(curs: list[Any]) -> list[tuple[str, dict[str, Any]]]:
+        """The blocks in each session; the query of each: the keys below the first kept
+        block's middle key in one, the rest in the other, both at once (PostgreSQL runs a
+        query reading temporary tables in one process)."""
+        for cur in curs:
+            db.apply_settings(cur, uc.warehouse.settings, f"{uc.source}: warehouse.session")
+        whole = [(query(uc, "features", inline_windows=not kept), {"as_of": as_of})]
+        if not kept:
+            return whole
+        made = windows.prepare(
+            curs[0], settings, uc, as_of, keep=not labelled, seen=seen, also=curs[1:]
+        )
+        built.extend(made.built)
+        if len(curs) == 1 or made.middle is None:
+            return whole
+        params = {"as_of": as_of, "split": made.middle}
+        return [(query(uc, "features", inline_windows=False, part=p), params) for p in PARTS]
 
+    sessions = len(PARTS) if kept and not labelled else 1
     with (
         _naming(uc.sql.features, uc),
-        db.arrow_reader(
-            settings.warehouse_url,
-            query(uc, "features", inline_windows=not kept),
-            {"as_of": as_of},
-            schema=settings.warehouse_schema,
-            prepare=prepare,
+        db.arrow_readers(
+            settings.warehouse_url, sessions, settings.warehouse_schema, prepare
         ) as reader,
     ):
         feature_schema = _feature_schema(reader.schema, uc)

@@ -48,9 +48,7 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from psycopg2 import sql
 
@@ -59,59 +57,18 @@ from pipeline.conf.sections import Window
 from pipeline.conf.usecase import UseCase
 from pipeline.core import files
 from pipeline.core.errors import DataError, SourceError
+from pipeline.stages.rolling import facts_sql, moved_sql, roll
 from pipeline.store import db
 
 log = logging.getLogger(__name__)
 
 ROLL_LIMIT = 7  # a stored state is rolled forward by at most this many days
 KEEP_DAYS = 7  # states older than the newest by more than this are removed
-ROWS = "nightscore_rows"  # rows of the longest window: an entity without any leaves
 _INTEGERS = {"smallint", "integer", "bigint"}
 
 
 def _q(name: str) -> str:
     return db.quote_ident(name)
-
-
-def _day(offset: int) -> str:
-    return f"CAST(:as_of AS date) - {offset}"
-
-
-def facts_sql(w: Window, key: str) -> str:
-    """The windows as of ``:as_of`` from the facts: every row of the longest window."""
-    d = _q(w.date)
-    cols = []
-    for agg_name, a in w.aggregates.items():
-        within = f"FILTER (WHERE {d} >= {_day(a.days)})"
-        if a.kind == "sum":
-            expr = f"CAST(coalesce(sum({_q(a.sum or '')}) {within}, 0) AS bigint)"
-        elif a.kind == "count":
-            expr = f"count(*) {within}"
-        else:
-            expr = f"max({d}) {within}"
-        cols.append(f"{expr} AS {_q(agg_name)}")
-    return (
-        f"SELECT {_q(key)}, {', '.join(cols)}, count(*) AS {ROWS}\n"
-        f"FROM {_q(w.table)}\n"
-        f"WHERE {d} >= {_day(w.days)} AND {d} < :as_of\n"
-        f"GROUP BY {_q(key)}"
-    )
-
-
-def moved_sql(w: Window, key: str) -> str:
-    """The facts that move the windows as of ``:as_of``: those of the day before it (they
-    enter every window) and of the day each window of ``n`` days leaves behind (``:as_of``
-    minus ``n + 1``). Their key, day and summed columns, in that order, ungrouped:
-    :func:`roll` counts and sums them per entity."""
-    d = _q(w.date)
-    leaving = sorted({a.days for a in w.aggregates.values()} | {w.days})
-    days = ", ".join([_day(1)] + [_day(n + 1) for n in leaving])
-    columns = ", ".join(_q(c) for c in [key, w.date, *_summed(w)])
-    return f"SELECT {columns}\nFROM {_q(w.table)}\nWHERE {d} IN ({days})"
-
-
-def _summed(w: Window) -> list[str]:
-    return sorted({a.sum for a in w.aggregates.values() if a.sum})
 
 
 @dataclass(frozen=True)
@@ -243,6 +200,16 @@ Seen = Mapping[str, tuple[date, Mapping[date, Sequence[Any]]]]
 WORKERS = 3  # blocks built at once, each on a warehouse connection of its own
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """What :func:`prepare` made: how each block was made, in the use case's order, and the
+    key halfway through the first block's rows (None: not kept), where the feature query
+    may be cut in two."""
+
+    built: list[Built]
+    middle: Any = None
+
+
 def prepare(
     cur: Any,
     settings: Settings,
@@ -250,13 +217,15 @@ def prepare(
     as_of: date,
     keep: bool,
     seen: Seen | None = None,
-) -> list[Built]:
+    also: Sequence[Any] = (),
+) -> Prepared:
     """Create each block of ``uc`` (windows and states) as a temporary table as of
-    ``as_of`` in the session of ``cur`` (an ADBC cursor on the warehouse, search path set).
+    ``as_of`` in the session of ``cur`` (an ADBC cursor on the warehouse, search path set)
+    and, with ``keep``, in each session of ``also`` too.
 
     With ``keep``, the blocks are built at once (up to ``WORKERS``), each on a warehouse
-    connection of its own, and each handed to the session of ``cur`` as soon as it is
-    ready: rolling one block does not wait for the others. Without it they are built from
+    connection of its own, and each handed to the sessions of ``cur`` and ``also`` as soon
+    as it is ready: rolling one block does not wait for the others. Without it they are built from
     the facts in the session of ``cur``, one after the other: those scans already run on
     the server's parallel workers, and at once they only contend (45 s against 54 s for a
     training snapshot at 1M, docs/scaling.md).
@@ -277,9 +246,14 @@ def prepare(
         for block in todo:
             _check_columns(cur, settings, uc, block)
             built.append(_made(uc, as_of, _from_facts(cur, block, as_of)))
-        return built
+        return Prepared(built)
     made: dict[str, Built] = {}
-    with ThreadPoolExecutor(max(1, min(WORKERS, len(todo)))) as pool:
+    middle = None
+    sessions = [cur, *also]
+    with (
+        ThreadPoolExecutor(max(1, min(WORKERS, len(todo)))) as pool,
+        ThreadPoolExecutor(len(sessions)) as handing,
+    ):
         building = {pool.submit(_build, settings, uc, b, as_of, seen): b for b in todo}
         try:
             for done in as_completed(building):
@@ -287,9 +261,11 @@ def prepare(
                     break
                 block = building[done]
                 how, table = done.result()
-                cur.adbc_ingest(block.name, table, mode="create", temporary=True)
-                _execute(cur, f"ANALYZE {_q(block.name)}", as_of)
+                for handed in [handing.submit(_hand, c, block, table, as_of) for c in sessions]:
+                    handed.result()
                 made[block.name] = how
+                if block is todo[0] and table.num_rows:
+                    middle = table.column(uc.entity_key)[table.num_rows // 2].as_py()
         finally:
             for f in building:
                 f.cancel()
@@ -297,7 +273,13 @@ def prepare(
         error = None if f.cancelled() else f.exception()
         if error is not None:
             raise error
-    return [made[b.name] for b in todo]
+    return Prepared([made[b.name] for b in todo], middle)
+
+
+def _hand(cur: Any, block: Block, table: pa.Table, as_of: date) -> None:
+    """``block``'s rows as a temporary table of the session of ``cur``, analyzed."""
+    cur.adbc_ingest(block.name, table, mode="create", temporary=True)
+    _execute(cur, f"ANALYZE {_q(block.name)}", as_of)
 
 
 def _build(
@@ -440,76 +422,6 @@ def roll_in_arrow(cur: Any, w: Window, key: str, state: Kept, as_of: date) -> pa
         _execute(cur, moved_sql(w, key), day)
         table = roll(w, key, table, cur.fetch_arrow_table(), day)
     return table
-
-
-EPOCH = date(1970, 1, 1)  # a date32 counts days from it
-_NO_DAY = np.iinfo(np.int32).min
-
-
-def roll(w: Window, key: str, state: pa.Table, moved: pa.Table, day: date) -> pa.Table:
-    """The windows as of ``day`` from ``state`` (as of the day before) and ``moved``
-    (:func:`moved_sql` as of ``day``), in key order: each sum and count plus what entered
-    minus what left its window; the newest day, the day before ``day`` if the entity has a
-    fact then, else the kept one while it is inside its window; an entity whose rows all
-    left the longest window leaves. Sums are added as integers: they stay exact."""
-    was, now = _keys(state.column(key)), _keys(moved.column(0))
-    keys = np.concatenate([was, now])
-    keys.sort(kind="stable")  # two runs each in key order: merged in one pass
-    keys = keys[np.concatenate([[True], keys[1:] != keys[:-1]])]
-    at_was, at_now = np.searchsorted(keys, was), np.searchsorted(keys, now)
-    on = moved.column(1).cast(pa.int32()).to_numpy()
-    summed = {
-        c: pc.fill_null(moved.column(2 + j), 0).cast(pa.int64()).to_numpy()
-        for j, c in enumerate(_summed(w))
-    }
-
-    def kept(name: str, absent: int = 0) -> np.ndarray:
-        out = np.full(len(keys), absent, np.int64)
-        column = state.column(name)
-        if pa.types.is_date(column.type):
-            column = column.cast(pa.int32())
-        out[at_was] = pc.fill_null(column, absent).to_numpy()
-        return out
-
-    def facts(back: int, column: str | None = None) -> np.ndarray:
-        """Per key, the rows (or the sum of ``column``) of the day ``back`` days before."""
-        that_day = on == (day - timedelta(days=back) - EPOCH).days
-        out = np.zeros(len(keys), np.int64)
-        np.add.at(out, at_now[that_day], 1 if column is None else summed[column][that_day])
-        return out
-
-    entered = facts(1)
-    columns: dict[str, Any] = {}
-    for name, a in w.aggregates.items():
-        if a.kind == "sum":
-            columns[name] = kept(name) + facts(1, a.sum) - facts(a.days + 1, a.sum)
-        elif a.kind == "count":
-            columns[name] = kept(name) + entered - facts(a.days + 1)
-        else:
-            newest = kept(name, _NO_DAY)
-            newest[entered > 0] = (day - timedelta(days=1) - EPOCH).days
-            inside = newest >= (day - timedelta(days=a.days) - EPOCH).days
-            columns[name] = (newest.astype(np.int32), ~inside)
-    columns[ROWS] = kept(ROWS) + entered - facts(w.days + 1)
-    stays = columns[ROWS] > 0
-    arrays = {key: pa.array(keys[stays], state.schema.field(key).type)}
-    for name, values in columns.items():
-        target = state.schema.field(name).type
-        if isinstance(values, tuple):  # days, and where there is none
-            days, none = values
-            arrays[name] = pa.array(days[stays], pa.int32(), mask=none[stays]).cast(target)
-        else:
-            arrays[name] = pa.array(values[stays]).cast(target)
-    return pa.table([arrays[n] for n in state.column_names], names=state.column_names)
-
-
-def _keys(column: pa.ChunkedArray) -> np.ndarray:
-    """A block's entity keys as numpy (text as objects); the key checks refuse null keys."""
-    return (
-        column.to_numpy()
-        if pa.types.is_integer(column.type)
-        else np.asarray(column.to_pylist(), dtype=object)
-    )
 
 
 def _execute(cur: Any, text: str, as_of: date) -> None:

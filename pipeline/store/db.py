@@ -8,7 +8,8 @@ objects); other warehouse engines go through SQLAlchemy. Writes are binary COPY 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
@@ -135,27 +136,64 @@ def arrow_reader(
     ``prepare`` (PostgreSQL only) is called with the ADBC cursor before the query, in the
     same session (e.g. to create temporary tables the query reads).
     """
+
+    def one(curs: list[Any]) -> list[tuple[str, Mapping[str, Any]]]:
+        if prepare is not None and curs:
+            prepare(curs[0])
+        return [(query, params or {})]
+
+    with arrow_readers(url, 1, schema, one) as reader:
+        yield reader
+
+
+@contextmanager
+def arrow_readers(
+    url: str,
+    sessions: int,
+    schema: str | None,
+    prepare: Callable[[list[Any]], Sequence[tuple[str, Mapping[str, Any]]]],
+) -> Iterator[pa.RecordBatchReader]:
+    """Queries run at once, each in a PostgreSQL session of its own, their results read one
+    after the other as one stream of record batches.
+
+    ``prepare`` is called with the ``sessions`` ADBC cursors (search path set to ``schema``)
+    and returns the query of each, ``(text, params)``, at most one per session, in the order
+    their rows are read. Another database has no sessions: ``prepare`` gets none and
+    returns one query, read through SQLAlchemy.
+    """
     if not is_postgres(url):
-        table = _read_sqlalchemy(url, query, params or {}, schema)
+        ((query, params),) = prepare([])
+        table = _read_sqlalchemy(url, query, params, schema)
         yield pa.RecordBatchReader.from_batches(table.schema, table.to_batches())
         return
     import adbc_driver_manager
 
-    text, values = positional(query, params or {})
-    conn = adbc_connect(url)
+    conns: list[Any] = []
     try:
-        cur = conn.cursor()
-        set_search_path(cur, schema)
+        conns += [adbc_connect(url) for _ in range(sessions)]
+        curs = [c.cursor() for c in conns]
         try:
-            if prepare is not None:
-                prepare(cur)
-            cur.execute(text, parameters=values or None)
+            for cur in curs:
+                set_search_path(cur, schema)
+            queries = [positional(text, params) for text, params in prepare(curs)]
+            with ThreadPoolExecutor(len(queries)) as pool:
+                running = [
+                    pool.submit(cur.execute, text, values or None)
+                    for cur, (text, values) in zip(curs, queries, strict=False)
+                ]
+                for r in running:
+                    r.result()
+            readers = [cur.fetch_record_batch() for cur in curs[: len(queries)]]
         except adbc_driver_manager.Error as exc:
             raise source_error(exc, schema) from exc
-        yield cur.fetch_record_batch()
-        cur.close()
+        yield pa.RecordBatchReader.from_batches(
+            readers[0].schema, (batch for reader in readers for batch in reader)
+        )
+        for cur in curs:
+            cur.close()
     finally:
-        conn.close()
+        for c in conns:
+            c.close()
 
 
 def read_arrow(

@@ -343,3 +343,13 @@ def test_a_state_over_every_day_is_rebuilt_when_its_oldest_day_is_restated(
         assert after.sha256 == fresh.sha256
     finally:
         db.scalar(settings.database_url, f"DROP SCHEMA IF EXISTS {schema} CASCADE; SELECT 1")
+
+
+def test_a_night_read_in_two_parts_at_once_is_the_snapshot_of_one_query(
+    wh: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    night = FIRST + timedelta(days=2)
+    two = features.build_snapshot(_from_facts(wh, "two_parts"), UC, night)
+    monkeypatch.setattr(features, "PARTS", ("",))  # one session, the whole query
+    one = features.build_snapshot(_from_facts(wh, "one_part"), UC, night)
+    assert two.sha256 == one.sha256 and two.rows == one.rows > 900
