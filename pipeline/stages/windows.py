@@ -94,7 +94,7 @@ class Block:
     step: str
     sources: tuple[Source, ...]
     verified: bool
-    window: Window | None = None  # a generated block's spec: rolled in Arrow (roll_in_arrow)
+    window: Window | None = None  # a generated block's spec: rolled outside the warehouse
 
     @property
     def definition(self) -> str:
@@ -225,10 +225,10 @@ def prepare(
 
     With ``keep``, the blocks are built at once (up to ``WORKERS``), each on a warehouse
     connection of its own, and each handed to the sessions of ``cur`` and ``also`` as soon
-    as it is ready: rolling one block does not wait for the others. Without it they are built from
-    the facts in the session of ``cur``, one after the other: those scans already run on
-    the server's parallel workers, and at once they only contend (45 s against 54 s for a
-    training snapshot at 1M, docs/scaling.md).
+    as it is ready: rolling one block does not wait for the others. Without it they are
+    built from the facts in the session of ``cur``, one after the other: those scans
+    already run on the server's parallel workers, and at once they only contend (45 s
+    against 54 s for a training snapshot at 1M, docs/scaling.md).
 
     With ``keep``, the newest state kept by an earlier night (up to ``ROLL_LIMIT`` days
     old) is rolled forward if the warehouse still holds the days it was built from
@@ -324,8 +324,8 @@ def _make(
     rules): how it was made, the evidence of the days it was built from, and its rows when
     they were made outside ``cur``'s session (None: a temporary table there holds them).
 
-    A state kept tonight is read as it is; generated windows are rolled in Arrow
-    (:func:`roll_in_arrow`: only the days that move are read from the warehouse); a state
+    A state kept tonight is read as it is; generated windows are rolled outside the
+    warehouse (:func:`roll_in_arrow`: only the days that move are read from it); a state
     the use case steps is rolled in ``cur``'s session, where its step SQL runs."""
     columns = _check_columns(cur, settings, uc, block)
     state = _newest(_folder(settings, uc, block), block, as_of)
@@ -412,10 +412,11 @@ def _roll(cur: Any, block: Block, state: Kept, as_of: date) -> Built:
 
 def roll_in_arrow(cur: Any, w: Window, key: str, state: Kept, as_of: date) -> pa.Table:
     """The kept windows ``state`` rolled forward to ``as_of`` outside the warehouse: per
-    day, the facts of the days entering and leaving the windows, grouped by entity there
-    (:func:`moved_sql`), added to and taken from the kept sums, counts and newest days
-    (:func:`roll`). The kept rows never go to the warehouse and back: at 1M entities that
-    round trip cost more than reading the days that moved."""
+    day, the rows of the days entering and leaving the windows, read as they are
+    (:func:`rolling.moved_sql`), counted and summed per entity and added to and taken
+    from the kept sums, counts and newest days (:func:`rolling.roll`). The kept rows never
+    go to the warehouse and back: at 1M entities that round trip cost more than the rows
+    of the days that moved (docs/scaling.md)."""
     table = pq.read_table(state.path).replace_schema_metadata(None)
     for i in range(1, (as_of - state.as_of).days + 1):
         day = state.as_of + timedelta(days=i)

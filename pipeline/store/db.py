@@ -170,7 +170,8 @@ def arrow_readers(
 
     conns: list[Any] = []
     try:
-        conns += [adbc_connect(url) for _ in range(sessions)]
+        for _ in range(sessions):
+            conns.append(adbc_connect(url))
         curs = [c.cursor() for c in conns]
         try:
             for cur in curs:
