@@ -150,11 +150,17 @@ def test_labels_must_cover_the_population_once_each(seeded: Settings, tmp_path) 
 def test_the_feature_session_takes_the_use_case_settings(
     settings: Settings,
 ) -> None:
-    assert UC.warehouse.settings == {}  # the server's own, unless the use case says
+    # churn's own (its BRIN date indexes); every other setting is the server's
+    assert UC.warehouse.settings == {"random_page_cost": "1.1"}
     uc = UC.evolve(
         {"warehouse": {"session": {"jit": False, "work_mem": "64MB", "enable_nestloop": False}}}
     )
-    assert uc.warehouse.settings == {"jit": "off", "work_mem": "64MB", "enable_nestloop": "off"}
+    assert uc.warehouse.settings == {
+        "random_page_cost": "1.1",
+        "jit": "off",
+        "work_mem": "64MB",
+        "enable_nestloop": "off",
+    }
     conn = db.adbc_connect(settings.warehouse_url)
     try:
         cur = conn.cursor()
