@@ -97,8 +97,8 @@ class Warehouse(Section):
     # PostgreSQL settings of the sessions that read the warehouse (the source checks, the
     # features and the kept blocks). None by default: at 1M customers, JIT off and a
     # work_mem of 128MB each made the source checks and the kept windows slower, and the
-    # feature query no faster (docs/scaling.md, "Session settings"); churn sets
-    # random_page_cost for its BRIN date indexes (docs/scaling.md, first section).
+    # feature query no faster (docs/scaling.md, "Session settings"); a warehouse whose
+    # date indexes are BRIN may need random_page_cost (docs/scaling.md, first section).
     session: dict[str, str | int | float | bool] = Field(default_factory=dict)
 
     @field_validator("timezone")

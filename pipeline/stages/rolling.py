@@ -91,11 +91,15 @@ def roll(w: Window, key: str, state: pa.Table, moved: pa.Table, day: date) -> pa
         out[at_was] = pc.fill_null(column, absent).to_numpy()
         return out
 
+    days: dict[int, np.ndarray] = {}  # per day back, its rows' positions in ``moved``
+
     def facts(back: int, column: str | None = None) -> np.ndarray:
         """Per key, the rows (or the sum of ``column``) of the day ``back`` days before."""
-        that_day = on == (day - timedelta(days=back) - EPOCH).days
+        if back not in days:
+            days[back] = np.flatnonzero(on == (day - timedelta(days=back) - EPOCH).days)
+        rows = days[back]
         out = np.zeros(len(keys), np.int64)
-        np.add.at(out, at_now[that_day], 1 if column is None else summed[column][that_day])
+        np.add.at(out, at_now[rows], 1 if column is None else summed[column][rows])
         return out
 
     entered = facts(1)

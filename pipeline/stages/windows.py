@@ -347,7 +347,7 @@ def _make(
         elif state.as_of == as_of:
             how, table = Built(block.name, "stored"), pq.read_table(state.path)
         elif block.window is not None:
-            table = roll_in_arrow(cur, block.window, uc.entity_key, state, as_of)
+            table = roll_in_arrow(cur, block, uc.entity_key, state, as_of)
             how = Built(block.name, "rolled", (as_of - state.as_of).days)
         else:
             how = _roll(cur, block, state, as_of)
@@ -410,18 +410,19 @@ def _roll(cur: Any, block: Block, state: Kept, as_of: date) -> Built:
     return Built(block.name, "rolled", steps)
 
 
-def roll_in_arrow(cur: Any, w: Window, key: str, state: Kept, as_of: date) -> pa.Table:
-    """The kept windows ``state`` rolled forward to ``as_of`` outside the warehouse: per
-    day, the rows of the days entering and leaving the windows, read as they are
-    (:func:`rolling.moved_sql`), counted and summed per entity and added to and taken
-    from the kept sums, counts and newest days (:func:`rolling.roll`). The kept rows never
-    go to the warehouse and back: at 1M entities that round trip cost more than the rows
-    of the days that moved (docs/scaling.md)."""
+def roll_in_arrow(cur: Any, block: Block, key: str, state: Kept, as_of: date) -> pa.Table:
+    """The kept windows ``state`` of ``block`` rolled forward to ``as_of`` outside the
+    warehouse: per day, the rows of the days entering and leaving the windows, read as they
+    are (its step, :func:`rolling.moved_sql`), counted and summed per entity and added to
+    and taken from the kept sums, counts and newest days (:func:`rolling.roll`). The kept
+    rows never go to the warehouse and back: at 1M entities that round trip cost more than
+    the rows of the days that moved (docs/scaling.md)."""
+    assert block.window is not None  # a generated block: its step is moved_sql
     table = pq.read_table(state.path).replace_schema_metadata(None)
     for i in range(1, (as_of - state.as_of).days + 1):
         day = state.as_of + timedelta(days=i)
-        _execute(cur, moved_sql(w, key), day)
-        table = roll(w, key, table, cur.fetch_arrow_table(), day)
+        _execute(cur, block.step, day)
+        table = roll(block.window, key, table, cur.fetch_arrow_table(), day)
     return table
 
 
